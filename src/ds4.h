@@ -207,4 +207,35 @@ int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen);
 int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len);
 int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, size_t errlen);
 
+/* ---- Generation driver (src/engine/generate.c) -------------------------
+ * One loop shared by the CLI and the server: reuse the session's longest
+ * exact prefix of the prompt, prefill the rest, then sample token by token,
+ * detokenize (UTF-8 safe), apply stop strings, run the DSML parser and report
+ * events. Sampling is greedy inside DSML structure (prompt.md §3.5). */
+typedef enum {
+    DS4_FINISH_STOP, DS4_FINISH_LENGTH, DS4_FINISH_TOOL_CALLS, DS4_FINISH_ERROR, DS4_FINISH_CANCELLED,
+} ds4_finish;
+
+typedef struct {
+    ds4_sampling sampling;
+    int max_tokens;             /* <= 0: until the context is full */
+    bool thinking;              /* the prompt ended with <think> */
+    bool tools;                 /* recognise DSML tool calls */
+    const char *const *stop; int n_stop;  /* stop strings on decoded text */
+    ds4_event_fn on_event; void *ud;      /* reasoning/content/tool events */
+    ds4_progress_fn on_prefill;           /* prefill progress / cancellation */
+    bool (*cancelled)(void *ud);          /* polled between tokens */
+} ds4_gen_params;
+
+typedef struct {
+    ds4_finish finish;
+    size_t n_prompt, n_cached, n_gen;     /* n_cached: prompt tokens reused */
+    double prefill_s, gen_s;
+    char *text; size_t len;               /* the raw generated text (owned) */
+} ds4_gen_result;
+
+int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const ds4_gen_params *p,
+                 ds4_gen_result *r, char *err, size_t errlen);
+void ds4_gen_result_free(ds4_gen_result *r);
+
 #endif
