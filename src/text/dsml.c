@@ -431,10 +431,15 @@ static bool step(ds4_dsml *p, bool final) {
     case ST_PLAIN:
         emit_upto(p, DS4_EV_CONTENT, final ? len : utf8_safe_end(p, p->pos, len));
         return false;
-    case ST_AFTER:
-        while (p->pos < len && is_ws(b[p->pos])) p->pos++;
-        if (p->pos < len) { p->st = ST_PLAIN; return true; } /* real text: keep it all */
+    case ST_AFTER: {
+        /* Whitespace after the block is dropped unless real text follows,
+         * in which case it is all content. */
+        size_t i = p->pos;
+        while (i < len && is_ws(b[i])) i++;
+        if (i < len) { p->st = ST_PLAIN; return true; }
+        if (final) p->pos = len;
         return false;
+    }
     case ST_BLOCK:
     case ST_INVOKE: return step_tag(p, final);
     case ST_STR: return step_str(p, final);
