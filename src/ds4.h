@@ -134,15 +134,29 @@ bool ds4_dsml_structural(const ds4_dsml *p);
 bool ds4_dsml_calls_done(const ds4_dsml *p);
 /* True if a tool block opened and never closed. */
 bool ds4_dsml_unterminated(const ds4_dsml *p);
+/* True if a block was abandoned (structural error or unterminated) after
+ * TOOL_* events were sent for it. Its raw bytes were then re-reported as
+ * CONTENT (CONTENT always concatenates to ds4_parse_output()'s content), but
+ * the tool events cannot be retracted: finish with DS4_FINISH_ERROR. */
+bool ds4_dsml_failed(const ds4_dsml *p);
 
-/* Authoritative parse of a whole generation (prompt.md §3.4, tolerant). */
+/* Authoritative parse of a whole generation (prompt.md §3.4, tolerant).
+ * Runs the same recogniser as the streaming API, so both always agree:
+ * reasoning = text before the first </think> (all of it when thinking and no
+ * </think> came); content = the rest minus the tool block and the whitespace
+ * before it; calls only when the block closed, each with the block's exact
+ * bytes (from its "\n\n" through </…tool_calls>) as raw_dsml and compact
+ * JSON arguments. Returns -1 only on allocation failure. */
 typedef struct {
     char *reasoning, *content;
     ds4_tool_call *calls; int n_calls;   /* strings owned by the result */
 } ds4_parsed;
 int ds4_parse_output(const char *text, size_t len, bool thinking, bool tools, ds4_parsed *out);
 void ds4_parsed_free(ds4_parsed *p);
-/* JSON arguments -> canonical DSML invoke block (for unknown tool-call ids). */
+/* JSON arguments -> canonical DSML block, official encoder bytes: "\n\n"
+ * <｜DSML｜tool_calls> … </｜DSML｜tool_calls> (for unknown tool-call ids).
+ * Strings raw with string="true", other values Python-json style; arguments
+ * that are not a JSON object become one string parameter "arguments". */
 char *ds4_dsml_render_calls(const ds4_tool_call *calls, int n);
 
 /* ---- Sampling (src/sample/sampler.c) ---------------------------------- */

@@ -1,0 +1,618 @@
+/* Streaming DSML recogniser and the whole-text output parser (prompt.md §3).
+ *
+ * One state machine serves both: ds4_parse_output() feeds the whole text to
+ * it in one chunk and collects the events, so the streaming view and the
+ * final parse can never disagree (the tests check chunking invariance).
+ *
+ * The parser keeps every fed byte in `buf`; `pos` is the first byte not yet
+ * reported. Each state reports what can no longer change and holds back only
+ * what could still turn out to be syntax: a partial `</think>`, a partial
+ * tool-start marker with the whitespace before it, a partial closing tag, a
+ * partial `&entity;`, or a partial UTF-8 sequence.
+ *
+ * Tolerance (§3.4): the block may start with `<｜DSML｜tool_calls>`,
+ * `<DSML｜tool_calls>` (first bar missing) or plain `<tool_calls>`; tags inside
+ * a DSML block may use either DSML spelling; whitespace between tags is
+ * skipped; attributes are found by searching `name="` / `string="`; a missing
+ * string attribute means "true". Entities &amp; &lt; &gt; &quot; &apos; are
+ * decoded in string values and attribute values.
+ *
+ * Failure: a structural error, or a block still open at ds4_dsml_finish(),
+ * turns the whole block (from the whitespace before it) back into CONTENT, and
+ * everything after it is content too, so CONTENT always concatenates to
+ * ds4_parse_output()'s content. TOOL events already sent for that block cannot
+ * be retracted: ds4_dsml_failed() then reports true and the caller should end
+ * with DS4_FINISH_ERROR. */
+#include "ds4.h"
+#include "json_text.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum {
+    ST_REASON,  /* inside <think>: reasoning until </think> */
+    ST_SEARCH,  /* content, watching for a tool-start marker */
+    ST_PLAIN,   /* content, no recognition (tools off, after a failure) */
+    ST_BLOCK,   /* between invokes: expect <invoke …> or </tool_calls> */
+    ST_INVOKE,  /* between parameters: expect <parameter …> or </invoke> */
+    ST_STR,     /* string="true" value body */
+    ST_JSON,    /* string="false" value body */
+    ST_AFTER,   /* after </tool_calls>: trailing whitespace is dropped */
+};
+
+/* A tag longer than this without '>' is not DSML: fail instead of holding
+ * the rest of the generation back. */
+enum { MAX_TAG = 4096 };
+
+static const char THINK_END[] = "</think>";
+
+typedef struct { const char *s; bool xml; } marker;
+static const marker MARKERS[] = {
+    {"<｜DSML｜tool_calls>", false},
+    {"<DSML｜tool_calls>", false},
+    {"<tool_calls>", true},
+};
+enum { N_MARKERS = sizeof MARKERS / sizeof MARKERS[0], MAX_MARKER = sizeof "<｜DSML｜tool_calls>" - 1 };
+
+/* Tag-name prefixes accepted inside a DSML block ("" only in XML blocks). */
+static const char *const DSML_PREFIX[] = {"｜DSML｜", "DSML｜"};
+
+static const struct { const char *ent; char c; } ENTITIES[] = {
+    {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''},
+};
+
+struct ds4_dsml {
+    bool thinking, tools;
+    ds4_event_fn fn;
+    void *ud;
+    ds4_sbuf buf;
+    size_t pos;       /* first byte not yet reported */
+    size_t scan;      /* resume point for marker searches */
+    int st;
+    bool xml;         /* the open block uses plain XML tag names */
+    size_t ws_start;  /* start of the whitespace before the block */
+    size_t raw_start, raw_end;
+    size_t held_marker; /* bytes of a partial start marker held in ST_SEARCH */
+    int n_calls;      /* invokes opened so far */
+    int n_params;     /* parameters in the open invoke */
+    bool tool_events; /* TOOL_* events were sent for the open block */
+    bool done, unterminated, failed;
+    size_t jscan;     /* ST_JSON: bytes scanned; in_str/esc: JSON string state */
+    bool in_str, esc;
+    size_t vstart;    /* ST_JSON: value start */
+    ds4_sbuf tmp;
+};
+
+static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+
+static void emit(ds4_dsml *p, ds4_event_kind kind, const char *s, size_t n) {
+    if (!n && (kind == DS4_EV_REASONING || kind == DS4_EV_CONTENT || kind == DS4_EV_TOOL_ARGS)) return;
+    ds4_event ev = {kind, p->n_calls, s, n, NULL};
+    p->fn(p->ud, &ev);
+}
+
+/* Report buf[pos, end) as text of the given kind. */
+static void emit_upto(ds4_dsml *p, ds4_event_kind kind, size_t end) {
+    if (end > p->pos) emit(p, kind, p->buf.p + p->pos, end - p->pos);
+    if (end > p->pos) p->pos = end;
+}
+
+/* Back `end` (== buffer end) off an incomplete trailing UTF-8 sequence. */
+static size_t utf8_safe_end(const ds4_dsml *p, size_t from, size_t end) {
+    for (size_t k = 1; k <= 3 && end >= from + k; k++) {
+        const unsigned char *u = (const unsigned char *)p->buf.p + end - k;
+        if (*u >= 0xC0) return ds4_utf8_seq(u, k) == 0 ? end - k : end;
+        if (*u < 0x80) break;
+    }
+    return end;
+}
+
+/* Longest proper prefix of m that ends s[0, n). */
+static size_t partial_suffix(const char *s, size_t n, const char *m) {
+    size_t ml = strlen(m);
+    for (size_t k = ml - 1 < n ? ml - 1 : n; k > 0; k--)
+        if (!memcmp(s + n - k, m, k)) return k;
+    return 0;
+}
+
+/* 1: s starts with m; 0: s is a proper prefix of m (need more); -1: no. */
+static int match_at(const char *s, size_t n, const char *m) {
+    size_t ml = strlen(m);
+    if (n >= ml) return memcmp(s, m, ml) ? -1 : 1;
+    return memcmp(s, m, n) ? -1 : 0;
+}
+
+static void args(ds4_dsml *p, const char *s, size_t n) {
+    p->tool_events = true;
+    emit(p, DS4_EV_TOOL_ARGS, s, n);
+}
+
+/* Give up on the open block: it, and everything after it, is content. */
+static void abandon(ds4_dsml *p, bool unterminated) {
+    p->failed |= p->tool_events;
+    p->unterminated |= unterminated;
+    p->pos = p->ws_start;
+    p->st = ST_PLAIN;
+}
+
+/* Entity-decode s[0, n) into out. */
+static void decode_entities(ds4_sbuf *out, const char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        if (s[i] == '&') {
+            bool hit = false;
+            for (size_t e = 0; e < sizeof ENTITIES / sizeof ENTITIES[0]; e++)
+                if (match_at(s + i, n - i, ENTITIES[e].ent) == 1) {
+                    ds4_sbuf_putc(out, ENTITIES[e].c);
+                    i += strlen(ENTITIES[e].ent);
+                    hit = true;
+                    break;
+                }
+            if (hit) continue;
+        }
+        ds4_sbuf_putc(out, s[i++]);
+    }
+}
+
+/* Value of attr (e.g. `name="`) inside a tag, entity-decoded into out. */
+static bool tag_attr(const char *tag, size_t n, const char *attr, ds4_sbuf *out) {
+    size_t al = strlen(attr);
+    for (size_t i = 0; i + al <= n; i++) {
+        if (memcmp(tag + i, attr, al)) continue;
+        const char *v = tag + i + al, *q = memchr(v, '"', n - i - al);
+        if (!q) return false;
+        out->n = 0;
+        decode_entities(out, v, (size_t)(q - v));
+        ds4_sbuf_put(out, "", 0); /* keep p non-NULL and terminated */
+        return true;
+    }
+    return false;
+}
+
+/* Is tag[0, n) (without its '>') `<[/]PREFIX word …`? *attrs receives the
+ * offset just past the word, where attributes start. */
+static bool tag_is(const ds4_dsml *p, const char *tag, size_t n, bool closing, const char *word, size_t *attrs) {
+    size_t i = 1;
+    if (closing != (n > 1 && tag[1] == '/')) return false;
+    if (closing) i++;
+    if (!p->xml) {
+        size_t k;
+        for (k = 0; k < 2; k++) {
+            size_t pl = strlen(DSML_PREFIX[k]);
+            if (n - i >= pl && !memcmp(tag + i, DSML_PREFIX[k], pl)) { i += pl; break; }
+        }
+        if (k == 2) return false;
+    }
+    size_t wl = strlen(word);
+    if (n - i < wl || memcmp(tag + i, word, wl)) return false;
+    i += wl;
+    if (i < n && !is_ws(tag[i])) return false;
+    if (closing)
+        for (size_t j = i; j < n; j++)
+            if (!is_ws(tag[j])) return false;
+    *attrs = i;
+    return true;
+}
+
+/* Closing `</…parameter>` at s: 1 full (len in *len), 0 partial, -1 no. */
+static int param_close(const ds4_dsml *p, const char *s, size_t n, size_t *len) {
+    int best = -1;
+    static const char *const dsml[] = {"</｜DSML｜parameter>", "</DSML｜parameter>"};
+    static const char *const xml[] = {"</parameter>"};
+    const char *const *c = p->xml ? xml : dsml;
+    int nc = p->xml ? 1 : 2;
+    for (int k = 0; k < nc; k++) {
+        int m = match_at(s, n, c[k]);
+        if (m == 1) { *len = strlen(c[k]); return 1; }
+        if (m == 0) best = 0;
+    }
+    return best;
+}
+
+/* One step of ST_BLOCK / ST_INVOKE: read one tag. Returns false when it
+ * needs more input. */
+static bool step_tag(ds4_dsml *p, bool final) {
+    const char *b = p->buf.p;
+    size_t len = p->buf.n;
+    while (p->pos < len && is_ws(b[p->pos])) p->pos++;
+    if (p->pos == len) {
+        if (final) { abandon(p, true); return true; }
+        return false;
+    }
+    if (b[p->pos] != '<') { abandon(p, false); return true; }
+    const char *gt = memchr(b + p->pos, '>', len - p->pos);
+    if (!gt) {
+        if (len - p->pos > MAX_TAG) abandon(p, false);
+        else if (final) abandon(p, true);
+        else return false;
+        return true;
+    }
+    const char *tag = b + p->pos;
+    size_t n = (size_t)(gt - tag), at;
+    size_t next = p->pos + n + 1;
+    if (p->st == ST_BLOCK) {
+        if (tag_is(p, tag, n, false, "invoke", &at)) {
+            if (!tag_attr(tag + at, n - at, "name=\"", &p->tmp)) { abandon(p, false); return true; }
+            p->tool_events = true;
+            ds4_event ev = {DS4_EV_TOOL_BEGIN, p->n_calls, NULL, 0, p->tmp.p};
+            p->fn(p->ud, &ev);
+            args(p, "{", 1);
+            p->n_params = 0;
+            p->st = ST_INVOKE;
+        } else if (tag_is(p, tag, n, true, "tool_calls", &at)) {
+            p->raw_end = next;
+            p->done = true;
+            p->st = ST_AFTER;
+        } else {
+            abandon(p, false);
+            return true;
+        }
+    } else {
+        if (tag_is(p, tag, n, false, "parameter", &at)) {
+            if (!tag_attr(tag + at, n - at, "name=\"", &p->tmp)) { abandon(p, false); return true; }
+            ds4_sbuf kv = {0};
+            bool is_str = true;
+            if (p->n_params++) ds4_sbuf_putc(&kv, ',');
+            ds4_sbuf_putc(&kv, '"');
+            ds4_json_escape(&kv, p->tmp.p, p->tmp.n);
+            ds4_sbuf_puts(&kv, "\":");
+            if (tag_attr(tag + at, n - at, "string=\"", &p->tmp)) is_str = strcmp(p->tmp.p, "false") != 0;
+            if (is_str) ds4_sbuf_putc(&kv, '"');
+            args(p, kv.p, kv.n);
+            ds4_sbuf_free(&kv);
+            p->st = is_str ? ST_STR : ST_JSON;
+            p->vstart = p->jscan = next;
+            p->in_str = p->esc = false;
+        } else if (tag_is(p, tag, n, true, "invoke", &at)) {
+            args(p, "}", 1);
+            emit(p, DS4_EV_TOOL_END, NULL, 0);
+            p->n_calls++;
+            p->st = ST_BLOCK;
+        } else {
+            abandon(p, false);
+            return true;
+        }
+    }
+    p->pos = next;
+    return true;
+}
+
+/* Escape buf[pos, end) as JSON string text and report it. */
+static void str_flush(ds4_dsml *p, size_t end) {
+    if (end <= p->pos) return;
+    ds4_sbuf e = {0};
+    ds4_json_escape(&e, p->buf.p + p->pos, end - p->pos);
+    args(p, e.p, e.n);
+    ds4_sbuf_free(&e);
+    p->pos = end;
+}
+
+static bool step_str(ds4_dsml *p, bool final) {
+    const char *b = p->buf.p;
+    size_t len = p->buf.n;
+    for (size_t i = p->pos; i < len; i++) {
+        if (b[i] == '<') {
+            size_t cl;
+            int m = param_close(p, b + i, len - i, &cl);
+            if (m == 1) {
+                str_flush(p, i);
+                args(p, "\"", 1);
+                p->pos = i + cl;
+                p->st = ST_INVOKE;
+                return true;
+            }
+            if (m == 0) { str_flush(p, i); goto hold; }
+        } else if (b[i] == '&') {
+            int m = -1;
+            size_t e;
+            for (e = 0; e < sizeof ENTITIES / sizeof ENTITIES[0]; e++) {
+                int r = match_at(b + i, len - i, ENTITIES[e].ent);
+                if (r == 1) { m = 1; break; }
+                if (r == 0) m = 0;
+            }
+            if (m == 1) {
+                str_flush(p, i);
+                ds4_sbuf e1 = {0};
+                ds4_json_escape(&e1, &ENTITIES[e].c, 1);
+                args(p, e1.p, e1.n);
+                ds4_sbuf_free(&e1);
+                p->pos = i + strlen(ENTITIES[e].ent);
+                i = p->pos - 1;
+                continue;
+            }
+            if (m == 0) { str_flush(p, i); goto hold; }
+        }
+    }
+    str_flush(p, utf8_safe_end(p, p->pos, len));
+hold:
+    if (final) abandon(p, true);
+    return final;
+}
+
+static bool step_json(ds4_dsml *p, bool final) {
+    const char *b = p->buf.p;
+    size_t len = p->buf.n;
+    for (size_t i = p->jscan; i < len; i++) {
+        char c = b[i];
+        if (p->in_str) {
+            if (p->esc) p->esc = false;
+            else if (c == '\\') p->esc = true;
+            else if (c == '"') p->in_str = false;
+            continue;
+        }
+        if (c == '"') { p->in_str = true; continue; }
+        if (c != '<') continue;
+        size_t cl;
+        int m = param_close(p, b + i, len - i, &cl);
+        if (m == 0) { p->jscan = i; goto hold; }
+        if (m < 0) continue;
+        /* The value is complete: print it compact, or as a JSON string when
+         * the model wrote something that is not JSON (arguments stay valid). */
+        ds4_sbuf v = {0};
+        if (ds4_json_format(b + p->vstart, i - p->vstart, DS4_JSON_COMPACT, &v)) {
+            v.n = 0;
+            ds4_sbuf_putc(&v, '"');
+            ds4_json_escape(&v, b + p->vstart, i - p->vstart);
+            ds4_sbuf_putc(&v, '"');
+        }
+        args(p, v.p, v.n);
+        ds4_sbuf_free(&v);
+        p->pos = i + cl;
+        p->st = ST_INVOKE;
+        return true;
+    }
+    p->jscan = len;
+hold:
+    if (final) abandon(p, true);
+    return final;
+}
+
+static bool step_search(ds4_dsml *p, bool final) {
+    const char *b = p->buf.p;
+    size_t len = p->buf.n, from = p->scan > p->pos ? p->scan : p->pos;
+    size_t best = len;
+    int which = -1;
+    for (int m = 0; m < N_MARKERS; m++) {
+        const char *hit = memmem(b + from, len - from, MARKERS[m].s, strlen(MARKERS[m].s));
+        if (hit && (size_t)(hit - b) < best) { best = (size_t)(hit - b); which = m; }
+    }
+    p->held_marker = 0;
+    if (which >= 0) {
+        size_t ws = best;
+        while (ws > p->pos && is_ws(b[ws - 1])) ws--;
+        emit_upto(p, DS4_EV_CONTENT, ws);
+        p->ws_start = ws;
+        /* The "\n\n" before the marker belongs to the block (§3.1). */
+        p->raw_start = best >= ws + 2 && b[best - 2] == '\n' && b[best - 1] == '\n' ? best - 2 : best;
+        p->xml = MARKERS[which].xml;
+        p->pos = best + strlen(MARKERS[which].s);
+        p->tool_events = false;
+        p->st = ST_BLOCK;
+        return true;
+    }
+    if (final) {
+        emit_upto(p, DS4_EV_CONTENT, len);
+        return false;
+    }
+    size_t hold = 0;
+    for (int m = 0; m < N_MARKERS; m++) {
+        size_t h = partial_suffix(b + p->pos, len - p->pos, MARKERS[m].s);
+        if (h > hold) hold = h;
+    }
+    p->held_marker = hold;
+    size_t end = len - hold;
+    while (end > p->pos && is_ws(b[end - 1])) end--; /* maybe the "\n\n" of a block */
+    if (end == len) end = utf8_safe_end(p, p->pos, end);
+    emit_upto(p, DS4_EV_CONTENT, end);
+    p->scan = len >= MAX_MARKER ? len - MAX_MARKER + 1 : 0;
+    return false;
+}
+
+static bool step(ds4_dsml *p, bool final) {
+    const char *b = p->buf.p;
+    size_t len = p->buf.n;
+    switch (p->st) {
+    case ST_REASON: {
+        size_t from = p->scan > p->pos ? p->scan : p->pos;
+        const char *hit = memmem(b + from, len - from, THINK_END, sizeof THINK_END - 1);
+        if (hit) {
+            emit_upto(p, DS4_EV_REASONING, (size_t)(hit - b));
+            p->pos = (size_t)(hit - b) + sizeof THINK_END - 1;
+            p->st = p->tools ? ST_SEARCH : ST_PLAIN;
+            return true;
+        }
+        size_t end = final ? len : len - partial_suffix(b + p->pos, len - p->pos, THINK_END);
+        if (!final && end == len) end = utf8_safe_end(p, p->pos, end);
+        emit_upto(p, DS4_EV_REASONING, end);
+        p->scan = len >= sizeof THINK_END ? len - (sizeof THINK_END - 2) : 0;
+        return false;
+    }
+    case ST_SEARCH: return step_search(p, final);
+    case ST_PLAIN:
+        emit_upto(p, DS4_EV_CONTENT, final ? len : utf8_safe_end(p, p->pos, len));
+        return false;
+    case ST_AFTER: {
+        /* Whitespace after the block is dropped unless real text follows,
+         * in which case it is all content. */
+        size_t i = p->pos;
+        while (i < len && is_ws(b[i])) i++;
+        if (i < len) { p->st = ST_PLAIN; return true; }
+        if (final) p->pos = len;
+        return false;
+    }
+    case ST_BLOCK:
+    case ST_INVOKE: return step_tag(p, final);
+    case ST_STR: return step_str(p, final);
+    case ST_JSON: return step_json(p, final);
+    }
+    return false;
+}
+
+ds4_dsml *ds4_dsml_new(bool thinking, bool tools, ds4_event_fn fn, void *ud) {
+    ds4_dsml *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->thinking = thinking;
+    p->tools = tools;
+    p->fn = fn;
+    p->ud = ud;
+    p->st = thinking ? ST_REASON : tools ? ST_SEARCH : ST_PLAIN;
+    ds4_sbuf_put(&p->buf, "", 0);
+    return p;
+}
+
+void ds4_dsml_free(ds4_dsml *p) {
+    if (!p) return;
+    ds4_sbuf_free(&p->buf);
+    ds4_sbuf_free(&p->tmp);
+    free(p);
+}
+
+void ds4_dsml_feed(ds4_dsml *p, const char *text, size_t len) {
+    ds4_sbuf_put(&p->buf, text, len);
+    while (step(p, false)) {}
+}
+
+void ds4_dsml_finish(ds4_dsml *p) {
+    while (step(p, true)) {}
+}
+
+bool ds4_dsml_structural(const ds4_dsml *p) {
+    switch (p->st) {
+    case ST_BLOCK:
+    case ST_INVOKE: return true;
+    case ST_JSON: return !p->in_str;
+    /* A held "<｜" or longer is a start marker in the making; a lone "<" is
+     * too common in ordinary text to force greedy sampling on. */
+    case ST_SEARCH: return p->held_marker >= 4;
+    default: return false;
+    }
+}
+
+bool ds4_dsml_calls_done(const ds4_dsml *p) { return p->done; }
+bool ds4_dsml_unterminated(const ds4_dsml *p) { return p->unterminated; }
+bool ds4_dsml_failed(const ds4_dsml *p) { return p->failed; }
+
+/* ---- whole-text parse ---------------------------------------------------- */
+
+typedef struct {
+    ds4_sbuf reasoning, content;
+    ds4_sbuf *args;
+    char **names;
+    int n, cap;
+    bool oom;
+} collector;
+
+static void collect(void *ud, const ds4_event *ev) {
+    collector *c = ud;
+    switch (ev->kind) {
+    case DS4_EV_REASONING: ds4_sbuf_put(&c->reasoning, ev->text, ev->len); break;
+    case DS4_EV_CONTENT: ds4_sbuf_put(&c->content, ev->text, ev->len); break;
+    case DS4_EV_TOOL_BEGIN:
+        if (c->n == c->cap) {
+            int cap = c->cap ? c->cap * 2 : 4;
+            ds4_sbuf *a = realloc(c->args, sizeof *a * (size_t)cap);
+            if (a) c->args = a;
+            char **nm = realloc(c->names, sizeof *nm * (size_t)cap);
+            if (nm) c->names = nm;
+            if (!a || !nm) { c->oom = true; return; }
+            c->cap = cap;
+        }
+        c->args[c->n] = (ds4_sbuf){0};
+        c->names[c->n] = strdup(ev->name);
+        c->n++;
+        break;
+    case DS4_EV_TOOL_ARGS:
+        if (c->n) ds4_sbuf_put(&c->args[c->n - 1], ev->text, ev->len);
+        break;
+    case DS4_EV_TOOL_END: break;
+    }
+}
+
+int ds4_parse_output(const char *text, size_t len, bool thinking, bool tools, ds4_parsed *out) {
+    memset(out, 0, sizeof *out);
+    collector c = {0};
+    ds4_dsml *p = ds4_dsml_new(thinking, tools, collect, &c);
+    if (!p) return -1;
+    ds4_dsml_feed(p, text, len);
+    ds4_dsml_finish(p);
+    int rc = c.oom ? -1 : 0;
+    /* Calls count only when their block closed; otherwise the block is
+     * already part of the content. */
+    bool keep = p->done && !c.oom;
+    if (keep && c.n) out->calls = calloc((size_t)c.n, sizeof *out->calls);
+    if (keep && c.n && !out->calls) rc = -1;
+    for (int i = 0; i < c.n; i++) {
+        if (keep && out->calls) {
+            out->calls[i].name = c.names[i];
+            out->calls[i].arguments = ds4_sbuf_take(&c.args[i]);
+            char *raw = malloc(p->raw_end - p->raw_start + 1);
+            if (raw) {
+                memcpy(raw, p->buf.p + p->raw_start, p->raw_end - p->raw_start);
+                raw[p->raw_end - p->raw_start] = 0;
+            } else rc = -1;
+            out->calls[i].raw_dsml = raw;
+        } else {
+            free(c.names[i]);
+            ds4_sbuf_free(&c.args[i]);
+        }
+    }
+    if (keep && out->calls) out->n_calls = c.n;
+    free(c.args);
+    free(c.names);
+    out->reasoning = ds4_sbuf_take(&c.reasoning);
+    out->content = ds4_sbuf_take(&c.content);
+    ds4_dsml_free(p);
+    return rc;
+}
+
+void ds4_parsed_free(ds4_parsed *p) {
+    for (int i = 0; i < p->n_calls; i++) {
+        free((char *)p->calls[i].id);
+        free((char *)p->calls[i].name);
+        free((char *)p->calls[i].arguments);
+        free((char *)p->calls[i].raw_dsml);
+    }
+    free(p->calls);
+    free(p->reasoning);
+    free(p->content);
+    memset(p, 0, sizeof *p);
+}
+
+/* ---- canonical rendering (JSON arguments -> DSML, official encoder) ------ */
+
+typedef struct { ds4_sbuf out; int count; } param_writer;
+
+static void put_param(void *ud, const char *key, size_t klen, bool is_str, const char *val, size_t vlen) {
+    param_writer *w = ud;
+    ds4_sbuf *o = &w->out;
+    if (w->count++) ds4_sbuf_putc(o, '\n'); /* parameters are joined with "\n" */
+    ds4_sbuf_puts(o, "<｜DSML｜parameter name=\"");
+    ds4_sbuf_put(o, key, klen);
+    ds4_sbuf_puts(o, is_str ? "\" string=\"true\">" : "\" string=\"false\">");
+    ds4_sbuf_put(o, val, vlen);
+    ds4_sbuf_puts(o, "</｜DSML｜parameter>");
+}
+
+char *ds4_dsml_render_calls(const ds4_tool_call *calls, int n) {
+    ds4_sbuf o = {0};
+    ds4_sbuf_puts(&o, "\n\n<｜DSML｜tool_calls>\n");
+    for (int i = 0; i < n; i++) {
+        if (i) ds4_sbuf_putc(&o, '\n');
+        ds4_sbuf_puts(&o, "<｜DSML｜invoke name=\"");
+        ds4_sbuf_puts(&o, calls[i].name ? calls[i].name : "");
+        ds4_sbuf_puts(&o, "\">\n");
+        const char *a = calls[i].arguments && *calls[i].arguments ? calls[i].arguments : "{}";
+        param_writer w = {{0}, 0};
+        if (ds4_json_object_members(a, strlen(a), put_param, &w) < 0) {
+            /* Not a JSON object: one string parameter with the raw text. */
+            w.out.n = w.count = 0;
+            put_param(&w, "arguments", 9, true, a, strlen(a));
+        }
+        /* A call without parameters keeps the official empty line. */
+        ds4_sbuf_put(&o, w.out.p ? w.out.p : "", w.out.n);
+        ds4_sbuf_free(&w.out);
+        ds4_sbuf_puts(&o, "\n</｜DSML｜invoke>");
+    }
+    ds4_sbuf_puts(&o, "\n</｜DSML｜tool_calls>");
+    return ds4_sbuf_take(&o);
+}
