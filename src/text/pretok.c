@@ -92,16 +92,17 @@ int tok_utf8_seq(const uint8_t *s, size_t n, uint32_t *cp) {
     return len;
 }
 
-/* One character at s[i] (i < e): returns the index after it, sets its class. */
+/* One character at s[i] (i < e): returns the index after it, sets its class.
+ * The class table is ready (tok_pretokenize initialises it once per call). */
 static inline size_t next_char(const uint8_t *s, size_t i, size_t e, uint16_t *cls) {
     if (s[i] < 0x80) {
-        *cls = tok_char_class(s[i]);
+        *cls = class_table[s[i]];
         return i + 1;
     }
     uint32_t cp;
     int n = tok_utf8_seq(s + i, e - i, &cp);
     if (n <= 0) { *cls = 0; return i + 1; } /* invalid byte: a classless char */
-    *cls = tok_char_class(cp);
+    *cls = cp < CLASS_TABLE_N ? class_table[cp] : compute_class(cp);
     return i + (size_t)n;
 }
 
@@ -205,6 +206,7 @@ static void stage2(ctx *x, size_t b, size_t e) {
 
 /* Stage 1: \p{N}{1,3} groups (counted from the left) and gaps. */
 void tok_pretokenize(const char *text, size_t len, tok_piece_fn fn, void *ud) {
+    pthread_once(&class_once, class_init);
     ctx x = {(const uint8_t *)text, fn, ud};
     size_t gap = 0, p = 0;
     while (p < len) {

@@ -81,7 +81,9 @@ typedef struct { int32_t child, sibling, token; uint8_t byte; } trie_node;
 #define CACHE_MAX_PIECE 256
 #define CACHE_KEY_CAP (4u << 20)
 #define CACHE_IDS_CAP (1u << 20)
-typedef struct { uint64_t hash; uint32_t key_off, key_len, ids_off, ids_len; } cache_slot; /* key_len 0 = empty */
+/* key_len 0 = empty. a, b: the key's words (n <= 16) or its hash (n > 16).
+ * ids_off: the id itself when ids_len is 1. */
+typedef struct { uint64_t a, b; uint32_t key_len, key_off, ids_off, ids_len; } cache_slot;
 
 struct ds4_tokenizer {
     uint32_t n_vocab;
@@ -436,7 +438,30 @@ static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens
     return k;
 }
 
-/* ---- Piece cache (caller holds t->mu) ------------------------------------ */
+/* ---- Piece cache (caller holds t->mu) ------------------------------------
+ * A piece of up to 16 bytes is held exactly in two words (key_words): most
+ * pieces are short words, so a hit costs a hash and two compares, no
+ * memcmp. Longer pieces keep their bytes in the key pool. A piece that is
+ * one token keeps the id in the slot itself. */
+
+/* Exact (given n) packing of n <= 16 bytes into two words. The loads overlap
+ * for lengths that are not 4/8/16, but together they cover every byte, so
+ * two keys of the same length are equal iff their words are. */
+static inline void key_words(const uint8_t *p, size_t n, uint64_t *a, uint64_t *b) {
+    if (n >= 8) {
+        memcpy(a, p, 8);
+        memcpy(b, p + n - 8, 8);
+    } else if (n >= 4) {
+        uint32_t x, y;
+        memcpy(&x, p, 4);
+        memcpy(&y, p + n - 4, 4);
+        *a = x | (uint64_t)y << 32;
+        *b = 0;
+    } else {
+        *a = (uint64_t)p[0] | (uint64_t)p[n / 2] << 8 | (uint64_t)p[n - 1] << 16;
+        *b = 0;
+    }
+}
 
 static void cache_clear(ds4_tokenizer *t) {
     memset(t->cache, 0, CACHE_SLOTS * sizeof *t->cache);
@@ -446,29 +471,39 @@ static void cache_clear(ds4_tokenizer *t) {
 static void encode_piece(ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     if (n == 1) { ds4_tokens_push(out, t->byte_id[p[0]]); return; }
     if (n > CACHE_MAX_PIECE) { bpe(t, p, n, out); return; }
-    uint64_t hv = hash_bytes(p, n);
-    uint32_t i = (uint32_t)hv & (CACHE_SLOTS - 1);
+    uint64_t a, b = 0;
+    if (n <= 16) {
+        key_words(p, n, &a, &b);
+    } else {
+        a = hash_bytes(p, n);
+    }
+    uint32_t i = (uint32_t)hash_u64(a ^ (b * 0x9E3779B97F4A7C15ull) ^ n) & (CACHE_SLOTS - 1);
     for (;; i = (i + 1) & (CACHE_SLOTS - 1)) {
-        cache_slot *c = &t->cache[i];
+        const cache_slot *c = &t->cache[i];
         if (!c->key_len) break;
-        if (c->hash == hv && c->key_len == n && !memcmp(t->cache_keys + c->key_off, p, n)) {
-            for (uint32_t k = 0; k < c->ids_len; k++) ds4_tokens_push(out, t->cache_ids[c->ids_off + k]);
+        if (c->key_len == n && c->a == a && c->b == b &&
+            (n <= 16 || !memcmp(t->cache_keys + c->key_off, p, n))) {
+            if (c->ids_len == 1) ds4_tokens_push(out, (int32_t)c->ids_off);
+            else for (uint32_t k = 0; k < c->ids_len; k++) ds4_tokens_push(out, t->cache_ids[c->ids_off + k]);
             return;
         }
     }
     size_t before = out->n;
     size_t k = bpe(t, p, n, out);
-    if (t->cache_n >= CACHE_MAX_ENTRIES || t->cache_keys_len + n > CACHE_KEY_CAP ||
-        t->cache_ids_len + k > CACHE_IDS_CAP) {
+    size_t key_bytes = n > 16 ? n : 0, id_words = k > 1 ? k : 0;
+    if (t->cache_n >= CACHE_MAX_ENTRIES || t->cache_keys_len + key_bytes > CACHE_KEY_CAP ||
+        t->cache_ids_len + id_words > CACHE_IDS_CAP) {
         cache_clear(t);
-        i = (uint32_t)hv & (CACHE_SLOTS - 1);
+        i = (uint32_t)hash_u64(a ^ (b * 0x9E3779B97F4A7C15ull) ^ n) & (CACHE_SLOTS - 1);
     }
     while (t->cache[i].key_len) i = (i + 1) & (CACHE_SLOTS - 1);
-    t->cache[i] = (cache_slot){hv, t->cache_keys_len, (uint32_t)n, t->cache_ids_len, (uint32_t)k};
-    memcpy(t->cache_keys + t->cache_keys_len, p, n);
-    memcpy(t->cache_ids + t->cache_ids_len, out->ids + before, k * sizeof *out->ids);
-    t->cache_keys_len += (uint32_t)n;
-    t->cache_ids_len += (uint32_t)k;
+    cache_slot *c = &t->cache[i];
+    *c = (cache_slot){a, b, (uint32_t)n, t->cache_keys_len, t->cache_ids_len, (uint32_t)k};
+    if (k == 1) c->ids_off = (uint32_t)out->ids[before];
+    memcpy(t->cache_keys + t->cache_keys_len, p, key_bytes);
+    memcpy(t->cache_ids + t->cache_ids_len, out->ids + before, id_words * sizeof *out->ids);
+    t->cache_keys_len += (uint32_t)key_bytes;
+    t->cache_ids_len += (uint32_t)id_words;
     t->cache_n++;
 }
 
