@@ -307,8 +307,17 @@ static int write_file(const opts *o, bool mtp, const char *path) {
     }
     if (gguf_writer_begin(w, path, err, sizeof err)) { fprintf(stderr, "ds4-synth: %s\n", err); goto out; }
     if (o->no_data) {
-        /* The file is already sized; the data region stays a hole. */
-        fprintf(stderr, "%s: header only (--no-data), %d tensors, %.3f GB of data left sparse\n", path, n, data / 1e9);
+        /* begin() wrote the header and sized the file, so the data region is
+         * a hole. The writer deletes files it did not finish (no plausible
+         * half-written GGUF survives a failure); this one is kept on purpose
+         * by linking it aside before the writer is freed. */
+        char tmp[PATH_MAX];
+        snprintf(tmp, sizeof tmp, "%s.nodata-%ld", path, (long)getpid());
+        if (link(path, tmp)) { fprintf(stderr, "ds4-synth: %s: %s\n", tmp, strerror(errno)); goto out; }
+        gguf_writer_free(w);
+        w = NULL;
+        if (rename(tmp, path)) { fprintf(stderr, "ds4-synth: %s: %s\n", path, strerror(errno)); unlink(tmp); goto out; }
+        fprintf(stderr, "%s: header only (--no-data), %.3f GB of tensor data left sparse\n", path, data / 1e9);
         rc = 0;
         goto out;
     }
@@ -316,7 +325,6 @@ static int write_file(const opts *o, bool mtp, const char *path) {
                   .scale = sqrt(4096.0 / o->hp.n_embd)};
     if (fill(&c, n, o->threads, path)) { fprintf(stderr, "ds4-synth: %s: writing tensor data failed\n", path); goto out; }
     if (gguf_writer_finish(w, err, sizeof err)) { fprintf(stderr, "ds4-synth: %s\n", err); goto out; }
-    w = NULL;
     rc = 0;
 out:
     if (w) gguf_writer_free(w);
