@@ -295,16 +295,11 @@ enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind 
 
 /* ---- results -------------------------------------------------------- */
 
+/* A thinking generation that never closed its reasoning (length, cancel)
+ * parses as all reasoning, no content (§4). */
 void gen_output_parse(job *j, gen_output *o) {
     memset(o, 0, sizeof *o);
     const char *text = j->res.text ? j->res.text : "";
-    /* A thinking generation that never closed its reasoning (length,
-     * cancel): everything is reasoning, nothing is visible (§4). */
-    if (j->gp.thinking && !strstr(text, "</think>")) {
-        o->reasoning = (char *)text;
-        o->content = "";
-        return;
-    }
     if (ds4_parse_output(text, j->res.len, j->gp.thinking, j->gp.tools, &o->raw) != 0) {
         memset(&o->raw, 0, sizeof o->raw);
         o->content = (char *)text;

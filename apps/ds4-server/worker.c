@@ -77,7 +77,7 @@ static bool gen_cancelled(void *ud) { return job_cancelled(ud); }
 static bool gen_prefill(void *ud, size_t done, size_t total) { return !job_cancelled(ud); }
 static void gen_event(void *ud, const ds4_event *ev) {
     job *j = ud;
-    if (j->ops->event) j->ops->event(j, ev);
+    if (j->out && j->ops->event) j->ops->event(j, ev);   /* events only feed streams */
 }
 
 int job_submit(job *j) {

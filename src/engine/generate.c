@@ -66,16 +66,18 @@ static void trace(const ds4_gen_params *p, const char *fmt, ...) {
 }
 
 /* Bring the session to a prefix of the prompt: keep the longest common
- * prefix, but always leave at least one prompt token to evaluate, because
- * the logits of the last prompt token are only known right after its eval.
- * Returns the number of tokens kept, or (size_t)-1 with err. */
+ * prefix. The next-token logits must be those of the last prompt token, so
+ * a whole-prompt match is only reused as is when the session ends exactly
+ * there with logits (truncating re-evaluates the last kept token, which
+ * restores them). Returns the number of tokens kept, or (size_t)-1 with err. */
 static size_t reuse_prefix(ds4_session *s, const int32_t *prompt, size_t n_prompt,
                            const ds4_gen_params *p, char *err, size_t errlen) {
     size_t have = ds4_session_len(s);
     const int32_t *toks = ds4_session_tokens(s);
     size_t lcp = 0;
     while (lcp < have && lcp < n_prompt && toks[lcp] == prompt[lcp]) lcp++;
-    size_t keep = lcp < n_prompt ? lcp : n_prompt - 1;
+    size_t keep = lcp;
+    if (keep == n_prompt && have == n_prompt && !ds4_session_logits(s)) keep = n_prompt - 1;
     if (keep == have) {
         trace(p, "cache: session %zu tokens, prompt %zu, reuse %zu\n", have, n_prompt, keep);
         return keep;
@@ -175,7 +177,8 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
     r->n_cached = keep;
     prefill_ctx pc = {.p = p};
     if (p->cancelled && p->cancelled(p->ud)) { r->finish = DS4_FINISH_CANCELLED; rc = 0; goto done; }
-    if (ds4_session_eval(s, prompt + keep, n_prompt - keep, NULL, prefill_progress, &pc, err, errlen) != 0) {
+    if (keep < n_prompt &&
+        ds4_session_eval(s, prompt + keep, n_prompt - keep, NULL, prefill_progress, &pc, err, errlen) != 0) {
         if (pc.cancelled) { r->finish = DS4_FINISH_CANCELLED; rc = 0; }
         goto done;
     }
@@ -184,13 +187,14 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
 
     /* ---- decode ---- */
     ds4_detok dt = {0};
-    char piece[256];
+    char piece[1024];         /* detok needs 3 * (token bytes + 3) at most */
     ds4_finish fin = DS4_FINISH_LENGTH;
     bool cut = false;         /* ended by a stop string: drop what follows it */
     for (;;) {
         if (p->cancelled && p->cancelled(p->ud)) { fin = DS4_FINISH_CANCELLED; break; }
         if (p->max_tokens > 0 && r->n_gen >= (size_t)p->max_tokens) { fin = DS4_FINISH_LENGTH; break; }
         const float *logits = ds4_session_logits(s);
+        if (!logits) { snprintf(err, errlen, "generate: the session has no logits"); goto done; }
         if (r->n_gen < p->n_forced) {
             /* Far above any real logit but finite, so softmax stays exact. */
             float mx = -INFINITY;
@@ -204,7 +208,7 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
         r->n_gen++;
         if (t == eos) { fin = DS4_FINISH_STOP; break; }
         size_t n = ds4_detok_push(&dt, tok, t, piece, sizeof piece);
-        if (n > sizeof piece) n = sizeof piece;   /* a token longer than 256 bytes does not exist */
+        if (n > sizeof piece) n = sizeof piece;   /* no real token is over 300 bytes */
         if (buf_add(&g.text, piece, n) != 0) { snprintf(err, errlen, "out of memory"); goto done; }
         if (check_stop(&g)) { fin = DS4_FINISH_STOP; cut = true; break; }
         if (ds4_dsml_calls_done(g.dsml)) { fin = DS4_FINISH_TOOL_CALLS; break; }
@@ -219,7 +223,9 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
         feed(&g, g.text.n);
     }
     ds4_dsml_finish(g.dsml);
-    if (fin != DS4_FINISH_CANCELLED && ds4_dsml_unterminated(g.dsml)) fin = DS4_FINISH_ERROR;
+    /* Streamed tool events cannot be taken back: a block that never closed,
+     * or was abandoned after its header went out, fails the generation. */
+    if (fin != DS4_FINISH_CANCELLED && (ds4_dsml_unterminated(g.dsml) || ds4_dsml_failed(g.dsml))) fin = DS4_FINISH_ERROR;
     else if (fin == DS4_FINISH_STOP && ds4_dsml_calls_done(g.dsml)) fin = DS4_FINISH_TOOL_CALLS;
     r->finish = fin;
     r->gen_s = now_s() - t1;
