@@ -267,29 +267,63 @@ static void parse_tools(chat_req *c, const cJSON *root) {
         /* Server-side tools (web search…) have no input_schema: not ours to run. */
         if (!name || !cJSON_GetObjectItemCaseSensitive(t, "input_schema")) continue;
         if (only && strcmp(only, name) != 0) continue;
-        chat_add_tool(c, name, (cJSON *)t);
+        /* cache_control is a hint to Anthropic's cache, not part of the schema. */
+        cJSON *copy = cJSON_Duplicate(t, true);
+        cJSON_DeleteItemFromObjectCaseSensitive(copy, "cache_control");
+        chat_add_tool(c, name, copy);
+        cJSON_Delete(copy);
     }
+}
+
+/* The whole request parsed and rendered as for /v1/messages. */
+static int parse_request(srv *S, struct MHD_Connection *conn, chat_req *c, cJSON *root, ds4_tokens *prompt,
+                         unsigned *status, char *msg, size_t msglen) {
+    static const char *const max_keys[] = {"max_tokens", NULL};
+    const cJSON *effort = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "output_config"), "effort");
+    *status = MHD_HTTP_BAD_REQUEST;
+    if (parse_common(S, c, root, true, max_keys, effort, "stop_sequences", msg, msglen) != 0 ||
+        select_script(S, conn, c, msg, msglen) != 0 ||
+        parse_messages(S, c, root, msg, msglen) != 0)
+        return -1;
+    parse_tools(c, root);
+    int st = chat_tokenize(S, c, prompt, msg, msglen);
+    if (st) { *status = (unsigned)st; return -1; }
+    return 0;
+}
+
+static enum MHD_Result request_error(struct MHD_Connection *conn, unsigned status, const char *msg) {
+    return send_error(conn, PROTO_ANTHROPIC, status, status == 400 ? "invalid_request_error" : "api_error", NULL, msg);
+}
+
+/* Token count of the prompt the request would produce (Claude Code asks). */
+enum MHD_Result anthropic_count_tokens(srv *S, struct MHD_Connection *conn, cJSON *root) {
+    chat_req c;
+    chat_init(&c);
+    char msg[256];
+    ds4_tokens prompt;
+    unsigned status;
+    enum MHD_Result ret;
+    if (parse_request(S, conn, &c, root, &prompt, &status, msg, sizeof msg) != 0) {
+        ret = request_error(conn, status, msg);
+    } else {
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddNumberToObject(r, "input_tokens", (double)prompt.n);
+        ds4_tokens_free(&prompt);
+        ret = send_json(conn, MHD_HTTP_OK, r);
+    }
+    chat_free(&c);
+    return ret;
 }
 
 enum MHD_Result anthropic_messages(srv *S, struct MHD_Connection *conn, cJSON *root) {
     chat_req c;
     chat_init(&c);
     char msg[256];
-    static const char *const max_keys[] = {"max_tokens", NULL};
-    const cJSON *effort = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "output_config"), "effort");
-    enum MHD_Result ret;
-    if (parse_common(S, &c, root, true, max_keys, effort, "stop_sequences", msg, sizeof msg) != 0 ||
-        select_script(S, conn, &c, msg, sizeof msg) != 0 ||
-        parse_messages(S, &c, root, msg, sizeof msg) != 0) {
-        ret = send_error(conn, PROTO_ANTHROPIC, MHD_HTTP_BAD_REQUEST, "invalid_request_error", NULL, msg);
-        chat_free(&c);
-        return ret;
-    }
-    parse_tools(&c, root);
     ds4_tokens prompt;
-    int status = chat_tokenize(S, &c, &prompt, msg, sizeof msg);
-    if (status) {
-        ret = send_error(conn, PROTO_ANTHROPIC, (unsigned)status, status == 400 ? "invalid_request_error" : "api_error", NULL, msg);
+    unsigned status;
+    enum MHD_Result ret;
+    if (parse_request(S, conn, &c, root, &prompt, &status, msg, sizeof msg) != 0) {
+        ret = request_error(conn, status, msg);
         chat_free(&c);
         return ret;
     }

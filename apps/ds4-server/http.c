@@ -251,6 +251,7 @@ static enum MHD_Result route(srv *S, struct MHD_Connection *conn, const char *me
     else if (strcmp(path, "/completions") == 0) handler = openai_completions;
     else if (strcmp(path, "/responses") == 0) handler = responses_create;
     else if (strcmp(path, "/messages") == 0) handler = anthropic_messages;
+    else if (strcmp(path, "/messages/count_tokens") == 0) handler = anthropic_count_tokens;
     else return send_error(conn, pk, MHD_HTTP_NOT_FOUND, pk == PROTO_ANTHROPIC ? "not_found_error" : "invalid_request_error", "not_found", "no such endpoint");
 
     if (rc->too_big) {

@@ -283,9 +283,10 @@ job *chat_job(srv *S, chat_req *c, ds4_tokens *prompt, struct MHD_Connection *co
 
 enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind pk, bool *queued) {
     *queued = false;
-    if (job_submit(j) != 0) {
+    int rc = job_submit(j);
+    if (rc != 0) {
         return send_error(conn, pk, MHD_HTTP_SERVICE_UNAVAILABLE, pk == PROTO_ANTHROPIC ? "overloaded_error" : "server_error",
-                          "server_busy", S->stopping ? "server shutting down" : "server busy: request queue full, retry later");
+                          "server_busy", rc == -2 ? "server shutting down" : "server busy: request queue full, retry later");
     }
     *queued = true;
     if (j->out) return send_sse(conn, j->out);

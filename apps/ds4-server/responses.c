@@ -307,16 +307,24 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
             if (!cJSON_GetArraySize(parts)) parts = cJSON_GetObjectItemCaseSensitive(it, "summary");
             reasoning = json_text(&c->ar, parts);
             asst = NULL;
-        } else if (strcmp(type, "function_call") == 0) {
+        } else if (strcmp(type, "function_call") == 0 || strcmp(type, "custom_tool_call") == 0) {
             if (!asst) {
                 asst = chat_add_msg(c, DS4_ROLE_ASSISTANT);
                 if (!asst) return -1;
                 asst->reasoning = reasoning;
                 reasoning = NULL;
             }
-            if (!json_str(it, "name")) { snprintf(msg, msglen, "function_call items need a name"); return -1; }
-            chat_add_call(c, asst, S, json_str(it, "call_id"), json_str(it, "name"), cJSON_GetObjectItemCaseSensitive(it, "arguments"));
-        } else if (strcmp(type, "function_call_output") == 0) {
+            if (!json_str(it, "name")) { snprintf(msg, msglen, "%s items need a name", type); return -1; }
+            if (type[0] == 'f') {
+                chat_add_call(c, asst, S, json_str(it, "call_id"), json_str(it, "name"), cJSON_GetObjectItemCaseSensitive(it, "arguments"));
+            } else {
+                /* A freeform tool's text input is its one string parameter "input". */
+                cJSON *args = cJSON_CreateObject();
+                cJSON_AddStringToObject(args, "input", json_str(it, "input") ? json_str(it, "input") : "");
+                chat_add_call(c, asst, S, json_str(it, "call_id"), json_str(it, "name"), args);
+                cJSON_Delete(args);
+            }
+        } else if (strcmp(type, "function_call_output") == 0 || strcmp(type, "custom_tool_call_output") == 0) {
             ds4_chat_msg *t = chat_add_msg(c, DS4_ROLE_TOOL);
             if (!t) return -1;
             t->tool_call_id = ar_strdup(&c->ar, json_str(it, "call_id"));
@@ -324,8 +332,9 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
             t->content = out ? out : "";
             asst = NULL;
         } else {
-            snprintf(msg, msglen, "unsupported input item type \"%.40s\"", type);
-            return -1;
+            /* Items of hosted tools (web search, file search…) have no
+             * meaning here; a client replaying its history keeps going. */
+            srv_trace(S, "responses: input item \"%s\" ignored\n", type);
         }
     }
     return 0;

@@ -88,8 +88,8 @@ struct job {
 
 job *job_new(srv *S);
 void job_unref(job *j);
-/* Queue a job (takes a reference). -1 when the queue is full or the server
- * is stopping. */
+/* Queue a job (takes a reference). -1 when the queue is full, -2 when the
+ * server is stopping. */
 int job_submit(job *j);
 void job_wait(job *j);
 bool job_cancelled(job *j);
@@ -204,5 +204,6 @@ enum MHD_Result openai_chat(srv *S, struct MHD_Connection *conn, cJSON *root);
 enum MHD_Result openai_completions(srv *S, struct MHD_Connection *conn, cJSON *root);
 enum MHD_Result openai_models(srv *S, struct MHD_Connection *conn, const char *id);
 enum MHD_Result anthropic_messages(srv *S, struct MHD_Connection *conn, cJSON *root);
+enum MHD_Result anthropic_count_tokens(srv *S, struct MHD_Connection *conn, cJSON *root);
 enum MHD_Result responses_create(srv *S, struct MHD_Connection *conn, cJSON *root);
 #endif

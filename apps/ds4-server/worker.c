@@ -84,8 +84,9 @@ int job_submit(job *j) {
     srv *S = j->S;
     pthread_mutex_lock(&S->qmu);
     if (S->stopping || S->q_len >= S->cfg.queue_max) {
+        int rc = S->stopping ? -2 : -1;
         pthread_mutex_unlock(&S->qmu);
-        return -1;
+        return rc;
     }
     pthread_mutex_lock(&j->mu);
     j->refs++;

@@ -80,6 +80,13 @@ test('messages: tool_use streamed with input_json_delta', async () => {
   ok(partial > 3, 'incremental arguments');
 });
 
+test('messages: count_tokens matches the prompt of a real request', async () => {
+  const body = { model: 'deepseek-v4-flash', system: [{ type: 'text', text: 'Be brief.' }], tools: TOOLS, messages: msgs('Count me') };
+  const n = await client.messages.countTokens(body);
+  const r = await client.messages.create({ ...body, max_tokens: 1 });
+  eq(n.input_tokens, r.usage.input_tokens + r.usage.cache_read_input_tokens);
+});
+
 test('messages: error shape', async () => {
   try {
     await client.messages.create({ ...base, messages: [] });
