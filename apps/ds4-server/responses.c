@@ -6,7 +6,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef enum { IT_NONE, IT_REASONING, IT_MESSAGE, IT_CALL } item_kind;
+typedef enum { IT_NONE, IT_REASONING, IT_MESSAGE, IT_CALL, IT_CUSTOM } item_kind;
 
 typedef struct {
     char *id, *model;
@@ -20,6 +20,7 @@ typedef struct {
     /* ids shared by the streamed items and the final response object */
     char *rs_id, *msg_id;
     char **fc_ids, **call_ids; int n_calls;
+    cJSON *custom;                /* names of freeform ("custom") tools */
 } rs_state;
 
 static void rs_free(void *p) {
@@ -29,6 +30,7 @@ static void rs_free(void *p) {
     free(st->fc_ids); free(st->call_ids);
     free(st->id); free(st->model); free(st->text); free(st->call_name);
     free(st->rs_id); free(st->msg_id);
+    cJSON_Delete(st->custom);
     free(st);
 }
 
@@ -87,6 +89,33 @@ static cJSON *call_item(rs_state *st, int i, const char *name, const char *args,
     cJSON_AddStringToObject(it, "call_id", i < st->n_calls ? st->call_ids[i] : "");
     cJSON_AddStringToObject(it, "name", name);
     cJSON_AddStringToObject(it, "arguments", args);
+    cJSON_AddStringToObject(it, "status", status);
+    return it;
+}
+
+static bool is_custom(const rs_state *st, const char *name) {
+    const cJSON *n;
+    cJSON_ArrayForEach(n, st->custom) if (strcmp(n->valuestring, name) == 0) return true;
+    return false;
+}
+
+/* A freeform tool is offered to the model as a function with one string
+ * parameter "input"; its call goes back to the client as that text. */
+static char *custom_input(const char *args) {
+    cJSON *a = cJSON_Parse(args);
+    const char *in = json_str(a, "input");
+    char *r = strdup(in ? in : "");
+    cJSON_Delete(a);
+    return r;
+}
+
+static cJSON *custom_item(rs_state *st, int i, const char *name, const char *input, const char *status) {
+    ensure_call(st, i);
+    cJSON *it = typed("custom_tool_call");
+    cJSON_AddStringToObject(it, "id", i < st->n_calls ? st->fc_ids[i] : "");
+    cJSON_AddStringToObject(it, "call_id", i < st->n_calls ? st->call_ids[i] : "");
+    cJSON_AddStringToObject(it, "name", name);
+    cJSON_AddStringToObject(it, "input", input);
     cJSON_AddStringToObject(it, "status", status);
     return it;
 }
@@ -177,6 +206,25 @@ static void item_close(job *j) {
         emit(j, "response.function_call_arguments.done", e);
         item = call_item(st, st->n_calls - 1, st->call_name ? st->call_name : "", text, "completed");
         break;
+    case IT_CUSTOM: {
+        /* Announced only now: its text is the decoded "input" argument,
+         * known once the arguments are complete. */
+        char *input = custom_input(text);
+        const char *name = st->call_name ? st->call_name : "";
+        e = cJSON_CreateObject();
+        cJSON_AddNumberToObject(e, "output_index", st->n_items++);
+        cJSON_AddItemToObject(e, "item", custom_item(st, st->n_calls - 1, name, "", "in_progress"));
+        emit(j, "response.output_item.added", e);
+        e = at(st, 0);
+        cJSON_AddStringToObject(e, "delta", input);
+        emit(j, "response.custom_tool_call_input.delta", e);
+        e = at(st, 0);
+        cJSON_AddStringToObject(e, "input", input);
+        emit(j, "response.custom_tool_call_input.done", e);
+        item = custom_item(st, st->n_calls - 1, name, input, "completed");
+        free(input);
+        break;
+    }
     }
     e = cJSON_CreateObject();
     cJSON_AddNumberToObject(e, "output_index", st->n_items - 1);
@@ -219,9 +267,16 @@ static void rs_event(job *j, const ds4_event *ev) {
     case DS4_EV_TOOL_BEGIN:
         free(st->call_name);
         st->call_name = strdup(ev->name ? ev->name : "");
+        if (st->call_name && is_custom(st, st->call_name)) {
+            item_close(j);
+            ensure_call(st, ev->index);
+            st->open = IT_CUSTOM;
+            break;
+        }
         item_open(j, IT_CALL, call_item(st, ev->index, st->call_name ? st->call_name : "", "", "in_progress"));
         break;
     case DS4_EV_TOOL_ARGS:
+        if (st->open == IT_CUSTOM) text_add(st, ev->text, ev->len);
         if (st->open != IT_CALL) break;
         text_add(st, ev->text, ev->len);
         e = at(st, 0);
@@ -239,8 +294,15 @@ static cJSON *final_output(rs_state *st, const gen_output *o) {
     cJSON *out = cJSON_CreateArray();
     if (o->reasoning && *o->reasoning) cJSON_AddItemToArray(out, reasoning_item(st, o->reasoning));
     if (*o->content || !o->n_calls) cJSON_AddItemToArray(out, message_item(st, o->content, "completed"));
-    for (int i = 0; i < o->n_calls; i++)
-        cJSON_AddItemToArray(out, call_item(st, i, o->calls[i].name, o->calls[i].arguments, "completed"));
+    for (int i = 0; i < o->n_calls; i++) {
+        if (is_custom(st, o->calls[i].name)) {
+            char *input = custom_input(o->calls[i].arguments);
+            cJSON_AddItemToArray(out, custom_item(st, i, o->calls[i].name, input, "completed"));
+            free(input);
+        } else {
+            cJSON_AddItemToArray(out, call_item(st, i, o->calls[i].name, o->calls[i].arguments, "completed"));
+        }
+    }
     return out;
 }
 
@@ -341,22 +403,37 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
 }
 
 /* Function tools become schema lines ({name, description, parameters});
- * tool_choice works as in Chat Completions. */
-static void parse_tools(chat_req *c, const cJSON *root) {
+ * freeform "custom" tools become a function of one string "input" (their
+ * names are collected so calls go back as custom_tool_call). Hosted tools
+ * (web search…) are not ours to run and are left out. tool_choice works as
+ * in Chat Completions. */
+static void parse_tools(chat_req *c, const cJSON *root, cJSON *custom) {
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return;
     const char *only = cJSON_IsObject(choice) ? json_str(choice, "name") : NULL;
     const cJSON *t;
     cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(root, "tools")) {
         const char *type = json_str(t, "type"), *name = json_str(t, "name");
-        if (!name || !type || strcmp(type, "function") != 0) continue;
+        if (!name || !type || (strcmp(type, "function") != 0 && strcmp(type, "custom") != 0)) continue;
         if (only && strcmp(only, name) != 0) continue;
         cJSON *fn = cJSON_CreateObject();
         cJSON_AddStringToObject(fn, "name", name);
         const char *desc = json_str(t, "description");
         if (desc) cJSON_AddStringToObject(fn, "description", desc);
-        const cJSON *params = cJSON_GetObjectItemCaseSensitive(t, "parameters");
-        if (params) cJSON_AddItemToObject(fn, "parameters", cJSON_Duplicate(params, true));
+        if (type[0] == 'c') {
+            cJSON *p = cJSON_AddObjectToObject(fn, "parameters");
+            cJSON_AddStringToObject(p, "type", "object");
+            cJSON *in = cJSON_AddObjectToObject(cJSON_AddObjectToObject(p, "properties"), "input");
+            cJSON_AddStringToObject(in, "type", "string");
+            const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(t, "format");
+            const char *def = json_str(fmt, "definition");
+            cJSON_AddStringToObject(in, "description", def ? def : "the raw text input");
+            cJSON_AddItemToArray(cJSON_AddArrayToObject(p, "required"), cJSON_CreateString("input"));
+            cJSON_AddItemToArray(custom, cJSON_CreateString(name));
+        } else {
+            const cJSON *params = cJSON_GetObjectItemCaseSensitive(t, "parameters");
+            if (params) cJSON_AddItemToObject(fn, "parameters", cJSON_Duplicate(params, true));
+        }
         chat_add_tool(c, name, fn);
         cJSON_Delete(fn);
     }
@@ -377,18 +454,21 @@ enum MHD_Result responses_create(srv *S, struct MHD_Connection *conn, cJSON *roo
         select_script(S, conn, &c, msg, sizeof msg) != 0 ||
         parse_input(S, &c, root, msg, sizeof msg) != 0)
         goto bad;
-    parse_tools(&c, root);
+    cJSON *custom = cJSON_CreateArray();
+    parse_tools(&c, root, custom);
     ds4_tokens prompt;
     int status = chat_tokenize(S, &c, &prompt, msg, sizeof msg);
     if (status) {
         ret = send_error(conn, PROTO_OPENAI, (unsigned)status, status == 400 ? "invalid_request_error" : "server_error",
                          status == 400 && strstr(msg, "context length") ? "context_length_exceeded" : NULL, msg);
         chat_free(&c);
+        cJSON_Delete(custom);
         return ret;
     }
     job *j = chat_job(S, &c, &prompt, conn);
     rs_state *st = j ? calloc(1, sizeof *st) : NULL;
-    if (st) { st->id = new_id("resp_"); st->model = strdup(c.model); st->created = (long)time(NULL); }
+    if (st) { st->id = new_id("resp_"); st->model = strdup(c.model); st->created = (long)time(NULL); st->custom = custom; }
+    else cJSON_Delete(custom);
     chat_free(&c);
     if (!st) { job_unref(j); return send_error(conn, PROTO_OPENAI, 500, "server_error", NULL, "out of memory"); }
     j->ops = &rs_ops;

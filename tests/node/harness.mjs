@@ -29,6 +29,10 @@ export const SCRIPTS = {
     '<｜DSML｜invoke name="get_time">\n' +
     '<｜DSML｜parameter name="zone" string="true">UTC</｜DSML｜parameter>\n' +
     '</｜DSML｜invoke>\n</｜DSML｜tool_calls>',
+  // A freeform (Responses "custom") tool: one string parameter "input".
+  patch: '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="apply_patch">\n' +
+    '<｜DSML｜parameter name="input" string="true">*** Begin Patch\nx\n*** End Patch</｜DSML｜parameter>\n' +
+    '</｜DSML｜invoke>\n</｜DSML｜tool_calls>',
   // An opened block that never closes: finish "error".
   broken: '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter name="location" string="true">Par<｜end▁of▁sentence｜>',
   long: 'word '.repeat(40) + '<｜end▁of▁sentence｜>',

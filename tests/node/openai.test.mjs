@@ -214,6 +214,28 @@ test('responses: function call and its replay', async () => {
   eq(JSON.parse(args), { location: 'Paris', days: 3 });
 });
 
+test('responses: custom (freeform) tool call, plain, streamed and replayed', async () => {
+  const tools = [{ type: 'custom', name: 'apply_patch', description: 'Edit files', format: { type: 'text' } }];
+  const body = { model: 'x', input: 'Patch it', tools, reasoning: { effort: 'none' } };
+  const r = await client.responses.create(body, script('patch'));
+  eq(r.output.map((o) => o.type), ['custom_tool_call']);
+  eq(r.output[0].name, 'apply_patch');
+  eq(r.output[0].input, '*** Begin Patch\nx\n*** End Patch');
+  const types = [];
+  let fin = null;
+  for await (const e of client.responses.stream(body, script('patch'))) {
+    types.push(e.type);
+    if (e.type === 'response.completed') fin = e.response;
+  }
+  ok(types.includes('response.custom_tool_call_input.delta'), types.join(','));
+  eq(fin.output[0].input, '*** Begin Patch\nx\n*** End Patch');
+  const input = [{ role: 'user', content: 'Patch it' }, ...fin.output,
+    { type: 'custom_tool_call_output', call_id: fin.output[0].call_id, output: 'Done!' }];
+  const r2 = await client.responses.create({ ...body, input }, script('plain'));
+  eq(r2.output_text, 'Hello there!');
+  eq(r2.usage.input_tokens_details.cached_tokens, fin.usage.input_tokens + fin.usage.output_tokens - 1, 'cached');
+});
+
 test('models: list and retrieve', async () => {
   const ids = [];
   for await (const m of client.models.list()) ids.push(m.id);
