@@ -4,6 +4,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "model/model.h"
@@ -195,6 +196,14 @@ static void check_tiny_layers(const ds4_model *m) {
     for (int e = 0; e < 16; e++) CHECK(hits[e] > 1500 && hits[e] < 2500, "expert %d: %d", e, hits[e]);
 }
 
+static bool token_is(const gguf_file *f, uint64_t id, const char *text, int64_t type) {
+    int64_t t = gguf_find_key(f, "tokenizer.ggml.tokens"), ty = gguf_find_key(f, "tokenizer.ggml.token_type");
+    gguf_str s;
+    int64_t tt;
+    return t >= 0 && ty >= 0 && gguf_arr_get_str(f, t, id, &s) && gguf_str_eq(s, text) &&
+           gguf_arr_get_i64(f, ty, id, &tt) && tt == type;
+}
+
 static void test_tiny_roundtrip(void) {
     char p1[128], p2[128], mtp[128], args[512], err[512];
     path_in(p1, sizeof p1, "tiny.gguf");
@@ -211,6 +220,16 @@ static void test_tiny_roundtrip(void) {
     CHECK(m.hp.n_vocab == 8013, "%u", m.hp.n_vocab);
     CHECK(m.n_layout == 6 + 6 * 24 + 2 * 10 + 2 * 4, "%d", m.n_layout);
     check_tiny_layers(&m);
+    /* Reduced vocabulary: V3 BPE ids 0..7999 (all reachable), then the V4
+     * specials of prompt.md §1.5 as control tokens. */
+    gguf_str pre;
+    uint64_t n_merges = gguf_arr_len(m.gguf, gguf_find_key(m.gguf, "tokenizer.ggml.merges"));
+    CHECK(gguf_key_str(m.gguf, "tokenizer.ggml.pre", &pre) && gguf_str_eq(pre, "joyai-llm"));
+    CHECK(n_merges == 7741, "%llu merges", (unsigned long long)n_merges);
+    CHECK(token_is(m.gguf, 0, "<｜begin▁of▁sentence｜>", 3) && token_is(m.gguf, 1, "<｜end▁of▁sentence｜>", 3));
+    CHECK(token_is(m.gguf, 259, "Ġt", 1) && token_is(m.gguf, 8000, "<｜User｜>", 3));
+    CHECK(token_is(m.gguf, 8002, "<think>", 3) && token_is(m.gguf, 8003, "</think>", 3) &&
+          token_is(m.gguf, 8004, "｜DSML｜", 3) && token_is(m.gguf, 8012, "<｜image｜>", 3));
     REQUIRE(ds4_model_load_mtp(&m, mtp, err, sizeof err) == 0, "%s", err);
     CHECK(m.mtp.e_proj.data && m.mtp.h_proj.data && m.mtp.hc_head_fn.data && m.mtp.exp_probs_b.data);
     CHECK(m.mtp.gate_exps.type == GGML_Q4_K && m.mtp.hc_attn_fn.type == GGML_F32 && m.mtp.comp_kv.data == NULL);
@@ -262,6 +281,18 @@ static void test_f32_mix(void) {
     unlink(p);
 }
 
+static void test_synth_bad_args(void) {
+    char p[128], args[256];
+    path_in(p, sizeof p, "bad.gguf");
+    snprintf(args, sizeof args, "--preset tiny --tokenizer /nonexistent/tokenizer.json -o %s", p);
+    CHECK(WEXITSTATUS(run_synth(args)) == 1);
+    snprintf(args, sizeof args, "--preset huge -o %s", p);
+    CHECK(WEXITSTATUS(run_synth(args)) == 2);
+    snprintf(args, sizeof args, "--preset tiny --layers 7 -o %s", p);
+    CHECK(WEXITSTATUS(run_synth(args)) == 2);
+    CHECK(access(p, F_OK) != 0, "no output on failure");
+}
+
 /* Full published shapes without writing 87 GB: header + sparse hole. */
 static void test_flash_nodata(void) {
     char p[128], mtp[128], args[256], err[512];
@@ -279,6 +310,10 @@ static void test_flash_nodata(void) {
     CHECK(ds4_model_param_count(&m) == 284332240471ull);
     CHECK(ds4_model_weight_bytes(&m) == 86714775900ull);
     CHECK(m.hp.n_vocab == 129280 && m.layers[42].ratio == 4 && m.layers[41].ratio == 128);
+    /* V4 layout: specials at their published ids, placeholders elsewhere. */
+    CHECK(token_is(m.gguf, 128821, "<think>", 3) && token_is(m.gguf, 128825, "｜DSML｜", 3) &&
+          token_is(m.gguf, 128803, "<｜User｜>", 3) && token_is(m.gguf, 128000, "<｜place▁holder▁no▁0｜>", 3) &&
+          token_is(m.gguf, 127999, "å±ĭæªĲ", 1) && token_is(m.gguf, 129279, "<｜image｜>", 3));
     REQUIRE(ds4_model_load_mtp(&m, mtp, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_model_weight_bytes(&m) == 86714775900ull + 3807600108ull);
     char *buf = NULL;
@@ -482,6 +517,7 @@ int main(void) {
     RUN(test_kv_bytes);
     RUN(test_tiny_roundtrip);
     RUN(test_f32_mix);
+    RUN(test_synth_bad_args);
     RUN(test_flash_nodata);
     RUN(test_broken_files);
     rmdir(dir);
