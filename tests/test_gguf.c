@@ -317,9 +317,10 @@ static void test_writer_errors(void) {
         {"tensor 'q': dims[0] 33 is not a multiple of the Q8_0 block (32)", 2},
         {"tensor 'z': dims[1] is zero", 3}, {"tensor 'n': n_dims 5 is not in 1..4", 4},
         {"tensor 'u': unknown ggml type 30", 5}, {"alignment 3 is not a power of two", 6},
+        {"duplicate key 'general.alignment'", 7}, /* gguf_writer_new(64) already set it */
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        w = gguf_writer_new(cases[c].setup == 6 ? 3 : 32);
+        w = gguf_writer_new(cases[c].setup == 6 ? 3 : cases[c].setup == 7 ? 64 : 32);
         gguf_set_u32(w, "a", 1);
         switch (cases[c].setup) {
         case 0: gguf_set_str(w, "a", "again"); break;
@@ -328,6 +329,7 @@ static void test_writer_errors(void) {
         case 3: CHECK(gguf_add_tensor(w, "z", GGML_F32, 2, d0) == -1); break;
         case 4: CHECK(gguf_add_tensor(w, "n", GGML_F32, 5, d5) == -1); break;
         case 5: CHECK(gguf_add_tensor(w, "u", (ggml_type)30, 1, d8) == -1); break;
+        case 7: gguf_set_u32(w, "general.alignment", 64); break;
         default: break;
         }
         char want[600];
