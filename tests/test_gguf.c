@@ -586,13 +586,13 @@ static void test_tensor_errors(void) {
     btensor(&b, "", 1, d1, GGML_F32, 0);
     bzeros(&b, 8); /* so that n_tensors 1 is plausible */
     expect_err(&b, "t.gguf: offset 24: empty tensor name");
-    /* Out of bounds: header ends at 57, data at 64; 32 bytes needed, 16 there. */
+    /* Out of bounds: header ends at 57, data at 64; 32 bytes needed, 31 there. */
     bhdr(&b, 1, 0);
     btensor(&b, "w", 1, d1, GGML_F32, 0);
-    bzeros(&b, 7 + 16);
+    bzeros(&b, 7 + 31);
     expect_err(&b, "t.gguf: offset 49: tensor 'w': data (32 bytes at data offset 0) runs past the end of the file "
-                   "(data section holds 16 bytes)");
-    bzeros(&b, 16);
+                   "(data section holds 31 bytes)");
+    bzeros(&b, 1);
     gguf_file *f = expect_ok(&b);
     gguf_close(f);
     /* An offset so large that offset + size wraps is out of bounds, not a wrap. */
@@ -619,6 +619,25 @@ static void test_tensor_errors(void) {
     btensor(&b, "w", 1, d16, GGML_F32, 64);
     bzeros(&b, 6 + 128);
     expect_err(&b, "t.gguf: offset 57: duplicate tensor name 'w'");
+    /* Alignment 1 allows a one-byte overlap: F16 [3] at 0..6 and at 5. Infos
+     * follow the 33-byte alignment key; "b"'s offset field is at 115 and
+     * the data section starts right after the infos, at 123. */
+    uint64_t d3[] = {3};
+    for (uint64_t off = 5; off <= 6; off++) {
+        bhdr(&b, 2, 1);
+        bstr(&b, "general.alignment");
+        b32(&b, GGUF_U32);
+        b32(&b, 1);
+        btensor(&b, "a", 1, d3, GGML_F16, 0);
+        btensor(&b, "b", 1, d3, GGML_F16, off);
+        bzeros(&b, 12);
+        if (off == 5) expect_err(&b, "t.gguf: offset 115: tensor 'b': data overlaps tensor 'a'");
+        else {
+            f = expect_ok(&b);
+            CHECK(f && gguf_find_tensor(f, "b")->data == b.p + 129, "touching ranges are fine");
+            gguf_close(f);
+        }
+    }
     bhdr(&b, 2, 0);
     btensor(&b, "w", 1, d16, GGML_F32, 64);
     btensor(&b, "v", 1, d16, GGML_F32, 0);
