@@ -6,11 +6,13 @@
  * vocabulary checks BPE order, special matching and load errors. */
 #include "ds4.h"
 #include "test.h"
+#include "gguf/gguf.h"
 #include "text/pretok.h"
 #include "text/tokenizer_internal.h"
 
 #include <cjson/cJSON.h>
 #include <stdint.h>
+#include <unistd.h>
 
 static ds4_tokenizer *tok;
 static char tok_err[512];
@@ -438,6 +440,88 @@ static void test_toy_errors(void) {
     CHECK(!t && strstr(err, "vocabulary"), "%s", err);
 }
 
+/* ---- GGUF ----------------------------------------------------------------- */
+
+/* A toy GGUF: byte symbols, "ab", "<｜plain｜>" (type 1: not special despite
+ * U+FF5C), "[X]" (type 4: special without U+FF5C), the seven required
+ * tokens (type 3, except <think> typed 1: required tokens are special
+ * regardless). what: 0 complete, 1 no token_type, 2 no merges, 3
+ * token_type one entry short, 4 merges not strings. */
+static ds4_tokenizer *toy_gguf(int what, char *err, size_t errlen) {
+    static char sym[256][4];
+    const char *v[300];
+    int32_t ty[300];
+    int n = 0, next = 256;
+    for (int b = 0; b < 256; b++) {
+        bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+        uint32_t cp = printable ? (uint32_t)b : (uint32_t)next++;
+        if (cp < 0x80) { sym[b][0] = (char)cp; sym[b][1] = 0; }
+        else { sym[b][0] = (char)(0xC0 | cp >> 6); sym[b][1] = (char)(0x80 | (cp & 0x3F)); sym[b][2] = 0; }
+        ty[n] = 1;
+        v[n++] = sym[b];
+    }
+    ty[n] = 1; v[n++] = "ab";
+    ty[n] = 1; v[n++] = "<｜plain｜>";
+    ty[n] = 4; v[n++] = "[X]";
+    for (int i = 0; i < 7; i++) { ty[n] = i == 4 ? 1 : 3; v[n++] = required[i]; } /* <think> typed normal */
+    char dir[] = "/tmp/ds4-tok-XXXXXX", path[64];
+    if (!mkdtemp(dir)) { snprintf(err, errlen, "mkdtemp failed"); return NULL; }
+    snprintf(path, sizeof path, "%s/t.gguf", dir);
+    gguf_writer *w = gguf_writer_new(32);
+    gguf_set_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", v, NULL, (uint64_t)n);
+    const char *merges[] = {"a b"};
+    if (what == 4) gguf_set_arr_i32(w, "tokenizer.ggml.merges", ty, 1);
+    else if (what != 2) gguf_set_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 1);
+    if (what != 1) gguf_set_arr_i32(w, "tokenizer.ggml.token_type", ty, (uint64_t)(what == 3 ? n - 1 : n));
+    ds4_tokenizer *t = NULL;
+    if (gguf_writer_begin(w, path, err, errlen) == 0 && gguf_writer_finish(w, err, errlen) == 0) {
+        gguf_file *f = gguf_open(path, err, errlen);
+        if (f) {
+            t = ds4_tokenizer_from_gguf(f, err, errlen);
+            gguf_close(f); /* the tokenizer keeps copies */
+        }
+    }
+    gguf_writer_free(w);
+    unlink(path);
+    rmdir(dir);
+    return t;
+}
+
+static void test_gguf(void) {
+    char err[512] = "";
+    ds4_tokenizer *t = toy_gguf(0, err, sizeof err);
+    REQUIRE(t, "%s", err);
+    const ds4_special_ids *sp = ds4_tokenizer_special(t);
+    CHECK(sp->bos == 259 && sp->dsml == 265, "bos %d dsml %d", sp->bos, sp->dsml);
+    ds4_tokens o = {0};
+    const char *text = "ab[X]<｜plain｜><think>";
+    ds4_tokenize_special(t, text, strlen(text), &o);
+    /* ab, [X] as one special, "<｜plain｜>" through BPE (not special), <think>
+     * (special although typed 1). */
+    CHECK(o.n >= 4 && o.ids[0] == 256 && o.ids[1] == 258 && o.ids[o.n - 1] == 263, "got %zu ids", o.n);
+    for (size_t i = 2; i + 1 < o.n; i++) CHECK(o.ids[i] < 256, "id %d inside the plain span", o.ids[i]);
+    char b[64];
+    CHECK(ds4_token_bytes(t, 258, b, sizeof b) == 3 && !memcmp(b, "[X]", 3), "type-4 token bytes");
+    ds4_tokens_free(&o);
+    ds4_tokenizer_free(t);
+
+    /* Without token_type the spelling rule applies: "<｜plain｜>" is special. */
+    t = toy_gguf(1, err, sizeof err);
+    REQUIRE(t, "%s", err);
+    ds4_tokenize_special(t, "<｜plain｜>", strlen("<｜plain｜>"), &o);
+    CHECK(o.n == 1 && o.ids[0] == 257, "spelling rule without token_type");
+    ds4_tokens_free(&o);
+    ds4_tokenizer_free(t);
+
+    t = toy_gguf(2, err, sizeof err);
+    CHECK(!t && strstr(err, "tokenizer.ggml.merges is missing"), "%s", err);
+    t = toy_gguf(3, err, sizeof err);
+    CHECK(!t && strstr(err, "tokenizer.ggml.token_type"), "%s", err);
+    t = toy_gguf(4, err, sizeof err);
+    CHECK(!t && strstr(err, "not an array of strings"), "%s", err);
+}
+
 /* Mixed corpus against HF `tokenizers` (corpus.ids from tools/ref/hf_tokenize.py):
  * one line of ids per corpus line, each line encoded with its '\n'. */
 static void test_corpus(void) {
@@ -505,6 +589,7 @@ int main(void) {
     RUN(test_any_bytes_round_trip);
     RUN(test_toy_bpe_order);
     RUN(test_toy_errors);
+    RUN(test_gguf);
     RUN(test_corpus);
     ds4_tokenizer_free(tok);
     for (int i = 0; i < n_vectors; i++) cJSON_Delete(vectors[i]);

@@ -163,6 +163,18 @@ void ds4_tokenizer_free(ds4_tokenizer *t) {
     free(t);
 }
 
+/* The control tokens the engine needs (§1.1), in ds4_special_ids order. */
+static const char *const required_names[7] = {
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+    "<think>", "</think>", "｜DSML｜",
+};
+
+static bool is_required(const char *s, size_t n) {
+    for (int i = 0; i < 7; i++)
+        if (strlen(required_names[i]) == n && !memcmp(required_names[i], s, n)) return true;
+    return false;
+}
+
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); ds4_tokenizer_free(t); return NULL; } while (0)
 
 /* Output bytes of a BPE spelling: each code point through the inverse byte
@@ -264,7 +276,9 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
             while (t->vocab_ht[h]) h = (h + 1) & t->vocab_mask;
             t->vocab_ht[h] = i + 1;
         }
-        t->special[i] = special[i] ? 1 : 0;
+        /* The seven required tokens are special whatever the flags say: they
+         * must decode verbatim and be matched as control tokens. */
+        t->special[i] = special[i] || is_required(s, (size_t)n);
         if (t->special[i]) {
             memcpy(t->bytes + boff, s, n);
             boff += n;
@@ -316,16 +330,11 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     free(cat);
 
     /* The control tokens the engine needs (§1.1): missing one is an error. */
-    static const char *const names[7] = {
-        "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
-        "<think>", "</think>", "｜DSML｜",
-    };
     int32_t *dst[7] = {&t->sp.bos, &t->sp.eos, &t->sp.user, &t->sp.assistant, &t->sp.think, &t->sp.think_end,
                        &t->sp.dsml};
     for (int i = 0; i < 7; i++) {
-        *dst[i] = ds4_token_lookup(t, names[i], strlen(names[i]));
-        if (*dst[i] < 0) FAIL("tokenizer: required token %s is not in the vocabulary", names[i]);
-        if (!t->special[*dst[i]]) FAIL("tokenizer: required token %s (id %d) is not marked special", names[i], *dst[i]);
+        *dst[i] = ds4_token_lookup(t, required_names[i], strlen(required_names[i]));
+        if (*dst[i] < 0) FAIL("tokenizer: required token %s is not in the vocabulary", required_names[i]);
     }
 
     t->cache = calloc(CACHE_SLOTS, sizeof *t->cache);
