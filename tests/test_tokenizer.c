@@ -11,6 +11,7 @@
 #include "text/tokenizer_internal.h"
 
 #include <cjson/cJSON.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -369,6 +370,63 @@ static void test_any_bytes_round_trip(void) {
     }
 }
 
+/* More distinct pieces than the cache holds (it clears itself when full):
+ * ids stay those of each piece encoded alone. */
+static void test_cache_overflow(void) {
+    REQUIRE(tok, "no tokenizer");
+    enum { N = 50000 };
+    char *text = malloc(N * 6 + 1);
+    size_t len = 0;
+    for (int i = 0; i < N; i++) {
+        int x = i * 7919 % 456976; /* distinct 4-letter words, not in order */
+        len += (size_t)sprintf(text + len, " %c%c%c%c", 'a' + x % 26, 'a' + x / 26 % 26, 'a' + x / 676 % 26,
+                               'a' + x / 17576 % 26);
+    }
+    ds4_tokens all = {0}, one = {0};
+    ds4_tokenize(tok, text, len, &all);
+    size_t k = 0;
+    bool same = true;
+    for (int i = 0; i < N && same; i++) {
+        one.n = 0;
+        ds4_tokenize(tok, text + 5 * (size_t)i, 5, &one);
+        for (size_t j = 0; j < one.n; j++) same &= k < all.n && all.ids[k++] == one.ids[j];
+    }
+    CHECK(same && k == all.n, "whole text and word-by-word ids differ (at %zu of %zu)", k, all.n);
+    ds4_tokens_free(&all); ds4_tokens_free(&one);
+    free(text);
+}
+
+/* Several threads share one tokenizer (and its cache). */
+typedef struct { const char *text; size_t len; ds4_tokens out; } job;
+static void *tokenize_job(void *p) {
+    job *j = p;
+    for (int r = 0; r < 3; r++) { j->out.n = 0; ds4_tokenize(tok, j->text, j->len, &j->out); }
+    return NULL;
+}
+
+static void test_threads(void) {
+    REQUIRE(tok, "no tokenizer");
+    const char *text = NULL;
+    for (int v = 0; v < n_vectors; v++)
+        if (!strcmp(str_of(vectors[v], "kind"), "official_api_prompt")) text = str_of(vectors[v], "text");
+    REQUIRE(text, "no API prompt in vectors.jsonl");
+    ds4_tokens want = {0};
+    ds4_tokenize(tok, text, strlen(text), &want);
+    job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (job){text, strlen(text), {0}};
+        pthread_create(&th[i], NULL, tokenize_job, &jobs[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(jobs[i].out.n == want.n && !memcmp(jobs[i].out.ids, want.ids, want.n * sizeof *want.ids),
+              "thread %d got different ids", i);
+        ds4_tokens_free(&jobs[i].out);
+    }
+    ds4_tokens_free(&want);
+}
+
 /* ---- Toy vocabulary ------------------------------------------------------ */
 
 static const char *required[7] = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
@@ -587,6 +645,8 @@ int main(void) {
     RUN(test_rendered_offsets);
     RUN(test_detok_invalid);
     RUN(test_any_bytes_round_trip);
+    RUN(test_cache_overflow);
+    RUN(test_threads);
     RUN(test_toy_bpe_order);
     RUN(test_toy_errors);
     RUN(test_gguf);
