@@ -71,7 +71,12 @@ static uint32_t table_size(uint32_t n) {
 
 /* ---- The tokenizer ------------------------------------------------------ */
 
-typedef struct { uint64_t key; uint32_t rank; int32_t id; } merge_slot; /* key 0 = empty */
+/* Merge table slot, one word so the table (2 MiB for DeepSeek) stays in
+ * cache: left id + 1 (20 bits) | right id + 1 (20 bits) | rank (24 bits);
+ * 0 = empty. The merged token is merge_id[rank]. */
+#define MAX_TOKENS ((1u << 20) - 1)
+#define MAX_MERGES (1u << 24)
+#define NO_MERGE UINT32_MAX
 typedef struct { int32_t child, sibling, token; uint8_t byte; } trie_node;
 
 /* Piece cache: pieces up to CACHE_MAX_PIECE bytes; when a limit is reached it
@@ -93,8 +98,9 @@ struct ds4_tokenizer {
     uint64_t *bytes_off; /* n_vocab + 1 */
     uint8_t *special;
     uint32_t *vocab_ht, vocab_mask; /* id + 1, 0 = empty */
-    merge_slot *merge_ht;
+    uint64_t *merge_ht;
     uint32_t merge_mask;
+    int32_t *merge_id;   /* rank -> merged token */
     int32_t byte_id[256];
     trie_node *trie;     /* node 0 is the root */
     uint32_t n_trie;
@@ -146,18 +152,22 @@ int32_t ds4_token_lookup(const ds4_tokenizer *t, const char *s, size_t len) {
     }
 }
 
-static const merge_slot *merge_find(const ds4_tokenizer *t, int32_t a, int32_t b) {
-    uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1; /* +1: key 0 marks empty */
+static inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)(a + 1) << 20 | (uint64_t)(b + 1); }
+
+/* Rank of merging a then b, or NO_MERGE. */
+static uint32_t merge_rank(const ds4_tokenizer *t, int32_t a, int32_t b) {
+    uint64_t key = pair_key(a, b);
     for (uint32_t i = (uint32_t)hash_u64(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
-        if (t->merge_ht[i].key == key) return &t->merge_ht[i];
-        if (!t->merge_ht[i].key) return NULL;
+        uint64_t v = t->merge_ht[i];
+        if (!v) return NO_MERGE;
+        if (v >> 24 == key) return (uint32_t)(v & (MAX_MERGES - 1));
     }
 }
 
 void ds4_tokenizer_free(ds4_tokenizer *t) {
     if (!t) return;
     free(t->text); free(t->text_off); free(t->bytes); free(t->bytes_off); free(t->special);
-    free(t->vocab_ht); free(t->merge_ht); free(t->trie);
+    free(t->vocab_ht); free(t->merge_ht); free(t->merge_id); free(t->trie);
     free(t->cache); free(t->cache_keys); free(t->cache_ids);
     pthread_mutex_destroy(&t->mu);
     free(t);
@@ -235,8 +245,9 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     ds4_tokenizer *t = calloc(1, sizeof *t);
     if (!t) { snprintf(err, errlen, "tokenizer: out of memory"); return NULL; }
     pthread_mutex_init(&t->mu, NULL);
-    if (n_tokens < 256 || n_tokens > (1u << 30)) FAIL("tokenizer: vocabulary of %u tokens is not plausible", n_tokens);
-    if (n_merges > (1u << 30)) FAIL("tokenizer: %u merges is not plausible", n_merges);
+    if (n_tokens < 256 || n_tokens > MAX_TOKENS)
+        FAIL("tokenizer: vocabulary of %u tokens (must be 256..%u)", n_tokens, MAX_TOKENS);
+    if (n_merges >= MAX_MERGES) FAIL("tokenizer: %u merges (at most %u)", n_merges, MAX_MERGES - 1);
     t->n_vocab = n_tokens;
 
     /* Spellings and the spelling -> id table. */
@@ -301,7 +312,8 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     /* Merges: "left right" -> rank = index. */
     uint32_t msize = table_size(n_merges);
     t->merge_ht = calloc(msize, sizeof *t->merge_ht);
-    if (!t->merge_ht) FAIL("tokenizer: out of memory");
+    t->merge_id = malloc((n_merges ? n_merges : 1) * sizeof *t->merge_id);
+    if (!t->merge_ht || !t->merge_id) FAIL("tokenizer: out of memory");
     t->merge_mask = msize - 1;
     char *cat = malloc(8192 + 2);
     if (!cat) FAIL("tokenizer: out of memory");
@@ -322,10 +334,11 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
             free(cat);
             FAIL("tokenizer: merge %u (\"%.*s\") names a token not in the vocabulary", r, (int)(n > 200 ? 200 : n), m);
         }
-        uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
+        uint64_t key = pair_key(a, b);
         uint32_t h = (uint32_t)hash_u64(key) & t->merge_mask;
-        while (t->merge_ht[h].key && t->merge_ht[h].key != key) h = (h + 1) & t->merge_mask;
-        if (!t->merge_ht[h].key) t->merge_ht[h] = (merge_slot){key, r, ab}; /* repeated pair: lowest rank */
+        while (t->merge_ht[h] && t->merge_ht[h] >> 24 != key) h = (h + 1) & t->merge_mask;
+        if (!t->merge_ht[h]) t->merge_ht[h] = key << 24 | r; /* repeated pair: lowest rank */
+        t->merge_id[r] = ab;
     }
     free(cat);
 
@@ -350,7 +363,10 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
 ds4_tokenizer *ds4_tokenizer_new(const char *const *tokens, const uint64_t *token_lens, uint32_t n_tokens,
                                  const char *const *merges, const uint64_t *merge_lens, uint32_t n_merges,
                                  char *err, size_t errlen) {
-    if (n_tokens > (1u << 30)) { snprintf(err, errlen, "tokenizer: %u tokens is not plausible", n_tokens); return NULL; }
+    if (n_tokens > MAX_TOKENS) {
+        snprintf(err, errlen, "tokenizer: vocabulary of %u tokens (must be 256..%u)", n_tokens, MAX_TOKENS);
+        return NULL;
+    }
     uint8_t *special = calloc(n_tokens ? n_tokens : 1, 1);
     if (!special) { snprintf(err, errlen, "tokenizer: out of memory"); return NULL; }
     for (uint32_t i = 0; i < n_tokens; i++) {
@@ -410,8 +426,8 @@ static pair heap_pop(pair *h, size_t *n) {
 static void push_pair(const ds4_tokenizer *t, const sym *s, pair *h, size_t *nh, int32_t pos) {
     int32_t r = s[pos].next;
     if (r < 0) return;
-    const merge_slot *m = merge_find(t, s[pos].id, s[r].id);
-    if (m) heap_push(h, nh, (pair){m->rank, (uint32_t)pos, (uint32_t)r, s[pos].id, s[r].id});
+    uint32_t rank = merge_rank(t, s[pos].id, s[r].id);
+    if (rank != NO_MERGE) heap_push(h, nh, (pair){rank, (uint32_t)pos, (uint32_t)r, s[pos].id, s[r].id});
 }
 
 /* BPE of one piece; appends its ids to out. Returns how many it appended. */
@@ -432,8 +448,7 @@ static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens
         pair b = heap_pop(h, &nh);
         /* Stale if either side changed since the pair was pushed. */
         if (s[b.pos].id != b.left_id || s[b.pos].next != (int32_t)b.right || s[b.right].id != b.right_id) continue;
-        const merge_slot *m = merge_find(t, b.left_id, b.right_id);
-        s[b.pos].id = m->id;
+        s[b.pos].id = t->merge_id[b.rank];
         int32_t nx = s[b.right].next;
         s[b.pos].next = nx;
         if (nx >= 0) s[nx].prev = (int32_t)b.pos;
