@@ -2,8 +2,8 @@
  *
  * Tables built once at load:
  * - spelling -> id (open addressing), for lookups by exact text;
- * - (left id, right id) -> (rank, merged id), so BPE works on ids and never
- *   builds strings;
+ * - (left id, right id) -> merge rank, and rank -> merged id, so BPE works
+ *   on ids and never builds strings;
  * - each token's output bytes (specials verbatim, BPE tokens through the
  *   inverse byte table);
  * - a byte trie of special spellings for ds4_tokenize_special.
