@@ -385,37 +385,37 @@ const ds4_special_ids *ds4_tokenizer_special(const ds4_tokenizer *t) { return &t
 
 /* ---- BPE ---------------------------------------------------------------
  * Symbols form a linked list over the piece's bytes; candidate pairs sit in
- * a min-heap ordered by (rank, position of the left symbol), which is
+ * a min-heap of words rank << 32 | left position, whose integer order is
  * exactly "lowest rank first, leftmost on ties". Entries are checked when
  * popped (lazy deletion): a merge invalidates the pairs around it and pushes
- * the two new ones. O(n log n) per piece, so long runs stay cheap. */
+ * the two new ones. An entry is current iff its left symbol is alive and
+ * the pair there still has its rank (a rank names exactly one pair).
+ * O(n log n) per piece and 36 bytes per input byte, so long runs (a
+ * megabyte of spaces) stay bounded. */
 
-typedef struct { uint32_t rank, pos, right; int32_t left_id, right_id; } pair;
+#define BPE_MAX_PIECE (1u << 30) /* positions fit in int32; longer pieces are cut */
+
 typedef struct { int32_t id; int32_t prev, next; } sym;
 
-static bool pair_less(const pair *a, const pair *b) {
-    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
-}
-
-static void heap_push(pair *h, size_t *n, pair p) {
+static void heap_push(uint64_t *h, size_t *n, uint64_t v) {
     size_t i = (*n)++;
     while (i > 0) {
         size_t up = (i - 1) / 2;
-        if (!pair_less(&p, &h[up])) break;
+        if (v >= h[up]) break;
         h[i] = h[up];
         i = up;
     }
-    h[i] = p;
+    h[i] = v;
 }
 
-static pair heap_pop(pair *h, size_t *n) {
-    pair top = h[0], last = h[--*n];
+static uint64_t heap_pop(uint64_t *h, size_t *n) {
+    uint64_t top = h[0], last = h[--*n];
     size_t i = 0;
     for (;;) {
         size_t c = 2 * i + 1;
         if (c >= *n) break;
-        if (c + 1 < *n && pair_less(&h[c + 1], &h[c])) c++;
-        if (!pair_less(&h[c], &last)) break;
+        if (c + 1 < *n && h[c + 1] < h[c]) c++;
+        if (h[c] >= last) break;
         h[i] = h[c];
         i = c;
     }
@@ -423,19 +423,20 @@ static pair heap_pop(pair *h, size_t *n) {
     return top;
 }
 
-static void push_pair(const ds4_tokenizer *t, const sym *s, pair *h, size_t *nh, int32_t pos) {
+static void push_pair(const ds4_tokenizer *t, const sym *s, uint64_t *h, size_t *nh, int32_t pos) {
     int32_t r = s[pos].next;
     if (r < 0) return;
     uint32_t rank = merge_rank(t, s[pos].id, s[r].id);
-    if (rank != NO_MERGE) heap_push(h, nh, (pair){rank, (uint32_t)pos, (uint32_t)r, s[pos].id, s[r].id});
+    if (rank != NO_MERGE) heap_push(h, nh, (uint64_t)rank << 32 | (uint32_t)pos);
 }
 
-/* BPE of one piece; appends its ids to out. Returns how many it appended. */
+/* BPE of one piece (n <= BPE_MAX_PIECE); appends its ids to out. Returns how
+ * many it appended. */
 static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     sym small_s[64];
-    pair small_h[3 * 64];
+    uint64_t small_h[3 * 64];
     sym *s = small_s;
-    pair *h = small_h;
+    uint64_t *h = small_h;
     if (n > 64) {
         s = malloc(n * sizeof *s);
         h = malloc(3 * n * sizeof *h); /* n-1 initial pairs + at most 2 per merge */
@@ -445,16 +446,17 @@ static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens
     size_t nh = 0;
     for (size_t i = 0; i + 1 < n; i++) push_pair(t, s, h, &nh, (int32_t)i);
     while (nh) {
-        pair b = heap_pop(h, &nh);
-        /* Stale if either side changed since the pair was pushed. */
-        if (s[b.pos].id != b.left_id || s[b.pos].next != (int32_t)b.right || s[b.right].id != b.right_id) continue;
-        s[b.pos].id = t->merge_id[b.rank];
-        int32_t nx = s[b.right].next;
-        s[b.pos].next = nx;
-        if (nx >= 0) s[nx].prev = (int32_t)b.pos;
-        s[b.right].id = -1; /* dead */
-        if (s[b.pos].prev >= 0) push_pair(t, s, h, &nh, s[b.pos].prev);
-        push_pair(t, s, h, &nh, (int32_t)b.pos);
+        uint64_t v = heap_pop(h, &nh);
+        uint32_t rank = (uint32_t)(v >> 32);
+        int32_t pos = (int32_t)(uint32_t)v, r = s[pos].next;
+        if (s[pos].id < 0 || r < 0 || merge_rank(t, s[pos].id, s[r].id) != rank) continue; /* stale */
+        s[pos].id = t->merge_id[rank];
+        int32_t nx = s[r].next;
+        s[pos].next = nx;
+        if (nx >= 0) s[nx].prev = pos;
+        s[r].id = -1; /* dead */
+        if (s[pos].prev >= 0) push_pair(t, s, h, &nh, s[pos].prev);
+        push_pair(t, s, h, &nh, pos);
     }
     size_t k = 0;
     for (int32_t i = 0; i >= 0; i = s[i].next, k++) ds4_tokens_push(out, s[i].id);
@@ -494,7 +496,13 @@ static void cache_clear(ds4_tokenizer *t) {
 
 static void encode_piece(ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     if (n == 1) { ds4_tokens_push(out, t->byte_id[p[0]]); return; }
-    if (n > CACHE_MAX_PIECE) { bpe(t, p, n, out); return; }
+    if (n > CACHE_MAX_PIECE) {
+        /* Not cached. A piece over BPE_MAX_PIECE (a gigabyte of one class,
+         * never real text) is encoded in cuts rather than refused. */
+        for (; n > BPE_MAX_PIECE; p += BPE_MAX_PIECE, n -= BPE_MAX_PIECE) bpe(t, p, BPE_MAX_PIECE, out);
+        bpe(t, p, n, out);
+        return;
+    }
     uint64_t a, b = 0;
     if (n <= 16) {
         key_words(p, n, &a, &b);
