@@ -50,7 +50,7 @@ static void check_fixture(const ds4_rendered *r, const char *name) {
         CHECK(at && !strcmp(at, line), "%s special %zu: want %s got %s", name, k, line, at ? at : "(none)");
     }
     CHECK(k == r->n_special, "%s: %zu specials, want %zu", name, r->n_special, k);
-    for (size_t i = 1; i < r->n_special; i++) CHECK(r->special_off[i] > r->special_off[i - 1]);
+    for (size_t i = 1; i < r->n_special; i++) CHECK(r->special_off[i] > r->special_off[i - 1], "offsets ascend");
     free(want);
     free(sp);
 }
@@ -90,7 +90,7 @@ static void test_e3_and_downgrade(void) {
     ds4_rendered_free(&r);
     /* The prefix exists only in thinking mode. */
     r = render(m, 2, NULL, 0, DS4_THINK_NONE, 1u << 20);
-    CHECK(!strstr(r.text, "Reasoning Effort"));
+    CHECK(!strstr(r.text, "Reasoning Effort"), "no prefix without thinking");
     ds4_rendered_free(&r);
 }
 
@@ -102,7 +102,7 @@ static void test_e4_reasoning_dropped(void) {
     };
     ds4_rendered r = render(m, 3, NULL, 0, DS4_THINK_HIGH, 4096);
     check_fixture(&r, "E4");
-    CHECK(!strstr(r.text, "old hidden"));
+    CHECK(!strstr(r.text, "old hidden"), "old reasoning dropped");
     ds4_rendered_free(&r);
 }
 
@@ -223,13 +223,14 @@ static void test_schema_python_style(void) {
                        "\"s\": \"é/\\u0001\\n😀\", \"z\": {}}\n";
     CHECK(r.text && strstr(r.text, line), "schema line not found in:\n%s", r.text);
     /* No system message: an empty one carries the tools block. */
-    CHECK(r.text && !strncmp(r.text, "<｜begin▁of▁sentence｜>\n\n## Tools\n\n", strlen("<｜begin▁of▁sentence｜>\n\n## Tools\n\n")));
+    CHECK(r.text && !strncmp(r.text, "<｜begin▁of▁sentence｜>\n\n## Tools\n\n", strlen("<｜begin▁of▁sentence｜>\n\n## Tools\n\n")),
+          "starts BOS \\n\\n## Tools");
     ds4_rendered_free(&r);
 
     ds4_tool_def bad = {"f", "{\"a\":}"};
     ds4_chat c = {m, 1, &bad, 1, DS4_THINK_NONE, 4096, true};
     char err[128] = "";
-    CHECK(ds4_chat_render(&c, &r, err, sizeof err) == -1);
+    CHECK(ds4_chat_render(&c, &r, err, sizeof err) == -1, "bad schema refused");
     CHECK(strstr(err, "not valid JSON"), "err: %s", err);
     ds4_rendered_free(&r);
 }
@@ -259,7 +260,8 @@ static void test_content_specials_are_text(void) {
     /* Every occurrence of the evil text is unmarked. */
     for (const char *s = r.text; (s = strstr(s, evil)); s++)
         for (size_t k = 0; k < r.n_special; k++)
-            CHECK(r.special_off[k] < (size_t)(s - r.text) || r.special_off[k] >= (size_t)(s - r.text) + strlen(evil));
+            CHECK(r.special_off[k] < (size_t)(s - r.text) || r.special_off[k] >= (size_t)(s - r.text) + strlen(evil),
+                  "special offset %zu inside content", r.special_off[k]);
     ds4_rendered_free(&r);
 }
 
