@@ -180,7 +180,7 @@ static void test_user_merge_and_transitions(void) {
 
     ds4_chat c = {m, 1, NULL, 0, DS4_THINK_HIGH, 4096, false};
     char err[64];
-    REQUIRE(ds4_chat_render(&c, &r, err, sizeof err) == 0);
+    REQUIRE(ds4_chat_render(&c, &r, err, sizeof err) == 0, "render");
     CHECK(!strcmp(r.text, "<｜begin▁of▁sentence｜><｜User｜>one"), "no generation prompt wanted: %s", r.text);
     ds4_rendered_free(&r);
 }

@@ -64,7 +64,7 @@ static void test_reasoning_then_content(void) {
     }
     /* No </think> at all: everything is reasoning (§4 suggestion). */
     ds4_parsed o;
-    REQUIRE(ds4_parse_output("still thinking", 14, true, true, &o) == 0);
+    REQUIRE(ds4_parse_output("still thinking", 14, true, true, &o) == 0, "parse");
     CHECK(!strcmp(o.reasoning, "still thinking") && !strcmp(o.content, "") && o.n_calls == 0, "got %s|%s", o.reasoning,
           o.content);
     ds4_parsed_free(&o);
@@ -86,7 +86,7 @@ static void test_e5_call_streamed_bytewise(void) {
     rec_free(&r);
 
     ds4_parsed o;
-    REQUIRE(ds4_parse_output(text, strlen(text), true, true, &o) == 0);
+    REQUIRE(ds4_parse_output(text, strlen(text), true, true, &o) == 0, "parse");
     CHECK(!strcmp(o.reasoning, "think") && !strcmp(o.content, "Let me check."), "%s|%s", o.reasoning, o.content);
     REQUIRE(o.n_calls == 1, "n_calls %d", o.n_calls);
     CHECK(!strcmp(o.calls[0].name, "get_weather"), "name");
@@ -201,7 +201,7 @@ static void test_unterminated_and_malformed(void) {
     ds4_dsml_free(p);
     rec_free(&r);
     ds4_parsed o;
-    REQUIRE(ds4_parse_output(t1, strlen(t1), false, true, &o) == 0);
+    REQUIRE(ds4_parse_output(t1, strlen(t1), false, true, &o) == 0, "parse");
     CHECK(o.n_calls == 0 && !strcmp(o.content, t1), "parse: %d calls", o.n_calls);
     ds4_parsed_free(&o);
 
@@ -228,7 +228,7 @@ static void test_tolerant_variants(void) {
     const char *ts[] = {t1, t2};
     for (int k = 0; k < 2; k++) {
         ds4_parsed o;
-        REQUIRE(ds4_parse_output(ts[k], strlen(ts[k]), false, true, &o) == 0);
+        REQUIRE(ds4_parse_output(ts[k], strlen(ts[k]), false, true, &o) == 0, "parse");
         CHECK(!strcmp(o.content, "ok"), "variant %d content %s", k, o.content);
         CHECK(o.n_calls == 1 && !strcmp(o.calls[0].arguments, "{\"a\":1}"), "variant %d", k);
         ds4_parsed_free(&o);
@@ -236,7 +236,7 @@ static void test_tolerant_variants(void) {
     /* Text after a closed block is kept as content. */
     const char *t3 = "A" E5_BLOCK "\nB";
     ds4_parsed o;
-    REQUIRE(ds4_parse_output(t3, strlen(t3), false, true, &o) == 0);
+    REQUIRE(ds4_parse_output(t3, strlen(t3), false, true, &o) == 0, "parse");
     CHECK(!strcmp(o.content, "A\nB") && o.n_calls == 1, "content %s", o.content);
     ds4_parsed_free(&o);
 }
@@ -329,7 +329,7 @@ static void test_property_roundtrip(void) {
         content[cl] = 0;
 
         ds4_parsed o;
-        REQUIRE(ds4_parse_output(text, strlen(text), thinking, true, &o) == 0);
+        REQUIRE(ds4_parse_output(text, strlen(text), thinking, true, &o) == 0, "parse");
         bool ok = o.n_calls == n && !strcmp(o.content, content) && (!thinking || !strcmp(o.reasoning, reasoning));
         for (int c = 0; ok && c < n; c++)
             ok = !strcmp(o.calls[c].name, names[c]) && json_same(o.calls[c].arguments, args[c]) &&
