@@ -56,6 +56,7 @@ enum { N_MARKERS = sizeof MARKERS / sizeof MARKERS[0], MAX_MARKER = sizeof "<｜
 
 /* Tag-name prefixes accepted inside a DSML block ("" only in XML blocks). */
 static const char *const DSML_PREFIX[] = {"｜DSML｜", "DSML｜"};
+enum { N_PREFIX = sizeof DSML_PREFIX / sizeof DSML_PREFIX[0] };
 
 static const struct { const char *ent; char c; } ENTITIES[] = {
     {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''},
@@ -93,8 +94,9 @@ static void emit(ds4_dsml *p, ds4_event_kind kind, const char *s, size_t n) {
 
 /* Report buf[pos, end) as text of the given kind. */
 static void emit_upto(ds4_dsml *p, ds4_event_kind kind, size_t end) {
-    if (end > p->pos) emit(p, kind, p->buf.p + p->pos, end - p->pos);
-    if (end > p->pos) p->pos = end;
+    if (end <= p->pos) return;
+    emit(p, kind, p->buf.p + p->pos, end - p->pos);
+    p->pos = end;
 }
 
 /* Back `end` (== buffer end) off an incomplete trailing UTF-8 sequence. */
@@ -177,11 +179,11 @@ static bool tag_is(const ds4_dsml *p, const char *tag, size_t n, bool closing, c
     if (closing) i++;
     if (!p->xml) {
         size_t k;
-        for (k = 0; k < 2; k++) {
+        for (k = 0; k < N_PREFIX; k++) {
             size_t pl = strlen(DSML_PREFIX[k]);
             if (n - i >= pl && !memcmp(tag + i, DSML_PREFIX[k], pl)) { i += pl; break; }
         }
-        if (k == 2) return false;
+        if (k == N_PREFIX) return false;
     }
     size_t wl = strlen(word);
     if (n - i < wl || memcmp(tag + i, word, wl)) return false;
