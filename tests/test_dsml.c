@@ -156,6 +156,55 @@ static void test_values(void) {
     }
 }
 
+#define PARAM_FALSE "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"v\" string=\"false\">"
+#define PARAM_END "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+
+/* string="false" values stream as they are validated, come out compact,
+ * and fall back to a JSON string only while nothing of them was sent. */
+static void test_json_values(void) {
+    rec r = {0};
+    r.s.open = -1;
+    ds4_dsml *p = ds4_dsml_new(false, true, on_ev, &r);
+    const char *t = PARAM_FALSE " [ 1, {\"a\" : \"x y";
+    ds4_dsml_feed(p, t, strlen(t));
+    CHECK(!strcmp(S(r.s.args[0]), "{\"v\":[1,{\"a\":\"x y"), "streamed before the close: %s", S(r.s.args[0]));
+    ds4_dsml_feed(p, "\"}, 2.5e3 ]" PARAM_END, strlen("\"}, 2.5e3 ]" PARAM_END));
+    ds4_dsml_finish(p);
+    CHECK(!strcmp(S(r.s.args[0]), "{\"v\":[1,{\"a\":\"x y\"},2.5e3]}"), "got %s", S(r.s.args[0]));
+    CHECK(ds4_dsml_calls_done(p), "done");
+    ds4_dsml_free(p);
+    rec_free(&r);
+
+    static const struct { const char *in, *want; } cases[] = {
+        {"-", "\"-\""},                      /* first token not JSON: a string */
+        {"1.", "\"1.\""},
+        {"nul", "\"nul\""},
+        {"", "\"\""},                        /* empty value */
+        {"  42 ", "42"},
+        {"\"a\nb\x01\"", "\"a\\nb\\u0001\""},  /* raw controls escaped */
+        {"\"\\ud83d\\ude00 \\ud800x\"", "\"\\ud83d\\ude00 \\ufffdx\""}, /* lone surrogate */
+        {"{\"k\":[true,false,null]}", "{\"k\":[true,false,null]}"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        char text[512], want[256];
+        snprintf(text, sizeof text, PARAM_FALSE "%s" PARAM_END, cases[c].in);
+        snprintf(want, sizeof want, "{\"v\":%s}", cases[c].want);
+        for (size_t chunk = 0; chunk < 3; chunk++) {
+            p = feed(&r, text, chunk, false, true);
+            CHECK(!strcmp(S(r.s.args[0]), want) && ds4_dsml_calls_done(p), "case %zu chunk %zu: %s", c, chunk,
+                  S(r.s.args[0]));
+            ds4_dsml_free(p);
+            rec_free(&r);
+        }
+    }
+    /* Invalid after part of it was sent: structural error, reported. */
+    const char *bad = "Hi" PARAM_FALSE "[1, x]" PARAM_END;
+    p = feed(&r, bad, 1, false, true);
+    CHECK(ds4_dsml_failed(p) && !ds4_dsml_calls_done(p) && !strcmp(S(r.s.content), bad), "failed: %s", S(r.s.content));
+    ds4_dsml_free(p);
+    rec_free(&r);
+}
+
 /* Invalid UTF-8 inside a string value becomes U+FFFD, however it is split. */
 static void test_utf8_in_values(void) {
     const char *text = "<｜DSML｜tool_calls><｜DSML｜invoke name=\"f\"><｜DSML｜parameter name=\"s\">\xE2\x82\xAC \xE2\x82"
@@ -387,6 +436,7 @@ int main(void) {
     RUN(test_e5_call_streamed_bytewise);
     RUN(test_holdback);
     RUN(test_values);
+    RUN(test_json_values);
     RUN(test_utf8_in_values);
     RUN(test_structural_flag);
     RUN(test_unterminated_and_malformed);
