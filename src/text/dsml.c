@@ -15,7 +15,13 @@
  * a DSML block may use either DSML spelling; whitespace between tags is
  * skipped; attributes are found by searching `name="` / `string="`; a missing
  * string attribute means "true". Entities &amp; &lt; &gt; &quot; &apos; are
- * decoded in string values and attribute values.
+ * decoded in string values and attribute values. Not supported: ds4's nested
+ * parameters (a parameter body made of parameters); such a body is a string.
+ *
+ * Arguments are reported as compact JSON: `{`, `"key":`, string values
+ * escaped as they arrive, string="false" values as they validate, `}`.
+ * Whatever is reported is a prefix of valid JSON (invalid UTF-8 becomes
+ * U+FFFD, raw control characters are escaped).
  *
  * Failure: a structural error, or a block still open at ds4_dsml_finish(),
  * turns the whole block (from the whitespace before it) back into CONTENT, and
