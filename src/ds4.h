@@ -75,7 +75,10 @@ typedef struct {
     const char *id;             /* tool-call id (may be NULL) */
     const char *name;
     const char *arguments;      /* JSON text of the arguments object */
-    const char *raw_dsml;       /* exact sampled DSML block for replay, or NULL */
+    const char *raw_dsml;       /* exact sampled DSML block for replay, or NULL.
+                                 * A block holds all calls of its message: the
+                                 * renderer replays it when every call of the
+                                 * message carries the same bytes. */
 } ds4_tool_call;
 
 typedef struct {
@@ -105,6 +108,10 @@ typedef struct {
     size_t cap, special_cap;
 } ds4_rendered;
 
+/* Overwrites *out (free it with ds4_rendered_free, also after an error).
+ * Tools attach to a leading system/developer message, or to an empty system
+ * message inserted first. Errors: unknown role, a tool schema that is not
+ * valid JSON. */
 int ds4_chat_render(const ds4_chat *chat, ds4_rendered *out, char *err, size_t errlen);
 void ds4_rendered_free(ds4_rendered *r);
 /* Rendered prompt -> ids: control tokens exactly where the renderer put them,
@@ -129,8 +136,8 @@ typedef enum {
 typedef struct {
     ds4_event_kind kind;
     int index;
-    const char *text; size_t len;
-    const char *name;
+    const char *text; size_t len;   /* valid during the callback only */
+    const char *name;               /* TOOL_BEGIN; valid during the callback only */
 } ds4_event;
 
 typedef void (*ds4_event_fn)(void *ud, const ds4_event *ev);
@@ -189,7 +196,11 @@ ds4_sampling ds4_sampling_defaults(bool thinking);
 typedef struct ds4_sampler ds4_sampler;
 ds4_sampler *ds4_sampler_new(const ds4_sampling *s, uint32_t n_vocab);
 void ds4_sampler_free(ds4_sampler *s);
-/* Pick the next token; greedy forces argmax (lowest id on ties). */
+/* Pick the next token; greedy (or temperature <= 0) forces argmax, lowest id
+ * on ties. Otherwise: softmax of logits/T; top-k; top-p = shortest prefix of
+ * the top-k set reaching top_p of its mass; min-p keeps p >= min_p * p_max;
+ * draw from the survivors (xoshiro256** seeded from seed: same seed, same
+ * tokens). NaN logits are never picked. */
 int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy);
 /* Top-k log-probabilities of a logits vector (descending), for --dump-logprobs. */
 int ds4_top_logprobs(const float *logits, uint32_t n_vocab, int k, int32_t *ids, float *logprobs);

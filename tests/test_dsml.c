@@ -64,7 +64,7 @@ static void test_reasoning_then_content(void) {
     }
     /* No </think> at all: everything is reasoning (§4 suggestion). */
     ds4_parsed o;
-    REQUIRE(ds4_parse_output("still thinking", 14, true, true, &o) == 0);
+    REQUIRE(ds4_parse_output("still thinking", 14, true, true, &o) == 0, "parse");
     CHECK(!strcmp(o.reasoning, "still thinking") && !strcmp(o.content, "") && o.n_calls == 0, "got %s|%s", o.reasoning,
           o.content);
     ds4_parsed_free(&o);
@@ -86,7 +86,7 @@ static void test_e5_call_streamed_bytewise(void) {
     rec_free(&r);
 
     ds4_parsed o;
-    REQUIRE(ds4_parse_output(text, strlen(text), true, true, &o) == 0);
+    REQUIRE(ds4_parse_output(text, strlen(text), true, true, &o) == 0, "parse");
     CHECK(!strcmp(o.reasoning, "think") && !strcmp(o.content, "Let me check."), "%s|%s", o.reasoning, o.content);
     REQUIRE(o.n_calls == 1, "n_calls %d", o.n_calls);
     CHECK(!strcmp(o.calls[0].name, "get_weather"), "name");
@@ -156,6 +156,55 @@ static void test_values(void) {
     }
 }
 
+#define PARAM_FALSE "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"v\" string=\"false\">"
+#define PARAM_END "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"
+
+/* string="false" values stream as they are validated, come out compact,
+ * and fall back to a JSON string only while nothing of them was sent. */
+static void test_json_values(void) {
+    rec r = {0};
+    r.s.open = -1;
+    ds4_dsml *p = ds4_dsml_new(false, true, on_ev, &r);
+    const char *t = PARAM_FALSE " [ 1, {\"a\" : \"x y";
+    ds4_dsml_feed(p, t, strlen(t));
+    CHECK(!strcmp(S(r.s.args[0]), "{\"v\":[1,{\"a\":\"x y"), "streamed before the close: %s", S(r.s.args[0]));
+    ds4_dsml_feed(p, "\"}, 2.5e3 ]" PARAM_END, strlen("\"}, 2.5e3 ]" PARAM_END));
+    ds4_dsml_finish(p);
+    CHECK(!strcmp(S(r.s.args[0]), "{\"v\":[1,{\"a\":\"x y\"},2.5e3]}"), "got %s", S(r.s.args[0]));
+    CHECK(ds4_dsml_calls_done(p), "done");
+    ds4_dsml_free(p);
+    rec_free(&r);
+
+    static const struct { const char *in, *want; } cases[] = {
+        {"-", "\"-\""},                      /* first token not JSON: a string */
+        {"1.", "\"1.\""},
+        {"nul", "\"nul\""},
+        {"", "\"\""},                        /* empty value */
+        {"  42 ", "42"},
+        {"\"a\nb\x01\"", "\"a\\nb\\u0001\""},  /* raw controls escaped */
+        {"\"\\ud83d\\ude00 \\ud800x\"", "\"\\ud83d\\ude00 \\ufffdx\""}, /* lone surrogate */
+        {"{\"k\":[true,false,null]}", "{\"k\":[true,false,null]}"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        char text[512], want[256];
+        snprintf(text, sizeof text, PARAM_FALSE "%s" PARAM_END, cases[c].in);
+        snprintf(want, sizeof want, "{\"v\":%s}", cases[c].want);
+        for (size_t chunk = 0; chunk < 3; chunk++) {
+            p = feed(&r, text, chunk, false, true);
+            CHECK(!strcmp(S(r.s.args[0]), want) && ds4_dsml_calls_done(p), "case %zu chunk %zu: %s", c, chunk,
+                  S(r.s.args[0]));
+            ds4_dsml_free(p);
+            rec_free(&r);
+        }
+    }
+    /* Invalid after part of it was sent: structural error, reported. */
+    const char *bad = "Hi" PARAM_FALSE "[1, x]" PARAM_END;
+    p = feed(&r, bad, 1, false, true);
+    CHECK(ds4_dsml_failed(p) && !ds4_dsml_calls_done(p) && !strcmp(S(r.s.content), bad), "failed: %s", S(r.s.content));
+    ds4_dsml_free(p);
+    rec_free(&r);
+}
+
 /* Invalid UTF-8 inside a string value becomes U+FFFD, however it is split. */
 static void test_utf8_in_values(void) {
     const char *text = "<｜DSML｜tool_calls><｜DSML｜invoke name=\"f\"><｜DSML｜parameter name=\"s\">\xE2\x82\xAC \xE2\x82"
@@ -201,7 +250,7 @@ static void test_unterminated_and_malformed(void) {
     ds4_dsml_free(p);
     rec_free(&r);
     ds4_parsed o;
-    REQUIRE(ds4_parse_output(t1, strlen(t1), false, true, &o) == 0);
+    REQUIRE(ds4_parse_output(t1, strlen(t1), false, true, &o) == 0, "parse");
     CHECK(o.n_calls == 0 && !strcmp(o.content, t1), "parse: %d calls", o.n_calls);
     ds4_parsed_free(&o);
 
@@ -228,7 +277,7 @@ static void test_tolerant_variants(void) {
     const char *ts[] = {t1, t2};
     for (int k = 0; k < 2; k++) {
         ds4_parsed o;
-        REQUIRE(ds4_parse_output(ts[k], strlen(ts[k]), false, true, &o) == 0);
+        REQUIRE(ds4_parse_output(ts[k], strlen(ts[k]), false, true, &o) == 0, "parse");
         CHECK(!strcmp(o.content, "ok"), "variant %d content %s", k, o.content);
         CHECK(o.n_calls == 1 && !strcmp(o.calls[0].arguments, "{\"a\":1}"), "variant %d", k);
         ds4_parsed_free(&o);
@@ -236,7 +285,7 @@ static void test_tolerant_variants(void) {
     /* Text after a closed block is kept as content. */
     const char *t3 = "A" E5_BLOCK "\nB";
     ds4_parsed o;
-    REQUIRE(ds4_parse_output(t3, strlen(t3), false, true, &o) == 0);
+    REQUIRE(ds4_parse_output(t3, strlen(t3), false, true, &o) == 0, "parse");
     CHECK(!strcmp(o.content, "A\nB") && o.n_calls == 1, "content %s", o.content);
     ds4_parsed_free(&o);
 }
@@ -329,7 +378,7 @@ static void test_property_roundtrip(void) {
         content[cl] = 0;
 
         ds4_parsed o;
-        REQUIRE(ds4_parse_output(text, strlen(text), thinking, true, &o) == 0);
+        REQUIRE(ds4_parse_output(text, strlen(text), thinking, true, &o) == 0, "parse");
         bool ok = o.n_calls == n && !strcmp(o.content, content) && (!thinking || !strcmp(o.reasoning, reasoning));
         for (int c = 0; ok && c < n; c++)
             ok = !strcmp(o.calls[c].name, names[c]) && json_same(o.calls[c].arguments, args[c]) &&
@@ -387,6 +436,7 @@ int main(void) {
     RUN(test_e5_call_streamed_bytewise);
     RUN(test_holdback);
     RUN(test_values);
+    RUN(test_json_values);
     RUN(test_utf8_in_values);
     RUN(test_structural_flag);
     RUN(test_unterminated_and_malformed);

@@ -23,7 +23,7 @@ struct ds4_sampler {
     uint32_t n;
     uint64_t rng[4];   /* xoshiro256** state */
     float *v;          /* scaled logits */
-    double *w;         /* exp(v - max), unnormalised probabilities */
+    float *w;          /* exp(v - max), unnormalised probabilities */
     int32_t *idx;
 };
 
@@ -134,18 +134,25 @@ int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
         if (x > mx) mx = x;
     }
     if (!isfinite(mx)) return argmax(logits, n); /* nothing finite to weigh */
-    for (uint32_t i = 0; i < n; i++) s->w[i] = exp((double)s->v[i] - mx);
+    /* min-p as a cut on scaled logits: p_i >= min_p * p_max <=> v_i - max >= log(min_p). */
+    float cutoff = p->min_p > 0 ? mx + logf(p->min_p) : -INFINITY;
 
     size_t k = p->top_k > 0 && (uint32_t)p->top_k < n ? (size_t)p->top_k : n;
     bool cut_p = p->top_p < 1; /* top_p <= 0 keeps just the most likely token */
-    double wmin = p->min_p > 0 ? (double)p->min_p : 0; /* w is already p / p_max */
-    size_t m = n;      /* survivors are idx[0, m) */
-    bool all = !cut_p && k == n;
-    if (!all) {
+    size_t m = 0;              /* survivors: idx[0, m) */
+    if (k == n && !cut_p) {
+        /* Only min-p: no order needed, and no exp for what it removes. */
+        for (uint32_t i = 0; i < n; i++)
+            if (s->v[i] >= cutoff) s->idx[m++] = (int32_t)i;
+        for (size_t i = 0; i < m; i++) s->w[s->idx[i]] = expf(s->v[s->idx[i]] - mx);
+    } else {
         for (uint32_t i = 0; i < n; i++) s->idx[i] = (int32_t)i;
         if (k < n) select_top(s->v, s->idx, n, k);
+        for (size_t i = 0; i < k; i++) s->w[s->idx[i]] = expf(s->v[s->idx[i]] - mx);
         m = k;
         if (cut_p) {
+            /* top-p needs the mass of the whole top-k set, then a sorted
+             * head that grows until it holds top_p of it. */
             double z = 0;
             for (size_t i = 0; i < k; i++) z += s->w[s->idx[i]];
             double target = p->top_p * z;
@@ -158,24 +165,21 @@ int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
                 if (cum >= target || head == k) { m = i; break; }
             }
         }
+        /* min-p on the survivors (the best token always passes). */
+        size_t kept = 0;
+        for (size_t i = 0; i < m; i++)
+            if (s->v[s->idx[i]] >= cutoff) s->idx[kept++] = s->idx[i];
+        m = kept;
     }
 
     double total = 0;
-    for (size_t i = 0; i < m; i++) {
-        size_t t = all ? i : (size_t)s->idx[i];
-        if (s->w[t] >= wmin) total += s->w[t];
-    }
-    /* The most likely token always survives min-p (w = 1), so total > 0. */
+    for (size_t i = 0; i < m; i++) total += s->w[s->idx[i]];
     double u = next_unit(s->rng) * total;
-    int32_t last = -1;
     for (size_t i = 0; i < m; i++) {
-        size_t t = all ? i : (size_t)s->idx[i];
-        if (s->w[t] < wmin) continue;
-        last = (int32_t)t;
-        u -= s->w[t];
-        if (u < 0) return (int32_t)t;
+        u -= s->w[s->idx[i]];
+        if (u < 0) return s->idx[i];
     }
-    return last; /* rounding left u at >= 0: the last survivor */
+    return s->idx[m - 1]; /* rounding left u at >= 0: the last survivor */
 }
 
 int ds4_top_logprobs(const float *logits, uint32_t n_vocab, int k, int32_t *ids, float *logprobs) {

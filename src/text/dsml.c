@@ -15,7 +15,13 @@
  * a DSML block may use either DSML spelling; whitespace between tags is
  * skipped; attributes are found by searching `name="` / `string="`; a missing
  * string attribute means "true". Entities &amp; &lt; &gt; &quot; &apos; are
- * decoded in string values and attribute values.
+ * decoded in string values and attribute values. Not supported: ds4's nested
+ * parameters (a parameter body made of parameters); such a body is a string.
+ *
+ * Arguments are reported as compact JSON: `{`, `"key":`, string values
+ * escaped as they arrive, string="false" values as they validate, `}`.
+ * Whatever is reported is a prefix of valid JSON (invalid UTF-8 becomes
+ * U+FFFD, raw control characters are escaped).
  *
  * Failure: a structural error, or a block still open at ds4_dsml_finish(),
  * turns the whole block (from the whitespace before it) back into CONTENT, and
@@ -43,6 +49,22 @@ enum {
 /* A tag longer than this without '>' is not DSML: fail instead of holding
  * the rest of the generation back. */
 enum { MAX_TAG = 4096 };
+/* Nesting bound of a string="false" value (bounded state, hostile input). */
+enum { JSON_MAX_DEPTH = 128 };
+
+/* JSON validator states for string="false" values. */
+enum {
+    J_VALUE,     /* a value must follow */
+    J_ARR_FIRST, /* after '[': a value or ']' */
+    J_OBJ_FIRST, /* after '{': a key or '}' */
+    J_OBJ_KEY,   /* after ',' in an object: a key */
+    J_COLON,     /* after a key */
+    J_AFTER,     /* after a value inside a container: ',' or the close */
+    J_DONE,      /* the top-level value is complete */
+    J_STR,       /* inside a string */
+    J_NUM,       /* inside a number (held until it ends) */
+    J_LIT,       /* inside true/false/null (held until complete) */
+};
 
 static const char THINK_END[] = "</think>";
 
@@ -56,6 +78,7 @@ enum { N_MARKERS = sizeof MARKERS / sizeof MARKERS[0], MAX_MARKER = sizeof "<｜
 
 /* Tag-name prefixes accepted inside a DSML block ("" only in XML blocks). */
 static const char *const DSML_PREFIX[] = {"｜DSML｜", "DSML｜"};
+enum { N_PREFIX = sizeof DSML_PREFIX / sizeof DSML_PREFIX[0] };
 
 static const struct { const char *ent; char c; } ENTITIES[] = {
     {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''},
@@ -77,9 +100,16 @@ struct ds4_dsml {
     int n_params;     /* parameters in the open invoke */
     bool tool_events; /* TOOL_* events were sent for the open block */
     bool done, unterminated, failed;
-    size_t jscan;     /* ST_JSON: bytes scanned; in_str/esc: JSON string state */
-    bool in_str, esc;
-    size_t vstart;    /* ST_JSON: value start */
+    /* ST_JSON: an incremental JSON validator (see step_json). */
+    size_t vstart;    /* value start, for the string fallback */
+    bool vemitted;    /* bytes of this value were already reported */
+    int jst;          /* J_* state */
+    bool jkey;        /* the open string is an object key */
+    int jnum;         /* number sub-state */
+    const char *jlit; /* literal being matched (true/false/null) */
+    size_t jtok;      /* start of the held number/literal token */
+    int jdepth;
+    char jstack[JSON_MAX_DEPTH]; /* open containers: '{' or '[' */
     ds4_sbuf tmp;
 };
 
@@ -93,8 +123,9 @@ static void emit(ds4_dsml *p, ds4_event_kind kind, const char *s, size_t n) {
 
 /* Report buf[pos, end) as text of the given kind. */
 static void emit_upto(ds4_dsml *p, ds4_event_kind kind, size_t end) {
-    if (end > p->pos) emit(p, kind, p->buf.p + p->pos, end - p->pos);
-    if (end > p->pos) p->pos = end;
+    if (end <= p->pos) return;
+    emit(p, kind, p->buf.p + p->pos, end - p->pos);
+    p->pos = end;
 }
 
 /* Back `end` (== buffer end) off an incomplete trailing UTF-8 sequence. */
@@ -177,11 +208,11 @@ static bool tag_is(const ds4_dsml *p, const char *tag, size_t n, bool closing, c
     if (closing) i++;
     if (!p->xml) {
         size_t k;
-        for (k = 0; k < 2; k++) {
+        for (k = 0; k < N_PREFIX; k++) {
             size_t pl = strlen(DSML_PREFIX[k]);
             if (n - i >= pl && !memcmp(tag + i, DSML_PREFIX[k], pl)) { i += pl; break; }
         }
-        if (k == 2) return false;
+        if (k == N_PREFIX) return false;
     }
     size_t wl = strlen(word);
     if (n - i < wl || memcmp(tag + i, word, wl)) return false;
@@ -261,8 +292,10 @@ static bool step_tag(ds4_dsml *p, bool final) {
             args(p, kv.p, kv.n);
             ds4_sbuf_free(&kv);
             p->st = is_str ? ST_STR : ST_JSON;
-            p->vstart = p->jscan = next;
-            p->in_str = p->esc = false;
+            p->vstart = next;
+            p->vemitted = false;
+            p->jst = J_VALUE;
+            p->jdepth = 0;
         } else if (tag_is(p, tag, n, true, "invoke", &at)) {
             args(p, "}", 1);
             emit(p, DS4_EV_TOOL_END, NULL, 0);
@@ -329,40 +362,210 @@ hold:
     return final;
 }
 
+/* Number sub-states: 0 after '-', 1 after a leading 0, 2 in integer digits,
+ * 3 after '.', 4 in fraction digits, 5 after e/E, 6 after the exponent sign,
+ * 7 in exponent digits. A number may end in 1, 2, 4 or 7. */
+static int num_next(int st, char c) {
+    bool digit = c >= '0' && c <= '9';
+    switch (st) {
+    case 0: return c == '0' ? 1 : digit ? 2 : -1;
+    case 1: return c == '.' ? 3 : c == 'e' || c == 'E' ? 5 : -1;
+    case 2: return digit ? 2 : c == '.' ? 3 : c == 'e' || c == 'E' ? 5 : -1;
+    case 3: case 4: return digit ? 4 : st == 4 && (c == 'e' || c == 'E') ? 5 : -1;
+    case 5: return c == '+' || c == '-' ? 6 : digit ? 7 : -1;
+    default: return digit ? 7 : -1;
+    }
+}
+static bool num_final(int st) { return st == 1 || st == 2 || st == 4 || st == 7; }
+
+static void json_value_done(ds4_dsml *p) { p->jst = p->jdepth ? J_AFTER : J_DONE; }
+
+/* Consume one byte outside strings/tokens. Returns false when it cannot
+ * continue the value. Accepted bytes go to out (whitespace is dropped, so
+ * the arguments come out compact). */
+static bool json_byte(ds4_dsml *p, size_t i, ds4_sbuf *out) {
+    char c = p->buf.p[i];
+    if (is_ws(c)) return true;
+    switch (p->jst) {
+    case J_OBJ_FIRST:
+    case J_OBJ_KEY:
+        if (c == '}' && p->jst == J_OBJ_FIRST) break;
+        if (c != '"') return false;
+        p->jst = J_STR;
+        p->jkey = true;
+        ds4_sbuf_putc(out, c);
+        return true;
+    case J_COLON:
+        if (c != ':') return false;
+        p->jst = J_VALUE;
+        ds4_sbuf_putc(out, c);
+        return true;
+    case J_AFTER:
+        if (c == ',') {
+            p->jst = p->jstack[p->jdepth - 1] == '{' ? J_OBJ_KEY : J_VALUE;
+            ds4_sbuf_putc(out, c);
+            return true;
+        }
+        break;
+    case J_DONE: return false;
+    case J_ARR_FIRST:
+        if (c == ']') break;
+        p->jst = J_VALUE;
+        /* fall through */
+    case J_VALUE:
+        if (c == '{' || c == '[') {
+            if (p->jdepth == JSON_MAX_DEPTH) return false;
+            p->jstack[p->jdepth++] = c;
+            p->jst = c == '{' ? J_OBJ_FIRST : J_ARR_FIRST;
+            ds4_sbuf_putc(out, c);
+            return true;
+        }
+        if (c == '"') {
+            p->jst = J_STR;
+            p->jkey = false;
+            ds4_sbuf_putc(out, c);
+            return true;
+        }
+        p->jtok = i;
+        if (c == '-' || (c >= '0' && c <= '9')) {
+            p->jst = J_NUM;
+            p->jnum = c == '-' ? 0 : num_next(0, c);
+            return true;
+        }
+        p->jlit = c == 't' ? "true" : c == 'f' ? "false" : c == 'n' ? "null" : NULL;
+        p->jst = J_LIT;
+        return p->jlit != NULL;
+    default: return false;
+    }
+    /* c closes a container: it must match the innermost one. */
+    if (!p->jdepth || (c == '}') != (p->jstack[p->jdepth - 1] == '{') || (c != '}' && c != ']')) return false;
+    p->jdepth--;
+    ds4_sbuf_putc(out, c);
+    json_value_done(p);
+    return true;
+}
+
+/* Bytes of a string (at i, inside J_STR) that can be decided now: returns
+ * the bytes consumed, 0 to wait for more input, -1 on invalid JSON. Invalid
+ * UTF-8 becomes U+FFFD and raw control characters are escaped, so what is
+ * reported is always valid JSON. */
+static long json_str_bytes(ds4_dsml *p, size_t i, ds4_sbuf *out) {
+    const unsigned char *u = (const unsigned char *)p->buf.p + i;
+    size_t n = p->buf.n - i;
+    if (u[0] == '"') {
+        ds4_sbuf_putc(out, '"');
+        if (p->jkey) p->jst = J_COLON;
+        else json_value_done(p);
+        return 1;
+    }
+    if (u[0] == '\\') {
+        if (n < 2) return 0;
+        if (strchr("\"\\/bfnrt", u[1]) && u[1]) { ds4_sbuf_put(out, u, 2); return 2; }
+        if (u[1] != 'u') return -1;
+        if (n < 6) return 0;
+        for (int k = 2; k < 6; k++)
+            if (!strchr("0123456789abcdefABCDEF", u[k]) || !u[k]) return -1;
+        unsigned cp = (unsigned)strtoul((const char[]){(char)u[2], (char)u[3], (char)u[4], (char)u[5], 0}, NULL, 16);
+        if (cp >= 0xD800 && cp < 0xDC00) {
+            /* A high surrogate must be followed by a low one. */
+            if (n < 12) {
+                if (match_at((const char *)u + 6, n - 6, "\\u") >= 0) return 0;
+            } else if (u[6] == '\\' && u[7] == 'u' && (u[8] == 'd' || u[8] == 'D') && strchr("cdefCDEF", u[9]) && u[9] &&
+                       strchr("0123456789abcdefABCDEF", u[10]) && u[10] && strchr("0123456789abcdefABCDEF", u[11]) && u[11]) {
+                ds4_sbuf_put(out, u, 12);
+                return 12;
+            }
+            ds4_sbuf_puts(out, "\\ufffd");
+            return 6;
+        }
+        if (cp >= 0xDC00 && cp < 0xE000) { ds4_sbuf_puts(out, "\\ufffd"); return 6; }
+        ds4_sbuf_put(out, u, 6);
+        return 6;
+    }
+    if (u[0] < 0x80) {
+        ds4_json_escape(out, (const char *)u, 1); /* raw control characters */
+        return 1;
+    }
+    int l = ds4_utf8_seq(u, n);
+    if (l == 0) return 0;
+    if (l < 0) { ds4_sbuf_puts(out, "\xEF\xBF\xBD"); return 1; }
+    ds4_sbuf_put(out, u, (size_t)l);
+    return l;
+}
+
+/* A string="false" value, streamed as it is validated (§3.5 JSON_PARAM):
+ * structure and strings are reported byte by byte (compact: whitespace
+ * outside strings dropped); numbers and literals when they end. The closing
+ * tag counts only outside strings. A value whose very first token is not
+ * JSON (e.g. a bare word) is reported as a JSON string instead, which is
+ * decidable before anything of it was sent; invalid JSON after that is a
+ * structural error. */
 static bool step_json(ds4_dsml *p, bool final) {
     const char *b = p->buf.p;
-    size_t len = p->buf.n;
-    for (size_t i = p->jscan; i < len; i++) {
-        char c = b[i];
-        if (p->in_str) {
-            if (p->esc) p->esc = false;
-            else if (c == '\\') p->esc = true;
-            else if (c == '"') p->in_str = false;
+    size_t len = p->buf.n, i = p->pos;
+    ds4_sbuf out = {0};
+    bool ok = true, closed = false;
+    size_t cl = 0;
+    while (i < len) {
+        if (p->jst == J_STR) {
+            long k = json_str_bytes(p, i, &out);
+            if (k == 0) break;
+            if (k < 0) { ok = false; break; }
+            i += (size_t)k;
             continue;
         }
-        if (c == '"') { p->in_str = true; continue; }
-        if (c != '<') continue;
-        size_t cl;
-        int m = param_close(p, b + i, len - i, &cl);
-        if (m == 0) { p->jscan = i; goto hold; }
-        if (m < 0) continue;
-        /* The value is complete: print it compact, or as a JSON string when
-         * the model wrote something that is not JSON (arguments stay valid). */
-        ds4_sbuf v = {0};
-        if (ds4_json_format(b + p->vstart, i - p->vstart, DS4_JSON_COMPACT, &v)) {
-            v.n = 0;
-            ds4_sbuf_putc(&v, '"');
-            ds4_json_escape(&v, b + p->vstart, i - p->vstart);
-            ds4_sbuf_putc(&v, '"');
+        char c = b[i];
+        if (p->jst == J_LIT) {
+            size_t at = i - p->jtok;
+            if (c != p->jlit[at]) { ok = false; break; }
+            i++;
+            if (!p->jlit[at + 1]) { ds4_sbuf_puts(&out, p->jlit); json_value_done(p); }
+            continue;
         }
-        args(p, v.p, v.n);
-        ds4_sbuf_free(&v);
+        if (p->jst == J_NUM) {
+            int nx = num_next(p->jnum, c);
+            if (nx >= 0) { p->jnum = nx; i++; continue; }
+            if (!num_final(p->jnum)) { ok = false; break; }
+            ds4_sbuf_put(&out, b + p->jtok, i - p->jtok);
+            json_value_done(p);
+            /* c is looked at again in the new state */
+        }
+        if (c == '<') {
+            int m = param_close(p, b + i, len - i, &cl);
+            if (m == 0) break;
+            if (m == 1) { closed = true; break; }
+        }
+        if (!json_byte(p, i, &out)) { ok = false; break; }
+        i++;
+    }
+    if (closed && p->jst != J_DONE) {
+        /* An empty value is an empty string; anything else unfinished is
+         * invalid. */
+        bool empty = p->jst == J_VALUE && !p->jdepth && !p->vemitted && !out.n;
+        if (!empty) ok = false;
+        else ds4_sbuf_puts(&out, "\"\"");
+    }
+    if (!ok) {
+        ds4_sbuf_free(&out);
+        if (!p->vemitted && p->jdepth == 0 && (p->jst == J_NUM || p->jst == J_LIT || p->jst == J_VALUE)) {
+            /* Nothing of the value was reported: read it as a string. */
+            args(p, "\"", 1);
+            p->pos = p->vstart;
+            p->st = ST_STR;
+        } else abandon(p, false);
+        return true;
+    }
+    if (out.n) {
+        args(p, out.p, out.n);
+        p->vemitted = true;
+    }
+    ds4_sbuf_free(&out);
+    p->pos = i;
+    if (closed) {
         p->pos = i + cl;
         p->st = ST_INVOKE;
         return true;
     }
-    p->jscan = len;
-hold:
     if (final) abandon(p, true);
     return final;
 }
@@ -480,7 +683,7 @@ bool ds4_dsml_structural(const ds4_dsml *p) {
     switch (p->st) {
     case ST_BLOCK:
     case ST_INVOKE: return true;
-    case ST_JSON: return !p->in_str;
+    case ST_JSON: return p->jst != J_STR;
     /* A held "<｜" or longer is a start marker in the making; a lone "<" is
      * too common in ordinary text to force greedy sampling on. */
     case ST_SEARCH: return p->held_marker >= 4;
