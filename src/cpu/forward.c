@@ -648,6 +648,18 @@ void cpu_state_free(cpu_state *st) {
 
 uint32_t cpu_state_len(const cpu_state *st) { return st->n; }
 
+uint64_t cpu_state_bytes(const cpu_state *st) {
+    const ds4_hparams *hp = st->be->hp;
+    uint64_t f = 0;
+    for (int l = 0; l < st->n_layer; l++) {
+        const layer_state *ls = &st->L[l];
+        f += (uint64_t)st->keep_raw * hp->head_dim + (uint64_t)ls->cap_comp * hp->head_dim +
+             2ull * ls->keep_c * ls->W;
+        if (ls->ratio == 4) f += (uint64_t)ls->cap_comp * hp->idx_head_dim + 2ull * ls->keep_i * ls->Wi;
+    }
+    return f * sizeof(float);
+}
+
 void cpu_state_rows(const cpu_state *st, int il, uint32_t *n_comp, uint32_t *n_idx) {
     *n_comp = st->L[il].n_comp;
     *n_idx = st->L[il].n_idx;
@@ -913,6 +925,7 @@ static void *v_create(const ds4_model *m, int n_threads, char *err, size_t errle
 static void v_destroy(void *be) { cpu_backend_free(be); }
 static void *v_state_new(void *be, uint32_t ctx, char *err, size_t errlen) { return cpu_state_new(be, ctx, err, errlen); }
 static void v_state_free(void *be, void *st) { cpu_state_free(st); }
+static uint64_t v_state_bytes(void *be, const void *st) { return cpu_state_bytes(st); }
 static int v_eval(void *be, void *st, const int32_t *ids, size_t n, float *logits, bool all, char *err, size_t errlen) {
     return cpu_eval(be, st, ids, n, logits, all, NULL, err, errlen);
 }
@@ -921,5 +934,5 @@ static int v_export(void *be, const void *st, ds4_kv_host *out, char *err, size_
 static int v_import(void *be, void *st, const ds4_kv_host *in, char *err, size_t errlen) { return cpu_import(be, st, in, err, errlen); }
 
 const ds4_backend_ops ds4_backend_cpu = {
-    "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_eval, v_truncate, v_export, v_import,
+    "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_state_bytes, v_eval, v_truncate, v_export, v_import,
 };
