@@ -29,7 +29,8 @@ typedef struct {
 
 /* From GGUF metadata: tokenizer.ggml.tokens / merges, and token_type when
  * present (3 control, 4 user-defined = special; without it the spelling
- * rule below applies). Strings are copied; the file may be closed after. */
+ * rule below applies). Strings are copied; the file may be closed after.
+ * Either way the seven ds4_special_ids spellings are always special. */
 struct gguf_file;
 ds4_tokenizer *ds4_tokenizer_from_gguf(const struct gguf_file *f, char *err, size_t errlen);
 /* From arrays (lens may be NULL for NUL-terminated strings). A token is

@@ -112,15 +112,27 @@ static uint32_t rd32(const uint8_t *p) {
 }
 
 /* Q8_0, 32 elements: x = d·q. */
-static void deq_q8_0(const uint8_t *b, float *v) {
+static void deq_q8_0(const uint8_t *restrict b, float *restrict v) {
     const float d = ds4_f16_to_f32(rd16(b));
     const int8_t *q = (const int8_t *)(b + 2);
     for (int k = 0; k < 32; k++) v[k] = d * (float)q[k];
 }
 
+/* Eight K-quant values o[k] = dl·((p[k] >> shift) & mask) − ml, one fma
+ * each; the AVX2 form computes the same fma per lane. */
+static inline void deq8_k(const uint8_t *restrict p, int shift, int mask, float dl, float ml, float *restrict o) {
+#ifdef DS4_QUANT_AVX2
+    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    q = _mm256_and_si256(_mm256_srl_epi32(q, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(dl), _mm256_cvtepi32_ps(q), _mm256_set1_ps(-ml)));
+#else
+    for (int k = 0; k < 8; k++) o[k] = fmaf(dl, (float)((p[k] >> shift) & mask), -ml);
+#endif
+}
+
 /* Q2_K, 256 elements. Bit plane s (shift 2s) of qs[32h .. 32h+31] holds the
  * 32 consecutive elements 128h + 32s + k; each 16 of them share a scale. */
-static void deq_q2_k(const uint8_t *b, float *v) {
+static void deq_q2_k(const uint8_t *restrict b, float *restrict v) {
     const uint8_t *sc = b, *qs = b + 16;
     const float d = ds4_f16_to_f32(rd16(b + 80)), dmin = ds4_f16_to_f32(rd16(b + 82));
     for (int h = 0; h < 2; h++)
@@ -129,8 +141,8 @@ static void deq_q2_k(const uint8_t *b, float *v) {
                 const int j = 8 * h + 2 * s + half; /* sub-block of 16 = element / 16 */
                 const float dl = d * (float)(sc[j] & 15), ml = dmin * (float)(sc[j] >> 4);
                 const uint8_t *q = qs + 32 * h + 16 * half;
-                float *o = v + 16 * j;
-                for (int k = 0; k < 16; k++) o[k] = fmaf(dl, (float)((q[k] >> 2 * s) & 3), -ml);
+                deq8_k(q, 2 * s, 3, dl, ml, v + 16 * j);
+                deq8_k(q + 8, 2 * s, 3, dl, ml, v + 16 * j + 8);
             }
 }
 
@@ -146,7 +158,7 @@ static void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
 }
 
 /* Q4_K, 256 elements: chunk c of 64 = low nibbles of qs[32c..] then high. */
-static void deq_q4_k(const uint8_t *b, float *v) {
+static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
     const float d = ds4_f16_to_f32(rd16(b)), dmin = ds4_f16_to_f32(rd16(b + 2));
     const uint8_t *scales = b + 4, *qs = b + 16;
     for (int c = 0; c < 4; c++)
@@ -154,18 +166,19 @@ static void deq_q4_k(const uint8_t *b, float *v) {
             int sc, mn;
             q4k_scale_min(scales, 2 * c + h, &sc, &mn);
             const float dl = d * (float)sc, ml = dmin * (float)mn;
-            const uint8_t *q = qs + 32 * c;
-            float *o = v + 64 * c + 32 * h;
-            const int shift = 4 * h;
-            for (int k = 0; k < 32; k++) o[k] = fmaf(dl, (float)((q[k] >> shift) & 15), -ml);
+            for (int k = 0; k < 32; k += 8) deq8_k(qs + 32 * c + k, 4 * h, 15, dl, ml, v + 64 * c + 32 * h + k);
         }
 }
 
 /* IQ2_XXS, 256 elements: 8 sub-blocks of 32, each two u32 (grid indices;
  * 4×7 sign bits + 4-bit scale). Magnitude × sign is an exact small integer
- * in float, so each value is one rounding: db · (±m). */
-static void deq_iq2_xxs(const uint8_t *b, float *v) {
+ * in float, so each value is one rounding, db · (±m), on either path. */
+static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) {
     const float d = ds4_f16_to_f32(rd16(b));
+#ifdef DS4_QUANT_AVX2
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 minus = _mm256_set1_ps(-0.0f);
+#endif
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t A = rd32(b + 2 + 8 * ib), B = rd32(b + 6 + 8 * ib);
         const float db = d * (0.5f + (float)(B >> 28)) * 0.25f;
@@ -173,10 +186,18 @@ static void deq_iq2_xxs(const uint8_t *b, float *v) {
             const uint64_t g = ds4_iq2xxs_grid[(A >> 8 * l) & 255];
             const uint8_t sg = ds4_ksigns_iq2xs[(B >> 7 * l) & 127];
             float *o = v + 32 * ib + 8 * l;
+#ifdef DS4_QUANT_AVX2
+            /* bytes -> 8 floats; sign bit k set -> flip the float's sign */
+            const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)g)));
+            const __m256i neg = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(sg), bit), bit);
+            const __m256 sm = _mm256_xor_ps(m, _mm256_and_ps(_mm256_castsi256_ps(neg), minus));
+            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_set1_ps(db), sm));
+#else
             for (int k = 0; k < 8; k++) {
                 const float m = (float)((g >> 8 * k) & 255);
                 o[k] = db * ((sg >> k) & 1 ? -m : m);
             }
+#endif
         }
     }
 }
