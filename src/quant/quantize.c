@@ -4,13 +4,17 @@
  *
  * Every quantiser minimises a weighted squared error Σ w_i (x_i − x̂_i)² per
  * block, where x̂ is exactly what the dequantiser in quant.c will produce.
- * w = importance when given; otherwise w = x², which spends precision on
- * the large weights that dominate dot products (and is what ggml does for
- * IQ2_XXS). A group whose weights are all zero falls back to w = 1.
+ * w = importance when given; otherwise w = σ² + x² with σ² the mean x² of
+ * the sub-block: extra precision for the large weights that dominate dot
+ * products, without giving up on small ones (pure x² weighting cost IQ2_XXS
+ * 0.34 -> 0.51 relative RMS on Gaussian data). A sub-block whose weights are
+ * all zero falls back to w = 1.
  *
  * Measured on N(0,1) data (tests/test_quant.c asserts bounds with margin),
- * relative RMS error ‖x − x̂‖/‖x‖: Q8_0 ≈ 0.4 %, Q4_K ≈ 9 %, Q2_K ≈ 30 %,
- * IQ2_XXS ≈ 35 %. */
+ * relative RMS error ‖x − x̂‖/‖x‖: Q8_0 0.54 % (≈ step/√12 with step =
+ * max|x|/127 per 32), Q4_K 7.2 %, Q2_K 28 %, IQ2_XXS 34 %. Throughput on
+ * one core (test_quant --bench, CPU time): Q8_0 ≈ 1.2 GB/s, Q2_K/Q4_K
+ * ≈ 30–35 MB/s, IQ2_XXS ≈ 20 MB/s of f32 input. */
 #include "quant/quant.h"
 
 #include <math.h>
