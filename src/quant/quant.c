@@ -239,17 +239,21 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
 /* ---- the 32-lane accumulator ------------------------------------------ */
 
 #ifdef DS4_QUANT_AVX2
-typedef struct { __m256 v[4]; } acc32;
-static inline void acc_zero(acc32 *a) {
-    for (int r = 0; r < 4; r++) a->v[r] = _mm256_setzero_ps();
-}
+/* Four named registers (not an array) so -O2 keeps them out of memory. */
+typedef struct { __m256 a0, a1, a2, a3; } acc32;
+static inline void acc_zero(acc32 *a) { a->a0 = a->a1 = a->a2 = a->a3 = _mm256_setzero_ps(); }
 /* lanes 0..31 += w[0..31]·x[0..31] (one fma each) */
 static inline void acc_fma32(acc32 *a, const float *w, const float *x) {
-    for (int r = 0; r < 4; r++)
-        a->v[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * r), _mm256_loadu_ps(x + 8 * r), a->v[r]);
+    a->a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a->a0);
+    a->a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), a->a1);
+    a->a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_loadu_ps(x + 16), a->a2);
+    a->a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_loadu_ps(x + 24), a->a3);
 }
 static inline void acc_store(const acc32 *a, float lanes[32]) {
-    for (int r = 0; r < 4; r++) _mm256_storeu_ps(lanes + 8 * r, a->v[r]);
+    _mm256_storeu_ps(lanes, a->a0);
+    _mm256_storeu_ps(lanes + 8, a->a1);
+    _mm256_storeu_ps(lanes + 16, a->a2);
+    _mm256_storeu_ps(lanes + 24, a->a3);
 }
 #else
 typedef struct { float v[32]; } acc32;
