@@ -15,9 +15,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+/* -DDS4_QUANT_SCALAR builds the portable path (same bits) for testing. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(DS4_QUANT_SCALAR)
 #define DS4_QUANT_AVX2 1
+#endif
+#if defined(DS4_QUANT_AVX2) || (defined(__F16C__) && !defined(DS4_QUANT_SCALAR))
+#include <immintrin.h>
 #endif
 
 /* ---- f16 ------------------------------------------------------------- */
@@ -206,7 +209,7 @@ static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) {
  * agree bit for bit. */
 static void deq_f16(const uint8_t *p, float *v, int64_t n) {
     int64_t i = 0;
-#ifdef __F16C__
+#if defined(__F16C__) && !defined(DS4_QUANT_SCALAR)
     for (; i + 8 <= n; i += 8, p += 16)
         _mm256_storeu_ps(v + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
 #endif
