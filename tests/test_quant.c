@@ -78,6 +78,8 @@ static void test_iq2_tables(void) {
         if ((v & 127) != s || __builtin_popcount(v) % 2 != 0) bad_sign++;
     }
     CHECK(bad_sign == 0, "%d ksigns entries break the parity rule", bad_sign);
+    for (int ti = 0; ti < 6; ti++) /* this file's block facts agree with the gguf module's */
+        CHECK(ggml_row_bytes(ALL[ti], 512) == row_bytes(ALL[ti], 512), "%s", NAME[ti]);
     CHECK(ds4_ksigns_iq2xs[0] == 0 && ds4_ksigns_iq2xs[1] == 129 && ds4_ksigns_iq2xs[3] == 3 &&
           ds4_ksigns_iq2xs[127] == 255, "known answer");
 }

@@ -65,46 +65,22 @@ uint16_t ds4_f32_to_f16(float f) {
 
 float ds4_round_f16(float f) { return ds4_f16_to_f32(ds4_f32_to_f16(f)); }
 
-/* ---- block facts ------------------------------------------------------
- * Private copy of the §8 table (the gguf module owns the public one); only
- * the types this file computes with. */
+/* ---- row checks ----------------------------------------------------- */
 
-static int64_t blk_elems(ggml_type t) {
-    switch (t) {
-    case GGML_F32: case GGML_F16: return 1;
-    case GGML_Q8_0: return 32;
-    case GGML_Q2_K: case GGML_Q4_K: case GGML_IQ2_XXS: return 256;
-    default: return 0;
-    }
-}
-
-static int64_t blk_bytes(ggml_type t) {
-    switch (t) {
-    case GGML_F32: return 4;
-    case GGML_F16: return 2;
-    case GGML_Q8_0: return 34;
-    case GGML_Q2_K: return 84;
-    case GGML_Q4_K: return 144;
-    case GGML_IQ2_XXS: return 66;
-    default: return 0;
-    }
+/* The weight formats computed here (I32 is a type of the file, not of dots). */
+static int is_weight_type(ggml_type t) {
+    return t == GGML_F32 || t == GGML_F16 || t == GGML_Q8_0 || t == GGML_Q2_K || t == GGML_Q4_K ||
+           t == GGML_IQ2_XXS;
 }
 
 /* Shapes come from validated GGUF headers, so a mismatch here is a caller
  * bug: fail loudly instead of reading past a row. */
 static void check_row(ggml_type t, int64_t n, const char *who) {
-    int64_t be = blk_elems(t);
-    if (be == 0 || n < 0 || n % be != 0) {
+    if (!is_weight_type(t) || n < 0 || n % ggml_block_elems(t) != 0) {
         fprintf(stderr, "ds4 quant: %s: type %d with %lld elements is not supported\n", who,
                 (int)t, (long long)n);
         abort();
     }
-}
-
-static int64_t row_bytes(ggml_type type, int64_t n) {
-    int64_t be = blk_elems(type);
-    if (be == 0 || n < 0 || n % be != 0) return 0;
-    return n / be * blk_bytes(type);
 }
 
 /* ---- per-block dequantisers (the single source of dequantised values) - */
@@ -235,7 +211,7 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
     case GGML_F16: deq_f16(p, out, n); return;
     default: break;
     }
-    const int64_t be = blk_elems(type), bb = blk_bytes(type);
+    const int64_t be = ggml_block_elems(type), bb = ggml_block_bytes(type);
     for (int64_t i = 0; i < n; i += be, p += bb) deq_block(type, p, out + i);
 }
 
@@ -306,7 +282,7 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
         }
         return acc_finish(&acc, v, x, 0);
     }
-    const int64_t be = blk_elems(type), bb = blk_bytes(type);
+    const int64_t be = ggml_block_elems(type), bb = ggml_block_bytes(type);
     for (; i < n; i += be, p += bb) {
         deq_block(type, p, v);
         for (int64_t c = 0; c < be; c += 32) acc_fma32(&acc, v + c, x + i + c);
@@ -317,14 +293,14 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
 void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, float *y) {
     check_row(type, n_in, "matvec");
-    const size_t rb = (size_t)row_bytes(type, n_in);
+    const size_t rb = (size_t)ggml_row_bytes(type, (uint64_t)n_in);
     for (int64_t r = r0; r < r1; r++) y[r] = ds4_dot_row(type, (const uint8_t *)w + (size_t)r * rb, x, n_in);
 }
 
 void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, int64_t n_tok, int64_t x_stride, float *y, int64_t y_stride) {
     check_row(type, n_in, "matmul");
-    const size_t rb = (size_t)row_bytes(type, n_in);
+    const size_t rb = (size_t)ggml_row_bytes(type, (uint64_t)n_in);
     /* Dequantise each row once; ds4_dot_f32 over it runs the very fma
      * sequence ds4_dot_row runs, so prefill equals decode bit for bit. */
     float *buf = type == GGML_F32 ? NULL : malloc((size_t)n_in * sizeof *buf);

@@ -389,9 +389,8 @@ static void quant_iq2_xxs(const float G[8][256], const float *x, const float *w,
 
 void ds4_quantize_row(ggml_type type, const float *x, void *out, int64_t n, const float *importance) {
     uint8_t *o = out;
-    const int64_t bs = type == GGML_Q8_0 ? 32 : type == GGML_F32 || type == GGML_F16 ? 1 : 256;
     if ((type != GGML_F32 && type != GGML_F16 && type != GGML_Q8_0 && type != GGML_Q2_K &&
-         type != GGML_Q4_K && type != GGML_IQ2_XXS) || n < 0 || n % bs != 0) {
+         type != GGML_Q4_K && type != GGML_IQ2_XXS) || n < 0 || n % ggml_block_elems(type) != 0) {
         fprintf(stderr, "ds4 quant: quantize: type %d with %lld elements is not supported\n", (int)type,
                 (long long)n);
         abort();
