@@ -28,7 +28,8 @@
 static uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-float ds4_f16_to_f32(uint16_t h) {
+/* static inline so the block dequantisers inline it (no call per block) */
+static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3ff;
     if (exp == 31) /* inf / nan: payload moves to the top of the f32 mantissa */
         return bits_f32(sign | 0x7f800000u | man << 13);
@@ -38,6 +39,8 @@ float ds4_f16_to_f32(uint16_t h) {
     }
     return bits_f32(sign | (exp + 112) << 23 | man << 13); /* rebias 15 -> 127 */
 }
+
+float ds4_f16_to_f32(uint16_t h) { return f16_to_f32(h); }
 
 uint16_t ds4_f32_to_f16(float f) {
     uint32_t x = f32_bits(f);
@@ -92,7 +95,7 @@ static uint32_t rd32(const uint8_t *p) {
 
 /* Q8_0, 32 elements: x = d·q. */
 static void deq_q8_0(const uint8_t *restrict b, float *restrict v) {
-    const float d = ds4_f16_to_f32(rd16(b));
+    const float d = f16_to_f32(rd16(b));
     const int8_t *q = (const int8_t *)(b + 2);
     for (int k = 0; k < 32; k++) v[k] = d * (float)q[k];
 }
@@ -113,15 +116,19 @@ static inline void deq8_k(const uint8_t *restrict p, int shift, int mask, float 
  * 32 consecutive elements 128h + 32s + k; each 16 of them share a scale. */
 static void deq_q2_k(const uint8_t *restrict b, float *restrict v) {
     const uint8_t *sc = b, *qs = b + 16;
-    const float d = ds4_f16_to_f32(rd16(b + 80)), dmin = ds4_f16_to_f32(rd16(b + 82));
+    const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+    float dl[16], ml[16]; /* all 16 sub-block scales at once (vectorises) */
+    for (int j = 0; j < 16; j++) {
+        dl[j] = d * (float)(sc[j] & 15);
+        ml[j] = dmin * (float)(sc[j] >> 4);
+    }
     for (int h = 0; h < 2; h++)
         for (int s = 0; s < 4; s++)
             for (int half = 0; half < 2; half++) {
                 const int j = 8 * h + 2 * s + half; /* sub-block of 16 = element / 16 */
-                const float dl = d * (float)(sc[j] & 15), ml = dmin * (float)(sc[j] >> 4);
                 const uint8_t *q = qs + 32 * h + 16 * half;
-                deq8_k(q, 2 * s, 3, dl, ml, v + 16 * j);
-                deq8_k(q + 8, 2 * s, 3, dl, ml, v + 16 * j + 8);
+                deq8_k(q, 2 * s, 3, dl[j], ml[j], v + 16 * j);
+                deq8_k(q + 8, 2 * s, 3, dl[j], ml[j], v + 16 * j + 8);
             }
 }
 
@@ -138,7 +145,7 @@ static void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
 
 /* Q4_K, 256 elements: chunk c of 64 = low nibbles of qs[32c..] then high. */
 static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
-    const float d = ds4_f16_to_f32(rd16(b)), dmin = ds4_f16_to_f32(rd16(b + 2));
+    const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
     const uint8_t *scales = b + 4, *qs = b + 16;
     for (int c = 0; c < 4; c++)
         for (int h = 0; h < 2; h++) {
@@ -153,7 +160,7 @@ static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
  * 4×7 sign bits + 4-bit scale). Magnitude × sign is an exact small integer
  * in float, so each value is one rounding, db · (±m), on either path. */
 static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) {
-    const float d = ds4_f16_to_f32(rd16(b));
+    const float d = f16_to_f32(rd16(b));
 #ifdef DS4_QUANT_AVX2
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256 minus = _mm256_set1_ps(-0.0f);
@@ -189,7 +196,7 @@ static void deq_f16(const uint8_t *p, float *v, int64_t n) {
     for (; i + 8 <= n; i += 8, p += 16)
         _mm256_storeu_ps(v + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
 #endif
-    for (; i < n; i++, p += 2) v[i] = ds4_f16_to_f32(rd16(p));
+    for (; i < n; i++, p += 2) v[i] = f16_to_f32(rd16(p));
 }
 
 /* Quantised block kinds: one block -> its elements. */
@@ -282,11 +289,20 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
         }
         return acc_finish(&acc, v, x, 0);
     }
-    const int64_t be = ggml_block_elems(type), bb = ggml_block_bytes(type);
-    for (; i < n; i += be, p += bb) {
-        deq_block(type, p, v);
-        for (int64_t c = 0; c < be; c += 32) acc_fma32(&acc, v + c, x + i + c);
+    /* One loop per format, so its dequantiser is inlined and the accumulator
+     * registers are not spilled around a call per block. */
+#define DOT_BLOCKS(deq, be, bb)                                                       \
+    for (; i < n; i += (be), p += (bb)) {                                             \
+        deq(p, v);                                                                    \
+        for (int c = 0; c < (be); c += 32) acc_fma32(&acc, v + c, x + i + c);         \
     }
+    switch (type) {
+    case GGML_Q8_0: DOT_BLOCKS(deq_q8_0, 32, 34); break;
+    case GGML_Q2_K: DOT_BLOCKS(deq_q2_k, 256, 84); break;
+    case GGML_Q4_K: DOT_BLOCKS(deq_q4_k, 256, 144); break;
+    default: DOT_BLOCKS(deq_iq2_xxs, 256, 66); break; /* check_row admitted only these */
+    }
+#undef DOT_BLOCKS
     return acc_finish(&acc, v, x, 0);
 }
 
