@@ -27,7 +27,7 @@ static void wr32(uint8_t *p, uint32_t v) {
     for (int k = 0; k < 4; k++) p[k] = (uint8_t)(v >> 8 * k);
 }
 
-/* Round half away from zero and clamp to [lo, hi]; NaN -> lo. Clamping in
+/* Round to nearest (halves up) and clamp to [lo, hi]; NaN -> lo. Clamping in
  * float first keeps the int conversion defined for any input. */
 static int qround(float v, int lo, int hi) {
     if (!(v > (float)lo)) return lo;
@@ -35,7 +35,7 @@ static int qround(float v, int lo, int hi) {
     return (int)floorf(v + 0.5f);
 }
 
-/* Weights for n elements: importance, or x², or 1 if those are all zero. */
+/* Weights for n elements: importance, or σ² + x², or 1 if those are all zero. */
 static void make_weights(const float *x, const float *imp, int n, float *w) {
     float sum = 0, s2 = 0;
     for (int i = 0; i < n; i++) s2 += x[i] * x[i];
