@@ -338,7 +338,7 @@ enum MHD_Result anthropic_messages(srv *S, struct MHD_Connection *conn, cJSON *r
     bool queued;
     ret = run_job(S, conn, j, PROTO_ANTHROPIC, &queued);
     if (!queued || j->out) { job_unref(j); return ret; }
-    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return MHD_NO; }
+    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return send_cancelled(conn, PROTO_ANTHROPIC); }
     if (j->rc != 0) {
         ret = send_error(conn, PROTO_ANTHROPIC, 500, "api_error", NULL, j->err);
         job_unref(j);

@@ -159,7 +159,7 @@ static enum MHD_Result oa_run(srv *S, struct MHD_Connection *conn, chat_req *c, 
     bool queued;
     enum MHD_Result ret = run_job(S, conn, j, PROTO_OPENAI, &queued);
     if (!queued || j->out) { job_unref(j); return ret; }
-    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return MHD_NO; }
+    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return send_cancelled(conn, PROTO_OPENAI); }
     if (j->rc != 0) {
         ret = send_error(conn, PROTO_OPENAI, 500, "server_error", NULL, j->err);
         job_unref(j);

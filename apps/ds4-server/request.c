@@ -294,6 +294,11 @@ enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind 
     return MHD_YES;
 }
 
+enum MHD_Result send_cancelled(struct MHD_Connection *conn, proto_kind pk) {
+    return send_error(conn, pk, MHD_HTTP_SERVICE_UNAVAILABLE, pk == PROTO_ANTHROPIC ? "overloaded_error" : "server_error",
+                      "cancelled", "request cancelled: the server is shutting down");
+}
+
 /* ---- results -------------------------------------------------------- */
 
 /* A thinking generation that never closed its reasoning (length, cancel)

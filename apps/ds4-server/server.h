@@ -175,6 +175,9 @@ job *chat_job(srv *S, chat_req *c, ds4_tokens *prompt, struct MHD_Connection *co
 /* Queue and, for a non-streaming job, wait for it. On a full queue sends the
  * error response itself; returns MHD_NO only on a dead connection. */
 enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind pk, bool *queued);
+/* The answer to a cancelled non-streaming job: the server is shutting down
+ * (the client reads it) or the client left (nobody does). */
+enum MHD_Result send_cancelled(struct MHD_Connection *conn, proto_kind pk);
 
 /* Final parse of a finished generation (thinking without </think>: all of
  * it is reasoning). Registers tool ids -> raw DSML. */
