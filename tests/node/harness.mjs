@@ -85,10 +85,11 @@ export function ok(c, what) { if (!c) throw new Error(what || 'assertion failed'
 export async function run(server) {
   let passed = 0, failed = 0;
   for (const [name, fn] of tests) {
+    const t0 = Date.now();
     try {
       await fn();
       passed++;
-      console.log(`ok   ${name}`);
+      console.log(`ok   ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
     } catch (e) {
       failed++;
       console.log(`FAIL ${name}: ${e && e.stack || e}`);
