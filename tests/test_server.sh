@@ -107,11 +107,16 @@ sys.exit(0 if ok else 1)
 P
 
 # ---- keepalive: a stream queued behind a long generation ----------------
-post -o /dev/null "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":60}' &
+# The long request is dropped after 2.5 s, which cancels it and lets the
+# queued stream run: it must have received keepalives meanwhile.
+post -o /dev/null "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":3000}' &
 BG=$!
-sleep 0.2
-post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2}' > "$TMP/ka.sse"
-wait $BG
+sleep 0.3
+post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2}' > "$TMP/ka.sse" &
+FG=$!
+sleep 2.5
+kill $BG 2>/dev/null
+wait $FG
 check "keepalive comments while queued" grep -q '^: keepalive$' "$TMP/ka.sse"
 check "stream after keepalives still completes" bash -c "tail -n2 '$TMP/ka.sse' | grep -q '^data: \[DONE\]'"
 
@@ -169,7 +174,7 @@ wait "$PID"; RC=$?
 check "SIGTERM: exit 0" [ "$RC" = 0 ]
 check "SIGTERM: prompt exit" [ $(( $(date +%s) - T0 )) -le 5 ]
 wait $CL
-check "SIGTERM: the open stream was closed" grep -q '^data: ' "$TMP/term.sse"
+check "SIGTERM: the open stream ends with an error and [DONE]" bash -c "grep -q '^data: {\"error\":{\"message\":\"server shutting down\"' '$TMP/term.sse' && tail -n2 '$TMP/term.sse' | grep -q '^data: \[DONE\]'"
 
 # ---- API key and CORS ------------------------------------------------------
 start --api-key sekret --cors || { fail=$((fail + 1)); finish; }

@@ -147,7 +147,7 @@ static void an_finish(job *j) {
     rem.n_calls = o.n_calls < st->n_calls ? o.n_calls : st->n_calls;
     remember_calls(j->S, st->call_ids, &rem);
     gen_output_free(&o);
-    if (j->res.finish == DS4_FINISH_CANCELLED) return;
+    if (j->rc == 0 && j->res.finish == DS4_FINISH_CANCELLED) return;   /* the client left */
     if (j->rc != 0) {
         cJSON *e = typed("error"), *err = typed("api_error");
         cJSON_AddStringToObject(err, "message", j->err);

@@ -117,7 +117,7 @@ static void oa_finish(job *j) {
     rem.n_calls = n;
     remember_calls(j->S, st->call_ids, &rem);
     gen_output_free(&o);
-    if (j->res.finish == DS4_FINISH_CANCELLED) return;
+    if (j->rc == 0 && j->res.finish == DS4_FINISH_CANCELLED) return;   /* the client left */
     if (j->rc != 0) {
         cJSON *e = cJSON_CreateObject(), *root = cJSON_CreateObject();
         cJSON_AddStringToObject(e, "message", j->err);

@@ -313,7 +313,7 @@ static const char *final_status(const job *j) {
 
 static void rs_finish(job *j) {
     rs_state *st = j->proto;
-    if (!j->out || j->res.finish == DS4_FINISH_CANCELLED) return;
+    if (!j->out || (j->rc == 0 && j->res.finish == DS4_FINISH_CANCELLED)) return;   /* the client left */
     item_close(j);
     gen_output o;
     gen_output_parse(j, &o);

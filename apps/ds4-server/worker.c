@@ -125,19 +125,28 @@ static void run(srv *S, job *j) {
     j->gp.n_forced = j->n_forced;
     j->gp.trace = S->trace;
     if (job_cancelled(j)) {
-        /* Left while queued: nothing to compute, nobody to tell. */
+        /* Left while queued (or the server is stopping): nothing to compute. */
         j->res.finish = DS4_FINISH_CANCELLED;
         j->res.text = calloc(1, 1);
         j->rc = 0;
         srv_trace(S, "job cancelled before it started\n");
-        return;
+    } else {
+        j->est_cached = estimate_cached(S, j);
+        if (j->ops->start) j->ops->start(j);
+        /* The driver writes its cache lines straight to the trace FILE: stdio
+         * locks each call, and every line is one call. */
+        j->rc = ds4_generate(S->sess, j->prompt.ids, j->prompt.n, &j->gp, &j->res, j->err, sizeof j->err);
+        if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
     }
-    j->est_cached = estimate_cached(S, j);
-    if (j->ops->start) j->ops->start(j);
-    /* The driver writes its cache lines straight to the trace FILE: stdio
-     * locks each call, and every line is one call. */
-    j->rc = ds4_generate(S->sess, j->prompt.ids, j->prompt.n, &j->gp, &j->res, j->err, sizeof j->err);
-    if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
+    pthread_mutex_lock(&S->qmu);
+    bool stopping = S->stopping;
+    pthread_mutex_unlock(&S->qmu);
+    if (stopping && j->out && j->res.finish == DS4_FINISH_CANCELLED) {
+        /* A stream cut by shutdown ends with the protocol's error event
+         * rather than just stopping. */
+        j->rc = -1;
+        snprintf(j->err, sizeof j->err, "server shutting down");
+    }
     if (j->ops->finish) j->ops->finish(j);
 }
 
