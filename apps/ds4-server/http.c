@@ -118,9 +118,13 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *out, size_t max) {
     return n;
 }
 
+/* Streams whose response MHD still holds (drained before shutdown). */
+static atomic_int g_open_streams;
+
 /* The response is gone (stream finished or client disconnected). */
 static void sse_reader_free(void *cls) {
     sse *s = cls;
+    atomic_fetch_sub(&g_open_streams, 1);
     pthread_mutex_lock(&s->mu);
     s->gone = true;
     pthread_mutex_unlock(&s->mu);
@@ -143,6 +147,7 @@ enum MHD_Result send_sse(struct MHD_Connection *conn, sse *s) {
     pthread_mutex_lock(&s->mu);
     s->refs++;
     pthread_mutex_unlock(&s->mu);
+    atomic_fetch_add(&g_open_streams, 1);
     struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, sse_reader, s, sse_reader_free);
     if (!r) { sse_reader_free(s); return MHD_NO; }
     MHD_add_response_header(r, "Content-Type", "text/event-stream");
@@ -309,6 +314,15 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(rc->body);
     free(rc);
     *con_cls = NULL;
+}
+
+void http_drain(int max_ms) {
+    /* MHD_stop_daemon closes sockets at once; give finished streams the
+     * moment they need to send their last events. */
+    for (int waited = 0; atomic_load(&g_open_streams) > 0 && waited < max_ms; waited += 10) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 struct MHD_Daemon *http_start(srv *S, char *err, size_t errlen) {

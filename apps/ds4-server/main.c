@@ -178,6 +178,7 @@ int main(int argc, char **argv) {
      * connection threads answer), then let MHD join its threads. */
     MHD_socket ls = MHD_quiesce_daemon(S.daemon);
     worker_stop(&S);
+    http_drain(2000);
     MHD_stop_daemon(S.daemon);
     if (ls != MHD_INVALID_SOCKET) close(ls);
     rc = 0;

@@ -201,6 +201,8 @@ enum MHD_Result send_error(struct MHD_Connection *conn, proto_kind pk, unsigned 
                            const char *type, const char *code, const char *msg);
 enum MHD_Result send_sse(struct MHD_Connection *conn, sse *s);
 struct MHD_Daemon *http_start(srv *S, char *err, size_t errlen);
+/* Wait (at most max_ms) until no stream response is open. */
+void http_drain(int max_ms);
 
 /* ---- protocol handlers ---- */
 enum MHD_Result openai_chat(srv *S, struct MHD_Connection *conn, cJSON *root);
