@@ -162,6 +162,55 @@ static void test_foreign_snapshot(void) {
     ds4_engine_close(e2);
 }
 
+/* FNV-1a 64 as the snapshot trailer uses it: lets a test forge well-formed
+ * checksums around malformed content. */
+static void reseal(uint8_t *b, size_t len) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len - 8; i++) { h ^= b[i]; h *= 0x100000001b3ull; }
+    memcpy(b + len - 8, &h, 8);
+}
+
+static void test_forged_snapshot(void) {
+    REQUIRE(ref);
+    char err[256];
+    ds4_session *a = ds4_session_new(eng, 512, err, sizeof err), *b = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_eval(a, ids, 40, NULL, NULL, NULL, err, sizeof err) == 0);
+    uint8_t *buf, *bad;
+    size_t len;
+    REQUIRE(ds4_session_save(a, &buf, &len) == 0);
+    bad = malloc(len);
+    const size_t off_n = 40, off_layer0 = 48 + 40 * 4 + (size_t)V * 4;
+    uint32_t v;
+    struct { size_t off; uint32_t val; const char *what; } forge[] = {
+        {off_n, 0xffffffffu, "context"}, {off_n, 41, ""}, {off_n, 39, ""},
+        {off_layer0 + 4, 0x7fffffffu, "layer 0"}, {off_layer0, 5, ""}, {off_layer0 + 8, 3, ""},
+    };
+    for (size_t i = 0; i < sizeof forge / sizeof *forge; i++) {
+        memcpy(bad, buf, len);
+        v = forge[i].val;
+        memcpy(bad + forge[i].off, &v, 4);
+        reseal(bad, len);
+        CHECK(ds4_session_load(b, bad, len, err, sizeof err) == -1 && strstr(err, forge[i].what),
+              "forged field at %zu = %u: %s", forge[i].off, v, err);
+        CHECK(ds4_session_len(b) == 0);
+    }
+    /* Random resealed damage never crashes; float payload changes may load. */
+    uint32_t x = 5;
+    for (int it = 0; it < 200; it++) {
+        memcpy(bad, buf, len);
+        for (int k = 0; k < 4; k++) {
+            x = x * 1664525u + 1013904223u;
+            bad[8 + (x >> 4) % (len - 16)] = (uint8_t)(x >> 24);
+        }
+        reseal(bad, len);
+        ds4_session_load(b, bad, len, err, sizeof err);
+    }
+    free(bad);
+    free(buf);
+    ds4_session_free(a);
+    ds4_session_free(b);
+}
+
 static void test_truncate(void) {
     REQUIRE(ref);
     char err[256];
@@ -189,6 +238,7 @@ int main(void) {
     RUN(test_progress_cancel);
     RUN(test_snapshot_roundtrip);
     RUN(test_foreign_snapshot);
+    RUN(test_forged_snapshot);
     RUN(test_truncate);
     free(ref);
     ds4_engine_close(eng);

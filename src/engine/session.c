@@ -160,7 +160,7 @@ static uint64_t fingerprint(const ds4_model *m) {
 typedef struct { uint8_t *p; size_t n, cap; bool oom; } wbuf;
 
 static void put(wbuf *w, const void *src, size_t n) {
-    if (w->oom) return;
+    if (w->oom || n == 0) return;   /* absent arrays are NULL with n = 0 */
     if (w->n + n > w->cap) {
         size_t c = w->cap ? w->cap : 4096;
         while (c < w->n + n) c *= 2;
