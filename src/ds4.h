@@ -326,6 +326,58 @@ typedef struct {
 ds4_pool_choice ds4_pool_choose(const ds4_pool_slot_info *slots, int n_slots, const int32_t *prompt,
                                 size_t n_prompt, size_t min_share, size_t min_spill);
 
+/* The pool object: n_slots sessions of one engine plus the disk store. */
+typedef struct {
+    int n_slots;                /* resident sessions (--sessions), >= 1 */
+    uint32_t ctx;               /* context of each session */
+    ds4_kvstore *store;         /* disk checkpoints (--kv-disk-dir), or NULL */
+    size_t align;               /* checkpoint alignment in tokens; 0 = 2048 */
+    size_t every;               /* frontier spacing in tokens; 0 = 4 × align */
+    /* Caller data kept with a checkpoint of ids[0, n) (the server: the
+     * tool-call ids whose DSML those tokens contain). *blob is malloc'd;
+     * NULL fn = no extra data. Non-zero return: saved without extra. */
+    int (*extra_fn)(void *ud, const int32_t *ids, size_t n, uint8_t **blob, size_t *len);
+    void *ud;
+    FILE *log;                  /* one line per routing/checkpoint decision; NULL = quiet */
+} ds4_pool_params;
+
+typedef struct ds4_pool ds4_pool;
+ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *p, char *err, size_t errlen);
+/* Frees the sessions; call ds4_pool_spill_all first on a clean shutdown. */
+void ds4_pool_free(ds4_pool *p);
+ds4_session *ds4_pool_session(ds4_pool *p, int slot);
+
+typedef struct {
+    int slot;
+    ds4_session *session;       /* holds a prefix of the prompt (maybe empty) */
+    size_t n_memory;            /* prompt tokens kept from the resident session */
+    size_t n_disk;              /* prompt tokens restored from a checkpoint (0: none) */
+    bool spilled;               /* the slot's previous content was checkpointed first */
+    uint8_t *extra; size_t extra_len;  /* restored checkpoint's extra blob (caller frees) */
+} ds4_pool_lease;
+
+/* Route a prompt (ds4_pool_choose with min_share = min_spill = align),
+ * spill the chosen slot if it is about to lose a valuable prefix, then bring
+ * its session to the longest prefix of the prompt available: its own tokens
+ * (truncated when exact) or the best disk checkpoint, whichever is longer.
+ * ds4_generate on lease->session then prefills only the rest. -1 + err when
+ * the session could not even be emptied. */
+int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_lease *out, char *err,
+                     size_t errlen);
+/* Optional, before ds4_generate: evaluate the prompt up to each save point
+ * (ds4_kv_save_points from the session's length to n_stable) and checkpoint
+ * there. n_stable: prompt tokens later requests will repeat (the prompt
+ * without its generation suffix). Returns 0, 1 cancelled by progress, -1. */
+int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt, size_t n_stable,
+                     ds4_progress_fn progress, void *ud, char *err, size_t errlen);
+/* After ds4_generate: n_prompt tokens of the session were the prompt.
+ * Checkpoints the whole session when it grew by `every` since its last one. */
+void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt);
+/* Checkpoint a slot's whole content now (no-op when short or already on disk). */
+int ds4_pool_checkpoint(ds4_pool *p, int slot, char *err, size_t errlen);
+/* Clean shutdown: checkpoint every slot. */
+int ds4_pool_spill_all(ds4_pool *p, char *err, size_t errlen);
+
 /* ---- Generation driver (src/engine/generate.c) -------------------------
  * One loop shared by the CLI and the server: reuse the session's longest
  * exact prefix of the prompt, prefill the rest, then sample token by token,
