@@ -264,7 +264,8 @@ ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t err
 void ds4_kvstore_close(ds4_kvstore *st);
 /* Durably writes cp (temp file, fsync, rename, fsync dir), replacing a
  * checkpoint with the same text. Makes room by deleting the least valuable
- * checkpoints (ds4_kv_value), but only ones worth less than cp. Returns 0
+ * checkpoints (ds4_kv_value; least recently used among equals), never one
+ * worth more than cp. Returns 0
  * saved, 1 not saved by policy (bigger than the budget, or everything kept is
  * worth more; err says which), -1 on an I/O error. */
 int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, size_t errlen);
