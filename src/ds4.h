@@ -368,7 +368,8 @@ int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_leas
 /* Optional, before ds4_generate: evaluate the prompt up to each save point
  * (ds4_kv_save_points from the session's length to n_stable) and checkpoint
  * there. n_stable: prompt tokens later requests will repeat (the prompt
- * without its generation suffix). Returns 0, 1 cancelled by progress, -1. */
+ * without its generation suffix). A failed save is logged, not an error.
+ * Returns 0, 1 cancelled by progress, -1 when evaluation failed. */
 int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt, size_t n_stable,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
 /* After ds4_generate: n_prompt tokens of the session were the prompt.

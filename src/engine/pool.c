@@ -261,13 +261,15 @@ int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen) {
     if (!p->p.store) return 0;
     ds4_session *s = l->session;
-    size_t have = ds4_session_len(s), pts[64];
-    size_t np = ds4_kv_save_points(have, n_stable, p->p.align, p->p.every, pts, 64);
-    for (size_t k = 0; k < np && k < 64; k++) {
-        int rc = ds4_session_eval(s, prompt + have, pts[k] - have, NULL, progress, ud, err, errlen);
+    size_t have = ds4_session_len(s), pt;
+    /* One point at a time: the first save point after what the session holds. */
+    while (ds4_kv_save_points(have, n_stable, p->p.align, p->p.every, &pt, 1)) {
+        int rc = ds4_session_eval(s, prompt + have, pt - have, NULL, progress, ud, err, errlen);
         if (rc) return rc;
-        have = pts[k];
-        if (ds4_pool_checkpoint(p, l->slot, err, errlen)) return -1;
+        have = pt;
+        /* A failed save (disk full, say) costs a future hit, not this request. */
+        char cerr[256];
+        if (ds4_pool_checkpoint(p, l->slot, cerr, sizeof cerr)) plog(p, "checkpoint failed: %s", cerr);
     }
     return 0;
 }
