@@ -321,8 +321,9 @@ typedef struct {
 /* 1. A slot holding the whole previous prompt of its conversation (common
  *    prefix >= its n_prompt, or all it holds) takes the request: longest wins.
  * 2. Otherwise a free slot, so a side request never evicts a conversation.
- * 3. Otherwise the slot sharing the longest prefix when that is at least
- *    min_share tokens, else the least valuable (ds4_kv_value(n, uses, idle)).
+ * 3. Otherwise the slot sharing the longest prefix (on a tie the shorter)
+ *    when that is at least min_share tokens, else the least valuable
+ *    (ds4_kv_value(n, uses, idle)).
  * spill: the chosen slot loses at least min_spill tokens. */
 ds4_pool_choice ds4_pool_choose(const ds4_pool_slot_info *slots, int n_slots, const int32_t *prompt,
                                 size_t n_prompt, size_t min_share, size_t min_spill);

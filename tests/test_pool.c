@@ -76,6 +76,11 @@ static void test_choose_scenarios(void) {
     sl[0] = slot_of(B, 300, 280, 1, 3);
     c = ds4_pool_choose(sl, 2, A, 100, 64, 64);
     CHECK(c.slot == 1 && c.reuse == 100 && c.spill);
+    /* Both slots share the rewound prefix: the one cutting less. */
+    sl[0] = slot_of(A, 300, 280, 1, 3);
+    c = ds4_pool_choose(sl, 2, A, 100, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 100 && c.spill);
+    sl[0] = slot_of(B, 300, 280, 1, 3);
     /* A tiny rewind cuts less than min_spill: no spill. */
     c = ds4_pool_choose(sl, 2, A, 170, 64, 64);
     CHECK(c.slot == 1 && !c.spill);
@@ -264,13 +269,13 @@ static void test_restart_suffix_only(void) {
     char dir[256], id[65], err[256];
     snprintf(dir, sizeof dir, "%s/restart", root);
     REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
-    enum { N1 = 200, G = 20, N2 = N1 + G + 30 };
-    static int32_t p2[N2];
-    rand_ids(p2, N2, 7);
+    enum { N1 = 200, G = 20, N2 = N1 + G + 30, N3 = N2 + 100 };
+    static int32_t p2[N3];
+    rand_ids(p2, N3, 7);
     ds4_kvstore *st = open_store(dir, id);
     REQUIRE(st);
     ds4_pool_params pp = {.n_slots = 2, .ctx = 512, .store = st, .align = 64, .every = 128,
-                          .extra_fn = extra_fn};
+                          .extra_fn = extra_fn, .log = getenv("DS4_POOL_LOG") ? stderr : NULL};
     ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
     REQUIRE(pool, "%s", err);
     ds4_pool_lease l;
@@ -302,17 +307,30 @@ static void test_restart_suffix_only(void) {
     REQUIRE(ds4_session_eval(cold, p2, N2, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(cold), ds4_session_logits(l.session), V * sizeof(float)),
           "restored + suffix == cold prefill");
-    ds4_session_free(cold);
+    /* A long reply: the slot ends at N3 tokens. */
+    REQUIRE(ds4_session_eval(l.session, p2 + N2, N3 - N2, NULL, NULL, NULL, err, sizeof err) == 0);
     ds4_pool_release(pool, &l, N2);
 
-    /* Rewind to a point inside the first prompt: the resident slot (249
-     * tokens) cannot cut back 99 exactly (window 128 covers it, but the
-     * compressed rows may not), so the 128 checkpoint, or memory if the
-     * engine could truncate. */
+    /* Rewind to 200, further back than the engine can cut exactly (150 >
+     * window + 1): the nearest checkpoint at or before it, 192, in the free
+     * slot; the 350-token conversation stays resident. */
+    REQUIRE(ds4_pool_acquire(pool, p2, 200, &l, err, sizeof err) == 0);
+    free(l.extra);
+    CHECK(l.slot == 1 && l.n_disk == 192 && l.n_memory == 0, "slot %d disk %zu memory %zu", l.slot, l.n_disk,
+          l.n_memory);
+    REQUIRE(ds4_session_eval(l.session, p2 + 192, 8, NULL, NULL, NULL, err, sizeof err) == 0);
+    REQUIRE(ds4_session_truncate(cold, 0, err, sizeof err) == 0);
+    REQUIRE(ds4_session_eval(cold, p2, 200, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(cold), ds4_session_logits(l.session), V * sizeof(float)));
+    ds4_pool_release(pool, &l, 200);
+    /* Rewind to 150 with both slots full: the 200-token slot shares as much
+     * and cuts less; 50 back is exact, so it stays in memory, no spill. */
     REQUIRE(ds4_pool_acquire(pool, p2, 150, &l, err, sizeof err) == 0);
     free(l.extra);
-    CHECK(l.n_disk == 128 || l.n_memory == 150, "disk %zu memory %zu", l.n_disk, l.n_memory);
-    CHECK(ds4_session_len(l.session) == l.n_disk + l.n_memory);
+    CHECK(l.slot == 1 && l.n_memory == 150 && l.n_disk == 0 && !l.spilled, "slot %d memory %zu disk %zu", l.slot,
+          l.n_memory, l.n_disk);
+    CHECK(ds4_pool_session(pool, 0) && ds4_session_len(ds4_pool_session(pool, 0)) == N3);
+    ds4_session_free(cold);
     ds4_pool_free(pool);
     ds4_kvstore_close(st);
 }

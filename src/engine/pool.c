@@ -47,8 +47,9 @@ ds4_pool_choice ds4_pool_choose(const ds4_pool_slot_info *slots, int n_slots, co
     /* 3. Full: the slot sharing the longest prefix (a rewind or branch of
      *    it) when that share is substantial, else the least valuable slot. */
     for (int i = 0; i < n_slots; i++) {
+        /* Equal shares: the slot that loses fewer tokens (likelier an exact cut). */
         size_t l = common_prefix(slots[i].ids, slots[i].n, prompt, n_prompt);
-        if (best < 0 || l > best_lcp) { best = i; best_lcp = l; }
+        if (best < 0 || l > best_lcp || (l == best_lcp && slots[i].n < slots[best].n)) { best = i; best_lcp = l; }
     }
     if (best_lcp < min_share || best_lcp == 0) {
         double low = 0;
