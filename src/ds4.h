@@ -304,6 +304,15 @@ char *ds4_kv_text(const ds4_tokenizer *t, const int32_t *ids, size_t n, size_t *
  * multiple of align. Ascending; returns the count (at most cap written). */
 size_t ds4_kv_save_points(size_t from, size_t stable, size_t align, size_t every, size_t *out, size_t cap);
 
+/* A string map (tool-call id -> raw DSML) as an extra blob: u32 count, then
+ * per entry u32 length + bytes of the key, the same for the value. */
+int ds4_kv_map_encode(const char *const *keys, const char *const *vals, size_t n, uint8_t **blob, size_t *len);
+/* Calls fn per entry (strings valid during the call). A malformed blob
+ * (bad lengths, trailing bytes, a NUL inside a string) returns -1 before
+ * any call. */
+int ds4_kv_map_decode(const uint8_t *blob, size_t len, void (*fn)(void *ud, const char *key, const char *val),
+                      void *ud);
+
 /* Session pool: routing as a pure function of what the slots hold. */
 typedef struct {
     const int32_t *ids; size_t n;   /* tokens held; n = 0: empty slot */
@@ -335,10 +344,12 @@ typedef struct {
     ds4_kvstore *store;         /* disk checkpoints (--kv-disk-dir), or NULL */
     size_t align;               /* checkpoint alignment in tokens; 0 = 2048 */
     size_t every;               /* frontier spacing in tokens; 0 = 4 × align */
-    /* Caller data kept with a checkpoint of ids[0, n) (the server: the
-     * tool-call ids whose DSML those tokens contain). *blob is malloc'd;
-     * NULL fn = no extra data. Non-zero return: saved without extra. */
-    int (*extra_fn)(void *ud, const int32_t *ids, size_t n, uint8_t **blob, size_t *len);
+    /* Caller data kept with a checkpoint of ids[0, n), whose bytes are text
+     * (the server: the tool-call ids whose raw DSML occurs in text, through
+     * ds4_kv_map_encode). *blob is malloc'd; NULL fn = no extra data.
+     * Non-zero return: saved without extra. */
+    int (*extra_fn)(void *ud, const char *text, size_t text_len, const int32_t *ids, size_t n, uint8_t **blob,
+                    size_t *len);
     void *ud;
     FILE *log;                  /* one line per routing/checkpoint decision; NULL = quiet */
 } ds4_pool_params;

@@ -564,6 +564,51 @@ static void test_save_points(void) {
     CHECK(ds4_kv_save_points(0, 10000, 0, 100, p, 16) == 0);
 }
 
+static int map_n;
+static char map_seen[256];
+static void map_cb(void *ud, const char *k, const char *v) {
+    (void)ud;
+    map_n++;
+    size_t l = strlen(map_seen);
+    snprintf(map_seen + l, sizeof map_seen - l, "%s=%s;", k, v);
+}
+
+static void test_map_blob(void) {
+    const char *keys[] = {"call_1", "call_2", ""};
+    const char *vals[] = {"\n\n<｜DSML｜tool_calls>x</｜DSML｜tool_calls>", "y", "empty key"};
+    uint8_t *b = NULL;
+    size_t len = 0;
+    REQUIRE(ds4_kv_map_encode(keys, vals, 3, &b, &len) == 0);
+    CHECK(len == 4 + 3 * 8 + 6 + strlen(vals[0]) + 6 + 1 + 0 + 9);
+    map_n = 0;
+    map_seen[0] = 0;
+    CHECK(ds4_kv_map_decode(b, len, map_cb, NULL) == 0 && map_n == 3);
+    CHECK(strstr(map_seen, "call_2=y;") && strstr(map_seen, "=empty key;"), "%s", map_seen);
+    /* Every truncation, a trailing byte, a length pointing past the end, an
+     * embedded NUL: refused with no callback. */
+    map_n = 0;
+    for (size_t cut = 0; cut < len; cut++) CHECK(ds4_kv_map_decode(b, cut, map_cb, NULL) == -1, "cut %zu", cut);
+    uint8_t *big = malloc(len + 1);
+    memcpy(big, b, len);
+    big[len] = 0;
+    CHECK(ds4_kv_map_decode(big, len + 1, map_cb, NULL) == -1);
+    memcpy(big, b, len);
+    big[4] = 0xff;                          /* first key length: huge */
+    CHECK(ds4_kv_map_decode(big, len, map_cb, NULL) == -1);
+    memcpy(big, b, len);
+    big[8] = 0;                             /* NUL inside "call_1" */
+    CHECK(ds4_kv_map_decode(big, len, map_cb, NULL) == -1);
+    memcpy(big, b, len);
+    big[0] = 0xff;                          /* count beyond the entries */
+    CHECK(ds4_kv_map_decode(big, len, map_cb, NULL) == -1);
+    CHECK(map_n == 0);
+    free(big);
+    free(b);
+    REQUIRE(ds4_kv_map_encode(NULL, NULL, 0, &b, &len) == 0 && len == 4);
+    CHECK(ds4_kv_map_decode(b, len, map_cb, NULL) == 0 && map_n == 0);
+    free(b);
+}
+
 int main(void) {
     snprintf(root, sizeof root, "/tmp/ds4_test_kvstore_%d", (int)getpid());
     mkdir(root, 0755);
@@ -580,6 +625,7 @@ int main(void) {
     RUN(test_foreign_and_temp_files);
     RUN(test_concurrent_processes);
     RUN(test_save_points);
+    RUN(test_map_blob);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", root);
     if (system(cmd)) fprintf(stderr, "cannot remove %s\n", root);

@@ -234,9 +234,13 @@ static size_t serve(ds4_pool *pool, const int32_t *prompt, size_t n, const int32
 }
 
 static int extra_calls;
-static int extra_fn(void *ud, const int32_t *ids, size_t n, uint8_t **blob, size_t *len) {
+static int extra_fn(void *ud, const char *text, size_t text_len, const int32_t *ids, size_t n, uint8_t **blob,
+                    size_t *len) {
     (void)ud;
-    extra_calls++;
+    size_t tl = 0;
+    char *want = ds4_kv_text(ds4_engine_tokenizer(eng), ids, n, &tl);
+    if (want && tl == text_len && !memcmp(want, text, tl)) extra_calls++;   /* text is that of ids */
+    free(want);
     *blob = malloc(8);
     if (!*blob) return -1;
     memcpy(*blob, "map:", 4);

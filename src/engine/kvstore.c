@@ -768,3 +768,64 @@ size_t ds4_kv_save_points(size_t from, size_t stable, size_t align, size_t every
     }
     return n;
 }
+
+/* ---- string map blobs ------------------------------------------------------------ */
+
+int ds4_kv_map_encode(const char *const *keys, const char *const *vals, size_t n, uint8_t **blob, size_t *len) {
+    size_t total = 4;
+    for (size_t i = 0; i < n; i++) {
+        size_t kl = strlen(keys[i]), vl = strlen(vals[i]);
+        if (kl > UINT32_MAX || vl > UINT32_MAX || n > UINT32_MAX) return -1;
+        total += 8 + kl + vl;
+    }
+    uint8_t *b = malloc(total), *q = b;
+    if (!b) return -1;
+    put32(q, (uint32_t)n);
+    q += 4;
+    for (size_t i = 0; i < n; i++) {
+        const char *str[2] = {keys[i], vals[i]};
+        for (int k = 0; k < 2; k++) {
+            size_t l = strlen(str[k]);
+            put32(q, (uint32_t)l);
+            memcpy(q + 4, str[k], l);
+            q += 4 + l;
+        }
+    }
+    *blob = b;
+    *len = total;
+    return 0;
+}
+
+/* Walks the entries; with fn NULL only validates. Strings are bounded by the
+ * blob and may not contain NUL (they come back as C strings). */
+static int map_walk(const uint8_t *b, size_t len, void (*fn)(void *, const char *, const char *), void *ud) {
+    if (len < 4) return -1;
+    uint32_t n = get32(b);
+    size_t at = 4;
+    for (uint32_t i = 0; i < n; i++) {
+        char *str[2] = {NULL, NULL};
+        for (int k = 0; k < 2; k++) {
+            if (len - at < 4) return -1;
+            uint32_t l = get32(b + at);
+            at += 4;
+            if (l > len - at || memchr(b + at, 0, l)) return -1;
+            if (fn) {
+                if (!(str[k] = malloc((size_t)l + 1))) { free(str[0]); return -1; }
+                memcpy(str[k], b + at, l);
+                str[k][l] = 0;
+            }
+            at += l;
+        }
+        if (fn) fn(ud, str[0], str[1]);
+        free(str[0]);
+        free(str[1]);
+    }
+    return at == len ? 0 : -1;
+}
+
+int ds4_kv_map_decode(const uint8_t *blob, size_t len, void (*fn)(void *ud, const char *key, const char *val),
+                      void *ud) {
+    /* Validate all of it first: a malformed blob delivers nothing. */
+    if (map_walk(blob, len, NULL, NULL)) return -1;
+    return map_walk(blob, len, fn, ud);
+}

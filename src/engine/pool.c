@@ -150,7 +150,7 @@ static int save_session(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     if (ds4_session_save(s, &blob, &blen)) {
         rc = pfail(err, errlen, "pool: cannot snapshot a %zu-token session", n);
     } else {
-        if (p->p.extra_fn && p->p.extra_fn(p->p.ud, ids, n, &extra, &elen)) { free(extra); extra = NULL; elen = 0; }
+        if (p->p.extra_fn && p->p.extra_fn(p->p.ud, text, tl, ids, n, &extra, &elen)) { free(extra); extra = NULL; elen = 0; }
         ds4_kv_checkpoint cp = {.text = text, .text_len = tl, .ids = ids, .n_ids = n, .session = blob,
                                 .session_len = blen, .extra = extra, .extra_len = elen};
         rc = ds4_kvstore_save(p->p.store, &cp, err, errlen);
