@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <dirent.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -465,6 +466,12 @@ static void test_foreign_and_temp_files(void) {
     snprintf(live, sizeof live, "%s/.%.64s.%d.0.tmp", dir, base, (int)getppid());
     fp = fopen(dead, "w"); fputs("half", fp); fclose(fp);
     fp = fopen(live, "w"); fputs("half", fp); fclose(fp);
+    /* A live pid's temp file two days old: the pid was reused, remove. */
+    char old_tmp[600];
+    snprintf(old_tmp, sizeof old_tmp, "%s/.%.64s.%d.1.tmp", dir, base, (int)getppid());
+    fp = fopen(old_tmp, "w"); fputs("half", fp); fclose(fp);
+    struct timespec two_days[2] = {{time(NULL) - 172800, 0}, {time(NULL) - 172800, 0}};
+    utimensat(AT_FDCWD, old_tmp, two_days, 0);
 
     CHECK(lookup_after(dir) == 40, "valid files still served");
     const char *l = logged();
@@ -474,6 +481,7 @@ static void test_foreign_and_temp_files(void) {
     CHECK(file_exists(p) && file_exists(fake), "foreign files left alone");
     CHECK(!file_exists(dead), "dead writer's temp file removed");
     CHECK(file_exists(live), "live writer's temp file kept");
+    CHECK(!file_exists(old_tmp), "day-old temp file removed");
     unlink(live);
     free(path);
 

@@ -258,8 +258,11 @@ static void scan_one(ds4_kvstore *st, const char *name) {
     long pid = temp_pid(name);
     if (pid) {
         /* Left by a writer that died mid-save (never renamed: never trusted).
-         * A live writer, possibly another server on this dir, keeps its file. */
-        if (pid == (long)getpid() || (kill((pid_t)pid, 0) && errno == ESRCH)) {
+         * A live writer, possibly another server on this dir, keeps its file,
+         * unless it is a day old (its pid was reused by something else). */
+        struct stat tb;
+        bool stale = !fstatat(st->dir_fd, name, &tb, 0) && time(NULL) - tb.st_mtime > 86400;
+        if (pid == (long)getpid() || stale || (kill((pid_t)pid, 0) && errno == ESRCH)) {
             logf_(st, "removing %s (temp file of an interrupted save)", name);
             unlinkat(st->dir_fd, name, 0);
         }
