@@ -557,16 +557,29 @@ def build_hf(W, log):
     return model
 
 
-class Patches:
-    """Forward hooks adding DeepSeek's FP8 KV and Hadamard+FP4 indexer
-    simulations to HF. Both are placed where they commute with what HF does
-    next: the FP8 round trip touches dims 0..HD-RD-1, RoPE only the tail, so
-    rounding right after the kv norm equals rounding after RoPE; the indexer
-    rotation mixes all dims, so it is applied to the scorer's inputs, which
-    are post-RoPE queries and rows."""
+def stable_topk(x, k, dim=-1, largest=True, sorted=True):
+    """torch.topk with a defined tie rule: among equal values the lowest index
+    wins (ds4's rule, spec §4.6 / §10 row 10). Ties are common here: with FP4
+    indexer inputs and only 4 indexer heads, many rows score exactly 0."""
+    v, i = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((v.narrow(dim, 0, k), i.narrow(dim, 0, k)))
 
-    def __init__(self, model):
-        self.handles = []
+
+class Patches:
+    """Make HF compute the model as DeepSeek defines it:
+      - FP8 round trip of KV rows (spec §3.3) as a forward hook on the kv
+        norms: it touches dims 0..HD-RD-1 and RoPE only the tail, so rounding
+        right after the norm equals rounding after RoPE;
+      - Hadamard + FP4 round trip of indexer queries and rows (spec §3.4) as a
+        pre-hook on the indexer scorer, whose inputs are post-RoPE;
+      - top-k ties broken towards the lowest index (router and indexer).
+    f16_kv additionally rounds every KV row the attention reads (raw window
+    and compressed rows, after RoPE) through f16: ds4's storage convention
+    (spec §7.1, §10 row 7), which the CPU engine follows."""
+
+    def __init__(self, model, f16_kv=False):
+        import transformers.models.deepseek_v4.modeling_deepseek_v4 as M
+        self.M, self.handles = M, []
         nope = HD - RD
 
         def kv_hook(mod, args, out):
@@ -583,10 +596,21 @@ class Patches:
                 self.handles.append(at.compressor.kv_norm.register_forward_hook(kv_hook))
                 if hasattr(at.compressor, "indexer"):
                     self.handles.append(at.compressor.indexer.scorer.register_forward_pre_hook(scorer_pre))
+        self.saved = (torch.topk, torch.Tensor.topk, M.eager_attention_forward)
+        torch.topk = stable_topk
+        torch.Tensor.topk = stable_topk
+        if f16_kv:
+            orig = M.eager_attention_forward
+
+            def attn_f16(module, query, key, value, *a, **k):
+                key = key.to(torch.float16).to(key.dtype)
+                return orig(module, query, key, key, *a, **k)
+            M.eager_attention_forward = attn_f16
 
     def remove(self):
         for h in self.handles:
             h.remove()
+        torch.topk, torch.Tensor.topk, self.M.eager_attention_forward = self.saved
 
 
 class IndexerTap:
@@ -668,36 +692,59 @@ def main():
     meta["transformers"] = transformers.__version__
 
     tap = IndexerTap(model)
-    un = run_full(model, ids)
-    tap_un = {L: sel_sets(tap, L) for L in tap.sel}
-    tap.sel.clear()
-    patches = Patches(model)
-    pa = run_full(model, ids)
-    tap_pa = {L: sel_sets(tap, L) for L in tap.sel}
-    tap.sel.clear()
-
-    S = len(ids)
-    stats = {"patched_vs_unpatched": compare(un, pa)}
-    idx = {}
-    for L in tap_pa:
-        diff = [p for p in range(S) if tap_pa[L][p] != tap_un[L][p]]
-        sizes = [len(s) for s in tap_pa[L]]
-        idx[L] = {"positions_selection_differs": len(diff), "first": diff[:10],
-                  "max_selected": max(sizes), "rows_at_end": (S) // 4}
-    stats["indexer"] = idx
-    for name, chunks in (("chunked_100", [100, 100, S - 200]), ("chunked_7_then_decode", [7] + [1] * 60 + [S - 67])):
-        try:
-            c = run_chunked(model, ids, chunks)
-            stats["hf_patched_" + name + "_vs_full"] = compare(c, pa)
-        except Exception as ex:  # HF's cache path is not what the goldens rely on
-            stats["hf_patched_" + name + "_vs_full"] = f"failed: {type(ex).__name__}: {ex}"
-    patches.remove()
+    runs, sels = {}, {}
+    for name, kind in (("unpatched", None), ("patched", False), ("patched_f16kv", True)):
+        patches = Patches(model, f16_kv=kind) if kind is not None else None
+        runs[name] = run_full(model, ids)
+        sels[name] = {L: sel_sets(tap, L) for L in tap.sel}
+        tap.sel.clear()
+        if name == "patched":
+            # Sensitivity of the golden itself: the same model with every
+            # embedding row scaled by (1 + 1e-6 noise). Positions that move
+            # a lot sit on a discontinuity (a rounding or top-k decision).
+            emb = model.model.embed_tokens.weight
+            keep = emb.detach().clone()
+            with torch.no_grad():
+                emb.mul_(1 + 1e-6 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(7)))
+            pert = run_full(model, ids)
+            with torch.no_grad():
+                emb.copy_(keep)
+            tap.sel.clear()
+            for cname, chunks in (("chunked_100", [100, 100, len(ids) - 200]),
+                                  ("chunked_7_then_decode", [7] + [1] * 60 + [len(ids) - 67])):
+                try:
+                    c = run_chunked(model, ids, chunks)
+                    stats_extra = compare(c, runs["patched"])
+                except Exception as ex:  # HF's cache path is not what the goldens rely on
+                    stats_extra = f"failed: {type(ex).__name__}: {ex}"
+                runs.setdefault("_extra", {})["hf_patched_" + cname + "_vs_full"] = stats_extra
+                tap.sel.clear()
+        if patches:
+            patches.remove()
     tap.remove()
+    un, pa, pa16 = runs["unpatched"], runs["patched"], runs["patched_f16kv"]
+    if torch.equal(pa, pa16):
+        raise SystemExit("f16 KV patch had no effect (attention interface not patched?)")
+    S = len(ids)
+    stats = {"patched_vs_unpatched": compare(un, pa), "patched_f16kv_vs_patched": compare(pa16, pa),
+             "patched_perturbed_1e-6_vs_patched": compare(pert, pa)}
+    stats.update(runs["_extra"])
+    rel = ((pert - pa).abs().amax(-1) / pa.abs().amax(-1))
+    stats["patched_perturbed_positions_over_1e-4"] = [int(p) for p in torch.nonzero(rel > 1e-4).flatten()]
+    idx = {}
+    for L in sels["patched"]:
+        def ndiff(a, b):
+            return [p for p in range(S) if sels[a][L][p] != sels[b][L][p]]
+        d_un, d_16 = ndiff("patched", "unpatched"), ndiff("patched", "patched_f16kv")
+        idx[L] = {"positions_selection_differs_unpatched": len(d_un), "first_unpatched": d_un[:10],
+                  "positions_selection_differs_f16kv": len(d_16), "first_f16kv": d_16[:10],
+                  "max_selected": max(len(x) for x in sels["patched"][L]), "rows_at_end": S // 4}
+    stats["indexer"] = idx
     top = torch.softmax(pa, -1).amax(-1)
     stats["patched_top1_prob"] = {"min": top.min().item(), "median": top.median().item(), "max": top.max().item()}
     stats["patched_logit_absmax"] = pa.abs().max().item()
     meta["stats"] = stats
-    for nm, t in (("golden_patched.f32", pa), ("golden_unpatched.f32", un)):
+    for nm, t in (("golden_patched.f32", pa), ("golden_patched_f16kv.f32", pa16), ("golden_unpatched.f32", un)):
         with open(os.path.join(a.outdir, nm), "wb") as f:
             f.write(tobytes(t.float()))
     json.dump(meta, open(os.path.join(a.outdir, "oracle.json"), "w"), indent=1)
