@@ -11,6 +11,7 @@
  * without an imatrix, one expert matrix's column importance. */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -83,6 +84,7 @@ static void usage(FILE *f) {
         "                    q2 / q4 mixes (default q2)\n"
         "  --imatrix FILE    importance matrix (llama.cpp .dat) for the routed experts\n"
         "  --tokenizer FILE  tokenizer.json to use (default CHECKPOINT_DIR/tokenizer.json)\n"
+        "  --threads N       encoding threads (default: all online CPUs)\n"
         "  --quiet           no progress bar\n");
 }
 
@@ -160,14 +162,62 @@ static void encode_row(ggml_type type, const float *x, void *out, uint64_t n, co
     else ds4_quantize_row(type, x, out, (int64_t)n, imp);
 }
 
+#define MAX_THREADS 64
+
 typedef struct {
     const st_ckpt *ck;
     const ds4_hparams *hp;
     const imatrix *im;
     progress prog;
-    float *row;                /* one decoded row */
+    int n_threads;
+    float *rows[MAX_THREADS];  /* one decoded row per thread */
     float *imp;                /* importance of one matrix's columns */
 } conv;
+
+/* Rows [r0, r0+nr) of one source, decoded and encoded by n_threads threads
+ * on disjoint row ranges. Row encoding is independent per row, so the bytes
+ * do not depend on the thread count. */
+typedef struct {
+    const st_weight *w;
+    ggml_type type;
+    uint64_t r0, r1, n0, rb;
+    const float *imp;
+    float *row;
+    uint8_t *out;              /* bytes of row r0 of this job */
+    uint64_t base;             /* first row of the whole batch (out's origin) */
+    uint64_t bad_row, n_bad;
+} rows_job;
+
+static void *rows_work(void *arg) {
+    rows_job *j = arg;
+    for (uint64_t r = j->r0; r < j->r1; r++) {
+        uint64_t bad = st_weight_row(j->w, r, j->row);
+        if (bad) { j->bad_row = r; j->n_bad = bad; return NULL; }
+        encode_row(j->type, j->row, j->out + (r - j->base) * j->rb, j->n0, j->imp);
+    }
+    return NULL;
+}
+
+static int encode_rows(conv *c, const st_weight *w, ggml_type type, uint64_t r0, uint64_t nr, uint64_t n0,
+                       uint64_t rb, const float *imp, uint8_t *out, char *err, size_t errlen) {
+    rows_job jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int nt = c->n_threads;
+    if ((uint64_t)nt > nr) nt = (int)nr;
+    for (int t = 0; t < nt; t++)
+        jobs[t] = (rows_job){w, type, r0 + nr * t / nt, r0 + nr * (t + 1) / nt, n0, rb, imp, c->rows[t], out, r0, 0, 0};
+    int started = 0;
+    for (int t = 1; t < nt; t++, started++)
+        if (pthread_create(&tid[t], NULL, rows_work, &jobs[t])) break;
+    rows_work(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    for (int t = started + 1; t < nt; t++) rows_work(&jobs[t]);   /* threads that could not start */
+    for (int t = 0; t < nt; t++)
+        if (jobs[t].n_bad)
+            return snprintf(err, errlen, "%s: %s row %llu has %llu non-finite values", w->w->file, w->w->name,
+                            (unsigned long long)jobs[t].bad_row, (unsigned long long)jobs[t].n_bad), -1;
+    return 0;
+}
 
 /* The DeepSeek source name of a GGUF tensor (expert index e for "%d"). */
 static int hf_name(const char *gguf, int e, char *out, size_t n) {
@@ -246,19 +296,17 @@ static int convert_tensor(conv *c, const ds4_tensor_spec *sp, sink *s, char *err
         } else if (sp->type == GGML_IQ2_XXS) {
             memset(c->imp, 0, n0 * sizeof *c->imp);
             for (uint64_t r = 0; r < n1; r++) {
-                st_weight_row(&w, r, c->row);
-                for (uint64_t i = 0; i < n0; i++) c->imp[i] += c->row[i] * c->row[i];
+                st_weight_row(&w, r, c->rows[0]);
+                for (uint64_t i = 0; i < n0; i++) c->imp[i] += c->rows[0][i] * c->rows[0][i];
             }
             imp = c->imp;
         }
-        for (uint64_t r = 0; r < n1; r++) {
-            uint64_t bad = st_weight_row(&w, r, c->row);
-            if (bad)
-                return snprintf(err, errlen, "%s: %s row %llu has %llu non-finite values", w.w->file, name,
-                                (unsigned long long)r, (unsigned long long)bad), -1;
-            uint8_t *o = sink_reserve(s, rb, err, errlen);
-            if (!o) return -1;
-            encode_row(sp->type, c->row, o, n0, imp);
+        /* Batches of whole rows of about one output chunk. */
+        const uint64_t batch = rb >= CHUNK_BYTES ? 1 : CHUNK_BYTES / rb;
+        for (uint64_t r = 0; r < n1; r += batch) {
+            uint64_t nr = n1 - r < batch ? n1 - r : batch;
+            uint8_t *o = sink_reserve(s, nr * rb, err, errlen);
+            if (!o || encode_rows(c, &w, sp->type, r, nr, n0, rb, imp, o, err, errlen)) return -1;
         }
     }
     return sink_flush(s, err, errlen);
@@ -273,12 +321,18 @@ static uint32_t file_type(ds4_mix mix) {
 int main(int argc, char **argv) {
     const char *mix_s = "q2", *imatrix_path = NULL, *tok_path = NULL, *dir = NULL, *out = NULL;
     bool quiet = false;
+    long threads = sysconf(_SC_NPROCESSORS_ONLN);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--mix") && i + 1 < argc) mix_s = argv[++i];
         else if (!strcmp(a, "--imatrix") && i + 1 < argc) imatrix_path = argv[++i];
         else if (!strcmp(a, "--tokenizer") && i + 1 < argc) tok_path = argv[++i];
         else if (!strcmp(a, "--quiet")) quiet = true;
+        else if (!strcmp(a, "--threads") && i + 1 < argc) {
+            char *end;
+            threads = strtol(argv[++i], &end, 10);
+            if (*end || threads < 1) { fprintf(stderr, "ds4-convert: --threads needs a positive count\n"); return 2; }
+        }
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else if (a[0] == '-' && a[1]) { fprintf(stderr, "ds4-convert: unknown option %s\n", a); usage(stderr); return 2; }
         else if (!dir) dir = a;
@@ -352,11 +406,13 @@ int main(int argc, char **argv) {
     c.ck = ck;
     c.hp = &hp;
     c.im = im;
-    c.row = malloc(max_n0 * sizeof *c.row);
+    c.n_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
+    for (int t = 0; t < c.n_threads; t++)
+        if (!(c.rows[t] = malloc(max_n0 * sizeof *c.rows[t]))) { snprintf(err, sizeof err, "out of memory"); goto fail; }
     c.imp = malloc(max_n0 * sizeof *c.imp);
     s.buf = malloc(CHUNK_BYTES);
     s.cap = CHUNK_BYTES;
-    if (!c.row || !c.imp || !s.buf) { snprintf(err, sizeof err, "out of memory"); goto fail; }
+    if (!c.imp || !s.buf) { snprintf(err, sizeof err, "out of memory"); goto fail; }
     c.prog = (progress){.total = total, .t0 = now(), .show = !quiet && isatty(2)};
     s.w = w;
     s.prog = &c.prog;
@@ -380,7 +436,7 @@ fail:
 done:
     gguf_writer_free(w);   /* removes a begun, unfinished file */
     free(s.buf);
-    free(c.row);
+    for (int t = 0; t < MAX_THREADS; t++) free(c.rows[t]);
     free(c.imp);
     free(specs);
     free(widx);
