@@ -1,10 +1,10 @@
 /* Model binding: presets, layout table (counts/types/bytes of spec §2, §9,
  * §12), KV accounting (§7.2), ds4-synth round trips (tiny, MTP, full-shape
  * --no-data), and the exact error for each kind of broken file. */
-#define _GNU_SOURCE
 #include <limits.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "model/model.h"
@@ -193,6 +193,14 @@ static void check_tiny_layers(const ds4_model *m) {
     for (int e = 0; e < 16; e++) CHECK(hits[e] > 1500 && hits[e] < 2500, "expert %d: %d", e, hits[e]);
 }
 
+static bool token_is(const gguf_file *f, uint64_t id, const char *text, int64_t type) {
+    int64_t t = gguf_find_key(f, "tokenizer.ggml.tokens"), ty = gguf_find_key(f, "tokenizer.ggml.token_type");
+    gguf_str s;
+    int64_t tt;
+    return t >= 0 && ty >= 0 && gguf_arr_get_str(f, t, id, &s) && gguf_str_eq(s, text) &&
+           gguf_arr_get_i64(f, ty, id, &tt) && tt == type;
+}
+
 static void test_tiny_roundtrip(void) {
     char p1[128], p2[128], mtp[128], args[512], err[512];
     path_in(p1, sizeof p1, "tiny.gguf");
@@ -202,13 +210,23 @@ static void test_tiny_roundtrip(void) {
     REQUIRE(run_synth(args) == 0, "ds4-synth tiny failed");
     struct stat st;
     REQUIRE(stat(p1, &st) == 0);
-    CHECK(st.st_size > 1000000 && st.st_size < 16000000, "tiny is %lld bytes", (long long)st.st_size);
+    CHECK(st.st_size > 10000000 && st.st_size < 24000000, "tiny is %lld bytes", (long long)st.st_size);
     ds4_model m;
     REQUIRE(ds4_model_load(&m, p1, err, sizeof err) == 0, "%s", err);
     CHECK(!m.is_full_shape);
     CHECK(m.hp.n_vocab == 8013, "%u", m.hp.n_vocab);
     CHECK(m.n_layout == 6 + 6 * 24 + 2 * 10 + 2 * 4, "%d", m.n_layout);
     check_tiny_layers(&m);
+    /* Reduced vocabulary: V3 BPE ids 0..7999 (all reachable), then the V4
+     * specials of prompt.md §1.5 as control tokens. */
+    gguf_str pre;
+    uint64_t n_merges = gguf_arr_len(m.gguf, gguf_find_key(m.gguf, "tokenizer.ggml.merges"));
+    CHECK(gguf_key_str(m.gguf, "tokenizer.ggml.pre", &pre) && gguf_str_eq(pre, "joyai-llm"));
+    CHECK(n_merges == 7741, "%llu merges", (unsigned long long)n_merges);
+    CHECK(token_is(m.gguf, 0, "<｜begin▁of▁sentence｜>", 3) && token_is(m.gguf, 1, "<｜end▁of▁sentence｜>", 3));
+    CHECK(token_is(m.gguf, 259, "Ġt", 1) && token_is(m.gguf, 8000, "<｜User｜>", 3));
+    CHECK(token_is(m.gguf, 8002, "<think>", 3) && token_is(m.gguf, 8003, "</think>", 3) &&
+          token_is(m.gguf, 8004, "｜DSML｜", 3) && token_is(m.gguf, 8012, "<｜image｜>", 3));
     REQUIRE(ds4_model_load_mtp(&m, mtp, err, sizeof err) == 0, "%s", err);
     CHECK(m.mtp.e_proj.data && m.mtp.h_proj.data && m.mtp.hc_head_fn.data && m.mtp.exp_probs_b.data);
     CHECK(m.mtp.gate_exps.type == GGML_Q4_K && m.mtp.hc_attn_fn.type == GGML_F32 && m.mtp.comp_kv.data == NULL);
@@ -227,7 +245,7 @@ static void test_tiny_roundtrip(void) {
     CHECK(strstr(buf, "layer 0: ratio 0, window only, hash-routed\n"));
     CHECK(strstr(buf, "layer 2: ratio 4, compressor + indexer, hash-routed\n"));
     CHECK(strstr(buf, "layer 5: ratio 128, compressor, biased top-k\n"));
-    CHECK(strstr(buf, "quant mix: 184 tensors:") && strstr(buf, " IQ2_XXS 12 ("), "%s", buf);
+    CHECK(strstr(buf, "quant mix: 178 tensors:") && strstr(buf, " IQ2_XXS 12 ("), "%s", buf);
     CHECK(strstr(buf, "architecture: deepseek4 (reduced shape)"));
     CHECK(strstr(buf, "memory at context 300: weights "));
     free(buf);
@@ -260,6 +278,18 @@ static void test_f32_mix(void) {
     unlink(p);
 }
 
+static void test_synth_bad_args(void) {
+    char p[128], args[256];
+    path_in(p, sizeof p, "bad.gguf");
+    snprintf(args, sizeof args, "--preset tiny --tokenizer /nonexistent/tokenizer.json -o %s", p);
+    CHECK(WEXITSTATUS(run_synth(args)) == 1);
+    snprintf(args, sizeof args, "--preset huge -o %s", p);
+    CHECK(WEXITSTATUS(run_synth(args)) == 2);
+    snprintf(args, sizeof args, "--preset tiny --layers 7 -o %s", p);
+    CHECK(WEXITSTATUS(run_synth(args)) == 2);
+    CHECK(access(p, F_OK) != 0, "no output on failure");
+}
+
 /* Full published shapes without writing 87 GB: header + sparse hole. */
 static void test_flash_nodata(void) {
     char p[128], mtp[128], args[256], err[512];
@@ -277,6 +307,10 @@ static void test_flash_nodata(void) {
     CHECK(ds4_model_param_count(&m) == 284332240471ull);
     CHECK(ds4_model_weight_bytes(&m) == 86714775900ull);
     CHECK(m.hp.n_vocab == 129280 && m.layers[42].ratio == 4 && m.layers[41].ratio == 128);
+    /* V4 layout: specials at their published ids, placeholders elsewhere. */
+    CHECK(token_is(m.gguf, 128821, "<think>", 3) && token_is(m.gguf, 128825, "｜DSML｜", 3) &&
+          token_is(m.gguf, 128803, "<｜User｜>", 3) && token_is(m.gguf, 128000, "<｜place▁holder▁no▁0｜>", 3) &&
+          token_is(m.gguf, 127999, "å±ĭæªĲ", 1) && token_is(m.gguf, 129279, "<｜image｜>", 3));
     REQUIRE(ds4_model_load_mtp(&m, mtp, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_model_weight_bytes(&m) == 86714775900ull + 3807600108ull);
     char *buf = NULL;
@@ -300,8 +334,9 @@ static void test_flash_nodata(void) {
 
 /* ---- broken files ------------------------------------------------------- */
 
+#define NO_BAD_ID INT32_MIN
 /* Writes hp + specs (data zero, except tid2eid = token % n_expert with one
- * entry replaced by bad_id when >= 0). nodata: header only, sparse. */
+ * entry replaced by bad_id unless NO_BAD_ID). nodata: header only, sparse. */
 static int write_model(const char *path, const ds4_hparams *hp, const ds4_tensor_spec *s, int n,
                        bool nodata, int32_t bad_id) {
     gguf_writer *w = gguf_writer_new(32);
@@ -323,7 +358,7 @@ static int write_model(const char *path, const ds4_hparams *hp, const ds4_tensor
         if (s[i].kind == DS4_TK_TID2EID) {
             int32_t *ids = (int32_t *)buf;
             for (uint64_t j = 0; j < nb / 4; j++) ids[j] = (int32_t)(j % hp->n_expert);
-            if (bad_id >= 0) ids[nb / 4 - 3] = bad_id;
+            if (bad_id != NO_BAD_ID) ids[nb / 4 - 3] = bad_id;
         }
         gguf_writer_write_tensor(w, i, 0, buf, nb);
         free(buf);
@@ -373,7 +408,7 @@ static void test_broken_files(void) {
     path_in(p, sizeof p, "broken.gguf");
 
     /* Baseline loads. */
-    REQUIRE(write_model(p, &hp, s, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, s, n, false, NO_BAD_ID) == 0);
     ds4_model m;
     CHECK(ds4_model_load(&m, p, err, sizeof err) == 0, "%s", err);
     ds4_model_free(&m);
@@ -383,39 +418,39 @@ static void test_broken_files(void) {
     int k = 0;
     for (int i = 0; i < n; i++)
         if (strcmp(s[i].name, "blk.4.indexer.proj.weight")) t[k++] = s[i];
-    REQUIRE(write_model(p, &hp, t, k, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, k, false, NO_BAD_ID) == 0);
     expect_error(p, "missing tensor blk.4.indexer.proj.weight");
 
     /* Wrong dims. */
     memcpy(t, s, sizeof(ds4_tensor_spec) * (size_t)n);
     find(t, n, "blk.1.attn_q_b.weight")->dims[1] = 512;
-    REQUIRE(write_model(p, &hp, t, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, n, false, NO_BAD_ID) == 0);
     expect_error(p, "tensor blk.1.attn_q_b.weight: dims [128, 512], expected [128, 1024]");
 
     /* Wrong type: a K-quant where Q8_0 (or a float) is expected. */
     memcpy(t, s, sizeof(ds4_tensor_spec) * (size_t)n);
     find(t, n, "blk.0.attn_kv.weight")->type = GGML_Q4_K;
-    REQUIRE(write_model(p, &hp, t, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, n, false, NO_BAD_ID) == 0);
     expect_error(p, "tensor blk.0.attn_kv.weight: type Q4_K, expected Q8_0");
 
     /* A float where a quant is published is fine in a test file... */
     memcpy(t, s, sizeof(ds4_tensor_spec) * (size_t)n);
     find(t, n, "blk.0.attn_kv.weight")->type = GGML_F16;
     find(t, n, "blk.3.ffn_down_exps.weight")->type = GGML_Q4_K;
-    REQUIRE(write_model(p, &hp, t, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, n, false, NO_BAD_ID) == 0);
     CHECK(ds4_model_load(&m, p, err, sizeof err) == 0, "%s", err);
     CHECK(m.layers[0].attn_kv.type == GGML_F16 && m.layers[0].attn_kv.row_bytes == 512);
     ds4_model_free(&m);
     /* ...but the hash table must be I32. */
     find(t, n, "blk.1.ffn_gate_tid2eid.weight")->type = GGML_F32;
-    REQUIRE(write_model(p, &hp, t, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, n, false, NO_BAD_ID) == 0);
     expect_error(p, "tensor blk.1.ffn_gate_tid2eid.weight: type F32, expected I32");
 
     /* Unknown extra tensor. */
     memcpy(t, s, sizeof(ds4_tensor_spec) * (size_t)n);
     t[n] = t[n - 1];
     snprintf(t[n].name, sizeof t[n].name, "blk.5.attn_bogus.weight");
-    REQUIRE(write_model(p, &hp, t, n + 1, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, n + 1, false, NO_BAD_ID) == 0);
     expect_error(p, "unexpected tensor blk.5.attn_bogus.weight");
 
     /* Presence rules follow the ratios: a compressor on a window-only layer
@@ -424,7 +459,7 @@ static void test_broken_files(void) {
     ds4_tensor_spec *c = find(t, n, "blk.2.attn_compressor_norm.weight");
     t[n] = *c;
     snprintf(t[n].name, sizeof t[n].name, "blk.0.attn_compressor_norm.weight");
-    REQUIRE(write_model(p, &hp, t, n + 1, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, t, n + 1, false, NO_BAD_ID) == 0);
     expect_error(p, "unexpected tensor blk.0.attn_compressor_norm.weight");
 
     /* tid2eid naming an expert that does not exist. */
@@ -434,17 +469,17 @@ static void test_broken_files(void) {
     expect_error(p, "routes to expert -2");
 
     /* Missing key: rename it in place (same length, file stays valid). */
-    REQUIRE(write_model(p, &hp, s, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, s, n, false, NO_BAD_ID) == 0);
     patch(p, "deepseek4.expert_count", "deepseek4.expert_cXunt", 22);
     expect_error(p, "missing required key deepseek4.expert_count");
     /* Wrong key type: u32 (4) -> f32 (6) tag on an integer key. */
-    REQUIRE(write_model(p, &hp, s, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, s, n, false, NO_BAD_ID) == 0);
     const char key[] = "deepseek4.attention.head_count\x04\x00\x00\x00";
     const char bad[] = "deepseek4.attention.head_count\x06\x00\x00\x00";
     patch(p, key, bad, sizeof key - 1);
     expect_error(p, "deepseek4.attention.head_count: expected u32, found type 6");
     /* Inconsistent value: 3 output groups for 8 heads. */
-    REQUIRE(write_model(p, &hp, s, n, false, -1) == 0);
+    REQUIRE(write_model(p, &hp, s, n, false, NO_BAD_ID) == 0);
     const char og[] = "deepseek4.attention.output_group_count\x04\x00\x00\x00\x02\x00\x00\x00";
     const char og3[] = "deepseek4.attention.output_group_count\x04\x00\x00\x00\x03\x00\x00\x00";
     patch(p, og, og3, sizeof og - 1);
@@ -455,16 +490,16 @@ static void test_broken_files(void) {
     ds4_hparams_flash(&fl);
     static ds4_tensor_spec f[1400];
     int nf = ds4_layout(&fl, DS4_MIX_Q2, false, f, 1400);
-    REQUIRE(write_model(p, &fl, f, nf, true, -1) == 0);
+    REQUIRE(write_model(p, &fl, f, nf, true, NO_BAD_ID) == 0);
     CHECK(ds4_model_load(&m, p, err, sizeof err) == 0, "%s", err);
     CHECK(m.is_full_shape);
     ds4_model_free(&m);
     find(f, nf, "blk.7.attn_q_a.weight")->type = GGML_F16;
-    REQUIRE(write_model(p, &fl, f, nf, true, -1) == 0);
+    REQUIRE(write_model(p, &fl, f, nf, true, NO_BAD_ID) == 0);
     expect_error(p, "tensor blk.7.attn_q_a.weight: type F16, expected Q8_0 (published layout)");
     ds4_layout(&fl, DS4_MIX_Q2, false, f, 1400);
     fl.idx_top_k = 256;
-    REQUIRE(write_model(p, &fl, f, nf, true, -1) == 0);
+    REQUIRE(write_model(p, &fl, f, nf, true, NO_BAD_ID) == 0);
     expect_error(p, "claims the published 43-layer shape but deepseek4.attention.indexer.top_k: 256, the published model has 512");
     unlink(p);
 }
@@ -479,6 +514,7 @@ int main(void) {
     RUN(test_kv_bytes);
     RUN(test_tiny_roundtrip);
     RUN(test_f32_mix);
+    RUN(test_synth_bad_args);
     RUN(test_flash_nodata);
     RUN(test_broken_files);
     rmdir(dir);

@@ -55,6 +55,10 @@ ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errl
         return NULL;
     }
     if (!(s->st = e->ops->state_new(e->be, ctx, err, errlen))) { ds4_session_free(s); return NULL; }
+    if (e->verbose)
+        fprintf(stderr, "ds4: session ctx %u: KV state %.1f MiB on %s (spec §7.2 accounting: %.1f MiB)\n", ctx,
+                (double)e->ops->state_bytes(e->be, s->st) / (1 << 20), e->ops->name,
+                (double)ds4_model_kv_bytes(hp, ctx) / (1 << 20));
     return s;
 }
 
@@ -231,7 +235,7 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
     const ds4_hparams *hp = &e->model.hp;
     rbuf r = {buf, len, 0};
     char magic[8];
-    uint32_t ver, dims[5], n, has_logits;
+    uint32_t ver = 0, dims[5], n, has_logits;
     uint64_t fp, sum;
     if (len < 8 + 8 || !get(&r, magic, 8) || memcmp(magic, SNAP_MAGIC, 8))
         return ds4_engine_fail(err, errlen, "not a ds4 session snapshot (bad magic)");

@@ -4,7 +4,8 @@
  * §2.4 row order. Spec §12 records that a synthetic file written in exactly
  * this order loads in antirez/ds4 @8d57664 and passes its strict layout
  * validation; ds4 binds by name, so the order only has to match for
- * byte-identical regeneration. The MTP file (§2.5) lists the block tensors
+ * byte-identical regeneration. The converter's own emission order could not
+ * be read (antirez/ds4 only carries a V4.1 planner, a different layout). The MTP file (§2.5) lists the block tensors
  * in §2.4 order followed by its own eight. */
 #include <stddef.h>
 #include <stdio.h>

@@ -182,6 +182,7 @@ bad:
 int ds4_model_load_mtp(ds4_model *m, const char *path, char *err, size_t errlen) {
     char gerr[512];
     if (!m->gguf) return fail(err, errlen, "%s: load the main model first", path);
+    if (m->mtp_gguf) return fail(err, errlen, "%s: an MTP file is already loaded", path);
     if (m->hp.n_mtp == 0) return fail(err, errlen, "%s: the main model declares no MTP block (nextn_predict_layers = 0)", path);
     gguf_file *f = gguf_open(path, gerr, sizeof gerr);
     if (!f) return fail(err, errlen, "%s", gerr);

@@ -141,9 +141,11 @@ int ds4_layout(const ds4_hparams *hp, ds4_mix mix, bool mtp_file, ds4_tensor_spe
  * validate them; -1 with a message naming the offending key. */
 int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errlen);
 int ds4_hparams_validate(const ds4_hparams *hp, char *err, size_t errlen);
-/* Nonzero when the shape-defining keys equal the published model's. */
+/* True when block_count and embedding_length are the published model's: the
+ * file then claims the real shape and must match it exactly (every key at
+ * its published value, published tensor types). */
 bool ds4_hparams_is_flash_shape(const ds4_hparams *hp);
-/* Upper bound on the tensor count of ds4_layout (sizing out[]). */
+/* Tensor count of ds4_layout (the same for every mix), for sizing out[]. */
 int ds4_layout_max(const ds4_hparams *hp, bool mtp_file);
 /* KV accounting split as in spec §7.2 (bytes, f32 rows). */
 typedef struct {
