@@ -1,6 +1,7 @@
 /* ds4-convert: Hugging Face DeepSeek V4 checkpoint -> ds4 GGUF.
  *
- *   ds4-convert [--mix f32|q2|q4] [--imatrix FILE] [--tokenizer FILE] CKPT_DIR OUT.gguf
+ *   ds4-convert [--mix f32|q2|q4] [--imatrix FILE] [--tokenizer FILE] [--mtp MTP.gguf]
+ *               [--threads N] CKPT_DIR OUT.gguf
  *
  * The output's tensor names, dims, types and order come from ds4_layout()
  * (src/model), the deepseek4.* keys from ds4_hparams_write(), so a converted
@@ -75,6 +76,18 @@ static const struct { const char *gguf, *hf; } GLOBAL_MAP[] = {
     {"output.weight", "head.weight"},
 };
 
+/* The MTP block's own tensors (spec §2.5), under "mtp.0." on both sides. */
+static const struct { const char *gguf, *hf; } MTP_MAP[] = {
+    {"e_proj.weight", "e_proj.weight"},
+    {"h_proj.weight", "h_proj.weight"},
+    {"enorm.weight", "enorm.weight"},
+    {"hnorm.weight", "hnorm.weight"},
+    {"norm.weight", "norm.weight"},
+    {"hc_head_fn.weight", "hc_head_fn"},
+    {"hc_head_base.weight", "hc_head_base"},
+    {"hc_head_scale.weight", "hc_head_scale"},
+};
+
 static void usage(FILE *f) {
     fprintf(f,
         "usage: ds4-convert [options] CHECKPOINT_DIR OUT.gguf\n"
@@ -84,6 +97,7 @@ static void usage(FILE *f) {
         "                    q2 / q4 mixes (default q2)\n"
         "  --imatrix FILE    importance matrix (llama.cpp .dat) for the routed experts\n"
         "  --tokenizer FILE  tokenizer.json to use (default CHECKPOINT_DIR/tokenizer.json)\n"
+        "  --mtp FILE        also write the MTP draft block (mtp.0.*) to FILE\n"
         "  --threads N       encoding threads (default: all online CPUs)\n"
         "  --quiet           no progress bar\n");
 }
@@ -223,15 +237,22 @@ static int encode_rows(conv *c, const st_weight *w, ggml_type type, uint64_t r0,
 static int hf_name(const char *gguf, int e, char *out, size_t n) {
     for (size_t i = 0; i < sizeof GLOBAL_MAP / sizeof *GLOBAL_MAP; i++)
         if (!strcmp(gguf, GLOBAL_MAP[i].gguf)) { snprintf(out, n, "%s", GLOBAL_MAP[i].hf); return 0; }
+    /* "blk.N." -> "layers.N."; the MTP block keeps its "mtp.0." prefix. */
+    char prefix[32];
     int layer, used = 0;
-    if (sscanf(gguf, "blk.%d.%n", &layer, &used) != 1 || !used) return -1;
+    if (sscanf(gguf, "blk.%d.%n", &layer, &used) == 1 && used) snprintf(prefix, sizeof prefix, "layers.%d.", layer);
+    else if (!strncmp(gguf, "mtp.0.", 6)) { used = 6; snprintf(prefix, sizeof prefix, "mtp.0."); }
+    else return -1;
     for (size_t i = 0; i < sizeof LAYER_MAP / sizeof *LAYER_MAP; i++)
         if (!strcmp(gguf + used, LAYER_MAP[i].gguf)) {
             char suffix[128];
             snprintf(suffix, sizeof suffix, LAYER_MAP[i].hf, e);
-            snprintf(out, n, "layers.%d.%s", layer, suffix);
+            snprintf(out, n, "%s%s", prefix, suffix);
             return 0;
         }
+    if (used != 6) return -1;
+    for (size_t i = 0; i < sizeof MTP_MAP / sizeof *MTP_MAP; i++)
+        if (!strcmp(gguf + used, MTP_MAP[i].gguf)) { snprintf(out, n, "mtp.0.%s", MTP_MAP[i].hf); return 0; }
     return -1;
 }
 
@@ -318,82 +339,49 @@ static uint32_t file_type(ds4_mix mix) {
     return mix == DS4_MIX_F32 ? 0 : mix == DS4_MIX_Q4 ? 15 : 19;
 }
 
-int main(int argc, char **argv) {
-    const char *mix_s = "q2", *imatrix_path = NULL, *tok_path = NULL, *dir = NULL, *out = NULL;
-    bool quiet = false;
-    long threads = sysconf(_SC_NPROCESSORS_ONLN);
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--mix") && i + 1 < argc) mix_s = argv[++i];
-        else if (!strcmp(a, "--imatrix") && i + 1 < argc) imatrix_path = argv[++i];
-        else if (!strcmp(a, "--tokenizer") && i + 1 < argc) tok_path = argv[++i];
-        else if (!strcmp(a, "--quiet")) quiet = true;
-        else if (!strcmp(a, "--threads") && i + 1 < argc) {
-            char *end;
-            threads = strtol(argv[++i], &end, 10);
-            if (*end || threads < 1) { fprintf(stderr, "ds4-convert: --threads needs a positive count\n"); return 2; }
-        }
-        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
-        else if (a[0] == '-' && a[1]) { fprintf(stderr, "ds4-convert: unknown option %s\n", a); usage(stderr); return 2; }
-        else if (!dir) dir = a;
-        else if (!out) out = a;
-        else { usage(stderr); return 2; }
-    }
-    if (!dir || !out) { usage(stderr); return 2; }
+typedef struct {
+    const char *dir, *tok_path, *imatrix_path, *mix_s;
     ds4_mix mix;
-    if (!strcmp(mix_s, "f32")) mix = DS4_MIX_F32;
-    else if (!strcmp(mix_s, "q2")) mix = DS4_MIX_Q2;
-    else if (!strcmp(mix_s, "q4")) mix = DS4_MIX_Q4;
-    else { fprintf(stderr, "ds4-convert: --mix must be f32, q2 or q4 (got %s)\n", mix_s); return 2; }
-
-    char err[1024], path[4096];
-    int rc = 1;
-    ds4_hparams hp;
-    st_ckpt *ck = NULL;
-    imatrix *im = NULL;
-    gguf_writer *w = NULL;
-    ds4_tensor_spec *specs = NULL;
-    int64_t *widx = NULL;
-    conv c = {0};
-    sink s = {0};
-
-    snprintf(path, sizeof path, "%s/config.json", dir);
     uint32_t bos, eos;
-    if (hf_read_config(path, &hp, &bos, &eos, err, sizeof err)) goto fail;
-    if (!(ck = st_open_dir(dir, err, sizeof err))) goto fail;
-    if (imatrix_path && !(im = imatrix_load(imatrix_path, err, sizeof err))) goto fail;
+    bool quiet;
+    int n_threads;
+} opts;
 
-    int n = ds4_layout(&hp, mix, false, NULL, 0);
-    specs = calloc((size_t)n, sizeof *specs);
-    widx = calloc((size_t)n, sizeof *widx);
-    w = gguf_writer_new(32);
-    if (!specs || !widx || !w) { snprintf(err, sizeof err, "out of memory"); goto fail; }
-    ds4_layout(&hp, mix, false, specs, n);
+/* Write one GGUF: the main file (mtp = false) or the MTP draft block. The
+ * MTP file carries the deepseek4.* keys but no tokenizer (spec §2.5: it
+ * reuses the main file's embedding, head and vocabulary). */
+static int write_file(const opts *o, const st_ckpt *ck, const ds4_hparams *hp, const imatrix *im, bool mtp,
+                      const char *out, char *err, size_t errlen) {
+    int rc = -1;
+    int n = ds4_layout(hp, o->mix, mtp, NULL, 0);
+    ds4_tensor_spec *specs = calloc((size_t)n, sizeof *specs);
+    int64_t *widx = calloc((size_t)n, sizeof *widx);
+    gguf_writer *w = gguf_writer_new(32);
+    conv c = {.ck = ck, .hp = hp, .im = im, .n_threads = o->n_threads};
+    sink s = {0};
+    if (!specs || !widx || !w) { snprintf(err, errlen, "out of memory"); goto out; }
+    ds4_layout(hp, o->mix, mtp, specs, n);
 
-    /* Every float tensor the layout names must exist in the checkpoint with
-     * the right shape before a byte is written: checked in the main loop,
-     * but the missing-tensor case is common enough to report up front. */
+    /* Every tensor the layout names must exist before a byte is written
+     * (shapes and dtypes are checked as each one is converted; a failure
+     * then removes the partial file). */
     for (int i = 0; i < n; i++) {
         char name[256];
         if (hf_name(specs[i].name, 0, name, sizeof name)) {
-            snprintf(err, sizeof err, "no Hugging Face source known for %s", specs[i].name);
-            goto fail;
+            snprintf(err, errlen, "no Hugging Face source known for %s", specs[i].name);
+            goto out;
         }
         if (!st_find(ck, name)) {
-            snprintf(err, sizeof err, "%s: missing tensor %s (needed for %s)", dir, name, specs[i].name);
-            goto fail;
+            snprintf(err, errlen, "%s: missing tensor %s (needed for %s)", o->dir, name, specs[i].name);
+            goto out;
         }
     }
 
-    ds4_hparams_write(&hp, w);
-    gguf_set_str(w, "general.name", "DeepSeek V4 (ds4-convert)");
-    gguf_set_u32(w, "general.file_type", file_type(mix));
-    if (!tok_path) {
-        snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-        tok_path = path;
-    }
-    if (hf_write_tokenizer(tok_path, hp.n_vocab, bos, eos, w, err, sizeof err)) goto fail;
-    if (im) imatrix_write_meta(im, imatrix_path, w);
+    ds4_hparams_write(hp, w);
+    gguf_set_str(w, "general.name", mtp ? "DeepSeek V4 MTP (ds4-convert)" : "DeepSeek V4 (ds4-convert)");
+    gguf_set_u32(w, "general.file_type", file_type(o->mix));
+    if (!mtp && hf_write_tokenizer(o->tok_path, hp->n_vocab, o->bos, o->eos, w, err, errlen)) goto out;
+    if (im) imatrix_write_meta(im, o->imatrix_path, w);
 
     uint64_t total = 0, max_n0 = 0;
     for (int i = 0; i < n; i++) {
@@ -401,45 +389,94 @@ int main(int argc, char **argv) {
         total += gguf_writer_tensor_bytes(w, widx[i]);
         if (specs[i].dims[0] > max_n0) max_n0 = specs[i].dims[0];
     }
-    if (gguf_writer_begin(w, out, err, sizeof err)) goto fail;
+    if (gguf_writer_begin(w, out, err, errlen)) goto out;
 
-    c.ck = ck;
-    c.hp = &hp;
-    c.im = im;
-    c.n_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
     for (int t = 0; t < c.n_threads; t++)
-        if (!(c.rows[t] = malloc(max_n0 * sizeof *c.rows[t]))) { snprintf(err, sizeof err, "out of memory"); goto fail; }
+        if (!(c.rows[t] = malloc(max_n0 * sizeof *c.rows[t]))) { snprintf(err, errlen, "out of memory"); goto out; }
     c.imp = malloc(max_n0 * sizeof *c.imp);
     s.buf = malloc(CHUNK_BYTES);
     s.cap = CHUNK_BYTES;
-    if (!c.imp || !s.buf) { snprintf(err, sizeof err, "out of memory"); goto fail; }
-    c.prog = (progress){.total = total, .t0 = now(), .show = !quiet && isatty(2)};
+    if (!c.imp || !s.buf) { snprintf(err, errlen, "out of memory"); goto out; }
+    c.prog = (progress){.total = total, .t0 = now(), .show = !o->quiet && isatty(2)};
     s.w = w;
     s.prog = &c.prog;
     for (int i = 0; i < n; i++) {
         s.idx = widx[i];
         s.off = 0;
         s.name = specs[i].name;
-        if (convert_tensor(&c, &specs[i], &s, err, sizeof err)) {
+        if (convert_tensor(&c, &specs[i], &s, err, errlen)) {
             if (c.prog.show) fputc('\n', stderr);
-            goto fail;
+            goto out;
         }
     }
     progress_draw(&c.prog, "", true);
-    if (gguf_writer_finish(w, err, sizeof err)) goto fail;
+    if (gguf_writer_finish(w, err, errlen)) goto out;
     fprintf(stderr, "ds4-convert: wrote %s: %d tensors, %.3f GB of tensor data (mix %s%s)\n", out, n, total / 1e9,
-            mix_s, im ? ", imatrix" : "");
+            o->mix_s, im ? ", imatrix" : "");
     rc = 0;
-    goto done;
-fail:
-    fprintf(stderr, "ds4-convert: %s\n", err);
-done:
+out:
     gguf_writer_free(w);   /* removes a begun, unfinished file */
     free(s.buf);
     for (int t = 0; t < MAX_THREADS; t++) free(c.rows[t]);
     free(c.imp);
     free(specs);
     free(widx);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    opts o = {.mix_s = "q2"};
+    const char *out = NULL, *mtp_out = NULL;
+    long threads = sysconf(_SC_NPROCESSORS_ONLN);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--mix") && i + 1 < argc) o.mix_s = argv[++i];
+        else if (!strcmp(a, "--imatrix") && i + 1 < argc) o.imatrix_path = argv[++i];
+        else if (!strcmp(a, "--tokenizer") && i + 1 < argc) o.tok_path = argv[++i];
+        else if (!strcmp(a, "--mtp") && i + 1 < argc) mtp_out = argv[++i];
+        else if (!strcmp(a, "--quiet")) o.quiet = true;
+        else if (!strcmp(a, "--threads") && i + 1 < argc) {
+            char *end;
+            threads = strtol(argv[++i], &end, 10);
+            if (*end || threads < 1) { fprintf(stderr, "ds4-convert: --threads needs a positive count\n"); return 2; }
+        }
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        else if (a[0] == '-' && a[1]) { fprintf(stderr, "ds4-convert: unknown option %s\n", a); usage(stderr); return 2; }
+        else if (!o.dir) o.dir = a;
+        else if (!out) out = a;
+        else { usage(stderr); return 2; }
+    }
+    if (!o.dir || !out) { usage(stderr); return 2; }
+    if (!strcmp(o.mix_s, "f32")) o.mix = DS4_MIX_F32;
+    else if (!strcmp(o.mix_s, "q2")) o.mix = DS4_MIX_Q2;
+    else if (!strcmp(o.mix_s, "q4")) o.mix = DS4_MIX_Q4;
+    else { fprintf(stderr, "ds4-convert: --mix must be f32, q2 or q4 (got %s)\n", o.mix_s); return 2; }
+    o.n_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
+
+    char err[1024], path[4096], tok[4096];
+    int rc = 1;
+    ds4_hparams hp;
+    st_ckpt *ck = NULL;
+    imatrix *im = NULL;
+    snprintf(path, sizeof path, "%s/config.json", o.dir);
+    if (hf_read_config(path, &hp, &o.bos, &o.eos, err, sizeof err)) goto fail;
+    if (mtp_out && hp.n_mtp == 0) {
+        snprintf(err, sizeof err, "%.900s: num_nextn_predict_layers is 0, so there is no MTP block to convert", path);
+        goto fail;
+    }
+    if (!o.tok_path) {
+        snprintf(tok, sizeof tok, "%s/tokenizer.json", o.dir);
+        o.tok_path = tok;
+    }
+    if (!(ck = st_open_dir(o.dir, err, sizeof err))) goto fail;
+    if (o.imatrix_path && !(im = imatrix_load(o.imatrix_path, err, sizeof err))) goto fail;
+    if (write_file(&o, ck, &hp, im, false, out, err, sizeof err)) goto fail;
+    if (mtp_out && write_file(&o, ck, &hp, im, true, mtp_out, err, sizeof err)) goto fail;
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "ds4-convert: %s\n", err);
+done:
     imatrix_free(im);
     st_close(ck);
     return rc;
