@@ -32,7 +32,7 @@ static char *slurp(const char *path, size_t *len) {
     return b;
 }
 
-typedef struct { char *blob; const uint8_t *data; char dtype[16]; int64_t shape[2]; } raw_t;
+typedef struct { char *blob; const uint8_t *data; uint64_t nbytes; char dtype[16]; int ndim; int64_t shape[2]; } raw_t;
 
 /* Tensor NAME of the fixture: its bytes (inside blob, which the caller frees). */
 static int raw_get(const char *name, raw_t *r) {
@@ -55,8 +55,11 @@ static int raw_get(const char *name, raw_t *r) {
     snprintf(r->dtype, sizeof r->dtype, "%s", cJSON_GetObjectItem(t, "dtype")->valuestring);
     cJSON *sh = cJSON_GetObjectItem(t, "shape");
     r->shape[0] = cJSON_GetArrayItem(sh, 0)->valueint;
-    r->shape[1] = cJSON_GetArraySize(sh) > 1 ? cJSON_GetArrayItem(sh, 1)->valueint : 1;
-    r->data = (const uint8_t *)r->blob + 8 + hl + (uint64_t)cJSON_GetArrayItem(cJSON_GetObjectItem(t, "data_offsets"), 0)->valuedouble;
+    r->ndim = cJSON_GetArraySize(sh);
+    r->shape[1] = r->ndim > 1 ? cJSON_GetArrayItem(sh, 1)->valueint : 1;
+    cJSON *off = cJSON_GetObjectItem(t, "data_offsets");
+    r->data = (const uint8_t *)r->blob + 8 + hl + (uint64_t)cJSON_GetArrayItem(off, 0)->valuedouble;
+    r->nbytes = (uint64_t)(cJSON_GetArrayItem(off, 1)->valuedouble - cJSON_GetArrayItem(off, 0)->valuedouble);
     cJSON_Delete(h);
     return 0;
 }
@@ -374,6 +377,113 @@ static void test_refusals(void) {
     expect_refusal("corrupt header", "model-00002-of-00002.safetensors", "{\"", "\x7f\x7f", "not a JSON object");
 }
 
+
+/* The MTP block: a checkpoint with mtp.0.* tensors (made here from layer 4,
+ * a non-hash window-less layer's worth of tensors, and the global HC head)
+ * converts with --mtp into a file the model loader binds, each tensor equal
+ * to the main-file tensor converted from the same source bytes. */
+static void add_mtp(cJSON *hdr, cJSON *wm, FILE *data, uint64_t *off, const char *dst, const char *src) {
+    raw_t r = {0};
+    if (raw_get(src, &r)) return;
+    cJSON *e = cJSON_AddObjectToObject(hdr, dst);
+    cJSON_AddStringToObject(e, "dtype", r.dtype);
+    double shape[2] = {(double)r.shape[0], (double)r.shape[1]};
+    cJSON_AddItemToObject(e, "shape", cJSON_CreateDoubleArray(shape, r.ndim));
+    double offs[2] = {(double)*off, (double)(*off + r.nbytes)};
+    cJSON_AddItemToObject(e, "data_offsets", cJSON_CreateDoubleArray(offs, 2));
+    fwrite(r.data, 1, r.nbytes, data);
+    *off += r.nbytes;
+    cJSON_AddStringToObject(wm, dst, "mtp.safetensors");
+    free(r.blob);
+}
+
+static void test_mtp(void) {
+    char dir[512], path[700], log[2048], err[512];
+    snprintf(dir, sizeof dir, "%s/with-mtp", tmp);
+    REQUIRE(broken_copy(dir, "config.json", "\"num_nextn_predict_layers\": 0", "\"num_nextn_predict_layers\": 1") == 0,
+            "copy with num_nextn_predict_layers 1");
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    char *text = slurp(path, NULL);
+    cJSON *idx = cJSON_Parse(text), *wm = cJSON_GetObjectItem(idx, "weight_map");
+    free(text);
+    cJSON *hdr = cJSON_CreateObject();
+    char dpath[700];
+    snprintf(dpath, sizeof dpath, "%s/mtp.data", tmp);
+    FILE *data = fopen(dpath, "wb");
+    REQUIRE(idx && wm && data, "index and data files");
+    uint64_t off = 0;
+    cJSON *names = cJSON_Duplicate(wm, 1);
+    for (cJSON *e = names->child; e; e = e->next) {
+        const char *n = e->string;
+        if (strncmp(n, "layers.4.", 9) || strstr(n, "compressor") || strstr(n, "indexer")) continue;
+        char dst[256];
+        snprintf(dst, sizeof dst, "mtp.0.%s", n + 9);
+        add_mtp(hdr, wm, data, &off, dst, n);
+    }
+    cJSON_Delete(names);
+    static const char *extra[][2] = {
+        {"mtp.0.e_proj.weight", "layers.4.ffn.shared_experts.w1.weight"},
+        {"mtp.0.e_proj.scale", "layers.4.ffn.shared_experts.w1.scale"},
+        {"mtp.0.h_proj.weight", "layers.4.ffn.shared_experts.w3.weight"},
+        {"mtp.0.h_proj.scale", "layers.4.ffn.shared_experts.w3.scale"},
+        {"mtp.0.enorm.weight", "layers.4.ffn_norm.weight"}, {"mtp.0.hnorm.weight", "layers.4.attn_norm.weight"},
+        {"mtp.0.norm.weight", "norm.weight"}, {"mtp.0.hc_head_fn", "hc_head_fn"},
+        {"mtp.0.hc_head_base", "hc_head_base"}, {"mtp.0.hc_head_scale", "hc_head_scale"},
+    };
+    for (size_t i = 0; i < sizeof extra / sizeof *extra; i++) add_mtp(hdr, wm, data, &off, extra[i][0], extra[i][1]);
+    fclose(data);
+    /* mtp.safetensors = u64 header length | header | data. */
+    char *h = cJSON_PrintUnformatted(hdr);
+    uint64_t hl = strlen(h);
+    snprintf(path, sizeof path, "%s/mtp.safetensors", dir);
+    FILE *f = fopen(path, "wb");
+    size_t dlen;
+    char *d = slurp(dpath, &dlen);
+    REQUIRE(f && d, "mtp shard");
+    fwrite(&hl, 8, 1, f);
+    fwrite(h, 1, hl, f);
+    fwrite(d, 1, dlen, f);
+    fclose(f);
+    free(d);
+    free(h);
+    cJSON_Delete(hdr);
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    h = cJSON_Print(idx);
+    f = fopen(path, "wb");
+    REQUIRE(f, "index");
+    fputs(h, f);
+    fclose(f);
+    free(h);
+    cJSON_Delete(idx);
+
+    char main_out[700], mtp_out[700], args[800];
+    snprintf(main_out, sizeof main_out, "%s/mtp-main.gguf", tmp);
+    snprintf(mtp_out, sizeof mtp_out, "%s/mtp.gguf", tmp);
+    snprintf(args, sizeof args, "--mix f32 --mtp '%s'", mtp_out);
+    REQUIRE(run_convert(args, dir, main_out, log, sizeof log) == 0, "%s", log);
+    ds4_model m;
+    REQUIRE(ds4_model_load(&m, main_out, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_model_load_mtp(&m, mtp_out, err, sizeof err) == 0, "MTP load: %s", err);
+    ds4_model_free(&m);
+    gguf_file *a = gguf_open(mtp_out, err, sizeof err), *b = gguf_open(main_out, err, sizeof err);
+    REQUIRE(a && b, "%s", err);
+    static const char *same[][2] = {
+        {"mtp.0.attn_q_a.weight", "blk.4.attn_q_a.weight"}, {"mtp.0.ffn_down_exps.weight", "blk.4.ffn_down_exps.weight"},
+        {"mtp.0.exp_probs_b.bias", "blk.4.exp_probs_b.bias"}, {"mtp.0.e_proj.weight", "blk.4.ffn_gate_shexp.weight"},
+        {"mtp.0.hc_head_fn.weight", "output_hc_fn.weight"}, {"mtp.0.norm.weight", "output_norm.weight"},
+    };
+    for (size_t i = 0; i < sizeof same / sizeof *same; i++) {
+        const gguf_tensor *ta = gguf_find_tensor(a, same[i][0]), *tb = gguf_find_tensor(b, same[i][1]);
+        CHECK(ta && tb && ta->nbytes == tb->nbytes && !memcmp(ta->data, tb->data, ta->nbytes), "%s != %s",
+              same[i][0], same[i][1]);
+    }
+    CHECK(gguf_find_key(a, "tokenizer.ggml.tokens") < 0, "the MTP file carries no vocabulary");
+    gguf_close(a);
+    gguf_close(b);
+    /* Asking for the MTP block of a checkpoint without one is an error. */
+    CHECK(run_convert(args, fix, main_out, log, sizeof log) != 0 && strstr(log, "num_nextn_predict_layers"), "%s", log);
+}
+
 int main(void) {
     snprintf(fix, sizeof fix, "%s/tests/fixtures/oracle", test_env("DS4_ROOT", "."));
     snprintf(tmp, sizeof tmp, "/tmp/ds4-convert-XXXXXX");
@@ -384,6 +494,7 @@ int main(void) {
     RUN(test_q4_mix);
     RUN(test_imatrix);
     RUN(test_refusals);
+    RUN(test_mtp);
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
     if (system(cmd)) fprintf(stderr, "could not remove %s\n", tmp);
