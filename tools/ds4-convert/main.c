@@ -102,10 +102,13 @@ static void usage(FILE *f) {
         "  --quiet           no progress bar\n");
 }
 
+typedef enum { PROGRESS_OFF, PROGRESS_BAR, PROGRESS_LINES } progress_mode;
+
 typedef struct {
     uint64_t total, done;
     double t0, last;
-    bool show;
+    progress_mode mode;
+    int decile;                /* last 10% step printed in PROGRESS_LINES */
 } progress;
 
 static double now(void) {
@@ -115,12 +118,21 @@ static double now(void) {
 }
 
 static void progress_draw(progress *p, const char *name, bool final) {
-    if (!p->show) return;
+    if (p->mode == PROGRESS_OFF) return;
     double t = now();
-    if (!final && t - p->last < 0.2) return;
-    p->last = t;
     double frac = p->total ? (double)p->done / p->total : 1.0, el = t - p->t0;
     double eta = frac > 0 ? el / frac - el : 0;
+    if (p->mode == PROGRESS_LINES) {
+        /* Not a terminal (a log file): one line per 10%. */
+        int decile = (int)(frac * 10);
+        if (final || decile <= p->decile) return;
+        p->decile = decile;
+        fprintf(stderr, "ds4-convert: %3d%%  %.3f/%.3f GB  %ds elapsed, ETA %ds\n", 10 * decile, p->done / 1e9,
+                p->total / 1e9, (int)el, (int)eta);
+        return;
+    }
+    if (!final && t - p->last < 0.2) return;
+    p->last = t;
     char bar[31];
     int fill = (int)(frac * 30);
     for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
@@ -397,7 +409,8 @@ static int write_file(const opts *o, const st_ckpt *ck, const ds4_hparams *hp, c
     s.buf = malloc(CHUNK_BYTES);
     s.cap = CHUNK_BYTES;
     if (!c.imp || !s.buf) { snprintf(err, errlen, "out of memory"); goto out; }
-    c.prog = (progress){.total = total, .t0 = now(), .show = !o->quiet && isatty(2)};
+    c.prog = (progress){.total = total, .t0 = now(),
+                        .mode = o->quiet ? PROGRESS_OFF : isatty(2) ? PROGRESS_BAR : PROGRESS_LINES};
     s.w = w;
     s.prog = &c.prog;
     for (int i = 0; i < n; i++) {
@@ -405,7 +418,7 @@ static int write_file(const opts *o, const st_ckpt *ck, const ds4_hparams *hp, c
         s.off = 0;
         s.name = specs[i].name;
         if (convert_tensor(&c, &specs[i], &s, err, errlen)) {
-            if (c.prog.show) fputc('\n', stderr);
+            if (c.prog.mode == PROGRESS_BAR) fputc('\n', stderr);
             goto out;
         }
     }

@@ -346,23 +346,36 @@ int st_weight_get(const st_ckpt *c, const char *name, st_weight *out, char *err,
 
 uint64_t st_weight_row(const st_weight *w, uint64_t r, float *out) {
     const uint64_t n = w->cols, base = r * n;
+    const uint8_t *p = w->w->data;
     switch (w->kind) {
     case ST_W_PLAIN:
-        for (uint64_t i = 0; i < n; i++) out[i] = scalar(w->w, base + i);
+        if (w->w->dtype == ST_F32) memcpy(out, p + 4 * base, n * sizeof *out);
+        else
+            for (uint64_t i = 0; i < n; i++) out[i] = scalar(w->w, base + i);
         break;
     case ST_W_FP8: {
-        const uint8_t *q = w->w->data + base;
+        /* One scale per 128 columns of this row's 128-row block. */
+        const uint8_t *q = p + base;
         const uint64_t sb = (r / 128) * w->scale->shape[1];
-        for (uint64_t i = 0; i < n; i++) out[i] = e4m3_to_f32(q[i]) * scalar(w->scale, sb + i / 128);
+        for (uint64_t i0 = 0; i0 < n; i0 += 128) {
+            const float sc = scalar(w->scale, sb + i0 / 128);
+            const uint64_t i1 = i0 + 128 < n ? i0 + 128 : n;
+            for (uint64_t i = i0; i < i1; i++) out[i] = e4m3_to_f32(q[i]) * sc;
+        }
         break;
     }
     case ST_W_FP4: {
-        const uint8_t *q = w->w->data + r * (n / 2);
+        /* 32 values (16 bytes) per scale; low nibble = even element. */
+        const uint8_t *q = p + r * (n / 2);
         const uint64_t sb = r * (n / 32);
-        for (uint64_t i = 0; i < n; i++) {
-            uint8_t nib = (i & 1) ? q[i / 2] >> 4 : q[i / 2] & 15;   /* low nibble = even element */
-            float v = E2M1[nib & 7] * scalar(w->scale, sb + i / 32);
-            out[i] = (nib & 8) ? -v : v;
+        for (uint64_t b = 0; b < n / 32; b++) {
+            const float sc = scalar(w->scale, sb + b);
+            for (int k = 0; k < 16; k++) {
+                const uint8_t byte = q[16 * b + k];
+                const float lo = E2M1[byte & 7] * sc, hi = E2M1[(byte >> 4) & 7] * sc;
+                out[32 * b + 2 * k] = (byte & 8) ? -lo : lo;
+                out[32 * b + 2 * k + 1] = (byte & 0x80) ? -hi : hi;
+            }
         }
         break;
     }
