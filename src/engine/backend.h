@@ -79,7 +79,8 @@ typedef struct {
     void (*destroy)(void *be);
     void *(*state_new)(void *be, uint32_t ctx, char *err, size_t errlen);
     void (*state_free)(void *be, void *st);
-    uint64_t (*state_bytes)(void *be, const void *st); /* memory the state holds */
+    /* Bytes of the logical state in use (above, f32) and allocated. */
+    void (*state_bytes)(void *be, const void *st, uint64_t *in_use, uint64_t *allocated);
     int (*eval)(void *be, void *st, const int32_t *ids, size_t n, float *logits, bool all_logits,
                 char *err, size_t errlen);
     int (*truncate)(void *be, void *st, uint32_t n, char *err, size_t errlen);
