@@ -262,6 +262,16 @@ static void test_unterminated_and_malformed(void) {
     ds4_dsml_free(p);
     rec_free(&r);
 
+    /* A marker mentioned in prose does not stop recognition of a real block. */
+    const char *t3 = "Use <tool_calls> tags." E5_BLOCK;
+    for (size_t chunk = 0; chunk < 3; chunk++) {
+        p = feed(&r, t3, chunk, false, true);
+        CHECK(ds4_dsml_calls_done(p) && r.s.n_calls == 1 && !strcmp(S(r.s.content), "Use <tool_calls> tags."),
+              "chunk %zu: %d calls, content %s", chunk, r.s.n_calls, S(r.s.content));
+        ds4_dsml_free(p);
+        rec_free(&r);
+    }
+
     /* Tools off: DSML is plain content. */
     p = feed(&r, "x" E5_BLOCK, 0, false, false);
     CHECK(!strcmp(S(r.s.content), "x" E5_BLOCK) && r.s.n_calls == 0, "tools off");

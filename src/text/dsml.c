@@ -24,11 +24,12 @@
  * U+FFFD, raw control characters are escaped).
  *
  * Failure: a structural error, or a block still open at ds4_dsml_finish(),
- * turns the whole block (from the whitespace before it) back into CONTENT, and
- * everything after it is content too, so CONTENT always concatenates to
- * ds4_parse_output()'s content. TOOL events already sent for that block cannot
- * be retracted: ds4_dsml_failed() then reports true and the caller should end
- * with DS4_FINISH_ERROR. */
+ * turns the block (from the whitespace before it) back into CONTENT, so
+ * CONTENT always concatenates to ds4_parse_output()'s content. If no TOOL
+ * event was sent for it, recognition resumes after its start marker; else
+ * the rest is content, and since the sent TOOL events cannot be retracted,
+ * ds4_dsml_failed() reports true and the caller should end with
+ * DS4_FINISH_ERROR. */
 #include "ds4.h"
 #include "json_text.h"
 
@@ -95,6 +96,7 @@ struct ds4_dsml {
     bool xml;         /* the open block uses plain XML tag names */
     size_t ws_start;  /* start of the whitespace before the block */
     size_t raw_start, raw_end;
+    size_t marker_end; /* just past the block's start marker */
     size_t held_marker; /* bytes of a partial start marker held in ST_SEARCH */
     int n_calls;      /* invokes opened so far */
     int n_params;     /* parameters in the open invoke */
@@ -158,10 +160,18 @@ static void args(ds4_dsml *p, const char *s, size_t n) {
     emit(p, DS4_EV_TOOL_ARGS, s, n);
 }
 
-/* Give up on the open block: it, and everything after it, is content. */
+/* Give up on the open block: it is content again. When no tool event was
+ * sent for it (e.g. "<tool_calls>" mentioned in prose) the search goes on
+ * after its start marker; otherwise the rest of the output is content. */
 static void abandon(ds4_dsml *p, bool unterminated) {
     p->failed |= p->tool_events;
     p->unterminated |= unterminated;
+    if (!p->tool_events && !unterminated) {
+        emit(p, DS4_EV_CONTENT, p->buf.p + p->ws_start, p->marker_end - p->ws_start);
+        p->pos = p->scan = p->marker_end;
+        p->st = ST_SEARCH;
+        return;
+    }
     p->pos = p->ws_start;
     p->st = ST_PLAIN;
 }
@@ -588,7 +598,7 @@ static bool step_search(ds4_dsml *p, bool final) {
         /* The "\n\n" before the marker belongs to the block (§3.1). */
         p->raw_start = best >= ws + 2 && b[best - 2] == '\n' && b[best - 1] == '\n' ? best - 2 : best;
         p->xml = MARKERS[which].xml;
-        p->pos = best + strlen(MARKERS[which].s);
+        p->pos = p->marker_end = best + strlen(MARKERS[which].s);
         p->tool_events = false;
         p->st = ST_BLOCK;
         return true;
