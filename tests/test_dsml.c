@@ -78,10 +78,11 @@ static void test_e5_call_streamed_bytewise(void) {
     CHECK(r.s.n_calls == 1 && !strcmp(r.names[0], "get_weather"), "calls %d", r.s.n_calls);
     CHECK(!strcmp(S(r.s.args[0]), "{\"location\":\"Beijing\",\"unit\":\"celsius\"}"), "args %s", S(r.s.args[0]));
     CHECK(ds4_dsml_calls_done(p) && !ds4_dsml_unterminated(p) && !ds4_dsml_failed(p), "done");
-    /* TOOL_BEGIN came with the byte that completed the invoke tag (feed i
-     * carries byte i). */
-    const char *gt = strstr(text, "get_weather\">") + strlen("get_weather\"");
-    CHECK(r.begins_at_feed[0] == (int)(gt - text), "begin at byte %d, '>' is byte %d", r.begins_at_feed[0], (int)(gt - text));
+    /* TOOL_BEGIN came with the quote that completed the name (feed i
+     * carries byte i), before the tag's '>'. */
+    const char *q = strstr(text, "get_weather\">") + strlen("get_weather");
+    CHECK(r.begins_at_feed[0] == (int)(q - text), "begin at byte %d, name complete at byte %d", r.begins_at_feed[0],
+          (int)(q - text));
     ds4_dsml_free(p);
     rec_free(&r);
 

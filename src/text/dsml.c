@@ -101,6 +101,7 @@ struct ds4_dsml {
     int n_calls;      /* invokes opened so far */
     int n_params;     /* parameters in the open invoke */
     bool tool_events; /* TOOL_* events were sent for the open block */
+    bool begun;       /* TOOL_BEGIN sent for an invoke tag not yet closed by '>' */
     bool done, unterminated, failed;
     /* ST_JSON: an incremental JSON validator (see step_json). */
     size_t vstart;    /* value start, for the string fallback */
@@ -166,6 +167,7 @@ static void args(ds4_dsml *p, const char *s, size_t n) {
 static void abandon(ds4_dsml *p, bool unterminated) {
     p->failed |= p->tool_events;
     p->unterminated |= unterminated;
+    p->begun = false;
     if (!p->tool_events && !unterminated) {
         emit(p, DS4_EV_CONTENT, p->buf.p + p->ws_start, p->marker_end - p->ws_start);
         p->pos = p->scan = p->marker_end;
@@ -250,6 +252,15 @@ static int param_close(const ds4_dsml *p, const char *s, size_t n, size_t *len) 
     return best;
 }
 
+/* TOOL_BEGIN for the invoke whose name is in p->tmp, and its "{". */
+static void begin_call(ds4_dsml *p) {
+    p->tool_events = true;
+    p->begun = true;
+    ds4_event ev = {DS4_EV_TOOL_BEGIN, p->n_calls, NULL, 0, p->tmp.p};
+    p->fn(p->ud, &ev);
+    args(p, "{", 1);
+}
+
 /* One step of ST_BLOCK / ST_INVOKE: read one tag. Returns false when it
  * needs more input. */
 static bool step_tag(ds4_dsml *p, bool final) {
@@ -262,6 +273,13 @@ static bool step_tag(ds4_dsml *p, bool final) {
     }
     if (b[p->pos] != '<') { abandon(p, false); return true; }
     const char *gt = memchr(b + p->pos, '>', len - p->pos);
+    size_t at;
+    if (!gt && p->st == ST_BLOCK && !p->begun && tag_is(p, b + p->pos, len - p->pos, false, "invoke", &at) &&
+        tag_attr(b + p->pos + at, len - p->pos - at, "name=\"", &p->tmp)) {
+        /* The name is complete: announce the call before the tag ends. */
+        begin_call(p);
+        return false;
+    }
     if (!gt) {
         if (len - p->pos > MAX_TAG) abandon(p, false);
         else if (final) abandon(p, true);
@@ -269,15 +287,13 @@ static bool step_tag(ds4_dsml *p, bool final) {
         return true;
     }
     const char *tag = b + p->pos;
-    size_t n = (size_t)(gt - tag), at;
+    size_t n = (size_t)(gt - tag);
     size_t next = p->pos + n + 1;
     if (p->st == ST_BLOCK) {
         if (tag_is(p, tag, n, false, "invoke", &at)) {
             if (!tag_attr(tag + at, n - at, "name=\"", &p->tmp)) { abandon(p, false); return true; }
-            p->tool_events = true;
-            ds4_event ev = {DS4_EV_TOOL_BEGIN, p->n_calls, NULL, 0, p->tmp.p};
-            p->fn(p->ud, &ev);
-            args(p, "{", 1);
+            if (!p->begun) begin_call(p);
+            p->begun = false;
             p->n_params = 0;
             p->st = ST_INVOKE;
         } else if (tag_is(p, tag, n, true, "tool_calls", &at)) {
