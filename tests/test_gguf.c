@@ -317,9 +317,10 @@ static void test_writer_errors(void) {
         {"tensor 'q': dims[0] 33 is not a multiple of the Q8_0 block (32)", 2},
         {"tensor 'z': dims[1] is zero", 3}, {"tensor 'n': n_dims 5 is not in 1..4", 4},
         {"tensor 'u': unknown ggml type 30", 5}, {"alignment 3 is not a power of two", 6},
+        {"duplicate key 'general.alignment'", 7}, /* gguf_writer_new(64) already set it */
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        w = gguf_writer_new(cases[c].setup == 6 ? 3 : 32);
+        w = gguf_writer_new(cases[c].setup == 6 ? 3 : cases[c].setup == 7 ? 64 : 32);
         gguf_set_u32(w, "a", 1);
         switch (cases[c].setup) {
         case 0: gguf_set_str(w, "a", "again"); break;
@@ -328,6 +329,7 @@ static void test_writer_errors(void) {
         case 3: CHECK(gguf_add_tensor(w, "z", GGML_F32, 2, d0) == -1); break;
         case 4: CHECK(gguf_add_tensor(w, "n", GGML_F32, 5, d5) == -1); break;
         case 5: CHECK(gguf_add_tensor(w, "u", (ggml_type)30, 1, d8) == -1); break;
+        case 7: gguf_set_u32(w, "general.alignment", 64); break;
         default: break;
         }
         char want[600];
@@ -584,13 +586,13 @@ static void test_tensor_errors(void) {
     btensor(&b, "", 1, d1, GGML_F32, 0);
     bzeros(&b, 8); /* so that n_tensors 1 is plausible */
     expect_err(&b, "t.gguf: offset 24: empty tensor name");
-    /* Out of bounds: header ends at 57, data at 64; 32 bytes needed, 16 there. */
+    /* Out of bounds: header ends at 57, data at 64; 32 bytes needed, 31 there. */
     bhdr(&b, 1, 0);
     btensor(&b, "w", 1, d1, GGML_F32, 0);
-    bzeros(&b, 7 + 16);
+    bzeros(&b, 7 + 31);
     expect_err(&b, "t.gguf: offset 49: tensor 'w': data (32 bytes at data offset 0) runs past the end of the file "
-                   "(data section holds 16 bytes)");
-    bzeros(&b, 16);
+                   "(data section holds 31 bytes)");
+    bzeros(&b, 1);
     gguf_file *f = expect_ok(&b);
     gguf_close(f);
     /* An offset so large that offset + size wraps is out of bounds, not a wrap. */
@@ -617,6 +619,25 @@ static void test_tensor_errors(void) {
     btensor(&b, "w", 1, d16, GGML_F32, 64);
     bzeros(&b, 6 + 128);
     expect_err(&b, "t.gguf: offset 57: duplicate tensor name 'w'");
+    /* Alignment 1 allows a one-byte overlap: F16 [3] at 0..6 and at 5. Infos
+     * follow the 33-byte alignment key; "b"'s offset field is at 115 and
+     * the data section starts right after the infos, at 123. */
+    uint64_t d3[] = {3};
+    for (uint64_t off = 5; off <= 6; off++) {
+        bhdr(&b, 2, 1);
+        bstr(&b, "general.alignment");
+        b32(&b, GGUF_U32);
+        b32(&b, 1);
+        btensor(&b, "a", 1, d3, GGML_F16, 0);
+        btensor(&b, "b", 1, d3, GGML_F16, off);
+        bzeros(&b, 12);
+        if (off == 5) expect_err(&b, "t.gguf: offset 115: tensor 'b': data overlaps tensor 'a'");
+        else {
+            f = expect_ok(&b);
+            CHECK(f && gguf_find_tensor(f, "b")->data == b.p + 129, "touching ranges are fine");
+            gguf_close(f);
+        }
+    }
     bhdr(&b, 2, 0);
     btensor(&b, "w", 1, d16, GGML_F32, 64);
     btensor(&b, "v", 1, d16, GGML_F32, 0);

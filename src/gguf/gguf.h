@@ -7,7 +7,9 @@
  * before use; tensor data ranges lie inside the file, are aligned, and do not
  * overlap; tensor types are known and dims do not overflow. No allocation is
  * ever sized by an unchecked count. Tensor data is never copied: pointers
- * point into the mapping, which stays valid until gguf_close(). */
+ * point into the mapping, which stays valid until gguf_close(). Since every
+ * tensor's bytes lie inside the file, each dim and nbytes is below the file
+ * size and so fits an int64_t. */
 #ifndef DS4_GGUF_H
 #define DS4_GGUF_H
 #include <stdbool.h>
@@ -116,8 +118,8 @@ uint64_t ggml_row_bytes(uint32_t type, uint64_t n);
  *
  * Errors in the collecting calls (out of memory, a bad tensor shape, ...)
  * are remembered and reported by gguf_writer_begin(); duplicate keys or
- * tensor names are reported there too. The file ends exactly at the end of
- * the last tensor's bytes (no trailing padding). */
+ * tensor names are reported there too. A file with tensors ends exactly at
+ * the last tensor's last byte (no trailing padding). */
 typedef struct gguf_writer gguf_writer;
 
 /* alignment: 0 means the default 32; anything other than 32 is recorded as

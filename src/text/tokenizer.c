@@ -2,8 +2,8 @@
  *
  * Tables built once at load:
  * - spelling -> id (open addressing), for lookups by exact text;
- * - (left id, right id) -> (rank, merged id), so BPE works on ids and never
- *   builds strings;
+ * - (left id, right id) -> merge rank, and rank -> merged id, so BPE works
+ *   on ids and never builds strings;
  * - each token's output bytes (specials verbatim, BPE tokens through the
  *   inverse byte table);
  * - a byte trie of special spellings for ds4_tokenize_special.
@@ -71,7 +71,12 @@ static uint32_t table_size(uint32_t n) {
 
 /* ---- The tokenizer ------------------------------------------------------ */
 
-typedef struct { uint64_t key; uint32_t rank; int32_t id; } merge_slot; /* key 0 = empty */
+/* Merge table slot, one word so the table (2 MiB for DeepSeek) stays in
+ * cache: left id + 1 (20 bits) | right id + 1 (20 bits) | rank (24 bits);
+ * 0 = empty. The merged token is merge_id[rank]. */
+#define MAX_TOKENS ((1u << 20) - 1)
+#define MAX_MERGES (1u << 24)
+#define NO_MERGE UINT32_MAX
 typedef struct { int32_t child, sibling, token; uint8_t byte; } trie_node;
 
 /* Piece cache: pieces up to CACHE_MAX_PIECE bytes; when a limit is reached it
@@ -93,8 +98,9 @@ struct ds4_tokenizer {
     uint64_t *bytes_off; /* n_vocab + 1 */
     uint8_t *special;
     uint32_t *vocab_ht, vocab_mask; /* id + 1, 0 = empty */
-    merge_slot *merge_ht;
+    uint64_t *merge_ht;
     uint32_t merge_mask;
+    int32_t *merge_id;   /* rank -> merged token */
     int32_t byte_id[256];
     trie_node *trie;     /* node 0 is the root */
     uint32_t n_trie;
@@ -146,18 +152,22 @@ int32_t ds4_token_lookup(const ds4_tokenizer *t, const char *s, size_t len) {
     }
 }
 
-static const merge_slot *merge_find(const ds4_tokenizer *t, int32_t a, int32_t b) {
-    uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1; /* +1: key 0 marks empty */
+static inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)(a + 1) << 20 | (uint64_t)(b + 1); }
+
+/* Rank of merging a then b, or NO_MERGE. */
+static uint32_t merge_rank(const ds4_tokenizer *t, int32_t a, int32_t b) {
+    uint64_t key = pair_key(a, b);
     for (uint32_t i = (uint32_t)hash_u64(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
-        if (t->merge_ht[i].key == key) return &t->merge_ht[i];
-        if (!t->merge_ht[i].key) return NULL;
+        uint64_t v = t->merge_ht[i];
+        if (!v) return NO_MERGE;
+        if (v >> 24 == key) return (uint32_t)(v & (MAX_MERGES - 1));
     }
 }
 
 void ds4_tokenizer_free(ds4_tokenizer *t) {
     if (!t) return;
     free(t->text); free(t->text_off); free(t->bytes); free(t->bytes_off); free(t->special);
-    free(t->vocab_ht); free(t->merge_ht); free(t->trie);
+    free(t->vocab_ht); free(t->merge_ht); free(t->merge_id); free(t->trie);
     free(t->cache); free(t->cache_keys); free(t->cache_ids);
     pthread_mutex_destroy(&t->mu);
     free(t);
@@ -235,8 +245,9 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     ds4_tokenizer *t = calloc(1, sizeof *t);
     if (!t) { snprintf(err, errlen, "tokenizer: out of memory"); return NULL; }
     pthread_mutex_init(&t->mu, NULL);
-    if (n_tokens < 256 || n_tokens > (1u << 30)) FAIL("tokenizer: vocabulary of %u tokens is not plausible", n_tokens);
-    if (n_merges > (1u << 30)) FAIL("tokenizer: %u merges is not plausible", n_merges);
+    if (n_tokens < 256 || n_tokens > MAX_TOKENS)
+        FAIL("tokenizer: vocabulary of %u tokens (must be 256..%u)", n_tokens, MAX_TOKENS);
+    if (n_merges >= MAX_MERGES) FAIL("tokenizer: %u merges (at most %u)", n_merges, MAX_MERGES - 1);
     t->n_vocab = n_tokens;
 
     /* Spellings and the spelling -> id table. */
@@ -301,7 +312,8 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     /* Merges: "left right" -> rank = index. */
     uint32_t msize = table_size(n_merges);
     t->merge_ht = calloc(msize, sizeof *t->merge_ht);
-    if (!t->merge_ht) FAIL("tokenizer: out of memory");
+    t->merge_id = malloc((n_merges ? n_merges : 1) * sizeof *t->merge_id);
+    if (!t->merge_ht || !t->merge_id) FAIL("tokenizer: out of memory");
     t->merge_mask = msize - 1;
     char *cat = malloc(8192 + 2);
     if (!cat) FAIL("tokenizer: out of memory");
@@ -322,10 +334,11 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
             free(cat);
             FAIL("tokenizer: merge %u (\"%.*s\") names a token not in the vocabulary", r, (int)(n > 200 ? 200 : n), m);
         }
-        uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
+        uint64_t key = pair_key(a, b);
         uint32_t h = (uint32_t)hash_u64(key) & t->merge_mask;
-        while (t->merge_ht[h].key && t->merge_ht[h].key != key) h = (h + 1) & t->merge_mask;
-        if (!t->merge_ht[h].key) t->merge_ht[h] = (merge_slot){key, r, ab}; /* repeated pair: lowest rank */
+        while (t->merge_ht[h] && t->merge_ht[h] >> 24 != key) h = (h + 1) & t->merge_mask;
+        if (!t->merge_ht[h]) t->merge_ht[h] = key << 24 | r; /* repeated pair: lowest rank */
+        t->merge_id[r] = ab;
     }
     free(cat);
 
@@ -350,7 +363,10 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
 ds4_tokenizer *ds4_tokenizer_new(const char *const *tokens, const uint64_t *token_lens, uint32_t n_tokens,
                                  const char *const *merges, const uint64_t *merge_lens, uint32_t n_merges,
                                  char *err, size_t errlen) {
-    if (n_tokens > (1u << 30)) { snprintf(err, errlen, "tokenizer: %u tokens is not plausible", n_tokens); return NULL; }
+    if (n_tokens > MAX_TOKENS) {
+        snprintf(err, errlen, "tokenizer: vocabulary of %u tokens (must be 256..%u)", n_tokens, MAX_TOKENS);
+        return NULL;
+    }
     uint8_t *special = calloc(n_tokens ? n_tokens : 1, 1);
     if (!special) { snprintf(err, errlen, "tokenizer: out of memory"); return NULL; }
     for (uint32_t i = 0; i < n_tokens; i++) {
@@ -369,37 +385,37 @@ const ds4_special_ids *ds4_tokenizer_special(const ds4_tokenizer *t) { return &t
 
 /* ---- BPE ---------------------------------------------------------------
  * Symbols form a linked list over the piece's bytes; candidate pairs sit in
- * a min-heap ordered by (rank, position of the left symbol), which is
+ * a min-heap of words rank << 32 | left position, whose integer order is
  * exactly "lowest rank first, leftmost on ties". Entries are checked when
  * popped (lazy deletion): a merge invalidates the pairs around it and pushes
- * the two new ones. O(n log n) per piece, so long runs stay cheap. */
+ * the two new ones. An entry is current iff its left symbol is alive and
+ * the pair there still has its rank (a rank names exactly one pair).
+ * O(n log n) per piece and 36 bytes per input byte, so long runs (a
+ * megabyte of spaces) stay bounded. */
 
-typedef struct { uint32_t rank, pos, right; int32_t left_id, right_id; } pair;
+#define BPE_MAX_PIECE (1u << 30) /* positions fit in int32; longer pieces are cut */
+
 typedef struct { int32_t id; int32_t prev, next; } sym;
 
-static bool pair_less(const pair *a, const pair *b) {
-    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
-}
-
-static void heap_push(pair *h, size_t *n, pair p) {
+static void heap_push(uint64_t *h, size_t *n, uint64_t v) {
     size_t i = (*n)++;
     while (i > 0) {
         size_t up = (i - 1) / 2;
-        if (!pair_less(&p, &h[up])) break;
+        if (v >= h[up]) break;
         h[i] = h[up];
         i = up;
     }
-    h[i] = p;
+    h[i] = v;
 }
 
-static pair heap_pop(pair *h, size_t *n) {
-    pair top = h[0], last = h[--*n];
+static uint64_t heap_pop(uint64_t *h, size_t *n) {
+    uint64_t top = h[0], last = h[--*n];
     size_t i = 0;
     for (;;) {
         size_t c = 2 * i + 1;
         if (c >= *n) break;
-        if (c + 1 < *n && pair_less(&h[c + 1], &h[c])) c++;
-        if (!pair_less(&h[c], &last)) break;
+        if (c + 1 < *n && h[c + 1] < h[c]) c++;
+        if (h[c] >= last) break;
         h[i] = h[c];
         i = c;
     }
@@ -407,19 +423,20 @@ static pair heap_pop(pair *h, size_t *n) {
     return top;
 }
 
-static void push_pair(const ds4_tokenizer *t, const sym *s, pair *h, size_t *nh, int32_t pos) {
+static void push_pair(const ds4_tokenizer *t, const sym *s, uint64_t *h, size_t *nh, int32_t pos) {
     int32_t r = s[pos].next;
     if (r < 0) return;
-    const merge_slot *m = merge_find(t, s[pos].id, s[r].id);
-    if (m) heap_push(h, nh, (pair){m->rank, (uint32_t)pos, (uint32_t)r, s[pos].id, s[r].id});
+    uint32_t rank = merge_rank(t, s[pos].id, s[r].id);
+    if (rank != NO_MERGE) heap_push(h, nh, (uint64_t)rank << 32 | (uint32_t)pos);
 }
 
-/* BPE of one piece; appends its ids to out. Returns how many it appended. */
+/* BPE of one piece (n <= BPE_MAX_PIECE); appends its ids to out. Returns how
+ * many it appended. */
 static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     sym small_s[64];
-    pair small_h[3 * 64];
+    uint64_t small_h[3 * 64];
     sym *s = small_s;
-    pair *h = small_h;
+    uint64_t *h = small_h;
     if (n > 64) {
         s = malloc(n * sizeof *s);
         h = malloc(3 * n * sizeof *h); /* n-1 initial pairs + at most 2 per merge */
@@ -429,17 +446,17 @@ static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens
     size_t nh = 0;
     for (size_t i = 0; i + 1 < n; i++) push_pair(t, s, h, &nh, (int32_t)i);
     while (nh) {
-        pair b = heap_pop(h, &nh);
-        /* Stale if either side changed since the pair was pushed. */
-        if (s[b.pos].id != b.left_id || s[b.pos].next != (int32_t)b.right || s[b.right].id != b.right_id) continue;
-        const merge_slot *m = merge_find(t, b.left_id, b.right_id);
-        s[b.pos].id = m->id;
-        int32_t nx = s[b.right].next;
-        s[b.pos].next = nx;
-        if (nx >= 0) s[nx].prev = (int32_t)b.pos;
-        s[b.right].id = -1; /* dead */
-        if (s[b.pos].prev >= 0) push_pair(t, s, h, &nh, s[b.pos].prev);
-        push_pair(t, s, h, &nh, (int32_t)b.pos);
+        uint64_t v = heap_pop(h, &nh);
+        uint32_t rank = (uint32_t)(v >> 32);
+        int32_t pos = (int32_t)(uint32_t)v, r = s[pos].next;
+        if (s[pos].id < 0 || r < 0 || merge_rank(t, s[pos].id, s[r].id) != rank) continue; /* stale */
+        s[pos].id = t->merge_id[rank];
+        int32_t nx = s[r].next;
+        s[pos].next = nx;
+        if (nx >= 0) s[nx].prev = pos;
+        s[r].id = -1; /* dead */
+        if (s[pos].prev >= 0) push_pair(t, s, h, &nh, s[pos].prev);
+        push_pair(t, s, h, &nh, pos);
     }
     size_t k = 0;
     for (int32_t i = 0; i >= 0; i = s[i].next, k++) ds4_tokens_push(out, s[i].id);
@@ -479,7 +496,13 @@ static void cache_clear(ds4_tokenizer *t) {
 
 static void encode_piece(ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     if (n == 1) { ds4_tokens_push(out, t->byte_id[p[0]]); return; }
-    if (n > CACHE_MAX_PIECE) { bpe(t, p, n, out); return; }
+    if (n > CACHE_MAX_PIECE) {
+        /* Not cached. A piece over BPE_MAX_PIECE (a gigabyte of one class,
+         * never real text) is encoded in cuts rather than refused. */
+        for (; n > BPE_MAX_PIECE; p += BPE_MAX_PIECE, n -= BPE_MAX_PIECE) bpe(t, p, BPE_MAX_PIECE, out);
+        bpe(t, p, n, out);
+        return;
+    }
     uint64_t a, b = 0;
     if (n <= 16) {
         key_words(p, n, &a, &b);
