@@ -75,7 +75,10 @@ typedef struct {
     const char *id;             /* tool-call id (may be NULL) */
     const char *name;
     const char *arguments;      /* JSON text of the arguments object */
-    const char *raw_dsml;       /* exact sampled DSML block for replay, or NULL */
+    const char *raw_dsml;       /* exact sampled DSML block for replay, or NULL.
+                                 * A block holds all calls of its message: the
+                                 * renderer replays it when every call of the
+                                 * message carries the same bytes. */
 } ds4_tool_call;
 
 typedef struct {
@@ -105,6 +108,10 @@ typedef struct {
     size_t cap, special_cap;
 } ds4_rendered;
 
+/* Overwrites *out (free it with ds4_rendered_free, also after an error).
+ * Tools attach to a leading system/developer message, or to an empty system
+ * message inserted first. Errors: unknown role, a tool schema that is not
+ * valid JSON. */
 int ds4_chat_render(const ds4_chat *chat, ds4_rendered *out, char *err, size_t errlen);
 void ds4_rendered_free(ds4_rendered *r);
 /* Rendered prompt -> ids: control tokens exactly where the renderer put them,
@@ -129,8 +136,8 @@ typedef enum {
 typedef struct {
     ds4_event_kind kind;
     int index;
-    const char *text; size_t len;
-    const char *name;
+    const char *text; size_t len;   /* valid during the callback only */
+    const char *name;               /* TOOL_BEGIN; valid during the callback only */
 } ds4_event;
 
 typedef void (*ds4_event_fn)(void *ud, const ds4_event *ev);
@@ -150,15 +157,29 @@ bool ds4_dsml_structural(const ds4_dsml *p);
 bool ds4_dsml_calls_done(const ds4_dsml *p);
 /* True if a tool block opened and never closed. */
 bool ds4_dsml_unterminated(const ds4_dsml *p);
+/* True if a block was abandoned (structural error or unterminated) after
+ * TOOL_* events were sent for it. Its raw bytes were then re-reported as
+ * CONTENT (CONTENT always concatenates to ds4_parse_output()'s content), but
+ * the tool events cannot be retracted: finish with DS4_FINISH_ERROR. */
+bool ds4_dsml_failed(const ds4_dsml *p);
 
-/* Authoritative parse of a whole generation (prompt.md §3.4, tolerant). */
+/* Authoritative parse of a whole generation (prompt.md §3.4, tolerant).
+ * Runs the same recogniser as the streaming API, so both always agree:
+ * reasoning = text before the first </think> (all of it when thinking and no
+ * </think> came); content = the rest minus the tool block and the whitespace
+ * before it; calls only when the block closed, each with the block's exact
+ * bytes (from its "\n\n" through </…tool_calls>) as raw_dsml and compact
+ * JSON arguments. Returns -1 only on allocation failure. */
 typedef struct {
     char *reasoning, *content;
     ds4_tool_call *calls; int n_calls;   /* strings owned by the result */
 } ds4_parsed;
 int ds4_parse_output(const char *text, size_t len, bool thinking, bool tools, ds4_parsed *out);
 void ds4_parsed_free(ds4_parsed *p);
-/* JSON arguments -> canonical DSML invoke block (for unknown tool-call ids). */
+/* JSON arguments -> canonical DSML block, official encoder bytes: "\n\n"
+ * <｜DSML｜tool_calls> … </｜DSML｜tool_calls> (for unknown tool-call ids).
+ * Strings raw with string="true", other values Python-json style; arguments
+ * that are not a JSON object become one string parameter "arguments". */
 char *ds4_dsml_render_calls(const ds4_tool_call *calls, int n);
 
 /* ---- Sampling (src/sample/sampler.c) ---------------------------------- */
@@ -175,7 +196,11 @@ ds4_sampling ds4_sampling_defaults(bool thinking);
 typedef struct ds4_sampler ds4_sampler;
 ds4_sampler *ds4_sampler_new(const ds4_sampling *s, uint32_t n_vocab);
 void ds4_sampler_free(ds4_sampler *s);
-/* Pick the next token; greedy forces argmax (lowest id on ties). */
+/* Pick the next token; greedy (or temperature <= 0) forces argmax, lowest id
+ * on ties. Otherwise: softmax of logits/T; top-k; top-p = shortest prefix of
+ * the top-k set reaching top_p of its mass; min-p keeps p >= min_p * p_max;
+ * draw from the survivors (xoshiro256** seeded from seed: same seed, same
+ * tokens). NaN logits are never picked. */
 int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy);
 /* Top-k log-probabilities of a logits vector (descending), for --dump-logprobs. */
 int ds4_top_logprobs(const float *logits, uint32_t n_vocab, int k, int32_t *ids, float *logprobs);
@@ -202,6 +227,9 @@ uint32_t ds4_engine_n_vocab(const ds4_engine *e);
 uint32_t ds4_engine_ctx_max(const ds4_engine *e);
 /* Human-readable model report (`ds4 --inspect`). */
 void ds4_engine_inspect(const ds4_engine *e, uint64_t ctx, FILE *out);
+/* Weight bytes one decoded token reads: every tensor but the embedding table,
+ * with only n_expert_used routed experts per layer (spec model.md §9.2). */
+uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e);
 
 /* A session holds the KV state for up to ctx tokens. */
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen);
@@ -221,10 +249,13 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
 /* NULL while the session is empty. */
 const float *ds4_session_logits(const ds4_session *s);
-/* Drop tokens after n when that is exact; -1 (with err) when it is not.
- * Exact whenever n >= len − (sliding_window + 1), and always for n = 0; the
- * last kept token is re-evaluated so ds4_session_logits() is valid after. */
+/* Bytes of KV state the session holds now (rows in use, f32). */
+uint64_t ds4_session_kv_bytes(const ds4_session *s);
+/* Drop tokens after n when that is exact; -1 (with err) when it is not. */
 int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen);
+/* Truncation is exact whenever n >= len − (sliding_window + 1), and always
+ * for n = 0; the last kept token is re-evaluated so ds4_session_logits() is
+ * valid after. */
 /* Versioned snapshot of the whole state (same bytes for every backend;
  * format in src/engine/session.c). save mallocs *buf (caller frees). load
  * refuses a corrupt, truncated or other-model snapshot, or one longer than

@@ -48,6 +48,13 @@ static void test_engine_basics(void) {
     char err[256];
     ds4_engine_params p = {.model_path = "/nonexistent.gguf"};
     CHECK(ds4_engine_open(&p, err, sizeof err) == NULL && err[0]);
+    uint64_t wb = ds4_engine_weight_bytes_per_token(eng);
+    FILE *f = fopen(model_path, "rb");
+    long fsize = 0;
+    if (f) { fseek(f, 0, SEEK_END); fsize = ftell(f); fclose(f); }
+    /* Tiny: 16 experts, 4 used, experts are most of the file; the 8k × 256
+     * F16 embedding (4 MiB) is excluded. */
+    CHECK(wb > 1000000 && wb + 4u * 1024 * 1024 < (uint64_t)fsize, "weight bytes/token %llu of %ld", (unsigned long long)wb, fsize);
     CHECK(ds4_session_new(eng, 0, err, sizeof err) == NULL);
     CHECK(ds4_session_new(eng, 65537, err, sizeof err) == NULL);
 }
@@ -62,6 +69,12 @@ static void test_eval_reference(void) {
     REQUIRE(ds4_session_eval(s, ids, N, ref, NULL, NULL, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(s) == N);
     CHECK(!memcmp(ds4_session_tokens(s), ids, sizeof ids));
+    /* Rows in use at 300 tokens (tiny: 6 layers, head/indexer dim 128, window
+     * 128 + slack 128): raw 6·256·128; ratio-4 ×2: 75 + 75 rows of 128 and
+     * kv+gate rings of 136 × 256 twice; ratio-128 ×2: 2 rows, ring 256 × 128. */
+    uint64_t want = 4ull * (6 * 256 * 128 + 2 * (75 * 128 * 2 + 2 * 136 * 256 * 2) + 2 * (2 * 128 + 2 * 256 * 128));
+    CHECK(ds4_session_kv_bytes(s) == want, "kv bytes %llu, want %llu", (unsigned long long)ds4_session_kv_bytes(s),
+          (unsigned long long)want);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)(N - 1) * V, V * sizeof(float)), "last logits kept");
     /* One more token by decode equals... itself in a fresh session's prefill. */
     int32_t bad = (int32_t)V;
@@ -221,11 +234,21 @@ static void test_truncate(void) {
     REQUIRE(ds4_session_truncate(s, 250, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(s) == 250);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)249 * V, V * sizeof(float)), "logits after truncate = fresh run");
+    /* A truncated state snapshots and restores like any other. */
+    uint8_t *buf;
+    size_t len;
+    REQUIRE(ds4_session_save(s, &buf, &len) == 0);
+    ds4_session *r = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_load(r, buf, len, err, sizeof err) == 0, "%s", err);
+    free(buf);
+    REQUIRE(ds4_session_eval(r, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(r), ref + (size_t)269 * V, V * sizeof(float)), "restored truncated state");
+    ds4_session_free(r);
     REQUIRE(ds4_session_eval(s, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)269 * V, V * sizeof(float)), "continuation = fresh run");
     CHECK(ds4_session_truncate(s, 400, err, sizeof err) == -1);
     REQUIRE(ds4_session_truncate(s, 0, err, sizeof err) == 0);
-    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL);
+    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL && ds4_session_kv_bytes(s) == 0);
     REQUIRE(ds4_session_eval(s, ids, 3, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)2 * V, V * sizeof(float)));
     ds4_session_free(s);
