@@ -296,9 +296,9 @@ void ds4_kvstore_close(ds4_kvstore *st);
 /* Durably writes cp (temp file, fsync, rename, fsync dir), replacing a
  * checkpoint with the same text. Makes room by deleting the least valuable
  * checkpoints (ds4_kv_value; least recently used among equals), never one
- * worth more than cp. Returns 0
- * saved, 1 not saved by policy (bigger than the budget, or everything kept is
- * worth more; err says which), -1 on an I/O error. */
+ * worth more than cp. Returns 0 saved, 1 not saved by policy (bigger than
+ * the budget, or everything kept is worth more; err says which), -1 on bad
+ * input or an I/O error. */
 int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, size_t errlen);
 /* The checkpoint whose text is the longest prefix of text[0, len) (and, when
  * ids != NULL, whose ids are a prefix of ids[0, n_ids)), loaded and verified,
