@@ -203,7 +203,9 @@ static bool write_full(int fd, const void *buf, size_t n) {
     return true;
 }
 
+/* Defined with save below; open uses it to trim to a lowered budget. */
 static bool plan_eviction(ds4_kvstore *st, uint64_t need, double worth, const kv_entry *replaced, bool *victim);
+
 /* ---- index ---------------------------------------------------------------------- */
 
 static kv_entry *find_key(ds4_kvstore *st, const uint8_t key[32]) {
