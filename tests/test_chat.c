@@ -4,7 +4,11 @@
  * sequences contain. */
 #include "ds4.h"
 #include "test.h"
+#include "text/json_text.h"          /* the Python-style JSON printer */
 #include "text/tokenizer_internal.h" /* tok_load_hf_json: test-only loader */
+
+#include <cjson/cJSON.h>
+#include <math.h>
 
 static const char *SPECIALS[] = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                                  "<think>", "</think>", "｜DSML｜"};
@@ -353,6 +357,79 @@ static void test_bad_input(void) {
     ds4_rendered_free(&r);
 }
 
+static uint64_t rs = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(uint32_t n) {
+    rs ^= rs << 13;
+    rs ^= rs >> 7;
+    rs ^= rs << 17;
+    return (uint32_t)(rs % n);
+}
+
+static cJSON *rand_json(int depth) {
+    static const char *pieces[] = {"a", " ", "\"", "\\", "\n", "\x01", "\x7f", "é", "😀", "\xe2\x80\xa8", "/", "<"};
+    char buf[128] = "";
+    switch (rnd(depth > 2 ? 5 : 7)) {
+    case 0: return cJSON_CreateNumber((double)(int32_t)(rnd(4000000) - 2000000));
+    case 1: return cJSON_CreateNumber(ldexp((double)rnd(1u << 30) - (1 << 29), (int)rnd(200) - 100));
+    case 2:
+        for (int i = rnd(8); i > 0; i--) strcat(buf, pieces[rnd(sizeof pieces / sizeof *pieces)]);
+        return cJSON_CreateString(buf);
+    case 3: return cJSON_CreateBool(rnd(2));
+    case 4: return cJSON_CreateNull();
+    case 5: {
+        cJSON *a = cJSON_CreateArray();
+        for (int i = rnd(4); i > 0; i--) cJSON_AddItemToArray(a, rand_json(depth + 1));
+        return a;
+    }
+    default: {
+        cJSON *o = cJSON_CreateObject();
+        for (int i = rnd(4); i > 0; i--) {
+            snprintf(buf, sizeof buf, "k%u%s", rnd(100), rnd(4) ? "" : "é\"");
+            if (!cJSON_GetObjectItemCaseSensitive(o, buf)) cJSON_AddItemToObject(o, buf, rand_json(depth + 1));
+        }
+        return o;
+    }
+    }
+}
+
+/* Python-style printing keeps the value: cJSON reads back the same tree;
+ * mangled input is refused or printed as valid JSON, never a crash. */
+static void test_json_printer_roundtrip(void) {
+    int bad = 0;
+    for (int iter = 0; iter < 2000 && bad < 5; iter++) {
+        cJSON *v = rand_json(0);
+        char *in = rnd(2) ? cJSON_Print(v) : cJSON_PrintUnformatted(v);
+        ds4_sbuf out = {0};
+        bool ok = ds4_json_format(in, strlen(in), DS4_JSON_PYTHON, &out) == 0;
+        cJSON *back = ok ? cJSON_Parse(out.p) : NULL;
+        ok = back && cJSON_Compare(v, back, true);
+        if (!ok) bad++;
+        CHECK(ok, "iteration %d: %s\n -> %s", iter, in, out.p ? out.p : "(refused)");
+        cJSON_Delete(back);
+        /* Flip one byte: refused, or still valid JSON. */
+        size_t n = strlen(in);
+        if (n) in[rnd((uint32_t)n)] = "{}[]\",:0-e. a\\"[rnd(15)];
+        out.n = 0;
+        if (ds4_json_format(in, n, DS4_JSON_PYTHON, &out) == 0) {
+            /* Python prints an overflowing float as Infinity (not JSON, but
+             * what the model was trained on). */
+            cJSON *j = cJSON_Parse(out.p);
+            CHECK(j || strstr(out.p, "Infinity"), "accepted %s but printed invalid %s", in, out.p);
+            cJSON_Delete(j);
+        }
+        ds4_sbuf_free(&out);
+        free(in);
+        cJSON_Delete(v);
+    }
+    /* Deep nesting is refused, not a stack overflow. */
+    char deep[4001];
+    memset(deep, '[', 4000);
+    deep[4000] = 0;
+    ds4_sbuf out = {0};
+    CHECK(ds4_json_format(deep, 4000, DS4_JSON_PYTHON, &out) == -1, "deep nesting refused");
+    ds4_sbuf_free(&out);
+}
+
 int main(void) {
     RUN(test_e1_e2);
     RUN(test_e3_and_downgrade);
@@ -367,5 +444,6 @@ int main(void) {
     RUN(test_thinking_with_tools_keeps_reasoning);
     RUN(test_developer);
     RUN(test_bad_input);
+    RUN(test_json_printer_roundtrip);
     TEST_END();
 }

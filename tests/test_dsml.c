@@ -78,10 +78,11 @@ static void test_e5_call_streamed_bytewise(void) {
     CHECK(r.s.n_calls == 1 && !strcmp(r.names[0], "get_weather"), "calls %d", r.s.n_calls);
     CHECK(!strcmp(S(r.s.args[0]), "{\"location\":\"Beijing\",\"unit\":\"celsius\"}"), "args %s", S(r.s.args[0]));
     CHECK(ds4_dsml_calls_done(p) && !ds4_dsml_unterminated(p) && !ds4_dsml_failed(p), "done");
-    /* TOOL_BEGIN came with the byte that completed the invoke tag (feed i
-     * carries byte i). */
-    const char *gt = strstr(text, "get_weather\">") + strlen("get_weather\"");
-    CHECK(r.begins_at_feed[0] == (int)(gt - text), "begin at byte %d, '>' is byte %d", r.begins_at_feed[0], (int)(gt - text));
+    /* TOOL_BEGIN came with the quote that completed the name (feed i
+     * carries byte i), before the tag's '>'. */
+    const char *q = strstr(text, "get_weather\">") + strlen("get_weather");
+    CHECK(r.begins_at_feed[0] == (int)(q - text), "begin at byte %d, name complete at byte %d", r.begins_at_feed[0],
+          (int)(q - text));
     ds4_dsml_free(p);
     rec_free(&r);
 
@@ -261,6 +262,16 @@ static void test_unterminated_and_malformed(void) {
     CHECK(!strcmp(S(r.s.content), t2), "content %s", S(r.s.content));
     ds4_dsml_free(p);
     rec_free(&r);
+
+    /* A marker mentioned in prose does not stop recognition of a real block. */
+    const char *t3 = "Use <tool_calls> tags." E5_BLOCK;
+    for (size_t chunk = 0; chunk < 3; chunk++) {
+        p = feed(&r, t3, chunk, false, true);
+        CHECK(ds4_dsml_calls_done(p) && r.s.n_calls == 1 && !strcmp(S(r.s.content), "Use <tool_calls> tags."),
+              "chunk %zu: %d calls, content %s", chunk, r.s.n_calls, S(r.s.content));
+        ds4_dsml_free(p);
+        rec_free(&r);
+    }
 
     /* Tools off: DSML is plain content. */
     p = feed(&r, "x" E5_BLOCK, 0, false, false);

@@ -6,9 +6,13 @@
  * throughput (not part of the suite). */
 #include "test.h"
 
+#include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "quant/quant.h"
 #if defined(__F16C__)
@@ -528,6 +532,34 @@ static void test_quant_nonfinite(void) {
     }
 }
 
+/* Contract violations (a type that is not a weight format, a length that
+ * is not whole blocks) abort loudly instead of reading past a row. */
+static int aborts(void (*fn)(void)) {
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        const int fd = open("/dev/null", O_WRONLY);
+        if (fd >= 0) dup2(fd, 2);
+        fn();
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    return WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT;
+}
+static float scratch[512];
+static void dot_i32(void) { ds4_dot_row(GGML_I32, scratch, scratch, 4); }
+static void dot_ragged(void) { ds4_dot_row(GGML_Q4_K, scratch, scratch, 100); }
+static void quant_ragged(void) { ds4_quantize_row(GGML_Q8_0, scratch, scratch + 256, 33, NULL); }
+static void dot_ok(void) { ds4_dot_row(GGML_Q8_0, scratch, scratch, 64); }
+
+static void test_contract_aborts(void) {
+    CHECK(aborts(dot_i32), "I32 dot did not abort");
+    CHECK(aborts(dot_ragged), "Q4_K dot of 100 elements did not abort");
+    CHECK(aborts(quant_ragged), "Q8_0 quantise of 33 elements did not abort");
+    CHECK(!aborts(dot_ok), "a valid dot aborted");
+}
+
 /* ---- throughput (--bench) ---------------------------------------------- */
 
 static double now(void) {
@@ -596,5 +628,6 @@ int main(int argc, char **argv) {
     RUN(test_iq2_group_optimal);
     RUN(test_kquant_levels_optimal);
     RUN(test_quant_nonfinite);
+    RUN(test_contract_aborts);
     TEST_END();
 }

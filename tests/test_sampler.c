@@ -29,6 +29,20 @@ static void test_greedy_ties_and_nan(void) {
     for (int i = 0; i < 100; i++) CHECK(ds4_sample(s, n, false) != 0 && ds4_sample(s, n, false) != 3, "NaN never sampled");
     ds4_sampler_free(s);
     CHECK(ds4_sampler_new(&sp, 0) == NULL, "empty vocabulary refused");
+    /* Out-of-range settings still pick a valid token. */
+    ds4_sampling odd[] = {{.temperature = 1, .top_p = 1, .min_p = 7, .seed = 1},
+                          {.temperature = INFINITY, .top_p = 1, .seed = 1},
+                          {.temperature = 1, .top_p = NAN, .top_k = -3, .min_p = NAN, .seed = 1}};
+    float mixed[] = {-INFINITY, 1, 2, -INFINITY};
+    for (size_t c = 0; c < sizeof odd / sizeof *odd; c++) {
+        s = ds4_sampler_new(&odd[c], 4);
+        for (int i = 0; i < 50; i++) {
+            int32_t t = ds4_sample(s, mixed, false);
+            CHECK(t == 1 || t == 2, "case %zu: token %d", c, t);
+            if (c == 0) CHECK(t == 2, "min_p > 1 keeps only the best");
+        }
+        ds4_sampler_free(s);
+    }
 }
 
 static void test_defaults(void) {

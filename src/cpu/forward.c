@@ -646,16 +646,22 @@ void cpu_state_free(cpu_state *st) {
 
 uint32_t cpu_state_len(const cpu_state *st) { return st->n; }
 
-uint64_t cpu_state_bytes(const cpu_state *st) {
+void cpu_state_bytes(const cpu_state *st, uint64_t *in_use, uint64_t *allocated) {
     const ds4_hparams *hp = st->be->hp;
-    uint64_t f = 0;
+    uint64_t u = 0, a = 0, hd = hp->head_dim, ihd = hp->idx_head_dim;
     for (int l = 0; l < st->n_layer; l++) {
         const layer_state *ls = &st->L[l];
-        f += (uint64_t)st->keep_raw * hp->head_dim + (uint64_t)ls->cap_comp * hp->head_dim +
-             2ull * ls->keep_c * ls->W;
-        if (ls->ratio == 4) f += (uint64_t)ls->cap_comp * hp->idx_head_dim + 2ull * ls->keep_i * ls->Wi;
+        u += (st->n - ls->lo_raw) * hd;
+        a += st->keep_raw * hd;
+        if (!ls->ratio) continue;
+        u += ls->n_comp * hd + 2ull * (st->n - ls->lo_c) * ls->W;
+        a += ls->cap_comp * hd + 2ull * ls->keep_c * ls->W;
+        if (ls->ratio != 4) continue;
+        u += ls->n_idx * ihd + 2ull * (st->n - ls->lo_i) * ls->Wi;
+        a += ls->cap_comp * ihd + 2ull * ls->keep_i * ls->Wi;
     }
-    return f * sizeof(float);
+    *in_use = u * sizeof(float);
+    *allocated = a * sizeof(float);
 }
 
 void cpu_state_rows(const cpu_state *st, int il, uint32_t *n_comp, uint32_t *n_idx) {
@@ -923,7 +929,9 @@ static void *v_create(const ds4_model *m, int n_threads, char *err, size_t errle
 static void v_destroy(void *be) { cpu_backend_free(be); }
 static void *v_state_new(void *be, uint32_t ctx, char *err, size_t errlen) { return cpu_state_new(be, ctx, err, errlen); }
 static void v_state_free(void *be, void *st) { cpu_state_free(st); }
-static uint64_t v_state_bytes(void *be, const void *st) { return cpu_state_bytes(st); }
+static void v_state_bytes(void *be, const void *st, uint64_t *in_use, uint64_t *allocated) {
+    cpu_state_bytes(st, in_use, allocated);
+}
 static int v_eval(void *be, void *st, const int32_t *ids, size_t n, float *logits, bool all, char *err, size_t errlen) {
     return cpu_eval(be, st, ids, n, logits, all, NULL, err, errlen);
 }

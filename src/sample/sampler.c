@@ -129,13 +129,15 @@ int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
 
     float mx = -INFINITY;
     for (uint32_t i = 0; i < n; i++) {
-        float x = isnan(logits[i]) ? -INFINITY : logits[i] / p->temperature;
+        float x = logits[i] / p->temperature;
+        if (isnan(x)) x = -INFINITY; /* NaN logits (or -inf/inf) never win */
         s->v[i] = x;
         if (x > mx) mx = x;
     }
     if (!isfinite(mx)) return argmax(logits, n); /* nothing finite to weigh */
     /* min-p as a cut on scaled logits: p_i >= min_p * p_max <=> v_i - max >= log(min_p). */
     float cutoff = p->min_p > 0 ? mx + logf(p->min_p) : -INFINITY;
+    if (cutoff > mx) cutoff = mx; /* min_p > 1: the best token still survives */
 
     size_t k = p->top_k > 0 && (uint32_t)p->top_k < n ? (size_t)p->top_k : n;
     bool cut_p = p->top_p < 1; /* top_p <= 0 keeps just the most likely token */

@@ -260,7 +260,7 @@ int ds4_chat_render(const ds4_chat *chat, ds4_rendered *out, char *err, size_t e
     /* 2. Sort tool results by the latest assistant's call order. */
     const ds4_chat_msg *calls = NULL;
     for (int i = 0; i < n; i++) {
-        if (it[i].role == DS4_ROLE_ASSISTANT && it[i].m->n_tool_calls > 0)
+        if (it[i].role == DS4_ROLE_ASSISTANT && it[i].m->n_tool_calls > 0 && it[i].m->tool_calls)
             calls = has_call_ids(it[i].m) ? it[i].m : NULL;
         else if (it[i].role == DS4_ROLE_USER && calls)
             sort_results(&it[i], calls);

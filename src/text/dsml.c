@@ -24,11 +24,12 @@
  * U+FFFD, raw control characters are escaped).
  *
  * Failure: a structural error, or a block still open at ds4_dsml_finish(),
- * turns the whole block (from the whitespace before it) back into CONTENT, and
- * everything after it is content too, so CONTENT always concatenates to
- * ds4_parse_output()'s content. TOOL events already sent for that block cannot
- * be retracted: ds4_dsml_failed() then reports true and the caller should end
- * with DS4_FINISH_ERROR. */
+ * turns the block (from the whitespace before it) back into CONTENT, so
+ * CONTENT always concatenates to ds4_parse_output()'s content. If no TOOL
+ * event was sent for it, recognition resumes after its start marker; else
+ * the rest is content, and since the sent TOOL events cannot be retracted,
+ * ds4_dsml_failed() reports true and the caller should end with
+ * DS4_FINISH_ERROR. */
 #include "ds4.h"
 #include "json_text.h"
 
@@ -95,10 +96,12 @@ struct ds4_dsml {
     bool xml;         /* the open block uses plain XML tag names */
     size_t ws_start;  /* start of the whitespace before the block */
     size_t raw_start, raw_end;
+    size_t marker_end; /* just past the block's start marker */
     size_t held_marker; /* bytes of a partial start marker held in ST_SEARCH */
     int n_calls;      /* invokes opened so far */
     int n_params;     /* parameters in the open invoke */
     bool tool_events; /* TOOL_* events were sent for the open block */
+    bool begun;       /* TOOL_BEGIN sent for an invoke tag not yet closed by '>' */
     bool done, unterminated, failed;
     /* ST_JSON: an incremental JSON validator (see step_json). */
     size_t vstart;    /* value start, for the string fallback */
@@ -158,10 +161,19 @@ static void args(ds4_dsml *p, const char *s, size_t n) {
     emit(p, DS4_EV_TOOL_ARGS, s, n);
 }
 
-/* Give up on the open block: it, and everything after it, is content. */
+/* Give up on the open block: it is content again. When no tool event was
+ * sent for it (e.g. "<tool_calls>" mentioned in prose) the search goes on
+ * after its start marker; otherwise the rest of the output is content. */
 static void abandon(ds4_dsml *p, bool unterminated) {
     p->failed |= p->tool_events;
     p->unterminated |= unterminated;
+    p->begun = false;
+    if (!p->tool_events && !unterminated) {
+        emit(p, DS4_EV_CONTENT, p->buf.p + p->ws_start, p->marker_end - p->ws_start);
+        p->pos = p->scan = p->marker_end;
+        p->st = ST_SEARCH;
+        return;
+    }
     p->pos = p->ws_start;
     p->st = ST_PLAIN;
 }
@@ -240,6 +252,15 @@ static int param_close(const ds4_dsml *p, const char *s, size_t n, size_t *len) 
     return best;
 }
 
+/* TOOL_BEGIN for the invoke whose name is in p->tmp, and its "{". */
+static void begin_call(ds4_dsml *p) {
+    p->tool_events = true;
+    p->begun = true;
+    ds4_event ev = {DS4_EV_TOOL_BEGIN, p->n_calls, NULL, 0, p->tmp.p};
+    p->fn(p->ud, &ev);
+    args(p, "{", 1);
+}
+
 /* One step of ST_BLOCK / ST_INVOKE: read one tag. Returns false when it
  * needs more input. */
 static bool step_tag(ds4_dsml *p, bool final) {
@@ -252,6 +273,13 @@ static bool step_tag(ds4_dsml *p, bool final) {
     }
     if (b[p->pos] != '<') { abandon(p, false); return true; }
     const char *gt = memchr(b + p->pos, '>', len - p->pos);
+    size_t at;
+    if (!gt && p->st == ST_BLOCK && !p->begun && tag_is(p, b + p->pos, len - p->pos, false, "invoke", &at) &&
+        tag_attr(b + p->pos + at, len - p->pos - at, "name=\"", &p->tmp)) {
+        /* The name is complete: announce the call before the tag ends. */
+        begin_call(p);
+        return false;
+    }
     if (!gt) {
         if (len - p->pos > MAX_TAG) abandon(p, false);
         else if (final) abandon(p, true);
@@ -259,15 +287,13 @@ static bool step_tag(ds4_dsml *p, bool final) {
         return true;
     }
     const char *tag = b + p->pos;
-    size_t n = (size_t)(gt - tag), at;
+    size_t n = (size_t)(gt - tag);
     size_t next = p->pos + n + 1;
     if (p->st == ST_BLOCK) {
         if (tag_is(p, tag, n, false, "invoke", &at)) {
             if (!tag_attr(tag + at, n - at, "name=\"", &p->tmp)) { abandon(p, false); return true; }
-            p->tool_events = true;
-            ds4_event ev = {DS4_EV_TOOL_BEGIN, p->n_calls, NULL, 0, p->tmp.p};
-            p->fn(p->ud, &ev);
-            args(p, "{", 1);
+            if (!p->begun) begin_call(p);
+            p->begun = false;
             p->n_params = 0;
             p->st = ST_INVOKE;
         } else if (tag_is(p, tag, n, true, "tool_calls", &at)) {
@@ -588,7 +614,7 @@ static bool step_search(ds4_dsml *p, bool final) {
         /* The "\n\n" before the marker belongs to the block (§3.1). */
         p->raw_start = best >= ws + 2 && b[best - 2] == '\n' && b[best - 1] == '\n' ? best - 2 : best;
         p->xml = MARKERS[which].xml;
-        p->pos = best + strlen(MARKERS[which].s);
+        p->pos = p->marker_end = best + strlen(MARKERS[which].s);
         p->tool_events = false;
         p->st = ST_BLOCK;
         return true;
