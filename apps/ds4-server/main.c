@@ -19,13 +19,20 @@ static void usage(FILE *f) {
 "  GET  /v1/models  /v1/models/{id}  /health\n"
 "(the /v1 prefix is optional). One request is generated at a time; the\n"
 "others wait in a bounded queue. The session's KV state is reused for the\n"
-"longest common token prefix of consecutive requests.\n"
+"longest common token prefix of the requests of a conversation.\n"
 "\n"
 "options:\n"
 "  -m, --model FILE     GGUF model (required)\n"
 "  --host ADDR          numeric IPv4/IPv6 address to listen on (default 127.0.0.1)\n"
 "  --port N             TCP port (default 8000)\n"
 "  --ctx N              context size in tokens (default 32768, at most the model's)\n"
+"  --sessions N         resident KV sessions, one per concurrent conversation; a\n"
+"                       request goes to the session holding its longest prefix\n"
+"                       (default 1)\n"
+"  --kv-disk-dir DIR    keep KV checkpoints of long prompts on disk, so restarts,\n"
+"                       evicted conversations and rewinds resume without a full\n"
+"                       prefill (docs/kv-cache.md)\n"
+"  --kv-disk-space MB   disk budget for those checkpoints (default 16384)\n"
 "  --threads N          CPU threads (default: DS4_THREADS or all cores)\n"
 "  --cpu | --cuda       backend (default: CUDA when built with it and a GPU exists)\n"
 "  --api-key KEY        require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
@@ -46,7 +53,7 @@ static void usage(FILE *f) {
 "'output_config.effort', 'reasoning.effort' or the model names deepseek-chat\n"
 "(off) / deepseek-reasoner (on); thinking is on by default except for\n"
 "/v1/completions. SIGINT/SIGTERM stop accepting, cancel queued and running\n"
-"requests, and exit 0.\n");
+"requests, checkpoint the sessions (with --kv-disk-dir) and exit 0.\n");
 }
 
 static long num_arg(const char *opt, const char *v, long lo, long hi) {
@@ -95,6 +102,14 @@ static int load_scripts(srv *S, const char *path) {
     return rc;
 }
 
+/* Checkpoint extra data: the tool-call ids whose exact block is in text, so
+ * a restored prefix still replays its calls byte for byte. */
+static int checkpoint_tools(void *ud, const char *text, size_t text_len, const int32_t *ids, size_t n,
+                            uint8_t **blob, size_t *len) {
+    srv *S = ud;
+    return toolmap_encode_for(S->tools, text, text_len, blob, len);
+}
+
 int main(int argc, char **argv) {
     srv S;
     memset(&S, 0, sizeof S);
@@ -107,6 +122,8 @@ int main(int argc, char **argv) {
     cfg->timeout_s = 30;
     cfg->max_body = 32u << 20;
     cfg->model_name = "deepseek-v4-flash";
+    cfg->sessions = 1;
+    cfg->kv_space_mb = 16384;
     cfg->api_key = getenv("DS4_API_KEY");
     if (cfg->api_key && !*cfg->api_key) cfg->api_key = NULL;
     for (int i = 1; i < argc; i++) {
@@ -120,6 +137,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--host")) cfg->host = argv[++i];
         else if (!strcmp(a, "--port")) cfg->port = (int)num_arg(a, argv[++i], 0, 65535);
         else if (!strcmp(a, "--ctx")) cfg->ctx = (uint32_t)num_arg(a, argv[++i], 16, UINT32_MAX);
+        else if (!strcmp(a, "--sessions")) cfg->sessions = (int)num_arg(a, argv[++i], 1, 64);
+        else if (!strcmp(a, "--kv-disk-dir")) cfg->kv_dir = argv[++i];
+        else if (!strcmp(a, "--kv-disk-space")) cfg->kv_space_mb = (uint64_t)num_arg(a, argv[++i], 1, 1L << 30);
         else if (!strcmp(a, "--threads")) cfg->threads = (int)num_arg(a, argv[++i], 1, 1024);
         else if (!strcmp(a, "--api-key")) cfg->api_key = argv[++i];
         else if (!strcmp(a, "--model-name")) cfg->model_name = argv[++i];
@@ -155,21 +175,29 @@ int main(int argc, char **argv) {
     S.tok = ds4_engine_tokenizer(S.eng);
     uint32_t ctx_max = ds4_engine_ctx_max(S.eng);
     if (ctx_max && cfg->ctx > ctx_max) cfg->ctx = ctx_max;
-    S.sess = ds4_session_new(S.eng, cfg->ctx, err, sizeof err);
-    if (!S.sess) { fprintf(stderr, "ds4-server: %s\n", err); ds4_engine_close(S.eng); return 1; }
-    S.tools = toolmap_new(4096);
     pthread_mutex_init(&S.trace_mu, NULL);
+    S.tools = toolmap_new(4096);
     int rc = 1;
     if (cfg->trace_path && !(S.trace = fopen(cfg->trace_path, "a"))) {
         fprintf(stderr, "ds4-server: --trace %s: %s\n", cfg->trace_path, strerror(errno));
         goto out;
     }
+    if (cfg->kv_dir) {
+        char id[65];
+        if (ds4_kv_model_id(S.eng, id, err, sizeof err) != 0) { fprintf(stderr, "ds4-server: %s\n", err); goto out; }
+        ds4_kvstore_params kp = {.dir = cfg->kv_dir, .space_bytes = cfg->kv_space_mb << 20, .model_id = id, .log = S.trace};
+        if (!(S.store = ds4_kvstore_open(&kp, err, sizeof err))) { fprintf(stderr, "ds4-server: %s\n", err); goto out; }
+    }
+    ds4_pool_params pp = {.n_slots = cfg->sessions, .ctx = cfg->ctx, .store = S.store,
+                          .extra_fn = checkpoint_tools, .ud = &S, .log = S.trace};
+    if (!(S.pool = ds4_pool_new(S.eng, &pp, err, sizeof err))) { fprintf(stderr, "ds4-server: %s\n", err); goto out; }
     if (cfg->test_script && load_scripts(&S, cfg->test_script) != 0) goto out;
     if (!S.tools || worker_start(&S) != 0) { fprintf(stderr, "ds4-server: cannot start the worker\n"); goto out; }
     S.daemon = http_start(&S, err, sizeof err);
     if (!S.daemon) { fprintf(stderr, "ds4-server: %s\n", err); worker_stop(&S); goto out; }
-    fprintf(stderr, "ds4-server: %s backend, ctx %u, listening on http://%s:%d\n",
-            ds4_engine_backend_name(S.eng), cfg->ctx, cfg->host, cfg->port);
+    fprintf(stderr, "ds4-server: %s backend, ctx %u, %d session%s%s%s, listening on http://%s:%d\n",
+            ds4_engine_backend_name(S.eng), cfg->ctx, cfg->sessions, cfg->sessions == 1 ? "" : "s",
+            cfg->kv_dir ? ", KV checkpoints in " : "", cfg->kv_dir ? cfg->kv_dir : "", cfg->host, cfg->port);
 
     int sig = 0;
     sigwait(&sigs, &sig);
@@ -181,6 +209,7 @@ int main(int argc, char **argv) {
     http_drain(2000);
     MHD_stop_daemon(S.daemon);
     if (ls != MHD_INVALID_SOCKET) close(ls);
+    if (S.store && ds4_pool_spill_all(S.pool, err, sizeof err) != 0) fprintf(stderr, "ds4-server: checkpoint: %s\n", err);
     rc = 0;
 out:
     if (S.trace) fclose(S.trace);
@@ -188,7 +217,8 @@ out:
     free(S.script_names);
     free(S.scripts);
     toolmap_free(S.tools);
-    ds4_session_free(S.sess);
+    if (S.pool) ds4_pool_free(S.pool);
+    if (S.store) ds4_kvstore_close(S.store);
     ds4_engine_close(S.eng);
     return rc;
 }

@@ -243,7 +243,7 @@ int chat_tokenize(srv *S, chat_req *c, ds4_tokens *out, char *msg, size_t msglen
         .msgs = c->msgs, .n_msgs = c->n_msgs,
         .tools = c->tools, .n_tools = c->n_tools,
         .think = c->thinking ? c->think : DS4_THINK_NONE,
-        .ctx = ds4_session_ctx(S->sess),
+        .ctx = S->cfg.ctx,
         .add_generation_prompt = true,
     };
     ds4_rendered r = {0};
@@ -259,7 +259,7 @@ int chat_tokenize(srv *S, chat_req *c, ds4_tokens *out, char *msg, size_t msglen
                             r.len, c->thinking, c->n_tools, (int)r.len, r.text);
     ds4_rendered_free(&r);
     if (rc != 0) { snprintf(msg, msglen, "cannot tokenize the prompt"); ds4_tokens_free(out); return MHD_HTTP_INTERNAL_SERVER_ERROR; }
-    uint32_t ctx = ds4_session_ctx(S->sess);
+    uint32_t ctx = S->cfg.ctx;
     if (out->n >= ctx) {
         snprintf(msg, msglen, "This model's maximum context length is %u tokens. However, your messages resulted in %zu tokens.", ctx, out->n);
         ds4_tokens_free(out);

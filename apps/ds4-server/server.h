@@ -23,8 +23,9 @@
 #include <stdatomic.h>
 
 typedef struct {
-    const char *host, *model_path, *api_key, *trace_path, *test_script, *model_name;
-    int port, threads, queue_max, keepalive_s, timeout_s;
+    const char *host, *model_path, *api_key, *trace_path, *test_script, *model_name, *kv_dir;
+    int port, threads, queue_max, keepalive_s, timeout_s, sessions;
+    uint64_t kv_space_mb;
     uint32_t ctx;
     ds4_backend_kind backend;
     bool cors;
@@ -38,6 +39,11 @@ void toolmap_free(toolmap *m);
 void toolmap_put(toolmap *m, const char *id, const char *raw_dsml);
 /* A malloc'd copy of the block for id, or NULL. */
 char *toolmap_get(toolmap *m, const char *id);
+/* The entries whose block occurs in text, as a ds4_kv_map_encode blob (what
+ * a KV checkpoint of that text needs to replay its tool calls). 0 or -1. */
+int toolmap_encode_for(toolmap *m, const char *text, size_t len, uint8_t **blob, size_t *blob_len);
+/* Put every entry of such a blob (a restored checkpoint's). 0 or -1. */
+int toolmap_merge(toolmap *m, const uint8_t *blob, size_t len);
 
 /* ---- SSE channel (http.c) ----
  * The worker appends bytes; the connection thread drains them through an MHD
@@ -97,7 +103,8 @@ bool job_cancelled(job *j);
 struct srv {
     srv_config cfg;
     ds4_engine *eng;
-    ds4_session *sess;
+    ds4_pool *pool;               /* resident sessions; worker only */
+    ds4_kvstore *store;           /* disk checkpoints (--kv-disk-dir) or NULL */
     const ds4_tokenizer *tok;
     toolmap *tools;
     FILE *trace;
@@ -114,10 +121,11 @@ struct srv {
      * dropped) and the length of the live session it stands for. Worker only. */
     ds4_tokens alias_visible;
     size_t alias_real;
+    int alias_slot;
+    uint64_t alias_hash;          /* of the slot's tokens: still the same content? */
     bool alias_ok;
     pthread_t worker;
     struct MHD_Daemon *daemon;
-    atomic_uint_fast64_t counter;  /* ids */
 };
 
 int worker_start(srv *S);

@@ -99,6 +99,25 @@ char *toolmap_get(toolmap *m, const char *id) {
     return r;
 }
 
+int toolmap_encode_for(toolmap *m, const char *text, size_t len, uint8_t **blob, size_t *blob_len) {
+    pthread_mutex_lock(&m->mu);
+    const char **keys = malloc(sizeof *keys * (m->n + 1)), **vals = malloc(sizeof *vals * (m->n + 1));
+    size_t n = 0;
+    for (entry *e = m->head; keys && vals && e; e = e->next)
+        if (memmem(text, len, e->raw, strlen(e->raw))) { keys[n] = e->id; vals[n] = e->raw; n++; }
+    int rc = keys && vals ? ds4_kv_map_encode(keys, vals, n, blob, blob_len) : -1;
+    pthread_mutex_unlock(&m->mu);
+    free(keys);
+    free(vals);
+    return rc;
+}
+
+static void merge_one(void *ud, const char *key, const char *val) { toolmap_put(ud, key, val); }
+
+int toolmap_merge(toolmap *m, const uint8_t *blob, size_t len) {
+    return ds4_kv_map_decode(blob, len, merge_one, m);
+}
+
 void toolmap_free(toolmap *m) {
     if (!m) return;
     while (m->head) drop(m, m->head);

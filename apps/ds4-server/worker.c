@@ -104,13 +104,11 @@ void job_wait(job *j) {
     pthread_mutex_unlock(&j->mu);
 }
 
-/* How much of prompt the session holds already (what ds4_generate will
- * reuse unless the engine refuses the truncation). */
-static size_t estimate_cached(srv *S, const int32_t *prompt, size_t n_prompt) {
-    size_t have = ds4_session_len(S->sess), n = 0;
-    const int32_t *t = ds4_session_tokens(S->sess);
-    while (n < have && n < n_prompt && t[n] == prompt[n]) n++;
-    return n;
+static uint64_t hash_ids(const int32_t *ids, size_t n) {
+    uint64_t h = 1469598103934665603u;   /* FNV-1a over the ids' bytes */
+    const unsigned char *b = (const unsigned char *)ids;
+    for (size_t i = 0; i < n * sizeof *ids; i++) h = (h ^ b[i]) * 1099511628211u;
+    return h;
 }
 
 /* Thinking without tools (prompt.md §5.5): the client sends the last turn
@@ -118,30 +116,33 @@ static size_t estimate_cached(srv *S, const int32_t *prompt, size_t n_prompt) {
  * state holds `<think>reasoning</think>answer`. Matching tokens would
  * discard the whole turn (too far back to rewind exactly, so everything is
  * recomputed). Instead the turn the client shows is remembered as standing
- * for the live session, and a prompt that starts with it continues that
- * session: the KV keeps reasoning the official prompt drops, as ds4 does.
+ * for that slot's live content, and a prompt that starts with it continues
+ * it: the KV keeps reasoning the official prompt drops, as ds4 does.
  *
- * Returns the prompt to evaluate (the live tokens + the new suffix) in eff,
- * or leaves eff empty when the alias does not apply. */
+ * Fills eff with the prompt to evaluate (the live tokens + the new
+ * suffix), or leaves it empty when the alias does not apply. */
 static void alias_apply(srv *S, const job *j, ds4_tokens *eff) {
     memset(eff, 0, sizeof *eff);
     const ds4_tokens *v = &S->alias_visible;
-    if (!S->alias_ok || ds4_session_len(S->sess) != S->alias_real || S->alias_real < v->n || j->prompt.n <= v->n ||
+    if (!S->alias_ok || S->alias_real < v->n || j->prompt.n <= v->n ||
         memcmp(j->prompt.ids, v->ids, v->n * sizeof *v->ids) != 0)
         return;
+    ds4_session *s = ds4_pool_session(S->pool, S->alias_slot);
+    const int32_t *live = ds4_session_tokens(s);
+    /* The slot must still hold exactly what the alias was made from. */
+    if (ds4_session_len(s) != S->alias_real || hash_ids(live, S->alias_real) != S->alias_hash) return;
     size_t n = S->alias_real + (j->prompt.n - v->n);
-    if (n >= ds4_session_ctx(S->sess)) return;
-    const int32_t *live = ds4_session_tokens(S->sess);
+    if (n >= S->cfg.ctx) return;
     for (size_t i = 0; i < S->alias_real; i++) ds4_tokens_push(eff, live[i]);
     for (size_t i = v->n; i < j->prompt.n; i++) ds4_tokens_push(eff, j->prompt.ids[i]);
     if (eff->n != n) { ds4_tokens_free(eff); return; }
-    srv_trace(S, "think cache: prompt starts with the last turn as shown (%zu tokens) = live session (%zu tokens)\n",
-              v->n, S->alias_real);
+    srv_trace(S, "think cache: prompt starts with the last turn as shown (%zu tokens) = slot %d (%zu tokens)\n",
+              v->n, S->alias_slot, S->alias_real);
 }
 
 /* After a generation: remember its turn as the client will show it, when
  * it was a complete thinking turn without tools. */
-static void alias_record(srv *S, job *j) {
+static void alias_record(srv *S, job *j, ds4_session *s, int slot) {
     S->alias_ok = false;
     const ds4_special_ids *sp = ds4_tokenizer_special(S->tok);
     if (j->rc != 0 || j->res.finish != DS4_FINISH_STOP || !j->gp.thinking || j->gp.tools || j->n_stop ||
@@ -157,7 +158,9 @@ static void alias_record(srv *S, job *j) {
     int rc = ds4_tokenize(S->tok, o.content, strlen(o.content), v);
     gen_output_free(&o);
     if (rc != 0) return;
-    S->alias_real = ds4_session_len(S->sess);
+    S->alias_real = ds4_session_len(s);
+    S->alias_slot = slot;
+    S->alias_hash = hash_ids(ds4_session_tokens(s), S->alias_real);
     S->alias_ok = true;
 }
 
@@ -167,6 +170,49 @@ static size_t client_view(const srv *S, bool alias, size_t cached) {
     if (!alias) return cached;
     if (cached >= S->alias_real) return cached - (S->alias_real - S->alias_visible.n);
     return cached < S->alias_visible.n ? cached : S->alias_visible.n;
+}
+
+/* Route to a session, checkpoint on the way, generate, and hand the
+ * session back to the pool. */
+static void generate_job(srv *S, job *j) {
+    ds4_tokens eff;
+    alias_apply(S, j, &eff);
+    const int32_t *ids = eff.n ? eff.ids : j->prompt.ids;
+    size_t n = eff.n ? eff.n : j->prompt.n;
+    ds4_pool_lease l;
+    if (ds4_pool_acquire(S->pool, ids, n, &l, j->err, sizeof j->err) != 0) {
+        j->rc = -1;
+        j->res.finish = DS4_FINISH_ERROR;
+        j->res.text = calloc(1, 1);
+        ds4_tokens_free(&eff);
+        return;
+    }
+    if (l.extra) {
+        /* Tool calls replayed inside a restored checkpoint: their ids again. */
+        if (toolmap_merge(S->tools, l.extra, l.extra_len) != 0) srv_trace(S, "checkpoint tool map unreadable\n");
+        free(l.extra);
+    }
+    j->est_cached = client_view(S, eff.n, l.n_memory + l.n_disk);
+    if (j->ops->start) j->ops->start(j);
+    /* Checkpoints land on the stable part: not the generation prompt
+     * (<｜Assistant｜> + <think> or </think>), which the next turn rewrites. */
+    size_t stable = j->prompt.n >= 2 ? n - 2 : n;
+    int pr = ds4_pool_prefill(S->pool, &l, ids, stable, gen_prefill, j, j->err, sizeof j->err);
+    if (pr != 0) {
+        j->rc = pr == 1 ? 0 : -1;
+        j->res.finish = pr == 1 ? DS4_FINISH_CANCELLED : DS4_FINISH_ERROR;
+        j->res.text = calloc(1, 1);
+    } else {
+        /* The driver writes its cache lines straight to the trace FILE: stdio
+         * locks each call, and every line is one call. */
+        j->rc = ds4_generate(l.session, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
+        if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
+        j->res.n_cached = client_view(S, eff.n, j->res.n_cached);
+    }
+    j->res.n_prompt = j->prompt.n;
+    ds4_pool_release(S->pool, &l, n);
+    ds4_tokens_free(&eff);
+    alias_record(S, j, l.session, l.slot);
 }
 
 static void run(srv *S, job *j) {
@@ -187,20 +233,7 @@ static void run(srv *S, job *j) {
         j->rc = 0;
         srv_trace(S, "job cancelled before it started\n");
     } else {
-        ds4_tokens eff;
-        alias_apply(S, j, &eff);
-        const int32_t *ids = eff.n ? eff.ids : j->prompt.ids;
-        size_t n = eff.n ? eff.n : j->prompt.n;
-        j->est_cached = client_view(S, eff.n, estimate_cached(S, ids, n));
-        if (j->ops->start) j->ops->start(j);
-        /* The driver writes its cache lines straight to the trace FILE: stdio
-         * locks each call, and every line is one call. */
-        j->rc = ds4_generate(S->sess, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
-        if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
-        j->res.n_prompt = j->prompt.n;
-        j->res.n_cached = client_view(S, eff.n, j->res.n_cached);
-        ds4_tokens_free(&eff);
-        alias_record(S, j);
+        generate_job(S, j);
     }
     pthread_mutex_lock(&S->qmu);
     bool stopping = S->stopping;
