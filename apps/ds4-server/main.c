@@ -33,6 +33,8 @@ static void usage(FILE *f) {
 "                       evicted conversations and rewinds resume without a full\n"
 "                       prefill (docs/kv-cache.md)\n"
 "  --kv-disk-space MB   disk budget for those checkpoints (default 16384)\n"
+"  --kv-align N         checkpoint granularity in tokens; shorter prompts are\n"
+"                       never checkpointed (default 2048)\n"
 "  --threads N          CPU threads (default: DS4_THREADS or all cores)\n"
 "  --cpu | --cuda       backend (default: CUDA when built with it and a GPU exists)\n"
 "  --api-key KEY        require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
@@ -138,6 +140,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--port")) cfg->port = (int)num_arg(a, argv[++i], 0, 65535);
         else if (!strcmp(a, "--ctx")) cfg->ctx = (uint32_t)num_arg(a, argv[++i], 16, UINT32_MAX);
         else if (!strcmp(a, "--sessions")) cfg->sessions = (int)num_arg(a, argv[++i], 1, 64);
+        else if (!strcmp(a, "--kv-align")) cfg->kv_align = (int)num_arg(a, argv[++i], 16, 1 << 20);
         else if (!strcmp(a, "--kv-disk-dir")) cfg->kv_dir = argv[++i];
         else if (!strcmp(a, "--kv-disk-space")) cfg->kv_space_mb = (uint64_t)num_arg(a, argv[++i], 1, 1L << 30);
         else if (!strcmp(a, "--threads")) cfg->threads = (int)num_arg(a, argv[++i], 1, 1024);
@@ -188,7 +191,7 @@ int main(int argc, char **argv) {
         ds4_kvstore_params kp = {.dir = cfg->kv_dir, .space_bytes = cfg->kv_space_mb << 20, .model_id = id, .log = S.trace};
         if (!(S.store = ds4_kvstore_open(&kp, err, sizeof err))) { fprintf(stderr, "ds4-server: %s\n", err); goto out; }
     }
-    ds4_pool_params pp = {.n_slots = cfg->sessions, .ctx = cfg->ctx, .store = S.store,
+    ds4_pool_params pp = {.n_slots = cfg->sessions, .ctx = cfg->ctx, .store = S.store, .align = (size_t)cfg->kv_align,
                           .extra_fn = checkpoint_tools, .ud = &S, .log = S.trace};
     if (!(S.pool = ds4_pool_new(S.eng, &pp, err, sizeof err))) { fprintf(stderr, "ds4-server: %s\n", err); goto out; }
     if (cfg->test_script && load_scripts(&S, cfg->test_script) != 0) goto out;

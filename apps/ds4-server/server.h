@@ -24,7 +24,7 @@
 
 typedef struct {
     const char *host, *model_path, *api_key, *trace_path, *test_script, *model_name, *kv_dir;
-    int port, threads, queue_max, keepalive_s, timeout_s, sessions;
+    int port, threads, queue_max, keepalive_s, timeout_s, sessions, kv_align;
     uint64_t kv_space_mb;
     uint32_t ctx;
     ds4_backend_kind backend;

@@ -66,7 +66,8 @@ export async function startServer(extra = []) {
   const base = `http://127.0.0.1:${port}`;
   for (let i = 0; i < 200; i++) {
     if (proc.exitCode !== null) throw new Error('ds4-server exited: ' + log);
-    try { if ((await fetch(base + '/health')).ok) return { base, proc, dir, log: () => log, stop: kill }; } catch {}
+    const term = () => new Promise((res) => { proc.once('exit', (code) => res(code)); proc.kill('SIGTERM'); });
+    try { if ((await fetch(base + '/health')).ok) return { base, proc, dir, log: () => log, stop: kill, term }; } catch {}
     await new Promise((r) => setTimeout(r, 50));
   }
   kill();
@@ -82,7 +83,9 @@ export function eq(a, b, what = '') {
 }
 export function ok(c, what) { if (!c) throw new Error(what || 'assertion failed'); }
 
-export async function run(server) {
+// server: the server to check and stop at the end, or a function giving it
+// (for a test that restarts the server).
+export async function run(serverOrFn) {
   let passed = 0, failed = 0;
   for (const [name, fn] of tests) {
     const t0 = Date.now();
@@ -95,6 +98,7 @@ export async function run(server) {
       console.log(`FAIL ${name}: ${e && e.stack || e}`);
     }
   }
+  const server = typeof serverOrFn === 'function' ? serverOrFn() : serverOrFn;
   // Every test above must have left the server alive.
   if (server && server.proc.exitCode !== null) { failed++; console.log('FAIL server died: ' + server.log()); }
   if (server) server.stop();

@@ -1,0 +1,46 @@
+// Several resident sessions and disk KV checkpoints, seen from a client:
+// two interleaved conversations each keep their cache, and a restarted
+// server resumes a conversation from its checkpoint.
+import OpenAI from 'openai';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startServer, test, run, eq, ok } from './harness.mjs';
+
+const kvdir = mkdtempSync(join(tmpdir(), 'ds4kv-'));
+process.on('exit', () => rmSync(kvdir, { recursive: true, force: true }));
+const args = ['--sessions', '2', '--kv-disk-dir', kvdir, '--kv-align', '64'];
+let server = await startServer(args);
+let client = new OpenAI({ baseURL: server.base + '/v1', apiKey: 'unused', maxRetries: 0 });
+const script = (name) => ({ headers: { 'X-DS4-Test-Script': name } });
+const TOOLS = [{ type: 'function', function: { name: 'get_weather', description: 'Weather for a city',
+  parameters: { type: 'object', properties: { location: { type: 'string' }, days: { type: 'integer' } } } } }];
+
+const A1 = [{ role: 'user', content: 'Weather in Paris?' }];
+let a1, followA;
+
+test('sessions: two interleaved conversations keep their own cache', async () => {
+  a1 = await client.chat.completions.create({ model: 'x', messages: A1, tools: TOOLS }, script('tool'));
+  const tc = a1.choices[0].message.tool_calls[0];
+  // Another conversation (different system prompt) in between.
+  const b = await client.chat.completions.create({ model: 'deepseek-chat', max_tokens: 3,
+    messages: [{ role: 'system', content: 'You are a pirate.' }, { role: 'user', content: 'Ahoy' }] });
+  eq(b.choices[0].finish_reason, 'length');
+  followA = [...A1, { role: 'assistant', content: null, reasoning_content: a1.choices[0].message.reasoning_content,
+    tool_calls: [tc] }, { role: 'tool', tool_call_id: tc.id, content: 'sunny' }];
+  const a2 = await client.chat.completions.create({ model: 'x', messages: followA, tools: TOOLS }, script('hello'));
+  eq(a2.usage.prompt_tokens_details.cached_tokens, a1.usage.prompt_tokens + a1.usage.completion_tokens - 1,
+    'conversation A resumed where it was');
+});
+
+test('sessions: a restarted server resumes from its disk checkpoint', async () => {
+  eq(await server.term(), 0, 'clean exit (checkpoints written)');
+  server = await startServer(args);
+  client = new OpenAI({ baseURL: server.base + '/v1', apiKey: 'unused', maxRetries: 0 });
+  const r = await client.chat.completions.create({ model: 'x', messages: followA, tools: TOOLS }, script('hello'));
+  eq(r.choices[0].message.content, 'Hello there!');
+  const cached = r.usage.prompt_tokens_details.cached_tokens;
+  ok(cached >= 64 && cached < r.usage.prompt_tokens, `cached ${cached} of ${r.usage.prompt_tokens} from disk`);
+});
+
+await run(() => server);
