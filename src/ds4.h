@@ -186,6 +186,9 @@ uint32_t ds4_engine_n_vocab(const ds4_engine *e);
 uint32_t ds4_engine_ctx_max(const ds4_engine *e);
 /* Human-readable model report (`ds4 --inspect`). */
 void ds4_engine_inspect(const ds4_engine *e, uint64_t ctx, FILE *out);
+/* Weight bytes one decoded token reads: every tensor but the embedding table,
+ * with only n_expert_used routed experts per layer (spec model.md §9.2). */
+uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e);
 
 /* A session holds the KV state for up to ctx tokens. */
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen);
@@ -201,6 +204,8 @@ typedef bool (*ds4_progress_fn)(void *ud, size_t done, size_t total);
 int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_logits,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
 const float *ds4_session_logits(const ds4_session *s);
+/* Bytes of KV state the session holds now (rows in use, f32). */
+uint64_t ds4_session_kv_bytes(const ds4_session *s);
 /* Drop tokens after n when that is exact; -1 (with err) when it is not. */
 int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen);
 /* Versioned snapshot of the whole state (same bytes for every backend). */
