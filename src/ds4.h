@@ -27,6 +27,16 @@ typedef struct {
     int32_t bos, eos, user, assistant, think, think_end, dsml;
 } ds4_special_ids;
 
+/* From GGUF metadata: tokenizer.ggml.tokens / merges, and token_type when
+ * present (3 control, 4 user-defined = special; without it the spelling
+ * rule below applies). Strings are copied; the file may be closed after.
+ * Either way the seven ds4_special_ids spellings are always special. */
+struct gguf_file;
+ds4_tokenizer *ds4_tokenizer_from_gguf(const struct gguf_file *f, char *err, size_t errlen);
+/* From arrays (lens may be NULL for NUL-terminated strings). A token is
+ * special when its spelling contains U+FF5C or is <think> / </think>.
+ * Errors (NULL + err): a merge naming an unknown token, a missing byte
+ * symbol, or one of the seven ds4_special_ids spellings missing. */
 ds4_tokenizer *ds4_tokenizer_new(const char *const *tokens, const uint64_t *token_lens, uint32_t n_tokens,
                                  const char *const *merges, const uint64_t *merge_lens, uint32_t n_merges,
                                  char *err, size_t errlen);
@@ -41,11 +51,15 @@ int ds4_tokenize(const ds4_tokenizer *t, const char *text, size_t len, ds4_token
  * (ds4/vLLM behaviour; used for --dump-tokens and raw prompts). */
 int ds4_tokenize_special(const ds4_tokenizer *t, const char *text, size_t len, ds4_tokens *out);
 /* Bytes of one token (specials verbatim, BPE tokens through the byte table).
- * Returns the length; writes at most cap bytes. */
+ * Returns the length (0 for an id out of range); writes at most cap bytes. */
 size_t ds4_token_bytes(const ds4_tokenizer *t, int32_t id, char *buf, size_t cap);
 
 /* Streaming detokenizer: never emits a broken UTF-8 sequence; an incomplete
- * trailing sequence waits for the next token; flush emits what is left. */
+ * trailing sequence waits for the next token; flush emits what is left.
+ * Start from a zeroed ds4_detok. Bytes that can start no valid sequence (and
+ * an incomplete tail at flush) come out as U+FFFD, one per byte. Both return
+ * the bytes of output and write at most cap of them (token bytes + 3 held
+ * back + U+FFFD expansion: 3 * (token length + 3) always suffices). */
 typedef struct { char pending[8]; int n_pending; } ds4_detok;
 size_t ds4_detok_push(ds4_detok *d, const ds4_tokenizer *t, int32_t id, char *out, size_t cap);
 size_t ds4_detok_flush(ds4_detok *d, char *out, size_t cap);
@@ -61,7 +75,10 @@ typedef struct {
     const char *id;             /* tool-call id (may be NULL) */
     const char *name;
     const char *arguments;      /* JSON text of the arguments object */
-    const char *raw_dsml;       /* exact sampled DSML block for replay, or NULL */
+    const char *raw_dsml;       /* exact sampled DSML block for replay, or NULL.
+                                 * A block holds all calls of its message: the
+                                 * renderer replays it when every call of the
+                                 * message carries the same bytes. */
 } ds4_tool_call;
 
 typedef struct {
@@ -91,10 +108,16 @@ typedef struct {
     size_t cap, special_cap;
 } ds4_rendered;
 
+/* Overwrites *out (free it with ds4_rendered_free, also after an error).
+ * Tools attach to a leading system/developer message, or to an empty system
+ * message inserted first. Errors: unknown role, a tool schema that is not
+ * valid JSON. */
 int ds4_chat_render(const ds4_chat *chat, ds4_rendered *out, char *err, size_t errlen);
 void ds4_rendered_free(ds4_rendered *r);
 /* Rendered prompt -> ids: control tokens exactly where the renderer put them,
- * every other span BPE-encoded on its own. */
+ * every other span BPE-encoded on its own. Returns -1 (appending nothing)
+ * when an offset is out of order, out of range, or does not start a special
+ * spelling; the longest spelling there is taken. */
 int ds4_tokenize_rendered(const ds4_tokenizer *t, const ds4_rendered *r, ds4_tokens *out);
 
 /* ---- DSML / output parsing (src/text/dsml.c) --------------------------
@@ -113,8 +136,8 @@ typedef enum {
 typedef struct {
     ds4_event_kind kind;
     int index;
-    const char *text; size_t len;
-    const char *name;
+    const char *text; size_t len;   /* valid during the callback only */
+    const char *name;               /* TOOL_BEGIN; valid during the callback only */
 } ds4_event;
 
 typedef void (*ds4_event_fn)(void *ud, const ds4_event *ev);
@@ -134,15 +157,29 @@ bool ds4_dsml_structural(const ds4_dsml *p);
 bool ds4_dsml_calls_done(const ds4_dsml *p);
 /* True if a tool block opened and never closed. */
 bool ds4_dsml_unterminated(const ds4_dsml *p);
+/* True if a block was abandoned (structural error or unterminated) after
+ * TOOL_* events were sent for it. Its raw bytes were then re-reported as
+ * CONTENT (CONTENT always concatenates to ds4_parse_output()'s content), but
+ * the tool events cannot be retracted: finish with DS4_FINISH_ERROR. */
+bool ds4_dsml_failed(const ds4_dsml *p);
 
-/* Authoritative parse of a whole generation (prompt.md §3.4, tolerant). */
+/* Authoritative parse of a whole generation (prompt.md §3.4, tolerant).
+ * Runs the same recogniser as the streaming API, so both always agree:
+ * reasoning = text before the first </think> (all of it when thinking and no
+ * </think> came); content = the rest minus the tool block and the whitespace
+ * before it; calls only when the block closed, each with the block's exact
+ * bytes (from its "\n\n" through </…tool_calls>) as raw_dsml and compact
+ * JSON arguments. Returns -1 only on allocation failure. */
 typedef struct {
     char *reasoning, *content;
     ds4_tool_call *calls; int n_calls;   /* strings owned by the result */
 } ds4_parsed;
 int ds4_parse_output(const char *text, size_t len, bool thinking, bool tools, ds4_parsed *out);
 void ds4_parsed_free(ds4_parsed *p);
-/* JSON arguments -> canonical DSML invoke block (for unknown tool-call ids). */
+/* JSON arguments -> canonical DSML block, official encoder bytes: "\n\n"
+ * <｜DSML｜tool_calls> … </｜DSML｜tool_calls> (for unknown tool-call ids).
+ * Strings raw with string="true", other values Python-json style; arguments
+ * that are not a JSON object become one string parameter "arguments". */
 char *ds4_dsml_render_calls(const ds4_tool_call *calls, int n);
 
 /* ---- Sampling (src/sample/sampler.c) ---------------------------------- */
@@ -159,7 +196,11 @@ ds4_sampling ds4_sampling_defaults(bool thinking);
 typedef struct ds4_sampler ds4_sampler;
 ds4_sampler *ds4_sampler_new(const ds4_sampling *s, uint32_t n_vocab);
 void ds4_sampler_free(ds4_sampler *s);
-/* Pick the next token; greedy forces argmax (lowest id on ties). */
+/* Pick the next token; greedy (or temperature <= 0) forces argmax, lowest id
+ * on ties. Otherwise: softmax of logits/T; top-k; top-p = shortest prefix of
+ * the top-k set reaching top_p of its mass; min-p keeps p >= min_p * p_max;
+ * draw from the survivors (xoshiro256** seeded from seed: same seed, same
+ * tokens). NaN logits are never picked. */
 int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy);
 /* Top-k log-probabilities of a logits vector (descending), for --dump-logprobs. */
 int ds4_top_logprobs(const float *logits, uint32_t n_vocab, int k, int32_t *ids, float *logprobs);
@@ -172,7 +213,7 @@ typedef struct {
     const char *mtp_path;       /* optional MTP GGUF */
     ds4_backend_kind backend;   /* AUTO = CUDA when built with it and a GPU exists */
     int n_threads;              /* CPU threads; 0 = DS4_THREADS env or all cores */
-    bool verbose;
+    bool verbose;               /* stderr: KV size per session, tok/s per eval */
 } ds4_engine_params;
 
 typedef struct ds4_engine ds4_engine;
@@ -198,17 +239,27 @@ size_t ds4_session_len(const ds4_session *s);
 const int32_t *ds4_session_tokens(const ds4_session *s);
 /* Evaluate tokens appended at the end of the session; afterwards
  * ds4_session_logits() holds the next-token logits. all_logits, when non-NULL,
- * receives n × n_vocab floats (diagnostics). progress may be NULL; returning
- * false from it cancels (the session then holds the tokens evaluated so far). */
+ * receives n × n_vocab floats (diagnostics). progress may be NULL; it is called
+ * after every backend step (up to 256 tokens); returning false from it cancels
+ * (the session then holds the tokens evaluated so far). Returns 0, 1 when
+ * cancelled, -1 on error (err says why; the session keeps what completed).
+ * Results are bit-identical whatever the split into calls (CPU backend). */
 typedef bool (*ds4_progress_fn)(void *ud, size_t done, size_t total);
 int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_logits,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
+/* NULL while the session is empty. */
 const float *ds4_session_logits(const ds4_session *s);
 /* Bytes of KV state the session holds now (rows in use, f32). */
 uint64_t ds4_session_kv_bytes(const ds4_session *s);
 /* Drop tokens after n when that is exact; -1 (with err) when it is not. */
 int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen);
-/* Versioned snapshot of the whole state (same bytes for every backend). */
+/* Truncation is exact whenever n >= len − (sliding_window + 1), and always
+ * for n = 0; the last kept token is re-evaluated so ds4_session_logits() is
+ * valid after. */
+/* Versioned snapshot of the whole state (same bytes for every backend;
+ * format in src/engine/session.c). save mallocs *buf (caller frees). load
+ * refuses a corrupt, truncated or other-model snapshot, or one longer than
+ * the session's ctx, leaving the session unchanged. */
 int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len);
 int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, size_t errlen);
 

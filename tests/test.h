@@ -7,15 +7,24 @@
 #define DS4_TEST_H
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdarg.h>
 #include <string.h>
 
 static int test_passed_, test_failed_, test_cur_failed_;
+
+/* Not printf-attributed on purpose: CHECK(cond) with no message is allowed. */
+static inline void test_note_(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+}
 
 #define CHECK(cond, ...) do { \
     if (!(cond)) { \
         test_cur_failed_++; \
         fprintf(stderr, "  FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        fprintf(stderr, "" __VA_ARGS__); fputc('\n', stderr); \
+        test_note_("" __VA_ARGS__); fputc('\n', stderr); \
     } } while (0)
 
 /* Stop the current test early (e.g. a fixture failed to load). */

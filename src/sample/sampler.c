@@ -1,0 +1,213 @@
+/* Token sampling: greedy, temperature, top-k, top-p, min-p (prompt.md §5.1).
+ *
+ * Definition (tests pin it): with p the softmax of logits/T over the whole
+ * vocabulary,
+ *   top-k keeps the k most likely tokens (ties: lower id first);
+ *   top-p keeps the shortest most-likely-first prefix of those whose mass,
+ *         renormalised over the top-k set, reaches top_p;
+ *   min-p keeps tokens with p >= min_p * p_max.
+ * Both cuts keep a most-likely-first prefix, so their order does not matter.
+ * The draw is from the survivors, renormalised.
+ *
+ * Cost for a 129280-entry vocabulary: one pass for the max and weights; top-k
+ * is a quickselect; top-p sorts only a growing head (64, 256, ... tokens)
+ * until it holds enough mass; with neither, no sorting at all. */
+#include "ds4.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct ds4_sampler {
+    ds4_sampling p;
+    uint32_t n;
+    uint64_t rng[4];   /* xoshiro256** state */
+    float *v;          /* scaled logits */
+    float *w;          /* exp(v - max), unnormalised probabilities */
+    int32_t *idx;
+};
+
+ds4_sampling ds4_sampling_defaults(bool thinking) {
+    /* DeepSeek's hosted values; thinking mode forces them, non-thinking
+     * uses them as defaults (§5.1), hence the same numbers for both. */
+    (void)thinking;
+    return (ds4_sampling){.temperature = 1.0f, .top_p = 1.0f, .top_k = 0, .min_p = 0.05f, .seed = 0};
+}
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t next_u64(uint64_t s[4]) {
+    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+/* Uniform in [0, 1) with 53 random bits. */
+static double next_unit(uint64_t s[4]) { return (double)(next_u64(s) >> 11) * 0x1.0p-53; }
+
+ds4_sampler *ds4_sampler_new(const ds4_sampling *sp, uint32_t n_vocab) {
+    if (!sp || n_vocab == 0) return NULL;
+    ds4_sampler *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->p = *sp;
+    s->n = n_vocab;
+    uint64_t x = sp->seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    s->v = malloc(sizeof *s->v * n_vocab);
+    s->w = malloc(sizeof *s->w * n_vocab);
+    s->idx = malloc(sizeof *s->idx * n_vocab);
+    if (!s->v || !s->w || !s->idx) { ds4_sampler_free(s); return NULL; }
+    return s;
+}
+
+void ds4_sampler_free(ds4_sampler *s) {
+    if (!s) return;
+    free(s->v);
+    free(s->w);
+    free(s->idx);
+    free(s);
+}
+
+/* a ranks before b: higher value, then lower id. */
+static inline bool before(const float *v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
+
+static inline void swap32(int32_t *a, int32_t *b) { int32_t t = *a; *a = *b; *b = t; }
+
+/* Rearrange idx[0, n) so its first k entries are the k best (any order). */
+static void select_top(const float *v, int32_t *idx, size_t n, size_t k) {
+    size_t lo = 0, hi = n;
+    while (hi - lo > 1 && k > lo && k < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        /* median of three as pivot, moved to hi-1 */
+        if (before(v, idx[mid], idx[lo])) swap32(&idx[mid], &idx[lo]);
+        if (before(v, idx[hi - 1], idx[lo])) swap32(&idx[hi - 1], &idx[lo]);
+        if (before(v, idx[mid], idx[hi - 1])) swap32(&idx[mid], &idx[hi - 1]);
+        int32_t pivot = idx[hi - 1];
+        size_t store = lo;
+        for (size_t i = lo; i < hi - 1; i++)
+            if (before(v, idx[i], pivot)) swap32(&idx[i], &idx[store++]);
+        swap32(&idx[store], &idx[hi - 1]);
+        if (store == k) break;
+        if (store > k) hi = store;
+        else lo = store + 1;
+    }
+}
+
+static int cmp_rank(const void *a, const void *b, void *v) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return before(v, x, y) ? -1 : before(v, y, x) ? 1 : 0;
+}
+
+static void sort_head(const float *v, int32_t *idx, size_t k) {
+    qsort_r(idx, k, sizeof *idx, cmp_rank, (void *)v);
+}
+
+static int32_t argmax(const float *logits, uint32_t n) {
+    int32_t best = 0;
+    /* NaN never compares greater, so it is never picked over a number. */
+    for (uint32_t i = 1; i < n; i++)
+        if (logits[i] > logits[best] || (isnan(logits[best]) && !isnan(logits[i]))) best = (int32_t)i;
+    return best;
+}
+
+int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
+    const ds4_sampling *p = &s->p;
+    uint32_t n = s->n;
+    if (greedy || !(p->temperature > 0)) return argmax(logits, n);
+
+    float mx = -INFINITY;
+    for (uint32_t i = 0; i < n; i++) {
+        float x = logits[i] / p->temperature;
+        if (isnan(x)) x = -INFINITY; /* NaN logits (or -inf/inf) never win */
+        s->v[i] = x;
+        if (x > mx) mx = x;
+    }
+    if (!isfinite(mx)) return argmax(logits, n); /* nothing finite to weigh */
+    /* min-p as a cut on scaled logits: p_i >= min_p * p_max <=> v_i - max >= log(min_p). */
+    float cutoff = p->min_p > 0 ? mx + logf(p->min_p) : -INFINITY;
+    if (cutoff > mx) cutoff = mx; /* min_p > 1: the best token still survives */
+
+    size_t k = p->top_k > 0 && (uint32_t)p->top_k < n ? (size_t)p->top_k : n;
+    bool cut_p = p->top_p < 1; /* top_p <= 0 keeps just the most likely token */
+    size_t m = 0;              /* survivors: idx[0, m) */
+    if (k == n && !cut_p) {
+        /* Only min-p: no order needed, and no exp for what it removes. */
+        for (uint32_t i = 0; i < n; i++)
+            if (s->v[i] >= cutoff) s->idx[m++] = (int32_t)i;
+        for (size_t i = 0; i < m; i++) s->w[s->idx[i]] = expf(s->v[s->idx[i]] - mx);
+    } else {
+        for (uint32_t i = 0; i < n; i++) s->idx[i] = (int32_t)i;
+        if (k < n) select_top(s->v, s->idx, n, k);
+        for (size_t i = 0; i < k; i++) s->w[s->idx[i]] = expf(s->v[s->idx[i]] - mx);
+        m = k;
+        if (cut_p) {
+            /* top-p needs the mass of the whole top-k set, then a sorted
+             * head that grows until it holds top_p of it. */
+            double z = 0;
+            for (size_t i = 0; i < k; i++) z += s->w[s->idx[i]];
+            double target = p->top_p * z;
+            for (size_t head = k < 64 ? k : 64;; head = head * 4 < k ? head * 4 : k) {
+                select_top(s->v, s->idx, k, head);
+                sort_head(s->v, s->idx, head);
+                double cum = 0;
+                size_t i = 0;
+                while (i < head && (i == 0 || cum < target)) cum += s->w[s->idx[i++]];
+                if (cum >= target || head == k) { m = i; break; }
+            }
+        }
+        /* min-p on the survivors (the best token always passes). */
+        size_t kept = 0;
+        for (size_t i = 0; i < m; i++)
+            if (s->v[s->idx[i]] >= cutoff) s->idx[kept++] = s->idx[i];
+        m = kept;
+    }
+
+    double total = 0;
+    for (size_t i = 0; i < m; i++) total += s->w[s->idx[i]];
+    double u = next_unit(s->rng) * total;
+    for (size_t i = 0; i < m; i++) {
+        u -= s->w[s->idx[i]];
+        if (u < 0) return s->idx[i];
+    }
+    return s->idx[m - 1]; /* rounding left u at >= 0: the last survivor */
+}
+
+int ds4_top_logprobs(const float *logits, uint32_t n_vocab, int k, int32_t *ids, float *logprobs) {
+    if (k <= 0 || n_vocab == 0) return 0;
+    if ((uint32_t)k > n_vocab) k = (int)n_vocab;
+    float *v = malloc(sizeof *v * n_vocab);
+    int32_t *idx = malloc(sizeof *idx * n_vocab);
+    if (!v || !idx) { free(v); free(idx); return -1; }
+    float mx = -INFINITY;
+    for (uint32_t i = 0; i < n_vocab; i++) {
+        v[i] = isnan(logits[i]) ? -INFINITY : logits[i];
+        if (v[i] > mx) mx = v[i];
+        idx[i] = (int32_t)i;
+    }
+    /* log-softmax as v - (max + log sum exp(v - max)): no overflow. */
+    double sum = 0;
+    if (isfinite(mx))
+        for (uint32_t i = 0; i < n_vocab; i++) sum += exp((double)v[i] - mx);
+    double lse = isfinite(mx) ? mx + log(sum) : 0;
+    select_top(v, idx, n_vocab, (size_t)k);
+    sort_head(v, idx, (size_t)k);
+    for (int i = 0; i < k; i++) {
+        ids[i] = idx[i];
+        logprobs[i] = isfinite(mx) ? (float)((double)v[idx[i]] - lse) : -INFINITY;
+    }
+    free(v);
+    free(idx);
+    return k;
+}
