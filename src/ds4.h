@@ -273,6 +273,7 @@ typedef enum {
 } ds4_finish;
 
 typedef struct {
+    const ds4_engine *engine;   /* the session's engine: tokenizer, vocab size */
     ds4_sampling sampling;
     int max_tokens;             /* <= 0: until the context is full */
     bool thinking;              /* the prompt ended with <think> */
@@ -281,15 +282,28 @@ typedef struct {
     ds4_event_fn on_event; void *ud;      /* reasoning/content/tool events */
     ds4_progress_fn on_prefill;           /* prefill progress / cancellation */
     bool (*cancelled)(void *ud);          /* polled between tokens */
+    /* Diagnostic for deterministic tests: generated token i < n_forced gets a
+     * logit far above every other, so the real sampler, detokenizer, stop
+     * logic and DSML parser produce this exact sequence. NULL in normal use. */
+    const int32_t *forced; size_t n_forced;
+    FILE *trace;                          /* cache decisions, finish (may be NULL) */
 } ds4_gen_params;
 
 typedef struct {
     ds4_finish finish;
-    size_t n_prompt, n_cached, n_gen;     /* n_cached: prompt tokens reused */
+    size_t n_prompt, n_cached, n_gen;     /* n_cached: prompt tokens reused;
+                                             n_gen counts every sampled token, EOS included */
     double prefill_s, gen_s;
     char *text; size_t len;               /* the raw generated text (owned) */
 } ds4_gen_result;
 
+/* Returns 0 with r filled (finish says why it ended: a stop string, EOS,
+ * the length limit, a complete tool-call block, an unterminated block,
+ * cancellation), or -1 with err on an engine failure (r->finish = ERROR).
+ * The session keeps the prompt and every evaluated token. The token that
+ * ended generation (EOS, the last of a tool block or of max_tokens) is
+ * sampled but not evaluated: the next prompt, which replays the turn and
+ * closes it with EOS, extends the session from exactly there. */
 int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const ds4_gen_params *p,
                  ds4_gen_result *r, char *err, size_t errlen);
 void ds4_gen_result_free(ds4_gen_result *r);

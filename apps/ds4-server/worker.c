@@ -1,0 +1,200 @@
+/* The inference worker: one thread owns the engine session and runs one job
+ * at a time, in arrival order. A bounded queue in front of it turns overload
+ * into an immediate 503 instead of unbounded waiting. */
+#include "server.h"
+
+#include <poll.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+void srv_trace(srv *S, const char *fmt, ...) {
+    if (!S->trace) return;
+    pthread_mutex_lock(&S->trace_mu);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(S->trace, fmt, ap);
+    va_end(ap);
+    fflush(S->trace);
+    pthread_mutex_unlock(&S->trace_mu);
+}
+
+job *job_new(srv *S) {
+    job *j = calloc(1, sizeof *j);
+    if (!j) return NULL;
+    j->S = S;
+    j->fd = -1;
+    j->refs = 1;
+    atomic_init(&j->cancel, false);
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    return j;
+}
+
+void job_unref(job *j) {
+    if (!j) return;
+    pthread_mutex_lock(&j->mu);
+    bool last = --j->refs == 0;
+    pthread_mutex_unlock(&j->mu);
+    if (!last) return;
+    if (j->fd >= 0) close(j->fd);
+    if (j->proto_free) j->proto_free(j->proto);
+    for (int i = 0; i < j->n_stop; i++) free(j->stop[i]);
+    free(j->stop);
+    ds4_tokens_free(&j->prompt);
+    ds4_gen_result_free(&j->res);
+    if (j->out) { sse_close(j->out); sse_unref(j->out); }
+    pthread_mutex_destroy(&j->mu);
+    pthread_cond_destroy(&j->cv);
+    free(j);
+}
+
+/* The client hung up: EOF or an error on our duplicate of its socket.
+ * Works whether the job is queued, prefilling or generating, and whether or
+ * not the connection thread is blocked waiting for the result. */
+static bool client_gone(int fd) {
+    if (fd < 0) return false;
+    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&p, 1, 0) <= 0) return false;
+    if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) return true;
+    char c;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0;   /* data waiting (a pipelined request) is not a hang-up */
+}
+
+bool job_cancelled(job *j) {
+    if (atomic_load(&j->cancel)) return true;
+    if ((j->out && sse_gone(j->out)) || client_gone(j->fd)) {
+        atomic_store(&j->cancel, true);
+        return true;
+    }
+    return false;
+}
+
+static bool gen_cancelled(void *ud) { return job_cancelled(ud); }
+static bool gen_prefill(void *ud, size_t done, size_t total) { return !job_cancelled(ud); }
+static void gen_event(void *ud, const ds4_event *ev) {
+    job *j = ud;
+    if (j->out && j->ops->event) j->ops->event(j, ev);   /* events only feed streams */
+}
+
+int job_submit(job *j) {
+    srv *S = j->S;
+    pthread_mutex_lock(&S->qmu);
+    if (S->stopping || S->q_len >= S->cfg.queue_max) {
+        int rc = S->stopping ? -2 : -1;
+        pthread_mutex_unlock(&S->qmu);
+        return rc;
+    }
+    pthread_mutex_lock(&j->mu);
+    j->refs++;
+    pthread_mutex_unlock(&j->mu);
+    S->queue[(S->q_head + S->q_len) % S->cfg.queue_max] = j;
+    S->q_len++;
+    pthread_cond_signal(&S->qcv);
+    pthread_mutex_unlock(&S->qmu);
+    return 0;
+}
+
+void job_wait(job *j) {
+    pthread_mutex_lock(&j->mu);
+    while (!j->done) pthread_cond_wait(&j->cv, &j->mu);
+    pthread_mutex_unlock(&j->mu);
+}
+
+/* How much of the prompt the session holds already (what ds4_generate will
+ * reuse unless the engine refuses the truncation). */
+static size_t estimate_cached(srv *S, const job *j) {
+    size_t have = ds4_session_len(S->sess), n = 0;
+    const int32_t *t = ds4_session_tokens(S->sess);
+    while (n < have && n < j->prompt.n && t[n] == j->prompt.ids[n]) n++;
+    return n < j->prompt.n ? n : j->prompt.n - 1;
+}
+
+static void run(srv *S, job *j) {
+    j->gp.engine = S->eng;
+    j->gp.on_event = gen_event;
+    j->gp.ud = j;
+    j->gp.on_prefill = gen_prefill;
+    j->gp.cancelled = gen_cancelled;
+    j->gp.stop = (const char *const *)j->stop;
+    j->gp.n_stop = j->n_stop;
+    j->gp.forced = j->forced;
+    j->gp.n_forced = j->n_forced;
+    j->gp.trace = S->trace;
+    if (job_cancelled(j)) {
+        /* Left while queued (or the server is stopping): nothing to compute. */
+        j->res.finish = DS4_FINISH_CANCELLED;
+        j->res.text = calloc(1, 1);
+        j->rc = 0;
+        srv_trace(S, "job cancelled before it started\n");
+    } else {
+        j->est_cached = estimate_cached(S, j);
+        if (j->ops->start) j->ops->start(j);
+        /* The driver writes its cache lines straight to the trace FILE: stdio
+         * locks each call, and every line is one call. */
+        j->rc = ds4_generate(S->sess, j->prompt.ids, j->prompt.n, &j->gp, &j->res, j->err, sizeof j->err);
+        if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
+    }
+    pthread_mutex_lock(&S->qmu);
+    bool stopping = S->stopping;
+    pthread_mutex_unlock(&S->qmu);
+    if (stopping && j->out && j->res.finish == DS4_FINISH_CANCELLED) {
+        /* A stream cut by shutdown ends with the protocol's error event
+         * rather than just stopping. */
+        j->rc = -1;
+        snprintf(j->err, sizeof j->err, "server shutting down");
+    }
+    if (j->ops->finish) j->ops->finish(j);
+}
+
+static void *worker_main(void *arg) {
+    srv *S = arg;
+    for (;;) {
+        pthread_mutex_lock(&S->qmu);
+        while (!S->q_len && !S->stopping) pthread_cond_wait(&S->qcv, &S->qmu);
+        if (!S->q_len) { pthread_mutex_unlock(&S->qmu); break; }
+        job *j = S->queue[S->q_head];
+        S->q_head = (S->q_head + 1) % S->cfg.queue_max;
+        S->q_len--;
+        if (S->stopping) atomic_store(&j->cancel, true);
+        S->running = j;
+        pthread_mutex_unlock(&S->qmu);
+
+        run(S, j);
+
+        pthread_mutex_lock(&S->qmu);
+        S->running = NULL;
+        pthread_mutex_unlock(&S->qmu);
+        if (j->out) sse_close(j->out);
+        pthread_mutex_lock(&j->mu);
+        j->done = true;
+        pthread_cond_broadcast(&j->cv);
+        pthread_mutex_unlock(&j->mu);
+        job_unref(j);
+    }
+    return NULL;
+}
+
+int worker_start(srv *S) {
+    S->queue = calloc((size_t)S->cfg.queue_max, sizeof *S->queue);
+    if (!S->queue) return -1;
+    pthread_mutex_init(&S->qmu, NULL);
+    pthread_cond_init(&S->qcv, NULL);
+    return pthread_create(&S->worker, NULL, worker_main, S) == 0 ? 0 : -1;
+}
+
+void worker_stop(srv *S) {
+    pthread_mutex_lock(&S->qmu);
+    S->stopping = true;
+    /* Queued jobs still pass through the worker (marked cancelled) so that
+     * their waiting connection threads are released the usual way. */
+    for (int i = 0; i < S->q_len; i++) atomic_store(&S->queue[(S->q_head + i) % S->cfg.queue_max]->cancel, true);
+    if (S->running) atomic_store(&S->running->cancel, true);
+    pthread_cond_broadcast(&S->qcv);
+    pthread_mutex_unlock(&S->qmu);
+    pthread_join(S->worker, NULL);
+    free(S->queue);
+}
