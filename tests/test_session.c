@@ -234,6 +234,16 @@ static void test_truncate(void) {
     REQUIRE(ds4_session_truncate(s, 250, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(s) == 250);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)249 * V, V * sizeof(float)), "logits after truncate = fresh run");
+    /* A truncated state snapshots and restores like any other. */
+    uint8_t *buf;
+    size_t len;
+    REQUIRE(ds4_session_save(s, &buf, &len) == 0);
+    ds4_session *r = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_load(r, buf, len, err, sizeof err) == 0, "%s", err);
+    free(buf);
+    REQUIRE(ds4_session_eval(r, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(r), ref + (size_t)269 * V, V * sizeof(float)), "restored truncated state");
+    ds4_session_free(r);
     REQUIRE(ds4_session_eval(s, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)269 * V, V * sizeof(float)), "continuation = fresh run");
     CHECK(ds4_session_truncate(s, 400, err, sizeof err) == -1);
