@@ -13,9 +13,11 @@ if ! command -v tmux >/dev/null || [ ! -x "$DS4" ] || [ ! -f "$TINY" ]; then
   echo "FAIL setup: need tmux, $DS4 and $TINY"; echo "0 passed, 1 failed"; exit 1
 fi
 TMP=$(mktemp -d)
-SOCK="$TMP/tmux.sock"
-T="tmux -S $SOCK"
-trap '$T kill-server 2>/dev/null; rm -rf "$TMP"' EXIT
+# One tmux server per REPL run: reusing a socket right after kill-server can
+# attach to the dying server.
+RUN=0
+T="tmux -S $TMP/tmux0.sock"
+trap 'for s in "$TMP"/tmux*.sock; do tmux -S "$s" kill-server 2>/dev/null; done; rm -rf "$TMP"' EXIT
 
 screen() { $T capture-pane -p -J -S -2000 -t repl; }
 # wait_for REGEX TIMEOUT_S: poll the screen until REGEX shows up.
@@ -30,6 +32,8 @@ wait_for() {
 count() { screen | grep -Ec -- "$1"; }
 start() { # start REPL with extra args
   $T kill-server 2>/dev/null
+  RUN=$((RUN + 1))
+  T="tmux -S $TMP/tmux$RUN.sock"
   $T -f /dev/null new-session -d -s repl -x 200 -y 50 \
     "HOME=$TMP $DS4 -m $TINY --cpu --threads 2 --ctx 4096 --nothink --temp 0 $*; echo REPL-EXITED \$?; sleep 30"
   wait_for 'ds4 chat' 20
@@ -67,6 +71,8 @@ sleep 1
 $T send-keys -t repl C-c
 # The turn after the interruption still extends the same conversation.
 if wait_for '^\[prompt [0-9]+ tok \([1-9][0-9]* cached\).*cancelled' 20; then ok "conversation kept after Ctrl+C"; else bad "conversation kept after Ctrl+C"; screen; fi
+# Let the prompt come back (readline in raw mode) before sending EOF.
+sleep 1
 $T send-keys -t repl C-d
 if wait_for 'REPL-EXITED 0' 20; then ok "Ctrl+D exits 0"; else bad "Ctrl+D exits 0"; screen; fi
 

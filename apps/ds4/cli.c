@@ -336,7 +336,7 @@ int cli_oneshot(const cli_opts *o)
     if (!s) { fprintf(stderr, "ds4: %s\n", err); goto done; }
     cli_printer pr = { .tty = isatty(STDOUT_FILENO) };
     ds4_gen_params gp = {
-        .sampling = o->sampling, .max_tokens = o->max_tokens,
+        .engine = e, .sampling = o->sampling, .max_tokens = o->max_tokens,
         .thinking = o->think != DS4_THINK_NONE, .on_event = cli_print_event, .ud = &pr,
     };
     ds4_gen_result r = {0};

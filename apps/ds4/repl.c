@@ -98,7 +98,7 @@ static void repl_turn(repl *r, const char *user)
     const ds4_tokenizer *tok = ds4_engine_tokenizer(r->e);
     cli_printer pr = { .tty = isatty(STDOUT_FILENO) };
     ds4_gen_params gp = {
-        .sampling = r->o->sampling, .max_tokens = r->o->max_tokens,
+        .engine = r->e, .sampling = r->o->sampling, .max_tokens = r->o->max_tokens,
         .thinking = r->think != DS4_THINK_NONE, .on_event = cli_print_event, .ud = &pr,
         .on_prefill = prefill_progress, .cancelled = gen_cancelled,
     };
