@@ -34,6 +34,14 @@ check "reasoning marked with <think>" 'head -c 7 "$TMP/t" | grep -q "<think>"'
 check "--inspect layers and kinds" 'grep -q "^layer 3: ratio 128, compressor, biased top-k$" "$TMP/i" && grep -q "^layer 2: ratio 4, compressor + indexer, hash-routed$" "$TMP/i"'
 check "--inspect parameter count" 'grep -Eq "^parameters: [0-9]+" "$TMP/i"'
 
+# --inspect on a file of the real shape (header only: --no-data leaves the
+# tensor data a sparse hole) reports the published parameter count.
+"$ROOT/build/bin/ds4-synth" --preset flash-q2 --no-data -o "$TMP/flash.gguf" >/dev/null 2>&1
+"$DS4" --inspect -m "$TMP/flash.gguf" --ctx 100000 >"$TMP/fi" 2>&1
+check "--inspect flash-q2: 284332240471 parameters" 'grep -Eq "^parameters: 284332240471 " "$TMP/fi"'
+check "--inspect flash-q2: full published shape" 'grep -q "43 layers" "$TMP/fi"'
+rm -f "$TMP/flash.gguf"
+
 # --dump-tokens: specials recognised, ids printed one per line.
 "$DS4" --dump-tokens -m "$TINY" -p "<｜User｜>Hello world<｜Assistant｜>" >"$TMP/d" 2>"$TMP/d.err"
 check "--dump-tokens special token" 'grep -q "\"<｜User｜>\"" "$TMP/d"'
