@@ -27,6 +27,15 @@ typedef struct {
     int32_t bos, eos, user, assistant, think, think_end, dsml;
 } ds4_special_ids;
 
+/* From GGUF metadata: tokenizer.ggml.tokens / merges, and token_type when
+ * present (3 control, 4 user-defined = special; without it the spelling
+ * rule below applies). Strings are copied; the file may be closed after. */
+struct gguf_file;
+ds4_tokenizer *ds4_tokenizer_from_gguf(const struct gguf_file *f, char *err, size_t errlen);
+/* From arrays (lens may be NULL for NUL-terminated strings). A token is
+ * special when its spelling contains U+FF5C or is <think> / </think>.
+ * Errors (NULL + err): a merge naming an unknown token, a missing byte
+ * symbol, or one of the seven ds4_special_ids spellings missing. */
 ds4_tokenizer *ds4_tokenizer_new(const char *const *tokens, const uint64_t *token_lens, uint32_t n_tokens,
                                  const char *const *merges, const uint64_t *merge_lens, uint32_t n_merges,
                                  char *err, size_t errlen);
@@ -41,11 +50,15 @@ int ds4_tokenize(const ds4_tokenizer *t, const char *text, size_t len, ds4_token
  * (ds4/vLLM behaviour; used for --dump-tokens and raw prompts). */
 int ds4_tokenize_special(const ds4_tokenizer *t, const char *text, size_t len, ds4_tokens *out);
 /* Bytes of one token (specials verbatim, BPE tokens through the byte table).
- * Returns the length; writes at most cap bytes. */
+ * Returns the length (0 for an id out of range); writes at most cap bytes. */
 size_t ds4_token_bytes(const ds4_tokenizer *t, int32_t id, char *buf, size_t cap);
 
 /* Streaming detokenizer: never emits a broken UTF-8 sequence; an incomplete
- * trailing sequence waits for the next token; flush emits what is left. */
+ * trailing sequence waits for the next token; flush emits what is left.
+ * Start from a zeroed ds4_detok. Bytes that can start no valid sequence (and
+ * an incomplete tail at flush) come out as U+FFFD, one per byte. Both return
+ * the bytes of output and write at most cap of them (token bytes + 3 held
+ * back + U+FFFD expansion: 3 * (token length + 3) always suffices). */
 typedef struct { char pending[8]; int n_pending; } ds4_detok;
 size_t ds4_detok_push(ds4_detok *d, const ds4_tokenizer *t, int32_t id, char *out, size_t cap);
 size_t ds4_detok_flush(ds4_detok *d, char *out, size_t cap);
@@ -94,7 +107,9 @@ typedef struct {
 int ds4_chat_render(const ds4_chat *chat, ds4_rendered *out, char *err, size_t errlen);
 void ds4_rendered_free(ds4_rendered *r);
 /* Rendered prompt -> ids: control tokens exactly where the renderer put them,
- * every other span BPE-encoded on its own. */
+ * every other span BPE-encoded on its own. Returns -1 (appending nothing)
+ * when an offset is out of order, out of range, or does not start a special
+ * spelling; the longest spelling there is taken. */
 int ds4_tokenize_rendered(const ds4_tokenizer *t, const ds4_rendered *r, ds4_tokens *out);
 
 /* ---- DSML / output parsing (src/text/dsml.c) --------------------------

@@ -95,16 +95,35 @@ typedef struct {
     ds4_layer layers[DS4_MAX_LAYERS];
     ds4_layer mtp;             /* valid when mtp_gguf != NULL */
     bool is_full_shape;        /* claims the published 43-layer shape */
+    /* The layout the tensors were bound against (names of bound tensors
+     * point into it); owned by the model. */
+    struct ds4_tensor_spec *layout, *mtp_layout;
+    int n_layout, n_mtp_layout;
 } ds4_model;
 
 /* Published quant mixes. F32 = every weight float (oracle/test files). */
 typedef enum { DS4_MIX_Q2, DS4_MIX_Q4, DS4_MIX_F32 } ds4_mix;
 
-typedef struct {
+/* What a tensor holds, so a writer can pick realistic values (spec §12) and
+ * the loader can decide which types a test file may substitute. */
+typedef enum {
+    DS4_TK_MATRIX,    /* projection: Q8_0 / F16 published, random */
+    DS4_TK_HC_FN,     /* hyper-connection mixer (F16), random, smaller */
+    DS4_TK_NORM,      /* RMSNorm weight, 1 */
+    DS4_TK_HC_SCALE,  /* hyper-connection scale, 0.5 */
+    DS4_TK_ZERO,      /* HC base, attention sink, router bias: 0 */
+    DS4_TK_EXPERT,    /* routed experts: IQ2_XXS / Q2_K / Q4_K published */
+    DS4_TK_TID2EID,   /* hash routing table (I32 expert ids) */
+} ds4_tensor_kind;
+
+typedef struct ds4_tensor_spec {
     char name[64];
     uint32_t n_dims;
     uint64_t dims[3];
     ggml_type type;
+    ds4_tensor_kind kind;
+    int layer;                 /* -1 global, 0..n_layer-1, n_layer = MTP block */
+    uint32_t field;            /* offsetof the ds4_tensor in ds4_layer (layer >= 0) or ds4_model */
 } ds4_tensor_spec;
 
 /* The published hyperparameters (43 layers, …) and the tiny test shape that
@@ -117,6 +136,26 @@ void ds4_hparams_write(const ds4_hparams *hp, gguf_writer *w);
 /* Tensors of a main file (mtp_file = false) or an MTP file (true), in
  * published order. Returns the count; fills out[] when out != NULL. */
 int ds4_layout(const ds4_hparams *hp, ds4_mix mix, bool mtp_file, ds4_tensor_spec *out, int cap);
+
+/* Read the deepseek4.* keys (accepting the encodings ds4 accepts) and
+ * validate them; -1 with a message naming the offending key. */
+int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errlen);
+int ds4_hparams_validate(const ds4_hparams *hp, char *err, size_t errlen);
+/* True when block_count and embedding_length are the published model's: the
+ * file then claims the real shape and must match it exactly (every key at
+ * its published value, published tensor types). */
+bool ds4_hparams_is_flash_shape(const ds4_hparams *hp);
+/* Tensor count of ds4_layout (the same for every mix), for sizing out[]. */
+int ds4_layout_max(const ds4_hparams *hp, bool mtp_file);
+/* KV accounting split as in spec §7.2 (bytes, f32 rows). */
+typedef struct {
+    uint64_t compressed;       /* attention + indexer compressed rows, floor(ctx/R) each */
+    uint64_t raw_window;       /* n_layer rings of window x head_dim */
+    uint64_t frontier;         /* compressor kv+gate frontiers */
+} ds4_kv_parts;
+void ds4_model_kv_parts(const ds4_hparams *hp, uint64_t ctx, ds4_kv_parts *parts);
+/* Bytes of tensor data in the main file (and in the MTP file when loaded). */
+uint64_t ds4_model_weight_bytes(const ds4_model *m);
 
 /* Load + validate. Returns 0, or -1 with a message naming the first mismatch. */
 int ds4_model_load(ds4_model *m, const char *path, char *err, size_t errlen);

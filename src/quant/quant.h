@@ -20,16 +20,33 @@ uint16_t ds4_f32_to_f16(float f);
 /* Round a float through f16 and back (used for KV rows, spec §7.1). */
 float ds4_round_f16(float f);
 
-/* n elements of a row of `type` (n multiple of the block size) -> f32. */
+/* Rows: `type` is F32, F16, Q8_0, Q2_K, Q4_K or IQ2_XXS and n a multiple of
+ * its block size (1, 32 or 256). Shapes come from validated GGUF headers, so
+ * anything else is a caller bug: it aborts with a message. */
+
+/* n elements of a row of `type` -> f32. */
 void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n);
 
-/* sum_i dequant(row)[i] * x[i], f32 accumulation in a fixed order. */
+/* sum_i dequant(row)[i] * x[i], f32 accumulation in a fixed order:
+ * element i goes into lane i mod 32 by fmaf (lanes start at +0), then the
+ * lanes fold pairwise (j += j+16, +8, +4, +2, +1). Identical bits with or
+ * without AVX2, and exactly ds4_dot_f32(dequant(row), x). */
 float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n);
 
+/* The same ordered dot over two f32 vectors (any n). */
+float ds4_dot_f32(const float *a, const float *b, int64_t n);
+
 /* y[r] = dot(row r, x) for rows [r0, r1) of a row-major weight with n_in
- * columns (rows of ggml_row_bytes(type, n_in) bytes). */
+ * columns (rows of ggml_row_bytes(type, n_in) bytes). y is indexed by the
+ * absolute row r, so threads given disjoint [r0, r1) share one y. */
 void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, float *y);
+
+/* Batched form for prefill: for t < n_tok and r in [r0, r1),
+ * y[t*y_stride + r] = ds4_dot_row(row r, x + t*x_stride) bit for bit; each
+ * weight row is dequantised once and reused for every token. */
+void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
+                     const float *x, int64_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
 
 /* Quantise n floats into `type` blocks. importance (n values, may be NULL)
  * weights the per-block error the K-quants and IQ2_XXS minimise; IQ2_XXS

@@ -1,0 +1,197 @@
+/* Engine + sessions on the tiny model: eval with progress/cancel, snapshot
+ * save/load (exact continuation, refusal of corrupt/truncated/foreign data),
+ * truncate (exact case equals a fresh run, non-exact refused). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ds4.h"
+#include "test.h"
+
+#define N 300
+
+static ds4_engine *eng;
+static char model_path[256];
+static bool tmp_model;
+static int32_t ids[N];
+static uint32_t V;
+static float *ref;           /* N × V logits of one uninterrupted prefill */
+
+static void open_engine(void) {
+    const char *path = getenv("DS4_TINY");
+    if (!path || access(path, R_OK)) {
+        snprintf(model_path, sizeof model_path, "/tmp/ds4_test_session_%d.gguf", (int)getpid());
+        char cmd[512];
+        snprintf(cmd, sizeof cmd, "build/bin/ds4-synth --preset tiny --seed 1 -o %s >/dev/null 2>&1", model_path);
+        if (system(cmd) != 0) { fprintf(stderr, "cannot generate the tiny model\n"); return; }
+        tmp_model = true;
+    } else {
+        snprintf(model_path, sizeof model_path, "%s", path);
+    }
+    char err[512];
+    ds4_engine_params p = {.model_path = model_path, .backend = DS4_BACKEND_CPU, .n_threads = 2};
+    eng = ds4_engine_open(&p, err, sizeof err);
+    if (!eng) { fprintf(stderr, "%s\n", err); return; }
+    V = ds4_engine_n_vocab(eng);
+    uint32_t x = 99;
+    for (int i = 0; i < N; i++) { x = x * 1664525u + 1013904223u; ids[i] = (int32_t)((x >> 8) % V); }
+}
+
+static void test_engine_basics(void) {
+    REQUIRE(eng, "engine did not open");
+    CHECK(!strcmp(ds4_engine_backend_name(eng), "cpu"));
+    CHECK(ds4_engine_tokenizer(eng) != NULL);
+    CHECK(ds4_tokenizer_n_vocab(ds4_engine_tokenizer(eng)) == V);
+    CHECK(ds4_engine_ctx_max(eng) == 65536);
+    char err[256];
+    ds4_engine_params p = {.model_path = "/nonexistent.gguf"};
+    CHECK(ds4_engine_open(&p, err, sizeof err) == NULL && err[0]);
+    CHECK(ds4_session_new(eng, 0, err, sizeof err) == NULL);
+    CHECK(ds4_session_new(eng, 65537, err, sizeof err) == NULL);
+}
+
+static void test_eval_reference(void) {
+    REQUIRE(eng);
+    char err[256];
+    ds4_session *s = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(s, "%s", err);
+    CHECK(ds4_session_logits(s) == NULL, "no logits before any token");
+    ref = malloc((size_t)N * V * sizeof(float));
+    REQUIRE(ds4_session_eval(s, ids, N, ref, NULL, NULL, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_session_len(s) == N);
+    CHECK(!memcmp(ds4_session_tokens(s), ids, sizeof ids));
+    CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)(N - 1) * V, V * sizeof(float)), "last logits kept");
+    /* One more token by decode equals... itself in a fresh session's prefill. */
+    int32_t bad = (int32_t)V;
+    CHECK(ds4_session_eval(s, &bad, 1, NULL, NULL, NULL, err, sizeof err) == -1 && ds4_session_len(s) == N);
+    ds4_session_free(s);
+}
+
+static int progress_calls;
+static bool stop_early(void *ud, size_t done, size_t total) {
+    (void)ud;
+    progress_calls++;
+    return done < 100 && total == N;
+}
+
+static void test_progress_cancel(void) {
+    REQUIRE(ref);
+    char err[256];
+    ds4_session *s = ds4_session_new(eng, 512, err, sizeof err);
+    progress_calls = 0;
+    int rc = ds4_session_eval(s, ids, N, NULL, stop_early, NULL, err, sizeof err);
+    CHECK(rc == 1, "cancel returns 1 (rc %d)", rc);
+    size_t got = ds4_session_len(s);
+    CHECK(got > 0 && got < N && progress_calls == 1, "session keeps the %zu tokens evaluated", got);
+    /* Continuing after a cancel is exact. */
+    REQUIRE(ds4_session_eval(s, ids + got, N - got, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)(N - 1) * V, V * sizeof(float)));
+    ds4_session_free(s);
+}
+
+static void test_snapshot_roundtrip(void) {
+    REQUIRE(ref);
+    char err[256];
+    ds4_session *a = ds4_session_new(eng, 512, err, sizeof err), *b = ds4_session_new(eng, 512, err, sizeof err);
+    /* 150: inside a ratio-4 block (150 % 4 = 2) and a ratio-128 block. */
+    REQUIRE(ds4_session_eval(a, ids, 150, NULL, NULL, NULL, err, sizeof err) == 0);
+    uint8_t *buf;
+    size_t len;
+    REQUIRE(ds4_session_save(a, &buf, &len) == 0);
+    REQUIRE(ds4_session_load(b, buf, len, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_session_len(b) == 150 && !memcmp(ds4_session_tokens(b), ids, 150 * 4));
+    CHECK(!memcmp(ds4_session_logits(b), ref + (size_t)149 * V, V * sizeof(float)), "logits restored");
+    float *rest = malloc((size_t)(N - 150) * V * sizeof(float));
+    REQUIRE(ds4_session_eval(b, ids + 150, N - 150, rest, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(rest, ref + (size_t)150 * V, (size_t)(N - 150) * V * sizeof(float)),
+          "restore + continue differs from the uninterrupted run");
+    /* Saving the restored session reproduces the same bytes as the original at 150. */
+    uint8_t *buf2;
+    size_t len2;
+    ds4_session *c = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_load(c, buf, len, err, sizeof err) == 0);
+    REQUIRE(ds4_session_save(c, &buf2, &len2) == 0);
+    CHECK(len2 == len && !memcmp(buf, buf2, len), "snapshot bytes are canonical");
+    free(buf2);
+
+    /* Refusals: each leaves the target session untouched. */
+    size_t before = ds4_session_len(c);
+    CHECK(ds4_session_load(c, buf, len - 1, err, sizeof err) == -1, "truncated");
+    CHECK(ds4_session_load(c, buf, 10, err, sizeof err) == -1);
+    CHECK(ds4_session_load(c, buf, 0, err, sizeof err) == -1);
+    buf[len / 2] ^= 0x40;
+    CHECK(ds4_session_load(c, buf, len, err, sizeof err) == -1 && strstr(err, "corrupt"), "flipped bit: %s", err);
+    buf[len / 2] ^= 0x40;
+    buf[0] = 'X';
+    CHECK(ds4_session_load(c, buf, len, err, sizeof err) == -1 && strstr(err, "magic"), "%s", err);
+    buf[0] = 'D';
+    CHECK(ds4_session_load(c, (const uint8_t *)"GGUF\3\0\0\0 not a snapshot at all", 32, err, sizeof err) == -1);
+    ds4_session *small = ds4_session_new(eng, 100, err, sizeof err);
+    CHECK(ds4_session_load(small, buf, len, err, sizeof err) == -1 && strstr(err, "context"), "%s", err);
+    ds4_session_free(small);
+    CHECK(ds4_session_len(c) == before && ds4_session_load(c, buf, len, err, sizeof err) == 0, "intact after refusals");
+    free(buf);
+    free(rest);
+    ds4_session_free(a);
+    ds4_session_free(b);
+    ds4_session_free(c);
+}
+
+static void test_foreign_snapshot(void) {
+    REQUIRE(ref);
+    /* Same shape, other weights (seed 2): refused by the fingerprint. */
+    char other[300], cmd[512], err[512];
+    snprintf(other, sizeof other, "/tmp/ds4_test_session_other_%d.gguf", (int)getpid());
+    snprintf(cmd, sizeof cmd, "build/bin/ds4-synth --preset tiny --seed 2 -o %s >/dev/null 2>&1", other);
+    REQUIRE(system(cmd) == 0);
+    ds4_engine_params p = {.model_path = other, .backend = DS4_BACKEND_CPU, .n_threads = 1};
+    ds4_engine *e2 = ds4_engine_open(&p, err, sizeof err);
+    unlink(other);
+    REQUIRE(e2, "%s", err);
+    ds4_session *a = ds4_session_new(e2, 64, err, sizeof err), *b = ds4_session_new(eng, 64, err, sizeof err);
+    REQUIRE(ds4_session_eval(a, ids, 10, NULL, NULL, NULL, err, sizeof err) == 0);
+    uint8_t *buf;
+    size_t len;
+    REQUIRE(ds4_session_save(a, &buf, &len) == 0);
+    CHECK(ds4_session_load(b, buf, len, err, sizeof err) == -1 && strstr(err, "another model"), "%s", err);
+    free(buf);
+    ds4_session_free(a);
+    ds4_session_free(b);
+    ds4_engine_close(e2);
+}
+
+static void test_truncate(void) {
+    REQUIRE(ref);
+    char err[256];
+    ds4_session *s = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_eval(s, ids, N, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(ds4_session_truncate(s, 50, err, sizeof err) == -1 && strstr(err, "not exact"), "far rewind refused: %s", err);
+    CHECK(ds4_session_len(s) == N);
+    REQUIRE(ds4_session_truncate(s, 250, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_session_len(s) == 250);
+    CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)249 * V, V * sizeof(float)), "logits after truncate = fresh run");
+    REQUIRE(ds4_session_eval(s, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)269 * V, V * sizeof(float)), "continuation = fresh run");
+    CHECK(ds4_session_truncate(s, 400, err, sizeof err) == -1);
+    REQUIRE(ds4_session_truncate(s, 0, err, sizeof err) == 0);
+    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL);
+    REQUIRE(ds4_session_eval(s, ids, 3, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)2 * V, V * sizeof(float)));
+    ds4_session_free(s);
+}
+
+int main(void) {
+    open_engine();
+    RUN(test_engine_basics);
+    RUN(test_eval_reference);
+    RUN(test_progress_cancel);
+    RUN(test_snapshot_roundtrip);
+    RUN(test_foreign_snapshot);
+    RUN(test_truncate);
+    free(ref);
+    ds4_engine_close(eng);
+    if (tmp_model) unlink(model_path);
+    TEST_END();
+}
