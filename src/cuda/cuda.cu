@@ -122,6 +122,7 @@ static uint64_t scratch_floats(const ds4_model *m, uint64_t *counts) {
     const ds4_hparams *hp = &m->hp;
     uint64_t d = hp->n_embd, hc = hp->hc_count, hd = hp->head_dim, H = hp->n_head, ff = hp->expert_ff;
     uint64_t used = hp->n_expert_used, ihd = hp->idx_head_dim, ih = hp->idx_n_head, cw = max_comp_width(hp);
+    if (cw < hd) cw = hd;       /* ck also holds the token's K=V row */
     uint64_t ffs = (uint64_t)m->layers[0].gate_shexp.ne[1];
     uint64_t c[] = {hc * d, (2 + hc) * hc, (2 + hc) * hc, d, d, hp->q_lora, H * hd, H * hd,
                     (uint64_t)hp->o_groups * hp->o_lora, d, cw, cw, 2 * ihd, 2 * ihd, ih * ihd, ih, hp->n_expert,
@@ -207,7 +208,8 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     }
     for (int i = 0; i < m->n_layout; i++) {
         const ds4_tensor *t = spec_tensor(m, &m->layout[i]);
-        if (t->data && t->type != GGML_I32 && (t->ne[0] % 8 || (t->type == GGML_F32 && ((uintptr_t)t->data & 15)) ||
+        /* matrices only: 1-D tensors (norms, HC scale of 3) are read as plain f32 */
+        if (t->data && t->type != GGML_I32 && t->ne[1] > 1 && (t->ne[0] % 8 || (t->type == GGML_F32 && ((uintptr_t)t->data & 15)) ||
                                               (t->type == GGML_F16 && ((uintptr_t)t->data & 15)))) {
             fail(err, errlen, "cuda backend: tensor %s: rows must be 16-byte aligned and a multiple of 8", t->name);
             return NULL;
