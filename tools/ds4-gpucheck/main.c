@@ -208,19 +208,29 @@ static void compare_states(const ds4_kv_host *g, const ds4_kv_host *c, const ds4
     }
 }
 
-/* CUDA vs CPU logits over n positions: relative error per position and
- * argmax agreement where the CPU's top two are apart by more than rounding. */
+static int cmp_dbl(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* CUDA vs CPU logits over n positions. The two differ by f32 rounding, which
+ * the model's discrete steps can amplify at a few positions: FP8/FP4/f16
+ * roundings at a boundary, a near-tied router or indexer choice. So the check
+ * is: median error small, at most 2% of positions above `bound`, no NaN, and
+ * the same argmax wherever the CPU's top two are apart by more than 1% of the
+ * logit scale. The worst position is named. */
 static void compare_logits(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound) {
-    double worst = 0, sum = 0;
-    size_t mism = 0, hard = 0;
+    double *e = malloc(n * sizeof(double)), worst = 0;
+    size_t mism = 0, hard = 0, over = 0, wpos = 0;
+    bool nan = false;
     for (size_t t = 0; t < n; t++) {
-        double e = rel_err(g + t * V, c + t * V, V);
-        if (isnan(e) || e > worst) worst = e;
-        sum += e;
+        e[t] = rel_err(g + t * V, c + t * V, V);
+        if (isnan(e[t])) { nan = true; e[t] = INFINITY; }
+        if (e[t] > worst) { worst = e[t]; wpos = t; }
+        over += e[t] > bound;
         int ag = argmax(g + t * V, V), ac = argmax(c + t * V, V);
         if (ag != ac) {
             mism++;
-            /* a near-tie at the CPU (margin under the observed error) is not a defect */
             float top = c[t * V + ac], second = -INFINITY, scale = 0;
             for (uint32_t i = 0; i < V; i++) {
                 if ((int)i != ac && c[t * V + i] > second) second = c[t * V + i];
@@ -229,9 +239,40 @@ static void compare_logits(const char *what, const float *g, const float *c, siz
             if (top - second > 1e-2f * scale) hard++;
         }
     }
-    verdict(what, within(worst, bound) && hard == 0,
-            "max rel %.3g mean %.3g (bound %.0e), argmax differs at %zu of %zu positions (%zu beyond near-ties)", worst,
-            n ? sum / n : 0, bound, mism, n, hard);
+    qsort(e, n, sizeof *e, cmp_dbl);
+    double med = e[n / 2];
+    bool ok = !nan && med <= bound / 4 && over * 50 <= n && hard == 0;
+    verdict(what, ok,
+            "median rel %.2g, max %.2g at position %zu, %zu of %zu over %.0e; argmax differs at %zu (%zu beyond near-ties)%s",
+            med, worst, wpos, over, n, bound, mism, hard, nan ? "; NaN" : "");
+    free(e);
+}
+
+/* Error of one step without accumulated drift: at sampled positions t the
+ * CPU's state after t tokens is imported into CUDA and both evaluate token t. */
+static void one_step_checks(bk *cpu, bk *gpu, uint32_t ctx, const int32_t *ids, size_t n, uint32_t V) {
+    char err[512];
+    void *sc = cpu->ops->state_new(cpu->be, ctx, err, sizeof err), *sg = gpu->ops->state_new(gpu->be, ctx, err, sizeof err);
+    size_t stride = n / 12 ? n / 12 : 1, k = 0, done = 0;
+    float *a = malloc((n / stride + 1) * V * sizeof(float)), *b = malloc((n / stride + 1) * V * sizeof(float));
+    bool ok = sc && sg;
+    for (size_t t = stride - 1; ok && t < n; t += stride, k++) {
+        ds4_kv_host h;
+        ok = !cpu->ops->eval(cpu->be, sc, ids + done, t - done, NULL, false, err, sizeof err) &&
+             !cpu->ops->export_state(cpu->be, sc, &h, err, sizeof err);
+        if (!ok) break;
+        done = t;
+        ok = !gpu->ops->import_state(gpu->be, sg, &h, err, sizeof err) &&
+             !gpu->ops->eval(gpu->be, sg, ids + t, 1, b + k * V, false, err, sizeof err) &&
+             !cpu->ops->eval(cpu->be, sc, ids + t, 1, a + k * V, false, err, sizeof err);
+        done = t + 1;
+        ds4_kv_host_free(&h);
+    }
+    if (!ok) verdict("one step from the cpu state", false, "%s", err);
+    else compare_logits("one step from the cpu state (sampled positions)", b, a, k, V, 2e-2);
+    if (sc) cpu->ops->state_free(cpu->be, sc);
+    if (sg) gpu->ops->state_free(gpu->be, sg);
+    free(a); free(b);
 }
 
 static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench) {
@@ -267,6 +308,8 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
     if (!sg) { verdict("cuda eval", false, "%s", err); return 1; }
     printf("prefill %zu tokens: cpu %.2fs, cuda %.2fs (token-by-token)\n", n_tok, tc, tg);
     compare_logits("logits cuda vs cpu, every position", lg, lc, n_tok, V, 2e-2);
+
+    one_step_checks(&cpu, &gpu, ctx, ids, n_tok, V);
 
     ds4_kv_host hg, hc;
     if (gpu.ops->export_state(gpu.be, sg, &hg, err, sizeof err)) { verdict("cuda export", false, "%s", err); return 1; }
