@@ -29,6 +29,7 @@ extern "C" {
 #include "cuda/kernels.cuh"
 
 #define STAGE_BYTES (64u << 20)   /* upload chunk: bounds pinned host memory to 2 × 64 MiB */
+#define STEP_RING 256              /* step inputs in flight before the host waits */
 #define VRAM_MARGIN (256ull << 20) /* left free for the CUDA context, cuBLAS-free but safe */
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) {
@@ -71,6 +72,7 @@ typedef struct {
     float *att;                  /* n_head × att_len scores */
     int64_t att_len;
     float *isc;                  /* indexer scores, ctx/4 + 2 */
+    cudaGraphExec_t body[2];     /* one token's layers: [select] = indexer picks top-k */
 } gpu_state;
 
 typedef struct {
@@ -84,7 +86,10 @@ typedef struct {
     /* per-token scratch */
     float *X, *mix, *coef, *h, *nrm, *qa, *q, *o, *low, *y, *ck, *cg, *ik, *ig, *iq, *iw, *rl, *ew, *eout, *ge,
         *ue, *sg, *su, *logits;
-    int32_t *eid, *sel, *tok;
+    int32_t *eid, *sel;
+    dstep *step, *hstep;         /* device step inputs; pinned host ring of STEP_RING */
+    bool graphs;                 /* capture decode as CUDA graphs (DS4_CUDA_GRAPHS=0: eager) */
+    cudaGraphExec_t head_exec;
 } gpu_backend;
 
 /* Device address of a bound tensor (NULL when absent). */
@@ -143,6 +148,9 @@ static void backend_free(gpu_backend *be) {
     cudaFree(be->X);
     cudaFree(be->eid);
     cudaFree(be->freq_plain);
+    cudaFree(be->step);
+    if (be->hstep) cudaFreeHost(be->hstep);
+    if (be->head_exec) cudaGraphExecDestroy(be->head_exec);
     if (be->s) cudaStreamDestroy(be->s);
     free(be);
 }
@@ -260,7 +268,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     if (cudaStreamCreateWithFlags(&be->s, cudaStreamNonBlocking) != cudaSuccess ||
         cudaMalloc((void **)&be->dbase, be->span) != cudaSuccess ||
         cudaMalloc((void **)&be->X, scr) != cudaSuccess ||
-        cudaMalloc((void **)&be->eid, (size_t)(2 * hp->n_expert_used + hp->idx_top_k + 1) * sizeof(int32_t)) != cudaSuccess ||
+        cudaMalloc((void **)&be->eid, (size_t)(hp->n_expert_used + hp->idx_top_k) * sizeof(int32_t)) != cudaSuccess ||
         cudaMalloc((void **)&be->freq_plain, 2 * (size_t)np * sizeof(double)) != cudaSuccess ||
         cudaMemcpy(be->freq_plain, fp, np * sizeof(double), cudaMemcpyHostToDevice) != cudaSuccess ||
         cudaMemcpy(be->freq_plain + np, fy, np * sizeof(double), cudaMemcpyHostToDevice) != cudaSuccess ||
@@ -276,8 +284,15 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
                               &be->eout, &be->ge, &be->ue, &be->sg, &be->su, &be->logits};
     float *p = be->X;
     for (int i = 0; i < N_SCRATCH; i++) { *dst[i] = p; p += counts[i]; }
-    be->tok = be->eid + hp->n_expert_used;
-    be->sel = be->tok + 1;
+    be->sel = be->eid + hp->n_expert_used;
+    if (cudaMalloc((void **)&be->step, sizeof(dstep)) != cudaSuccess ||
+        cudaMallocHost((void **)&be->hstep, STEP_RING * sizeof(dstep)) != cudaSuccess) {
+        fail(err, errlen, "cuda backend: cannot allocate the step buffers");
+        backend_free(be);
+        return NULL;
+    }
+    const char *g = getenv("DS4_CUDA_GRAPHS");
+    be->graphs = !(g && !strcmp(g, "0"));
     if (upload_span(be, err, errlen)) { backend_free(be); return NULL; }
     return be;
 }
@@ -296,6 +311,8 @@ static void state_free(gpu_state *st) {
     if (!st) return;
     for (int l = 0; st->L && l < st->n_layer; l++) layer_free(&st->L[l]);
     free(st->L);
+    for (int i = 0; i < 2; i++)
+        if (st->body[i]) cudaGraphExecDestroy(st->body[i]);
     cudaFree(st->att);
     cudaFree(st->isc);
     free(st);
@@ -382,7 +399,15 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
 
 /* ---- one decode step ------------------------------------------------------------------- */
 
+/* Rows below this many take a block each (k_matvec_wide): with a warp per
+ * row they would leave most of the GPU idle. */
+#define WIDE_ROWS 1024
+
 static void matvec(gpu_backend *be, const ds4_tensor *T, const float *x, float *y) {
+    if (T->ne[1] < WIDE_ROWS && T->ne[0] >= 2048) {
+        k_matvec_wide<<<(unsigned)T->ne[1], 256, 0, be->s>>>((int)T->type, DW(be, T), T->row_bytes, T->ne[0], x, y);
+        return;
+    }
     k_matvec<<<dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS, 0, be->s>>>(
         (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, 0, 0, y, NULL, 0, 0, 0);
 }
@@ -411,29 +436,26 @@ static void hc_post(gpu_backend *be) {
     k_hc_post<<<(unsigned)((hp->n_embd + 255) / 256), 256, 0, be->s>>>(be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y);
 }
 
-/* One compressor for position pos: project, store in the ring, emit a row
- * when the position completes a block. */
+/* One compressor: project, store the position's inputs in the ring, emit a
+ * row when the position completes a block (k_comp_emit decides on the device;
+ * the host's counters follow in book_token). */
 static void compress(gpu_backend *be, const ds4_tensor *tkv, const ds4_tensor *tgate, const ds4_tensor *ape,
                      const ds4_tensor *norm, int R, int lanes, int D, float *pk, float *pg, float *rkv, float *rg,
-                     uint32_t keep, uint32_t *lo, float *rows, uint32_t *n_rows, uint32_t pos, const double *freq,
-                     bool indexer) {
+                     uint32_t keep, float *rows, const double *freq, bool indexer) {
     const ds4_hparams *hp = be->hp;
     int W = lanes * D;
     matvec(be, tkv, be->nrm, pk);
     matvec(be, tgate, be->nrm, pg);
     k_comp_store<<<(unsigned)((W / 8 + 127) / 128), 128, 0, be->s>>>(pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes,
-                                                                   W, R, pos, rkv, rg, pos % keep);
-    if ((pos + 1) % (uint32_t)R == 0) {
-        uint32_t b = (pos + 1) / (uint32_t)R - 1;
-        k_comp_emit<<<1, nthreads(D), D * sizeof(float), be->s>>>(rkv, rg, keep, R, lanes, D, b, DF(be, norm), freq,
-                                                                   (int)hp->rope_dim, hp->rms_eps, indexer, rows);
-        *n_rows = b + 1;
-    }
-    uint32_t end = pos + 1;
-    if (end > keep && end - keep > *lo) *lo = end - keep;
+                                                                   W, R, be->step, rkv, rg, keep);
+    k_comp_emit<<<1, nthreads(D), D * sizeof(float), be->s>>>(rkv, rg, keep, R, lanes, D, be->step, DF(be, norm), freq,
+                                                               (int)hp->rope_dim, hp->rms_eps, indexer, rows);
 }
 
-static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, uint32_t pos) {
+/* Attention sublayer of the token at be->step. `select`: the indexer picks
+ * top-k rows ((pos+1)/4 > top_k; the same for every ratio-4 layer, so it is
+ * a property of the step's graph variant, not of a layer). */
+static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, bool select) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, H = hp->n_head, hd = hp->head_dim, rd = hp->rope_dim, ql = hp->q_lora;
     const double *freq = ls->ratio ? be->freq_yarn : be->freq_plain;
@@ -445,48 +467,33 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     matvec(be, &L->attn_q_a, be->nrm, be->qa);
     k_rmsnorm<<<1, 256, 0, s>>>(be->qa, DF(be, &L->attn_q_a_norm), (int)ql, eps, be->qa, 0);
     matvec(be, &L->attn_q_b, be->qa, be->q);
-    k_q_heads<<<(unsigned)H, nthreads(hd), hd * sizeof(float), s>>>(be->q, (int)hd, (int)rd, freq, pos, eps);
+    k_q_heads<<<(unsigned)H, nthreads(hd), hd * sizeof(float), s>>>(be->q, (int)hd, (int)rd, freq, be->step, eps);
     /* K=V row straight into its ring slot: the slot held position pos − keep_raw,
      * outside every window, so attention below reads the new row from the ring. */
-    float *kvrow = ls->raw + (size_t)(pos % st->keep_raw) * hd;
     matvec(be, &L->attn_kv, be->nrm, be->ck);
     k_kv_row<<<1, nthreads(hd), hd * sizeof(float), s>>>(be->ck, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
-                                                        pos, eps, kvrow);
-
-    const int32_t *sel = NULL;
-    int64_t n_comp = 0;
+                                                        be->step, eps, ls->raw, st->keep_raw);
     if (ls->ratio)
         compress(be, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
-                 be->cg, ls->ckv, ls->cgate, ls->keep_c, &ls->lo_c, ls->comp, &ls->n_comp, pos, freq, false);
+                 be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
     if (ls->ratio == 4) {
         int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, topk = hp->idx_top_k;
         compress(be, &L->idx_comp_kv, &L->idx_comp_gate, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik,
-                 be->ig, ls->ikv, ls->igate, ls->keep_i, &ls->lo_i, ls->idx, &ls->n_idx, pos, freq, true);
-        uint32_t nvis = (pos + 1) / 4;
-        if (nvis <= topk) {
-            n_comp = nvis;              /* every row, in order: no selection needed */
-        } else {
+                 be->ig, ls->ikv, ls->igate, ls->keep_i, ls->idx, freq, true);
+        if (select) {
             matvec(be, &L->idx_q_b, be->qa, be->iq);
             matvec(be, &L->idx_proj, be->nrm, be->iw);
             float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
             k_idx_heads<<<(unsigned)ih, nthreads(ihd), ihd * sizeof(float), s>>>(be->iq, be->iw, (int)ihd, (int)rd,
-                                                                                  freq, pos, wscale);
-            k_idx_scores<<<(unsigned)((nvis + 7) / 8), 256, 0, s>>>(be->iq, be->iw, ls->idx, nvis, (int)ih, (int)ihd,
-                                                                   st->isc);
-            k_topk<<<1, 1024, 0, s>>>(st->isc, nvis, topk, be->sel);
-            sel = be->sel;
-            n_comp = topk;
+                                                                                  freq, be->step, wscale);
+            k_idx_scores<<<264, 256, 0, s>>>(be->iq, be->iw, ls->idx, be->step, (int)ih, (int)ihd, st->isc);
+            k_topk<<<1, 1024, 0, s>>>(st->isc, be->step, 0, topk, be->sel);
         }
-    } else if (ls->ratio > 0) {
-        n_comp = (pos + 1) / (uint32_t)ls->ratio;
     }
-
-    k_attend<<<(unsigned)H, 256, 2 * hd * sizeof(float), s>>>(be->q, be->o, ls->raw, st->keep_raw, pos, hp->window,
-                                                             ls->comp, sel, n_comp, DF(be, &L->attn_sinks), (int)hd,
-                                                             (int)rd, freq, (float)(1.0 / sqrt((double)hd)), st->att,
-                                                             st->att_len);
-    uint32_t end = pos + 1;
-    if (end > st->keep_raw && end - st->keep_raw > ls->lo_raw) ls->lo_raw = end - st->keep_raw;
+    k_attend<<<(unsigned)H, 256, 2 * hd * sizeof(float), s>>>(be->q, be->o, ls->raw, st->keep_raw, be->step, hp->window,
+                                                             ls->comp, be->sel, ls->ratio, (int64_t)hp->idx_top_k,
+                                                             DF(be, &L->attn_sinks), (int)hd, (int)rd, freq,
+                                                             (float)(1.0 / sqrt((double)hd)), st->att, st->att_len);
 
     /* Grouped low-rank output: group g's rows read heads g·H/G … concatenated. */
     int64_t G = hp->o_groups, gl = hp->o_lora;
@@ -505,7 +512,7 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, float clamp) {
     k_rmsnorm<<<1, 256, 0, s>>>(be->h, DF(be, &L->ffn_norm), (int)d, hp->rms_eps, be->nrm, 0);
     matvec(be, &L->ffn_gate_inp, be->nrm, be->rl);
     k_router<<<1, 256, E * sizeof(float), s>>>(be->rl, (int)E, (int)used, DW(be, &L->tid2eid), L->tid2eid.row_bytes,
-                                               be->tok, L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
+                                               &be->step->tok, L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
                                                hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
     matvec_experts(be, &L->gate_exps, be->nrm, 0, be->ge, ff);
     matvec_experts(be, &L->up_exps, be->nrm, 0, be->ue, ff);
@@ -528,39 +535,85 @@ static void head(gpu_backend *be) {
     matvec(be, &m->output, be->nrm, be->logits);
 }
 
+/* Host counters after the token at pos (what the kernels just did). */
+static void book_token(gpu_state *st, uint32_t pos) {
+    uint32_t end = pos + 1;
+    for (int l = 0; l < st->n_layer; l++) {
+        gpu_layer *ls = &st->L[l];
+        if (end > st->keep_raw && end - st->keep_raw > ls->lo_raw) ls->lo_raw = end - st->keep_raw;
+        if (!ls->ratio) continue;
+        if (end % (uint32_t)ls->ratio == 0) ls->n_comp = end / (uint32_t)ls->ratio;
+        if (end > ls->keep_c && end - ls->keep_c > ls->lo_c) ls->lo_c = end - ls->keep_c;
+        if (ls->ratio != 4) continue;
+        if (end % 4 == 0) ls->n_idx = end / 4;
+        if (end > ls->keep_i && end - ls->keep_i > ls->lo_i) ls->lo_i = end - ls->keep_i;
+    }
+}
+
+/* Every kernel of one token's layers (embedding → last FFN). */
+static void launch_body(gpu_backend *be, gpu_state *st, bool select) {
+    const ds4_hparams *hp = be->hp;
+    const ds4_tensor *te = &be->m->tok_embd;
+    k_embed<<<(unsigned)((hp->n_embd / 8 + 127) / 128), 128, 0, be->s>>>((int)te->type, DW(be, te), te->row_bytes,
+                                                                        &be->step->tok, hp->n_embd, be->X,
+                                                                        (int)hp->hc_count);
+    for (int l = 0; l < st->n_layer; l++) {
+        attn_layer(be, st, &be->m->layers[l], &st->L[l], select);
+        ffn_layer(be, &be->m->layers[l], hp->swiglu_clamp[l]);
+    }
+}
+
+/* Capture (once) and launch a graph; eager launches when graphs are off. */
+static cudaError_t run_graph(gpu_backend *be, cudaGraphExec_t *exec, gpu_state *st, int what) {
+    if (!be->graphs) {
+        if (what == 2) head(be); else launch_body(be, st, what == 1);
+        return cudaGetLastError();
+    }
+    if (!*exec) {
+        cudaGraph_t g;
+        cudaError_t e = cudaStreamBeginCapture(be->s, cudaStreamCaptureModeThreadLocal);
+        if (e) return e;
+        if (what == 2) head(be); else launch_body(be, st, what == 1);
+        e = cudaStreamEndCapture(be->s, &g);
+        if (e) return e;
+        e = cudaGraphInstantiate(exec, g, 0);
+        cudaGraphDestroy(g);
+        if (e) { *exec = NULL; return e; }
+    }
+    return cudaGraphLaunch(*exec, be->s);
+}
+
 static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *logits, bool all_logits, char *err,
                      size_t errlen) {
     gpu_backend *be = (gpu_backend *)b;
     gpu_state *st = (gpu_state *)stp;
     const ds4_hparams *hp = be->hp;
-    const ds4_model *m = be->m;
     if (n == 0) return 0;
     if (n > st->ctx - st->n) return fail(err, errlen, "context full: %u + %zu tokens > %u", st->n, n, st->ctx);
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= hp->n_vocab)
             return fail(err, errlen, "token id %d out of range (vocab %u)", ids[i], hp->n_vocab);
-    int64_t d = hp->n_embd;
-    const ds4_tensor *te = &m->tok_embd;
     for (size_t t = 0; t < n; t++) {
         uint32_t pos = st->n;
-        CK(cudaMemcpyAsync(be->tok, &ids[t], sizeof(int32_t), cudaMemcpyHostToDevice, be->s));
-        k_embed<<<(unsigned)((d / 8 + 127) / 128), 128, 0, be->s>>>((int)te->type, DW(be, te), te->row_bytes, be->tok,
-                                                                   d, be->X, (int)hp->hc_count);
-        for (int l = 0; l < st->n_layer; l++) {
-            attn_layer(be, st, &m->layers[l], &st->L[l], pos);
-            ffn_layer(be, &m->layers[l], hp->swiglu_clamp[l]);
-        }
+        /* Step inputs go through a pinned ring; a full lap waits for the
+         * stream so a slot is never rewritten before its copy ran. */
+        size_t k = t % STEP_RING;
+        if (k == 0 && t) CK(cudaStreamSynchronize(be->s));
+        be->hstep[k].pos = pos;
+        be->hstep[k].tok = ids[t];
+        CK(cudaMemcpyAsync(be->step, &be->hstep[k], sizeof(dstep), cudaMemcpyHostToDevice, be->s));
+        bool select = (pos + 1) / 4 > hp->idx_top_k;
+        CK(run_graph(be, &st->body[select], st, select));
+        book_token(st, pos);
         st->n++;
-        bool want = logits && (all_logits || t + 1 == n);
-        if (want) {
-            head(be);
+        if (logits && (all_logits || t + 1 == n)) {
+            CK(run_graph(be, &be->head_exec, NULL, 2));
             CK(cudaMemcpyAsync(logits + (all_logits ? t * hp->n_vocab : 0), be->logits, hp->n_vocab * sizeof(float),
                                cudaMemcpyDeviceToHost, be->s));
         }
-        /* The token id's host source must outlive its async copy. */
-        CK(cudaStreamSynchronize(be->s));
-        CK(cudaGetLastError());
     }
+    CK(cudaStreamSynchronize(be->s));
+    CK(cudaGetLastError());
     return 0;
 }
 
@@ -735,8 +788,11 @@ extern "C" int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64
         (e = cudaMemcpy(dw, w, rb * n_rows, cudaMemcpyHostToDevice)) ||
         (e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice))) goto out;
     poison(dy, n_rows * sizeof(float));
-    k_matvec<<<dim3((unsigned)((n_rows + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS>>>(type, dw, rb, n_in, n_rows, dx,
-                                                                                      0, 0, dy, NULL, 0, 0, 0);
+    if (n_rows < WIDE_ROWS && n_in >= 2048)   /* the same choice as matvec() */
+        k_matvec_wide<<<(unsigned)n_rows, 256>>>(type, dw, rb, n_in, dx, dy);
+    else
+        k_matvec<<<dim3((unsigned)((n_rows + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS>>>(type, dw, rb, n_in, n_rows,
+                                                                                          dx, 0, 0, dy, NULL, 0, 0, 0);
     if ((e = cudaGetLastError()) || (e = cudaMemcpy(y, dy, n_rows * sizeof(float), cudaMemcpyDeviceToHost))) goto out;
     rc = 0;
 out:
@@ -764,7 +820,7 @@ extern "C" int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int3
     if (!(e = cudaMalloc((void **)&ds, n * sizeof(float))) && !(e = cudaMalloc((void **)&dout, k * sizeof(int32_t))) &&
         !(e = cudaMemcpy(ds, score, n * sizeof(float), cudaMemcpyHostToDevice))) {
         cudaMemset(dout, 0xff, k * sizeof(int32_t));   /* −1: an unwritten slot is visible */
-        k_topk<<<1, 1024>>>(ds, n, k, dout);
+        k_topk<<<1, 1024>>>(ds, NULL, n, k, dout);
         if (!(e = cudaGetLastError())) e = cudaMemcpy(out, dout, k * sizeof(int32_t), cudaMemcpyDeviceToHost);
     }
     cudaFree(ds); cudaFree(dout);

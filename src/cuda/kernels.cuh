@@ -22,6 +22,14 @@
 #define MV_WARPS 4             /* rows per matvec block: one warp per row */
 #define MAX_HC 16
 
+/* The decode step's inputs live in device memory, so one captured CUDA graph
+ * replays for every position: kernels read the position and token here and
+ * derive window bounds, ring slots, block emission and row counts from it. */
+typedef struct {
+    uint32_t pos;
+    int32_t tok;
+} dstep;
+
 /* IQ2_XXS tables, copied from src/quant at backend creation. */
 __device__ uint64_t d_iq2_grid[256];
 __device__ uint8_t d_iq2_signs[128];
@@ -145,12 +153,24 @@ __device__ float block_max(float v, float *sh) {
 }
 
 /* ---- quantised matvec ---------------------------------------------------------
- * y[slot·y_slot + r] = W_e[r] · x, one warp per row, lanes over 8-element
+ * acc += W[row] chunk c · x[8c … 8c+7]. */
+__device__ __forceinline__ float chunk_fma(int type, const uint8_t *w, int64_t c, const float *x, float acc) {
+    float v[8];
+    deq_chunk(type, w, c, v);
+    const float4 *xp = (const float4 *)(x + 8 * c);
+    float4 a = xp[0], b = xp[1];
+    acc = fmaf(v[0], a.x, acc); acc = fmaf(v[1], a.y, acc); acc = fmaf(v[2], a.z, acc); acc = fmaf(v[3], a.w, acc);
+    acc = fmaf(v[4], b.x, acc); acc = fmaf(v[5], b.y, acc); acc = fmaf(v[6], b.z, acc); acc = fmaf(v[7], b.w, acc);
+    return acc;
+}
+
+/* y[slot·y_slot + r] = W_e[r] · x, one warp per row, lanes over 8-element
  * chunks, f32 accumulation. blockIdx.y = slot: when eid != NULL the slot's
  * expert eid[slot] picks the weight matrix (estride bytes apart), so every
  * routed expert of a token runs in one launch without the host knowing ids.
  * Row r reads x + slot·x_slot + (r / xg_rows)·xg_stride (grouped output
- * projection, spec §4.4; xg_rows = 0: one x). */
+ * projection, spec §4.4; xg_rows = 0: one x). Unrolled so several chunk
+ * loads are in flight per lane (decode is bound by load latency × bytes). */
 __global__ void k_matvec(int type, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in, int64_t rows,
                          const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
                          const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot) {
@@ -160,27 +180,23 @@ __global__ void k_matvec(int type, const uint8_t *__restrict__ W, uint64_t rb, i
     const uint8_t *w = W + (eid ? (uint64_t)eid[slot] * estride : 0) + (uint64_t)r * rb;
     const float *xx = x + slot * x_slot + (xg_rows ? (r / xg_rows) * xg_stride : 0);
     float acc = 0;
-    for (int64_t c = lane; c < n_in / 8; c += 32) {
-        float v[8];
-        deq_chunk(type, w, c, v);
-        const float4 *xp = (const float4 *)(xx + 8 * c);
-        float4 a = xp[0], b = xp[1];
-        acc = fmaf(v[0], a.x, acc); acc = fmaf(v[1], a.y, acc); acc = fmaf(v[2], a.z, acc); acc = fmaf(v[3], a.w, acc);
-        acc = fmaf(v[4], b.x, acc); acc = fmaf(v[5], b.y, acc); acc = fmaf(v[6], b.z, acc); acc = fmaf(v[7], b.w, acc);
-    }
+#pragma unroll 4
+    for (int64_t c = lane; c < n_in / 8; c += 32) acc = chunk_fma(type, w, c, xx, acc);
     acc = warp_sum(acc);
     if (!lane) y[slot * y_slot + r] = acc;
 }
 
-/* Dequantise a row of n values (n/8 chunks) into out, optionally repeated
- * into `copies` consecutive vectors (token embedding → every HC stream). */
-__global__ void k_dequant(int type, const uint8_t *row, int64_t n, float *out, int copies) {
-    int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= n / 8) return;
-    float v[8];
-    deq_chunk(type, row, c, v);
-    for (int a = 0; a < copies; a++)
-        for (int k = 0; k < 8; k++) out[a * n + 8 * c + k] = v[k];
+/* Few long rows (HC mixers: 24 rows of hc·n_embd; router, indexer weights):
+ * one block per row so the whole GPU streams the matrix. */
+__global__ void k_matvec_wide(int type, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in,
+                              const float *__restrict__ x, float *__restrict__ y) {
+    __shared__ float sh[32];
+    const uint8_t *w = W + (uint64_t)blockIdx.x * rb;
+    float acc = 0;
+#pragma unroll 4
+    for (int64_t c = threadIdx.x; c < n_in / 8; c += blockDim.x) acc = chunk_fma(type, w, c, x, acc);
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) y[blockIdx.x] = acc;
 }
 
 /* Embedding of a token whose id lives in device memory. */
@@ -394,8 +410,9 @@ __global__ void k_rmsnorm(const float *x, const float *w, int n, float eps, floa
 }
 
 /* Query heads: unweighted RMSNorm, RoPE on the tail. Block per head, hd threads. */
-__global__ void k_q_heads(float *q, int hd, int rd, const double *freq, int64_t pos, float eps) {
+__global__ void k_q_heads(float *q, int hd, int rd, const double *freq, const dstep *st, float eps) {
     extern __shared__ float sv[];
+    int64_t pos = st->pos;
     __shared__ double shd[32];
     float *g = q + (int64_t)blockIdx.x * hd;
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = g[k];
@@ -407,9 +424,11 @@ __global__ void k_q_heads(float *q, int hd, int rd, const double *freq, int64_t 
 
 /* The token's K=V row: weighted RMSNorm, RoPE, FP8 on the non-RoPE part,
  * f16 rounding, written straight into its raw-ring slot. One block. */
-__global__ void k_kv_row(const float *kv, const float *w, int hd, int rd, const double *freq, int64_t pos,
-                         float eps, float *out) {
+__global__ void k_kv_row(const float *kv, const float *w, int hd, int rd, const double *freq, const dstep *st,
+                         float eps, float *ring, uint32_t keep) {
     extern __shared__ float sv[];
+    int64_t pos = st->pos;
+    float *out = ring + (size_t)(pos % keep) * hd;
     __shared__ double shd[32];
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
     __syncthreads();
@@ -423,8 +442,10 @@ __global__ void k_kv_row(const float *kv, const float *w, int hd, int rd, const 
 
 /* Store position pos's projected kv and gate + ape[pos % R] in ring slot. */
 __global__ void k_comp_store(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
-                             int W, int R, int64_t pos, float *rkv, float *rg, uint32_t slot) {
+                             int W, int R, const dstep *st, float *rkv, float *rg, uint32_t keep) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t pos = st->pos;
+    uint32_t slot = (uint32_t)(pos % keep);
     if (c >= W / 8) return;
     float v[8];
     deq_chunk(ape_type, ape + (uint64_t)(pos % R) * ape_rb, c, v);
@@ -437,10 +458,13 @@ __global__ void k_comp_store(const float *pk, const float *pg, int ape_type, con
 /* Emit compressed row b: softmax-gated pooling over the block (and the
  * previous block's lane a for two lanes), norm, RoPE at bR, QAT, f16. One
  * block of ≥ D threads (comp_emit of the CPU). */
-__global__ void k_comp_emit(const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, uint32_t b,
+__global__ void k_comp_emit(const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
                             const float *norm_w, const double *freq, int rd, float eps, bool indexer, float *out) {
     extern __shared__ float sv[];
     __shared__ double shd[32];
+    uint32_t end = st->pos + 1;
+    if (end % (uint32_t)R) return;   /* the position completes no block (uniform: whole block leaves) */
+    uint32_t b = end / (uint32_t)R - 1;
     int W = lanes * D;
     uint64_t bR = (uint64_t)b * R;
     bool prev = lanes == 2 && b > 0;
@@ -472,8 +496,9 @@ __global__ void k_comp_emit(const float *kv, const float *gate, uint32_t keep, i
 /* ---- indexer (spec §4.6) ------------------------------------------------------ */
 
 /* Indexer query heads: RoPE on the tail, Hadamard+FP4; weights scaled. */
-__global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double *freq, int64_t pos, float wscale) {
+__global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double *freq, const dstep *st, float wscale) {
     extern __shared__ float sv[];
+    int64_t pos = st->pos;
     float *g = iq + (int64_t)blockIdx.x * ihd;
     for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = g[k];
     __syncthreads();
@@ -483,21 +508,24 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
     if (threadIdx.x == 0) iw[blockIdx.x] *= wscale;
 }
 
-/* score_c = Σ_h w_h · max(0, q_h · k_c), one warp per compressed row. */
-__global__ void k_idx_scores(const float *iq, const float *iw, const float *rows, int64_t nrows, int ih, int ihd,
+/* score_c = Σ_h w_h · max(0, q_h · k_c) for the (pos+1)/4 visible rows, one
+ * warp per row over a fixed grid (the row count changes every 4 positions). */
+__global__ void k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st, int ih, int ihd,
                              float *score) {
     int lane = threadIdx.x & 31;
-    int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= nrows) return;
-    const float *k = rows + r * ihd;
-    float sc = 0;
-    for (int h = 0; h < ih; h++) {
-        float d = 0;
-        for (int j = lane; j < ihd; j += 32) d = fmaf(iq[h * ihd + j], k[j], d);
-        d = warp_sum(d);
-        sc += iw[h] * fmaxf(0.0f, d);
+    int64_t nrows = (st->pos + 1) / 4;
+    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < nrows;
+         r += (int64_t)gridDim.x * (blockDim.x >> 5)) {
+        const float *k = rows + r * ihd;
+        float sc = 0;
+        for (int h = 0; h < ih; h++) {
+            float d = 0;
+            for (int j = lane; j < ihd; j += 32) d = fmaf(iq[h * ihd + j], k[j], d);
+            d = warp_sum(d);
+            sc += iw[h] * fmaxf(0.0f, d);
+        }
+        if (!lane) score[r] = sc;
     }
-    if (!lane) score[r] = sc;
 }
 
 /* Float → unsigned key with the same order (−0 folded into +0, as `>` sees them). */
@@ -511,7 +539,9 @@ __device__ __forceinline__ uint32_t fkey(float f) {
  * T and how many keys equal to T to take), then one ordered pass that keeps
  * keys above T and the lowest-indexed ties: the CPU's selection exactly,
  * output ascending. One block of 1024 threads. */
-__global__ void k_topk(const float *score, int64_t n, int64_t k, int32_t *out) {
+__global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k, int32_t *out) {
+    int64_t n = st ? (int64_t)(st->pos + 1) / 4 : n_fixed;   /* indexer: the visible rows */
+    if (st && n <= k) return;   /* every row is attended: no selection */
     __shared__ uint32_t hist[256];
     __shared__ uint32_t s_prefix, s_need;
     __shared__ uint32_t wsum_gt[32], wsum_eq[32];
@@ -578,11 +608,14 @@ __global__ void k_topk(const float *score, int64_t n, int64_t k, int32_t *out) {
 /* One block per head: rows = raw window positions lo … pos (ring) then
  * n_comp compressed rows (sel[i] when sel != NULL, else i). Scores to scr,
  * softmax with the head's sink, weighted sum, inverse RoPE on the tail. */
-__global__ void k_attend(const float *q, float *o, const float *raw, uint32_t keep_raw, int64_t pos, uint32_t window,
-                         const float *comp, const int32_t *sel, int64_t n_comp, const float *sinks, int hd, int rd,
-                         const double *freq, float scale, float *scr, int64_t scr_stride) {
+__global__ void k_attend(const float *q, float *o, const float *raw, uint32_t keep_raw, const dstep *st, uint32_t window,
+                         const float *comp, const int32_t *selbuf, int ratio, int64_t topk, const float *sinks, int hd,
+                         int rd, const double *freq, float scale, float *scr, int64_t scr_stride) {
     extern __shared__ float sv[];   /* q then out, hd each */
     __shared__ float shf[32];
+    int64_t pos = st->pos, n_comp = ratio > 0 ? (pos + 1) / ratio : 0;
+    const int32_t *sel = NULL;
+    if (ratio == 4 && n_comp > topk) { n_comp = topk; sel = selbuf; }   /* the indexer's choice */
     int h = blockIdx.x, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     float *sq = sv, *so = sv + hd, *sc = scr + h * scr_stride;
     int64_t lo = pos >= (int64_t)window - 1 ? pos - (window - 1) : 0, nraw = pos - lo + 1, n = nraw + n_comp;

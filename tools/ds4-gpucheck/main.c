@@ -144,7 +144,8 @@ static void kernel_checks(void) {
     };
     for (size_t i = 0; i < sizeof T / sizeof *T; i++) {
         check_matvec(T[i].type, T[i].name, 256, 37);
-        check_matvec(T[i].type, T[i].name, 4096, 67);
+        check_matvec(T[i].type, T[i].name, 4096, 67);     /* block-per-row path */
+        check_matvec(T[i].type, T[i].name, 2048, 1029);   /* warp-per-row path, long rows */
     }
     check_qat(448, false);
     check_qat(64, false);
@@ -311,6 +312,25 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
 
     one_step_checks(&cpu, &gpu, ctx, ids, n_tok, V);
 
+    /* Graph replay vs eager launches: the same kernels, so the same bits. */
+    bk eager = {&ds4_backend_cuda, NULL};
+    setenv("DS4_CUDA_GRAPHS", "0", 1);
+    eager.be = eager.ops->create(&m, 0, err, sizeof err);
+    unsetenv("DS4_CUDA_GRAPHS");
+    if (!eager.be) verdict("cuda create (eager)", false, "%s", err);
+    else {
+        float *le = malloc(n_tok * V * sizeof(float));
+        t0 = now();
+        void *se = run_fresh(&eager, ctx, ids, n_tok, le, err, sizeof err);
+        double te = now() - t0;
+        size_t diff = 0;
+        for (size_t i = 0; se && i < n_tok * V; i++) diff += le[i] != lg[i];
+        verdict("cuda graphs == eager launches", se && diff == 0, "%zu of %zu logits differ; eager prefill %.2fs",
+                diff, n_tok * V, te);
+        if (se) eager.ops->state_free(eager.be, se);
+        free(le);
+    }
+
     ds4_kv_host hg, hc;
     if (gpu.ops->export_state(gpu.be, sg, &hg, err, sizeof err)) { verdict("cuda export", false, "%s", err); return 1; }
     if (cpu.ops->export_state(cpu.be, sc, &hc, err, sizeof err)) { fprintf(stderr, "cpu export: %s\n", err); return 1; }
@@ -358,22 +378,27 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
     ds4_kv_host_free(&hc);
 
     if (bench > 0) {
-        /* Decode speed: one token per eval (each call ends with a device sync),
-         * after a prompt of n_tok tokens; the first 4 steps are warm-up. */
-        void *s3 = gpu.ops->state_new(gpu.be, ctx + (uint32_t)bench + 8, err, sizeof err);
-        if (s3 && !gpu.ops->eval(gpu.be, s3, ids, n_tok, NULL, false, err, sizeof err)) {
-            double tb = 0;
-            for (int i = 0; i < bench + 4; i++) {
-                int32_t tok = argmax(a, V);
-                if (i == 4) tb = now();
-                if (gpu.ops->eval(gpu.be, s3, &tok, 1, a, false, err, sizeof err)) break;
-            }
-            double dt = now() - tb;
-            printf("decode: %d tokens after a %zu-token prompt: %.2f ms/token, %.1f tok/s\n", bench, n_tok,
-                   1e3 * dt / bench, bench / dt);
-        } else fprintf(stderr, "bench: %s\n", err);
-        if (s3) gpu.ops->state_free(gpu.be, s3);
+        for (int pass = 0; pass < 2; pass++) {
+            /* Decode speed: one token per eval (each call ends with a device
+             * sync), after a prompt of n_tok tokens; 4 warm-up steps. */
+            bk *g = pass == 0 ? &gpu : &eager;
+            if (!g->be) continue;
+            void *s3 = g->ops->state_new(g->be, ctx + (uint32_t)bench + 8, err, sizeof err);
+            if (s3 && !g->ops->eval(g->be, s3, ids, n_tok, NULL, false, err, sizeof err)) {
+                double tb = 0;
+                for (int i = 0; i < bench + 4; i++) {
+                    int32_t tok = argmax(a, V);
+                    if (i == 4) tb = now();
+                    if (g->ops->eval(g->be, s3, &tok, 1, a, false, err, sizeof err)) break;
+                }
+                double dt = now() - tb;
+                printf("decode (%s): %d tokens after a %zu-token prompt: %.3f ms/token, %.1f tok/s\n",
+                       pass == 0 ? "graphs" : "eager", bench, n_tok, 1e3 * dt / bench, bench / dt);
+            } else fprintf(stderr, "bench: %s\n", err);
+            if (s3) g->ops->state_free(g->be, s3);
+        }
     }
+    if (eager.be) eager.ops->destroy(eager.be);
     gpu.ops->state_free(gpu.be, sg);
     cpu.ops->state_free(cpu.be, sc);
     gpu.ops->destroy(gpu.be);
@@ -383,8 +408,42 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
     return 0;
 }
 
+/* GPU only, no checks: load, upload, evaluate n_tok tokens (for profilers),
+ * then time `bench` decode steps at that context. */
+static int profile_run(const char *path, size_t n_tok, int bench) {
+    char err[512];
+    ds4_model m;
+    memset(&m, 0, sizeof m);
+    if (ds4_model_load(&m, path, err, sizeof err)) { fprintf(stderr, "ds4-gpucheck: %s\n", err); return 1; }
+    void *be = ds4_backend_cuda.create(&m, 0, err, sizeof err), *st = NULL;
+    float *lg = malloc(m.hp.n_vocab * sizeof(float));
+    int32_t *ids = malloc(n_tok * sizeof(int32_t));
+    for (size_t i = 0; i < n_tok; i++) ids[i] = (int32_t)(rnd() % m.hp.n_vocab);
+    double t0 = now();
+    int rc = !be || !(st = ds4_backend_cuda.state_new(be, (uint32_t)n_tok + bench + 8, err, sizeof err)) ||
+             ds4_backend_cuda.eval(be, st, ids, n_tok, lg, false, err, sizeof err);
+    if (rc) fprintf(stderr, "ds4-gpucheck: %s\n", err);
+    else printf("profile run: %zu tokens in %.3fs, argmax %d\n", n_tok, now() - t0, argmax(lg, m.hp.n_vocab));
+    if (!rc && bench > 0) {
+        t0 = now();
+        for (int i = 0; i < bench && !rc; i++) {
+            int32_t tok = argmax(lg, m.hp.n_vocab);
+            rc = ds4_backend_cuda.eval(be, st, &tok, 1, lg, false, err, sizeof err);
+        }
+        double dt = now() - t0;
+        printf("decode: %d tokens at context %zu: %.3f ms/token, %.1f tok/s\n", bench, n_tok, 1e3 * dt / bench,
+               bench / dt);
+    }
+    if (st) ds4_backend_cuda.state_free(be, st);
+    if (be) ds4_backend_cuda.destroy(be);
+    ds4_model_free(&m);
+    free(lg); free(ids);
+    return rc;
+}
+
 static void usage(FILE *f) {
-    fprintf(f, "usage: ds4-gpucheck [--kernels] [--model FILE [--tokens N] [--ctx C] [--bench T]] [--seed S]\n");
+    fprintf(f, "usage: ds4-gpucheck [--kernels] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
+               "  --profile  evaluate N tokens on the GPU only, no checks (run under ncu)\n");
 }
 
 int main(int argc, char **argv) {
@@ -393,10 +452,12 @@ int main(int argc, char **argv) {
     size_t n_tok = 300;
     uint32_t ctx = 0;
     int bench = 0;
+    bool profile = false;
     rs = (uint64_t)time(NULL) * 2654435761u | 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--kernels")) kernels = true;
+        else if (!strcmp(a, "--profile")) profile = true;
         else if (!strcmp(a, "--model") && v) { model = v; i++; }
         else if (!strcmp(a, "--tokens") && v) { n_tok = strtoul(v, NULL, 10); i++; }
         else if (!strcmp(a, "--ctx") && v) { ctx = (uint32_t)strtoul(v, NULL, 10); i++; }
@@ -410,6 +471,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4-gpucheck: no CUDA device available\n");
         return 1;
     }
+    if (profile) return model ? profile_run(model, n_tok, bench) : 2;
     printf("seed %llu\n", (unsigned long long)rs);
     if (kernels) kernel_checks();
     if (model && model_checks(model, n_tok, ctx, bench)) n_fail++;
