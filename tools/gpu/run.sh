@@ -27,7 +27,7 @@ for s in $steps; do
     prof)
         # Per-kernel time and DRAM bytes of 3 eager decode steps (ncu, clocks untouched).
         f4
-        DS4_CUDA_GRAPHS=0 ncu --clock-control none --csv --page raw \
+        DS4_CUDA_GRAPHS=0 ncu --clock-control none --csv --page raw --print-units base \
             --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
             ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
         python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/prof.log"
