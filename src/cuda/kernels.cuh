@@ -34,11 +34,13 @@ typedef struct {
 __device__ uint64_t d_iq2_grid[256];
 __device__ uint8_t d_iq2_signs[128];
 
-__device__ __forceinline__ float ld_f16(const uint8_t *p) {
-    return __half2float(__ushort_as_half((unsigned short)(p[0] | p[1] << 8)));
-}
-__device__ __forceinline__ uint32_t ld_u32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+/* Aligned little-endian loads: block layouts keep these offsets 2- or
+ * 4-byte aligned (tensor data is 32-byte aligned, see cuda_create), so each
+ * is one instruction instead of a byte-by-byte gather. */
+__device__ __forceinline__ float ld_f16a(const uint8_t *p) { return __half2float(__ushort_as_half(*(const unsigned short *)p)); }
+__device__ __forceinline__ uint32_t ld_u32h(const uint8_t *p) {   /* 2-byte aligned */
+    const unsigned short *h = (const unsigned short *)p;
+    return (uint32_t)h[0] | (uint32_t)h[1] << 16;
 }
 __device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
 
@@ -63,21 +65,30 @@ __device__ __forceinline__ void deq_chunk(int type, const uint8_t *row, int64_t 
         }
         return;
     }
-    case GT_Q8_0: {
+    case GT_Q8_0: {   /* 34-byte blocks: scale and quants 2-byte aligned */
         const uint8_t *b = row + (c >> 2) * 34;
-        float d = ld_f16(b);
-        const int8_t *q = (const int8_t *)(b + 2 + 8 * (c & 3));
-        for (int k = 0; k < 8; k++) v[k] = d * (float)q[k];
+        float d = ld_f16a(b);
+        uint32_t lo = ld_u32h(b + 2 + 8 * (c & 3)), hi = ld_u32h(b + 6 + 8 * (c & 3));
+        for (int k = 0; k < 4; k++) {
+            v[k] = d * (float)(int8_t)(lo >> 8 * k);
+            v[4 + k] = d * (float)(int8_t)(hi >> 8 * k);
+        }
         return;
     }
     case GT_Q2_K: {
         const uint8_t *b = row + (c >> 5) * 84;
         int e0 = (int)(c & 31) * 8, h = e0 >> 7, s = (e0 >> 5) & 3, half = (e0 >> 4) & 1, sub = (e0 >> 3) & 1;
         int j = 8 * h + 2 * s + half;
-        float d = ld_f16(b + 80), dmin = ld_f16(b + 82);
+        /* 84-byte blocks are 4-byte aligned: d|dmin and each 8 quants as words */
+        uint32_t dd = *(const uint32_t *)(b + 80);
+        float d = __half2float(__ushort_as_half((unsigned short)dd)), dmin = __half2float(__ushort_as_half((unsigned short)(dd >> 16)));
         float dl = d * (float)(b[j] & 15), ml = dmin * (float)(b[j] >> 4);
-        const uint8_t *q = b + 16 + 32 * h + 16 * half + 8 * sub;
-        for (int k = 0; k < 8; k++) v[k] = fmaf(dl, (float)((q[k] >> (2 * s)) & 3), -ml);
+        const uint32_t *q = (const uint32_t *)(b + 16 + 32 * h + 16 * half + 8 * sub);
+        uint32_t q0 = q[0], q1 = q[1];
+        for (int k = 0; k < 4; k++) {
+            v[k] = fmaf(dl, (float)((q0 >> (8 * k + 2 * s)) & 3), -ml);
+            v[4 + k] = fmaf(dl, (float)((q1 >> (8 * k + 2 * s)) & 3), -ml);
+        }
         return;
     }
     case GT_Q4_K: {
@@ -87,16 +98,21 @@ __device__ __forceinline__ void deq_chunk(int type, const uint8_t *row, int64_t 
         int sc, mn;
         if (j < 4) { sc = s[j] & 63; mn = s[j + 4] & 63; }
         else { sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4; mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4; }
-        float dl = ld_f16(b) * (float)sc, ml = ld_f16(b + 2) * (float)mn;
-        const uint8_t *q = b + 16 + 32 * cc + k0;
-        for (int k = 0; k < 8; k++) v[k] = fmaf(dl, (float)((q[k] >> (4 * h)) & 15), -ml);
+        uint32_t dd = *(const uint32_t *)b;
+        float dl = __half2float(__ushort_as_half((unsigned short)dd)) * (float)sc;
+        float ml = __half2float(__ushort_as_half((unsigned short)(dd >> 16))) * (float)mn;
+        uint2 q = *(const uint2 *)(b + 16 + 32 * cc + k0);   /* 144-byte blocks: 8-byte aligned */
+        for (int k = 0; k < 4; k++) {
+            v[k] = fmaf(dl, (float)((q.x >> (8 * k + 4 * h)) & 15), -ml);
+            v[4 + k] = fmaf(dl, (float)((q.y >> (8 * k + 4 * h)) & 15), -ml);
+        }
         return;
     }
     case GT_IQ2_XXS: {
         const uint8_t *b = row + (c >> 5) * 66;
         int e0 = (int)(c & 31) * 8, ib = e0 >> 5, l = (e0 >> 3) & 3;
-        uint32_t A = ld_u32(b + 2 + 8 * ib), B = ld_u32(b + 6 + 8 * ib);
-        float db = ld_f16(b) * (0.5f + (float)(B >> 28)) * 0.25f;
+        uint32_t A = ld_u32h(b + 2 + 8 * ib), B = ld_u32h(b + 6 + 8 * ib);   /* 66-byte blocks: 2-byte aligned */
+        float db = ld_f16a(b) * (0.5f + (float)(B >> 28)) * 0.25f;
         uint64_t g = d_iq2_grid[(A >> 8 * l) & 255];
         uint8_t sg = d_iq2_signs[(B >> 7 * l) & 127];
         for (int k = 0; k < 8; k++) {
@@ -164,6 +180,28 @@ __device__ __forceinline__ float chunk_fma(int type, const uint8_t *w, int64_t c
     return acc;
 }
 
+/* Σ over chunks start, start+step, … < nch of one row: the switch sits
+ * outside the loop, so each case is a loop specialised for its format (the
+ * constant type folds deq_chunk's switch) and the unrolled loads of several
+ * chunks are in flight together. */
+#define ROW_LOOP(T)                                                                  \
+    {                                                                                \
+        _Pragma("unroll 4") for (int64_t c = start; c < nch; c += step) acc = chunk_fma(T, w, c, x, acc); \
+        return acc;                                                                  \
+    }
+__device__ __forceinline__ float row_dot(int type, const uint8_t *w, int64_t nch, const float *x, int start, int step) {
+    float acc = 0;
+    switch (type) {
+    case GT_F32: ROW_LOOP(GT_F32)
+    case GT_F16: ROW_LOOP(GT_F16)
+    case GT_Q8_0: ROW_LOOP(GT_Q8_0)
+    case GT_Q2_K: ROW_LOOP(GT_Q2_K)
+    case GT_Q4_K: ROW_LOOP(GT_Q4_K)
+    case GT_IQ2_XXS: ROW_LOOP(GT_IQ2_XXS)
+    default: return __int_as_float(0x7fc00000);
+    }
+}
+
 /* y[slot·y_slot + r] = W_e[r] · x, one warp per row, lanes over 8-element
  * chunks, f32 accumulation. blockIdx.y = slot: when eid != NULL the slot's
  * expert eid[slot] picks the weight matrix (estride bytes apart), so every
@@ -179,10 +217,7 @@ __global__ void k_matvec(int type, const uint8_t *__restrict__ W, uint64_t rb, i
     if (r >= rows) return;
     const uint8_t *w = W + (eid ? (uint64_t)eid[slot] * estride : 0) + (uint64_t)r * rb;
     const float *xx = x + slot * x_slot + (xg_rows ? (r / xg_rows) * xg_stride : 0);
-    float acc = 0;
-#pragma unroll 4
-    for (int64_t c = lane; c < n_in / 8; c += 32) acc = chunk_fma(type, w, c, xx, acc);
-    acc = warp_sum(acc);
+    float acc = warp_sum(row_dot(type, w, n_in / 8, xx, lane, 32));
     if (!lane) y[slot * y_slot + r] = acc;
 }
 
@@ -192,10 +227,7 @@ __global__ void k_matvec_wide(int type, const uint8_t *__restrict__ W, uint64_t 
                               const float *__restrict__ x, float *__restrict__ y) {
     __shared__ float sh[32];
     const uint8_t *w = W + (uint64_t)blockIdx.x * rb;
-    float acc = 0;
-#pragma unroll 4
-    for (int64_t c = threadIdx.x; c < n_in / 8; c += blockDim.x) acc = chunk_fma(type, w, c, x, acc);
-    acc = block_sum(acc, sh);
+    float acc = block_sum(row_dot(type, w, n_in / 8, x, threadIdx.x, blockDim.x), sh);
     if (threadIdx.x == 0) y[blockIdx.x] = acc;
 }
 
@@ -351,9 +383,41 @@ __device__ void hc_coeffs(const float *mix, const float *scale, const float *bas
     }
 }
 
+/* The same coefficients by one warp, lane a·hc + c owning comb[a][c]: row
+ * sums over lane groups of hc, column sums over lanes hc apart (xor
+ * shuffles), so hc must be a power of two with hc² ≤ 32 (the model's 4).
+ * Sums are trees instead of the CPU's left-to-right: f32 rounding apart. */
+__device__ void hc_coeffs_warp(const float *mix, const float *scale, const float *base, int hc, int iters, float eps,
+                               float *pre, float *post, float *comb) {
+    int lane = threadIdx.x & 31, n2 = hc * hc;
+    if (lane < hc) {
+        pre[lane] = sigmoidf_d(mix[lane] * scale[0] + base[lane]) + eps;
+        post[lane] = 2.0f * sigmoidf_d(mix[hc + lane] * scale[1] + base[hc + lane]);
+    }
+    float v = lane < n2 ? mix[2 * hc + lane] * scale[2] + base[2 * hc + lane] : 0.0f;
+    float m = v;
+    for (int o = 1; o < hc; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float e = expf(v - m), sum = e;
+    for (int o = 1; o < hc; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    v = e / sum + eps;
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) {
+            float rs = v;
+            for (int o = 1; o < hc; o <<= 1) rs += __shfl_xor_sync(0xffffffffu, rs, o);
+            v /= rs + eps;
+        }
+        float cs = v;
+        for (int o = hc; o < n2; o <<= 1) cs += __shfl_xor_sync(0xffffffffu, cs, o);
+        v /= cs + eps;
+    }
+    if (lane < n2) comb[lane] = v;
+}
+
 /* From the mixer outputs (mix, mw raw dots of the flattened state X): divide
  * by rms(X), derive the coefficients into coef = [pre hc | post hc | comb hc²]
- * (head: pre only, spec §4.8), and collapse h = Σ pre_a·X_a. One block. */
+ * (head: pre only, spec §4.8), and collapse h = Σ pre_a·X_a. Each block
+ * recomputes rms and coefficients (X is 64 KiB, read from L2) and writes
+ * its slice of h: no second launch, and the whole GPU shares the work. */
 __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, int mw, const float *scale,
                          const float *base, int iters, float hc_eps, float rms_eps, bool head, float *coef, float *h) {
     __shared__ double shd[32];
@@ -362,19 +426,23 @@ __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, in
     double ss = 0;
     for (int64_t i = threadIdx.x; i < zw; i += blockDim.x) ss += (double)X[i] * X[i];
     ss = block_sum_d(ss, shd);
-    if (threadIdx.x == 0) {
-        float rms = (float)sqrt(ss / (double)zw + rms_eps);
-        for (int i = 0; i < mw; i++) m[i] = mix[i] / rms;
-        if (head)
-            for (int a = 0; a < hc; a++) c[a] = sigmoidf_d(m[a] * scale[0] + base[a]) + hc_eps;
-        else
-            hc_coeffs(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
+    float rms = (float)sqrt(ss / (double)zw + rms_eps);
+    for (int i = threadIdx.x; i < mw; i += blockDim.x) m[i] = mix[i] / rms;
+    __syncthreads();
+    bool warp_ok = (hc & (hc - 1)) == 0 && hc * hc <= 32;
+    if (head) {
+        if (threadIdx.x < hc) c[threadIdx.x] = sigmoidf_d(m[threadIdx.x] * scale[0] + base[threadIdx.x]) + hc_eps;
+    } else if (warp_ok) {
+        if (threadIdx.x < 32) hc_coeffs_warp(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
+    } else if (threadIdx.x == 0) {
+        hc_coeffs(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
     }
     __syncthreads();
     int nc = head ? hc : (2 + hc) * hc;
-    if (coef)
+    if (coef && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nc; i += blockDim.x) coef[i] = c[i];
-    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+    int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < d) {
         float a = 0;
         for (int i = 0; i < hc; i++) a += c[i] * X[i * d + k];
         h[k] = a;
@@ -670,32 +738,50 @@ __device__ __forceinline__ float swiglu(float g, float u, float clamp) {
 }
 
 /* Router: scores, expert choice (hash row of tid2eid for the token, else
- * biased top-`used` with lowest index on ties), normalised scaled weights.
- * One block; dynamic shared memory E floats. */
+ * biased top-`used` with lowest index on ties: `used` rounds of a block
+ * argmax), normalised scaled weights. One block; dynamic shared memory E
+ * floats + E bytes. */
 __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
                          const int32_t *tok, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
     extern __shared__ float ssc[];
-    for (int e = threadIdx.x; e < E; e += blockDim.x) ssc[e] = router_score(logit[e]);
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    __shared__ int32_t ids[64];
+    uint8_t *taken = (uint8_t *)(ssc + E);
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) { ssc[e] = router_score(logit[e]); taken[e] = 0; }
     __syncthreads();
-    if (threadIdx.x) return;
-    int32_t ids[64];
     if (tid2eid) {
-        const int32_t *row = (const int32_t *)(tid2eid + (uint64_t)tok[0] * t2e_rb);
-        for (int i = 0; i < used; i++) ids[i] = row[i];
+        if (threadIdx.x < used) ids[threadIdx.x] = ((const int32_t *)(tid2eid + (uint64_t)tok[0] * t2e_rb))[threadIdx.x];
     } else {
         for (int i = 0; i < used; i++) {
-            int best = -1;
-            float bv = 0;
-            for (int e = 0; e < E; e++) {
-                bool taken = false;
-                for (int k = 0; k < i; k++) taken |= ids[k] == e;
-                if (taken) continue;
-                float v = ssc[e] + (bias ? bias[e] : 0.0f);
-                if (best < 0 || v > bv) { best = e; bv = v; }
+            float v = -INFINITY;
+            int best = 0x7fffffff;
+            for (int e = threadIdx.x; e < E; e += blockDim.x) {
+                float x = ssc[e] + (bias ? bias[e] : 0.0f);
+                if (!taken[e] && (best == 0x7fffffff || x > v)) { v = x; best = e; }
             }
-            ids[i] = best;
+            /* (value, index) max with the lower index winning ties */
+            for (int o = 16; o; o >>= 1) {
+                float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+                int b2 = __shfl_xor_sync(0xffffffffu, best, o);
+                if (b2 != 0x7fffffff && (best == 0x7fffffff || v2 > v || (v2 == v && b2 < best))) { v = v2; best = b2; }
+            }
+            if (!lane) { bv[wid] = v; bi[wid] = best; }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                for (int w = 1; w < nw; w++)
+                    if (bi[w] != 0x7fffffff && (bi[0] == 0x7fffffff || bv[w] > bv[0] || (bv[w] == bv[0] && bi[w] < bi[0]))) {
+                        bv[0] = bv[w]; bi[0] = bi[w];
+                    }
+                ids[i] = bi[0];
+                taken[bi[0]] = 1;
+            }
+            __syncthreads();
         }
     }
+    __syncthreads();
+    if (threadIdx.x) return;
     float sum = 0;
     for (int i = 0; i < used; i++) sum += ssc[ids[i]];
     if (norm) sum = fmaxf(sum, 0x1p-14f);
@@ -735,7 +821,8 @@ __global__ void k_test_qat(float *x, int n, bool fp4) {
 
 __global__ void k_test_hc(const float *mix, const float *scale, const float *base, int hc, int iters, float eps,
                           float *out) {
-    if (threadIdx.x == 0) hc_coeffs(mix, scale, base, hc, iters, eps, out, out + hc, out + 2 * hc);
+    if ((hc & (hc - 1)) == 0 && hc * hc <= 32) hc_coeffs_warp(mix, scale, base, hc, iters, eps, out, out + hc, out + 2 * hc);
+    else if (threadIdx.x == 0) hc_coeffs(mix, scale, base, hc, iters, eps, out, out + hc, out + 2 * hc);
 }
 
 #endif

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device script for the CUDA backend (run on the GPU machine from the folder
 # that holds bin/, lib/ and tokenizer.json; see tools/gpu/NOTES.md).
-#   run.sh [kernels] [tiny] [flash4] [prof]     default: kernels tiny flash4
+#   run.sh [kernels] [tiny] [flash4] [prof] [flash20]     default: kernels tiny flash4
 # Logs go to $OUT (or ./out). Prints a short summary last.
 set -u
 cd "$(dirname "$0")"
@@ -24,6 +24,13 @@ for s in $steps; do
         ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens ${F4_TOKENS:-40} --bench 100 2>&1 | tee "$OUT/flash4.log"
         # decode at a 2K context (graphs), no CPU involved
         ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee -a "$OUT/flash4.log" ;;
+    flash20)
+        # 20 of the 43 layers at full width (~42 GB): decode speed at a 2K context
+        rm -f /dev/shm/f4.gguf
+        ./bin/ds4-synth --preset flash-q2 --layers 20 -o /dev/shm/f20.gguf --tokenizer tokenizer.json --threads 16 2>&1 | tail -1
+        ./bin/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee "$OUT/flash20.log"
+        ./bin/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 8 --bench 200 --profile 2>&1 | tee -a "$OUT/flash20.log"
+        rm -f /dev/shm/f20.gguf ;;
     prof)
         # Per-kernel time and DRAM bytes of 3 eager decode steps (ncu, clocks untouched).
         f4
