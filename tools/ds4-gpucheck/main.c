@@ -220,8 +220,10 @@ static int cmp_dbl(const void *a, const void *b) {
  * is: median error small, at most 2% of positions above `bound`, no NaN, and
  * the same argmax wherever the CPU's top two are apart by more than 1% of the
  * logit scale. The worst position is named. */
-static void compare_logits(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound) {
+static bool compare_logits_ex(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound,
+                              size_t *bad, size_t *n_bad, size_t cap, bool report, bool forgive) {
     double *e = malloc(n * sizeof(double)), worst = 0;
+    if (n_bad) *n_bad = 0;
     size_t mism = 0, hard = 0, over = 0, wpos = 0;
     bool nan = false;
     for (size_t t = 0; t < n; t++) {
@@ -237,43 +239,57 @@ static void compare_logits(const char *what, const float *g, const float *c, siz
                 if ((int)i != ac && c[t * V + i] > second) second = c[t * V + i];
                 scale = fmaxf(scale, fabsf(c[t * V + i]));
             }
-            if (top - second > 1e-2f * scale) hard++;
+            if (top - second > 1e-2f * scale) {
+                hard++;
+                if (n_bad && *n_bad < cap && (!*n_bad || bad[*n_bad - 1] != t)) bad[(*n_bad)++] = t;
+            }
         }
+        if (n_bad && e[t] > bound && *n_bad < cap && (!*n_bad || bad[*n_bad - 1] != t)) bad[(*n_bad)++] = t;
     }
     qsort(e, n, sizeof *e, cmp_dbl);
     double med = e[n / 2];
     bool ok = !nan && med <= bound / 4 && over * 50 <= n && hard == 0;
-    verdict(what, ok,
-            "median rel %.2g, max %.2g at position %zu, %zu of %zu over %.0e; argmax differs at %zu (%zu beyond near-ties)%s",
-            med, worst, wpos, over, n, bound, mism, hard, nan ? "; NaN" : "");
+    if (report) verdict(what, ok || (forgive && !nan && med <= bound / 4),
+            "median rel %.2g, max %.2g at position %zu, %zu of %zu over %.0e; argmax differs at %zu (%zu beyond near-ties)%s%s",
+            med, worst, wpos, over, n, bound, mism, hard, nan ? "; NaN" : "",
+            forgive && !ok ? "; each such position agrees when teacher-forced (drift)" : "");
     free(e);
+    return ok;
 }
 
-/* Error of one step without accumulated drift: at sampled positions t the
- * CPU's state after t tokens is imported into CUDA and both evaluate token t. */
-static void one_step_checks(bk *cpu, bk *gpu, uint32_t ctx, const int32_t *ids, size_t n, uint32_t V) {
+static void compare_logits(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound) {
+    compare_logits_ex(what, g, c, n, V, bound, NULL, NULL, 0, true, false);
+}
+
+/* Error of one step without accumulated drift: at positions pos[0 … np)
+ * (ascending) the CPU's state after t tokens is imported into CUDA and both
+ * evaluate token t. Returns the verdict. */
+static bool one_step_checks(const char *what, bk *cpu, bk *gpu, uint32_t ctx, const int32_t *ids, const size_t *pos,
+                            size_t np, uint32_t V) {
     char err[512];
     void *sc = cpu->ops->state_new(cpu->be, ctx, err, sizeof err), *sg = gpu->ops->state_new(gpu->be, ctx, err, sizeof err);
-    size_t stride = n / 12 ? n / 12 : 1, k = 0, done = 0;
-    float *a = malloc((n / stride + 1) * V * sizeof(float)), *b = malloc((n / stride + 1) * V * sizeof(float));
+    float *a = malloc((np + 1) * V * sizeof(float)), *b = malloc((np + 1) * V * sizeof(float));
+    size_t k = 0, done = 0;
     bool ok = sc && sg;
-    for (size_t t = stride - 1; ok && t < n; t += stride, k++) {
+    for (; ok && k < np; k++) {
+        size_t t = pos[k];
         ds4_kv_host h;
         ok = !cpu->ops->eval(cpu->be, sc, ids + done, t - done, NULL, false, err, sizeof err) &&
              !cpu->ops->export_state(cpu->be, sc, &h, err, sizeof err);
         if (!ok) break;
-        done = t;
         ok = !gpu->ops->import_state(gpu->be, sg, &h, err, sizeof err) &&
              !gpu->ops->eval(gpu->be, sg, ids + t, 1, b + k * V, false, err, sizeof err) &&
              !cpu->ops->eval(cpu->be, sc, ids + t, 1, a + k * V, false, err, sizeof err);
         done = t + 1;
         ds4_kv_host_free(&h);
     }
-    if (!ok) verdict("one step from the cpu state", false, "%s", err);
-    else compare_logits("one step from the cpu state (sampled positions)", b, a, k, V, 2e-2);
+    bool pass = ok;
+    if (!ok) verdict(what, false, "%s", err);
+    else pass = compare_logits_ex(what, b, a, np, V, 1e-3, NULL, NULL, 0, true, false);
     if (sc) cpu->ops->state_free(cpu->be, sc);
     if (sg) gpu->ops->state_free(gpu->be, sg);
     free(a); free(b);
+    return pass;
 }
 
 static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench) {
@@ -308,9 +324,20 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
     double tg = now() - t0;
     if (!sg) { verdict("cuda eval", false, "%s", err); return 1; }
     printf("prefill %zu tokens: cpu %.2fs, cuda %.2fs (token-by-token)\n", n_tok, tc, tg);
-    compare_logits("logits cuda vs cpu, every position", lg, lc, n_tok, V, 2e-2);
-
-    one_step_checks(&cpu, &gpu, ctx, ids, n_tok, V);
+    /* Free-running: CUDA's own state drifts from the CPU's by f32 rounding
+     * amplified at discrete steps; where a position diverges beyond the
+     * bound, a teacher-forced step (the CPU's state at that position) must
+     * agree to 1e-3 — then the divergence is drift, not a wrong kernel. */
+    size_t bad[16], n_bad = 0;
+    bool free_ok = compare_logits_ex("", lg, lc, n_tok, V, 2e-2, bad, &n_bad, 16, false, false), drift = false;
+    if (!free_ok && n_bad && n_bad < 16)
+        drift = one_step_checks("teacher-forced step where free-running diverges", &cpu, &gpu, ctx, ids, bad, n_bad, V);
+    compare_logits_ex("logits cuda vs cpu, every position", lg, lc, n_tok, V, 2e-2, NULL, NULL, 0, true, drift);
+    {
+        size_t stride = n_tok / 12 ? n_tok / 12 : 1, sp[13], k = 0;
+        for (size_t t = stride - 1; t < n_tok && k < 13; t += stride) sp[k++] = t;
+        one_step_checks("one step from the cpu state (sampled positions)", &cpu, &gpu, ctx, ids, sp, k, V);
+    }
 
     /* Graph replay vs eager launches: the same kernels, so the same bits. */
     bk eager = {&ds4_backend_cuda, NULL};
