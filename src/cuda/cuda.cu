@@ -194,9 +194,9 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     /* Shape facts the kernels rely on (all true of the real model and tiny). */
     const char *bad = NULL;
     if (hp->n_head_kv != 1) bad = "head_count_kv must be 1";
-    else if (hp->head_dim > 1024 || hp->head_dim % 64 || hp->rope_dim % 2 || hp->rope_dim >= hp->head_dim ||
+    else if (hp->head_dim > 1024 || hp->head_dim % 128 || hp->rope_dim % 2 || hp->rope_dim >= hp->head_dim ||
              (hp->head_dim - hp->rope_dim) % 64)
-        bad = "head_dim must be ≤ 1024 with head_dim − rope_dim a multiple of 64";
+        bad = "head_dim must be a multiple of 128, ≤ 1024, with head_dim − rope_dim a multiple of 64";
     else if (hp->idx_head_dim > 1024 || hp->idx_head_dim % 32 || (hp->idx_head_dim & (hp->idx_head_dim - 1)) ||
              hp->idx_head_dim <= hp->rope_dim)
         bad = "indexer head dim must be a power of two ≤ 1024, multiple of 32, above rope_dim";
@@ -403,6 +403,7 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
  * row they would leave most of the GPU idle. */
 #define WIDE_ROWS 1024
+#define ATT_WARPS 8            /* warps per attention block (one block per head) */
 
 static void matvec(gpu_backend *be, const ds4_tensor *T, const float *x, float *y) {
     if (T->ne[1] < WIDE_ROWS && T->ne[0] >= 2048) {
@@ -491,7 +492,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
             k_topk<<<1, 1024, 0, s>>>(st->isc, be->step, 0, topk, be->sel);
         }
     }
-    k_attend<<<(unsigned)H, 256, 2 * hd * sizeof(float), s>>>(be->q, be->o, ls->raw, st->keep_raw, be->step, hp->window,
+    k_attend<<<(unsigned)H, 32 * ATT_WARPS, (1 + ATT_WARPS) * hd * sizeof(float), s>>>(be->q, be->o, ls->raw, st->keep_raw, be->step, hp->window,
                                                              ls->comp, be->sel, ls->ratio, (int64_t)hp->idx_top_k,
                                                              DF(be, &L->attn_sinks), (int)hd, (int)rd, freq,
                                                              (float)(1.0 / sqrt((double)hd)), st->att, st->att_len);

@@ -685,28 +685,42 @@ __global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int
 
 /* ---- attention (spec §4.4) ---------------------------------------------------- */
 
-/* One block per head: rows = raw window positions lo … pos (ring) then
- * n_comp compressed rows (sel[i] when sel != NULL, else i). Scores to scr,
- * softmax with the head's sink, weighted sum, inverse RoPE on the tail. */
+#define ATT_V4 8               /* float4 per lane per row: head_dim ≤ 32·4·8 = 1024 */
+
+/* One block per head: rows = raw window positions lo … pos (ring) then the
+ * compressed rows (the indexer's selection when it chose, else all visible
+ * ones). Scores to scr, softmax with the head's sink, weighted sum, inverse
+ * RoPE on the tail. Rows are read as float4 across a warp (head_dim a
+ * multiple of 128): a warp per row for the scores; for the sum each warp
+ * takes every nw-th row and keeps a partial output in registers, so every
+ * lane has several independent row loads in flight; partials meet in shared
+ * memory at the end. */
 __global__ void k_attend(const float *q, float *o, const float *raw, uint32_t keep_raw, const dstep *st, uint32_t window,
                          const float *comp, const int32_t *selbuf, int ratio, int64_t topk, const float *sinks, int hd,
                          int rd, const double *freq, float scale, float *scr, int64_t scr_stride) {
-    extern __shared__ float sv[];   /* q then out, hd each */
+    extern __shared__ float sv[];   /* q (hd), then nw partial outputs (hd each) */
     __shared__ float shf[32];
+    int h = blockIdx.x, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5, nv = hd / 128;
+    float *sq = sv, *part = sv + hd, *sc = scr + h * scr_stride;
     int64_t pos = st->pos, n_comp = ratio > 0 ? (pos + 1) / ratio : 0;
     const int32_t *sel = NULL;
     if (ratio == 4 && n_comp > topk) { n_comp = topk; sel = selbuf; }   /* the indexer's choice */
-    int h = blockIdx.x, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    float *sq = sv, *so = sv + hd, *sc = scr + h * scr_stride;
     int64_t lo = pos >= (int64_t)window - 1 ? pos - (window - 1) : 0, nraw = pos - lo + 1, n = nraw + n_comp;
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sq[k] = q[(int64_t)h * hd + k];
     __syncthreads();
+    const float4 *q4 = (const float4 *)sq;
+#define ATT_ROW(r) ((const float4 *)((r) < nraw ? raw + (size_t)((lo + (r)) % keep_raw) * hd \
+                                                : comp + (size_t)(sel ? sel[(r) - nraw] : (r) - nraw) * hd))
     float mloc = -INFINITY;
     for (int64_t r = wid; r < n; r += nw) {
-        const float *row = r < nraw ? raw + (size_t)((lo + r) % keep_raw) * hd
-                                    : comp + (size_t)(sel ? sel[r - nraw] : r - nraw) * hd;
+        const float4 *row = ATT_ROW(r);
         float d = 0;
-        for (int j = lane; j < hd; j += 32) d = fmaf(sq[j], row[j], d);
+#pragma unroll
+        for (int i = 0; i < ATT_V4; i++)
+            if (i < nv) {
+                float4 a = row[lane + 32 * i], b = q4[lane + 32 * i];
+                d = fmaf(a.x, b.x, d); d = fmaf(a.y, b.y, d); d = fmaf(a.z, b.z, d); d = fmaf(a.w, b.w, d);
+            }
         d = warp_sum(d) * scale;
         if (!lane) sc[r] = d;
         mloc = fmaxf(mloc, d);
@@ -714,27 +728,42 @@ __global__ void k_attend(const float *q, float *o, const float *raw, uint32_t ke
     float sink = sinks[h];
     float m = fmaxf(block_max(mloc, shf), sink);
     __syncthreads();
-    float part = 0;
+    float psum = 0;
     for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
         float w = expf(sc[r] - m);
         sc[r] = w;
-        part += w;
+        psum += w;
     }
-    float den = block_sum(part, shf) + expf(sink - m);
+    float den = block_sum(psum, shf) + expf(sink - m);
     __syncthreads();   /* weights visible to every thread */
+    float4 acc[ATT_V4];
+#pragma unroll
+    for (int i = 0; i < ATT_V4; i++) acc[i] = make_float4(0, 0, 0, 0);
+    for (int64_t r = wid; r < n; r += nw) {
+        const float4 *row = ATT_ROW(r);
+        float w = sc[r];
+#pragma unroll
+        for (int i = 0; i < ATT_V4; i++)
+            if (i < nv) {
+                float4 a = row[lane + 32 * i];
+                acc[i].x = fmaf(w, a.x, acc[i].x); acc[i].y = fmaf(w, a.y, acc[i].y);
+                acc[i].z = fmaf(w, a.z, acc[i].z); acc[i].w = fmaf(w, a.w, acc[i].w);
+            }
+    }
+#undef ATT_ROW
+#pragma unroll
+    for (int i = 0; i < ATT_V4; i++)
+        if (i < nv) ((float4 *)(part + wid * hd))[lane + 32 * i] = acc[i];
+    __syncthreads();
     float inv = 1.0f / den;
     for (int j = threadIdx.x; j < hd; j += blockDim.x) {
-        float acc = 0;
-        for (int64_t r = 0; r < n; r++) {
-            const float *row = r < nraw ? raw + (size_t)((lo + r) % keep_raw) * hd
-                                        : comp + (size_t)(sel ? sel[r - nraw] : r - nraw) * hd;
-            acc = fmaf(sc[r], row[j], acc);
-        }
-        so[j] = acc * inv;
+        float a = 0;
+        for (int w = 0; w < nw; w++) a += part[w * hd + j];
+        sq[j] = a * inv;   /* q is no longer needed: reuse it for the output */
     }
     __syncthreads();
-    blk_rope(so + hd - rd, rd / 2, freq, pos, true);
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) o[(int64_t)h * hd + k] = so[k];
+    blk_rope(sq + hd - rd, rd / 2, freq, pos, true);
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) o[(int64_t)h * hd + k] = sq[k];
 }
 
 /* ---- MoE (spec §3.6, §4.7) ----------------------------------------------------- */
