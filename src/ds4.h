@@ -29,7 +29,8 @@ typedef struct {
 
 /* From GGUF metadata: tokenizer.ggml.tokens / merges, and token_type when
  * present (3 control, 4 user-defined = special; without it the spelling
- * rule below applies). Strings are copied; the file may be closed after. */
+ * rule below applies). Strings are copied; the file may be closed after.
+ * Either way the seven ds4_special_ids spellings are always special. */
 struct gguf_file;
 ds4_tokenizer *ds4_tokenizer_from_gguf(const struct gguf_file *f, char *err, size_t errlen);
 /* From arrays (lens may be NULL for NUL-terminated strings). A token is
@@ -187,7 +188,7 @@ typedef struct {
     const char *mtp_path;       /* optional MTP GGUF */
     ds4_backend_kind backend;   /* AUTO = CUDA when built with it and a GPU exists */
     int n_threads;              /* CPU threads; 0 = DS4_THREADS env or all cores */
-    bool verbose;
+    bool verbose;               /* stderr: KV size per session, tok/s per eval */
 } ds4_engine_params;
 
 typedef struct ds4_engine ds4_engine;
@@ -201,6 +202,9 @@ uint32_t ds4_engine_n_vocab(const ds4_engine *e);
 uint32_t ds4_engine_ctx_max(const ds4_engine *e);
 /* Human-readable model report (`ds4 --inspect`). */
 void ds4_engine_inspect(const ds4_engine *e, uint64_t ctx, FILE *out);
+/* Weight bytes one decoded token reads: every tensor but the embedding table,
+ * with only n_expert_used routed experts per layer (spec model.md §9.2). */
+uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e);
 
 /* A session holds the KV state for up to ctx tokens. */
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen);
@@ -210,15 +214,27 @@ size_t ds4_session_len(const ds4_session *s);
 const int32_t *ds4_session_tokens(const ds4_session *s);
 /* Evaluate tokens appended at the end of the session; afterwards
  * ds4_session_logits() holds the next-token logits. all_logits, when non-NULL,
- * receives n × n_vocab floats (diagnostics). progress may be NULL; returning
- * false from it cancels (the session then holds the tokens evaluated so far). */
+ * receives n × n_vocab floats (diagnostics). progress may be NULL; it is called
+ * after every backend step (up to 256 tokens); returning false from it cancels
+ * (the session then holds the tokens evaluated so far). Returns 0, 1 when
+ * cancelled, -1 on error (err says why; the session keeps what completed).
+ * Results are bit-identical whatever the split into calls (CPU backend). */
 typedef bool (*ds4_progress_fn)(void *ud, size_t done, size_t total);
 int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_logits,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
+/* NULL while the session is empty. */
 const float *ds4_session_logits(const ds4_session *s);
+/* Bytes of KV state the session holds now (rows in use, f32). */
+uint64_t ds4_session_kv_bytes(const ds4_session *s);
 /* Drop tokens after n when that is exact; -1 (with err) when it is not. */
 int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen);
-/* Versioned snapshot of the whole state (same bytes for every backend). */
+/* Truncation is exact whenever n >= len − (sliding_window + 1), and always
+ * for n = 0; the last kept token is re-evaluated so ds4_session_logits() is
+ * valid after. */
+/* Versioned snapshot of the whole state (same bytes for every backend;
+ * format in src/engine/session.c). save mallocs *buf (caller frees). load
+ * refuses a corrupt, truncated or other-model snapshot, or one longer than
+ * the session's ctx, leaving the session unchanged. */
 int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len);
 int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, size_t errlen);
 

@@ -10,9 +10,6 @@
 #include "model/model.h"
 #include "test.h"
 
-/* test.h expands a message-less CHECK(cond) to fprintf(stderr, ""). */
-#pragma GCC diagnostic ignored "-Wformat-zero-length"
-
 static char dir[64];
 static char synth[PATH_MAX];
 

@@ -6,9 +6,13 @@
  * throughput (not part of the suite). */
 #include "test.h"
 
+#include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "quant/quant.h"
 #if defined(__F16C__)
@@ -78,6 +82,8 @@ static void test_iq2_tables(void) {
         if ((v & 127) != s || __builtin_popcount(v) % 2 != 0) bad_sign++;
     }
     CHECK(bad_sign == 0, "%d ksigns entries break the parity rule", bad_sign);
+    for (int ti = 0; ti < 6; ti++) /* this file's block facts agree with the gguf module's */
+        CHECK(ggml_row_bytes(ALL[ti], 512) == row_bytes(ALL[ti], 512), "%s", NAME[ti]);
     CHECK(ds4_ksigns_iq2xs[0] == 0 && ds4_ksigns_iq2xs[1] == 129 && ds4_ksigns_iq2xs[3] == 3 &&
           ds4_ksigns_iq2xs[127] == 255, "known answer");
 }
@@ -443,6 +449,117 @@ static void test_importance(void) {
     free(x); free(imp);
 }
 
+/* IQ2_XXS search is exact per group: at the block's own db, no other grid
+ * entry × even sign pattern has a lower weighted error than the one chosen
+ * (brute force over all 256 × 128). */
+static void test_iq2_group_optimal(void) {
+    float x[256], imp[256];
+    uint8_t b[66];
+    fill_gauss(x, 256);
+    for (int i = 0; i < 256; i++) imp[i] = 0.05f + (float)rnd_unit();
+    ds4_quantize_row(GGML_IQ2_XXS, x, b, 256, imp);
+    const float d = ds4_f16_to_f32((uint16_t)(b[0] | b[1] << 8));
+    int worse = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint8_t *p = b + 2 + 8 * ib;
+        const uint32_t A = p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24;
+        const uint32_t B = p[4] | p[5] << 8 | p[6] << 16 | (uint32_t)p[7] << 24;
+        const float db = d * (0.5f + (float)(B >> 28)) * 0.25f;
+        for (int l = 0; l < 4; l++) {
+            const float *xl = x + 32 * ib + 8 * l, *wl = imp + 32 * ib + 8 * l;
+            double best = INFINITY, chosen = 0;
+            for (int g = 0; g < 256; g++)
+                for (int sg = 0; sg < 128; sg++) {
+                    double e = 0;
+                    for (int k = 0; k < 8; k++) {
+                        const float m = (float)((ds4_iq2xxs_grid[g] >> 8 * k) & 255);
+                        const float v = db * ((ds4_ksigns_iq2xs[sg] >> k) & 1 ? -m : m);
+                        e += wl[k] * (double)(xl[k] - v) * (xl[k] - v);
+                    }
+                    if (e < best) best = e;
+                    if (g == (int)(A >> 8 * l & 255) && sg == (int)(B >> 7 * l & 127)) chosen = e;
+                }
+            worse += chosen > best * (1 + 1e-4) + 1e-12;
+        }
+    }
+    CHECK(worse == 0, "%d of 32 groups not optimal at their scale", worse);
+}
+
+/* K-quants: given the block's scales, every level is the nearest one. */
+static void test_kquant_levels_optimal(void) {
+    for (int ti = 3; ti <= 4; ti++) {
+        const ggml_type t = ALL[ti];
+        float x[256], y[256], lv[256][16];
+        uint8_t b[144];
+        fill_gauss(x, 256);
+        ds4_quantize_row(t, x, b, 256, NULL);
+        ds4_dequant_row(t, b, y, 256);
+        /* the levels available to each element: dequantise the block with
+         * that element's code set to each value in turn */
+        const int nmax = t == GGML_Q2_K ? 3 : 15;
+        for (int q = 0; q <= nmax; q++) {
+            uint8_t c[144];
+            memcpy(c, b, sizeof c);
+            if (t == GGML_Q2_K) for (int m = 0; m < 64; m++) c[16 + m] = (uint8_t)(q * 0x55);
+            else for (int m = 0; m < 128; m++) c[16 + m] = (uint8_t)(q * 0x11);
+            float z[256];
+            ds4_dequant_row(t, c, z, 256);
+            for (int i = 0; i < 256; i++) lv[i][q] = z[i];
+        }
+        int bad = 0;
+        for (int i = 0; i < 256; i++)
+            for (int q = 0; q <= nmax; q++) bad += fabsf(x[i] - lv[i][q]) < fabsf(x[i] - y[i]) * (1 - 1e-6f);
+        CHECK(bad == 0, "%s: %d elements not at their nearest level", NAME[ti], bad);
+    }
+}
+
+/* Non-finite input must not crash or hang, nor spoil other blocks. */
+static void test_quant_nonfinite(void) {
+    float x[512], y[512];
+    uint8_t q[2048];
+    for (int ti = 1; ti < 6; ti++) {
+        const ggml_type t = ALL[ti];
+        const float bad[3] = {INFINITY, -INFINITY, NAN};
+        for (int v = 0; v < 3; v++) {
+            fill_gauss(x, 512);
+            x[7] = bad[v];
+            ds4_quantize_row(t, x, q, 512, NULL);
+            ds4_dequant_row(t, q, y, 512);
+            double e = 0, s2 = 0;
+            for (int i = 256; i < 512; i++) { e += (double)(x[i] - y[i]) * (x[i] - y[i]); s2 += (double)x[i] * x[i]; }
+            CHECK(sqrt(e / s2) < BOUND[ti] * 1.5, "%s with %g: clean block error %.4f", NAME[ti], bad[v], sqrt(e / s2));
+        }
+    }
+}
+
+/* Contract violations (a type that is not a weight format, a length that
+ * is not whole blocks) abort loudly instead of reading past a row. */
+static int aborts(void (*fn)(void)) {
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        const int fd = open("/dev/null", O_WRONLY);
+        if (fd >= 0) dup2(fd, 2);
+        fn();
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    return WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT;
+}
+static float scratch[512];
+static void dot_i32(void) { ds4_dot_row(GGML_I32, scratch, scratch, 4); }
+static void dot_ragged(void) { ds4_dot_row(GGML_Q4_K, scratch, scratch, 100); }
+static void quant_ragged(void) { ds4_quantize_row(GGML_Q8_0, scratch, scratch + 256, 33, NULL); }
+static void dot_ok(void) { ds4_dot_row(GGML_Q8_0, scratch, scratch, 64); }
+
+static void test_contract_aborts(void) {
+    CHECK(aborts(dot_i32), "I32 dot did not abort");
+    CHECK(aborts(dot_ragged), "Q4_K dot of 100 elements did not abort");
+    CHECK(aborts(quant_ragged), "Q8_0 quantise of 33 elements did not abort");
+    CHECK(!aborts(dot_ok), "a valid dot aborted");
+}
+
 /* ---- throughput (--bench) ---------------------------------------------- */
 
 static double now(void) {
@@ -508,5 +625,9 @@ int main(int argc, char **argv) {
     RUN(test_quant_error);
     RUN(test_quant_shapes);
     RUN(test_importance);
+    RUN(test_iq2_group_optimal);
+    RUN(test_kquant_levels_optimal);
+    RUN(test_quant_nonfinite);
+    RUN(test_contract_aborts);
     TEST_END();
 }

@@ -48,6 +48,13 @@ static void test_engine_basics(void) {
     char err[256];
     ds4_engine_params p = {.model_path = "/nonexistent.gguf"};
     CHECK(ds4_engine_open(&p, err, sizeof err) == NULL && err[0]);
+    uint64_t wb = ds4_engine_weight_bytes_per_token(eng);
+    FILE *f = fopen(model_path, "rb");
+    long fsize = 0;
+    if (f) { fseek(f, 0, SEEK_END); fsize = ftell(f); fclose(f); }
+    /* Tiny: 16 experts, 4 used, experts are most of the file; the 8k × 256
+     * F16 embedding (4 MiB) is excluded. */
+    CHECK(wb > 1000000 && wb + 4u * 1024 * 1024 < (uint64_t)fsize, "weight bytes/token %llu of %ld", (unsigned long long)wb, fsize);
     CHECK(ds4_session_new(eng, 0, err, sizeof err) == NULL);
     CHECK(ds4_session_new(eng, 65537, err, sizeof err) == NULL);
 }
@@ -62,6 +69,12 @@ static void test_eval_reference(void) {
     REQUIRE(ds4_session_eval(s, ids, N, ref, NULL, NULL, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(s) == N);
     CHECK(!memcmp(ds4_session_tokens(s), ids, sizeof ids));
+    /* Rows in use at 300 tokens (tiny: 6 layers, head/indexer dim 128, window
+     * 128 + slack 128): raw 6·256·128; ratio-4 ×2: 75 + 75 rows of 128 and
+     * kv+gate rings of 136 × 256 twice; ratio-128 ×2: 2 rows, ring 256 × 128. */
+    uint64_t want = 4ull * (6 * 256 * 128 + 2 * (75 * 128 * 2 + 2 * 136 * 256 * 2) + 2 * (2 * 128 + 2 * 256 * 128));
+    CHECK(ds4_session_kv_bytes(s) == want, "kv bytes %llu, want %llu", (unsigned long long)ds4_session_kv_bytes(s),
+          (unsigned long long)want);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)(N - 1) * V, V * sizeof(float)), "last logits kept");
     /* One more token by decode equals... itself in a fresh session's prefill. */
     int32_t bad = (int32_t)V;
@@ -162,6 +175,55 @@ static void test_foreign_snapshot(void) {
     ds4_engine_close(e2);
 }
 
+/* FNV-1a 64 as the snapshot trailer uses it: lets a test forge well-formed
+ * checksums around malformed content. */
+static void reseal(uint8_t *b, size_t len) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len - 8; i++) { h ^= b[i]; h *= 0x100000001b3ull; }
+    memcpy(b + len - 8, &h, 8);
+}
+
+static void test_forged_snapshot(void) {
+    REQUIRE(ref);
+    char err[256];
+    ds4_session *a = ds4_session_new(eng, 512, err, sizeof err), *b = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_eval(a, ids, 40, NULL, NULL, NULL, err, sizeof err) == 0);
+    uint8_t *buf, *bad;
+    size_t len;
+    REQUIRE(ds4_session_save(a, &buf, &len) == 0);
+    bad = malloc(len);
+    const size_t off_n = 40, off_layer0 = 48 + 40 * 4 + (size_t)V * 4;
+    uint32_t v;
+    struct { size_t off; uint32_t val; const char *what; } forge[] = {
+        {off_n, 0xffffffffu, "context"}, {off_n, 41, ""}, {off_n, 39, ""},
+        {off_layer0 + 4, 0x7fffffffu, "layer 0"}, {off_layer0, 5, ""}, {off_layer0 + 8, 3, ""},
+    };
+    for (size_t i = 0; i < sizeof forge / sizeof *forge; i++) {
+        memcpy(bad, buf, len);
+        v = forge[i].val;
+        memcpy(bad + forge[i].off, &v, 4);
+        reseal(bad, len);
+        CHECK(ds4_session_load(b, bad, len, err, sizeof err) == -1 && strstr(err, forge[i].what),
+              "forged field at %zu = %u: %s", forge[i].off, v, err);
+        CHECK(ds4_session_len(b) == 0);
+    }
+    /* Random resealed damage never crashes; float payload changes may load. */
+    uint32_t x = 5;
+    for (int it = 0; it < 200; it++) {
+        memcpy(bad, buf, len);
+        for (int k = 0; k < 4; k++) {
+            x = x * 1664525u + 1013904223u;
+            bad[8 + (x >> 4) % (len - 16)] = (uint8_t)(x >> 24);
+        }
+        reseal(bad, len);
+        ds4_session_load(b, bad, len, err, sizeof err);
+    }
+    free(bad);
+    free(buf);
+    ds4_session_free(a);
+    ds4_session_free(b);
+}
+
 static void test_truncate(void) {
     REQUIRE(ref);
     char err[256];
@@ -172,11 +234,21 @@ static void test_truncate(void) {
     REQUIRE(ds4_session_truncate(s, 250, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(s) == 250);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)249 * V, V * sizeof(float)), "logits after truncate = fresh run");
+    /* A truncated state snapshots and restores like any other. */
+    uint8_t *buf;
+    size_t len;
+    REQUIRE(ds4_session_save(s, &buf, &len) == 0);
+    ds4_session *r = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(ds4_session_load(r, buf, len, err, sizeof err) == 0, "%s", err);
+    free(buf);
+    REQUIRE(ds4_session_eval(r, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(r), ref + (size_t)269 * V, V * sizeof(float)), "restored truncated state");
+    ds4_session_free(r);
     REQUIRE(ds4_session_eval(s, ids + 250, 20, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)269 * V, V * sizeof(float)), "continuation = fresh run");
     CHECK(ds4_session_truncate(s, 400, err, sizeof err) == -1);
     REQUIRE(ds4_session_truncate(s, 0, err, sizeof err) == 0);
-    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL);
+    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL && ds4_session_kv_bytes(s) == 0);
     REQUIRE(ds4_session_eval(s, ids, 3, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)2 * V, V * sizeof(float)));
     ds4_session_free(s);
@@ -189,6 +261,7 @@ int main(void) {
     RUN(test_progress_cancel);
     RUN(test_snapshot_roundtrip);
     RUN(test_foreign_snapshot);
+    RUN(test_forged_snapshot);
     RUN(test_truncate);
     free(ref);
     ds4_engine_close(eng);

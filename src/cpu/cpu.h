@@ -81,6 +81,9 @@ int cpu_backend_threads(const cpu_backend *be);
 cpu_state *cpu_state_new(cpu_backend *be, uint32_t ctx, char *err, size_t errlen);
 void cpu_state_free(cpu_state *st);
 uint32_t cpu_state_len(const cpu_state *st);
+/* Bytes of KV state in use (the logical rows of engine/backend.h) and
+ * allocated (rings, compressed-row capacity for ctx). */
+void cpu_state_bytes(const cpu_state *st, uint64_t *in_use, uint64_t *allocated);
 
 /* Evaluate n tokens at positions len … len+n−1. logits: n_vocab floats for
  * the last token, or n × n_vocab when all_logits (may be NULL). hc_last

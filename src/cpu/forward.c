@@ -21,6 +21,7 @@
  * Compressor inputs stay unrounded f32 like ds4's frontier. */
 #include <math.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,9 +71,7 @@ struct cpu_backend {
 
 /* ---- helpers ---------------------------------------------------------------- */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-#include <stdarg.h>
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
+__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt, ...) {
     if (err && errlen) {
         va_list ap;
         va_start(ap, fmt);
@@ -117,7 +116,6 @@ static void matmul(cpu_backend *be, const ds4_tensor *T, int64_t e, const float 
 /* ---- scratch for one sub-chunk ------------------------------------------------ */
 
 typedef struct {
-    int cap;
     float *X, *mix, *pre, *post, *comb, *h, *nrm, *qa, *q, *o, *kv, *low, *y;
     float *ck, *cg, *ik, *ig, *iq, *iw, *isc, *rl, *ew, *eout, *xe, *ge, *ue, *de, *sg, *su, *ape;
     int32_t *sel, *nsel, *eid, *etok;
@@ -144,16 +142,17 @@ static uint32_t max_comp_width(const ds4_hparams *hp) {
     return w;
 }
 
-/* max_comp_rows: the largest number of compressed rows one query can see. */
+/* Buffers for a sub-chunk of cap tokens. max_comp_rows: the most compressed
+ * rows one query can see; max_idx_rows: the most indexer rows to score. */
 static int scratch_init(scratch *s, cpu_backend *be, int cap, uint32_t max_comp_rows, uint32_t max_idx_rows) {
     const ds4_hparams *hp = be->hp;
     memset(s, 0, sizeof *s);
-    s->cap = cap;
     size_t n = (size_t)cap, d = hp->n_embd, hc = hp->hc_count, hd = hp->head_dim, H = hp->n_head;
     size_t ff = hp->expert_ff, used = hp->n_expert_used, ihd = hp->idx_head_dim, ih = hp->idx_n_head;
     size_t ffs = (size_t)be->m->layers[0].gate_shexp.ne[1];
     if (be->m->mtp_gguf && (size_t)be->m->mtp.gate_shexp.ne[1] > ffs) ffs = (size_t)be->m->mtp.gate_shexp.ne[1];
     size_t cw = max_comp_width(hp);
+    size_t apew = cw > 2 * ihd ? cw : 2 * ihd;   /* ape row of either compressor */
     size_t topk = hp->idx_top_k;
     s->att_len = hp->window + max_comp_rows;
     int T = cpu_pool_threads(be->pool);
@@ -165,7 +164,7 @@ static int scratch_init(scratch *s, cpu_backend *be, int cap, uint32_t max_comp_
     A(s->iq, n * ih * ihd); A(s->iw, n * ih); A(s->isc, (size_t)max_idx_rows); A(s->rl, n * hp->n_expert);
     size_t ue = used > hc ? used : hc;   /* MTP fusion reuses xe/de for hc streams */
     A(s->ew, n * used); A(s->eout, n * used * d); A(s->xe, n * ue * d); A(s->ge, n * used * ff);
-    A(s->ue, n * used * ff); A(s->de, n * ue * d); A(s->sg, n * ffs); A(s->su, n * ffs); A(s->ape, cw);
+    A(s->ue, n * used * ff); A(s->de, n * ue * d); A(s->sg, n * ffs); A(s->su, n * ffs); A(s->ape, apew);
     A(s->sel, n * topk); A(s->nsel, n); A(s->eid, n * used); A(s->etok, n * used);
     A(s->att, (size_t)T * s->att_len); A(s->rows, (size_t)T * s->att_len);
 #undef A
@@ -301,7 +300,6 @@ typedef struct {
     uint32_t p0, keep_raw;
     const double *freq;
     int t;                      /* indexer: current token */
-    uint32_t nvis;
 } attn_ctx;
 
 /* score_c = Σ_h wI_h · max(0, qI_h · k_c) for rows c of token a->t. */
@@ -372,7 +370,7 @@ static void attn_sublayer(cpu_backend *be, scratch *s, const ds4_layer *L, layer
         for (int64_t j = 0; j < hd; j++) kv[j] = ds4_round_f16(kv[j]);
     }
 
-    attn_ctx a = {be, s, ls, L, p0, keep_raw, freq, 0, 0};
+    attn_ctx a = {be, s, ls, L, p0, keep_raw, freq, 0};
     if (ls->ratio) {
         compress_chunk(be, s, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes,
                        (int)hd, s->ck, s->cg, ls->ckv, ls->cgate, ls->keep_c, &ls->lo_c, ls->comp, &ls->n_comp,
@@ -648,6 +646,24 @@ void cpu_state_free(cpu_state *st) {
 
 uint32_t cpu_state_len(const cpu_state *st) { return st->n; }
 
+void cpu_state_bytes(const cpu_state *st, uint64_t *in_use, uint64_t *allocated) {
+    const ds4_hparams *hp = st->be->hp;
+    uint64_t u = 0, a = 0, hd = hp->head_dim, ihd = hp->idx_head_dim;
+    for (int l = 0; l < st->n_layer; l++) {
+        const layer_state *ls = &st->L[l];
+        u += (st->n - ls->lo_raw) * hd;
+        a += st->keep_raw * hd;
+        if (!ls->ratio) continue;
+        u += ls->n_comp * hd + 2ull * (st->n - ls->lo_c) * ls->W;
+        a += ls->cap_comp * hd + 2ull * ls->keep_c * ls->W;
+        if (ls->ratio != 4) continue;
+        u += ls->n_idx * ihd + 2ull * (st->n - ls->lo_i) * ls->Wi;
+        a += ls->cap_comp * ihd + 2ull * ls->keep_i * ls->Wi;
+    }
+    *in_use = u * sizeof(float);
+    *allocated = a * sizeof(float);
+}
+
 void cpu_state_rows(const cpu_state *st, int il, uint32_t *n_comp, uint32_t *n_idx) {
     *n_comp = st->L[il].n_comp;
     *n_idx = st->L[il].n_idx;
@@ -913,6 +929,9 @@ static void *v_create(const ds4_model *m, int n_threads, char *err, size_t errle
 static void v_destroy(void *be) { cpu_backend_free(be); }
 static void *v_state_new(void *be, uint32_t ctx, char *err, size_t errlen) { return cpu_state_new(be, ctx, err, errlen); }
 static void v_state_free(void *be, void *st) { cpu_state_free(st); }
+static void v_state_bytes(void *be, const void *st, uint64_t *in_use, uint64_t *allocated) {
+    cpu_state_bytes(st, in_use, allocated);
+}
 static int v_eval(void *be, void *st, const int32_t *ids, size_t n, float *logits, bool all, char *err, size_t errlen) {
     return cpu_eval(be, st, ids, n, logits, all, NULL, err, errlen);
 }
@@ -921,5 +940,5 @@ static int v_export(void *be, const void *st, ds4_kv_host *out, char *err, size_
 static int v_import(void *be, void *st, const ds4_kv_host *in, char *err, size_t errlen) { return cpu_import(be, st, in, err, errlen); }
 
 const ds4_backend_ops ds4_backend_cpu = {
-    "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_eval, v_truncate, v_export, v_import,
+    "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_state_bytes, v_eval, v_truncate, v_export, v_import,
 };

@@ -2,18 +2,19 @@
  * CUDA), and the canonical host form of a session's KV state.
  *
  * Every backend keeps the same LOGICAL state (spec model.md §7), so a
- * snapshot written by one restores bit-for-bit on another:
+ * snapshot written by one restores on another (same format, same counts;
+ * the values are each backend's own arithmetic):
  *
  *   per layer
  *     raw     the K=V rows (head_dim f32 each, after RoPE + FP8 simulation,
- *             rounded through f16) of positions lo_raw … n−1; a backend keeps
- *             at least the last DS4_KV_KEEP_RAW positions (window + slack) so
- *             a rewind of up to `window` tokens stays exact;
+ *             rounded through f16) of positions lo_raw … n−1: the last
+ *             ds4_kv_keep_raw() positions (window + slack), so a rewind of
+ *             up to window + 1 tokens stays exact;
  *     comp    every compressed attention row emitted so far, floor(n/R) rows
  *             of head_dim (f16-rounded), R = compress ratio (0: none);
  *     cpend   the attention compressor's per-position inputs — projected kv
  *             (W f32) and gate + ape (W f32), unrounded — of positions
- *             lo_comp … n−1, at least the last ds4_kv_keep_comp() of them.
+ *             lo_comp … n−1, the last ds4_kv_keep_comp() of them.
  *             This is ds4's "frontier" (partial block and, for ratio 4, the
  *             previous block's lane-a data) plus rewind slack: a block's row
  *             is computed from exactly these inputs, so nothing else is needed.
@@ -21,6 +22,12 @@
  *             −inf gates there; same result: weight 0);
  *     idx     indexer compressed rows (ratio 4 only), floor(n/4) × idx_head_dim;
  *     ipend   the indexer compressor's inputs (2·idx_head_dim each), as cpend.
+ *
+ * The retained windows are part of the state, so every backend tracks lo_*
+ * by the same rule: after an eval reaching n,
+ * lo = max(lo, n − keep) (keep = ds4_kv_keep_raw / ds4_kv_keep_comp);
+ * truncate to n keeps lo (lo = min(lo, n); 0 after truncating to 0); import
+ * takes lo from the snapshot.
  *
  * Token ids and next-token logits live in the session (src/engine/session.c),
  * which serialises this struct (format documented there). */
@@ -79,6 +86,8 @@ typedef struct {
     void (*destroy)(void *be);
     void *(*state_new)(void *be, uint32_t ctx, char *err, size_t errlen);
     void (*state_free)(void *be, void *st);
+    /* Bytes of the logical state in use (above, f32) and allocated. */
+    void (*state_bytes)(void *be, const void *st, uint64_t *in_use, uint64_t *allocated);
     int (*eval)(void *be, void *st, const int32_t *ids, size_t n, float *logits, bool all_logits,
                 char *err, size_t errlen);
     int (*truncate)(void *be, void *st, uint32_t n, char *err, size_t errlen);

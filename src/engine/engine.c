@@ -100,3 +100,20 @@ void ds4_engine_inspect(const ds4_engine *e, uint64_t ctx, FILE *out) {
 }
 
 const ds4_model *ds4_engine_model(const ds4_engine *e) { return &e->model; }
+
+uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e) {
+    /* Tensors of the main file: the embedding is a row lookup; a routed
+     * expert tensor (…_exps) is read for n_expert_used of its n_expert
+     * experts. */
+    const ds4_hparams *hp = &e->model.hp;
+    const gguf_file *f = e->model.gguf;
+    uint64_t total = 0;
+    for (int64_t i = 0; i < gguf_n_tensors(f); i++) {
+        const gguf_tensor *t = gguf_tensor_at(f, i);
+        gguf_str nm = t->name;
+        if (gguf_str_eq(nm, "token_embd.weight")) continue;
+        bool exps = nm.len > 12 && !memcmp(nm.ptr + nm.len - 12, "_exps.weight", 12);
+        total += exps ? t->nbytes / hp->n_expert * hp->n_expert_used : t->nbytes;
+    }
+    return total;
+}

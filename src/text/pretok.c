@@ -65,7 +65,8 @@ uint16_t tok_char_class(uint32_t cp) {
     return cp < CLASS_TABLE_N ? class_table[cp] : compute_class(cp);
 }
 
-int tok_utf8_seq(const uint8_t *s, size_t n, uint32_t *cp) {
+/* Inline here: the pre-tokenizer decodes every non-ASCII char through it. */
+static inline int utf8_seq(const uint8_t *s, size_t n, uint32_t *cp) {
     uint8_t b = s[0];
     int len;
     uint32_t c, min;
@@ -92,16 +93,19 @@ int tok_utf8_seq(const uint8_t *s, size_t n, uint32_t *cp) {
     return len;
 }
 
-/* One character at s[i] (i < e): returns the index after it, sets its class. */
+int tok_utf8_seq(const uint8_t *s, size_t n, uint32_t *cp) { return utf8_seq(s, n, cp); }
+
+/* One character at s[i] (i < e): returns the index after it, sets its class.
+ * The class table is ready (tok_pretokenize initialises it once per call). */
 static inline size_t next_char(const uint8_t *s, size_t i, size_t e, uint16_t *cls) {
     if (s[i] < 0x80) {
-        *cls = tok_char_class(s[i]);
+        *cls = class_table[s[i]];
         return i + 1;
     }
     uint32_t cp;
-    int n = tok_utf8_seq(s + i, e - i, &cp);
+    int n = utf8_seq(s + i, e - i, &cp);
     if (n <= 0) { *cls = 0; return i + 1; } /* invalid byte: a classless char */
-    *cls = tok_char_class(cp);
+    *cls = cp < CLASS_TABLE_N ? class_table[cp] : compute_class(cp);
     return i + (size_t)n;
 }
 
@@ -205,6 +209,7 @@ static void stage2(ctx *x, size_t b, size_t e) {
 
 /* Stage 1: \p{N}{1,3} groups (counted from the left) and gaps. */
 void tok_pretokenize(const char *text, size_t len, tok_piece_fn fn, void *ud) {
+    pthread_once(&class_once, class_init);
     ctx x = {(const uint8_t *)text, fn, ud};
     size_t gap = 0, p = 0;
     while (p < len) {

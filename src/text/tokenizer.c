@@ -2,8 +2,8 @@
  *
  * Tables built once at load:
  * - spelling -> id (open addressing), for lookups by exact text;
- * - (left id, right id) -> (rank, merged id), so BPE works on ids and never
- *   builds strings;
+ * - (left id, right id) -> merge rank, and rank -> merged id, so BPE works
+ *   on ids and never builds strings;
  * - each token's output bytes (specials verbatim, BPE tokens through the
  *   inverse byte table);
  * - a byte trie of special spellings for ds4_tokenize_special.
@@ -71,7 +71,12 @@ static uint32_t table_size(uint32_t n) {
 
 /* ---- The tokenizer ------------------------------------------------------ */
 
-typedef struct { uint64_t key; uint32_t rank; int32_t id; } merge_slot; /* key 0 = empty */
+/* Merge table slot, one word so the table (2 MiB for DeepSeek) stays in
+ * cache: left id + 1 (20 bits) | right id + 1 (20 bits) | rank (24 bits);
+ * 0 = empty. The merged token is merge_id[rank]. */
+#define MAX_TOKENS ((1u << 20) - 1)
+#define MAX_MERGES (1u << 24)
+#define NO_MERGE UINT32_MAX
 typedef struct { int32_t child, sibling, token; uint8_t byte; } trie_node;
 
 /* Piece cache: pieces up to CACHE_MAX_PIECE bytes; when a limit is reached it
@@ -81,7 +86,9 @@ typedef struct { int32_t child, sibling, token; uint8_t byte; } trie_node;
 #define CACHE_MAX_PIECE 256
 #define CACHE_KEY_CAP (4u << 20)
 #define CACHE_IDS_CAP (1u << 20)
-typedef struct { uint64_t hash; uint32_t key_off, key_len, ids_off, ids_len; } cache_slot; /* key_len 0 = empty */
+/* key_len 0 = empty. a, b: the key's words (n <= 16) or its hash (n > 16).
+ * ids_off: the id itself when ids_len is 1. */
+typedef struct { uint64_t a, b; uint32_t key_len, key_off, ids_off, ids_len; } cache_slot;
 
 struct ds4_tokenizer {
     uint32_t n_vocab;
@@ -91,8 +98,9 @@ struct ds4_tokenizer {
     uint64_t *bytes_off; /* n_vocab + 1 */
     uint8_t *special;
     uint32_t *vocab_ht, vocab_mask; /* id + 1, 0 = empty */
-    merge_slot *merge_ht;
+    uint64_t *merge_ht;
     uint32_t merge_mask;
+    int32_t *merge_id;   /* rank -> merged token */
     int32_t byte_id[256];
     trie_node *trie;     /* node 0 is the root */
     uint32_t n_trie;
@@ -144,21 +152,37 @@ int32_t ds4_token_lookup(const ds4_tokenizer *t, const char *s, size_t len) {
     }
 }
 
-static const merge_slot *merge_find(const ds4_tokenizer *t, int32_t a, int32_t b) {
-    uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1; /* +1: key 0 marks empty */
+static inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)(a + 1) << 20 | (uint64_t)(b + 1); }
+
+/* Rank of merging a then b, or NO_MERGE. */
+static uint32_t merge_rank(const ds4_tokenizer *t, int32_t a, int32_t b) {
+    uint64_t key = pair_key(a, b);
     for (uint32_t i = (uint32_t)hash_u64(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
-        if (t->merge_ht[i].key == key) return &t->merge_ht[i];
-        if (!t->merge_ht[i].key) return NULL;
+        uint64_t v = t->merge_ht[i];
+        if (!v) return NO_MERGE;
+        if (v >> 24 == key) return (uint32_t)(v & (MAX_MERGES - 1));
     }
 }
 
 void ds4_tokenizer_free(ds4_tokenizer *t) {
     if (!t) return;
     free(t->text); free(t->text_off); free(t->bytes); free(t->bytes_off); free(t->special);
-    free(t->vocab_ht); free(t->merge_ht); free(t->trie);
+    free(t->vocab_ht); free(t->merge_ht); free(t->merge_id); free(t->trie);
     free(t->cache); free(t->cache_keys); free(t->cache_ids);
     pthread_mutex_destroy(&t->mu);
     free(t);
+}
+
+/* The control tokens the engine needs (§1.1), in ds4_special_ids order. */
+static const char *const required_names[7] = {
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+    "<think>", "</think>", "｜DSML｜",
+};
+
+static bool is_required(const char *s, size_t n) {
+    for (int i = 0; i < 7; i++)
+        if (strlen(required_names[i]) == n && !memcmp(required_names[i], s, n)) return true;
+    return false;
 }
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); ds4_tokenizer_free(t); return NULL; } while (0)
@@ -221,8 +245,9 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     ds4_tokenizer *t = calloc(1, sizeof *t);
     if (!t) { snprintf(err, errlen, "tokenizer: out of memory"); return NULL; }
     pthread_mutex_init(&t->mu, NULL);
-    if (n_tokens < 256 || n_tokens > (1u << 30)) FAIL("tokenizer: vocabulary of %u tokens is not plausible", n_tokens);
-    if (n_merges > (1u << 30)) FAIL("tokenizer: %u merges is not plausible", n_merges);
+    if (n_tokens < 256 || n_tokens > MAX_TOKENS)
+        FAIL("tokenizer: vocabulary of %u tokens (must be 256..%u)", n_tokens, MAX_TOKENS);
+    if (n_merges >= MAX_MERGES) FAIL("tokenizer: %u merges (at most %u)", n_merges, MAX_MERGES - 1);
     t->n_vocab = n_tokens;
 
     /* Spellings and the spelling -> id table. */
@@ -262,7 +287,9 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
             while (t->vocab_ht[h]) h = (h + 1) & t->vocab_mask;
             t->vocab_ht[h] = i + 1;
         }
-        t->special[i] = special[i] ? 1 : 0;
+        /* The seven required tokens are special whatever the flags say: they
+         * must decode verbatim and be matched as control tokens. */
+        t->special[i] = special[i] || is_required(s, (size_t)n);
         if (t->special[i]) {
             memcpy(t->bytes + boff, s, n);
             boff += n;
@@ -285,7 +312,8 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
     /* Merges: "left right" -> rank = index. */
     uint32_t msize = table_size(n_merges);
     t->merge_ht = calloc(msize, sizeof *t->merge_ht);
-    if (!t->merge_ht) FAIL("tokenizer: out of memory");
+    t->merge_id = malloc((n_merges ? n_merges : 1) * sizeof *t->merge_id);
+    if (!t->merge_ht || !t->merge_id) FAIL("tokenizer: out of memory");
     t->merge_mask = msize - 1;
     char *cat = malloc(8192 + 2);
     if (!cat) FAIL("tokenizer: out of memory");
@@ -306,24 +334,20 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
             free(cat);
             FAIL("tokenizer: merge %u (\"%.*s\") names a token not in the vocabulary", r, (int)(n > 200 ? 200 : n), m);
         }
-        uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
+        uint64_t key = pair_key(a, b);
         uint32_t h = (uint32_t)hash_u64(key) & t->merge_mask;
-        while (t->merge_ht[h].key && t->merge_ht[h].key != key) h = (h + 1) & t->merge_mask;
-        if (!t->merge_ht[h].key) t->merge_ht[h] = (merge_slot){key, r, ab}; /* repeated pair: lowest rank */
+        while (t->merge_ht[h] && t->merge_ht[h] >> 24 != key) h = (h + 1) & t->merge_mask;
+        if (!t->merge_ht[h]) t->merge_ht[h] = key << 24 | r; /* repeated pair: lowest rank */
+        t->merge_id[r] = ab;
     }
     free(cat);
 
     /* The control tokens the engine needs (§1.1): missing one is an error. */
-    static const char *const names[7] = {
-        "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
-        "<think>", "</think>", "｜DSML｜",
-    };
     int32_t *dst[7] = {&t->sp.bos, &t->sp.eos, &t->sp.user, &t->sp.assistant, &t->sp.think, &t->sp.think_end,
                        &t->sp.dsml};
     for (int i = 0; i < 7; i++) {
-        *dst[i] = ds4_token_lookup(t, names[i], strlen(names[i]));
-        if (*dst[i] < 0) FAIL("tokenizer: required token %s is not in the vocabulary", names[i]);
-        if (!t->special[*dst[i]]) FAIL("tokenizer: required token %s (id %d) is not marked special", names[i], *dst[i]);
+        *dst[i] = ds4_token_lookup(t, required_names[i], strlen(required_names[i]));
+        if (*dst[i] < 0) FAIL("tokenizer: required token %s is not in the vocabulary", required_names[i]);
     }
 
     t->cache = calloc(CACHE_SLOTS, sizeof *t->cache);
@@ -339,7 +363,10 @@ ds4_tokenizer *tok_build(const char *const *tokens, const uint64_t *token_lens, 
 ds4_tokenizer *ds4_tokenizer_new(const char *const *tokens, const uint64_t *token_lens, uint32_t n_tokens,
                                  const char *const *merges, const uint64_t *merge_lens, uint32_t n_merges,
                                  char *err, size_t errlen) {
-    if (n_tokens > (1u << 30)) { snprintf(err, errlen, "tokenizer: %u tokens is not plausible", n_tokens); return NULL; }
+    if (n_tokens > MAX_TOKENS) {
+        snprintf(err, errlen, "tokenizer: vocabulary of %u tokens (must be 256..%u)", n_tokens, MAX_TOKENS);
+        return NULL;
+    }
     uint8_t *special = calloc(n_tokens ? n_tokens : 1, 1);
     if (!special) { snprintf(err, errlen, "tokenizer: out of memory"); return NULL; }
     for (uint32_t i = 0; i < n_tokens; i++) {
@@ -358,37 +385,37 @@ const ds4_special_ids *ds4_tokenizer_special(const ds4_tokenizer *t) { return &t
 
 /* ---- BPE ---------------------------------------------------------------
  * Symbols form a linked list over the piece's bytes; candidate pairs sit in
- * a min-heap ordered by (rank, position of the left symbol), which is
+ * a min-heap of words rank << 32 | left position, whose integer order is
  * exactly "lowest rank first, leftmost on ties". Entries are checked when
  * popped (lazy deletion): a merge invalidates the pairs around it and pushes
- * the two new ones. O(n log n) per piece, so long runs stay cheap. */
+ * the two new ones. An entry is current iff its left symbol is alive and
+ * the pair there still has its rank (a rank names exactly one pair).
+ * O(n log n) per piece and 36 bytes per input byte, so long runs (a
+ * megabyte of spaces) stay bounded. */
 
-typedef struct { uint32_t rank, pos, right; int32_t left_id, right_id; } pair;
+#define BPE_MAX_PIECE (1u << 30) /* positions fit in int32; longer pieces are cut */
+
 typedef struct { int32_t id; int32_t prev, next; } sym;
 
-static bool pair_less(const pair *a, const pair *b) {
-    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
-}
-
-static void heap_push(pair *h, size_t *n, pair p) {
+static void heap_push(uint64_t *h, size_t *n, uint64_t v) {
     size_t i = (*n)++;
     while (i > 0) {
         size_t up = (i - 1) / 2;
-        if (!pair_less(&p, &h[up])) break;
+        if (v >= h[up]) break;
         h[i] = h[up];
         i = up;
     }
-    h[i] = p;
+    h[i] = v;
 }
 
-static pair heap_pop(pair *h, size_t *n) {
-    pair top = h[0], last = h[--*n];
+static uint64_t heap_pop(uint64_t *h, size_t *n) {
+    uint64_t top = h[0], last = h[--*n];
     size_t i = 0;
     for (;;) {
         size_t c = 2 * i + 1;
         if (c >= *n) break;
-        if (c + 1 < *n && pair_less(&h[c + 1], &h[c])) c++;
-        if (!pair_less(&h[c], &last)) break;
+        if (c + 1 < *n && h[c + 1] < h[c]) c++;
+        if (h[c] >= last) break;
         h[i] = h[c];
         i = c;
     }
@@ -396,19 +423,20 @@ static pair heap_pop(pair *h, size_t *n) {
     return top;
 }
 
-static void push_pair(const ds4_tokenizer *t, const sym *s, pair *h, size_t *nh, int32_t pos) {
+static void push_pair(const ds4_tokenizer *t, const sym *s, uint64_t *h, size_t *nh, int32_t pos) {
     int32_t r = s[pos].next;
     if (r < 0) return;
-    const merge_slot *m = merge_find(t, s[pos].id, s[r].id);
-    if (m) heap_push(h, nh, (pair){m->rank, (uint32_t)pos, (uint32_t)r, s[pos].id, s[r].id});
+    uint32_t rank = merge_rank(t, s[pos].id, s[r].id);
+    if (rank != NO_MERGE) heap_push(h, nh, (uint64_t)rank << 32 | (uint32_t)pos);
 }
 
-/* BPE of one piece; appends its ids to out. Returns how many it appended. */
+/* BPE of one piece (n <= BPE_MAX_PIECE); appends its ids to out. Returns how
+ * many it appended. */
 static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     sym small_s[64];
-    pair small_h[3 * 64];
+    uint64_t small_h[3 * 64];
     sym *s = small_s;
-    pair *h = small_h;
+    uint64_t *h = small_h;
     if (n > 64) {
         s = malloc(n * sizeof *s);
         h = malloc(3 * n * sizeof *h); /* n-1 initial pairs + at most 2 per merge */
@@ -418,17 +446,17 @@ static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens
     size_t nh = 0;
     for (size_t i = 0; i + 1 < n; i++) push_pair(t, s, h, &nh, (int32_t)i);
     while (nh) {
-        pair b = heap_pop(h, &nh);
-        /* Stale if either side changed since the pair was pushed. */
-        if (s[b.pos].id != b.left_id || s[b.pos].next != (int32_t)b.right || s[b.right].id != b.right_id) continue;
-        const merge_slot *m = merge_find(t, b.left_id, b.right_id);
-        s[b.pos].id = m->id;
-        int32_t nx = s[b.right].next;
-        s[b.pos].next = nx;
-        if (nx >= 0) s[nx].prev = (int32_t)b.pos;
-        s[b.right].id = -1; /* dead */
-        if (s[b.pos].prev >= 0) push_pair(t, s, h, &nh, s[b.pos].prev);
-        push_pair(t, s, h, &nh, (int32_t)b.pos);
+        uint64_t v = heap_pop(h, &nh);
+        uint32_t rank = (uint32_t)(v >> 32);
+        int32_t pos = (int32_t)(uint32_t)v, r = s[pos].next;
+        if (s[pos].id < 0 || r < 0 || merge_rank(t, s[pos].id, s[r].id) != rank) continue; /* stale */
+        s[pos].id = t->merge_id[rank];
+        int32_t nx = s[r].next;
+        s[pos].next = nx;
+        if (nx >= 0) s[nx].prev = pos;
+        s[r].id = -1; /* dead */
+        if (s[pos].prev >= 0) push_pair(t, s, h, &nh, s[pos].prev);
+        push_pair(t, s, h, &nh, pos);
     }
     size_t k = 0;
     for (int32_t i = 0; i >= 0; i = s[i].next, k++) ds4_tokens_push(out, s[i].id);
@@ -436,7 +464,30 @@ static size_t bpe(const ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens
     return k;
 }
 
-/* ---- Piece cache (caller holds t->mu) ------------------------------------ */
+/* ---- Piece cache (caller holds t->mu) ------------------------------------
+ * A piece of up to 16 bytes is held exactly in two words (key_words): most
+ * pieces are short words, so a hit costs a hash and two compares, no
+ * memcmp. Longer pieces keep their bytes in the key pool. A piece that is
+ * one token keeps the id in the slot itself. */
+
+/* Exact (given n) packing of n <= 16 bytes into two words. The loads overlap
+ * for lengths that are not 4/8/16, but together they cover every byte, so
+ * two keys of the same length are equal iff their words are. */
+static inline void key_words(const uint8_t *p, size_t n, uint64_t *a, uint64_t *b) {
+    if (n >= 8) {
+        memcpy(a, p, 8);
+        memcpy(b, p + n - 8, 8);
+    } else if (n >= 4) {
+        uint32_t x, y;
+        memcpy(&x, p, 4);
+        memcpy(&y, p + n - 4, 4);
+        *a = x | (uint64_t)y << 32;
+        *b = 0;
+    } else {
+        *a = (uint64_t)p[0] | (uint64_t)p[n / 2] << 8 | (uint64_t)p[n - 1] << 16;
+        *b = 0;
+    }
+}
 
 static void cache_clear(ds4_tokenizer *t) {
     memset(t->cache, 0, CACHE_SLOTS * sizeof *t->cache);
@@ -445,30 +496,46 @@ static void cache_clear(ds4_tokenizer *t) {
 
 static void encode_piece(ds4_tokenizer *t, const uint8_t *p, size_t n, ds4_tokens *out) {
     if (n == 1) { ds4_tokens_push(out, t->byte_id[p[0]]); return; }
-    if (n > CACHE_MAX_PIECE) { bpe(t, p, n, out); return; }
-    uint64_t hv = hash_bytes(p, n);
-    uint32_t i = (uint32_t)hv & (CACHE_SLOTS - 1);
+    if (n > CACHE_MAX_PIECE) {
+        /* Not cached. A piece over BPE_MAX_PIECE (a gigabyte of one class,
+         * never real text) is encoded in cuts rather than refused. */
+        for (; n > BPE_MAX_PIECE; p += BPE_MAX_PIECE, n -= BPE_MAX_PIECE) bpe(t, p, BPE_MAX_PIECE, out);
+        bpe(t, p, n, out);
+        return;
+    }
+    uint64_t a, b = 0;
+    if (n <= 16) {
+        key_words(p, n, &a, &b);
+    } else {
+        a = hash_bytes(p, n);
+    }
+    uint32_t i = (uint32_t)hash_u64(a ^ (b * 0x9E3779B97F4A7C15ull) ^ n) & (CACHE_SLOTS - 1);
     for (;; i = (i + 1) & (CACHE_SLOTS - 1)) {
-        cache_slot *c = &t->cache[i];
+        const cache_slot *c = &t->cache[i];
         if (!c->key_len) break;
-        if (c->hash == hv && c->key_len == n && !memcmp(t->cache_keys + c->key_off, p, n)) {
-            for (uint32_t k = 0; k < c->ids_len; k++) ds4_tokens_push(out, t->cache_ids[c->ids_off + k]);
+        if (c->key_len == n && c->a == a && c->b == b &&
+            (n <= 16 || !memcmp(t->cache_keys + c->key_off, p, n))) {
+            if (c->ids_len == 1) ds4_tokens_push(out, (int32_t)c->ids_off);
+            else for (uint32_t k = 0; k < c->ids_len; k++) ds4_tokens_push(out, t->cache_ids[c->ids_off + k]);
             return;
         }
     }
     size_t before = out->n;
     size_t k = bpe(t, p, n, out);
-    if (t->cache_n >= CACHE_MAX_ENTRIES || t->cache_keys_len + n > CACHE_KEY_CAP ||
-        t->cache_ids_len + k > CACHE_IDS_CAP) {
+    size_t key_bytes = n > 16 ? n : 0, id_words = k > 1 ? k : 0;
+    if (t->cache_n >= CACHE_MAX_ENTRIES || t->cache_keys_len + key_bytes > CACHE_KEY_CAP ||
+        t->cache_ids_len + id_words > CACHE_IDS_CAP) {
         cache_clear(t);
-        i = (uint32_t)hv & (CACHE_SLOTS - 1);
+        i = (uint32_t)hash_u64(a ^ (b * 0x9E3779B97F4A7C15ull) ^ n) & (CACHE_SLOTS - 1);
     }
     while (t->cache[i].key_len) i = (i + 1) & (CACHE_SLOTS - 1);
-    t->cache[i] = (cache_slot){hv, t->cache_keys_len, (uint32_t)n, t->cache_ids_len, (uint32_t)k};
-    memcpy(t->cache_keys + t->cache_keys_len, p, n);
-    memcpy(t->cache_ids + t->cache_ids_len, out->ids + before, k * sizeof *out->ids);
-    t->cache_keys_len += (uint32_t)n;
-    t->cache_ids_len += (uint32_t)k;
+    cache_slot *c = &t->cache[i];
+    *c = (cache_slot){a, b, (uint32_t)n, t->cache_keys_len, t->cache_ids_len, (uint32_t)k};
+    if (k == 1) c->ids_off = (uint32_t)out->ids[before];
+    memcpy(t->cache_keys + t->cache_keys_len, p, key_bytes);
+    memcpy(t->cache_ids + t->cache_ids_len, out->ids + before, id_words * sizeof *out->ids);
+    t->cache_keys_len += (uint32_t)key_bytes;
+    t->cache_ids_len += (uint32_t)id_words;
     t->cache_n++;
 }
 

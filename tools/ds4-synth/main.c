@@ -41,7 +41,7 @@ static void usage(FILE *f) {
         "  --tokenizer PATH DeepSeek V3 tokenizer.json (default: " TOKENIZER_REL "\n"
         "                   relative to the current directory or to the repo of this binary,\n"
         "                   then $DS4_SHARED/data/tokenizer/deepseek-v3-npm/tokenizer.json)\n"
-        "  --threads N      writer threads (default: online CPUs)\n"
+        "  --threads N      writer threads, 1..256 (default: online CPUs)\n"
         "  --no-data        diagnostic: write the header only; tensor data stays a sparse hole\n"
         "                   (zeros), for layout/validation tests of full-shape files without\n"
         "                   writing 87 GB. Such a file loads but is not a usable model.\n");
@@ -385,7 +385,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--mix") && has) mix_s = argv[++i];
         else if (!strcmp(a, "--layers") && has && parse_u64(argv[i + 1], &layers) && layers > 0) i++;
         else if (!strcmp(a, "--seed") && has && parse_u64(argv[i + 1], &seed)) i++;
-        else if (!strcmp(a, "--threads") && has && parse_u64(argv[i + 1], &threads) && threads > 0 && threads <= 1024) i++;
+        else if (!strcmp(a, "--threads") && has && parse_u64(argv[i + 1], &threads) && threads > 0 && threads <= 256) i++;  /* 4 MiB buffer each */
         else {
             fprintf(stderr, "ds4-synth: bad argument '%s'%s\n", a, has ? "" : " (missing value?)");
             usage(stderr);
@@ -418,7 +418,7 @@ int main(int argc, char **argv) {
         if (o.hp.n_hash_layer > o.hp.n_layer) o.hp.n_hash_layer = o.hp.n_layer;
     }
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    o.threads = threads ? (int)threads : ncpu > 0 ? (int)ncpu : 1;
+    o.threads = threads ? (int)threads : ncpu > 256 ? 256 : ncpu > 0 ? (int)ncpu : 1;
 
     char tbuf[PATH_MAX + 128], err[512];
     if (!tok && !(tok = find_tokenizer(tbuf, sizeof tbuf))) {
