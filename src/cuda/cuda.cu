@@ -398,6 +398,29 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     return st;
 }
 
+/* Logical state in use (the rule of engine/backend.h, as cpu_state_bytes)
+ * and device memory allocated for it (rings, rows, attention and indexer
+ * score scratch). */
+static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_t *allocated) {
+    const gpu_backend *be = (const gpu_backend *)b;
+    const gpu_state *st = (const gpu_state *)stp;
+    const ds4_hparams *hp = be->hp;
+    uint64_t u = 0, a = (uint64_t)hp->n_head * st->att_len + st->ctx / 4 + 2, hd = hp->head_dim, ihd = hp->idx_head_dim;
+    for (int l = 0; l < st->n_layer; l++) {
+        const gpu_layer *ls = &st->L[l];
+        u += (uint64_t)(st->n - ls->lo_raw) * hd;
+        a += (uint64_t)st->keep_raw * hd;
+        if (!ls->ratio) continue;
+        u += (uint64_t)ls->n_comp * hd + 2ull * (st->n - ls->lo_c) * ls->W;
+        a += (uint64_t)ls->cap_comp * hd + 2ull * ls->keep_c * ls->W;
+        if (ls->ratio != 4) continue;
+        u += (uint64_t)ls->n_idx * ihd + 2ull * (st->n - ls->lo_i) * ls->Wi;
+        a += (uint64_t)ls->cap_comp * ihd + 2ull * ls->keep_i * ls->Wi;
+    }
+    *in_use = u * sizeof(float);
+    *allocated = a * sizeof(float);
+}
+
 /* ---- one decode step ------------------------------------------------------------------- */
 
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
@@ -762,7 +785,8 @@ static int cuda_import(void *b, void *stp, const ds4_kv_host *in, char *err, siz
 }
 
 extern "C" const ds4_backend_ops ds4_backend_cuda = {
-    "cuda", cuda_available, cuda_create, cuda_destroy, cuda_state_new, cuda_state_free, cuda_eval, cuda_truncate,
+    "cuda", cuda_available, cuda_create, cuda_destroy, cuda_state_new, cuda_state_free, cuda_state_bytes, cuda_eval,
+    cuda_truncate,
     cuda_export, cuda_import,
 };
 
