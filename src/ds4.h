@@ -457,9 +457,19 @@ typedef struct {
     char *text; size_t len;               /* the raw generated text (owned) */
 } ds4_gen_result;
 
-/* Returns 0 with r filled (finish says why it ended: a stop string, EOS,
- * the length limit, a complete tool-call block, an unterminated block,
- * cancellation), or -1 with err on an engine failure (r->finish = ERROR).
+/* Returns 0 with r filled (finish says why it ended: a stop string or EOS
+ * -> STOP, max_tokens or a full context -> LENGTH, a complete tool-call
+ * block -> TOOL_CALLS, a tool block left open or abandoned after its events
+ * went out -> ERROR, cancellation -> CANCELLED), or -1 with err when the
+ * prompt is empty or does not fit the context, or the engine fails
+ * (r->finish = ERROR). r->text is always allocated; free it with
+ * ds4_gen_result_free.
+ *
+ * Prefix reuse: the session is truncated to its longest common prefix with
+ * the prompt; when the engine cannot rewind that far exactly, the session
+ * restarts from empty (the trace says which). Stop strings: the text is cut
+ * before the earliest match and nothing after it reaches the parser; the
+ * last (longest stop - 1) bytes are held back until they cannot start one.
  * The session keeps the prompt and every evaluated token. The token that
  * ended generation (EOS, the last of a tool block or of max_tokens) is
  * sampled but not evaluated: the next prompt, which replays the turn and

@@ -35,6 +35,12 @@ Call it.</think>
 <｜DSML｜parameter name="location" string="true">Paris</｜DSML｜parameter>
 </｜DSML｜invoke>
 </｜DSML｜tool_calls>
+=== broken
+Hm.</think>
+
+<｜DSML｜tool_calls>
+<｜DSML｜invoke name="get_weather">
+<｜DSML｜parameter name="location" string="true">Par<｜end▁of▁sentence｜>
 S
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -105,6 +111,14 @@ ok = ok and json.loads(''.join(t['function']['arguments'] for t in tc[1:])) == {
 ok = ok and ch[-1]['choices'][0]['finish_reason'] == 'tool_calls'
 sys.exit(0 if ok else 1)
 P
+
+# An unterminated tool block after its start was streamed: an error event, not a normal stop.
+post -N -H 'X-DS4-Test-Script: broken' "$URL/v1/messages" \
+  -d '{"model":"x","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"w"}],"tools":[{"name":"get_weather","input_schema":{"type":"object"}}]}' > "$TMP/broken.sse"
+check "anthropic SSE: unterminated tool block ends in an error event" bash -c "grep -q '^event: content_block_start' '$TMP/broken.sse' && [ \"\$(grep '^event: ' '$TMP/broken.sse' | tail -n1)\" = 'event: error' ] && grep -q 'unterminated tool call' '$TMP/broken.sse'"
+post -H 'X-DS4-Test-Script: broken' "$URL/v1/responses" \
+  -d '{"model":"x","input":"w","tools":[{"type":"function","name":"get_weather","parameters":{"type":"object"}}]}' > "$TMP/broken.json"
+check "responses: unterminated tool block -> failed with an error" python3 -c "import json; r=json.load(open('$TMP/broken.json')); assert r['status']=='failed' and 'unterminated' in r['error']['message']"
 
 # ---- keepalive: a stream queued behind a long generation ----------------
 # The long request is dropped after 2.5 s, which cancels it and lets the

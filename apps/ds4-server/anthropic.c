@@ -148,9 +148,13 @@ static void an_finish(job *j) {
     remember_calls(j->S, st->call_ids, &rem);
     gen_output_free(&o);
     if (j->rc == 0 && j->res.finish == DS4_FINISH_CANCELLED) return;   /* the client left */
-    if (j->rc != 0) {
+    if (j->rc != 0 || j->res.finish == DS4_FINISH_ERROR) {
+        /* An engine failure, or a tool block whose start already went out
+         * and never closed: the partial tool_use cannot be taken back, so
+         * the stream ends in an error event rather than a normal stop. */
+        block_stop(j);
         cJSON *e = typed("error"), *err = typed("api_error");
-        cJSON_AddStringToObject(err, "message", j->err);
+        cJSON_AddStringToObject(err, "message", j->err[0] ? j->err : "generation failed");
         cJSON_AddItemToObject(e, "error", err);
         sse_json(j->out, "error", e);
         return;

@@ -128,9 +128,13 @@ static int apply_effort(chat_req *c, const cJSON *effort, char *msg, size_t msgl
     return -1;
 }
 
-static float num_or(const cJSON *o, const char *key, float dflt) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? (float)v->valuedouble : dflt;
+/* A numeric field: absent/null keeps dflt; any other non-number is an error. */
+static int num_field(const cJSON *o, const char *key, float *v, char *msg, size_t msglen) {
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!x || cJSON_IsNull(x)) return 0;
+    if (!cJSON_IsNumber(x)) { snprintf(msg, msglen, "%s must be a number", key); return -1; }
+    *v = (float)x->valuedouble;
+    return 0;
 }
 
 #define MAX_STOPS 16
@@ -174,15 +178,20 @@ int parse_common(srv *S, chat_req *c, const cJSON *root, bool default_thinking, 
     /* Thinking mode samples as DeepSeek's service does, ignoring client
      * values; without thinking the client's values apply (§5.1). */
     c->sampling = ds4_sampling_defaults(c->thinking);
+    ds4_sampling client = c->sampling;
+    float top_k = (float)client.top_k;
+    if (num_field(root, "temperature", &client.temperature, msg, msglen) || num_field(root, "top_p", &client.top_p, msg, msglen) ||
+        num_field(root, "top_k", &top_k, msg, msglen) || num_field(root, "min_p", &client.min_p, msg, msglen))
+        return -1;
     if (!c->thinking) {
-        c->sampling.temperature = num_or(root, "temperature", c->sampling.temperature);
-        c->sampling.top_p = num_or(root, "top_p", c->sampling.top_p);
-        c->sampling.top_k = (int)num_or(root, "top_k", (float)c->sampling.top_k);
-        c->sampling.min_p = num_or(root, "min_p", c->sampling.min_p);
+        client.top_k = top_k < 0 ? 0 : top_k > 1e6f ? 1000000 : (int)top_k;
+        c->sampling = client;
     }
     const cJSON *seed = cJSON_GetObjectItemCaseSensitive(root, "seed");
-    if (cJSON_IsNumber(seed)) c->sampling.seed = (uint64_t)seed->valuedouble;
-    else if (getrandom(&c->sampling.seed, sizeof c->sampling.seed, 0) != sizeof c->sampling.seed)
+    if (cJSON_IsNumber(seed)) {
+        if (seed->valuedouble < 0 || seed->valuedouble >= 1.8e19) { snprintf(msg, msglen, "seed must be a non-negative integer"); return -1; }
+        c->sampling.seed = (uint64_t)seed->valuedouble;
+    } else if (getrandom(&c->sampling.seed, sizeof c->sampling.seed, 0) != sizeof c->sampling.seed)
         c->sampling.seed = (uint64_t)time(NULL);
     if (c->sampling.temperature < 0 || c->sampling.top_p <= 0 || c->sampling.top_p > 1 || c->sampling.min_p < 0 || c->sampling.min_p > 1) {
         snprintf(msg, msglen, "sampling parameters out of range");

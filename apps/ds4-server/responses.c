@@ -306,6 +306,16 @@ static cJSON *final_output(rs_state *st, const gen_output *o) {
     return out;
 }
 
+/* A failed response names its reason: an engine error, or a tool block
+ * that was streamed but never closed. */
+static void set_error(cJSON *r, const job *j) {
+    if (j->rc == 0 && j->res.finish != DS4_FINISH_ERROR) return;
+    cJSON *err = cJSON_CreateObject();
+    cJSON_AddStringToObject(err, "code", "server_error");
+    cJSON_AddStringToObject(err, "message", j->err[0] ? j->err : "generation failed");
+    cJSON_ReplaceItemInObject(r, "error", err);
+}
+
 static const char *final_status(const job *j) {
     return j->rc != 0 || j->res.finish == DS4_FINISH_ERROR ? "failed"
          : j->res.finish == DS4_FINISH_LENGTH ? "incomplete" : "completed";
@@ -322,12 +332,7 @@ static void rs_finish(job *j) {
     remember_calls(j->S, st->call_ids, &rem);
     const char *status = final_status(j);
     cJSON *r = response_obj(st, status, final_output(st, &o), j);
-    if (j->rc != 0) {
-        cJSON *err = cJSON_CreateObject();
-        cJSON_AddStringToObject(err, "code", "server_error");
-        cJSON_AddStringToObject(err, "message", j->err);
-        cJSON_ReplaceItemInObject(r, "error", err);
-    }
+    set_error(r, j);
     gen_output_free(&o);
     cJSON *e = cJSON_CreateObject();
     cJSON_AddItemToObject(e, "response", r);
@@ -494,6 +499,7 @@ enum MHD_Result responses_create(srv *S, struct MHD_Connection *conn, cJSON *roo
     gen_output o;
     gen_output_parse(j, &o);
     cJSON *r = response_obj(st, final_status(j), final_output(st, &o), j);
+    set_error(r, j);
     remember_calls(S, st->call_ids, &o);
     gen_output_free(&o);
     job_unref(j);

@@ -110,6 +110,11 @@ struct srv {
     job **queue; int q_head, q_len;
     job *running;
     bool stopping;
+    /* Thinking without tools: the client's view of the last turn (reasoning
+     * dropped) and the length of the live session it stands for. Worker only. */
+    ds4_tokens alias_visible;
+    size_t alias_real;
+    bool alias_ok;
     pthread_t worker;
     struct MHD_Daemon *daemon;
     atomic_uint_fast64_t counter;  /* ids */

@@ -104,13 +104,69 @@ void job_wait(job *j) {
     pthread_mutex_unlock(&j->mu);
 }
 
-/* How much of the prompt the session holds already (what ds4_generate will
+/* How much of prompt the session holds already (what ds4_generate will
  * reuse unless the engine refuses the truncation). */
-static size_t estimate_cached(srv *S, const job *j) {
+static size_t estimate_cached(srv *S, const int32_t *prompt, size_t n_prompt) {
     size_t have = ds4_session_len(S->sess), n = 0;
     const int32_t *t = ds4_session_tokens(S->sess);
-    while (n < have && n < j->prompt.n && t[n] == j->prompt.ids[n]) n++;
-    return n < j->prompt.n ? n : j->prompt.n - 1;
+    while (n < have && n < n_prompt && t[n] == prompt[n]) n++;
+    return n;
+}
+
+/* Thinking without tools (prompt.md §5.5): the client sends the last turn
+ * back without its reasoning (`</think>answer<EOS>`), while the live KV
+ * state holds `<think>reasoning</think>answer`. Matching tokens would
+ * discard the whole turn (too far back to rewind exactly, so everything is
+ * recomputed). Instead the turn the client shows is remembered as standing
+ * for the live session, and a prompt that starts with it continues that
+ * session: the KV keeps reasoning the official prompt drops, as ds4 does.
+ *
+ * Returns the prompt to evaluate (the live tokens + the new suffix) in eff,
+ * or leaves eff empty when the alias does not apply. */
+static void alias_apply(srv *S, const job *j, ds4_tokens *eff) {
+    memset(eff, 0, sizeof *eff);
+    const ds4_tokens *v = &S->alias_visible;
+    if (!S->alias_ok || ds4_session_len(S->sess) != S->alias_real || S->alias_real < v->n || j->prompt.n <= v->n ||
+        memcmp(j->prompt.ids, v->ids, v->n * sizeof *v->ids) != 0)
+        return;
+    size_t n = S->alias_real + (j->prompt.n - v->n);
+    if (n >= ds4_session_ctx(S->sess)) return;
+    const int32_t *live = ds4_session_tokens(S->sess);
+    for (size_t i = 0; i < S->alias_real; i++) ds4_tokens_push(eff, live[i]);
+    for (size_t i = v->n; i < j->prompt.n; i++) ds4_tokens_push(eff, j->prompt.ids[i]);
+    if (eff->n != n) { ds4_tokens_free(eff); return; }
+    srv_trace(S, "think cache: prompt starts with the last turn as shown (%zu tokens) = live session (%zu tokens)\n",
+              v->n, S->alias_real);
+}
+
+/* After a generation: remember its turn as the client will show it, when
+ * it was a complete thinking turn without tools. */
+static void alias_record(srv *S, job *j) {
+    S->alias_ok = false;
+    const ds4_special_ids *sp = ds4_tokenizer_special(S->tok);
+    if (j->rc != 0 || j->res.finish != DS4_FINISH_STOP || !j->gp.thinking || j->gp.tools || j->n_stop ||
+        !j->prompt.n || j->prompt.ids[j->prompt.n - 1] != sp->think || !strstr(j->res.text, "</think>"))
+        return;
+    gen_output o;
+    gen_output_parse(j, &o);
+    ds4_tokens *v = &S->alias_visible;
+    v->n = 0;
+    /* <｜Assistant｜><think> becomes <｜Assistant｜></think> + the answer. */
+    for (size_t i = 0; i + 1 < j->prompt.n; i++) ds4_tokens_push(v, j->prompt.ids[i]);
+    ds4_tokens_push(v, sp->think_end);
+    int rc = ds4_tokenize(S->tok, o.content, strlen(o.content), v);
+    gen_output_free(&o);
+    if (rc != 0) return;
+    S->alias_real = ds4_session_len(S->sess);
+    S->alias_ok = true;
+}
+
+/* A count of reused tokens in the evaluated prompt, in the client's view
+ * of it: the live tokens beyond the shown turn (its reasoning) are not its. */
+static size_t client_view(const srv *S, bool alias, size_t cached) {
+    if (!alias) return cached;
+    if (cached >= S->alias_real) return cached - (S->alias_real - S->alias_visible.n);
+    return cached < S->alias_visible.n ? cached : S->alias_visible.n;
 }
 
 static void run(srv *S, job *j) {
@@ -131,12 +187,20 @@ static void run(srv *S, job *j) {
         j->rc = 0;
         srv_trace(S, "job cancelled before it started\n");
     } else {
-        j->est_cached = estimate_cached(S, j);
+        ds4_tokens eff;
+        alias_apply(S, j, &eff);
+        const int32_t *ids = eff.n ? eff.ids : j->prompt.ids;
+        size_t n = eff.n ? eff.n : j->prompt.n;
+        j->est_cached = client_view(S, eff.n, estimate_cached(S, ids, n));
         if (j->ops->start) j->ops->start(j);
         /* The driver writes its cache lines straight to the trace FILE: stdio
          * locks each call, and every line is one call. */
-        j->rc = ds4_generate(S->sess, j->prompt.ids, j->prompt.n, &j->gp, &j->res, j->err, sizeof j->err);
+        j->rc = ds4_generate(S->sess, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
         if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
+        j->res.n_prompt = j->prompt.n;
+        j->res.n_cached = client_view(S, eff.n, j->res.n_cached);
+        ds4_tokens_free(&eff);
+        alias_record(S, j);
     }
     pthread_mutex_lock(&S->qmu);
     bool stopping = S->stopping;
@@ -197,4 +261,5 @@ void worker_stop(srv *S) {
     pthread_mutex_unlock(&S->qmu);
     pthread_join(S->worker, NULL);
     free(S->queue);
+    ds4_tokens_free(&S->alias_visible);
 }

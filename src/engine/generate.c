@@ -148,11 +148,12 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
     r->finish = DS4_FINISH_ERROR;
     r->n_prompt = n_prompt;
     if (err && errlen) err[0] = 0;
-    if (!p->engine) { snprintf(err, errlen, "generate: no engine"); return -1; }
     uint32_t ctx = ds4_session_ctx(s);
-    if (n_prompt == 0) { snprintf(err, errlen, "empty prompt"); return -1; }
-    if (n_prompt >= ctx) {
-        snprintf(err, errlen, "prompt has %zu tokens, the context holds %u", n_prompt, ctx);
+    const char *bad = !p->engine ? "generate: no engine" : n_prompt == 0 ? "empty prompt" : NULL;
+    if (bad || n_prompt >= ctx) {
+        if (bad) snprintf(err, errlen, "%s", bad);
+        else snprintf(err, errlen, "prompt has %zu tokens, the context holds %u", n_prompt, ctx);
+        r->text = calloc(1, 1);
         return -1;
     }
     const ds4_tokenizer *tok = ds4_engine_tokenizer(p->engine);

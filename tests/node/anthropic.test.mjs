@@ -87,6 +87,25 @@ test('messages: count_tokens matches the prompt of a real request', async () => 
   eq(n.input_tokens, r.usage.input_tokens + r.usage.cache_read_input_tokens);
 });
 
+test('messages: thinking without tools: the shown history continues the live session', async () => {
+  // The client sends the turn back without its reasoning (the template drops
+  // it); the server still extends the KV state that holds it.
+  const h1 = msgs('Hi there');
+  const r1 = await client.messages.create({ ...base, messages: h1 }, script('hello'));
+  const in1 = r1.usage.input_tokens + r1.usage.cache_read_input_tokens;
+  const h2 = [...h1, { role: 'assistant', content: r1.content }, { role: 'user', content: 'More' }];
+  const r2 = await client.messages.create({ ...base, messages: h2 }, script('hello'));
+  eq(r2.content[1].text, 'Hello there!');
+  const in2 = r2.usage.input_tokens + r2.usage.cache_read_input_tokens;
+  // Everything up to the end of the shown answer was reused (more than the
+  // whole first prompt, which plain token matching cannot give).
+  ok(r2.usage.cache_read_input_tokens > in1, `cache_read ${r2.usage.cache_read_input_tokens} vs first prompt ${in1}`);
+  ok(in2 - r2.usage.cache_read_input_tokens <= 6, `only the new turn is computed: ${JSON.stringify(r2.usage)}`);
+  const h3 = [...h2, { role: 'assistant', content: r2.content }, { role: 'user', content: 'Again' }];
+  const r3 = await client.messages.create({ ...base, messages: h3 }, script('hello'));
+  ok(r3.usage.cache_read_input_tokens > in2, `chained: ${JSON.stringify(r3.usage)}`);
+});
+
 test('messages: error shape', async () => {
   try {
     await client.messages.create({ ...base, messages: [] });

@@ -70,6 +70,22 @@ test('chat: max_tokens -> length', async () => {
   eq(r.choices[0].message.content, 'word word word');
 });
 
+test('chat: greedy and seeded sampling reproduce; bad types are 400', async () => {
+  const body = { model: 'deepseek-chat', messages: user('Tell me'), max_tokens: 4 };
+  const g1 = await client.chat.completions.create({ ...body, temperature: 0 });
+  const g2 = await client.chat.completions.create({ ...body, temperature: 0 });
+  eq(g1.choices[0].message.content, g2.choices[0].message.content, 'greedy');
+  const s1 = await client.chat.completions.create({ ...body, temperature: 1, seed: 42 });
+  const s2 = await client.chat.completions.create({ ...body, temperature: 1, seed: 42 });
+  eq(s1.choices[0].message.content, s2.choices[0].message.content, 'seeded');
+  for (const bad of [{ temperature: 'hot' }, { seed: -1 }, { top_p: 0 }]) {
+    try {
+      await client.chat.completions.create({ ...body, ...bad });
+      throw new Error('accepted ' + JSON.stringify(bad));
+    } catch (e) { eq(e.status, 400, JSON.stringify(bad)); }
+  }
+});
+
 test('chat: tool call, non-streaming', async () => {
   const r = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: user('Weather in Paris?'), tools: TOOLS }, script('tool'));
   const ch = r.choices[0];
