@@ -478,4 +478,12 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
                  ds4_gen_result *r, char *err, size_t errlen);
 void ds4_gen_result_free(ds4_gen_result *r);
 
+/* ---- Files without an engine (src/engine/files.c) ----------------------
+ * What the CLI needs before (or instead of) loading weights onto a backend. */
+/* `ds4 --inspect`: validate a GGUF and print its layout, parameter count,
+ * file size and memory needs for ctx tokens. 0, or -1 with err set. */
+int ds4_inspect_file(const char *path, uint64_t ctx, FILE *out, char *err, size_t errlen);
+/* The tokenizer of a GGUF alone (no weights bound). */
+ds4_tokenizer *ds4_tokenizer_open(const char *path, char *err, size_t errlen);
+
 #endif
