@@ -1,7 +1,7 @@
 /* ds4-server internals shared by its files.
  *
  *   http.c       libmicrohttpd glue: body limits, routing, auth, CORS, SSE channel
- *   worker.c     the job queue and the one inference thread that owns the session
+ *   worker.c     the job queue and the one inference thread that owns the sessions
  *   toolmap.c    tool-call id -> exact sampled DSML block (bounded LRU)
  *   request.c    what every protocol shares: thinking/sampling/stop fields,
  *                rendering and tokenizing a conversation, error bodies, ids

@@ -1,6 +1,7 @@
-/* The inference worker: one thread owns the engine session and runs one job
- * at a time, in arrival order. A bounded queue in front of it turns overload
- * into an immediate 503 instead of unbounded waiting. */
+/* The inference worker: one thread owns the session pool and runs one job
+ * at a time, in arrival order: route the prompt to a session (and disk
+ * checkpoint), generate, report. A bounded queue in front of it turns
+ * overload into an immediate 503 instead of unbounded waiting. */
 #include "server.h"
 
 #include <poll.h>
