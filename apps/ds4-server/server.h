@@ -39,8 +39,9 @@ void toolmap_free(toolmap *m);
 void toolmap_put(toolmap *m, const char *id, const char *raw_dsml);
 /* A malloc'd copy of the block for id, or NULL. */
 char *toolmap_get(toolmap *m, const char *id);
-/* The entries whose block occurs in text, as a ds4_kv_map_encode blob (what
- * a KV checkpoint of that text needs to replay its tool calls). 0 or -1. */
+/* The entries whose block occurs in text (every entry when text is NULL),
+ * oldest first, as a ds4_kv_map_encode blob (what a KV checkpoint of that
+ * text needs to replay its tool calls). 0 or -1. */
 int toolmap_encode_for(toolmap *m, const char *text, size_t len, uint8_t **blob, size_t *blob_len);
 /* Put every entry of such a blob (a restored checkpoint's). 0 or -1. */
 int toolmap_merge(toolmap *m, const uint8_t *blob, size_t len);

@@ -103,8 +103,9 @@ int toolmap_encode_for(toolmap *m, const char *text, size_t len, uint8_t **blob,
     pthread_mutex_lock(&m->mu);
     const char **keys = malloc(sizeof *keys * (m->n + 1)), **vals = malloc(sizeof *vals * (m->n + 1));
     size_t n = 0;
-    for (entry *e = m->head; keys && vals && e; e = e->next)
-        if (memmem(text, len, e->raw, strlen(e->raw))) { keys[n] = e->id; vals[n] = e->raw; n++; }
+    /* Oldest first: merging the blob back in order restores the recency. */
+    for (entry *e = m->tail; keys && vals && e; e = e->prev)
+        if (!text || memmem(text, len, e->raw, strlen(e->raw))) { keys[n] = e->id; vals[n] = e->raw; n++; }
     int rc = keys && vals ? ds4_kv_map_encode(keys, vals, n, blob, blob_len) : -1;
     pthread_mutex_unlock(&m->mu);
     free(keys);
