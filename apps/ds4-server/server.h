@@ -118,13 +118,15 @@ struct srv {
     job **queue; int q_head, q_len;
     job *running;
     bool stopping;
-    /* Thinking without tools: the client's view of the last turn (reasoning
-     * dropped) and the length of the live session it stands for. Worker only. */
-    ds4_tokens alias_visible;
-    size_t alias_real;
-    int alias_slot;
-    uint64_t alias_hash;          /* of the slot's tokens: still the same content? */
-    bool alias_ok;
+    /* Thinking without tools, per session slot: the client's view of the
+     * slot's last turn (reasoning dropped) and the live length it stands
+     * for. Worker only. */
+    struct think_alias {
+        ds4_tokens visible;
+        size_t real;
+        uint64_t hash;            /* of the slot's tokens: still the same content? */
+        bool ok;
+    } *alias;
     pthread_t worker;
     struct MHD_Daemon *daemon;
 };

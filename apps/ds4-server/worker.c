@@ -120,64 +120,70 @@ static uint64_t hash_ids(const int32_t *ids, size_t n) {
  * for that slot's live content, and a prompt that starts with it continues
  * it: the KV keeps reasoning the official prompt drops, as ds4 does.
  *
- * Fills eff with the prompt to evaluate (the live tokens + the new
- * suffix), or leaves it empty when the alias does not apply. */
-static void alias_apply(srv *S, const job *j, ds4_tokens *eff) {
+ * Fills eff with the prompt to evaluate (the live tokens + the new suffix)
+ * and returns the alias used, or NULL (eff empty) when none applies. */
+static const struct think_alias *alias_apply(srv *S, const job *j, ds4_tokens *eff) {
     memset(eff, 0, sizeof *eff);
-    const ds4_tokens *v = &S->alias_visible;
-    if (!S->alias_ok || S->alias_real < v->n || j->prompt.n <= v->n ||
-        memcmp(j->prompt.ids, v->ids, v->n * sizeof *v->ids) != 0)
-        return;
-    ds4_session *s = ds4_pool_session(S->pool, S->alias_slot);
-    const int32_t *live = ds4_session_tokens(s);
-    /* The slot must still hold exactly what the alias was made from. */
-    if (ds4_session_len(s) != S->alias_real || hash_ids(live, S->alias_real) != S->alias_hash) return;
-    size_t n = S->alias_real + (j->prompt.n - v->n);
-    if (n >= S->cfg.ctx) return;
-    for (size_t i = 0; i < S->alias_real; i++) ds4_tokens_push(eff, live[i]);
-    for (size_t i = v->n; i < j->prompt.n; i++) ds4_tokens_push(eff, j->prompt.ids[i]);
-    if (eff->n != n) { ds4_tokens_free(eff); return; }
+    const struct think_alias *best = NULL;
+    int slot = -1;
+    for (int i = 0; i < S->cfg.sessions; i++) {
+        const struct think_alias *a = &S->alias[i];
+        if (!a->ok || a->real < a->visible.n || j->prompt.n <= a->visible.n || (best && best->visible.n >= a->visible.n) ||
+            memcmp(j->prompt.ids, a->visible.ids, a->visible.n * sizeof *a->visible.ids) != 0)
+            continue;
+        ds4_session *s = ds4_pool_session(S->pool, i);
+        /* The slot must still hold exactly what the alias was made from. */
+        if (ds4_session_len(s) != a->real || hash_ids(ds4_session_tokens(s), a->real) != a->hash) continue;
+        if (a->real + (j->prompt.n - a->visible.n) >= S->cfg.ctx) continue;
+        best = a;
+        slot = i;
+    }
+    if (!best) return NULL;
+    const int32_t *live = ds4_session_tokens(ds4_pool_session(S->pool, slot));
+    for (size_t i = 0; i < best->real; i++) ds4_tokens_push(eff, live[i]);
+    for (size_t i = best->visible.n; i < j->prompt.n; i++) ds4_tokens_push(eff, j->prompt.ids[i]);
+    if (eff->n != best->real + (j->prompt.n - best->visible.n)) { ds4_tokens_free(eff); return NULL; }
     srv_trace(S, "think cache: prompt starts with the last turn as shown (%zu tokens) = slot %d (%zu tokens)\n",
-              v->n, S->alias_slot, S->alias_real);
+              best->visible.n, slot, best->real);
+    return best;
 }
 
-/* After a generation: remember its turn as the client will show it, when
- * it was a complete thinking turn without tools. */
+/* After a generation in a slot: remember its turn as the client will show
+ * it, when it was a complete thinking turn without tools. */
 static void alias_record(srv *S, job *j, ds4_session *s, int slot) {
-    S->alias_ok = false;
+    struct think_alias *a = &S->alias[slot];
+    a->ok = false;
     const ds4_special_ids *sp = ds4_tokenizer_special(S->tok);
     if (j->rc != 0 || j->res.finish != DS4_FINISH_STOP || !j->gp.thinking || j->gp.tools || j->n_stop ||
         !j->prompt.n || j->prompt.ids[j->prompt.n - 1] != sp->think || !strstr(j->res.text, "</think>"))
         return;
     gen_output o;
     gen_output_parse(j, &o);
-    ds4_tokens *v = &S->alias_visible;
-    v->n = 0;
+    a->visible.n = 0;
     /* <｜Assistant｜><think> becomes <｜Assistant｜></think> + the answer. */
-    for (size_t i = 0; i + 1 < j->prompt.n; i++) ds4_tokens_push(v, j->prompt.ids[i]);
-    ds4_tokens_push(v, sp->think_end);
-    int rc = ds4_tokenize(S->tok, o.content, strlen(o.content), v);
+    for (size_t i = 0; i + 1 < j->prompt.n; i++) ds4_tokens_push(&a->visible, j->prompt.ids[i]);
+    ds4_tokens_push(&a->visible, sp->think_end);
+    int rc = ds4_tokenize(S->tok, o.content, strlen(o.content), &a->visible);
     gen_output_free(&o);
     if (rc != 0) return;
-    S->alias_real = ds4_session_len(s);
-    S->alias_slot = slot;
-    S->alias_hash = hash_ids(ds4_session_tokens(s), S->alias_real);
-    S->alias_ok = true;
+    a->real = ds4_session_len(s);
+    a->hash = hash_ids(ds4_session_tokens(s), a->real);
+    a->ok = true;
 }
 
 /* A count of reused tokens in the evaluated prompt, in the client's view
  * of it: the live tokens beyond the shown turn (its reasoning) are not its. */
-static size_t client_view(const srv *S, bool alias, size_t cached) {
-    if (!alias) return cached;
-    if (cached >= S->alias_real) return cached - (S->alias_real - S->alias_visible.n);
-    return cached < S->alias_visible.n ? cached : S->alias_visible.n;
+static size_t client_view(const struct think_alias *a, size_t cached) {
+    if (!a) return cached;
+    if (cached >= a->real) return cached - (a->real - a->visible.n);
+    return cached < a->visible.n ? cached : a->visible.n;
 }
 
 /* Route to a session, checkpoint on the way, generate, and hand the
  * session back to the pool. */
 static void generate_job(srv *S, job *j) {
     ds4_tokens eff;
-    alias_apply(S, j, &eff);
+    const struct think_alias *alias = alias_apply(S, j, &eff);
     const int32_t *ids = eff.n ? eff.ids : j->prompt.ids;
     size_t n = eff.n ? eff.n : j->prompt.n;
     ds4_pool_lease l;
@@ -193,7 +199,7 @@ static void generate_job(srv *S, job *j) {
         if (toolmap_merge(S->tools, l.extra, l.extra_len) != 0) srv_trace(S, "checkpoint tool map unreadable\n");
         free(l.extra);
     }
-    j->est_cached = client_view(S, eff.n, l.n_memory + l.n_disk);
+    j->est_cached = client_view(alias, l.n_memory + l.n_disk);
     if (j->ops->start) j->ops->start(j);
     /* Checkpoints land on the stable part: not the generation prompt
      * (<｜Assistant｜> + <think> or </think>), which the next turn rewrites. */
@@ -208,7 +214,7 @@ static void generate_job(srv *S, job *j) {
          * locks each call, and every line is one call. */
         j->rc = ds4_generate(l.session, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
         if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
-        j->res.n_cached = client_view(S, eff.n, j->res.n_cached);
+        j->res.n_cached = client_view(alias, j->res.n_cached);
     }
     j->res.n_prompt = j->prompt.n;
     ds4_pool_release(S->pool, &l, n);
@@ -278,7 +284,8 @@ static void *worker_main(void *arg) {
 
 int worker_start(srv *S) {
     S->queue = calloc((size_t)S->cfg.queue_max, sizeof *S->queue);
-    if (!S->queue) return -1;
+    S->alias = calloc((size_t)S->cfg.sessions, sizeof *S->alias);
+    if (!S->queue || !S->alias) return -1;
     pthread_mutex_init(&S->qmu, NULL);
     pthread_cond_init(&S->qcv, NULL);
     return pthread_create(&S->worker, NULL, worker_main, S) == 0 ? 0 : -1;
@@ -295,5 +302,6 @@ void worker_stop(srv *S) {
     pthread_mutex_unlock(&S->qmu);
     pthread_join(S->worker, NULL);
     free(S->queue);
-    ds4_tokens_free(&S->alias_visible);
+    for (int i = 0; i < S->cfg.sessions; i++) ds4_tokens_free(&S->alias[i].visible);
+    free(S->alias);
 }

@@ -19,6 +19,19 @@ const TOOLS = [{ type: 'function', function: { name: 'get_weather', description:
 const A1 = [{ role: 'user', content: 'Weather in Paris?' }];
 let a1, a2, followA;
 
+test('sessions: interleaved thinking chats each continue their live session (both slots free)', async () => {
+  const conv = (sys) => [{ role: 'system', content: sys }, { role: 'user', content: 'Hi' }];
+  const c1 = await client.chat.completions.create({ model: 'x', messages: conv('You are C.') }, script('hello'));
+  const d1 = await client.chat.completions.create({ model: 'x', messages: conv('You are D, another one.') }, script('hello'));
+  const next = (sys, r) => [...conv(sys), { role: 'assistant', content: r.choices[0].message.content }, { role: 'user', content: 'More' }];
+  const c2 = await client.chat.completions.create({ model: 'x', messages: next('You are C.', c1) }, script('hello'));
+  const d2 = await client.chat.completions.create({ model: 'x', messages: next('You are D, another one.', d1) }, script('hello'));
+  // Reasoning is dropped from the shown history, yet each reuses its whole
+  // previous turn (more than its whole first prompt).
+  ok(c2.usage.prompt_tokens_details.cached_tokens > c1.usage.prompt_tokens, JSON.stringify(c2.usage));
+  ok(d2.usage.prompt_tokens_details.cached_tokens > d1.usage.prompt_tokens, JSON.stringify(d2.usage));
+});
+
 test('sessions: two interleaved conversations keep their own cache', async () => {
   a1 = await client.chat.completions.create({ model: 'x', messages: A1, tools: TOOLS }, script('tool'));
   const tc = a1.choices[0].message.tool_calls[0];
