@@ -35,6 +35,8 @@ Call it.</think>
 <｜DSML｜parameter name="location" string="true">Paris</｜DSML｜parameter>
 </｜DSML｜invoke>
 </｜DSML｜tool_calls>
+=== endless
+word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word 
 === broken
 Hm.</think>
 
@@ -62,6 +64,7 @@ alive() { [ "$(curl -s -m 5 "$URL/health")" = '{"status":"ok"}' ]; }
 
 start || { fail=1; finish; }
 H='X-DS4-Test-Script: hello'
+LONG='X-DS4-Test-Script: endless'   # 400 forced tokens, no EOS: runs until cut
 CHAT='{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"Hi"}],"stream":true}'
 
 # ---- SSE framing -------------------------------------------------------
@@ -123,7 +126,7 @@ check "responses: unterminated tool block -> failed with an error" python3 -c "i
 # ---- keepalive: a stream queued behind a long generation ----------------
 # The long request is dropped after 2.5 s, which cancels it and lets the
 # queued stream run: it must have received keepalives meanwhile.
-post -o /dev/null "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":3000}' &
+post -o /dev/null -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":3000}' &
 BG=$!
 sleep 0.3
 post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2}' > "$TMP/ka.sse" &
@@ -172,16 +175,16 @@ check "slow headers dropped by the timeout" grep -q '^closed [2-6]$' "$TMP/slow"
 # ---- client disconnect mid-stream cancels the generation ----------------
 : > "$TMP/trace.txt"
 # Dropped after 2 s, once tokens are flowing.
-curl -s -N -m 2 "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"stream":true,"max_tokens":3000}' > "$TMP/cut.sse"
+curl -s -N -m 2 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"stream":true,"max_tokens":3000}' > "$TMP/cut.sse"
 check "a stream was running when dropped" grep -q '"content":' "$TMP/cut.sse"
 check "disconnect cancels the running stream" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
 : > "$TMP/trace.txt"
-curl -s -m 1 "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":3000}' > /dev/null
+curl -s -m 1 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":3000}' > /dev/null
 check "disconnect cancels a non-streaming request" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
 check "next request answered after disconnects" bash -c "[ \"\$(curl -s -m 20 -o /dev/null -w '%{http_code}' '$URL/v1/chat/completions' -d '{\"model\":\"deepseek-chat\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":1}')\" = 200 ]"
 
 # ---- graceful shutdown -----------------------------------------------------
-post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"x"}],"stream":true,"max_tokens":3000}' > "$TMP/term.sse" &
+post -N -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"x"}],"stream":true,"max_tokens":3000}' > "$TMP/term.sse" &
 CL=$!
 wait_grep "$TMP/term.sse" '^data: ' || true   # the stream is open
 kill -TERM "$PID"
