@@ -1,8 +1,0 @@
-build-asan/src/engine/engine.o: src/engine/engine.c src/ds4.h \
- src/engine/engine_internal.h src/engine/backend.h src/model/model.h \
- src/gguf/gguf.h
-src/ds4.h:
-src/engine/engine_internal.h:
-src/engine/backend.h:
-src/model/model.h:
-src/gguf/gguf.h:

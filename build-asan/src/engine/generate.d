@@ -1,2 +1,0 @@
-build-asan/src/engine/generate.o: src/engine/generate.c src/ds4.h
-src/ds4.h:

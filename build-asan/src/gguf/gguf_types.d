@@ -1,2 +1,0 @@
-build-asan/src/gguf/gguf_types.o: src/gguf/gguf_types.c src/gguf/gguf.h
-src/gguf/gguf.h:
