@@ -12,6 +12,7 @@
 #include "quant/quant.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,22 @@ static int is_weight_type(ggml_type t) {
            t == GGML_IQ2_XXS;
 }
 
+#ifdef DS4_QUANT_AVX2
+/* IQ2_XXS value tables, built once: grid entry g as 8 floats, and the 128
+ * sign patterns of ksigns as f32 sign-bit masks — so a group of 8 values is
+ * two loads, a xor and a product (no byte unpacking, no branch). */
+static _Alignas(32) float iq2_gridf[256][8];
+static _Alignas(32) uint32_t iq2_signm[128][8];
+static pthread_once_t iq2_once = PTHREAD_ONCE_INIT;
+static void iq2_build(void) {
+    for (int g = 0; g < 256; g++)
+        for (int k = 0; k < 8; k++) iq2_gridf[g][k] = (float)((ds4_iq2xxs_grid[g] >> 8 * k) & 255);
+    for (int s = 0; s < 128; s++)
+        for (int k = 0; k < 8; k++) iq2_signm[s][k] = (uint32_t)((ds4_ksigns_iq2xs[s] >> k) & 1) << 31;
+}
+
+#endif
+
 /* Shapes come from validated GGUF headers, so a mismatch here is a caller
  * bug: fail loudly instead of reading past a row. */
 static void check_row(ggml_type t, int64_t n, const char *who) {
@@ -84,53 +101,173 @@ static void check_row(ggml_type t, int64_t n, const char *who) {
                 (int)t, (long long)n);
         abort();
     }
+#ifdef DS4_QUANT_AVX2
+    if (t == GGML_IQ2_XXS) pthread_once(&iq2_once, iq2_build);
+#endif
 }
-
-/* ---- per-block dequantisers (the single source of dequantised values) - */
 
 static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t rd32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* Q8_0, 32 elements: x = d·q. */
-static void deq_q8_0(const uint8_t *restrict b, float *restrict v) {
-    const float d = f16_to_f32(rd16(b));
-    const int8_t *q = (const int8_t *)(b + 2);
-    for (int k = 0; k < 32; k++) v[k] = d * (float)q[k];
+/* ---- the 32-lane accumulator ------------------------------------------ */
+
+#ifdef DS4_QUANT_AVX2
+/* Four named registers (not an array) so -O2 keeps them out of memory. */
+typedef struct { __m256 a0, a1, a2, a3; } acc32;
+static inline void acc_zero(acc32 *a) { a->a0 = a->a1 = a->a2 = a->a3 = _mm256_setzero_ps(); }
+/* lanes 0..31 += w[0..31]·x[0..31] (one fma each) */
+static inline void acc_fma32(acc32 *a, const float *w, const float *x) {
+    a->a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a->a0);
+    a->a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), a->a1);
+    a->a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_loadu_ps(x + 16), a->a2);
+    a->a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_loadu_ps(x + 24), a->a3);
+}
+static inline void acc_store(const acc32 *a, float lanes[32]) {
+    _mm256_storeu_ps(lanes, a->a0);
+    _mm256_storeu_ps(lanes + 8, a->a1);
+    _mm256_storeu_ps(lanes + 16, a->a2);
+    _mm256_storeu_ps(lanes + 24, a->a3);
+}
+#else
+typedef struct { float v[32]; } acc32;
+static inline void acc_zero(acc32 *a) {
+    for (int j = 0; j < 32; j++) a->v[j] = 0.0f;
+}
+static inline void acc_fma32(acc32 *a, const float *w, const float *x) {
+    for (int j = 0; j < 32; j++) a->v[j] = fmaf(w[j], x[j], a->v[j]);
+}
+static inline void acc_store(const acc32 *a, float lanes[32]) { memcpy(lanes, a->v, sizeof a->v); }
+#endif
+
+/* ---- per-block dequantisers (the single source of dequantised values) - */
+
+#ifdef DS4_QUANT_AVX2
+/* AVX2 block kernels. Each produces its block 32 elements at a time in four
+ * registers (elements 0-7, 8-15, 16-23, 24-31 of the chunk) and hands them
+ * to put32, which either stores them (dequantisation) or multiplies them
+ * into the 32 lanes (a fused dot) — so a dot never writes its weights to
+ * memory and both uses get the very same values. Every value is computed by
+ * the same single-rounding operation as the portable code below (a product,
+ * or one fma), so the two paths agree bit for bit. */
+
+static inline __attribute__((always_inline)) void put32(acc32 *a, const float *x, float *out, int64_t off,
+                                                       __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    if (out) {
+        _mm256_storeu_ps(out + off, v0);
+        _mm256_storeu_ps(out + off + 8, v1);
+        _mm256_storeu_ps(out + off + 16, v2);
+        _mm256_storeu_ps(out + off + 24, v3);
+    } else {
+        a->a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + off), a->a0);
+        a->a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + off + 8), a->a1);
+        a->a2 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x + off + 16), a->a2);
+        a->a3 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(x + off + 24), a->a3);
+    }
 }
 
-/* Eight K-quant values o[k] = dl·((p[k] >> shift) & mask) − ml, one fma
- * each; the AVX2 form computes the same fma per lane. */
-static inline void deq8_k(const uint8_t *restrict p, int shift, int mask, float dl, float ml, float *restrict o) {
-#ifdef DS4_QUANT_AVX2
-    __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    q = _mm256_and_si256(_mm256_srl_epi32(q, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
-    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(dl), _mm256_cvtepi32_ps(q), _mm256_set1_ps(-ml)));
-#else
-    for (int k = 0; k < 8; k++) o[k] = fmaf(dl, (float)((p[k] >> shift) & mask), -ml);
-#endif
+/* Q8_0, 32 elements: d·q, one product each. */
+static inline __attribute__((always_inline)) void blk_q8_0(const uint8_t *b, acc32 *a, const float *x, float *out) {
+    const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b)));
+    const __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2)), q1 = _mm_loadu_si128((const __m128i *)(b + 18));
+#define Q8(q) _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
+    put32(a, x, out, 0, Q8(q0), Q8(_mm_srli_si128(q0, 8)), Q8(q1), Q8(_mm_srli_si128(q1, 8)));
+#undef Q8
 }
 
 /* Q2_K, 256 elements. Bit plane s (shift 2s) of qs[32h .. 32h+31] holds the
- * 32 consecutive elements 128h + 32s + k; each 16 of them share a scale. */
-static void deq_q2_k(const uint8_t *restrict b, float *restrict v) {
-    const uint8_t *sc = b, *qs = b + 16;
-    const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
-    float dl[16], ml[16]; /* all 16 sub-block scales at once (vectorises) */
-    for (int j = 0; j < 16; j++) {
-        dl[j] = d * (float)(sc[j] & 15);
-        ml[j] = dmin * (float)(sc[j] >> 4);
+ * 32 consecutive elements 128h + 32s + k; each 16 of them share a scale, so
+ * a 16-sub-block has only four values, t[q] = fma(dl, q, −ml): they are
+ * computed once (one fma each, as per element in the portable code) and
+ * picked by vpermps. vpermps reads three index bits, (q >> 2s) & 7, so the
+ * table repeats its four values in entries 4..7 instead of masking. */
+static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc32 *a, const float *x, float *out) {
+    const uint8_t *qs = b + 16;
+    const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b + 80))), dmin = _mm256_set1_ps(f16_to_f32(rd16(b + 82)));
+    const __m256 q4 = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3), neg = _mm256_set1_ps(-0.0f);
+    /* all 16 scales dl = d·(sc & 15) and negated mins −(dmin·(sc >> 4)) at once */
+    float dl[16], nml[16];
+    const __m128i sc = _mm_loadu_si128((const __m128i *)b);
+    const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
+    for (int k = 0; k < 2; k++) {
+        const __m128i l8 = k ? _mm_srli_si128(lo, 8) : lo, h8 = k ? _mm_srli_si128(hi, 8) : hi;
+        _mm256_storeu_ps(dl + 8 * k, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l8))));
+        _mm256_storeu_ps(nml + 8 * k, _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h8))), neg));
     }
-    for (int h = 0; h < 2; h++)
-        for (int s = 0; s < 4; s++)
-            for (int half = 0; half < 2; half++) {
-                const int j = 8 * h + 2 * s + half; /* sub-block of 16 = element / 16 */
-                const uint8_t *q = qs + 32 * h + 16 * half;
-                deq8_k(q, 2 * s, 3, dl[j], ml[j], v + 16 * j);
-                deq8_k(q + 8, 2 * s, 3, dl[j], ml[j], v + 16 * j + 8);
-            }
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *q = qs + 32 * h; /* widened once, used by all four bit planes */
+        const __m256i Q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+        const __m256i Q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
+        const __m256i Q2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16)));
+        const __m256i Q3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)));
+        for (int s = 0; s < 4; s++) {
+            const int j = 8 * h + 2 * s; /* sub-blocks j (elements 0-15) and j+1 (16-31) */
+            const __m256 t0 = _mm256_fmadd_ps(_mm256_broadcast_ss(dl + j), q4, _mm256_broadcast_ss(nml + j));
+            const __m256 t1 = _mm256_fmadd_ps(_mm256_broadcast_ss(dl + j + 1), q4, _mm256_broadcast_ss(nml + j + 1));
+            const __m128i sh = _mm_cvtsi32_si128(2 * s);
+            put32(a, x, out, 128 * h + 32 * s, _mm256_permutevar8x32_ps(t0, _mm256_srl_epi32(Q0, sh)),
+                  _mm256_permutevar8x32_ps(t0, _mm256_srl_epi32(Q1, sh)),
+                  _mm256_permutevar8x32_ps(t1, _mm256_srl_epi32(Q2, sh)),
+                  _mm256_permutevar8x32_ps(t1, _mm256_srl_epi32(Q3, sh)));
+        }
+    }
 }
+
+/* Q4_K, 256 elements: chunk c of 64 = low nibbles of qs[32c..] (scale 2c)
+ * then high nibbles (scale 2c+1); each value one fma, dl·q − ml. */
+static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc32 *a, const float *x, float *out) {
+    const uint8_t *scales = b + 4, *qs = b + 16;
+    /* All 8 scales dl = d·sc and negated mins −(dmin·mn) at once. The 6-bit
+     * fields (see the portable q4k_scale_min), four bytes per u32: j < 4 are the low 6 bits
+     * of bytes 0-3 (scales) and 4-7 (mins); j >= 4 take their low nibble
+     * from bytes 8-11 and their top 2 bits from bits 6-7 of bytes 0-3 / 4-7. */
+    const uint32_t s0 = rd32(scales), s1 = rd32(scales + 4), s2 = rd32(scales + 8);
+    const uint64_t sc = (s0 & 0x3f3f3f3fu) | (uint64_t)((s2 & 0x0f0f0f0fu) | (s0 >> 6 & 0x03030303u) << 4) << 32;
+    const uint64_t mn = (s1 & 0x3f3f3f3fu) | (uint64_t)((s2 >> 4 & 0x0f0f0f0fu) | (s1 >> 6 & 0x03030303u) << 4) << 32;
+    float dl[8], nml[8];
+    _mm256_storeu_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(rd16(b))),
+                                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc)))));
+    _mm256_storeu_ps(nml, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16_to_f32(rd16(b + 2))),
+                                                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                          _mm_cvtsi64_si128((long long)mn)))),
+                                        _mm256_set1_ps(-0.0f)));
+    const __m256i m15 = _mm256_set1_epi32(15);
+    for (int c = 0; c < 4; c++) {
+        const uint8_t *q = qs + 32 * c; /* widened once, used by both nibbles */
+        const __m256i Q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+        const __m256i Q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
+        const __m256i Q2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16)));
+        const __m256i Q3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)));
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_broadcast_ss(dl + 2 * c + h), m = _mm256_broadcast_ss(nml + 2 * c + h);
+#define Q4(Q) _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(Q, 4 * h), m15)), m)
+            put32(a, x, out, 64 * c + 32 * h, Q4(Q0), Q4(Q1), Q4(Q2), Q4(Q3));
+#undef Q4
+        }
+    }
+}
+
+/* IQ2_XXS, 256 elements: 8 sub-blocks of 32, each two u32 (4 grid indices;
+ * 4×7 sign bits + 4-bit scale); each value db·(±m), one product. */
+static inline __attribute__((always_inline)) void blk_iq2_xxs(const uint8_t *b, acc32 *a, const float *x, float *out) {
+    const float d = f16_to_f32(rd16(b));
+    for (int ib = 0; ib < 8; ib++) {
+        const uint32_t A = rd32(b + 2 + 8 * ib), B = rd32(b + 6 + 8 * ib);
+        const __m256 db = _mm256_set1_ps(d * (0.5f + (float)(B >> 28)) * 0.25f);
+#define IQ(l) _mm256_mul_ps(db, _mm256_xor_ps(_mm256_load_ps(iq2_gridf[(A >> 8 * (l)) & 255]), \
+                                              _mm256_load_ps((const float *)iq2_signm[(B >> 7 * (l)) & 127])))
+        put32(a, x, out, 32 * ib, IQ(0), IQ(1), IQ(2), IQ(3));
+#undef IQ
+    }
+}
+
+static void deq_q8_0(const uint8_t *restrict b, float *restrict v) { blk_q8_0(b, NULL, NULL, v); }
+static void deq_q2_k(const uint8_t *restrict b, float *restrict v) { blk_q2_k(b, NULL, NULL, v); }
+static void deq_q4_k(const uint8_t *restrict b, float *restrict v) { blk_q4_k(b, NULL, NULL, v); }
+static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) { blk_iq2_xxs(b, NULL, NULL, v); }
+#else
+/* Portable dequantisers: the reference forms of the values above. */
 
 /* Q4_K 6-bit scale/min j of 8, packed in 12 bytes (§8). */
 static void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
@@ -143,6 +280,30 @@ static void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
     }
 }
 
+
+/* Q8_0, 32 elements: x = d·q. */
+static void deq_q8_0(const uint8_t *restrict b, float *restrict v) {
+    const float d = f16_to_f32(rd16(b));
+    const int8_t *q = (const int8_t *)(b + 2);
+    for (int k = 0; k < 32; k++) v[k] = d * (float)q[k];
+}
+
+/* Q2_K, 256 elements: element 128h + 32s + 16half + k is bit plane s of
+ * qs[32h + 16half + k]; sub-block (of 16) j = 8h + 2s + half has scale
+ * d·(sc & 15) and min dmin·(sc >> 4); value fma(dl, q, −ml). */
+static void deq_q2_k(const uint8_t *restrict b, float *restrict v) {
+    const uint8_t *sc = b, *qs = b + 16;
+    const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int half = 0; half < 2; half++) {
+                const int j = 8 * h + 2 * s + half;
+                const float dl = d * (float)(sc[j] & 15), ml = dmin * (float)(sc[j] >> 4);
+                const uint8_t *q = qs + 32 * h + 16 * half;
+                for (int k = 0; k < 16; k++) v[16 * j + k] = fmaf(dl, (float)((q[k] >> 2 * s) & 3), -ml);
+            }
+}
+
 /* Q4_K, 256 elements: chunk c of 64 = low nibbles of qs[32c..] then high. */
 static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
     const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
@@ -152,41 +313,29 @@ static void deq_q4_k(const uint8_t *restrict b, float *restrict v) {
             int sc, mn;
             q4k_scale_min(scales, 2 * c + h, &sc, &mn);
             const float dl = d * (float)sc, ml = dmin * (float)mn;
-            for (int k = 0; k < 32; k += 8) deq8_k(qs + 32 * c + k, 4 * h, 15, dl, ml, v + 64 * c + 32 * h + k);
+            for (int k = 0; k < 32; k++) v[64 * c + 32 * h + k] = fmaf(dl, (float)((qs[32 * c + k] >> 4 * h) & 15), -ml);
         }
 }
 
 /* IQ2_XXS, 256 elements: 8 sub-blocks of 32, each two u32 (grid indices;
  * 4×7 sign bits + 4-bit scale). Magnitude × sign is an exact small integer
- * in float, so each value is one rounding, db · (±m), on either path. */
+ * in float, so each value is one rounding, db · (±m). */
 static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) {
     const float d = f16_to_f32(rd16(b));
-#ifdef DS4_QUANT_AVX2
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 minus = _mm256_set1_ps(-0.0f);
-#endif
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t A = rd32(b + 2 + 8 * ib), B = rd32(b + 6 + 8 * ib);
         const float db = d * (0.5f + (float)(B >> 28)) * 0.25f;
         for (int l = 0; l < 4; l++) {
             const uint64_t g = ds4_iq2xxs_grid[(A >> 8 * l) & 255];
             const uint8_t sg = ds4_ksigns_iq2xs[(B >> 7 * l) & 127];
-            float *o = v + 32 * ib + 8 * l;
-#ifdef DS4_QUANT_AVX2
-            /* bytes -> 8 floats; sign bit k set -> flip the float's sign */
-            const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)g)));
-            const __m256i neg = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(sg), bit), bit);
-            const __m256 sm = _mm256_xor_ps(m, _mm256_and_ps(_mm256_castsi256_ps(neg), minus));
-            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_set1_ps(db), sm));
-#else
             for (int k = 0; k < 8; k++) {
                 const float m = (float)((g >> 8 * k) & 255);
-                o[k] = db * ((sg >> k) & 1 ? -m : m);
+                v[32 * ib + 8 * l + k] = db * ((sg >> k) & 1 ? -m : m);
             }
-#endif
         }
     }
 }
+#endif
 
 /* F16 run of n (any n): conversion is exact, so F16C and the bit routine
  * agree bit for bit. */
@@ -221,36 +370,6 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
     const int64_t be = ggml_block_elems(type), bb = ggml_block_bytes(type);
     for (int64_t i = 0; i < n; i += be, p += bb) deq_block(type, p, out + i);
 }
-
-/* ---- the 32-lane accumulator ------------------------------------------ */
-
-#ifdef DS4_QUANT_AVX2
-/* Four named registers (not an array) so -O2 keeps them out of memory. */
-typedef struct { __m256 a0, a1, a2, a3; } acc32;
-static inline void acc_zero(acc32 *a) { a->a0 = a->a1 = a->a2 = a->a3 = _mm256_setzero_ps(); }
-/* lanes 0..31 += w[0..31]·x[0..31] (one fma each) */
-static inline void acc_fma32(acc32 *a, const float *w, const float *x) {
-    a->a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a->a0);
-    a->a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), a->a1);
-    a->a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_loadu_ps(x + 16), a->a2);
-    a->a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_loadu_ps(x + 24), a->a3);
-}
-static inline void acc_store(const acc32 *a, float lanes[32]) {
-    _mm256_storeu_ps(lanes, a->a0);
-    _mm256_storeu_ps(lanes + 8, a->a1);
-    _mm256_storeu_ps(lanes + 16, a->a2);
-    _mm256_storeu_ps(lanes + 24, a->a3);
-}
-#else
-typedef struct { float v[32]; } acc32;
-static inline void acc_zero(acc32 *a) {
-    for (int j = 0; j < 32; j++) a->v[j] = 0.0f;
-}
-static inline void acc_fma32(acc32 *a, const float *w, const float *x) {
-    for (int j = 0; j < 32; j++) a->v[j] = fmaf(w[j], x[j], a->v[j]);
-}
-static inline void acc_store(const acc32 *a, float lanes[32]) { memcpy(lanes, a->v, sizeof a->v); }
-#endif
 
 /* Fold the lanes (after adding a ragged tail of n < 32 elements to lanes
  * 0..n-1, which continues the "lane = i mod 32" rule). */
@@ -289,21 +408,28 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
         }
         return acc_finish(&acc, v, x, 0);
     }
-    /* One loop per format, so its dequantiser is inlined and the accumulator
-     * registers are not spilled around a call per block. */
-#define DOT_BLOCKS(deq, be, bb)                                                       \
+    /* One loop per format, so its block kernel is inlined and the
+     * accumulator registers are not spilled around a call per block. AVX2:
+     * the kernel multiplies its values straight into the lanes; portable:
+     * dequantise the block, then the same fmas. */
+#ifdef DS4_QUANT_AVX2
+#define DOT_BLOCKS(blk, deq, be, bb) \
+    for (; i < n; i += (be), p += (bb)) blk(p, &acc, x + i, NULL);
+#else
+#define DOT_BLOCKS(blk, deq, be, bb)                                                  \
     for (; i < n; i += (be), p += (bb)) {                                             \
         deq(p, v);                                                                    \
         for (int c = 0; c < (be); c += 32) acc_fma32(&acc, v + c, x + i + c);         \
     }
+#endif
     switch (type) {
-    case GGML_Q8_0: DOT_BLOCKS(deq_q8_0, 32, 34); break;
-    case GGML_Q2_K: DOT_BLOCKS(deq_q2_k, 256, 84); break;
-    case GGML_Q4_K: DOT_BLOCKS(deq_q4_k, 256, 144); break;
-    default: DOT_BLOCKS(deq_iq2_xxs, 256, 66); break; /* check_row admitted only these */
+    case GGML_Q8_0: DOT_BLOCKS(blk_q8_0, deq_q8_0, 32, 34); break;
+    case GGML_Q2_K: DOT_BLOCKS(blk_q2_k, deq_q2_k, 256, 84); break;
+    case GGML_Q4_K: DOT_BLOCKS(blk_q4_k, deq_q4_k, 256, 144); break;
+    default: DOT_BLOCKS(blk_iq2_xxs, deq_iq2_xxs, 256, 66); break; /* check_row admitted only these */
     }
 #undef DOT_BLOCKS
-    return acc_finish(&acc, v, x, 0);
+    return acc_finish(&acc, x, x, 0);
 }
 
 void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
