@@ -167,12 +167,22 @@ static inline __attribute__((always_inline)) void put32(acc32 *a, const float *x
     }
 }
 
-/* Q8_0, 32 elements: d·q, one product each. */
+/* A block's f16 scale. F16C converts exactly like f16_to_f32 for all 65536
+ * inputs (test_quant checks), without its branches. */
+static inline float f16_scale(const uint8_t *p) {
+#ifdef __F16C__
+    return _cvtsh_ss(rd16(p));
+#else
+    return f16_to_f32(rd16(p));
+#endif
+}
+
+/* Q8_0, 32 elements: d·q, one product each (vpmovsxbd widens 8 bytes
+ * straight from memory). */
 static inline __attribute__((always_inline)) void blk_q8_0(const uint8_t *b, acc32 *a, const float *x, float *out) {
-    const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b)));
-    const __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2)), q1 = _mm_loadu_si128((const __m128i *)(b + 18));
-#define Q8(q) _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
-    put32(a, x, out, 0, Q8(q0), Q8(_mm_srli_si128(q0, 8)), Q8(q1), Q8(_mm_srli_si128(q1, 8)));
+    const __m256 d = _mm256_set1_ps(f16_scale(b));
+#define Q8(o) _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + (o))))))
+    put32(a, x, out, 0, Q8(0), Q8(8), Q8(16), Q8(24));
 #undef Q8
 }
 
@@ -184,7 +194,7 @@ static inline __attribute__((always_inline)) void blk_q8_0(const uint8_t *b, acc
  * table repeats its four values in entries 4..7 instead of masking. */
 static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc32 *a, const float *x, float *out) {
     const uint8_t *qs = b + 16;
-    const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(b + 80))), dmin = _mm256_set1_ps(f16_to_f32(rd16(b + 82)));
+    const __m256 d = _mm256_set1_ps(f16_scale(b + 80)), dmin = _mm256_set1_ps(f16_scale(b + 82));
     const __m256 q4 = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3), neg = _mm256_set1_ps(-0.0f);
     /* all 16 scales dl = d·(sc & 15) and negated mins −(dmin·(sc >> 4)) at once */
     float dl[16], nml[16];
@@ -226,9 +236,9 @@ static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc
     const uint64_t sc = (s0 & 0x3f3f3f3fu) | (uint64_t)((s2 & 0x0f0f0f0fu) | (s0 >> 6 & 0x03030303u) << 4) << 32;
     const uint64_t mn = (s1 & 0x3f3f3f3fu) | (uint64_t)((s2 >> 4 & 0x0f0f0f0fu) | (s1 >> 6 & 0x03030303u) << 4) << 32;
     float dl[8], nml[8];
-    _mm256_storeu_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(rd16(b))),
+    _mm256_storeu_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16_scale(b)),
                                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc)))));
-    _mm256_storeu_ps(nml, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16_to_f32(rd16(b + 2))),
+    _mm256_storeu_ps(nml, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16_scale(b + 2)),
                                                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                                           _mm_cvtsi64_si128((long long)mn)))),
                                         _mm256_set1_ps(-0.0f)));
@@ -251,7 +261,7 @@ static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc
 /* IQ2_XXS, 256 elements: 8 sub-blocks of 32, each two u32 (4 grid indices;
  * 4×7 sign bits + 4-bit scale); each value db·(±m), one product. */
 static inline __attribute__((always_inline)) void blk_iq2_xxs(const uint8_t *b, acc32 *a, const float *x, float *out) {
-    const float d = f16_to_f32(rd16(b));
+    const float d = f16_scale(b);
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t A = rd32(b + 2 + 8 * ib), B = rd32(b + 6 + 8 * ib);
         const __m256 db = _mm256_set1_ps(d * (0.5f + (float)(B >> 28)) * 0.25f);
@@ -374,6 +384,14 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
 /* Fold the lanes (after adding a ragged tail of n < 32 elements to lanes
  * 0..n-1, which continues the "lane = i mod 32" rule). */
 static float acc_finish(const acc32 *a, const float *w, const float *x, int64_t n) {
+#ifdef DS4_QUANT_AVX2
+    if (n == 0) { /* the same fold in registers: each step adds lane j+s into lane j */
+        const __m256 b = _mm256_add_ps(_mm256_add_ps(a->a0, a->a2), _mm256_add_ps(a->a1, a->a3)); /* 16, 8 */
+        const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));      /* 4 */
+        const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));                                      /* 2 */
+        return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));                                  /* 1 */
+    }
+#endif
     float l[32];
     acc_store(a, l);
     for (int64_t j = 0; j < n; j++) l[j] = fmaf(w[j], x[j], l[j]);
@@ -439,10 +457,33 @@ void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
     for (int64_t r = r0; r < r1; r++) y[r] = ds4_dot_row(type, (const uint8_t *)w + (size_t)r * rb, x, n_in);
 }
 
+#ifdef DS4_QUANT_AVX2
+/* Two ordered dots sharing one weight vector: each token keeps its own
+ * lane chains, exactly as ds4_dot_f32 builds them, but interleaving two
+ * tokens gives the core eight independent fma chains instead of four (one
+ * dot alone is bound by fma latency) and loads each weight once for both. */
+static void dot2_f32(const float *w, const float *x0, const float *x1, int64_t n, float *y0, float *y1) {
+    acc32 a, b;
+    acc_zero(&a);
+    acc_zero(&b);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc_fma32(&a, w + i, x0 + i);
+        acc_fma32(&b, w + i, x1 + i);
+    }
+    *y0 = acc_finish(&a, w + i, x0 + i, n - i);
+    *y1 = acc_finish(&b, w + i, x1 + i, n - i);
+}
+#endif
+
 void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, int64_t n_tok, int64_t x_stride, float *y, int64_t y_stride) {
     check_row(type, n_in, "matmul");
     const size_t rb = (size_t)ggml_row_bytes(type, (uint64_t)n_in);
+    if (n_tok == 1) { /* decode: the fused dot, no dequantised copy */
+        ds4_matvec_rows(type, w, n_in, r0, r1, x, y);
+        return;
+    }
     /* Dequantise each row once; ds4_dot_f32 over it runs the very fma
      * sequence ds4_dot_row runs, so prefill equals decode bit for bit. */
     float *buf = type == GGML_F32 ? NULL : malloc((size_t)n_in * sizeof *buf);
@@ -458,7 +499,13 @@ void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
             ds4_dequant_row(type, row, buf, n_in);
             wr = buf;
         }
-        for (int64_t t = 0; t < n_tok; t++) y[t * y_stride + r] = ds4_dot_f32(wr, x + t * x_stride, n_in);
+        int64_t t = 0;
+#ifdef DS4_QUANT_AVX2
+        for (; t + 2 <= n_tok; t += 2)
+            dot2_f32(wr, x + t * x_stride, x + (t + 1) * x_stride, n_in, &y[t * y_stride + r],
+                     &y[(t + 1) * y_stride + r]);
+#endif
+        for (; t < n_tok; t++) y[t * y_stride + r] = ds4_dot_f32(wr, x + t * x_stride, n_in);
     }
     free(buf);
 }
