@@ -211,15 +211,17 @@ static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc
         const __m256i Q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
         const __m256i Q2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16)));
         const __m256i Q3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)));
+        /* Unrolled so the shifts take immediates: the shift-by-register form
+         * also occupies the shuffle port, which vpermps already saturates. */
+#pragma GCC unroll 4
         for (int s = 0; s < 4; s++) {
             const int j = 8 * h + 2 * s; /* sub-blocks j (elements 0-15) and j+1 (16-31) */
             const __m256 t0 = _mm256_fmadd_ps(_mm256_broadcast_ss(dl + j), q4, _mm256_broadcast_ss(nml + j));
             const __m256 t1 = _mm256_fmadd_ps(_mm256_broadcast_ss(dl + j + 1), q4, _mm256_broadcast_ss(nml + j + 1));
-            const __m128i sh = _mm_cvtsi32_si128(2 * s);
-            put32(a, x, out, 128 * h + 32 * s, _mm256_permutevar8x32_ps(t0, _mm256_srl_epi32(Q0, sh)),
-                  _mm256_permutevar8x32_ps(t0, _mm256_srl_epi32(Q1, sh)),
-                  _mm256_permutevar8x32_ps(t1, _mm256_srl_epi32(Q2, sh)),
-                  _mm256_permutevar8x32_ps(t1, _mm256_srl_epi32(Q3, sh)));
+            put32(a, x, out, 128 * h + 32 * s, _mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(Q0, 2 * s)),
+                  _mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(Q1, 2 * s)),
+                  _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32(Q2, 2 * s)),
+                  _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32(Q3, 2 * s)));
         }
     }
 }
@@ -249,6 +251,7 @@ static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc
         const __m256i Q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
         const __m256i Q2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16)));
         const __m256i Q3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 24)));
+#pragma GCC unroll 2 /* immediate shifts (see Q2_K) */
         for (int h = 0; h < 2; h++) {
             const __m256 d = _mm256_broadcast_ss(dl + 2 * c + h), m = _mm256_broadcast_ss(nml + 2 * c + h);
 #define Q4(Q) _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(Q, 4 * h), m15)), m)
@@ -485,27 +488,36 @@ void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
         return;
     }
     /* Dequantise each row once; ds4_dot_f32 over it runs the very fma
-     * sequence ds4_dot_row runs, so prefill equals decode bit for bit. */
-    float *buf = type == GGML_F32 ? NULL : malloc((size_t)n_in * sizeof *buf);
-    for (int64_t r = r0; r < r1; r++) {
-        const void *row = (const uint8_t *)w + (size_t)r * rb;
-        const float *wr = row;
-        if (type != GGML_F32) {
+     * sequence ds4_dot_row runs, so prefill equals decode bit for bit.
+     * Rows go MM_ROWS at a time, so one token pair's activations stay in L1
+     * while they meet every row of the group. */
+    enum { MM_ROWS = 4 };
+    float *buf = type == GGML_F32 ? NULL : malloc((size_t)n_in * MM_ROWS * sizeof *buf);
+    for (int64_t r = r0; r < r1; r += MM_ROWS) {
+        const int nr = r1 - r < MM_ROWS ? (int)(r1 - r) : MM_ROWS;
+        const float *wr[MM_ROWS];
+        for (int k = 0; k < nr; k++) {
+            const void *row = (const uint8_t *)w + (size_t)(r + k) * rb;
+            wr[k] = row;
+            if (type == GGML_F32) continue;
             if (!buf) { /* no scratch: same results, one dequantisation per token */
                 for (int64_t t = 0; t < n_tok; t++)
-                    y[t * y_stride + r] = ds4_dot_row(type, row, x + t * x_stride, n_in);
+                    y[t * y_stride + r + k] = ds4_dot_row(type, row, x + t * x_stride, n_in);
                 continue;
             }
-            ds4_dequant_row(type, row, buf, n_in);
-            wr = buf;
+            ds4_dequant_row(type, row, buf + k * n_in, n_in);
+            wr[k] = buf + k * n_in;
         }
+        if (type != GGML_F32 && !buf) continue;
         int64_t t = 0;
 #ifdef DS4_QUANT_AVX2
         for (; t + 2 <= n_tok; t += 2)
-            dot2_f32(wr, x + t * x_stride, x + (t + 1) * x_stride, n_in, &y[t * y_stride + r],
-                     &y[(t + 1) * y_stride + r]);
+            for (int k = 0; k < nr; k++)
+                dot2_f32(wr[k], x + t * x_stride, x + (t + 1) * x_stride, n_in, &y[t * y_stride + r + k],
+                         &y[(t + 1) * y_stride + r + k]);
 #endif
-        for (; t < n_tok; t++) y[t * y_stride + r] = ds4_dot_f32(wr, x + t * x_stride, n_in);
+        for (; t < n_tok; t++)
+            for (int k = 0; k < nr; k++) y[t * y_stride + r + k] = ds4_dot_f32(wr[k], x + t * x_stride, n_in);
     }
     free(buf);
 }
