@@ -262,14 +262,37 @@ static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc
 }
 
 /* IQ2_XXS, 256 elements: 8 sub-blocks of 32, each two u32 (4 grid indices;
- * 4×7 sign bits + 4-bit scale); each value db·(±m), one product. */
+ * 4×7 sign bits + 4-bit scale); each value db·(±m), one product. The index
+ * and scale arithmetic of all 8 sub-blocks is done in vectors first (it
+ * would otherwise be most of the work): table offsets in bytes (index · 32)
+ * and db = d·(0.5 + ls)·0.25, evaluated in that order as in the portable
+ * code. */
 static inline __attribute__((always_inline)) void blk_iq2_xxs(const uint8_t *b, acc32 *a, const float *x, float *out) {
-    const float d = f16_scale(b);
+    const __m256 lo = _mm256_loadu_ps((const float *)(b + 2)), hi = _mm256_loadu_ps((const float *)(b + 34));
+    /* u32 pairs (A_ib, B_ib) -> A_0..A_7 and B_0..B_7: the shuffle yields
+     * sub-blocks 0 1 4 5 2 3 6 7, the 64-bit permute restores the order */
+    const __m256i A = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8);
+    const __m256i B = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8);
+    _Alignas(32) float db[8];
+    /* off[l][ib]: grid offset in the low 16 bits, sign offset in the high 16
+     * (one load per group of 8 instead of two: loads are the bottleneck) */
+    _Alignas(32) uint32_t off[4][8];
+    _mm256_store_ps(db, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(f16_scale(b)),
+                                                    _mm256_add_ps(_mm256_set1_ps(0.5f),
+                                                                  _mm256_cvtepi32_ps(_mm256_srli_epi32(B, 28)))),
+                                      _mm256_set1_ps(0.25f)));
+    const __m256i gm = _mm256_set1_epi32(255 << 5), sm = _mm256_set1_epi32(127 << 21);
+#define OFF(l, ga, sa) _mm256_store_si256((__m256i *)off[l], _mm256_or_si256(_mm256_and_si256(ga, gm), _mm256_and_si256(sa, sm)))
+    OFF(0, _mm256_slli_epi32(A, 5), _mm256_slli_epi32(B, 21));
+    OFF(1, _mm256_srli_epi32(A, 3), _mm256_slli_epi32(B, 14));
+    OFF(2, _mm256_srli_epi32(A, 11), _mm256_slli_epi32(B, 7));
+    OFF(3, _mm256_srli_epi32(A, 19), B);
+#undef OFF
+    const char *grid = (const char *)iq2_gridf, *sign = (const char *)iq2_signm;
     for (int ib = 0; ib < 8; ib++) {
-        const uint32_t A = rd32(b + 2 + 8 * ib), B = rd32(b + 6 + 8 * ib);
-        const __m256 db = _mm256_set1_ps(d * (0.5f + (float)(B >> 28)) * 0.25f);
-#define IQ(l) _mm256_mul_ps(db, _mm256_xor_ps(_mm256_load_ps(iq2_gridf[(A >> 8 * (l)) & 255]), \
-                                              _mm256_load_ps((const float *)iq2_signm[(B >> 7 * (l)) & 127])))
+        const __m256 d = _mm256_broadcast_ss(db + ib);
+#define IQ(l) _mm256_mul_ps(d, _mm256_xor_ps(_mm256_load_ps((const float *)(grid + (off[l][ib] & 0xffff))), \
+                                             _mm256_load_ps((const float *)(sign + (off[l][ib] >> 16)))))
         put32(a, x, out, 32 * ib, IQ(0), IQ(1), IQ(2), IQ(3));
 #undef IQ
     }
@@ -386,7 +409,7 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
 
 /* Fold the lanes (after adding a ragged tail of n < 32 elements to lanes
  * 0..n-1, which continues the "lane = i mod 32" rule). */
-static float acc_finish(const acc32 *a, const float *w, const float *x, int64_t n) {
+static inline __attribute__((always_inline)) float acc_finish(const acc32 *a, const float *w, const float *x, int64_t n) {
 #ifdef DS4_QUANT_AVX2
     if (n == 0) { /* the same fold in registers: each step adds lane j+s into lane j */
         const __m256 b = _mm256_add_ps(_mm256_add_ps(a->a0, a->a2), _mm256_add_ps(a->a1, a->a3)); /* 16, 8 */
