@@ -339,32 +339,36 @@ static void test_dot_matches_dequant(void) {
 }
 
 static void test_matvec_matmul(void) {
-    const int64_t n_in = 512, rows = 7, n_tok = 5, xs = n_in + 3, ys = rows + 2;
-    for (int ti = 0; ti < 6; ti++) {
-        const ggml_type t = ALL[ti];
-        const int64_t m = t == GGML_F16 ? n_in - 8 : n_in; /* F16 rows need not be 32-aligned */
-        const size_t rb = row_bytes(t, m);
-        uint8_t *W = malloc(rb * rows);
-        for (int r = 0; r < rows; r++) random_row(t, W + r * rb, m, r & 1);
-        float *X = malloc((size_t)(xs * n_tok) * sizeof *X), *Y = malloc((size_t)(ys * n_tok) * sizeof *Y);
-        fill_gauss(X, xs * n_tok);
-        for (int64_t i = 0; i < ys * n_tok; i++) Y[i] = -999.0f;
-        ds4_matmul_rows(t, W, m, 2, rows, X, n_tok, xs, Y, ys);
-        int bad = 0, touched = 0;
-        for (int64_t tk = 0; tk < n_tok; tk++)
-            for (int64_t r = 0; r < ys; r++) {
-                const float y = Y[tk * ys + r];
-                if (r >= 2 && r < rows) bad += y != ds4_dot_row(t, W + r * rb, X + tk * xs, m);
-                else touched += y != -999.0f;
-            }
-        CHECK(bad == 0, "%s: %d matmul results differ from ds4_dot_row", NAME[ti], bad);
-        CHECK(touched == 0, "%s: %d outputs outside [r0,r1) written", NAME[ti], touched);
-        float yv[7] = {0};
-        ds4_matvec_rows(t, W, m, 1, 6, X, yv);
-        bad = yv[0] != 0 || yv[6] != 0;
-        for (int r = 1; r < 6; r++) bad += yv[r] != ds4_dot_row(t, W + r * rb, X, m);
-        CHECK(bad == 0, "%s: matvec", NAME[ti]);
-        free(W); free(X); free(Y);
+    /* n_tok 1 (decode: fused dot), 2-4 (blocks decoded once per token pair,
+     * 3 with an odd one), 5-6 (one dequantised copy per row group) */
+    const int64_t n_in = 512, rows = 7, xs = n_in + 3, ys = rows + 2;
+    for (int64_t n_tok = 1; n_tok <= 6; n_tok++) {
+        for (int ti = 0; ti < 6; ti++) {
+            const ggml_type t = ALL[ti];
+            const int64_t m = t == GGML_F16 ? n_in - 8 : n_in; /* F16 rows need not be 32-aligned */
+            const size_t rb = row_bytes(t, m);
+            uint8_t *W = malloc(rb * rows);
+            for (int r = 0; r < rows; r++) random_row(t, W + r * rb, m, r & 1);
+            float *X = malloc((size_t)(xs * n_tok) * sizeof *X), *Y = malloc((size_t)(ys * n_tok) * sizeof *Y);
+            fill_gauss(X, xs * n_tok);
+            for (int64_t i = 0; i < ys * n_tok; i++) Y[i] = -999.0f;
+            ds4_matmul_rows(t, W, m, 2, rows, X, n_tok, xs, Y, ys);
+            int bad = 0, touched = 0;
+            for (int64_t tk = 0; tk < n_tok; tk++)
+                for (int64_t r = 0; r < ys; r++) {
+                    const float y = Y[tk * ys + r];
+                    if (r >= 2 && r < rows) bad += y != ds4_dot_row(t, W + r * rb, X + tk * xs, m);
+                    else touched += y != -999.0f;
+                }
+            CHECK(bad == 0, "%s x%lld: %d matmul results differ from ds4_dot_row", NAME[ti], (long long)n_tok, bad);
+            CHECK(touched == 0, "%s: %d outputs outside [r0,r1) written", NAME[ti], touched);
+            float yv[7] = {0};
+            ds4_matvec_rows(t, W, m, 1, 6, X, yv);
+            bad = yv[0] != 0 || yv[6] != 0;
+            for (int r = 1; r < 6; r++) bad += yv[r] != ds4_dot_row(t, W + r * rb, X, m);
+            CHECK(bad == 0, "%s: matvec", NAME[ti]);
+            free(W); free(X); free(Y);
+        }
     }
 }
 

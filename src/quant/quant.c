@@ -152,18 +152,25 @@ static inline void acc_store(const acc32 *a, float lanes[32]) { memcpy(lanes, a-
  * the same single-rounding operation as the portable code below (a product,
  * or one fma), so the two paths agree bit for bit. */
 
-static inline __attribute__((always_inline)) void put32(acc32 *a, const float *x, float *out, int64_t off,
-                                                       __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+static inline __attribute__((always_inline)) void put32(acc32 *a, const float *x, acc32 *a2, const float *x2,
+                                                       float *out, int64_t off, __m256 v0, __m256 v1, __m256 v2,
+                                                       __m256 v3) {
     if (out) {
         _mm256_storeu_ps(out + off, v0);
         _mm256_storeu_ps(out + off + 8, v1);
         _mm256_storeu_ps(out + off + 16, v2);
         _mm256_storeu_ps(out + off + 24, v3);
-    } else {
-        a->a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + off), a->a0);
-        a->a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + off + 8), a->a1);
-        a->a2 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x + off + 16), a->a2);
-        a->a3 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(x + off + 24), a->a3);
+        return;
+    }
+    a->a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + off), a->a0);
+    a->a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + off + 8), a->a1);
+    a->a2 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x + off + 16), a->a2);
+    a->a3 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(x + off + 24), a->a3);
+    if (a2) { /* a second token's lanes, same values (prefill) */
+        a2->a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x2 + off), a2->a0);
+        a2->a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x2 + off + 8), a2->a1);
+        a2->a2 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x2 + off + 16), a2->a2);
+        a2->a3 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(x2 + off + 24), a2->a3);
     }
 }
 
@@ -179,10 +186,11 @@ static inline float f16_scale(const uint8_t *p) {
 
 /* Q8_0, 32 elements: d·q, one product each (vpmovsxbd widens 8 bytes
  * straight from memory). */
-static inline __attribute__((always_inline)) void blk_q8_0(const uint8_t *b, acc32 *a, const float *x, float *out) {
+static inline __attribute__((always_inline)) void blk_q8_0(const uint8_t *b, acc32 *a, const float *x, acc32 *a2,
+                                                          const float *x2, float *out) {
     const __m256 d = _mm256_set1_ps(f16_scale(b));
 #define Q8(o) _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + (o))))))
-    put32(a, x, out, 0, Q8(0), Q8(8), Q8(16), Q8(24));
+    put32(a, x, a2, x2, out, 0, Q8(0), Q8(8), Q8(16), Q8(24));
 #undef Q8
 }
 
@@ -192,7 +200,8 @@ static inline __attribute__((always_inline)) void blk_q8_0(const uint8_t *b, acc
  * computed once (one fma each, as per element in the portable code) and
  * picked by vpermps. vpermps reads three index bits, (q >> 2s) & 7, so the
  * table repeats its four values in entries 4..7 instead of masking. */
-static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc32 *a, const float *x, float *out) {
+static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc32 *a, const float *x, acc32 *a2,
+                                                          const float *x2, float *out) {
     const uint8_t *qs = b + 16;
     const __m256 d = _mm256_set1_ps(f16_scale(b + 80)), dmin = _mm256_set1_ps(f16_scale(b + 82));
     const __m256 q4 = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3), neg = _mm256_set1_ps(-0.0f);
@@ -218,7 +227,7 @@ static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc
             const int j = 8 * h + 2 * s; /* sub-blocks j (elements 0-15) and j+1 (16-31) */
             const __m256 t0 = _mm256_fmadd_ps(_mm256_broadcast_ss(dl + j), q4, _mm256_broadcast_ss(nml + j));
             const __m256 t1 = _mm256_fmadd_ps(_mm256_broadcast_ss(dl + j + 1), q4, _mm256_broadcast_ss(nml + j + 1));
-            put32(a, x, out, 128 * h + 32 * s, _mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(Q0, 2 * s)),
+            put32(a, x, a2, x2, out, 128 * h + 32 * s, _mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(Q0, 2 * s)),
                   _mm256_permutevar8x32_ps(t0, _mm256_srli_epi32(Q1, 2 * s)),
                   _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32(Q2, 2 * s)),
                   _mm256_permutevar8x32_ps(t1, _mm256_srli_epi32(Q3, 2 * s)));
@@ -228,7 +237,8 @@ static inline __attribute__((always_inline)) void blk_q2_k(const uint8_t *b, acc
 
 /* Q4_K, 256 elements: chunk c of 64 = low nibbles of qs[32c..] (scale 2c)
  * then high nibbles (scale 2c+1); each value one fma, dl·q − ml. */
-static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc32 *a, const float *x, float *out) {
+static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc32 *a, const float *x, acc32 *a2,
+                                                          const float *x2, float *out) {
     const uint8_t *scales = b + 4, *qs = b + 16;
     /* All 8 scales dl = d·sc and negated mins −(dmin·mn) at once. The 6-bit
      * fields (see the portable q4k_scale_min), four bytes per u32: j < 4 are the low 6 bits
@@ -255,7 +265,7 @@ static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc
         for (int h = 0; h < 2; h++) {
             const __m256 d = _mm256_broadcast_ss(dl + 2 * c + h), m = _mm256_broadcast_ss(nml + 2 * c + h);
 #define Q4(Q) _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(Q, 4 * h), m15)), m)
-            put32(a, x, out, 64 * c + 32 * h, Q4(Q0), Q4(Q1), Q4(Q2), Q4(Q3));
+            put32(a, x, a2, x2, out, 64 * c + 32 * h, Q4(Q0), Q4(Q1), Q4(Q2), Q4(Q3));
 #undef Q4
         }
     }
@@ -267,7 +277,8 @@ static inline __attribute__((always_inline)) void blk_q4_k(const uint8_t *b, acc
  * would otherwise be most of the work): table offsets in bytes (index · 32)
  * and db = d·(0.5 + ls)·0.25, evaluated in that order as in the portable
  * code. */
-static inline __attribute__((always_inline)) void blk_iq2_xxs(const uint8_t *b, acc32 *a, const float *x, float *out) {
+static inline __attribute__((always_inline)) void blk_iq2_xxs(const uint8_t *b, acc32 *a, const float *x, acc32 *a2,
+                                                          const float *x2, float *out) {
     const __m256 lo = _mm256_loadu_ps((const float *)(b + 2)), hi = _mm256_loadu_ps((const float *)(b + 34));
     /* u32 pairs (A_ib, B_ib) -> A_0..A_7 and B_0..B_7: the shuffle yields
      * sub-blocks 0 1 4 5 2 3 6 7, the 64-bit permute restores the order */
@@ -293,15 +304,15 @@ static inline __attribute__((always_inline)) void blk_iq2_xxs(const uint8_t *b, 
         const __m256 d = _mm256_broadcast_ss(db + ib);
 #define IQ(l) _mm256_mul_ps(d, _mm256_xor_ps(_mm256_load_ps((const float *)(grid + (off[l][ib] & 0xffff))), \
                                              _mm256_load_ps((const float *)(sign + (off[l][ib] >> 16)))))
-        put32(a, x, out, 32 * ib, IQ(0), IQ(1), IQ(2), IQ(3));
+        put32(a, x, a2, x2, out, 32 * ib, IQ(0), IQ(1), IQ(2), IQ(3));
 #undef IQ
     }
 }
 
-static void deq_q8_0(const uint8_t *restrict b, float *restrict v) { blk_q8_0(b, NULL, NULL, v); }
-static void deq_q2_k(const uint8_t *restrict b, float *restrict v) { blk_q2_k(b, NULL, NULL, v); }
-static void deq_q4_k(const uint8_t *restrict b, float *restrict v) { blk_q4_k(b, NULL, NULL, v); }
-static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) { blk_iq2_xxs(b, NULL, NULL, v); }
+static void deq_q8_0(const uint8_t *restrict b, float *restrict v) { blk_q8_0(b, NULL, NULL, NULL, NULL, v); }
+static void deq_q2_k(const uint8_t *restrict b, float *restrict v) { blk_q2_k(b, NULL, NULL, NULL, NULL, v); }
+static void deq_q4_k(const uint8_t *restrict b, float *restrict v) { blk_q4_k(b, NULL, NULL, NULL, NULL, v); }
+static void deq_iq2_xxs(const uint8_t *restrict b, float *restrict v) { blk_iq2_xxs(b, NULL, NULL, NULL, NULL, v); }
 #else
 /* Portable dequantisers: the reference forms of the values above. */
 
@@ -458,7 +469,7 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
      * dequantise the block, then the same fmas. */
 #ifdef DS4_QUANT_AVX2
 #define DOT_BLOCKS(blk, deq, be, bb) \
-    for (; i < n; i += (be), p += (bb)) blk(p, &acc, x + i, NULL);
+    for (; i < n; i += (be), p += (bb)) blk(p, &acc, x + i, NULL, NULL, NULL);
 #else
 #define DOT_BLOCKS(blk, deq, be, bb)                                                  \
     for (; i < n; i += (be), p += (bb)) {                                             \
@@ -484,6 +495,28 @@ void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
 }
 
 #ifdef DS4_QUANT_AVX2
+/* ds4_dot_row for two tokens at once (a block-quantised type): each block
+ * is decoded once and its values go into both tokens' lanes, each token's
+ * fma sequence exactly the one ds4_dot_row runs. */
+static void dot_row2(ggml_type type, const uint8_t *p, const float *x0, const float *x1, int64_t n, float *y0,
+                     float *y1) {
+    acc32 a, b;
+    acc_zero(&a);
+    acc_zero(&b);
+    int64_t i = 0;
+#define DOT2_BLOCKS(blk, be, bb) \
+    for (; i < n; i += (be), p += (bb)) blk(p, &a, x0 + i, &b, x1 + i, NULL);
+    switch (type) {
+    case GGML_Q8_0: DOT2_BLOCKS(blk_q8_0, 32, 34); break;
+    case GGML_Q2_K: DOT2_BLOCKS(blk_q2_k, 256, 84); break;
+    case GGML_Q4_K: DOT2_BLOCKS(blk_q4_k, 256, 144); break;
+    default: DOT2_BLOCKS(blk_iq2_xxs, 256, 66); break; /* the caller admits only these */
+    }
+#undef DOT2_BLOCKS
+    *y0 = acc_finish(&a, x0, x0, 0);
+    *y1 = acc_finish(&b, x1, x1, 0);
+}
+
 /* Two ordered dots sharing one weight vector: each token keeps its own
  * lane chains, exactly as ds4_dot_f32 builds them, but interleaving two
  * tokens gives the core eight independent fma chains instead of four (one
@@ -510,6 +543,22 @@ void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
         ds4_matvec_rows(type, w, n_in, r0, r1, x, y);
         return;
     }
+#ifdef DS4_QUANT_AVX2
+    /* A few tokens (routed experts in prefill: most see one to three):
+     * decode each block for a pair of tokens, no dequantised copy. Beyond
+     * about four tokens one copy shared by all of them is cheaper. */
+    if (type != GGML_F32 && type != GGML_F16 && n_tok <= 4) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row = (const uint8_t *)w + (size_t)r * rb;
+            int64_t t = 0;
+            for (; t + 2 <= n_tok; t += 2)
+                dot_row2(type, row, x + t * x_stride, x + (t + 1) * x_stride, n_in, &y[t * y_stride + r],
+                         &y[(t + 1) * y_stride + r]);
+            if (t < n_tok) y[t * y_stride + r] = ds4_dot_row(type, row, x + t * x_stride, n_in);
+        }
+        return;
+    }
+#endif
     /* Dequantise each row once; ds4_dot_f32 over it runs the very fma
      * sequence ds4_dot_row runs, so prefill equals decode bit for bit.
      * Rows go MM_ROWS at a time, so one token pair's activations stay in L1
