@@ -174,6 +174,13 @@ static inline __attribute__((always_inline)) void put32(acc32 *a, const float *x
     }
 }
 
+/* Weights stream from DRAM once per token, and the decoding work between
+ * loads is long enough that the hardware prefetcher falls behind (a Q8_0
+ * matvec over 285 MB read 4.3 GB/s without, 9 GB/s with this on the 2-core
+ * dev box): ask for the bytes 4 KiB ahead (rows are contiguous, so this
+ * runs into the next row; a prefetch past the end cannot fault). */
+static inline void prefetch_ahead(const uint8_t *p) { _mm_prefetch((const char *)p + 4096, _MM_HINT_T0); }
+
 /* A block's f16 scale. F16C converts exactly like f16_to_f32 for all 65536
  * inputs (test_quant checks), without its branches. */
 static inline float f16_scale(const uint8_t *p) {
@@ -415,7 +422,12 @@ void ds4_dequant_row(ggml_type type, const void *row, float *out, int64_t n) {
     default: break;
     }
     const int64_t be = ggml_block_elems(type), bb = ggml_block_bytes(type);
-    for (int64_t i = 0; i < n; i += be, p += bb) deq_block(type, p, out + i);
+    for (int64_t i = 0; i < n; i += be, p += bb) {
+#ifdef DS4_QUANT_AVX2
+        prefetch_ahead(p);
+#endif
+        deq_block(type, p, out + i);
+    }
 }
 
 /* Fold the lanes (after adding a ragged tail of n < 32 elements to lanes
@@ -468,8 +480,11 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
      * the kernel multiplies its values straight into the lanes; portable:
      * dequantise the block, then the same fmas. */
 #ifdef DS4_QUANT_AVX2
-#define DOT_BLOCKS(blk, deq, be, bb) \
-    for (; i < n; i += (be), p += (bb)) blk(p, &acc, x + i, NULL, NULL, NULL);
+#define DOT_BLOCKS(blk, deq, be, bb)                                                  \
+    for (; i < n; i += (be), p += (bb)) {                                             \
+        prefetch_ahead(p);                                                            \
+        blk(p, &acc, x + i, NULL, NULL, NULL);                                        \
+    }
 #else
 #define DOT_BLOCKS(blk, deq, be, bb)                                                  \
     for (; i < n; i += (be), p += (bb)) {                                             \
@@ -504,8 +519,11 @@ static void dot_row2(ggml_type type, const uint8_t *p, const float *x0, const fl
     acc_zero(&a);
     acc_zero(&b);
     int64_t i = 0;
-#define DOT2_BLOCKS(blk, be, bb) \
-    for (; i < n; i += (be), p += (bb)) blk(p, &a, x0 + i, &b, x1 + i, NULL);
+#define DOT2_BLOCKS(blk, be, bb)                                                      \
+    for (; i < n; i += (be), p += (bb)) {                                             \
+        prefetch_ahead(p);                                                            \
+        blk(p, &a, x0 + i, &b, x1 + i, NULL);                                         \
+    }
     switch (type) {
     case GGML_Q8_0: DOT2_BLOCKS(blk_q8_0, 32, 34); break;
     case GGML_Q2_K: DOT2_BLOCKS(blk_q2_k, 256, 84); break;
