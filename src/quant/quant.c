@@ -179,7 +179,7 @@ static inline __attribute__((always_inline)) void put32(acc32 *a, const float *x
  * matvec over 285 MB read 4.3 GB/s without, 9 GB/s with this on the 2-core
  * dev box): ask for the bytes 4 KiB ahead (rows are contiguous, so this
  * runs into the next row; a prefetch past the end cannot fault). */
-static inline void prefetch_ahead(const uint8_t *p) { _mm_prefetch((const char *)p + 4096, _MM_HINT_T0); }
+static inline void prefetch_ahead(const uint8_t *p) { _mm_prefetch((const char *)((uintptr_t)p + 4096), _MM_HINT_T0); }
 
 /* A block's f16 scale. F16C converts exactly like f16_to_f32 for all 65536
  * inputs (test_quant checks), without its branches. */
