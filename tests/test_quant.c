@@ -339,9 +339,9 @@ static void test_dot_matches_dequant(void) {
 }
 
 static void test_matvec_matmul(void) {
-    /* n_tok 1 (decode: fused dot), 2-4 (blocks decoded once per token pair,
-     * 3 with an odd one), 5-6 (one dequantised copy per row group) */
-    const int64_t n_in = 512, rows = 7, xs = n_in + 3, ys = rows + 2;
+    /* n_tok 1 (decode: fused dot) to 6: token pairs and an odd last token;
+     * rows [2, 21): a full tile of 16 rows and a partial one */
+    const int64_t n_in = 512, rows = 21, xs = n_in + 3, ys = rows + 2;
     for (int64_t n_tok = 1; n_tok <= 6; n_tok++) {
         for (int ti = 0; ti < 6; ti++) {
             const ggml_type t = ALL[ti];

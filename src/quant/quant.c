@@ -562,25 +562,31 @@ void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
         return;
     }
 #ifdef DS4_QUANT_AVX2
-    /* A few tokens (routed experts in prefill: most see one to three):
-     * decode each block for a pair of tokens, no dequantised copy. Beyond
-     * about four tokens one copy shared by all of them is cheaper. */
-    if (type != GGML_F32 && type != GGML_F16 && n_tok <= 4) {
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *row = (const uint8_t *)w + (size_t)r * rb;
+    /* Block-quantised weights: each block is decoded once per token pair,
+     * straight into both tokens' lanes (no dequantised copy: decoding from
+     * the compact blocks beats re-reading a float copy from L2 on the dev
+     * box for any token count). Rows go MM_FUSED_ROWS at a time, so a token
+     * pair's activations stay in L1 while they meet every row of the tile. */
+    if (type != GGML_F32 && type != GGML_F16) {
+        enum { MM_FUSED_ROWS = 16 };
+        for (int64_t r = r0; r < r1; r += MM_FUSED_ROWS) {
+            const int64_t re = r1 - r < MM_FUSED_ROWS ? r1 : r + MM_FUSED_ROWS;
             int64_t t = 0;
             for (; t + 2 <= n_tok; t += 2)
-                dot_row2(type, row, x + t * x_stride, x + (t + 1) * x_stride, n_in, &y[t * y_stride + r],
-                         &y[(t + 1) * y_stride + r]);
-            if (t < n_tok) y[t * y_stride + r] = ds4_dot_row(type, row, x + t * x_stride, n_in);
+                for (int64_t k = r; k < re; k++)
+                    dot_row2(type, (const uint8_t *)w + (size_t)k * rb, x + t * x_stride, x + (t + 1) * x_stride,
+                             n_in, &y[t * y_stride + k], &y[(t + 1) * y_stride + k]);
+            if (t < n_tok) /* an odd last token */
+                for (int64_t k = r; k < re; k++)
+                    y[t * y_stride + k] = ds4_dot_row(type, (const uint8_t *)w + (size_t)k * rb, x + t * x_stride, n_in);
         }
         return;
     }
 #endif
-    /* Dequantise each row once; ds4_dot_f32 over it runs the very fma
-     * sequence ds4_dot_row runs, so prefill equals decode bit for bit.
-     * Rows go MM_ROWS at a time, so one token pair's activations stay in L1
-     * while they meet every row of the group. */
+    /* F32/F16 (and every type on the portable path): dequantise each row
+     * once; ds4_dot_f32 over it runs the very fma sequence ds4_dot_row runs,
+     * so prefill equals decode bit for bit. Rows go MM_ROWS at a time, so one
+     * token pair's activations stay in L1 while they meet every row. */
     enum { MM_ROWS = 4 };
     float *buf = type == GGML_F32 ? NULL : malloc((size_t)n_in * MM_ROWS * sizeof *buf);
     for (int64_t r = r0; r < r1; r += MM_ROWS) {
