@@ -457,8 +457,8 @@ float ds4_dot_f32(const float *a, const float *b, int64_t n) {
     return acc_finish(&acc, a + i, b + i, n - i);
 }
 
-float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
-    check_row(type, n, "dot");
+/* ds4_dot_row after check_row (the row loops check once, not per row). */
+static float dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
     const uint8_t *p = row;
     if (type == GGML_F32) return ds4_dot_f32(row, x, n);
     acc32 acc;
@@ -502,11 +502,16 @@ float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
     return acc_finish(&acc, x, x, 0);
 }
 
+float ds4_dot_row(ggml_type type, const void *row, const float *x, int64_t n) {
+    check_row(type, n, "dot");
+    return dot_row(type, row, x, n);
+}
+
 void ds4_matvec_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, int64_t r1,
                      const float *x, float *y) {
     check_row(type, n_in, "matvec");
     const size_t rb = (size_t)ggml_row_bytes(type, (uint64_t)n_in);
-    for (int64_t r = r0; r < r1; r++) y[r] = ds4_dot_row(type, (const uint8_t *)w + (size_t)r * rb, x, n_in);
+    for (int64_t r = r0; r < r1; r++) y[r] = dot_row(type, (const uint8_t *)w + (size_t)r * rb, x, n_in);
 }
 
 #ifdef DS4_QUANT_AVX2
@@ -578,7 +583,7 @@ void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
                              n_in, &y[t * y_stride + k], &y[(t + 1) * y_stride + k]);
             if (t < n_tok) /* an odd last token */
                 for (int64_t k = r; k < re; k++)
-                    y[t * y_stride + k] = ds4_dot_row(type, (const uint8_t *)w + (size_t)k * rb, x + t * x_stride, n_in);
+                    y[t * y_stride + k] = dot_row(type, (const uint8_t *)w + (size_t)k * rb, x + t * x_stride, n_in);
         }
         return;
     }
@@ -598,7 +603,7 @@ void ds4_matmul_rows(ggml_type type, const void *w, int64_t n_in, int64_t r0, in
             if (type == GGML_F32) continue;
             if (!buf) { /* no scratch: same results, one dequantisation per token */
                 for (int64_t t = 0; t < n_tok; t++)
-                    y[t * y_stride + r + k] = ds4_dot_row(type, row, x + t * x_stride, n_in);
+                    y[t * y_stride + r + k] = dot_row(type, row, x + t * x_stride, n_in);
                 continue;
             }
             ds4_dequant_row(type, row, buf + k * n_in, n_in);
