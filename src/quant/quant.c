@@ -465,6 +465,19 @@ static float dot_row(ggml_type type, const void *row, const float *x, int64_t n)
     acc_zero(&acc);
     float v[256];
     int64_t i = 0;
+#if defined(DS4_QUANT_AVX2) && defined(__F16C__)
+    if (type == GGML_F16) { /* whole 32s converted in registers, then a tail */
+        for (; i + 32 <= n; i += 32, p += 64) {
+            prefetch_ahead(p);
+            put32(&acc, x, NULL, NULL, NULL, i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16))),
+                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32))),
+                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 48))));
+        }
+        deq_f16(p, v, n - i);
+        return acc_finish(&acc, v, x + i, n - i);
+    }
+#else
     if (type == GGML_F16) { /* any n: 256 at a time, whole 32s, then a tail */
         for (; i < n; i += 256, p += 512) {
             const int64_t m = n - i < 256 ? n - i : 256;
@@ -475,6 +488,7 @@ static float dot_row(ggml_type type, const void *row, const float *x, int64_t n)
         }
         return acc_finish(&acc, v, x, 0);
     }
+#endif
     /* One loop per format, so its block kernel is inlined and the
      * accumulator registers are not spilled around a call per block. AVX2:
      * the kernel multiplies its values straight into the lanes; portable:
