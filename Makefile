@@ -27,7 +27,9 @@ ifeq ($(CUDA),1)
 CU_SRCS   := $(wildcard src/cuda/*.cu)
 CU_OBJS   := $(CU_SRCS:%.cu=$(BUILD)/%.o)
 CFLAGS    += -DDS4_CUDA=1
-LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas
+# cudart linked statically: binaries then need only the driver (libcuda) on
+# the GPU machine, whatever toolkit it has installed.
+LDLIBS    += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt
 # sm_90 SASS plus compute_90 PTX so later GPUs JIT the same code.
 NVFLAGS   ?= -O3 -std=c++17 -Isrc -Xcompiler -Wall,-Wextra,-Wno-unused-parameter \
              -gencode arch=compute_$(subst sm_,,$(CUDA_ARCH)),code=[$(CUDA_ARCH),compute_$(subst sm_,,$(CUDA_ARCH))] \

@@ -263,6 +263,166 @@ int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen);
 int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len);
 int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, size_t errlen);
 
+/* ---- KV checkpoints and session pool (src/engine/kvstore.c, pool.c) ----
+ * Sessions that survive: checkpoints of session state on disk, keyed by the
+ * rendered prompt bytes they cover, and several resident sessions routed by
+ * shared prefix. Format and policies: docs/kv-cache.md. */
+
+/* One checkpoint. For ds4_kvstore_save every field is the caller's; a lookup
+ * result owns one allocation behind all pointers (ds4_kv_checkpoint_free). */
+typedef struct {
+    const char *text; size_t text_len;          /* rendered bytes covered: the key */
+    const int32_t *ids; size_t n_ids;           /* their token ids (n_ids >= 1) */
+    const uint8_t *session; size_t session_len; /* ds4_session_save() of exactly ids */
+    const uint8_t *extra; size_t extra_len;     /* opaque (the tool-call id -> DSML map) */
+    void *mem_;
+} ds4_kv_checkpoint;
+void ds4_kv_checkpoint_free(ds4_kv_checkpoint *c);
+
+typedef struct {
+    const char *dir;            /* created if missing (one level) */
+    uint64_t space_bytes;       /* budget for checkpoint files in dir */
+    const char *model_id;       /* files of another id are ignored (ds4_kv_model_id) */
+    FILE *log;                  /* one line per skipped/removed file; NULL = stderr */
+} ds4_kvstore_params;
+
+typedef struct ds4_kvstore ds4_kvstore;
+/* Scans dir: validates every *.kv header (magic, version, model, lengths vs
+ * file size, header checksum), removes corrupt ones and temp files left by
+ * dead writers, logs and ignores the rest (other versions/models, foreign
+ * files). Bodies are verified when loaded. NULL + err if dir is unusable. */
+ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t errlen);
+void ds4_kvstore_close(ds4_kvstore *st);
+/* Durably writes cp (temp file, fsync, rename, fsync dir), replacing a
+ * checkpoint with the same text. Makes room by deleting the least valuable
+ * checkpoints (ds4_kv_value; least recently used among equals), never one
+ * worth more than cp. Returns 0 saved, 1 not saved by policy (bigger than
+ * the budget, or everything kept is worth more; err says which), -1 on bad
+ * input or an I/O error. */
+int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, size_t errlen);
+/* The checkpoint whose text is the longest prefix of text[0, len) (and, when
+ * ids != NULL, whose ids are a prefix of ids[0, n_ids)), loaded and verified,
+ * holding at most max_ids tokens (rewind: pass the point to restore at or
+ * before). A file that fails verification is logged, removed, and the next
+ * best tried. Returns 1 with *out filled, 0 when nothing matches. */
+int ds4_kvstore_best_at_or_before(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids,
+                                  size_t n_ids, size_t max_ids, ds4_kv_checkpoint *out);
+/* Same with no max_ids bound. */
+int ds4_kvstore_lookup(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids, size_t n_ids,
+                       ds4_kv_checkpoint *out);
+/* Token count of what best_at_or_before would try first, from the index
+ * alone (no I/O, nothing verified); 0 when nothing matches. */
+size_t ds4_kvstore_probe(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids, size_t n_ids,
+                         size_t max_ids);
+/* A checkpoint for exactly this text is indexed (no I/O). */
+bool ds4_kvstore_contains(ds4_kvstore *st, const char *text, size_t len);
+size_t ds4_kvstore_count(ds4_kvstore *st);
+uint64_t ds4_kvstore_bytes(ds4_kvstore *st);
+/* Eviction value: tokens × (1 + hits) / (1 + idle hours). Higher is kept. */
+double ds4_kv_value(uint64_t n_ids, uint64_t hits, double idle_s);
+/* Model id for ds4_kvstore_params: hex SHA-256 of an empty session's
+ * snapshot, which carries the snapshot version and the model fingerprint
+ * (shape + weight sample). out gets 65 bytes. */
+int ds4_kv_model_id(ds4_engine *e, char out[65], char *err, size_t errlen);
+/* The bytes ids spell (concatenated token bytes: for a tokenized rendered
+ * prompt, exactly its rendered prefix). malloc'd, NUL-terminated. */
+char *ds4_kv_text(const ds4_tokenizer *t, const int32_t *ids, size_t n, size_t *len);
+/* Checkpoint lengths for a session going from `from` tokens (already
+ * covered) to `stable` tokens (the part later requests are expected to
+ * repeat, e.g. the prompt before its generation suffix): every multiple of
+ * `every` in (from, stable], plus the last multiple of `align` <= stable
+ * (the prompt trimmed so appended text still hits). every is rounded up to a
+ * multiple of align. Ascending; returns the count (at most cap written). */
+size_t ds4_kv_save_points(size_t from, size_t stable, size_t align, size_t every, size_t *out, size_t cap);
+
+/* A string map (tool-call id -> raw DSML) as an extra blob: u32 count, then
+ * per entry u32 length + bytes of the key, the same for the value. */
+int ds4_kv_map_encode(const char *const *keys, const char *const *vals, size_t n, uint8_t **blob, size_t *len);
+/* Calls fn per entry (strings valid during the call). A malformed blob
+ * (bad lengths, trailing bytes, a NUL inside a string) returns -1 before
+ * any call. */
+int ds4_kv_map_decode(const uint8_t *blob, size_t len, void (*fn)(void *ud, const char *key, const char *val),
+                      void *ud);
+
+/* Session pool: routing as a pure function of what the slots hold. */
+typedef struct {
+    const int32_t *ids; size_t n;   /* tokens held; n = 0: empty slot */
+    size_t n_prompt;                /* how many of them the last request's prompt had */
+    double idle_s;                  /* since the slot was last used */
+    uint64_t uses;
+} ds4_pool_slot_info;
+
+typedef struct {
+    int slot;
+    size_t reuse;       /* prompt tokens the slot already holds (common prefix) */
+    bool spill;         /* the slot's content is worth saving before it is cut */
+} ds4_pool_choice;
+
+/* 1. A slot holding the whole previous prompt of its conversation (common
+ *    prefix >= its n_prompt, or all it holds) takes the request: longest wins.
+ * 2. Otherwise a free slot, so a side request never evicts a conversation.
+ * 3. Otherwise the slot sharing the longest prefix (on a tie the shorter)
+ *    when that is at least min_share tokens, else the least valuable
+ *    (ds4_kv_value(n, uses, idle)).
+ * spill: the chosen slot loses at least min_spill tokens. */
+ds4_pool_choice ds4_pool_choose(const ds4_pool_slot_info *slots, int n_slots, const int32_t *prompt,
+                                size_t n_prompt, size_t min_share, size_t min_spill);
+
+/* The pool object: n_slots sessions of one engine plus the disk store. */
+typedef struct {
+    int n_slots;                /* resident sessions (--sessions), >= 1 */
+    uint32_t ctx;               /* context of each session */
+    ds4_kvstore *store;         /* disk checkpoints (--kv-disk-dir), or NULL */
+    size_t align;               /* checkpoint alignment in tokens; 0 = 2048 */
+    size_t every;               /* frontier spacing in tokens; 0 = 4 × align */
+    /* Caller data kept with a checkpoint of ids[0, n), whose bytes are text
+     * (the server: the tool-call ids whose raw DSML occurs in text, through
+     * ds4_kv_map_encode). *blob is malloc'd; NULL fn = no extra data.
+     * Non-zero return: saved without extra. */
+    int (*extra_fn)(void *ud, const char *text, size_t text_len, const int32_t *ids, size_t n, uint8_t **blob,
+                    size_t *len);
+    void *ud;
+    FILE *log;                  /* one line per routing/checkpoint decision; NULL = quiet */
+} ds4_pool_params;
+
+typedef struct ds4_pool ds4_pool;
+ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *p, char *err, size_t errlen);
+/* Frees the sessions; call ds4_pool_spill_all first on a clean shutdown. */
+void ds4_pool_free(ds4_pool *p);
+ds4_session *ds4_pool_session(ds4_pool *p, int slot);
+
+typedef struct {
+    int slot;
+    ds4_session *session;       /* holds a prefix of the prompt (maybe empty) */
+    size_t n_memory;            /* prompt tokens kept from the resident session */
+    size_t n_disk;              /* prompt tokens restored from a checkpoint (0: none) */
+    bool spilled;               /* the slot's previous content was checkpointed first */
+    uint8_t *extra; size_t extra_len;  /* restored checkpoint's extra blob (caller frees) */
+} ds4_pool_lease;
+
+/* Route a prompt (ds4_pool_choose with min_share = min_spill = align),
+ * spill the chosen slot if it is about to lose a valuable prefix, then bring
+ * its session to the longest prefix of the prompt available: its own tokens
+ * (truncated when exact) or the best disk checkpoint, whichever is longer.
+ * ds4_generate on lease->session then prefills only the rest. -1 + err when
+ * the session could not even be emptied. */
+int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_lease *out, char *err,
+                     size_t errlen);
+/* Optional, before ds4_generate: evaluate the prompt up to each save point
+ * (ds4_kv_save_points from the session's length to n_stable) and checkpoint
+ * there. n_stable: prompt tokens later requests will repeat (the prompt
+ * without its generation suffix). A failed save is logged, not an error.
+ * Returns 0, 1 cancelled by progress, -1 when evaluation failed. */
+int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt, size_t n_stable,
+                     ds4_progress_fn progress, void *ud, char *err, size_t errlen);
+/* After ds4_generate: n_prompt tokens of the session were the prompt.
+ * Checkpoints the whole session when it grew by `every` since its last one. */
+void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt);
+/* Checkpoint a slot's whole content now (no-op when short or already on disk). */
+int ds4_pool_checkpoint(ds4_pool *p, int slot, char *err, size_t errlen);
+/* Clean shutdown: checkpoint every slot. */
+int ds4_pool_spill_all(ds4_pool *p, char *err, size_t errlen);
+
 /* ---- Generation driver (src/engine/generate.c) -------------------------
  * One loop shared by the CLI and the server: reuse the session's longest
  * exact prefix of the prompt, prefill the rest, then sample token by token,
@@ -273,6 +433,7 @@ typedef enum {
 } ds4_finish;
 
 typedef struct {
+    const ds4_engine *engine;   /* the session's engine: tokenizer, vocab size */
     ds4_sampling sampling;
     int max_tokens;             /* <= 0: until the context is full */
     bool thinking;              /* the prompt ended with <think> */
@@ -281,17 +442,48 @@ typedef struct {
     ds4_event_fn on_event; void *ud;      /* reasoning/content/tool events */
     ds4_progress_fn on_prefill;           /* prefill progress / cancellation */
     bool (*cancelled)(void *ud);          /* polled between tokens */
+    /* Diagnostic for deterministic tests: generated token i < n_forced gets a
+     * logit far above every other, so the real sampler, detokenizer, stop
+     * logic and DSML parser produce this exact sequence. NULL in normal use. */
+    const int32_t *forced; size_t n_forced;
+    FILE *trace;                          /* cache decisions, finish (may be NULL) */
 } ds4_gen_params;
 
 typedef struct {
     ds4_finish finish;
-    size_t n_prompt, n_cached, n_gen;     /* n_cached: prompt tokens reused */
+    size_t n_prompt, n_cached, n_gen;     /* n_cached: prompt tokens reused;
+                                             n_gen counts every sampled token, EOS included */
     double prefill_s, gen_s;
     char *text; size_t len;               /* the raw generated text (owned) */
 } ds4_gen_result;
 
+/* Returns 0 with r filled (finish says why it ended: a stop string or EOS
+ * -> STOP, max_tokens or a full context -> LENGTH, a complete tool-call
+ * block -> TOOL_CALLS, a tool block left open or abandoned after its events
+ * went out -> ERROR, cancellation -> CANCELLED), or -1 with err when the
+ * prompt is empty or does not fit the context, or the engine fails
+ * (r->finish = ERROR). r->text is always allocated; free it with
+ * ds4_gen_result_free.
+ *
+ * Prefix reuse: the session is truncated to its longest common prefix with
+ * the prompt; when the engine cannot rewind that far exactly, the session
+ * restarts from empty (the trace says which). Stop strings: the text is cut
+ * before the earliest match and nothing after it reaches the parser; the
+ * last (longest stop - 1) bytes are held back until they cannot start one.
+ * The session keeps the prompt and every evaluated token. The token that
+ * ended generation (EOS, the last of a tool block or of max_tokens) is
+ * sampled but not evaluated: the next prompt, which replays the turn and
+ * closes it with EOS, extends the session from exactly there. */
 int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const ds4_gen_params *p,
                  ds4_gen_result *r, char *err, size_t errlen);
 void ds4_gen_result_free(ds4_gen_result *r);
+
+/* ---- Files without an engine (src/engine/files.c) ----------------------
+ * What the CLI needs before (or instead of) loading weights onto a backend. */
+/* `ds4 --inspect`: validate a GGUF and print its layout, parameter count,
+ * file size and memory needs for ctx tokens. 0, or -1 with err set. */
+int ds4_inspect_file(const char *path, uint64_t ctx, FILE *out, char *err, size_t errlen);
+/* The tokenizer of a GGUF alone (no weights bound). */
+ds4_tokenizer *ds4_tokenizer_open(const char *path, char *err, size_t errlen);
 
 #endif

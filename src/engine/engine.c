@@ -7,12 +7,18 @@
 
 #include "ds4.h"
 #include "engine/engine_internal.h"
+#ifdef DS4_CUDA
+#include "cuda/cuda.h"
+#endif
 
 /* Backends, preferred first. The CUDA backend hooks in here: when src/cuda
  * defines `const ds4_backend_ops ds4_backend_cuda` (its available() telling
  * whether a GPU is present), declare it in backend.h and list it first under
  * #ifdef DS4_CUDA. AUTO then picks it when a GPU exists, CPU otherwise. */
 static const ds4_backend_ops *const registry[] = {
+#ifdef DS4_CUDA
+    &ds4_backend_cuda,
+#endif
     &ds4_backend_cpu,
 };
 

@@ -114,10 +114,11 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
             return 1;
         }
     }
-    if (e->verbose) {
+    /* Prefill speed per eval; decode speed (one token per eval) would flood
+     * the output, so generation reports it once, in its summary line. */
+    if (e->verbose && n > 1) {
         double dt = now_s() - t0;
-        fprintf(stderr, "ds4: %s %zu token%s in %.3f s (%.2f tok/s)\n", n > 1 ? "prefill" : "decode", n,
-                n > 1 ? "s" : "", dt, dt > 0 ? (double)n / dt : 0.0);
+        fprintf(stderr, "ds4: prefill %zu tokens in %.3f s (%.2f tok/s)\n", n, dt, dt > 0 ? (double)n / dt : 0.0);
     }
     return 0;
 }

@@ -1,0 +1,287 @@
+/* Session pool: N resident sessions, routed by shared prefix, backed by the
+ * disk checkpoint store (docs/kv-cache.md).
+ *
+ * The routing policy is ds4_pool_choose, a pure function of what each slot
+ * holds; the pool object applies it: spill the victim to disk, bring the
+ * chosen session to the longest prefix of the prompt it can get (its own
+ * tokens, or a disk checkpoint when that is longer), and save checkpoints at
+ * aligned frontiers. One thread uses a pool at a time (the server's worker). */
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ds4.h"
+
+static size_t common_prefix(const int32_t *a, size_t na, const int32_t *b, size_t nb) {
+    size_t n = 0, m = na < nb ? na : nb;
+    while (n < m && a[n] == b[n]) n++;
+    return n;
+}
+
+ds4_pool_choice ds4_pool_choose(const ds4_pool_slot_info *slots, int n_slots, const int32_t *prompt,
+                                size_t n_prompt, size_t min_share, size_t min_spill) {
+    ds4_pool_choice c = {.slot = -1};
+    if (n_slots <= 0) return c;
+    /* 1. Follow-up of a conversation: the prompt repeats everything the slot
+     *    held, or at least the slot's whole previous prompt (the client
+     *    re-rendered the reply differently, e.g. dropped old reasoning, or
+     *    asks again). What is cut is that stale reply: no spill. */
+    int best = -1;
+    size_t best_lcp = 0;
+    for (int i = 0; i < n_slots; i++) {
+        const ds4_pool_slot_info *s = &slots[i];
+        if (!s->n) continue;
+        size_t l = common_prefix(s->ids, s->n, prompt, n_prompt);
+        bool follow = l == s->n || (s->n_prompt && l >= s->n_prompt);
+        if (follow && (best < 0 || l > best_lcp || (l == best_lcp && s->idle_s < slots[best].idle_s))) {
+            best = i;
+            best_lcp = l;
+        }
+    }
+    if (best >= 0) return (ds4_pool_choice){best, best_lcp, false};
+    /* 2. A free slot: a side request or a new conversation never displaces
+     *    one that is resident while there is room. */
+    for (int i = 0; i < n_slots; i++)
+        if (!slots[i].n) return (ds4_pool_choice){i, 0, false};
+    /* 3. Full: the slot sharing the longest prefix (a rewind or branch of
+     *    it) when that share is substantial, else the least valuable slot. */
+    for (int i = 0; i < n_slots; i++) {
+        /* Equal shares: the slot that loses fewer tokens (likelier an exact cut). */
+        size_t l = common_prefix(slots[i].ids, slots[i].n, prompt, n_prompt);
+        if (best < 0 || l > best_lcp || (l == best_lcp && slots[i].n < slots[best].n)) { best = i; best_lcp = l; }
+    }
+    if (best_lcp < min_share || best_lcp == 0) {
+        double low = 0;
+        for (int i = 0; i < n_slots; i++) {
+            const ds4_pool_slot_info *s = &slots[i];
+            double v = ds4_kv_value(s->n, s->uses, s->idle_s);
+            if (i == 0 || v < low) { low = v; best = i; }
+        }
+        best_lcp = common_prefix(slots[best].ids, slots[best].n, prompt, n_prompt);
+    }
+    c.slot = best;
+    c.reuse = best_lcp;
+    c.spill = min_spill && slots[best].n - best_lcp >= min_spill;
+    return c;
+}
+
+/* ---- the pool object ---------------------------------------------------------- */
+
+typedef struct {
+    ds4_session *s;
+    size_t n_prompt;        /* of the last request */
+    size_t saved;           /* length of the last checkpoint of this content */
+    double last_used;
+    uint64_t uses;
+} slot;
+
+struct ds4_pool {
+    ds4_engine *e;
+    const ds4_tokenizer *tok;
+    ds4_pool_params p;
+    slot *slots;
+};
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void plog(ds4_pool *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void plog(ds4_pool *p, const char *fmt, ...) {
+    if (!p->p.log) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("pool: ", p->p.log);
+    vfprintf(p->p.log, fmt, ap);
+    fputc('\n', p->p.log);
+    fflush(p->p.log);
+    va_end(ap);
+}
+
+static int pfail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int pfail(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (err && errlen) vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *prm, char *err, size_t errlen) {
+    if (prm->n_slots < 1) { pfail(err, errlen, "pool: need at least one session"); return NULL; }
+    ds4_pool *p = calloc(1, sizeof *p);
+    if (!p || !(p->slots = calloc((size_t)prm->n_slots, sizeof *p->slots))) {
+        free(p);
+        pfail(err, errlen, "pool: out of memory");
+        return NULL;
+    }
+    p->e = e;
+    p->tok = ds4_engine_tokenizer(e);
+    p->p = *prm;
+    if (!p->p.align) p->p.align = 2048;
+    if (!p->p.every) p->p.every = 4 * p->p.align;
+    for (int i = 0; i < prm->n_slots; i++)
+        if (!(p->slots[i].s = ds4_session_new(e, prm->ctx, err, errlen))) { ds4_pool_free(p); return NULL; }
+    return p;
+}
+
+void ds4_pool_free(ds4_pool *p) {
+    if (!p) return;
+    for (int i = 0; i < p->p.n_slots; i++) ds4_session_free(p->slots[i].s);
+    free(p->slots);
+    free(p);
+}
+
+ds4_session *ds4_pool_session(ds4_pool *p, int i) { return i >= 0 && i < p->p.n_slots ? p->slots[i].s : NULL; }
+
+/* Checkpoint the first n tokens the session holds (it holds exactly n). */
+static int save_session(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
+    size_t n = ds4_session_len(s), tl = 0;
+    const int32_t *ids = ds4_session_tokens(s);
+    char *text = ds4_kv_text(p->tok, ids, n, &tl);
+    if (!text) return pfail(err, errlen, "pool: out of memory");
+    if (ds4_kvstore_contains(p->p.store, text, tl)) { free(text); return 0; }
+    uint8_t *blob = NULL, *extra = NULL;
+    size_t blen = 0, elen = 0;
+    int rc;
+    if (ds4_session_save(s, &blob, &blen)) {
+        rc = pfail(err, errlen, "pool: cannot snapshot a %zu-token session", n);
+    } else {
+        if (p->p.extra_fn && p->p.extra_fn(p->p.ud, text, tl, ids, n, &extra, &elen)) { free(extra); extra = NULL; elen = 0; }
+        ds4_kv_checkpoint cp = {.text = text, .text_len = tl, .ids = ids, .n_ids = n, .session = blob,
+                                .session_len = blen, .extra = extra, .extra_len = elen};
+        rc = ds4_kvstore_save(p->p.store, &cp, err, errlen);
+        plog(p, "checkpoint %zu tokens (%zu bytes of state): %s", n, blen,
+             rc == 0 ? "saved" : rc == 1 ? "not kept by the budget" : "failed");
+    }
+    free(text);
+    free(blob);
+    free(extra);
+    return rc < 0 ? -1 : 0;
+}
+
+int ds4_pool_checkpoint(ds4_pool *p, int i, char *err, size_t errlen) {
+    if (i < 0 || i >= p->p.n_slots) return pfail(err, errlen, "pool: no slot %d", i);
+    slot *sl = &p->slots[i];
+    size_t n = ds4_session_len(sl->s);
+    if (!p->p.store || n < p->p.align || n == sl->saved) return 0;
+    if (save_session(p, sl->s, err, errlen)) return -1;
+    sl->saved = n;
+    return 0;
+}
+
+int ds4_pool_spill_all(ds4_pool *p, char *err, size_t errlen) {
+    int rc = 0;
+    for (int i = 0; i < p->p.n_slots; i++)
+        if (ds4_pool_checkpoint(p, i, err, errlen)) rc = -1;
+    return rc;
+}
+
+/* Load the best checkpoint (at most max_ids tokens) into s. Returns its
+ * length, 0 when none could be used. */
+static size_t restore(ds4_pool *p, ds4_session *s, const char *text, size_t tl, const int32_t *prompt, size_t n,
+                      ds4_pool_lease *out) {
+    ds4_kv_checkpoint cp;
+    while (ds4_kvstore_best_at_or_before(p->p.store, text, tl, prompt, n, n, &cp) == 1) {
+        char lerr[256];
+        if (ds4_session_load(s, cp.session, cp.session_len, lerr, sizeof lerr) == 0 &&
+            ds4_session_len(s) == cp.n_ids) {
+            size_t got = cp.n_ids;
+            if (cp.extra_len && (out->extra = malloc(cp.extra_len))) {
+                memcpy(out->extra, cp.extra, cp.extra_len);
+                out->extra_len = cp.extra_len;
+            }
+            ds4_kv_checkpoint_free(&cp);
+            return got;
+        }
+        /* A verified file whose snapshot the engine refuses (another context
+         * size, say): try the next shorter one. */
+        plog(p, "checkpoint of %zu tokens not loadable: %s", cp.n_ids, lerr);
+        n = cp.n_ids - 1;
+        ds4_kv_checkpoint_free(&cp);
+        if (!n) break;
+    }
+    return 0;
+}
+
+int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_lease *out, char *err,
+                     size_t errlen) {
+    memset(out, 0, sizeof *out);
+    int ns = p->p.n_slots;
+    ds4_pool_slot_info *info = calloc((size_t)ns, sizeof *info);
+    if (!info) return pfail(err, errlen, "pool: out of memory");
+    double now = mono_s();
+    for (int i = 0; i < ns; i++) {
+        slot *sl = &p->slots[i];
+        info[i] = (ds4_pool_slot_info){ds4_session_tokens(sl->s), ds4_session_len(sl->s), sl->n_prompt,
+                                       sl->uses ? now - sl->last_used : 0, sl->uses};
+    }
+    ds4_pool_choice c = ds4_pool_choose(info, ns, prompt, n, p->p.align, p->p.align);
+    free(info);
+    slot *sl = &p->slots[c.slot];
+    ds4_session *s = sl->s;
+    size_t had = ds4_session_len(s);
+    out->slot = c.slot;
+    out->session = s;
+    if (c.spill && p->p.store) {
+        char serr[256];
+        if (ds4_pool_checkpoint(p, c.slot, serr, sizeof serr)) plog(p, "spill failed: %s", serr);
+        else out->spilled = true;
+    }
+
+    size_t mem = c.reuse, tl = 0, disk = 0;
+    char *text = p->p.store ? ds4_kv_text(p->tok, prompt, n, &tl) : NULL;
+    size_t best_disk = text ? ds4_kvstore_probe(p->p.store, text, tl, prompt, n, n) : 0;
+    bool kept = had == mem;
+    char terr[256] = "";
+    /* Cutting the session back is only tried when the disk cannot do better. */
+    if (!kept && best_disk <= mem) kept = ds4_session_truncate(s, mem, terr, sizeof terr) == 0;
+    if ((!kept || best_disk > mem) && text) disk = restore(p, s, text, tl, prompt, n, out);
+    if (disk) {
+        mem = 0;
+    } else if (!kept && !(best_disk > mem && ds4_session_truncate(s, mem, terr, sizeof terr) == 0)) {
+        mem = 0;
+        if (ds4_session_truncate(s, 0, err, errlen)) { free(text); return -1; }
+    }
+    free(text);
+    /* saved names a checkpoint of exactly this content: true after a restore,
+     * unknown after a cut (the store's contains check then avoids doubles). */
+    if (disk) sl->saved = disk;
+    else if (ds4_session_len(s) != had) sl->saved = 0;
+    out->n_memory = mem;
+    out->n_disk = disk;
+    plog(p, "slot %d <- %zu-token prompt: %zu from memory (held %zu), %zu from disk%s, %zu to prefill", c.slot, n,
+         mem, had, disk, out->spilled ? ", previous content spilled" : "", n - mem - disk);
+    return 0;
+}
+
+int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt, size_t n_stable,
+                     ds4_progress_fn progress, void *ud, char *err, size_t errlen) {
+    if (!p->p.store) return 0;
+    ds4_session *s = l->session;
+    size_t have = ds4_session_len(s), pt;
+    /* One point at a time: the first save point after what the session holds. */
+    while (ds4_kv_save_points(have, n_stable, p->p.align, p->p.every, &pt, 1)) {
+        int rc = ds4_session_eval(s, prompt + have, pt - have, NULL, progress, ud, err, errlen);
+        if (rc) return rc;
+        have = pt;
+        /* A failed save (disk full, say) costs a future hit, not this request. */
+        char cerr[256];
+        if (ds4_pool_checkpoint(p, l->slot, cerr, sizeof cerr)) plog(p, "checkpoint failed: %s", cerr);
+    }
+    return 0;
+}
+
+void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt) {
+    slot *sl = &p->slots[l->slot];
+    sl->n_prompt = n_prompt;
+    sl->last_used = mono_s();
+    sl->uses++;
+    if (p->p.store && ds4_session_len(sl->s) >= sl->saved + p->p.every) {
+        char err[256];
+        if (ds4_pool_checkpoint(p, l->slot, err, sizeof err)) plog(p, "checkpoint failed: %s", err);
+    }
+}

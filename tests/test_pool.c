@@ -1,0 +1,397 @@
+/* Session pool: the routing policy as a pure function (scenarios and a
+ * simulated interleaving of two conversations with side requests), then the
+ * pool object on the tiny model with a disk store: a restart continues with
+ * only the suffix prefilled (logits identical to a cold prefill), and two
+ * interleaved conversations plus side requests on 2 slots never re-prefill a
+ * main conversation. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ds4.h"
+#include "test.h"
+
+/* ---- pure policy ---------------------------------------------------------------- */
+
+static int32_t A[400], B[400], S[400];
+
+static void fill(int32_t *a, int32_t base, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] = base + (int32_t)i;
+}
+
+static ds4_pool_slot_info slot_of(const int32_t *ids, size_t n, size_t n_prompt, double idle, uint64_t uses) {
+    return (ds4_pool_slot_info){ids, n, n_prompt, idle, uses};
+}
+
+static void test_choose_scenarios(void) {
+    fill(A, 1000, 400);
+    fill(B, 2000, 400);
+    fill(S, 3000, 400);
+    ds4_pool_slot_info sl[3];
+    ds4_pool_choice c;
+
+    /* Continuation: the slot holding a prefix wins over a free slot. */
+    sl[0] = slot_of(NULL, 0, 0, 0, 0);
+    sl[1] = slot_of(A, 200, 180, 5, 1);
+    c = ds4_pool_choose(sl, 2, A, 300, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 200 && !c.spill);
+
+    /* Side request sharing nothing, a slot free: it takes the free one. */
+    c = ds4_pool_choose(sl, 2, S, 50, 64, 64);
+    CHECK(c.slot == 0 && c.reuse == 0 && !c.spill);
+
+    /* Side request sharing a short head (BOS and a few tokens) with the
+     * main conversation: still the free slot. */
+    int32_t side[50];
+    memcpy(side, A, 5 * sizeof *side);
+    fill(side + 5, 5000, 45);
+    c = ds4_pool_choose(sl, 2, side, 50, 64, 64);
+    CHECK(c.slot == 0);
+
+    /* Follow-up whose rendering dropped the last reply's reasoning: it repeats
+     * the slot's whole previous prompt (180) but not the reply: same slot, the
+     * stale reply is cut without a spill. */
+    int32_t fu[260];
+    memcpy(fu, A, 190 * sizeof *fu);
+    fill(fu + 190, 7000, 70);
+    c = ds4_pool_choose(sl, 2, fu, 260, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 190 && !c.spill);
+
+    /* Regenerate: the same prompt again. */
+    c = ds4_pool_choose(sl, 2, A, 180, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 180);
+
+    /* Two conversations sharing a long system prompt (150 tokens): the second
+     * does not take over the first's slot while one is free. */
+    int32_t b2[300];
+    memcpy(b2, A, 150 * sizeof *b2);
+    fill(b2 + 150, 8000, 150);
+    c = ds4_pool_choose(sl, 2, b2, 300, 64, 64);
+    CHECK(c.slot == 0 && c.reuse == 0);
+
+    /* Full pool. A rewind of conversation A (strict prefix inside its
+     * prompt): A's slot, spilling the 100 tokens it would cut. */
+    sl[0] = slot_of(B, 300, 280, 1, 3);
+    c = ds4_pool_choose(sl, 2, A, 100, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 100 && c.spill);
+    /* Both slots share the rewound prefix: the one cutting less. */
+    sl[0] = slot_of(A, 300, 280, 1, 3);
+    c = ds4_pool_choose(sl, 2, A, 100, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 100 && c.spill);
+    sl[0] = slot_of(B, 300, 280, 1, 3);
+    /* A tiny rewind cuts less than min_spill: no spill. */
+    c = ds4_pool_choose(sl, 2, A, 170, 64, 64);
+    CHECK(c.slot == 1 && !c.spill);
+    /* Sharing only the short head: the least valuable slot (A: shorter, fewer
+     * uses, idler), spilled. */
+    c = ds4_pool_choose(sl, 2, side, 50, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 5 && c.spill);
+    /* A long idle conversation loses to a fresh one of the same size. */
+    sl[0] = slot_of(B, 200, 180, 7200, 1);
+    sl[1] = slot_of(A, 200, 180, 10, 1);
+    c = ds4_pool_choose(sl, 2, S, 50, 64, 64);
+    CHECK(c.slot == 0);
+    /* A short side slot goes before a main conversation. */
+    sl[0] = slot_of(S, 40, 30, 0, 1);
+    sl[1] = slot_of(A, 200, 180, 100, 1);
+    c = ds4_pool_choose(sl, 2, B, 50, 64, 64);
+    CHECK(c.slot == 0 && !c.spill);
+    /* Longest follow-up among several. */
+    sl[0] = slot_of(A, 100, 100, 0, 1);
+    sl[1] = slot_of(A, 200, 200, 0, 1);
+    sl[2] = slot_of(NULL, 0, 0, 0, 0);
+    c = ds4_pool_choose(sl, 3, A, 300, 64, 64);
+    CHECK(c.slot == 1 && c.reuse == 200);
+    CHECK(ds4_pool_choose(sl, 0, A, 10, 64, 64).slot == -1);
+}
+
+/* Simulation of the server loop over the pure policy: slots hold token
+ * lists, a "disk" remembers spilled contents; each request reuses what the
+ * chosen slot keeps or the longest spilled prefix. Conversations A and B
+ * alternate with unrelated side requests on 2 slots; a main turn must never
+ * prefill more than its new tokens. */
+#define SIM_MAX 2000
+typedef struct { int32_t ids[SIM_MAX]; size_t n, n_prompt; double last; uint64_t uses; } sim_slot;
+static sim_slot sim[2];
+static int32_t disk[32][SIM_MAX];
+static size_t disk_n[32], n_disk;
+
+static size_t lcp(const int32_t *a, size_t na, const int32_t *b, size_t nb) {
+    size_t n = 0;
+    while (n < na && n < nb && a[n] == b[n]) n++;
+    return n;
+}
+
+/* Returns tokens prefilled. */
+static size_t sim_request(const int32_t *prompt, size_t n, size_t gen, double now) {
+    ds4_pool_slot_info info[2];
+    for (int i = 0; i < 2; i++)
+        info[i] = slot_of(sim[i].ids, sim[i].n, sim[i].n_prompt, now - sim[i].last, sim[i].uses);
+    ds4_pool_choice c = ds4_pool_choose(info, 2, prompt, n, 64, 64);
+    sim_slot *s = &sim[c.slot];
+    if (c.spill && n_disk < 32) {
+        memcpy(disk[n_disk], s->ids, s->n * sizeof *s->ids);
+        disk_n[n_disk++] = s->n;
+    }
+    size_t have = c.reuse;
+    for (size_t k = 0; k < n_disk; k++)
+        if (disk_n[k] <= n && disk_n[k] > have && lcp(disk[k], disk_n[k], prompt, n) == disk_n[k]) have = disk_n[k];
+    memcpy(s->ids, prompt, n * sizeof *prompt);
+    for (size_t g = 0; g < gen; g++) s->ids[n + g] = 90000 + (int32_t)(n + g);
+    s->n = n + gen;
+    s->n_prompt = n;
+    s->last = now;
+    s->uses++;
+    return n - have;
+}
+
+static void test_simulated_interleaving(void) {
+    memset(sim, 0, sizeof sim);
+    n_disk = 0;
+    int32_t conv[2][SIM_MAX];
+    size_t len[2] = {0, 0};
+    fill(conv[0], 100000, SIM_MAX);
+    fill(conv[1], 200000, SIM_MAX);
+    double now = 0;
+    int bad = 0;
+    for (int turn = 0; turn < 8; turn++) {
+        for (int x = 0; x < 2; x++) {
+            /* A main turn: everything so far (its last reply included) plus
+             * 40 new tokens; the reply is 15 tokens. */
+            size_t n = len[x] + (turn ? 40 : 100);   /* first prompt worth a spill */
+            size_t pre = sim_request(conv[x], n, 15, now += 10);
+            for (size_t g = 0; g < 15; g++) conv[x][n + g] = 90000 + (int32_t)(n + g);
+            if (turn > 0 && pre != 40) { bad++; fprintf(stderr, "  turn %d conv %d prefilled %zu\n", turn, x, pre); }
+            len[x] = n + 15;
+            /* A side request between main turns (title, summary...). */
+            int32_t side[30];
+            fill(side, 300000 + turn * 100 + x * 50, 30);
+            sim_request(side, 30, 5, now += 1);
+        }
+    }
+    CHECK(bad == 0, "%d main turns re-prefilled", bad);
+    CHECK(n_disk > 0, "mains were spilled, not dropped");
+}
+
+/* ---- pool object on the tiny model --------------------------------------------- */
+
+static ds4_engine *eng;
+static char model_path[256], root[128];
+static bool tmp_model;
+static uint32_t V;
+
+static void open_engine(void) {
+    const char *path = getenv("DS4_TINY");
+    if (!path || access(path, R_OK)) {
+        snprintf(model_path, sizeof model_path, "/tmp/ds4_test_pool_%d.gguf", (int)getpid());
+        char cmd[512];
+        snprintf(cmd, sizeof cmd, "build/bin/ds4-synth --preset tiny --seed 1 -o %s >/dev/null 2>&1", model_path);
+        if (system(cmd) != 0) { fprintf(stderr, "cannot generate the tiny model\n"); return; }
+        tmp_model = true;
+    } else {
+        snprintf(model_path, sizeof model_path, "%s", path);
+    }
+    char err[512];
+    ds4_engine_params p = {.model_path = model_path, .backend = DS4_BACKEND_CPU, .n_threads = 2};
+    eng = ds4_engine_open(&p, err, sizeof err);
+    if (!eng) { fprintf(stderr, "%s\n", err); return; }
+    V = ds4_engine_n_vocab(eng);
+}
+
+static void rand_ids(int32_t *out, size_t n, uint32_t seed) {
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        out[i] = (int32_t)((seed >> 8) % V);
+    }
+}
+
+static ds4_kvstore *open_store(const char *dir, const char *id) {
+    char err[256];
+    ds4_kvstore_params sp = {.dir = dir, .space_bytes = 256u << 20, .model_id = id};
+    ds4_kvstore *st = ds4_kvstore_open(&sp, err, sizeof err);
+    if (!st) fprintf(stderr, "%s\n", err);
+    return st;
+}
+
+/* The server's sequence for one request, with the generation replaced by
+ * appending `gen` given tokens (all but the last evaluated, as ds4_generate
+ * leaves it). Returns prompt tokens prefilled (not reused), or SIZE_MAX. */
+static size_t serve(ds4_pool *pool, const int32_t *prompt, size_t n, const int32_t *gen, size_t n_gen,
+                    ds4_pool_lease *l) {
+    char err[256];
+    if (ds4_pool_acquire(pool, prompt, n, l, err, sizeof err)) { fprintf(stderr, "%s\n", err); return SIZE_MAX; }
+    free(l->extra);
+    size_t have = ds4_session_len(l->session);
+    if (have != l->n_memory + l->n_disk || memcmp(ds4_session_tokens(l->session), prompt, have * 4)) return SIZE_MAX;
+    if (ds4_pool_prefill(pool, l, prompt, n - 3, NULL, NULL, err, sizeof err)) return SIZE_MAX;
+    size_t at = ds4_session_len(l->session);
+    if (at < n && ds4_session_eval(l->session, prompt + at, n - at, NULL, NULL, NULL, err, sizeof err)) return SIZE_MAX;
+    if (n_gen > 1 && ds4_session_eval(l->session, gen, n_gen - 1, NULL, NULL, NULL, err, sizeof err)) return SIZE_MAX;
+    ds4_pool_release(pool, l, n);
+    return n - have;
+}
+
+static int extra_calls;
+static int extra_fn(void *ud, const char *text, size_t text_len, const int32_t *ids, size_t n, uint8_t **blob,
+                    size_t *len) {
+    (void)ud;
+    size_t tl = 0;
+    char *want = ds4_kv_text(ds4_engine_tokenizer(eng), ids, n, &tl);
+    if (want && tl == text_len && !memcmp(want, text, tl)) extra_calls++;   /* text is that of ids */
+    free(want);
+    *blob = malloc(8);
+    if (!*blob) return -1;
+    memcpy(*blob, "map:", 4);
+    uint32_t k = (uint32_t)n;
+    memcpy(*blob + 4, &k, 4);
+    *len = 8;
+    (void)ids;
+    return 0;
+}
+
+static void test_model_id_and_text(void) {
+    REQUIRE(eng);
+    char a[65], b[65], err[256];
+    REQUIRE(ds4_kv_model_id(eng, a, err, sizeof err) == 0, "%s", err);
+    REQUIRE(ds4_kv_model_id(eng, b, err, sizeof err) == 0);
+    CHECK(strlen(a) == 64 && !strcmp(a, b));
+    const ds4_tokenizer *t = ds4_engine_tokenizer(eng);
+    ds4_tokens toks = {0};
+    const char *s = "Hello world, checkpoints!";
+    REQUIRE(ds4_tokenize(t, s, strlen(s), &toks) == 0);
+    size_t len = 0;
+    char *txt = ds4_kv_text(t, toks.ids, toks.n, &len);
+    CHECK(txt && len == strlen(s) && !strcmp(txt, s));
+    free(txt);
+    ds4_tokens_free(&toks);
+}
+
+static void test_restart_suffix_only(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/restart", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    enum { N1 = 200, G = 20, N2 = N1 + G + 30, N3 = N2 + 100 };
+    static int32_t p2[N3];
+    rand_ids(p2, N3, 7);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    ds4_pool_params pp = {.n_slots = 2, .ctx = 512, .store = st, .align = 64, .every = 128,
+                          .extra_fn = extra_fn, .log = getenv("DS4_POOL_LOG") ? stderr : NULL};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    /* Generated tokens: p2[N1, N1+G); the request ends with G-1 evaluated. */
+    CHECK(serve(pool, p2, N1, p2 + N1, G + 1, &l) == N1);
+    /* Prefill frontier at 128, trimmed prompt at 192 (stable = 197). */
+    CHECK(ds4_kvstore_count(st) == 2, "%zu checkpoints", ds4_kvstore_count(st));
+    CHECK(ds4_pool_spill_all(pool, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_kvstore_count(st) == 3 && extra_calls == 3);
+    /* Nothing new to save: a second spill writes nothing. */
+    CHECK(ds4_pool_spill_all(pool, err, sizeof err) == 0 && extra_calls == 3);
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+
+    /* Restart: a new store and pool on the same directory. */
+    st = open_store(dir, id);
+    REQUIRE(st && ds4_kvstore_count(st) == 3);
+    pp.store = st;
+    pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool);
+    REQUIRE(ds4_pool_acquire(pool, p2, N2, &l, err, sizeof err) == 0, "%s", err);
+    CHECK(l.n_disk == N1 + G && l.n_memory == 0, "disk %zu memory %zu", l.n_disk, l.n_memory);
+    CHECK(l.extra_len == 8 && !memcmp(l.extra, "map:", 4) && *(uint32_t *)(l.extra + 4) == N1 + G);
+    free(l.extra);
+    /* Only the suffix is left; its logits equal a cold prefill's. */
+    REQUIRE(ds4_session_eval(l.session, p2 + N1 + G, N2 - N1 - G, NULL, NULL, NULL, err, sizeof err) == 0);
+    ds4_session *cold = ds4_session_new(eng, 512, err, sizeof err);
+    REQUIRE(cold);
+    REQUIRE(ds4_session_eval(cold, p2, N2, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(cold), ds4_session_logits(l.session), V * sizeof(float)),
+          "restored + suffix == cold prefill");
+    /* A long reply: the slot ends at N3 tokens. */
+    REQUIRE(ds4_session_eval(l.session, p2 + N2, N3 - N2, NULL, NULL, NULL, err, sizeof err) == 0);
+    ds4_pool_release(pool, &l, N2);
+
+    /* Rewind to 200, further back than the engine can cut exactly (150 >
+     * window + 1): the nearest checkpoint at or before it, 192, in the free
+     * slot; the 350-token conversation stays resident. */
+    REQUIRE(ds4_pool_acquire(pool, p2, 200, &l, err, sizeof err) == 0);
+    free(l.extra);
+    CHECK(l.slot == 1 && l.n_disk == 192 && l.n_memory == 0, "slot %d disk %zu memory %zu", l.slot, l.n_disk,
+          l.n_memory);
+    REQUIRE(ds4_session_eval(l.session, p2 + 192, 8, NULL, NULL, NULL, err, sizeof err) == 0);
+    REQUIRE(ds4_session_truncate(cold, 0, err, sizeof err) == 0);
+    REQUIRE(ds4_session_eval(cold, p2, 200, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(!memcmp(ds4_session_logits(cold), ds4_session_logits(l.session), V * sizeof(float)));
+    ds4_pool_release(pool, &l, 200);
+    /* Rewind to 150 with both slots full: the 200-token slot shares as much
+     * and cuts less; 50 back is exact, so it stays in memory, no spill. */
+    REQUIRE(ds4_pool_acquire(pool, p2, 150, &l, err, sizeof err) == 0);
+    free(l.extra);
+    CHECK(l.slot == 1 && l.n_memory == 150 && l.n_disk == 0 && !l.spilled, "slot %d memory %zu disk %zu", l.slot,
+          l.n_memory, l.n_disk);
+    CHECK(ds4_pool_session(pool, 0) && ds4_session_len(ds4_pool_session(pool, 0)) == N3);
+    ds4_session_free(cold);
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+}
+
+static void test_interleaved_two_slots(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/interleave", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    ds4_pool_params pp = {.n_slots = 2, .ctx = 1024, .store = st, .align = 64, .every = 256,
+                          .log = getenv("DS4_POOL_LOG") ? stderr : NULL};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    static int32_t conv[2][1024];
+    size_t len[2] = {0, 0};
+    rand_ids(conv[0], 1024, 11);
+    rand_ids(conv[1], 1024, 22);
+    ds4_pool_lease l;
+    int bad = 0, side_slot_free_ok = 1;
+    for (int turn = 0; turn < 3; turn++) {
+        for (int x = 0; x < 2; x++) {
+            size_t first = turn == 0 ? 90 : 30;
+            size_t n = len[x] + first;
+            size_t pre = serve(pool, conv[x], n, conv[x] + n, 11, &l);
+            if (turn > 0 && pre != first) {
+                bad++;
+                fprintf(stderr, "  turn %d conv %d prefilled %zu of %zu\n", turn, x, pre, n);
+            }
+            len[x] = n + 10;
+            int32_t side[40];
+            rand_ids(side, 40, 1000u + (uint32_t)(turn * 2 + x));
+            if (serve(pool, side, 40, side, 4, &l) == SIZE_MAX) bad++;
+            /* Before conversation B exists, the side request takes the free slot. */
+            if (turn == 0 && x == 0 && l.slot == 0) side_slot_free_ok = 0;
+        }
+    }
+    CHECK(bad == 0, "%d main turns re-prefilled", bad);
+    CHECK(side_slot_free_ok, "side request used the free slot");
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+}
+
+int main(void) {
+    RUN(test_choose_scenarios);
+    RUN(test_simulated_interleaving);
+    snprintf(root, sizeof root, "/tmp/ds4_test_pool_%d", (int)getpid());
+    mkdir(root, 0755);
+    open_engine();
+    RUN(test_model_id_and_text);
+    RUN(test_restart_suffix_only);
+    RUN(test_interleaved_two_slots);
+    if (eng) ds4_engine_close(eng);
+    if (tmp_model) unlink(model_path);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", root);
+    if (system(cmd)) fprintf(stderr, "cannot remove %s\n", root);
+    TEST_END();
+}

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# ds4-server over raw HTTP with curl: SSE framing and event order for each
+# protocol, keepalive comments, bad input (malformed/huge/deep JSON, slow
+# headers, huge headers), client disconnect mid-stream, API key, CORS and a
+# graceful SIGTERM. Ends with "N passed, N failed".
+set -u
+cd "$(dirname "$0")/.."
+BIN=${DS4_BIN:-$PWD/build/bin}
+pass=0; fail=0
+check() { # name, command...
+  local name=$1; shift
+  if "$@"; then pass=$((pass + 1)); echo "ok   $name"; else fail=$((fail + 1)); echo "FAIL $name"; fi
+}
+finish() { echo "$pass passed, $fail failed"; [ "$fail" -eq 0 ]; exit; }
+
+if [ ! -x "$BIN/ds4-server" ]; then echo "ds4-server not built"; fail=1; finish; fi
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill -9 "$p" 2>/dev/null; done; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+MODEL=${DS4_TINY:-}
+if [ -z "$MODEL" ] || [ ! -f "$MODEL" ]; then
+  MODEL=$TMP/tiny.gguf
+  "$BIN/ds4-synth" --preset tiny --seed 1 -o "$MODEL" >/dev/null 2>&1 || { echo "ds4-synth failed"; fail=1; finish; }
+fi
+cat > "$TMP/scripts.txt" <<'S'
+=== hello
+The user greets.</think>Hello there!<｜end▁of▁sentence｜>
+=== tool
+Call it.</think>
+
+<｜DSML｜tool_calls>
+<｜DSML｜invoke name="get_weather">
+<｜DSML｜parameter name="location" string="true">Paris</｜DSML｜parameter>
+</｜DSML｜invoke>
+</｜DSML｜tool_calls>
+=== endless
+word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word word 
+=== broken
+Hm.</think>
+
+<｜DSML｜tool_calls>
+<｜DSML｜invoke name="get_weather">
+<｜DSML｜parameter name="location" string="true">Par<｜end▁of▁sentence｜>
+S
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# start NAME [options]: sets $URL and $PID
+start() {
+  local port; port=$(free_port)
+  "$BIN/ds4-server" -m "$MODEL" --cpu --threads 1 --ctx 4096 --port "$port" --keepalive 1 --timeout 3 \
+    --max-body 65536 --test-script "$TMP/scripts.txt" --trace "$TMP/trace.txt" "$@" 2>>"$TMP/server.log" &
+  PID=$!
+  PIDS+=("$PID")
+  URL=http://127.0.0.1:$port
+  for _ in $(seq 100); do curl -sf "$URL/health" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "server did not start:"; cat "$TMP/server.log"; return 1
+}
+post() { curl -s -H 'Content-Type: application/json' "$@"; }
+# wait_grep FILE PATTERN: up to 8 s for a line matching PATTERN to appear.
+wait_grep() { for _ in $(seq 80); do grep -q "$2" "$1" && return 0; sleep 0.1; done; return 1; }
+alive() { [ "$(curl -s -m 5 "$URL/health")" = '{"status":"ok"}' ]; }
+
+start || { fail=1; finish; }
+H='X-DS4-Test-Script: hello'
+LONG='X-DS4-Test-Script: endless'   # 400 forced tokens, no EOS: runs until cut
+CHAT='{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"Hi"}],"stream":true}'
+
+# ---- SSE framing -------------------------------------------------------
+post -N -D "$TMP/h1" -H "$H" "$URL/v1/chat/completions" -d "$CHAT" > "$TMP/chat.sse"
+check "chat SSE: content type" grep -qi '^content-type: text/event-stream' "$TMP/h1"
+# Every non-empty line is a data line, each event ends with a blank line, the last is [DONE].
+check "chat SSE: only data lines" bash -c "! grep -v -e '^data: ' -e '^$' -e '^: keepalive' '$TMP/chat.sse' | grep -q ."
+check "chat SSE: ends with [DONE]" bash -c "[ \"\$(grep '^data: ' '$TMP/chat.sse' | tail -n1)\" = 'data: [DONE]' ]"
+check "chat SSE: role chunk first" bash -c "grep '^data: ' '$TMP/chat.sse' | head -n1 | grep -q '\"delta\":{\"role\":\"assistant\"'"
+check "chat SSE: finish_reason stop before [DONE]" bash -c "grep '^data: ' '$TMP/chat.sse' | tail -n2 | head -n1 | grep -q '\"finish_reason\":\"stop\"'"
+check "chat SSE: events separated by blank lines" bash -c "awk 'prev ~ /^data: / && \$0 != \"\" {bad=1} {prev=\$0} END {exit bad}' '$TMP/chat.sse'"
+
+post -N -H "$H" "$URL/v1/messages" -d '{"model":"x","max_tokens":50,"stream":true,"messages":[{"role":"user","content":"Hi"}]}' > "$TMP/an.sse"
+grep '^event: ' "$TMP/an.sse" | sed 's/^event: //' | uniq > "$TMP/an.order"
+check "anthropic SSE: event order" bash -c "[ \"\$(tr '\n' ' ' < '$TMP/an.order')\" = 'message_start content_block_start content_block_delta content_block_stop content_block_start content_block_delta content_block_stop message_delta message_stop ' ]"
+# Each "event: X" line is followed by a data line whose JSON type is X.
+check "anthropic SSE: event name = data type" python3 - "$TMP/an.sse" <<'P'
+import json, sys
+lines = [l for l in open(sys.argv[1]).read().split('\n') if l and not l.startswith(':')]
+ok = len(lines) > 4 and len(lines) % 2 == 0
+for ev, data in zip(lines[::2], lines[1::2]):
+    ok = ok and ev.startswith('event: ') and data.startswith('data: ') and json.loads(data[6:])['type'] == ev[7:]
+sys.exit(0 if ok else 1)
+P
+check "anthropic SSE: thinking then text deltas" bash -c "grep -q 'thinking_delta' '$TMP/an.sse' && grep -q 'text_delta' '$TMP/an.sse' && grep -q 'signature_delta' '$TMP/an.sse'"
+
+post -N -H "$H" "$URL/v1/responses" -d '{"model":"x","input":"Hi","stream":true}' > "$TMP/rs.sse"
+check "responses SSE: created first, completed last, sequence numbers" python3 - "$TMP/rs.sse" <<'P'
+import json, sys
+evs = [json.loads(l[6:]) for l in open(sys.argv[1]).read().split('\n') if l.startswith('data: ')]
+names = [e['type'] for e in evs]
+ok = names[0] == 'response.created' and names[-1] == 'response.completed'
+ok = ok and [e['sequence_number'] for e in evs] == list(range(len(evs)))
+ok = ok and names.index('response.reasoning_text.delta') < names.index('response.output_text.delta')
+ok = ok and evs[-1]['response']['output'][1]['content'][0]['text'] == 'Hello there!'
+sys.exit(0 if ok else 1)
+P
+
+post -N -H 'X-DS4-Test-Script: tool' "$URL/v1/chat/completions" \
+  -d '{"model":"x","stream":true,"messages":[{"role":"user","content":"w"}],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}]}' > "$TMP/tool.sse"
+check "tool call streamed: header then argument fragments, finish tool_calls" python3 - "$TMP/tool.sse" <<'P'
+import json, sys
+ch = [json.loads(l[6:]) for l in open(sys.argv[1]).read().split('\n') if l.startswith('data: {')]
+tc = [c['choices'][0]['delta']['tool_calls'][0] for c in ch if c['choices'] and 'tool_calls' in c['choices'][0]['delta']]
+ok = tc[0]['function'] == {'name': 'get_weather', 'arguments': ''} and tc[0]['id'].startswith('call_')
+ok = ok and json.loads(''.join(t['function']['arguments'] for t in tc[1:])) == {'location': 'Paris'}
+ok = ok and ch[-1]['choices'][0]['finish_reason'] == 'tool_calls'
+sys.exit(0 if ok else 1)
+P
+
+# An unterminated tool block after its start was streamed: an error event, not a normal stop.
+post -N -H 'X-DS4-Test-Script: broken' "$URL/v1/messages" \
+  -d '{"model":"x","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"w"}],"tools":[{"name":"get_weather","input_schema":{"type":"object"}}]}' > "$TMP/broken.sse"
+check "anthropic SSE: unterminated tool block ends in an error event" bash -c "grep -q '^event: content_block_start' '$TMP/broken.sse' && [ \"\$(grep '^event: ' '$TMP/broken.sse' | tail -n1)\" = 'event: error' ] && grep -q 'unterminated tool call' '$TMP/broken.sse'"
+post -H 'X-DS4-Test-Script: broken' "$URL/v1/responses" \
+  -d '{"model":"x","input":"w","tools":[{"type":"function","name":"get_weather","parameters":{"type":"object"}}]}' > "$TMP/broken.json"
+check "responses: unterminated tool block -> failed with an error" python3 -c "import json; r=json.load(open('$TMP/broken.json')); assert r['status']=='failed' and 'unterminated' in r['error']['message']"
+
+# ---- keepalive: a stream queued behind a long generation ----------------
+# The long request is dropped after 2.5 s, which cancels it and lets the
+# queued stream run: it must have received keepalives meanwhile.
+post -o /dev/null -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":3000}' &
+BG=$!
+sleep 0.3
+post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2}' > "$TMP/ka.sse" &
+FG=$!
+sleep 2.5
+kill $BG 2>/dev/null
+wait $FG
+check "keepalive comments while queued" grep -q '^: keepalive$' "$TMP/ka.sse"
+check "stream after keepalives still completes" bash -c "tail -n2 '$TMP/ka.sse' | grep -q '^data: \[DONE\]'"
+
+# ---- bad input -----------------------------------------------------------
+code() { curl -s -o "$TMP/body" -w '%{http_code}' "$@"; }
+check "malformed JSON -> 400" [ "$(code "$URL/v1/chat/completions" -d '{"messages": [')" = 400 ]
+check "malformed JSON: OpenAI error shape" python3 -c "import json; e=json.load(open('$TMP/body'))['error']; assert e['type']=='invalid_request_error' and e['message']"
+check "not an object -> 400" [ "$(code "$URL/v1/messages" -d '[1,2]')" = 400 ]
+check "anthropic error shape" python3 -c "import json; b=json.load(open('$TMP/body')); assert b['type']=='error' and b['error']['type']=='invalid_request_error'"
+head -c 100000 /dev/zero | tr '\0' 'a' > "$TMP/big"
+check "body over --max-body -> 413" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/big")" = 413 ]
+python3 -c 'print("{\"messages\":" + "["*5000 + "]"*5000 + "}")' > "$TMP/deep"
+check "deep JSON -> 400" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/deep")" = 400 ]
+check "unknown endpoint -> 404" [ "$(code "$URL/v1/nothing" -d '{}')" = 404 ]
+check "wrong method -> 405" [ "$(code -X PUT "$URL/v1/chat/completions" -d '{}')" = 405 ]
+check "bad field -> 400" [ "$(code "$URL/v1/chat/completions" -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}')" = 400 ]
+python3 -c 'print("x" * 100000)' > "$TMP/hdr"
+check "huge header refused" bash -c "c=\$(curl -s -o /dev/null -w '%{http_code}' -H \"X-Big: \$(cat '$TMP/hdr')\" '$URL/health'); [ \"\$c\" = 431 ] || [ \"\$c\" = 413 ] || [ \"\$c\" = 000 ]"
+# Slow headers: a connection that never finishes its request is dropped
+# after --timeout (3 s) while others are served meanwhile.
+python3 - "${URL#http://}" > "$TMP/slow" 2>&1 <<'P' &
+import socket, sys, time
+host, port = sys.argv[1].split(':')
+s = socket.create_connection((host, int(port)))
+s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n')
+t = time.time(); s.settimeout(10)
+try:
+    d = s.recv(100)
+except Exception as e:
+    d = None
+print('closed' if d == b'' or d is not None else 'open', round(time.time() - t))
+P
+SLOW=$!
+sleep 0.5
+check "served during a slow client" alive
+wait $SLOW
+check "slow headers dropped by the timeout" grep -q '^closed [2-6]$' "$TMP/slow"
+
+# ---- client disconnect mid-stream cancels the generation ----------------
+: > "$TMP/trace.txt"
+# Dropped after 2 s, once tokens are flowing.
+curl -s -N -m 2 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"stream":true,"max_tokens":3000}' > "$TMP/cut.sse"
+check "a stream was running when dropped" grep -q '"content":' "$TMP/cut.sse"
+check "disconnect cancels the running stream" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
+: > "$TMP/trace.txt"
+curl -s -m 1 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":3000}' > /dev/null
+check "disconnect cancels a non-streaming request" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
+check "next request answered after disconnects" bash -c "[ \"\$(curl -s -m 20 -o /dev/null -w '%{http_code}' '$URL/v1/chat/completions' -d '{\"model\":\"deepseek-chat\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":1}')\" = 200 ]"
+
+# ---- graceful shutdown -----------------------------------------------------
+post -N -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"x"}],"stream":true,"max_tokens":3000}' > "$TMP/term.sse" &
+CL=$!
+wait_grep "$TMP/term.sse" '^data: ' || true   # the stream is open
+kill -TERM "$PID"
+T0=$(date +%s)
+wait "$PID"; RC=$?
+check "SIGTERM: exit 0" [ "$RC" = 0 ]
+check "SIGTERM: prompt exit" [ $(( $(date +%s) - T0 )) -le 5 ]
+wait $CL
+check "SIGTERM: the open stream ends with an error and [DONE]" bash -c "grep -q '^data: {\"error\":{\"message\":\"server shutting down\"' '$TMP/term.sse' && tail -n2 '$TMP/term.sse' | grep -q '^data: \[DONE\]'"
+
+# ---- API key and CORS ------------------------------------------------------
+start --api-key sekret --cors || { fail=$((fail + 1)); finish; }
+check "api key: missing -> 401" [ "$(code "$URL/v1/models")" = 401 ]
+check "api key: wrong -> 401" [ "$(code -H 'Authorization: Bearer nope' "$URL/v1/models")" = 401 ]
+check "api key: Bearer" [ "$(code -H 'Authorization: Bearer sekret' "$URL/v1/models")" = 200 ]
+check "api key: x-api-key" [ "$(code -H 'x-api-key: sekret' "$URL/v1/models")" = 200 ]
+check "api key: /health stays open" [ "$(code "$URL/health")" = 200 ]
+check "cors: header on replies" bash -c "curl -s -D - -o /dev/null -H 'x-api-key: sekret' '$URL/v1/models' | grep -qi '^access-control-allow-origin: \*'"
+check "cors: preflight" [ "$(code -X OPTIONS "$URL/v1/chat/completions")" = 204 ]
+kill -INT "$PID"; wait "$PID"
+check "SIGINT: exit 0" [ $? = 0 ]
+
+finish

@@ -1,0 +1,61 @@
+#!/bin/bash
+# Device script for the CUDA backend (run on the GPU machine from the folder
+# that holds bin/, lib/ and tokenizer.json; see tools/gpu/NOTES.md).
+#   run.sh [kernels] [tiny] [flash4] [prof] [flash20]     default: kernels tiny flash4
+# Logs go to $OUT (or ./out). Prints a short summary last.
+set -u
+cd "$(dirname "$0")"
+export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+steps=${*:-kernels tiny flash4}
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+f4() { [ -f /dev/shm/f4.gguf ] || ./bin/ds4-synth --preset flash-q2 --layers 4 -o /dev/shm/f4.gguf \
+         --tokenizer tokenizer.json --threads 16 2>&1 | tail -1; }
+for s in $steps; do
+    case $s in
+    kernels)
+        ./bin/ds4-gpucheck --kernels 2>&1 | tee "$OUT/kernels.log" ;;
+    tiny)
+        ./bin/ds4-synth --preset tiny -o /dev/shm/tiny.gguf --tokenizer tokenizer.json >/dev/null &&
+        ./bin/ds4-gpucheck --model /dev/shm/tiny.gguf --tokens 300 --bench 200 2>&1 | tee "$OUT/tiny.log" ;;
+    flash4)
+        f4
+        ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens ${F4_TOKENS:-40} --bench 100 2>&1 | tee "$OUT/flash4.log"
+        # decode at a 2K context (graphs), no CPU involved
+        ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee -a "$OUT/flash4.log" ;;
+    flash20)
+        # 20 of the 43 layers at full width (~42 GB): decode speed at a 2K context
+        rm -f /dev/shm/f4.gguf
+        ./bin/ds4-synth --preset flash-q2 --layers 20 -o /dev/shm/f20.gguf --tokenizer tokenizer.json --threads 16 2>&1 | tail -1
+        ./bin/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee "$OUT/flash20.log"
+        ./bin/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 8 --bench 200 --profile 2>&1 | tee -a "$OUT/flash20.log"
+        rm -f /dev/shm/f20.gguf ;;
+    prof)
+        # Per-kernel time and DRAM bytes of 3 eager decode steps (ncu, clocks untouched).
+        f4
+        DS4_CUDA_GRAPHS=0 ncu --clock-control none --csv --page raw --print-units base \
+            --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+            ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
+        python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/prof.log"
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+h = rows[0]; data = rows[2:]
+ki, ti = h.index("Kernel Name"), h.index("gpu__time_duration.sum")
+ri, wi = h.index("dram__bytes_read.sum"), h.index("dram__bytes_write.sum")
+agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
+num = lambda x: float(x.replace(",", "")) if x else 0.0
+for r in data:
+    a = agg[r[ki].split("(")[0]]
+    a[0] += 1; a[1] += num(r[ti]); a[2] += num(r[ri]) + num(r[wi])
+tot = sum(a[1] for a in agg.values())
+print("kernel                  calls   time_us   share  GB/s   (3 eager decode steps, 4-layer flash-q2)")
+for k, a in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+    print("%-22s %6d %9.1f %6.1f%% %6.0f" % (k[:22], a[0], a[1] / 1e3, 100 * a[1] / tot, a[2] / a[1] if a[1] else 0))
+print("total kernel time %.1f us over %d launches" % (tot / 1e3, sum(a[0] for a in agg.values())))
+PY
+        ;;
+    esac
+done
+echo "== summary"
+grep -h -E "FAIL|passed|decode|prefill|create|total kernel" "$OUT"/*.log
