@@ -832,14 +832,6 @@ __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid
     }
 }
 
-/* g[i] ← swiglu(g[i], u[i]) · (w ? w[i / per] : 1). */
-__global__ void k_swiglu(float *g, const float *u, int64_t n, int64_t per, const float *w, float clamp) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = swiglu(g[i], u[i], clamp);
-    g[i] = w ? v * w[i / per] : v;
-}
-
 /* y = Σ_slot routed (slot order) + y (the shared expert's output). */
 __global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -847,6 +839,112 @@ __global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
     float a = 0;
     for (int i = 0; i < used; i++) a += eout[i * d + k];
     y[k] = a + y[k];
+}
+
+/* ---- Q8_0 matvec on the repacked layout ----------------------------------------
+ * Q8_0 carries ~2/3 of a decode step's weight bytes (attention projections,
+ * shared expert, LM head). GGUF's 34-byte blocks leave the quants only 2-byte
+ * aligned, so the generic path issued five 2-byte loads per 8 weights. At
+ * upload (k_repack_q8) each R-row matrix is rewritten in place, same bytes:
+ * the quants first, row r's n_in bytes at r·n_in (16-byte aligned), then the
+ * f16 scales, row r's nb = n_in/32 at R·n_in + 2·r·nb. A lane then takes a
+ * 16-weight piece per 16-byte load. */
+__global__ void k_repack_q8(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t nblocks) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;   /* block r·nb + k: quants go to 32·i */
+    if (i >= nblocks) return;
+    const unsigned short *b = (const unsigned short *)(src + i * 34);   /* 2-byte aligned */
+    unsigned short *q = (unsigned short *)(dst + i * 32);
+    for (int j = 0; j < 16; j++) q[j] = b[1 + j];
+    ((unsigned short *)(dst + nblocks * 32))[i] = b[0];
+}
+
+/* Σ_k int8(u byte k) · x_k over 4 weights. */
+__device__ __forceinline__ float dot4_i8(uint32_t u, float4 x, float s) {
+    s = fmaf((float)(int8_t)u, x.x, s);
+    s = fmaf((float)(int8_t)(u >> 8), x.y, s);
+    s = fmaf((float)(int8_t)(u >> 16), x.z, s);
+    return fmaf((float)((int32_t)u >> 24), x.w, s);
+}
+
+/* y[slot·y_slot + r] for NR consecutive rows per warp, which share each x
+ * load (x is re-read from L1 once per NR rows, not per row). GLU: W2 is the
+ * up matrix of the same shape; the warp computes gate and up rows together
+ * and writes swiglu(g, u) · (ew ? ew[slot] : 1), so the pair takes one
+ * launch and k_swiglu none. eid/estride/x_slot as k_matvec; x grouping
+ * (xg_rows, a multiple of NR) as k_matvec. Rows past the end repeat the
+ * last row (loads stay in bounds) and are not written. */
+template <int NR, bool GLU>
+__global__ void __launch_bounds__(32 * MV_WARPS)
+k_mv_q8(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
+        const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
+        const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot,
+        const float *__restrict__ ew, float clamp) {
+    constexpr int M = GLU ? 2 * NR : NR;
+    int slot = blockIdx.y, lane = threadIdx.x & 31;
+    int64_t r0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NR;
+    if (r0 >= rows) return;
+    uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
+    const int64_t nb = n_in / 32, np = n_in / 16;
+    const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
+    const uint4 *q[M];
+    const __half *sc[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        const uint8_t *mat = (i < NR ? W : W2) + eoff;
+        int64_t r = r0 + i % NR < rows ? r0 + i % NR : rows - 1;
+        q[i] = (const uint4 *)(mat + r * n_in);
+        sc[i] = (const __half *)(mat + rows * n_in) + r * nb;
+    }
+    float acc[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = 0;
+#pragma unroll 2
+    for (int64_t p = lane; p < np; p += 32) {
+        uint4 w[M];
+        float d[M];
+#pragma unroll
+        for (int i = 0; i < M; i++) { w[i] = q[i][p]; d[i] = __half2float(sc[i][p >> 1]); }
+        const float4 *xp = (const float4 *)(xx + 16 * p);
+        float4 x0 = xp[0], x1 = xp[1], x2 = xp[2], x3 = xp[3];
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            float s = dot4_i8(w[i].x, x0, 0.0f);
+            s = dot4_i8(w[i].y, x1, s);
+            s = dot4_i8(w[i].z, x2, s);
+            s = dot4_i8(w[i].w, x3, s);
+            acc[i] = fmaf(d[i], s, acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
+    if (lane) return;
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        if (r0 + i >= rows) break;
+        float v = acc[i];
+        if (GLU) {
+            v = swiglu(acc[i], acc[NR + i], clamp);
+            if (ew) v *= ew[slot];
+        }
+        y[slot * y_slot + r0 + i] = v;
+    }
+}
+
+/* Gate and up rows of one expert slot in one warp, swiglu · ew[slot] out:
+ * the routed experts' pair in one launch (generic formats, k_matvec's loop). */
+__global__ void k_matvec_glu(int type, const uint8_t *__restrict__ Wg, const uint8_t *__restrict__ Wu, uint64_t rb,
+                             int64_t n_in, int64_t rows, const float *__restrict__ x, float *__restrict__ y,
+                             const int32_t *__restrict__ eid, uint64_t estride, int64_t y_slot,
+                             const float *__restrict__ ew, float clamp) {
+    int slot = blockIdx.y, lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    uint64_t off = (eid ? (uint64_t)eid[slot] * estride : 0) + (uint64_t)r * rb;
+    float g = row_dot(type, Wg + off, n_in / 8, x, lane, 32);
+    float u = row_dot(type, Wu + off, n_in / 8, x, lane, 32);
+    g = warp_sum(g);
+    u = warp_sum(u);
+    if (!lane) y[slot * y_slot + r] = swiglu(g, u, clamp) * (ew ? ew[slot] : 1.0f);
 }
 
 /* ---- test-only wrappers ---------------------------------------------------------- */
