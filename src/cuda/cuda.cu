@@ -189,44 +189,56 @@ out:
     return rc;
 }
 
-/* Bytes of the largest Q8_0 slab (one matrix, or one expert of a 3-D tensor). */
-static uint64_t max_q8_slab(const ds4_model *m) {
+/* Formats read through k_mv_rp, repacked at upload: block bytes, header
+ * offset and length (kernels.cuh, rp_fmt). */
+static bool repacked(uint32_t type) { return type == GGML_Q8_0 || type == GGML_IQ2_XXS || type == GGML_Q2_K; }
+static void rp_geom(uint32_t type, int *bb, int *ho, int *hl, int *eb) {
+    if (type == GGML_Q8_0) { *bb = 34; *ho = 0; *hl = 2; *eb = 32; }
+    else if (type == GGML_IQ2_XXS) { *bb = 66; *ho = 0; *hl = 2; *eb = 256; }
+    else { *bb = 84; *ho = 80; *hl = 4; *eb = 256; }
+}
+
+/* Bytes of the largest repacked slab (one matrix, or one expert of a 3-D tensor). */
+static uint64_t max_rp_slab(const ds4_model *m) {
     uint64_t mx = 0;
     for (int i = 0; i < m->n_layout; i++) {
         const ds4_tensor *t = spec_tensor(m, &m->layout[i]);
         uint64_t slab = t->row_bytes * (uint64_t)t->ne[1];
-        if (t->data && t->type == GGML_Q8_0 && slab > mx) mx = slab;
+        if (t->data && repacked(t->type) && slab > mx) mx = slab;
     }
     return mx;
 }
 
-/* Rewrite every uploaded Q8_0 slab into k_mv_q8's layout (kernels.cuh),
- * through one scratch slab on the device: quants first, scales after, the
- * same bytes in the same place, so tensor offsets stay as in the file. */
+/* Rewrite every uploaded Q8_0 / IQ2_XXS / Q2_K slab into k_mv_rp's layout
+ * (kernels.cuh) through one scratch slab on the device: payloads first,
+ * headers after, the same bytes in the same place, so tensor offsets stay
+ * as in the file. */
 static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
     const ds4_model *m = be->m;
-    uint64_t mx = max_q8_slab(m);
+    uint64_t mx = max_rp_slab(m);
     if (!mx) return 0;
     uint8_t *tmp = NULL;
     CK(cudaMalloc((void **)&tmp, mx));
     cudaError_t e = cudaSuccess;
     for (int i = 0; i < m->n_layout && !e; i++) {
         const ds4_tensor *t = spec_tensor(m, &m->layout[i]);
-        if (!t->data || t->type != GGML_Q8_0) continue;
+        if (!t->data || !repacked(t->type)) continue;
+        int bb, ho, hl, eb;
+        rp_geom(t->type, &bb, &ho, &hl, &eb);
         uint64_t slab = t->row_bytes * (uint64_t)t->ne[1];
-        int64_t nblocks = t->ne[1] * (t->ne[0] / 32);
+        int64_t nblocks = t->ne[1] * (t->ne[0] / eb);
         for (int64_t x = 0; x < (t->ne[2] > 1 ? t->ne[2] : 1) && !e; x++) {
             uint8_t *d = (uint8_t *)DW(be, t) + x * slab;
             e = cudaMemcpyAsync(tmp, d, slab, cudaMemcpyDeviceToDevice, be->s);
             if (!e) {
-                k_repack_q8<<<(unsigned)((nblocks + 255) / 256), 256, 0, be->s>>>(tmp, d, nblocks);
+                k_repack<<<(unsigned)((nblocks + 255) / 256), 256, 0, be->s>>>(tmp, d, nblocks, bb, ho, hl);
                 e = cudaGetLastError();
             }
         }
     }
     if (!e) e = cudaStreamSynchronize(be->s);
     cudaFree(tmp);
-    return e ? fail(err, errlen, "cuda: Q8_0 repack failed: %s", cudaGetErrorString(e)) : 0;
+    return e ? fail(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
 }
 
 static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t errlen) {
@@ -263,9 +275,9 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
             fail(err, errlen, "cuda backend: tensor %s: data must be 16-byte aligned, rows a multiple of 8", t->name);
             return NULL;
         }
-        /* Each expert slab of a 3-D Q8_0 tensor is repacked on its own and read with 16-byte loads. */
-        if (t->data && t->type == GGML_Q8_0 && t->ne[2] > 1 && (t->row_bytes * (uint64_t)t->ne[1]) % 16) {
-            fail(err, errlen, "cuda backend: tensor %s: Q8_0 expert slabs must be a multiple of 16 bytes", t->name);
+        /* Each expert slab of a repacked 3-D tensor is read with 16-byte loads. */
+        if (t->data && repacked(t->type) && t->ne[2] > 1 && (t->row_bytes * (uint64_t)t->ne[1]) % 16) {
+            fail(err, errlen, "cuda backend: tensor %s: expert slabs must be a multiple of 16 bytes", t->name);
             return NULL;
         }
     }
@@ -297,7 +309,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     }
     /* Refuse before uploading anything, saying how much is missing (the
      * repack's scratch slab is freed before the first step, but must fit). */
-    uint64_t need = be->span + scr + VRAM_MARGIN + max_q8_slab(m);
+    uint64_t need = be->span + scr + VRAM_MARGIN + max_rp_slab(m);
     if (need > free_b) {
         fail(err, errlen,
              "cuda backend: need %.1f GiB of GPU memory (weights %.1f GiB + scratch %.1f MiB + %llu MiB margin), "
@@ -474,30 +486,41 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
 #define WIDE_ROWS 1024
 #define ATT_WARPS 8            /* warps per attention block (one block per head) */
 
-/* Q8_0 (repacked) matvec, any shape: rows per warp 4 where the grid still
- * has ≥ 1024 warps, fewer below (a small matrix must still spread over the
- * GPU); 2 for GLU pairs (4 rows read per step). xg_rows must stay a multiple
- * of the rows per warp (every row of a warp reads the same x group). */
-static void launch_q8(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
-                      int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
-                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
+/* Matvec on a repacked format, any shape: rows per warp 4 where the grid
+ * still has ≥ 1024 warps, fewer below (a small matrix must still spread
+ * over the GPU); at most 2 for GLU pairs (4 rows read per step). xg_rows
+ * must stay a multiple of the rows per warp (a warp's rows share one x). */
+template <int F>
+static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
+                       int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
+                       int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
     int nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;
     if (W2 && nr > 2) nr = 2;
     while (xg_rows && xg_rows % nr) nr /= 2;
     dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
-#define MVQ8(NR, GLU) k_mv_q8<NR, GLU><<<grid, 32 * MV_WARPS, 0, s>>>(W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, \
-                                                                   estride, x_slot, y_slot, ew, clamp)
-    if (W2) { if (nr == 2) MVQ8(2, true); else MVQ8(1, true); }
-    else if (nr == 4) MVQ8(4, false);
-    else if (nr == 2) MVQ8(2, false);
-    else MVQ8(1, false);
-#undef MVQ8
+#define MVRP(NR, GLU) k_mv_rp<F, NR, GLU><<<grid, 32 * MV_WARPS, 0, s>>>(W, W2, n_in, rows, x, xg_rows, xg_stride, y, \
+                                                                     eid, estride, x_slot, y_slot, ew, clamp)
+    if (W2) { if (nr == 2) MVRP(2, true); else MVRP(1, true); }
+    else if (nr == 4) MVRP(4, false);
+    else if (nr == 2) MVRP(2, false);
+    else MVRP(1, false);
+#undef MVRP
+}
+static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows,
+                      const float *x, int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
+                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
+    if (type == GGML_Q8_0)
+        launch_rpf<RP_Q8>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+    else if (type == GGML_IQ2_XXS)
+        launch_rpf<RP_IQ2>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+    else
+        launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
 }
 
 /* y = T·x; x grouped as k_matvec (xg_rows = 0: one x). */
 static void matvec_g(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t xg_rows, int64_t xg_stride, float *y) {
-    if (T->type == GGML_Q8_0) {
-        launch_q8(be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, xg_rows, xg_stride, y, NULL, 0, 0, 0, 1, NULL, 0);
+    if (repacked(T->type)) {
+        launch_rp(T->type, be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, xg_rows, xg_stride, y, NULL, 0, 0, 0, 1, NULL, 0);
         return;
     }
     if (!xg_rows && T->ne[1] < WIDE_ROWS && T->ne[0] >= 2048) {
@@ -514,8 +537,9 @@ static void matvec_experts(gpu_backend *be, const ds4_tensor *T, const float *x,
                            int64_t y_slot) {
     int used = (int)be->hp->n_expert_used;
     uint64_t estride = T->row_bytes * (uint64_t)T->ne[1];
-    if (T->type == GGML_Q8_0) {
-        launch_q8(be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, 0, 0, y, be->eid, estride, x_slot, y_slot, used, NULL, 0);
+    if (repacked(T->type)) {
+        launch_rp(T->type, be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, 0, 0, y, be->eid, estride, x_slot, y_slot, used,
+                  NULL, 0);
         return;
     }
     k_matvec<<<dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), used), 32 * MV_WARPS, 0, be->s>>>(
@@ -531,8 +555,9 @@ static void glu(gpu_backend *be, const ds4_tensor *Tg, const ds4_tensor *Tu, boo
     const float *ew = routed ? be->ew : NULL;
     uint64_t estride = Tg->row_bytes * (uint64_t)Tg->ne[1];
     int64_t rows = Tg->ne[1];
-    if (Tg->type == GGML_Q8_0) {
-        launch_q8(be->s, DW(be, Tg), DW(be, Tu), Tg->ne[0], rows, x, 0, 0, y, eid, estride, 0, rows, slots, ew, clamp);
+    if (repacked(Tg->type)) {   /* the loader gives gate and up the same type */
+        launch_rp(Tg->type, be->s, DW(be, Tg), DW(be, Tu), Tg->ne[0], rows, x, 0, 0, y, eid, estride, 0, rows, slots, ew,
+                  clamp);
         return;
     }
     k_matvec_glu<<<dim3((unsigned)((rows + MV_WARPS - 1) / MV_WARPS), slots), 32 * MV_WARPS, 0, be->s>>>(
@@ -900,15 +925,18 @@ extern "C" int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64
         (e = cudaMemcpy(dw, w, rb * n_rows, cudaMemcpyHostToDevice)) ||
         (e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice))) goto out;
     poison(dy, n_rows * sizeof(float));
-    if (type == GGML_Q8_0) {   /* repacked first, as at upload */
+    if (repacked((uint32_t)type)) {   /* repacked first, as at upload */
+        int bb, ho, hl, eb;
+        rp_geom((uint32_t)type, &bb, &ho, &hl, &eb);
+        int64_t nblocks = n_rows * (n_in / eb);
         uint8_t *tmp = NULL;
         if ((e = cudaMalloc((void **)&tmp, rb * n_rows)) ||
             (e = cudaMemcpy(tmp, dw, rb * n_rows, cudaMemcpyDeviceToDevice))) { cudaFree(tmp); goto out; }
-        k_repack_q8<<<(unsigned)((n_rows * (n_in / 32) + 255) / 256), 256>>>(tmp, dw, n_rows * (n_in / 32));
+        k_repack<<<(unsigned)((nblocks + 255) / 256), 256>>>(tmp, dw, nblocks, bb, ho, hl);
         e = cudaDeviceSynchronize();
         cudaFree(tmp);
         if (e) goto out;
-        launch_q8(0, dw, NULL, n_in, n_rows, dx, 0, 0, dy, NULL, 0, 0, 0, 1, NULL, 0);
+        launch_rp((uint32_t)type, 0, dw, NULL, n_in, n_rows, dx, 0, 0, dy, NULL, 0, 0, 0, 1, NULL, 0);
     } else if (n_rows < WIDE_ROWS && n_in >= 2048)   /* the same choice as matvec() */
         k_matvec_wide<<<(unsigned)n_rows, 256>>>(type, dw, rb, n_in, dx, dy);
     else
