@@ -488,20 +488,23 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
 
 /* Matvec on a repacked format, any shape: rows per warp 4 where the grid
  * still has ≥ 1024 warps, fewer below (a small matrix must still spread
- * over the GPU); at most 2 for GLU pairs (4 rows read per step). xg_rows
- * must stay a multiple of the rows per warp (a warp's rows share one x). */
+ * over the GPU), 2 for GLU pairs (4 rows read per step). 64-weight pieces
+ * (IQ2_XXS, Q2_K) hold 16 float4 of x per lane: Q2_K with 4 rows needs 160
+ * registers (3 blocks an SM), with 2 rows 93 (5 blocks), so at most 2 there.
+ * xg_rows must stay a multiple of the rows per warp (a warp's rows share one x). */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
                        int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
     int nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;
-    if (W2 && nr > 2) nr = 2;
+    int cap = W2 || F == RP_Q2K ? 2 : 4;
+    if (nr > cap) nr = cap;
     while (xg_rows && xg_rows % nr) nr /= 2;
     dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
 #define MVRP(NR, GLU) k_mv_rp<F, NR, GLU><<<grid, 32 * MV_WARPS, 0, s>>>(W, W2, n_in, rows, x, xg_rows, xg_stride, y, \
                                                                      eid, estride, x_slot, y_slot, ew, clamp)
     if (W2) { if (nr == 2) MVRP(2, true); else MVRP(1, true); }
-    else if (nr == 4) MVRP(4, false);
+    else if (F != RP_Q2K && nr == 4) MVRP(4, false);
     else if (nr == 2) MVRP(2, false);
     else MVRP(1, false);
 #undef MVRP

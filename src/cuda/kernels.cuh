@@ -1065,7 +1065,9 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0;
-    constexpr int UNR = F == RP_Q8 ? 2 : 1;   /* Q8_0 pieces are small: two in flight per lane */
+    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
+     * warp, as on the 512–1024-row attention inputs: those warps are few). */
+    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
 #pragma unroll UNR
     for (int64_t p = lane; p < np; p += 32) {
         float4 xv[fm::EP / 4];

