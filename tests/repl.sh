@@ -55,6 +55,16 @@ $T send-keys -t repl "/save $TMP/s.bin" Enter
 if wait_for '^saved [0-9]+ tokens' 20; then ok "/save"; else bad "/save"; screen; fi
 $T send-keys -t repl "/load $TMP/s.bin" Enter
 if wait_for '^loaded [0-9]+ tokens' 20; then ok "/load"; else bad "/load"; screen; fi
+# Ctrl+C while a long message is still being read (prefill): the half-read
+# turn is dropped and the conversation is exactly what it was before.
+n_saved=$(screen | grep -Eo '^saved [0-9]+ tokens' | tail -1 | grep -Eo '[0-9]+')
+for i in $(seq 300); do printf 'word%d and some more text to read, ' "$i"; done > "$TMP/big.txt"
+$T send-keys -t repl "/read $TMP/big.txt" Enter
+sleep 0.6
+$T send-keys -t repl C-c
+if wait_for 'turn dropped' 60; then ok "Ctrl+C during prefill drops the turn"; else bad "Ctrl+C during prefill drops the turn"; screen | tail -5; fi
+$T send-keys -t repl "/save $TMP/s2.bin" Enter
+if wait_for "^saved $n_saved tokens .*s2.bin" 30; then ok "conversation unchanged after a dropped turn"; else bad "conversation unchanged after a dropped turn"; screen | tail -5; fi
 $T send-keys -t repl "/bogus" Enter
 if wait_for 'unknown command /bogus' 10; then ok "unknown command reported"; else bad "unknown command reported"; fi
 $T send-keys -t repl "/quit" Enter

@@ -149,7 +149,7 @@ int main(int argc, char **argv)
             char *end;
             errno = 0;
             unsigned long long v = strtoull(optarg, &end, 10);
-            if (errno || end == optarg || *end) { fprintf(stderr, "ds4: --seed expects an unsigned integer, got '%s'\n", optarg); return 2; }
+            if (errno || end == optarg || *end || optarg[0] == '-') { fprintf(stderr, "ds4: --seed expects an unsigned integer, got '%s'\n", optarg); return 2; }
             o.sampling.seed = v;
             break;
         }

@@ -85,6 +85,29 @@ static int turn_tokens(repl *r, const char *user, ds4_tokens *out)
     return 0;
 }
 
+/* Back to the first n tokens of the conversation: an exact truncate when the
+ * engine can (short rewinds), else the kept tokens are read in again. */
+static void rollback(repl *r, size_t n)
+{
+    char err[512];
+    if (!ds4_session_truncate(r->s, n, err, sizeof err)) {
+        puts("(turn dropped; conversation unchanged)");
+        return;
+    }
+    ds4_tokens keep = {0};
+    for (size_t i = 0; i < n; i++) ds4_tokens_push(&keep, ds4_session_tokens(r->s)[i]);
+    ds4_session *s = ds4_session_new(r->e, r->ctx, err, sizeof err);
+    if (s && n) fprintf(stderr, "(turn dropped; re-reading the %zu-token conversation)\n", n);
+    if (s && n && ds4_session_eval(s, keep.ids, keep.n, NULL, NULL, NULL, err, sizeof err)) {
+        ds4_session_free(s);
+        s = NULL;
+    }
+    if (!s) fprintf(stderr, "error: cannot restore the conversation (%s); starting a new one\n", err);
+    else { ds4_session_free(r->s); r->s = s; }
+    if (!s) { ds4_session_truncate(r->s, 0, err, sizeof err); }
+    ds4_tokens_free(&keep);
+}
+
 static void repl_turn(repl *r, const char *user)
 {
     ds4_tokens prompt = {0};
@@ -104,14 +127,22 @@ static void repl_turn(repl *r, const char *user)
     };
     ds4_gen_result res = {0};
     char err[512];
+    size_t n_before = ds4_session_len(r->s);
     g_interrupt = 0;
     int rc = ds4_generate(r->s, prompt.ids, prompt.n, &gp, &res, err, sizeof err);
     cli_print_end(&pr);
     if (rc) fprintf(stderr, "error: %s\n", err);
     else cli_print_stats(&res);
     ds4_gen_result_free(&res);
-    ds4_tokens_free(&prompt);
     g_interrupt = 0;
+    /* Stopped before the user turn was fully read (Ctrl+C during prefill, or
+     * an error): the half-read turn must not stay in the conversation. */
+    if (ds4_session_len(r->s) < prompt.n) {
+        rollback(r, n_before);
+        ds4_tokens_free(&prompt);
+        return;
+    }
+    ds4_tokens_free(&prompt);
     /* Close an unfinished reply so the transcript stays well-formed. */
     size_t n = ds4_session_len(r->s);
     int32_t eos = ds4_tokenizer_special(tok)->eos;
