@@ -811,14 +811,36 @@ void ds4_parsed_free(ds4_parsed *p) {
 
 typedef struct { ds4_sbuf out; int count; } param_writer;
 
+/* Client text inside a canonical block (tool names, keys, values) must never
+ * read as DSML structure: a "<" that starts "<｜DSML｜" or "</｜DSML｜" is
+ * written as "&lt;" in text (the parser decodes it back) or "\u003c" inside
+ * JSON values (still the same JSON). Otherwise a value could close its
+ * parameter and inject structure, and the renderer would mark the spelling as
+ * a control token. The official encoder writes such values raw; no real tool
+ * argument is expected to contain the spelling. */
+static void put_client(ds4_sbuf *o, const char *s, size_t n, bool json) {
+    static const char tag[] = "<｜DSML｜", ctag[] = "</｜DSML｜";
+    size_t start = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != '<') continue;
+        bool open = n - i >= sizeof tag - 1 && !memcmp(s + i, tag, sizeof tag - 1);
+        bool close = n - i >= sizeof ctag - 1 && !memcmp(s + i, ctag, sizeof ctag - 1);
+        if (!open && !close) continue;
+        ds4_sbuf_put(o, s + start, i - start);
+        ds4_sbuf_puts(o, json ? "\\u003c" : "&lt;");
+        start = i + 1;
+    }
+    ds4_sbuf_put(o, s + start, n - start);
+}
+
 static void put_param(void *ud, const char *key, size_t klen, bool is_str, const char *val, size_t vlen) {
     param_writer *w = ud;
     ds4_sbuf *o = &w->out;
     if (w->count++) ds4_sbuf_putc(o, '\n'); /* parameters are joined with "\n" */
     ds4_sbuf_puts(o, "<｜DSML｜parameter name=\"");
-    ds4_sbuf_put(o, key, klen);
+    put_client(o, key, klen, false);
     ds4_sbuf_puts(o, is_str ? "\" string=\"true\">" : "\" string=\"false\">");
-    ds4_sbuf_put(o, val, vlen);
+    put_client(o, val, vlen, !is_str);
     ds4_sbuf_puts(o, "</｜DSML｜parameter>");
 }
 
@@ -828,7 +850,8 @@ char *ds4_dsml_render_calls(const ds4_tool_call *calls, int n) {
     for (int i = 0; i < n; i++) {
         if (i) ds4_sbuf_putc(&o, '\n');
         ds4_sbuf_puts(&o, "<｜DSML｜invoke name=\"");
-        ds4_sbuf_puts(&o, calls[i].name ? calls[i].name : "");
+        const char *name = calls[i].name ? calls[i].name : "";
+        put_client(&o, name, strlen(name), false);
         ds4_sbuf_puts(&o, "\">\n");
         const char *a = calls[i].arguments && *calls[i].arguments ? calls[i].arguments : "{}";
         param_writer w = {{0}, 0};
