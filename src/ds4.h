@@ -317,6 +317,12 @@ size_t ds4_kvstore_probe(ds4_kvstore *st, const char *text, size_t len, const in
 /* A checkpoint for exactly this text is indexed (no I/O). */
 bool ds4_kvstore_contains(ds4_kvstore *st, const char *text, size_t len);
 size_t ds4_kvstore_count(ds4_kvstore *st);
+/* Every indexed checkpoint's extra blob (at most max_len bytes), oldest
+ * checkpoint first, checked against the digest in its header; the session
+ * state is not read. fn's blob is valid during the call. Returns how many
+ * were given; damaged ones are logged and skipped. */
+size_t ds4_kvstore_extras(ds4_kvstore *st, size_t max_len, void (*fn)(void *ud, const uint8_t *extra, size_t len),
+                          void *ud);
 uint64_t ds4_kvstore_bytes(ds4_kvstore *st);
 /* Eviction value: tokens × (1 + hits) / (1 + idle hours). Higher is kept. */
 double ds4_kv_value(uint64_t n_ids, uint64_t hits, double idle_s);

@@ -214,7 +214,11 @@ static void generate_job(srv *S, job *j) {
          * locks each call, and every line is one call. */
         j->rc = ds4_generate(l.session, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
         if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
-        j->res.n_cached = client_view(alias, j->res.n_cached);
+        /* What this request reused is what the lease brought; the tokens
+         * ds4_pool_prefill evaluated to checkpoint them were computed now,
+         * though the driver then finds them in the session. */
+        size_t leased = l.n_memory + l.n_disk;
+        j->res.n_cached = client_view(alias, j->res.n_cached < leased ? j->res.n_cached : leased);
     }
     j->res.n_prompt = j->prompt.n;
     ds4_pool_release(S->pool, &l, n);
