@@ -421,6 +421,11 @@ int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_leas
  * Returns 0, 1 cancelled by progress, -1 when evaluation failed. */
 int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt, size_t n_stable,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
+/* During ds4_generate, between tokens (ds4_gen_params.on_step): when the
+ * session has just reached a multiple of `every` (the frontiers a prefill
+ * of the same text saves), checkpoint it, so a crash or an eviction in a
+ * long answer loses at most `every` tokens. O(1) between frontiers. */
+void ds4_pool_step(ds4_pool *p, const ds4_pool_lease *l);
 /* After ds4_generate: n_prompt tokens of the session were the prompt.
  * Checkpoints the whole session when it grew by `every` since its last one. */
 void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt);
@@ -453,6 +458,10 @@ typedef struct {
      * logic and DSML parser produce this exact sequence. NULL in normal use. */
     const int32_t *forced; size_t n_forced;
     FILE *trace;                          /* cache decisions, finish (may be NULL) */
+    /* Called after each generated token was evaluated (the session holds
+     * the prompt and every token so far, with logits): periodic work such as
+     * checkpoints (ds4_pool_step). NULL = none. */
+    void (*on_step)(void *ud);
 } ds4_gen_params;
 
 typedef struct {

@@ -82,6 +82,7 @@ struct job {
     void *proto;                  /* protocol state, freed by proto_free */
     void (*proto_free)(void *);
     size_t est_cached;            /* prompt tokens the session already holds */
+    const ds4_pool_lease *lease;  /* its session while generating (worker only) */
     ds4_gen_result res;
     int rc;
     char err[256];

@@ -76,6 +76,11 @@ bool job_cancelled(job *j) {
 
 static bool gen_cancelled(void *ud) { return job_cancelled(ud); }
 static bool gen_prefill(void *ud, size_t done, size_t total) { return !job_cancelled(ud); }
+/* Between generated tokens: frontier checkpoints of a long answer. */
+static void gen_step(void *ud) {
+    job *j = ud;
+    if (j->lease) ds4_pool_step(j->S->pool, j->lease);
+}
 static void gen_event(void *ud, const ds4_event *ev) {
     job *j = ud;
     if (j->out && j->ops->event) j->ops->event(j, ev);   /* events only feed streams */
@@ -212,7 +217,9 @@ static void generate_job(srv *S, job *j) {
     } else {
         /* The driver writes its cache lines straight to the trace FILE: stdio
          * locks each call, and every line is one call. */
+        j->lease = &l;
         j->rc = ds4_generate(l.session, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
+        j->lease = NULL;
         if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
         /* What this request reused is what the lease brought; the tokens
          * ds4_pool_prefill evaluated to checkpoint them were computed now,
@@ -237,6 +244,7 @@ static void run(srv *S, job *j) {
     j->gp.forced = j->forced;
     j->gp.n_forced = j->n_forced;
     j->gp.trace = S->trace;
+    j->gp.on_step = gen_step;
     if (job_cancelled(j)) {
         /* Left while queued (or the server is stopping): nothing to compute. */
         j->res.finish = DS4_FINISH_CANCELLED;

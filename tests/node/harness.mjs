@@ -36,6 +36,8 @@ export const SCRIPTS = {
   // An opened block that never closes: finish "error".
   broken: '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter name="location" string="true">Par<｜end▁of▁sentence｜>',
   long: 'word '.repeat(40) + '<｜end▁of▁sentence｜>',
+  // A long answer: crosses generation checkpoint frontiers.
+  essay: 'word '.repeat(300) + '<｜end▁of▁sentence｜>',
 };
 
 function freePort() {

@@ -190,4 +190,28 @@ test('kvcache: two conversations and side requests with --sessions 2: no main is
   } finally { s.stop(); }
 });
 
+test('kvcache: a long answer is checkpointed at frontiers while it is generated', async () => {
+  const s = await startServer(args(join(work, 'gen')));
+  const c = mk(s);
+  const q = [{ role: 'user', content: 'Write an essay.' }];
+  const r = await c.chat.completions.create({ model: 'deepseek-chat', messages: q },
+    { headers: { 'X-DS4-Test-Script': 'essay' } });
+  ok(r.usage.completion_tokens > 290, 'a long answer');
+  // Every 4 x 64 tokens of session: the frontier 256 falls inside the answer
+  // (the prompt is far shorter), saved before the generation finished.
+  const t = trace(s);
+  const at = t.indexOf('pool: checkpoint 256 tokens'), fin = t.indexOf('finish: stop');
+  ok(r.usage.prompt_tokens < 64 && at >= 0 && at < fin && /checkpoint 256 tokens[^\n]*: saved/.test(t), t);
+  // A crash right after (nothing saved at exit): the next turn resumes there.
+  const exited = new Promise((res) => s.proc.once('exit', res));
+  s.stop();
+  await exited;
+  const s2 = await startServer(args(join(work, 'gen')));
+  try {
+    const r2 = await mk(s2).chat.completions.create({ model: 'deepseek-chat', messages: [...q,
+      { role: 'assistant', content: r.choices[0].message.content }, { role: 'user', content: 'Shorter.' }] }, plain);
+    eq(r2.usage.prompt_tokens_details.cached_tokens, 256, 'resumed from the frontier');
+  } finally { s2.stop(); }
+});
+
 await run(() => server);
