@@ -44,6 +44,7 @@ void job_unref(job *j) {
     if (j->proto_free) j->proto_free(j->proto);
     for (int i = 0; i < j->n_stop; i++) free(j->stop[i]);
     free(j->stop);
+    free(j->forced);
     ds4_tokens_free(&j->prompt);
     ds4_gen_result_free(&j->res);
     if (j->out) { sse_close(j->out); sse_unref(j->out); }
