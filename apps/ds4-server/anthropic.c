@@ -259,8 +259,8 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *root, char *msg, siz
 
 /* Tools are schema lines as sent (name, description, input_schema);
  * tool_choice none drops them, auto keeps all, any forces a call of one of
- * them, {"type":"tool"} keeps only that one and forces a call of it
- * (force_tool_call). */
+ * them, {"type":"tool"} a call of that one (force_tool_call; all schemas
+ * stay in the prompt). */
 static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     const char *ct = json_str(choice, "type");
@@ -271,7 +271,6 @@ static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
         const char *name = json_str(t, "name");
         /* Server-side tools (web search…) have no input_schema: not ours to run. */
         if (!name || !cJSON_GetObjectItemCaseSensitive(t, "input_schema")) continue;
-        if (only && strcmp(only, name) != 0) continue;
         /* cache_control is a hint to Anthropic's cache, not part of the schema. */
         cJSON *copy = cJSON_Duplicate(t, true);
         cJSON_DeleteItemFromObjectCaseSensitive(copy, "cache_control");

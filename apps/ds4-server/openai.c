@@ -259,8 +259,8 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *msgs, char *msg, siz
 }
 
 /* tools + tool_choice: "none" drops the tools block; "auto" keeps them all;
- * "required" forces a call of one of them, a named function keeps only that
- * schema and forces a call of it (force_tool_call). */
+ * "required" forces a call of one of them, a named function a call of that
+ * one (force_tool_call; all schemas stay in the prompt). */
 static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
@@ -272,7 +272,6 @@ static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
         cJSON *fn = cJSON_GetObjectItemCaseSensitive(t, "function");
         const char *name = json_str(fn, "name");
         if (!name) { snprintf(msg, msglen, "tools[].function.name is required"); return -1; }
-        if (only && strcmp(only, name) != 0) continue;
         chat_add_tool(c, name, fn);
     }
     if (only || (cJSON_IsString(choice) && strcmp(choice->valuestring, "required") == 0))

@@ -238,27 +238,34 @@ int select_script(srv *S, struct MHD_Connection *conn, chat_req *c, char *msg, s
     return -1;
 }
 
-/* A forced call starts where the model's own output would: the prompt must
- * end with </think>. With thinking on, the block could only follow the
- * model's closing </think>, at a point nobody can predict, and forcing
- * </think> at once would write an empty reasoning the model was never
- * trained to produce after <think>. So such a turn is rendered without
- * thinking (history rendering is unchanged for tools, which keep reasoning),
- * and the model chooses the arguments right after the forced opening. */
+/* A named tool is forced by its name alone: every tool stays in the
+ * prompt, so the tools block, and the KV prefix, are the same as in the
+ * conversation's other turns.
+ *
+ * A forced call must start the model's visible output. In thinking mode
+ * the prompt ends with <think>, and the block could only follow the model's
+ * own </think>, at a point nobody can predict; so </think> is forced first
+ * (an empty reasoning). Rendering the turn without thinking instead would
+ * change how the whole history renders (<think> transitions become
+ * </think>): the live KV prefix would be lost now and again on the next
+ * turn. With </think> forced, the turn as the client sends it back renders
+ * to exactly the tokens the session holds. */
 int force_tool_call(srv *S, chat_req *c, const char *name, char *msg, size_t msglen) {
-    if (!c->n_tools) {
+    bool known = !name && c->n_tools;
+    for (int i = 0; name && i < c->n_tools; i++) known |= strcmp(c->tools[i].name, name) == 0;
+    if (!known) {
         snprintf(msg, msglen, name ? "tool_choice names \"%.60s\", which is not among the tools"
                                    : "tool_choice requires a tool call, but no tools were given", name);
         return -1;
     }
     char head[512];
-    int n = name ? snprintf(head, sizeof head, "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"%s\">\n", name)
-                 : snprintf(head, sizeof head, "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"");
+    const char *close = c->thinking ? "</think>" : "";
+    int n = name ? snprintf(head, sizeof head, "%s\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"%s\">\n", close, name)
+                 : snprintf(head, sizeof head, "%s\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"", close);
     if (n < 0 || (size_t)n >= sizeof head || (name && strpbrk(name, "\"<>\n"))) {
         snprintf(msg, msglen, "tool_choice: unusable tool name");
         return -1;
     }
-    c->thinking = false;
     ds4_tokens t = {0};
     if (ds4_tokenize_special(S->tok, head, (size_t)n, &t) != 0) {
         ds4_tokens_free(&t);

@@ -420,7 +420,6 @@ static int parse_tools(srv *S, chat_req *c, const cJSON *root, cJSON *custom, ch
     cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(root, "tools")) {
         const char *type = json_str(t, "type"), *name = json_str(t, "name");
         if (!name || !type || (strcmp(type, "function") != 0 && strcmp(type, "custom") != 0)) continue;
-        if (only && strcmp(only, name) != 0) continue;
         cJSON *fn = cJSON_CreateObject();
         cJSON_AddStringToObject(fn, "name", name);
         const char *desc = json_str(t, "description");

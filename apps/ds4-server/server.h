@@ -188,8 +188,8 @@ cJSON *json_strn(const char *s, size_t n);
 int select_script(srv *S, struct MHD_Connection *conn, chat_req *c, char *msg, size_t msglen);
 /* tool_choice that demands a call: "required"/"any" (name NULL) or a named
  * tool. Forces the opening of a DSML tool block (and the name) as the first
- * generated tokens; any test script continues after it. Thinking is turned
- * off for such a turn (see the comment in request.c). -1 with msg when no
+ * generated tokens, after an immediate </think> in thinking mode (see the
+ * comment in request.c); any test script continues after it. -1 with msg when no
  * tool (or not that one) was offered. Call after the tools were added. */
 int force_tool_call(srv *S, chat_req *c, const char *name, char *msg, size_t msglen);
 /* Render and tokenize. Returns 0, or an HTTP status with msg. */

@@ -69,7 +69,7 @@ test('messages: tool_use, non-streaming, and tool_result replay hits the cache',
   eq(r2.usage.cache_read_input_tokens, held, 'cache_read_input_tokens');
 });
 
-test('messages: tool_choice tool / any force a tool_use (thinking off for that turn)', async () => {
+test('messages: tool_choice tool / any force a tool_use', async () => {
   const r = await client.messages.create({ ...base, tools: TOOLS, messages: msgs('Weather?'),
     tool_choice: { type: 'tool', name: 'get_weather' } }, script('args'));
   eq(r.stop_reason, 'tool_use');

@@ -146,13 +146,20 @@ test('chat: replayed tool call extends the live session exactly', async () => {
 // tool_choice that demands a call: the server forces the DSML opening (and
 // the name); the test script only supplies what the model writes after it,
 // so a call comes out only if the server forced the rest.
-test('chat: tool_choice naming a function forces a call of it (thinking off for that turn)', async () => {
-  const r = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: user('Weather?'), tools: TOOLS,
+test('chat: tool_choice naming a function forces a call of it (after an empty reasoning)', async () => {
+  const msgs = user('Weather in Lyon?');
+  const r = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: msgs, tools: TOOLS,
     tool_choice: { type: 'function', function: { name: 'get_weather' } } }, script('args'));
   const ch = r.choices[0];
   eq(ch.finish_reason, 'tool_calls');
   eq(ch.message.tool_calls.map((t) => [t.function.name, JSON.parse(t.function.arguments)]), [['get_weather', { location: 'Paris' }]]);
-  eq(ch.message.reasoning_content ?? null, null, 'no reasoning: thinking is off for a forced call');
+  ok(!ch.message.reasoning_content, 'the forced </think> leaves no reasoning');
+  // The thinking conversation goes on from the live session: the forced
+  // turn renders back to exactly the tokens generated.
+  const tc = ch.message.tool_calls[0];
+  const next = await client.chat.completions.create({ model: 'deepseek-v4-flash', tools: TOOLS, messages: [...msgs,
+    { role: 'assistant', content: null, tool_calls: [tc] }, { role: 'tool', tool_call_id: tc.id, content: 'rain' }] }, script('hello'));
+  eq(next.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens + r.usage.completion_tokens - 1, 'whole turn reused');
   // Streamed too: the name comes first, from the forced tokens.
   const s = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: user('Weather?'), tools: TOOLS,
     tool_choice: { type: 'function', function: { name: 'get_weather' } }, stream: true }, script('args'));
