@@ -261,6 +261,15 @@ test('responses: streamed events and final response', async () => {
   ok(seq.indexOf('response.output_item.added') < seq.indexOf('response.content_part.added'), 'item before part');
 });
 
+test('responses: tool_choice naming a function forces its call', async () => {
+  const tools = [{ type: 'function', name: 'get_weather', parameters: TOOLS[0].function.parameters },
+    { type: 'function', name: 'get_time', parameters: TOOLS[1].function.parameters }];
+  const r = await client.responses.create({ model: 'x', input: 'Weather?', tools,
+    tool_choice: { type: 'function', name: 'get_weather' } }, script('args'));
+  eq(r.output.filter((o) => o.type === 'function_call').map((o) => [o.name, JSON.parse(o.arguments)]),
+    [['get_weather', { location: 'Paris' }]]);
+});
+
 test('responses: function call and its replay', async () => {
   const tools = [{ type: 'function', name: 'get_weather', parameters: TOOLS[0].function.parameters }];
   const r = await client.responses.create({ model: 'x', input: 'Weather?', tools }, script('tool'));
