@@ -262,7 +262,9 @@ int force_tool_call(srv *S, chat_req *c, const char *name, char *msg, size_t msg
     const char *close = c->thinking ? "</think>" : "";
     int n = name ? snprintf(head, sizeof head, "%s\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"%s\">\n", close, name)
                  : snprintf(head, sizeof head, "%s\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"", close);
-    if (n < 0 || (size_t)n >= sizeof head || (name && strpbrk(name, "\"<>\n"))) {
+    /* The name goes between forced quotes: nothing that would end them or
+     * spell a control token (U+FF5C is in every DSML/special spelling). */
+    if (n < 0 || (size_t)n >= sizeof head || (name && (strpbrk(name, "\"<>\n") || strstr(name, "｜")))) {
         snprintf(msg, msglen, "tool_choice: unusable tool name");
         return -1;
     }
