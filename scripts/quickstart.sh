@@ -11,7 +11,7 @@ if [ -f "$MODEL" ]; then
   exec build/bin/ds4 -m "$MODEL" -p "$PROMPT" --nothink -n 128
 fi
 echo "quickstart: no ./ds4flash.gguf here — generating the tiny random test model"
-echo "quickstart: (build/tiny.gguf, a few MB; its output is random tokens, not DeepSeek)"
+echo "quickstart: (build/tiny.gguf, about 18 MB; its output is random tokens, not DeepSeek)"
 [ -f build/tiny.gguf ] || build/bin/ds4-synth --preset tiny --seed 1 -o build/tiny.gguf
 build/bin/ds4 --inspect -m build/tiny.gguf --ctx 4096 | head -n 12
 exec build/bin/ds4 -m build/tiny.gguf -p "$PROMPT" --nothink -n 48 --temp 0 --ctx 4096

@@ -59,6 +59,11 @@ check "--dump-logits deterministic across threads" 'cmp -s "$TMP/l1" "$TMP/l2"'
 run -p hi --nothink -n 4 --dump-logprobs "$TMP/lp.json" --logprobs-top-k 3 2>/dev/null
 check "--dump-logprobs JSON" 'node -e "const j=require(\"$TMP/lp.json\"); if (j.steps.length!==4||j.steps[0].top.length!==3||!(j.steps[0].top[0].logprob<=0)) process.exit(1)"'
 
+# Long greedy runs of the random model emit tokens that end inside a UTF-8
+# character: the file must still be strict UTF-8 JSON, with exact bytes kept.
+run -p hi --nothink -n 96 --dump-logprobs "$TMP/lp2.json" --logprobs-top-k 2 2>/dev/null
+check "--dump-logprobs is strict UTF-8 JSON with token bytes" 'python3 -c "import json,sys; j=json.loads(open(sys.argv[1],\"rb\").read().decode(\"utf-8\")); assert len(j[\"steps\"])==96 and all(isinstance(s[\"bytes\"],list) for s in j[\"steps\"])" "$TMP/lp2.json"'
+
 # Bad arguments: exact messages, exit 2.
 err=$("$DS4" -m "$TINY" -p hi --temp abc 2>&1); rc=$?
 check "bad --temp rejected" '[ $rc -eq 2 ] && [ "$err" = "ds4: --temp expects a number in [0, 100], got '"'"'abc'"'"'" ]'

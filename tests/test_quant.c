@@ -339,32 +339,36 @@ static void test_dot_matches_dequant(void) {
 }
 
 static void test_matvec_matmul(void) {
-    const int64_t n_in = 512, rows = 7, n_tok = 5, xs = n_in + 3, ys = rows + 2;
-    for (int ti = 0; ti < 6; ti++) {
-        const ggml_type t = ALL[ti];
-        const int64_t m = t == GGML_F16 ? n_in - 8 : n_in; /* F16 rows need not be 32-aligned */
-        const size_t rb = row_bytes(t, m);
-        uint8_t *W = malloc(rb * rows);
-        for (int r = 0; r < rows; r++) random_row(t, W + r * rb, m, r & 1);
-        float *X = malloc((size_t)(xs * n_tok) * sizeof *X), *Y = malloc((size_t)(ys * n_tok) * sizeof *Y);
-        fill_gauss(X, xs * n_tok);
-        for (int64_t i = 0; i < ys * n_tok; i++) Y[i] = -999.0f;
-        ds4_matmul_rows(t, W, m, 2, rows, X, n_tok, xs, Y, ys);
-        int bad = 0, touched = 0;
-        for (int64_t tk = 0; tk < n_tok; tk++)
-            for (int64_t r = 0; r < ys; r++) {
-                const float y = Y[tk * ys + r];
-                if (r >= 2 && r < rows) bad += y != ds4_dot_row(t, W + r * rb, X + tk * xs, m);
-                else touched += y != -999.0f;
-            }
-        CHECK(bad == 0, "%s: %d matmul results differ from ds4_dot_row", NAME[ti], bad);
-        CHECK(touched == 0, "%s: %d outputs outside [r0,r1) written", NAME[ti], touched);
-        float yv[7] = {0};
-        ds4_matvec_rows(t, W, m, 1, 6, X, yv);
-        bad = yv[0] != 0 || yv[6] != 0;
-        for (int r = 1; r < 6; r++) bad += yv[r] != ds4_dot_row(t, W + r * rb, X, m);
-        CHECK(bad == 0, "%s: matvec", NAME[ti]);
-        free(W); free(X); free(Y);
+    /* n_tok 1 (decode: fused dot) to 6: token pairs and an odd last token;
+     * rows [2, 21): a full tile of 16 rows and a partial one */
+    const int64_t n_in = 512, rows = 21, xs = n_in + 3, ys = rows + 2;
+    for (int64_t n_tok = 1; n_tok <= 6; n_tok++) {
+        for (int ti = 0; ti < 6; ti++) {
+            const ggml_type t = ALL[ti];
+            const int64_t m = t == GGML_F16 ? n_in - 8 : n_in; /* F16 rows need not be 32-aligned */
+            const size_t rb = row_bytes(t, m);
+            uint8_t *W = malloc(rb * rows);
+            for (int r = 0; r < rows; r++) random_row(t, W + r * rb, m, r & 1);
+            float *X = malloc((size_t)(xs * n_tok) * sizeof *X), *Y = malloc((size_t)(ys * n_tok) * sizeof *Y);
+            fill_gauss(X, xs * n_tok);
+            for (int64_t i = 0; i < ys * n_tok; i++) Y[i] = -999.0f;
+            ds4_matmul_rows(t, W, m, 2, rows, X, n_tok, xs, Y, ys);
+            int bad = 0, touched = 0;
+            for (int64_t tk = 0; tk < n_tok; tk++)
+                for (int64_t r = 0; r < ys; r++) {
+                    const float y = Y[tk * ys + r];
+                    if (r >= 2 && r < rows) bad += y != ds4_dot_row(t, W + r * rb, X + tk * xs, m);
+                    else touched += y != -999.0f;
+                }
+            CHECK(bad == 0, "%s x%lld: %d matmul results differ from ds4_dot_row", NAME[ti], (long long)n_tok, bad);
+            CHECK(touched == 0, "%s: %d outputs outside [r0,r1) written", NAME[ti], touched);
+            float yv[7] = {0};
+            ds4_matvec_rows(t, W, m, 1, 6, X, yv);
+            bad = yv[0] != 0 || yv[6] != 0;
+            for (int r = 1; r < 6; r++) bad += yv[r] != ds4_dot_row(t, W + r * rb, X, m);
+            CHECK(bad == 0, "%s: matvec", NAME[ti]);
+            free(W); free(X); free(Y);
+        }
     }
 }
 
@@ -589,6 +593,26 @@ static void bench(void) {
         printf("%-8s dot %6.2f GB/s of weights (%6.2f GMAC/s); matmul x8 %6.2f GMAC/s\n", NAME[ti],
                rb * rows / dt * 1e-9, n_in * rows / dt * 1e-9, 8.0 * n_in * rows / mt * 1e-9);
         free(W);
+    }
+    /* Weights far larger than the caches, as in decode: one matvec over
+     * 256 MiB of each type (1024 random rows repeated), best of three. */
+    for (int ti = 0; ti < 6; ti++) {
+        const ggml_type t = ALL[ti];
+        const size_t rb = row_bytes(t, n_in), tile = rb * rows;
+        const int64_t big_rows = (int64_t)((256u << 20) / rb);
+        uint8_t *W = malloc(rb * (size_t)big_rows);
+        float *yb = malloc((size_t)big_rows * sizeof *yb);
+        for (int r = 0; r < rows; r++) random_row(t, W + r * rb, n_in, 1);
+        for (size_t o = tile; o < rb * (size_t)big_rows; o += tile)
+            memcpy(W + o, W, o + tile <= rb * (size_t)big_rows ? tile : rb * (size_t)big_rows - o);
+        double best = 1e9;
+        for (int rep = 0; rep < 3; rep++) {
+            const double t0 = now();
+            ds4_matvec_rows(t, W, n_in, 0, big_rows, x, yb);
+            if (now() - t0 < best) best = now() - t0;
+        }
+        printf("%-8s dot from DRAM %6.2f GB/s of weights\n", NAME[ti], rb * big_rows / best * 1e-9);
+        free(W); free(yb);
     }
     const int64_t nq = 256 * 256;
     float *xq = malloc(nq * sizeof *xq);

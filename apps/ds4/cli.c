@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
+#include <utf8proc.h>
 
 #include "cli.h"
 
@@ -241,15 +242,27 @@ done:
     return status;
 }
 
+/* A token as JSON: "text" is always valid UTF-8 (a token can end inside a
+ * multi-byte character; such bytes show as U+FFFD there), "bytes" the exact
+ * bytes, so no information is lost and the file always parses. */
 static cJSON *json_token(const ds4_tokenizer *tok, int32_t id, float logprob)
 {
-    char buf[512];
-    size_t n = ds4_token_bytes(tok, id, buf, sizeof buf - 1);
-    if (n > sizeof buf - 1) n = sizeof buf - 1;
-    buf[n] = 0;
+    char buf[256], text[3 * sizeof buf + 1];
+    size_t n = ds4_token_bytes(tok, id, buf, sizeof buf);
+    if (n > sizeof buf) n = sizeof buf;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)buf + i, (utf8proc_ssize_t)(n - i), &cp);
+        if (k > 0 && cp != 0) { memcpy(text + o, buf + i, (size_t)k); o += (size_t)k; i += (size_t)k; }
+        else { memcpy(text + o, "\xEF\xBF\xBD", 3); o += 3; i++; }
+    }
+    text[o] = 0;
     cJSON *t = cJSON_CreateObject();
     cJSON_AddNumberToObject(t, "id", id);
-    cJSON_AddStringToObject(t, "text", buf);
+    cJSON_AddStringToObject(t, "text", text);
+    cJSON *bytes = cJSON_AddArrayToObject(t, "bytes");
+    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(bytes, cJSON_CreateNumber((unsigned char)buf[i]));
     cJSON_AddNumberToObject(t, "logprob", logprob);
     return t;
 }

@@ -28,6 +28,7 @@
 
 #include "cpu/cpu.h"
 #include "quant/quant.h"
+#include "util/errf.h"
 
 #define CPU_CHUNK 256          /* tokens per internal sub-chunk (bounds scratch) */
 #define MAX_HC 16
@@ -70,16 +71,6 @@ struct cpu_backend {
 };
 
 /* ---- helpers ---------------------------------------------------------------- */
-
-__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 static const float *F(const ds4_tensor *t) { return (const float *)t->data; }
 
@@ -535,12 +526,12 @@ cpu_backend *cpu_backend_new(const ds4_model *m, int n_threads, char *err, size_
     else if (hp->hc_count < 1 || hp->hc_count > MAX_HC) bad = "hyper_connection.count out of range";
     else if (!hp->n_expert_used || hp->n_expert_used > hp->n_expert) bad = "expert_used_count out of range";
     else if (!hp->window) bad = "sliding_window must be positive";
-    if (bad) { fail(err, errlen, "cpu backend: %s", bad); return NULL; }
+    if (bad) { ds4_errf(err, errlen, "cpu backend: %s", bad); return NULL; }
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         const ds4_layer *L = &m->layers[l];
         int r = hp->compress_ratio[l];
         if (r < 0 || (r == 4) != (L->idx_q_b.data != NULL) || (r != 0) != (L->comp_kv.data != NULL)) {
-            fail(err, errlen, "cpu backend: layer %u: compress ratio %d does not match its tensors", l, r);
+            ds4_errf(err, errlen, "cpu backend: layer %u: compress ratio %d does not match its tensors", l, r);
             return NULL;
         }
         if (L->tid2eid.data) {
@@ -548,14 +539,14 @@ cpu_backend *cpu_backend_new(const ds4_model *m, int n_threads, char *err, size_
             const int32_t *ids = L->tid2eid.data;
             for (uint64_t i = 0; i < (uint64_t)hp->n_vocab * hp->n_expert_used; i++)
                 if (ids[i] < 0 || (uint32_t)ids[i] >= hp->n_expert) {
-                    fail(err, errlen, "cpu backend: layer %u: tid2eid entry %llu = %d is not an expert", l,
+                    ds4_errf(err, errlen, "cpu backend: layer %u: tid2eid entry %llu = %d is not an expert", l,
                          (unsigned long long)i, ids[i]);
                     return NULL;
                 }
         }
     }
     cpu_backend *be = calloc(1, sizeof *be);
-    if (!be) { fail(err, errlen, "cpu backend: out of memory"); return NULL; }
+    if (!be) { ds4_errf(err, errlen, "cpu backend: out of memory"); return NULL; }
     be->m = m;
     be->hp = hp;
     be->pool = cpu_pool_new(cpu_default_threads(n_threads));
@@ -563,7 +554,7 @@ cpu_backend *cpu_backend_new(const ds4_model *m, int n_threads, char *err, size_
     be->freq_yarn = malloc(hp->rope_dim / 2 * sizeof(double));
     if (!be->pool || !be->freq_plain || !be->freq_yarn) {
         cpu_backend_free(be);
-        fail(err, errlen, "cpu backend: out of memory");
+        ds4_errf(err, errlen, "cpu backend: out of memory");
         return NULL;
     }
     cpu_rope_freqs(hp, false, be->freq_plain, NULL, NULL);
@@ -615,13 +606,13 @@ static int layer_state_init(layer_state *ls, const ds4_hparams *hp, int ratio, u
 cpu_state *cpu_state_new(cpu_backend *be, uint32_t ctx, char *err, size_t errlen) {
     const ds4_hparams *hp = be->hp;
     if (ctx < 1 || ctx > hp->ctx_max) {
-        fail(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max);
+        ds4_errf(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max);
         return NULL;
     }
     cpu_state *st = calloc(1, sizeof *st);
     if (!st || !(st->L = calloc(hp->n_layer, sizeof *st->L))) {
         free(st);
-        fail(err, errlen, "out of memory for session state");
+        ds4_errf(err, errlen, "out of memory for session state");
         return NULL;
     }
     st->be = be;
@@ -631,7 +622,7 @@ cpu_state *cpu_state_new(cpu_backend *be, uint32_t ctx, char *err, size_t errlen
     for (int l = 0; l < st->n_layer; l++)
         if (layer_state_init(&st->L[l], hp, hp->compress_ratio[l], st->keep_raw, ctx)) {
             cpu_state_free(st);
-            fail(err, errlen, "out of memory for session state (ctx %u)", ctx);
+            ds4_errf(err, errlen, "out of memory for session state (ctx %u)", ctx);
             return NULL;
         }
     return st;
@@ -690,14 +681,14 @@ int cpu_eval(cpu_backend *be, cpu_state *st, const int32_t *ids, size_t n, float
     const ds4_hparams *hp = be->hp;
     const ds4_model *m = be->m;
     if (n == 0) return 0;
-    if (n > st->ctx - st->n) return fail(err, errlen, "context full: %u + %zu tokens > %u", st->n, n, st->ctx);
+    if (n > st->ctx - st->n) return ds4_errf(err, errlen, "context full: %u + %zu tokens > %u", st->n, n, st->ctx);
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= hp->n_vocab)
-            return fail(err, errlen, "token id %d out of range (vocab %u)", ids[i], hp->n_vocab);
+            return ds4_errf(err, errlen, "token id %d out of range (vocab %u)", ids[i], hp->n_vocab);
     scratch s;
     int cap = n < CPU_CHUNK ? (int)n : CPU_CHUNK;
     if (scratch_init(&s, be, cap, max_visible_comp(hp, st->ctx), st->ctx / 4 + 2))
-        return fail(err, errlen, "out of memory for a %d-token chunk", cap);
+        return ds4_errf(err, errlen, "out of memory for a %d-token chunk", cap);
     pthread_mutex_lock(&be->mu);
     int64_t d = hp->n_embd, hc = hp->hc_count;
     for (size_t t0 = 0; t0 < n; t0 += (size_t)cap) {
@@ -751,13 +742,13 @@ static void layer_truncate(layer_state *ls, uint32_t n) {
 }
 
 int cpu_truncate(cpu_backend *be, cpu_state *st, uint32_t n, char *err, size_t errlen) {
-    if (n > st->n) return fail(err, errlen, "cannot truncate %u tokens to %u", st->n, n);
+    if (n > st->n) return ds4_errf(err, errlen, "cannot truncate %u tokens to %u", st->n, n);
     if (n == st->n) return 0;
     if (n > 0)
         for (int l = 0; l < st->n_layer; l++) {
             const char *miss = layer_missing(be->hp, &st->L[l], n);
             if (miss)
-                return fail(err, errlen, "truncate %u -> %u is not exact: layer %d no longer holds the %s (exact rewinds are up to %u tokens)",
+                return ds4_errf(err, errlen, "truncate %u -> %u is not exact: layer %d no longer holds the %s (exact rewinds are up to %u tokens)",
                             st->n, n, l, miss, ds4_kv_slack(be->hp) + 1);
         }
     for (int l = 0; l < st->n_layer; l++) layer_truncate(&st->L[l], n);
@@ -807,7 +798,7 @@ int cpu_export(cpu_backend *be, const cpu_state *st, ds4_kv_host *out, char *err
     return 0;
 oom:
     ds4_kv_host_free(out);
-    return fail(err, errlen, "out of memory exporting the session state");
+    return ds4_errf(err, errlen, "out of memory exporting the session state");
 }
 
 static void ring_in(float *ring, uint32_t keep, size_t w, uint32_t lo, uint32_t n, const float *src) {
@@ -817,8 +808,8 @@ static void ring_in(float *ring, uint32_t keep, size_t w, uint32_t lo, uint32_t 
 int cpu_import(cpu_backend *be, cpu_state *st, const ds4_kv_host *in, char *err, size_t errlen) {
     const ds4_hparams *hp = be->hp;
     uint32_t n = in->n_tokens;
-    if (in->n_layer != (uint32_t)st->n_layer) return fail(err, errlen, "snapshot has %u layers, model %d", in->n_layer, st->n_layer);
-    if (n > st->ctx) return fail(err, errlen, "snapshot holds %u tokens, session context is %u", n, st->ctx);
+    if (in->n_layer != (uint32_t)st->n_layer) return ds4_errf(err, errlen, "snapshot has %u layers, model %d", in->n_layer, st->n_layer);
+    if (n > st->ctx) return ds4_errf(err, errlen, "snapshot holds %u tokens, session context is %u", n, st->ctx);
     /* Validate everything before touching the state. */
     for (int l = 0; l < st->n_layer; l++) {
         const layer_state *ls = &st->L[l];
@@ -829,11 +820,11 @@ int cpu_import(cpu_backend *be, cpu_state *st, const ds4_kv_host *in, char *err,
         else ok = ok && !o->n_comp && !o->n_cpend;
         if (R == 4) ok = ok && o->n_idx == n / 4 && o->lo_idx <= n && o->n_ipend == n - o->lo_idx && o->n_ipend <= ls->keep_i;
         else ok = ok && !o->n_idx && !o->n_ipend;
-        if (!ok) return fail(err, errlen, "snapshot layer %d: row counts do not fit %u tokens", l, n);
+        if (!ok) return ds4_errf(err, errlen, "snapshot layer %d: row counts do not fit %u tokens", l, n);
         layer_state probe = *ls;
         probe.lo_raw = o->lo_raw; probe.lo_c = o->lo_comp; probe.lo_i = o->lo_idx;
         const char *miss = layer_missing(hp, &probe, n);
-        if (miss) return fail(err, errlen, "snapshot layer %d lacks the %s needed to continue", l, miss);
+        if (miss) return ds4_errf(err, errlen, "snapshot layer %d lacks the %s needed to continue", l, miss);
     }
     for (int l = 0; l < st->n_layer; l++) {
         layer_state *ls = &st->L[l];
@@ -861,14 +852,14 @@ int cpu_import(cpu_backend *be, cpu_state *st, const ds4_kv_host *in, char *err,
 /* ---- MTP (spec §6) --------------------------------------------------------------------- */
 
 cpu_mtp *cpu_mtp_new(cpu_backend *be, char *err, size_t errlen) {
-    if (!be->m->mtp_gguf) { fail(err, errlen, "no MTP block loaded"); return NULL; }
+    if (!be->m->mtp_gguf) { ds4_errf(err, errlen, "no MTP block loaded"); return NULL; }
     cpu_mtp *m = calloc(1, sizeof *m);
-    if (!m) { fail(err, errlen, "out of memory"); return NULL; }
+    if (!m) { ds4_errf(err, errlen, "out of memory"); return NULL; }
     m->be = be;
     m->keep_raw = ds4_kv_keep_raw(be->hp);
     if (layer_state_init(&m->L, be->hp, 0, m->keep_raw, 1)) {
         cpu_mtp_free(m);
-        fail(err, errlen, "out of memory");
+        ds4_errf(err, errlen, "out of memory");
         return NULL;
     }
     return m;
@@ -887,10 +878,10 @@ int cpu_mtp_draft(cpu_backend *be, cpu_mtp *mt, const float *hin, int32_t tok, f
     const ds4_hparams *hp = be->hp;
     const ds4_model *m = be->m;
     const ds4_layer *L = &m->mtp;
-    if (tok < 0 || (uint32_t)tok >= hp->n_vocab) return fail(err, errlen, "token id %d out of range", tok);
-    if (mt->n == UINT32_MAX) return fail(err, errlen, "MTP window position overflow");
+    if (tok < 0 || (uint32_t)tok >= hp->n_vocab) return ds4_errf(err, errlen, "token id %d out of range", tok);
+    if (mt->n == UINT32_MAX) return ds4_errf(err, errlen, "MTP window position overflow");
     scratch s;
-    if (scratch_init(&s, be, 1, 0, 1)) return fail(err, errlen, "out of memory");
+    if (scratch_init(&s, be, 1, 0, 1)) return ds4_errf(err, errlen, "out of memory");
     pthread_mutex_lock(&be->mu);
     int64_t d = hp->n_embd, hc = hp->hc_count;
     /* Input fusion: u = e_proj·RMSNorm(emb; enorm) broadcast to every stream,
@@ -914,9 +905,9 @@ int cpu_mtp_draft(cpu_backend *be, cpu_mtp *mt, const float *hin, int32_t tok, f
 }
 
 int cpu_mtp_truncate(cpu_mtp *m, uint32_t n, char *err, size_t errlen) {
-    if (n > m->n) return fail(err, errlen, "cannot roll the MTP window %u forward to %u", m->n, n);
+    if (n > m->n) return ds4_errf(err, errlen, "cannot roll the MTP window %u forward to %u", m->n, n);
     if (n > 0 && layer_missing(m->be->hp, &m->L, n))
-        return fail(err, errlen, "MTP rollback %u -> %u is not exact: window rows are gone", m->n, n);
+        return ds4_errf(err, errlen, "MTP rollback %u -> %u is not exact: window rows are gone", m->n, n);
     layer_truncate(&m->L, n);
     m->n = n;
     return 0;

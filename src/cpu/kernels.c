@@ -3,6 +3,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "cpu/cpu.h"
 #include "quant/quant.h"
@@ -184,7 +187,14 @@ void cpu_attend(const float *q, const float *const *rows, int64_t n, int64_t dim
         float w = expf(scores[r] - m);
         den += w;
         const float *k = rows[r];
-        for (int64_t j = 0; j < dim; j++) out[j] += w * k[j];
+        int64_t j = 0;
+#ifdef __AVX2__
+        /* the same product then sum per element (not fused), 8 at a time */
+        const __m256 wv = _mm256_set1_ps(w);
+        for (; j + 8 <= dim; j += 8)
+            _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_loadu_ps(out + j), _mm256_mul_ps(wv, _mm256_loadu_ps(k + j))));
+#endif
+        for (; j < dim; j++) out[j] += w * k[j];
     }
     float inv = 1.0f / den;
     for (int64_t j = 0; j < dim; j++) out[j] *= inv;

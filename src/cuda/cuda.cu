@@ -85,7 +85,7 @@ typedef struct {
     double *freq_plain, *freq_yarn;   /* device, rope_dim/2 each */
     /* per-token scratch */
     float *X, *mix, *coef, *h, *nrm, *qa, *q, *o, *low, *y, *ck, *cg, *ik, *ig, *iq, *iw, *rl, *ew, *eout, *ge,
-        *ue, *sg, *su, *logits;
+        *sg, *logits;
     int32_t *eid, *sel;
     dstep *step, *hstep;         /* device step inputs; pinned host ring of STEP_RING */
     bool graphs;                 /* capture decode as CUDA graphs (DS4_CUDA_GRAPHS=0: eager) */
@@ -131,7 +131,7 @@ static uint64_t scratch_floats(const ds4_model *m, uint64_t *counts) {
     uint64_t ffs = (uint64_t)m->layers[0].gate_shexp.ne[1];
     uint64_t c[] = {hc * d, (2 + hc) * hc, (2 + hc) * hc, d, d, hp->q_lora, H * hd, H * hd,
                     (uint64_t)hp->o_groups * hp->o_lora, d, cw, cw, 2 * ihd, 2 * ihd, ih * ihd, ih, hp->n_expert,
-                    used, used * d, used * ff, used * ff, ffs, ffs, hp->n_vocab};
+                    used, used * d, used * ff, ffs, hp->n_vocab};
     uint64_t tot = 0;
     for (size_t i = 0; i < sizeof c / sizeof *c; i++) {
         uint64_t r = (c[i] + 63) / 64 * 64;   /* 256-byte aligned pieces: float4 loads stay aligned */
@@ -140,7 +140,7 @@ static uint64_t scratch_floats(const ds4_model *m, uint64_t *counts) {
     }
     return tot;
 }
-#define N_SCRATCH 24
+#define N_SCRATCH 22
 
 static void backend_free(gpu_backend *be) {
     if (!be) return;
@@ -189,6 +189,58 @@ out:
     return rc;
 }
 
+/* Formats read through k_mv_rp, repacked at upload: block bytes, header
+ * offset and length (kernels.cuh, rp_fmt). */
+static bool repacked(uint32_t type) { return type == GGML_Q8_0 || type == GGML_IQ2_XXS || type == GGML_Q2_K; }
+static void rp_geom(uint32_t type, int *bb, int *ho, int *hl, int *eb) {
+    if (type == GGML_Q8_0) { *bb = 34; *ho = 0; *hl = 2; *eb = 32; }
+    else if (type == GGML_IQ2_XXS) { *bb = 66; *ho = 0; *hl = 2; *eb = 256; }
+    else { *bb = 84; *ho = 80; *hl = 4; *eb = 256; }
+}
+
+/* Bytes of the largest repacked slab (one matrix, or one expert of a 3-D tensor). */
+static uint64_t max_rp_slab(const ds4_model *m) {
+    uint64_t mx = 0;
+    for (int i = 0; i < m->n_layout; i++) {
+        const ds4_tensor *t = spec_tensor(m, &m->layout[i]);
+        uint64_t slab = t->row_bytes * (uint64_t)t->ne[1];
+        if (t->data && repacked(t->type) && slab > mx) mx = slab;
+    }
+    return mx;
+}
+
+/* Rewrite every uploaded Q8_0 / IQ2_XXS / Q2_K slab into k_mv_rp's layout
+ * (kernels.cuh) through one scratch slab on the device: payloads first,
+ * headers after, the same bytes in the same place, so tensor offsets stay
+ * as in the file. */
+static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
+    const ds4_model *m = be->m;
+    uint64_t mx = max_rp_slab(m);
+    if (!mx) return 0;
+    uint8_t *tmp = NULL;
+    CK(cudaMalloc((void **)&tmp, mx));
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < m->n_layout && !e; i++) {
+        const ds4_tensor *t = spec_tensor(m, &m->layout[i]);
+        if (!t->data || !repacked(t->type)) continue;
+        int bb, ho, hl, eb;
+        rp_geom(t->type, &bb, &ho, &hl, &eb);
+        uint64_t slab = t->row_bytes * (uint64_t)t->ne[1];
+        int64_t nblocks = t->ne[1] * (t->ne[0] / eb);
+        for (int64_t x = 0; x < (t->ne[2] > 1 ? t->ne[2] : 1) && !e; x++) {
+            uint8_t *d = (uint8_t *)DW(be, t) + x * slab;
+            e = cudaMemcpyAsync(tmp, d, slab, cudaMemcpyDeviceToDevice, be->s);
+            if (!e) {
+                k_repack<<<(unsigned)((nblocks + 255) / 256), 256, 0, be->s>>>(tmp, d, nblocks, bb, ho, hl);
+                e = cudaGetLastError();
+            }
+        }
+    }
+    if (!e) e = cudaStreamSynchronize(be->s);
+    cudaFree(tmp);
+    return e ? fail(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
+}
+
 static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t errlen) {
     const ds4_hparams *hp = &m->hp;
     /* Shape facts the kernels rely on (all true of the real model and tiny). */
@@ -223,6 +275,11 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
             fail(err, errlen, "cuda backend: tensor %s: data must be 16-byte aligned, rows a multiple of 8", t->name);
             return NULL;
         }
+        /* Each expert slab of a repacked 3-D tensor is read with 16-byte loads. */
+        if (t->data && repacked(t->type) && t->ne[2] > 1 && (t->row_bytes * (uint64_t)t->ne[1]) % 16) {
+            fail(err, errlen, "cuda backend: tensor %s: expert slabs must be a multiple of 16 bytes", t->name);
+            return NULL;
+        }
     }
 
     /* The span of tensor data (the main file's tensors; MTP is not run here). */
@@ -250,8 +307,9 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         backend_free(be);
         return NULL;
     }
-    /* Refuse before uploading anything, saying how much is missing. */
-    uint64_t need = be->span + scr + VRAM_MARGIN;
+    /* Refuse before uploading anything, saying how much is missing (the
+     * repack's scratch slab is freed before the first step, but must fit). */
+    uint64_t need = be->span + scr + VRAM_MARGIN + max_rp_slab(m);
     if (need > free_b) {
         fail(err, errlen,
              "cuda backend: need %.1f GiB of GPU memory (weights %.1f GiB + scratch %.1f MiB + %llu MiB margin), "
@@ -282,7 +340,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     be->freq_yarn = be->freq_plain + np;
     float **dst[N_SCRATCH] = {&be->X, &be->mix, &be->coef, &be->h, &be->nrm, &be->qa, &be->q, &be->o, &be->low,
                               &be->y, &be->ck, &be->cg, &be->ik, &be->ig, &be->iq, &be->iw, &be->rl, &be->ew,
-                              &be->eout, &be->ge, &be->ue, &be->sg, &be->su, &be->logits};
+                              &be->eout, &be->ge, &be->sg, &be->logits};
     float *p = be->X;
     for (int i = 0; i < N_SCRATCH; i++) { *dst[i] = p; p += counts[i]; }
     be->sel = be->eid + hp->n_expert_used;
@@ -294,7 +352,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     }
     const char *g = getenv("DS4_CUDA_GRAPHS");
     be->graphs = !(g && !strcmp(g, "0"));
-    if (upload_span(be, err, errlen)) { backend_free(be); return NULL; }
+    if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }
     return be;
 }
 
@@ -428,22 +486,85 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
 #define WIDE_ROWS 1024
 #define ATT_WARPS 8            /* warps per attention block (one block per head) */
 
-static void matvec(gpu_backend *be, const ds4_tensor *T, const float *x, float *y) {
-    if (T->ne[1] < WIDE_ROWS && T->ne[0] >= 2048) {
+/* Matvec on a repacked format, any shape: rows per warp 4 where the grid
+ * still has ≥ 1024 warps, fewer below (a small matrix must still spread
+ * over the GPU), 2 for GLU pairs (4 rows read per step). 64-weight pieces
+ * (IQ2_XXS, Q2_K) hold 16 float4 of x per lane: Q2_K with 4 rows needs 160
+ * registers (3 blocks an SM), with 2 rows 93 (5 blocks), so at most 2 there.
+ * xg_rows must stay a multiple of the rows per warp (a warp's rows share one x). */
+template <int F>
+static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
+                       int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
+                       int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
+    int nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;
+    int cap = W2 || F == RP_Q2K ? 2 : 4;
+    if (nr > cap) nr = cap;
+    while (xg_rows && xg_rows % nr) nr /= 2;
+    dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
+#define MVRP(NR, GLU) k_mv_rp<F, NR, GLU><<<grid, 32 * MV_WARPS, 0, s>>>(W, W2, n_in, rows, x, xg_rows, xg_stride, y, \
+                                                                     eid, estride, x_slot, y_slot, ew, clamp)
+    if (W2) { if (nr == 2) MVRP(2, true); else MVRP(1, true); }
+    else if (F != RP_Q2K && nr == 4) MVRP(4, false);
+    else if (nr == 2) MVRP(2, false);
+    else MVRP(1, false);
+#undef MVRP
+}
+static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows,
+                      const float *x, int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
+                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
+    if (type == GGML_Q8_0)
+        launch_rpf<RP_Q8>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+    else if (type == GGML_IQ2_XXS)
+        launch_rpf<RP_IQ2>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+    else
+        launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+}
+
+/* y = T·x; x grouped as k_matvec (xg_rows = 0: one x). */
+static void matvec_g(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t xg_rows, int64_t xg_stride, float *y) {
+    if (repacked(T->type)) {
+        launch_rp(T->type, be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, xg_rows, xg_stride, y, NULL, 0, 0, 0, 1, NULL, 0);
+        return;
+    }
+    if (!xg_rows && T->ne[1] < WIDE_ROWS && T->ne[0] >= 2048) {
         k_matvec_wide<<<(unsigned)T->ne[1], 256, 0, be->s>>>((int)T->type, DW(be, T), T->row_bytes, T->ne[0], x, y);
         return;
     }
     k_matvec<<<dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS, 0, be->s>>>(
-        (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, 0, 0, y, NULL, 0, 0, 0);
+        (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, xg_rows, xg_stride, y, NULL, 0, 0, 0);
 }
+static void matvec(gpu_backend *be, const ds4_tensor *T, const float *x, float *y) { matvec_g(be, T, x, 0, 0, y); }
 
 /* Every routed slot at once: slot i multiplies expert eid[i]'s matrix. */
 static void matvec_experts(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t x_slot, float *y,
                            int64_t y_slot) {
     int used = (int)be->hp->n_expert_used;
+    uint64_t estride = T->row_bytes * (uint64_t)T->ne[1];
+    if (repacked(T->type)) {
+        launch_rp(T->type, be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, 0, 0, y, be->eid, estride, x_slot, y_slot, used,
+                  NULL, 0);
+        return;
+    }
     k_matvec<<<dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), used), 32 * MV_WARPS, 0, be->s>>>(
-        (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, 0, 0, y, be->eid,
-        T->row_bytes * (uint64_t)T->ne[1], x_slot, y_slot);
+        (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, 0, 0, y, be->eid, estride, x_slot, y_slot);
+}
+
+/* y = swiglu(Tg·x, Tu·x) · (ew ? ew[slot] : 1) in one launch: routed slots
+ * (routed = true: expert eid[slot] of 3-D tensors) or the shared expert. */
+static void glu(gpu_backend *be, const ds4_tensor *Tg, const ds4_tensor *Tu, bool routed, const float *x, float *y,
+                float clamp) {
+    int slots = routed ? (int)be->hp->n_expert_used : 1;
+    const int32_t *eid = routed ? be->eid : NULL;
+    const float *ew = routed ? be->ew : NULL;
+    uint64_t estride = Tg->row_bytes * (uint64_t)Tg->ne[1];
+    int64_t rows = Tg->ne[1];
+    if (repacked(Tg->type)) {   /* the loader gives gate and up the same type */
+        launch_rp(Tg->type, be->s, DW(be, Tg), DW(be, Tu), Tg->ne[0], rows, x, 0, 0, y, eid, estride, 0, rows, slots, ew,
+                  clamp);
+        return;
+    }
+    k_matvec_glu<<<dim3((unsigned)((rows + MV_WARPS - 1) / MV_WARPS), slots), 32 * MV_WARPS, 0, be->s>>>(
+        (int)Tg->type, DW(be, Tg), DW(be, Tu), Tg->row_bytes, Tg->ne[0], rows, x, y, eid, estride, rows, ew, clamp);
 }
 
 static unsigned nthreads(int64_t n) { return n >= 1024 ? 1024 : (unsigned)((n + 31) / 32 * 32); }
@@ -522,9 +643,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
 
     /* Grouped low-rank output: group g's rows read heads g·H/G … concatenated. */
     int64_t G = hp->o_groups, gl = hp->o_lora;
-    const ds4_tensor *A = &L->attn_output_a;
-    k_matvec<<<dim3((unsigned)((A->ne[1] + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS, 0, s>>>(
-        (int)A->type, DW(be, A), A->row_bytes, A->ne[0], A->ne[1], be->o, gl, (H / G) * hd, be->low, NULL, 0, 0, 0);
+    matvec_g(be, &L->attn_output_a, be->o, gl, (H / G) * hd, be->low);
     matvec(be, &L->attn_output_b, be->low, be->y);
     hc_post(be);
 }
@@ -539,14 +658,9 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, float clamp) {
     k_router<<<1, 256, E * (sizeof(float) + 1), s>>>(be->rl, (int)E, (int)used, DW(be, &L->tid2eid), L->tid2eid.row_bytes,
                                                &be->step->tok, L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
                                                hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
-    matvec_experts(be, &L->gate_exps, be->nrm, 0, be->ge, ff);
-    matvec_experts(be, &L->up_exps, be->nrm, 0, be->ue, ff);
-    k_swiglu<<<(unsigned)((used * ff + 255) / 256), 256, 0, s>>>(be->ge, be->ue, used * ff, ff, be->ew, clamp);
+    glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
     matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
-    int64_t ffs = L->gate_shexp.ne[1];
-    matvec(be, &L->gate_shexp, be->nrm, be->sg);
-    matvec(be, &L->up_shexp, be->nrm, be->su);
-    k_swiglu<<<(unsigned)((ffs + 255) / 256), 256, 0, s>>>(be->sg, be->su, ffs, ffs, NULL, clamp);
+    glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
     matvec(be, &L->down_shexp, be->sg, be->y);
     k_moe_sum<<<(unsigned)((d + 255) / 256), 256, 0, s>>>(be->eout, (int)used, d, be->y);
     hc_post(be);
@@ -814,7 +928,19 @@ extern "C" int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64
         (e = cudaMemcpy(dw, w, rb * n_rows, cudaMemcpyHostToDevice)) ||
         (e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice))) goto out;
     poison(dy, n_rows * sizeof(float));
-    if (n_rows < WIDE_ROWS && n_in >= 2048)   /* the same choice as matvec() */
+    if (repacked((uint32_t)type)) {   /* repacked first, as at upload */
+        int bb, ho, hl, eb;
+        rp_geom((uint32_t)type, &bb, &ho, &hl, &eb);
+        int64_t nblocks = n_rows * (n_in / eb);
+        uint8_t *tmp = NULL;
+        if ((e = cudaMalloc((void **)&tmp, rb * n_rows)) ||
+            (e = cudaMemcpy(tmp, dw, rb * n_rows, cudaMemcpyDeviceToDevice))) { cudaFree(tmp); goto out; }
+        k_repack<<<(unsigned)((nblocks + 255) / 256), 256>>>(tmp, dw, nblocks, bb, ho, hl);
+        e = cudaDeviceSynchronize();
+        cudaFree(tmp);
+        if (e) goto out;
+        launch_rp((uint32_t)type, 0, dw, NULL, n_in, n_rows, dx, 0, 0, dy, NULL, 0, 0, 0, 1, NULL, 0);
+    } else if (n_rows < WIDE_ROWS && n_in >= 2048)   /* the same choice as matvec() */
         k_matvec_wide<<<(unsigned)n_rows, 256>>>(type, dw, rb, n_in, dx, dy);
     else
         k_matvec<<<dim3((unsigned)((n_rows + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS>>>(type, dw, rb, n_in, n_rows,

@@ -44,6 +44,24 @@ __device__ __forceinline__ uint32_t ld_u32h(const uint8_t *p) {   /* 2-byte alig
 }
 __device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
 
+/* Small unsigned integer → float without I2F: I2F issues at a quarter of
+ * the FP32 rate on sm_90, and decoding 2–8-bit weights is one conversion per
+ * weight, so it capped every quantised matvec near 1–1.5 TB/s. 2^23 + v has
+ * v in its low mantissa bits; subtracting 2^23 is exact (v < 2^23). */
+__device__ __forceinline__ float u2f(uint32_t v) { return __int_as_float(0x4B000000u | v) - 8388608.0f; }
+/* Byte k of w as an unsigned value, the same way: one PRMT + one FADD. */
+__device__ __forceinline__ float byte2f(uint32_t w, int k) {
+    return __int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u | (uint32_t)k)) - 8388608.0f;
+}
+/* Σ_k ((byte k of u) >> 2s & 3) · x_k over 4 weights (Q2_K quants of run s). */
+__device__ __forceinline__ float dot4_u2(uint32_t u, int s, float4 x, float acc) {
+    uint32_t t = (u >> 2 * s) & 0x03030303u;
+    acc = fmaf(byte2f(t, 0), x.x, acc);
+    acc = fmaf(byte2f(t, 1), x.y, acc);
+    acc = fmaf(byte2f(t, 2), x.z, acc);
+    return fmaf(byte2f(t, 3), x.w, acc);
+}
+
 /* Elements 8c … 8c+7 of a row, dequantised with the same formulas as
  * src/quant (fmaf(dl, q, −ml) for K-quants). Every supported block size is a
  * multiple of 8, so an 8-wide chunk never straddles two blocks: 32 lanes take
@@ -82,12 +100,12 @@ __device__ __forceinline__ void deq_chunk(int type, const uint8_t *row, int64_t 
         /* 84-byte blocks are 4-byte aligned: d|dmin and each 8 quants as words */
         uint32_t dd = *(const uint32_t *)(b + 80);
         float d = __half2float(__ushort_as_half((unsigned short)dd)), dmin = __half2float(__ushort_as_half((unsigned short)(dd >> 16)));
-        float dl = d * (float)(b[j] & 15), ml = dmin * (float)(b[j] >> 4);
+        float dl = d * u2f(b[j] & 15), ml = dmin * u2f(b[j] >> 4);
         const uint32_t *q = (const uint32_t *)(b + 16 + 32 * h + 16 * half + 8 * sub);
         uint32_t q0 = q[0], q1 = q[1];
         for (int k = 0; k < 4; k++) {
-            v[k] = fmaf(dl, (float)((q0 >> (8 * k + 2 * s)) & 3), -ml);
-            v[4 + k] = fmaf(dl, (float)((q1 >> (8 * k + 2 * s)) & 3), -ml);
+            v[k] = fmaf(dl, u2f((q0 >> (8 * k + 2 * s)) & 3), -ml);
+            v[4 + k] = fmaf(dl, u2f((q1 >> (8 * k + 2 * s)) & 3), -ml);
         }
         return;
     }
@@ -99,12 +117,12 @@ __device__ __forceinline__ void deq_chunk(int type, const uint8_t *row, int64_t 
         if (j < 4) { sc = s[j] & 63; mn = s[j + 4] & 63; }
         else { sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4; mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4; }
         uint32_t dd = *(const uint32_t *)b;
-        float dl = __half2float(__ushort_as_half((unsigned short)dd)) * (float)sc;
-        float ml = __half2float(__ushort_as_half((unsigned short)(dd >> 16))) * (float)mn;
+        float dl = __half2float(__ushort_as_half((unsigned short)dd)) * u2f((uint32_t)sc);
+        float ml = __half2float(__ushort_as_half((unsigned short)(dd >> 16))) * u2f((uint32_t)mn);
         uint2 q = *(const uint2 *)(b + 16 + 32 * cc + k0);   /* 144-byte blocks: 8-byte aligned */
         for (int k = 0; k < 4; k++) {
-            v[k] = fmaf(dl, (float)((q.x >> (8 * k + 4 * h)) & 15), -ml);
-            v[4 + k] = fmaf(dl, (float)((q.y >> (8 * k + 4 * h)) & 15), -ml);
+            v[k] = fmaf(dl, u2f((q.x >> (8 * k + 4 * h)) & 15), -ml);
+            v[4 + k] = fmaf(dl, u2f((q.y >> (8 * k + 4 * h)) & 15), -ml);
         }
         return;
     }
@@ -112,11 +130,11 @@ __device__ __forceinline__ void deq_chunk(int type, const uint8_t *row, int64_t 
         const uint8_t *b = row + (c >> 5) * 66;
         int e0 = (int)(c & 31) * 8, ib = e0 >> 5, l = (e0 >> 3) & 3;
         uint32_t A = ld_u32h(b + 2 + 8 * ib), B = ld_u32h(b + 6 + 8 * ib);   /* 66-byte blocks: 2-byte aligned */
-        float db = ld_f16a(b) * (0.5f + (float)(B >> 28)) * 0.25f;
+        float db = ld_f16a(b) * (0.5f + u2f(B >> 28)) * 0.25f;
         uint64_t g = d_iq2_grid[(A >> 8 * l) & 255];
         uint8_t sg = d_iq2_signs[(B >> 7 * l) & 127];
         for (int k = 0; k < 8; k++) {
-            float m = (float)((g >> 8 * k) & 255);
+            float m = byte2f(k < 4 ? (uint32_t)g : (uint32_t)(g >> 32), k & 3);
             v[k] = db * ((sg >> k) & 1 ? -m : m);
         }
         return;
@@ -215,6 +233,41 @@ __device__ __forceinline__ float row_dot(int type, const uint8_t *w, int64_t nch
     case GT_Q4_K: ROW_LOOP(GT_Q4_K)
     case GT_IQ2_XXS: ROW_LOOP(GT_IQ2_XXS)
     default: return __int_as_float(0x7fc00000);
+    }
+}
+
+/* Two rows against one x in one loop (gate and up): both rows' loads are
+ * in flight together, and x is loaded once for the pair. */
+#define ROW_LOOP2(T)                                                                 \
+    {                                                                                \
+        _Pragma("unroll 2") for (int64_t c = start; c < nch; c += step) {            \
+            const float4 *xp = (const float4 *)(x + 8 * c);                          \
+            float4 a = xp[0], b = xp[1];                                             \
+            float va[8], vb[8];                                                      \
+            deq_chunk(T, wa, c, va);                                                 \
+            deq_chunk(T, wb, c, vb);                                                 \
+            acc.x = fmaf(va[0], a.x, acc.x); acc.x = fmaf(va[1], a.y, acc.x);        \
+            acc.x = fmaf(va[2], a.z, acc.x); acc.x = fmaf(va[3], a.w, acc.x);        \
+            acc.x = fmaf(va[4], b.x, acc.x); acc.x = fmaf(va[5], b.y, acc.x);        \
+            acc.x = fmaf(va[6], b.z, acc.x); acc.x = fmaf(va[7], b.w, acc.x);        \
+            acc.y = fmaf(vb[0], a.x, acc.y); acc.y = fmaf(vb[1], a.y, acc.y);        \
+            acc.y = fmaf(vb[2], a.z, acc.y); acc.y = fmaf(vb[3], a.w, acc.y);        \
+            acc.y = fmaf(vb[4], b.x, acc.y); acc.y = fmaf(vb[5], b.y, acc.y);        \
+            acc.y = fmaf(vb[6], b.z, acc.y); acc.y = fmaf(vb[7], b.w, acc.y);        \
+        }                                                                            \
+        return acc;                                                                  \
+    }
+__device__ __forceinline__ float2 row_dot2(int type, const uint8_t *wa, const uint8_t *wb, int64_t nch, const float *x,
+                                           int start, int step) {
+    float2 acc = make_float2(0, 0);
+    switch (type) {
+    case GT_F32: ROW_LOOP2(GT_F32)
+    case GT_F16: ROW_LOOP2(GT_F16)
+    case GT_Q8_0: ROW_LOOP2(GT_Q8_0)
+    case GT_Q2_K: ROW_LOOP2(GT_Q2_K)
+    case GT_Q4_K: ROW_LOOP2(GT_Q4_K)
+    case GT_IQ2_XXS: ROW_LOOP2(GT_IQ2_XXS)
+    default: return make_float2(__int_as_float(0x7fc00000), __int_as_float(0x7fc00000));
     }
 }
 
@@ -832,14 +885,6 @@ __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid
     }
 }
 
-/* g[i] ← swiglu(g[i], u[i]) · (w ? w[i / per] : 1). */
-__global__ void k_swiglu(float *g, const float *u, int64_t n, int64_t per, const float *w, float clamp) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = swiglu(g[i], u[i], clamp);
-    g[i] = w ? v * w[i / per] : v;
-}
-
 /* y = Σ_slot routed (slot order) + y (the shared expert's output). */
 __global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -847,6 +892,218 @@ __global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
     float a = 0;
     for (int i = 0; i < used; i++) a += eout[i * d + k];
     y[k] = a + y[k];
+}
+
+/* ---- matvec on repacked quantised weights ------------------------------------
+ * Q8_0 carries ~2/3 of a decode step's weight bytes (attention projections,
+ * shared expert, LM head), IQ2_XXS / Q2_K the routed experts. Their GGUF
+ * blocks (34, 66, 84 bytes) leave the quants 2- or 4-byte aligned, so the
+ * generic path issued many 2–4-byte loads per 8 weights and was bound by
+ * load instructions (≈ 1 TB/s on Q8_0, ≈ 0.5 TB/s on the experts). At upload
+ * (k_repack) every slab (an R-row matrix, or one expert of a 3-D tensor) is
+ * rewritten in place, same bytes: each block's payload (Q8_0, IQ2_XXS: the
+ * bytes after the f16 scale; Q2_K: scales + quants, before d|dmin) first,
+ * row r's at r·nb·PAY, 16-byte aligned, then the block headers, row r's at
+ * R·nb·PAY + r·nb·HL. A lane then takes a 16-byte piece per load: 16 weights
+ * (Q8_0) or 64 (IQ2_XXS: two 32-weight groups; Q2_K: 4 runs of 16 weights
+ * of one 128-weight half-block, sharing the piece's quant bytes). */
+#define RP_Q8 0
+#define RP_IQ2 1
+#define RP_Q2K 2
+template <int F> struct rp_fmt;
+template <> struct rp_fmt<RP_Q8> { enum { EB = 32, BB = 34, HO = 0, HL = 2, PAY = 32, PB = 2, EP = 16 }; };
+template <> struct rp_fmt<RP_IQ2> { enum { EB = 256, BB = 66, HO = 0, HL = 2, PAY = 64, PB = 4, EP = 64 }; };
+template <> struct rp_fmt<RP_Q2K> { enum { EB = 256, BB = 84, HO = 80, HL = 4, PAY = 80, PB = 4, EP = 64 }; };
+
+/* Block i of src (bb bytes, header of hl bytes at ho) → payload at i·(bb−hl),
+ * header at nblocks·(bb−hl) + i·hl. Every offset is even: 2-byte copies. */
+__global__ void k_repack(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t nblocks, int bb, int ho,
+                         int hl) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nblocks) return;
+    const unsigned short *b = (const unsigned short *)(src + i * bb);
+    unsigned short *pay = (unsigned short *)(dst + i * (bb - hl)), *hdr = (unsigned short *)(dst + nblocks * (bb - hl) + i * hl);
+    for (int j = 0, o = 0; j < bb / 2; j++) {
+        if (2 * j >= ho && 2 * j < ho + hl) hdr[(2 * j - ho) / 2] = b[j];
+        else pay[o++] = b[j];
+    }
+}
+
+/* Σ_k int8(u byte k) · x_k over 4 weights. Flipping the sign bits makes
+ * each byte b + 128 unsigned; as in byte2f, 2^23 + b + 128 minus 2^23 + 128
+ * is b exactly. */
+__device__ __forceinline__ float dot4_i8(uint32_t u, float4 x, float s) {
+    uint32_t w = u ^ 0x80808080u;
+#define SB(k) (__int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u | (k))) - 8388736.0f)
+    s = fmaf(SB(0), x.x, s);
+    s = fmaf(SB(1), x.y, s);
+    s = fmaf(SB(2), x.z, s);
+    return fmaf(SB(3), x.w, s);
+#undef SB
+}
+/* Σ_k ±grid byte k · x_k over 8 weights; sign bit k of sg flips weight k
+ * (xor into the float's sign: no select). */
+__device__ __forceinline__ float dot8_iq2(uint64_t g, uint32_t sg, float4 a, float4 b, float s) {
+    uint32_t lo = (uint32_t)g, hi = (uint32_t)(g >> 32);
+#define SGN(v, k) __int_as_float(__float_as_int(v) ^ ((sg << (31 - (k))) & 0x80000000u))
+    s = fmaf(SGN(byte2f(lo, 0), 0), a.x, s);
+    s = fmaf(SGN(byte2f(lo, 1), 1), a.y, s);
+    s = fmaf(SGN(byte2f(lo, 2), 2), a.z, s);
+    s = fmaf(SGN(byte2f(lo, 3), 3), a.w, s);
+    s = fmaf(SGN(byte2f(hi, 0), 4), b.x, s);
+    s = fmaf(SGN(byte2f(hi, 1), 5), b.y, s);
+    s = fmaf(SGN(byte2f(hi, 2), 6), b.z, s);
+    return fmaf(SGN(byte2f(hi, 3), 7), b.w, s);
+#undef SGN
+}
+
+/* Piece p of one row · its x piece xv (EP/4 float4). pl, hd: the row's
+ * payload and headers. sx (Q2_K): Σ of each 16-weight run of xv. */
+template <int F>
+__device__ __forceinline__ float rp_piece(const uint8_t *pl, const uint8_t *hd, int64_t p, const float4 *xv,
+                                          const float *sx, const uint64_t *grid) {
+    if constexpr (F == RP_Q8) {
+        uint4 w = ((const uint4 *)pl)[p];
+        float d = __half2float(((const __half *)hd)[p >> 1]);
+        float s = dot4_i8(w.x, xv[0], 0.0f);
+        s = dot4_i8(w.y, xv[1], s);
+        s = dot4_i8(w.z, xv[2], s);
+        s = dot4_i8(w.w, xv[3], s);
+        return d * s;
+    } else if constexpr (F == RP_IQ2) {
+        uint4 w = ((const uint4 *)pl)[p];   /* groups 2(p&3), 2(p&3)+1: (indices, signs|scale) each */
+        float d = __half2float(((const __half *)hd)[p >> 2]), acc = 0;
+#pragma unroll
+        for (int g = 0; g < 2; g++) {
+            uint32_t A = g ? w.z : w.x, B = g ? w.w : w.y;
+            float t = 0;
+#pragma unroll
+            for (int l = 0; l < 4; l++) {
+                uint32_t s7 = (B >> 7 * l) & 127, sg = s7 | (__popc(s7) & 1) << 7;   /* ksigns: 7 bits + parity */
+                t = dot8_iq2(grid[(A >> 8 * l) & 255], sg, xv[8 * g + 2 * l], xv[8 * g + 2 * l + 1], t);
+            }
+            acc = fmaf(d * (0.5f + u2f(B >> 28)) * 0.25f, t, acc);
+        }
+        return acc;
+    } else {
+        int64_t b = p >> 2;
+        int u = (int)(p & 3), h = u >> 1, half = u & 1;
+        const uint8_t *blk = pl + b * 80;
+        uint4 w = *(const uint4 *)(blk + 16 + 16 * u);       /* quant bytes 32h + 16half … +15 */
+        uint2 sc2 = *(const uint2 *)(blk + 8 * h);           /* scales 8h … 8h+7 */
+        uint32_t dd = ((const uint32_t *)hd)[b];
+        float d = __half2float(__ushort_as_half((unsigned short)dd));
+        float dmin = __half2float(__ushort_as_half((unsigned short)(dd >> 16))), acc = 0;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {   /* run s: weights 128h + 32s + 16half + 0…15, scale 8h + 2s + half */
+            uint32_t sc = ((s < 2 ? sc2.x : sc2.y) >> (8 * (2 * (s & 1) + half))) & 255;
+            float q = 0;
+            q = dot4_u2(w.x, s, xv[4 * s + 0], q);
+            q = dot4_u2(w.y, s, xv[4 * s + 1], q);
+            q = dot4_u2(w.z, s, xv[4 * s + 2], q);
+            q = dot4_u2(w.w, s, xv[4 * s + 3], q);
+            acc = fmaf(d * u2f(sc & 15), q, acc);
+            acc = fmaf(-dmin * u2f(sc >> 4), sx[s], acc);
+        }
+        return acc;
+    }
+}
+
+/* x piece p of a row: EP floats (Q2_K: the 4 runs of 16 at 32-float steps). */
+template <int F>
+__device__ __forceinline__ void rp_x(const float *xx, int64_t p, float4 *xv, float *sx) {
+    if constexpr (F == RP_Q2K) {
+        int64_t e = (p >> 2) * 256 + ((p & 3) >> 1) * 128 + (p & 1) * 16;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            const float4 *q = (const float4 *)(xx + e + 32 * s);
+            float t = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) { xv[4 * s + i] = q[i]; t += (xv[4 * s + i].x + xv[4 * s + i].y) + (xv[4 * s + i].z + xv[4 * s + i].w); }
+            sx[s] = t;
+        }
+    } else {
+        const float4 *q = (const float4 *)(xx + rp_fmt<F>::EP * p);
+#pragma unroll
+        for (int i = 0; i < rp_fmt<F>::EP / 4; i++) xv[i] = q[i];
+    }
+}
+
+/* y[slot·y_slot + r] for NR consecutive rows per warp, which share each x
+ * load. GLU: W2 is the up matrix of the same shape; the warp computes gate
+ * and up rows together and writes swiglu(g, u) · (ew ? ew[slot] : 1), so the
+ * pair takes one launch and no separate swiglu pass. eid/estride/x_slot and
+ * x grouping (xg_rows, a multiple of NR) as k_matvec. Rows past the end
+ * repeat the last row (loads stay in bounds) and are not written. */
+template <int F, int NR, bool GLU>
+__global__ void __launch_bounds__(32 * MV_WARPS)
+k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
+        const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
+        const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot,
+        const float *__restrict__ ew, float clamp) {
+    typedef rp_fmt<F> fm;
+    constexpr int M = GLU ? 2 * NR : NR;
+    __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
+    if (F == RP_IQ2) {   /* the 2 KB grid in shared memory: random 8-byte gathers */
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
+        __syncthreads();
+    }
+    int slot = blockIdx.y, lane = threadIdx.x & 31;
+    int64_t r0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NR;
+    if (r0 >= rows) return;
+    uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
+    const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
+    const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
+    const uint8_t *pl[M], *hd[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        const uint8_t *mat = (i < NR ? W : W2) + eoff;
+        int64_t r = r0 + i % NR < rows ? r0 + i % NR : rows - 1;
+        pl[i] = mat + r * nb * fm::PAY;
+        hd[i] = mat + rows * nb * fm::PAY + r * nb * fm::HL;
+    }
+    float acc[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = 0;
+    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
+     * warp, as on the 512–1024-row attention inputs: those warps are few). */
+    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
+#pragma unroll UNR
+    for (int64_t p = lane; p < np; p += 32) {
+        float4 xv[fm::EP / 4];
+        float sx[4];
+        rp_x<F>(xx, p, xv, sx);
+#pragma unroll
+        for (int i = 0; i < M; i++) acc[i] += rp_piece<F>(pl[i], hd[i], p, xv, sx, grid);
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
+    if (lane) return;
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        if (r0 + i >= rows) break;
+        float v = acc[i];
+        if (GLU) {
+            v = swiglu(acc[i], acc[NR + i], clamp);
+            if (ew) v *= ew[slot];
+        }
+        y[slot * y_slot + r0 + i] = v;
+    }
+}
+
+/* Gate and up rows of one expert slot in one warp, swiglu · ew[slot] out:
+ * the routed experts' pair in one launch (generic formats, k_matvec's loop). */
+__global__ void k_matvec_glu(int type, const uint8_t *__restrict__ Wg, const uint8_t *__restrict__ Wu, uint64_t rb,
+                             int64_t n_in, int64_t rows, const float *__restrict__ x, float *__restrict__ y,
+                             const int32_t *__restrict__ eid, uint64_t estride, int64_t y_slot,
+                             const float *__restrict__ ew, float clamp) {
+    int slot = blockIdx.y, lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    uint64_t off = (eid ? (uint64_t)eid[slot] * estride : 0) + (uint64_t)r * rb;
+    float2 gu = row_dot2(type, Wg + off, Wu + off, n_in / 8, x, lane, 32);
+    float g = warp_sum(gu.x), u = warp_sum(gu.y);
+    if (!lane) y[slot * y_slot + r] = swiglu(g, u, clamp) * (ew ? ew[slot] : 1.0f);
 }
 
 /* ---- test-only wrappers ---------------------------------------------------------- */

@@ -6,16 +6,9 @@
 #include <string.h>
 
 #include "model/model.h"
+#include "util/errf.h"
 
 #define KEY(s) "deepseek4." s
-
-static int fail(char *err, size_t n, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && n) vsnprintf(err, n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 /* Fields shared by both presets: the real model's values (spec §1.1). */
 static void common(ds4_hparams *hp) {
@@ -148,7 +141,7 @@ typedef struct {
 
 static int64_t need(rd *r, const char *key) {
     int64_t i = gguf_find_key(r->f, key);
-    if (i < 0) fail(r->err, r->n, "missing required key %s", key);
+    if (i < 0) ds4_errf(r->err, r->n, "missing required key %s", key);
     return i;
 }
 
@@ -159,8 +152,8 @@ static int get_u32(rd *r, const char *key, uint32_t *out) {
     gguf_vtype t = gguf_kv_type(r->f, i);
     uint64_t v;
     if ((t != GGUF_U32 && t != GGUF_U64) || !gguf_get_u64(r->f, i, &v))
-        return fail(r->err, r->n, "%s: expected u32, found type %d", key, (int)t);
-    if (v > UINT32_MAX) return fail(r->err, r->n, "%s: value %llu out of range", key, (unsigned long long)v);
+        return ds4_errf(r->err, r->n, "%s: expected u32, found type %d", key, (int)t);
+    if (v > UINT32_MAX) return ds4_errf(r->err, r->n, "%s: value %llu out of range", key, (unsigned long long)v);
     *out = (uint32_t)v;
     return 0;
 }
@@ -172,8 +165,8 @@ static int get_f32(rd *r, const char *key, float *out) {
     gguf_vtype t = gguf_kv_type(r->f, i);
     double v;
     if ((t != GGUF_F32 && t != GGUF_F64 && t != GGUF_I32 && t != GGUF_U32) || !gguf_get_f64(r->f, i, &v))
-        return fail(r->err, r->n, "%s: expected f32, found type %d", key, (int)t);
-    if (!isfinite(v)) return fail(r->err, r->n, "%s: value is not finite", key);
+        return ds4_errf(r->err, r->n, "%s: expected f32, found type %d", key, (int)t);
+    if (!isfinite(v)) return ds4_errf(r->err, r->n, "%s: value is not finite", key);
     *out = (float)v;
     return 0;
 }
@@ -182,7 +175,7 @@ static int get_bool(rd *r, const char *key, bool *out) {
     int64_t i = need(r, key);
     if (i < 0) return -1;
     if (gguf_kv_type(r->f, i) != GGUF_BOOL || !gguf_get_bool(r->f, i, out))
-        return fail(r->err, r->n, "%s: expected bool, found type %d", key, (int)gguf_kv_type(r->f, i));
+        return ds4_errf(r->err, r->n, "%s: expected bool, found type %d", key, (int)gguf_kv_type(r->f, i));
     return 0;
 }
 
@@ -191,11 +184,11 @@ static int64_t get_arr(rd *r, const char *key, gguf_vtype a, gguf_vtype b, uint6
     int64_t i = need(r, key);
     if (i < 0) return -1;
     if (gguf_kv_type(r->f, i) != GGUF_ARRAY)
-        return fail(r->err, r->n, "%s: expected an array, found type %d", key, (int)gguf_kv_type(r->f, i));
+        return ds4_errf(r->err, r->n, "%s: expected an array, found type %d", key, (int)gguf_kv_type(r->f, i));
     gguf_vtype t = gguf_arr_type(r->f, i);
-    if (t != a && t != b) return fail(r->err, r->n, "%s: unexpected array item type %d", key, (int)t);
+    if (t != a && t != b) return ds4_errf(r->err, r->n, "%s: unexpected array item type %d", key, (int)t);
     if (gguf_arr_len(r->f, i) < min)
-        return fail(r->err, r->n, "%s: %llu entries, need %llu (one per layer)", key,
+        return ds4_errf(r->err, r->n, "%s: %llu entries, need %llu (one per layer)", key,
                     (unsigned long long)gguf_arr_len(r->f, i), (unsigned long long)min);
     return i;
 }
@@ -207,7 +200,7 @@ int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errl
     int64_t ai = need(&r, "general.architecture");
     if (ai < 0) return -1;
     if (!gguf_get_str(f, ai, &arch) || !gguf_str_eq(arch, "deepseek4"))
-        return fail(err, errlen, "general.architecture: not \"deepseek4\"");
+        return ds4_errf(err, errlen, "general.architecture: not \"deepseek4\"");
 
     struct { const char *key; uint32_t *dst; } u32s[] = {
         {KEY("block_count"), &hp->n_layer},
@@ -254,7 +247,7 @@ int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errl
     uint32_t vlen;
     if (get_u32(&r, KEY("attention.value_length"), &vlen)) return -1;
     if (vlen != hp->head_dim)
-        return fail(err, errlen, "%s: %u differs from attention.key_length %u",
+        return ds4_errf(err, errlen, "%s: %u differs from attention.key_length %u",
                     KEY("attention.value_length"), vlen, hp->head_dim);
 
     /* Expert groups are not used by V4 Flash; ds4 requires 0 or absent. */
@@ -262,17 +255,17 @@ int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errl
     for (int k = 0; k < 2; k++) {
         uint64_t v;
         if (gguf_find_key(f, zero_keys[k]) >= 0 && (!gguf_key_u64(f, zero_keys[k], &v) || v != 0))
-            return fail(err, errlen, "%s: must be 0 or absent (no expert groups)", zero_keys[k]);
+            return ds4_errf(err, errlen, "%s: must be 0 or absent (no expert groups)", zero_keys[k]);
     }
     /* Optional: nextn_predict_layers (ds4 does not read it). */
     uint64_t nmtp = 1;
     if (gguf_find_key(f, KEY("nextn_predict_layers")) >= 0 &&
         (!gguf_key_u64(f, KEY("nextn_predict_layers"), &nmtp) || nmtp > 1))
-        return fail(err, errlen, "%s: expected 0 or 1", KEY("nextn_predict_layers"));
+        return ds4_errf(err, errlen, "%s: expected 0 or 1", KEY("nextn_predict_layers"));
     hp->n_mtp = (uint32_t)nmtp;
 
     if (hp->n_layer < 1 || hp->n_layer > DS4_MAX_LAYERS)
-        return fail(err, errlen, "%s: %u layers, supported 1..%d", KEY("block_count"), hp->n_layer, DS4_MAX_LAYERS);
+        return ds4_errf(err, errlen, "%s: %u layers, supported 1..%d", KEY("block_count"), hp->n_layer, DS4_MAX_LAYERS);
 
     int64_t ci = get_arr(&r, KEY("swiglu_clamp_exp"), GGUF_F32, GGUF_F64, hp->n_layer);
     if (ci < 0) return -1;
@@ -282,7 +275,7 @@ int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errl
          * the last layer's clamp unless the file carries an extra entry. */
         uint64_t j = l < gguf_arr_len(f, ci) ? l : hp->n_layer - 1;
         if (!gguf_arr_get_f64(f, ci, j, &v))
-            return fail(err, errlen, "%s[%llu]: unreadable", KEY("swiglu_clamp_exp"), (unsigned long long)j);
+            return ds4_errf(err, errlen, "%s[%llu]: unreadable", KEY("swiglu_clamp_exp"), (unsigned long long)j);
         hp->swiglu_clamp[l] = (float)v;
     }
     int64_t ri = get_arr(&r, KEY("attention.compress_ratios"), GGUF_I32, GGUF_U32, hp->n_layer);
@@ -291,22 +284,22 @@ int ds4_hparams_read(ds4_hparams *hp, const gguf_file *f, char *err, size_t errl
         int64_t v = 0;
         /* Entry n_layer is the MTP slot; a file without it has no compressed MTP. */
         if (l < gguf_arr_len(f, ri) && !gguf_arr_get_i64(f, ri, l, &v))
-            return fail(err, errlen, "%s[%u]: unreadable", KEY("attention.compress_ratios"), l);
+            return ds4_errf(err, errlen, "%s[%u]: unreadable", KEY("attention.compress_ratios"), l);
         if (v < 0 || v > (1 << 20))
-            return fail(err, errlen, "%s[%u]: %lld out of range", KEY("attention.compress_ratios"), l, (long long)v);
+            return ds4_errf(err, errlen, "%s[%u]: %lld out of range", KEY("attention.compress_ratios"), l, (long long)v);
         hp->compress_ratio[l] = (int32_t)v;
     }
 
     /* A tokenizer token list, when present, must cover the embedding rows. */
     int64_t ti = gguf_find_key(f, "tokenizer.ggml.tokens");
     if (ti >= 0 && (gguf_kv_type(f, ti) != GGUF_ARRAY || gguf_arr_len(f, ti) != hp->n_vocab))
-        return fail(err, errlen, "tokenizer.ggml.tokens: %llu tokens but %s is %u",
+        return ds4_errf(err, errlen, "tokenizer.ggml.tokens: %llu tokens but %s is %u",
                     (unsigned long long)(gguf_kv_type(f, ti) == GGUF_ARRAY ? gguf_arr_len(f, ti) : 0),
                     KEY("vocab_size"), hp->n_vocab);
     int64_t gi = gguf_find_key(f, KEY("expert_gating_func"));
     uint64_t gating;
     if (gi >= 0 && (!gguf_key_u64(f, KEY("expert_gating_func"), &gating) || gating != 4))
-        return fail(err, errlen, "%s: only 4 (sqrt(softplus)) is supported", KEY("expert_gating_func"));
+        return ds4_errf(err, errlen, "%s: only 4 (sqrt(softplus)) is supported", KEY("expert_gating_func"));
     return ds4_hparams_validate(hp, err, errlen);
 }
 
@@ -342,34 +335,34 @@ int ds4_hparams_validate(const ds4_hparams *hp, char *err, size_t n) {
     };
     for (size_t k = 0; k < sizeof pos / sizeof pos[0]; k++)
         if (pos[k].v == 0 || pos[k].v > pos[k].max)
-            return fail(err, n, "%s: %u, must be in 1..%u", pos[k].key, pos[k].v, pos[k].max);
+            return ds4_errf(err, n, "%s: %u, must be in 1..%u", pos[k].key, pos[k].v, pos[k].max);
 
     /* The layout has one K=V projection [n_embd, head_dim] and one shared
      * expert of expert_ff rows: other counts would need other tensors. */
     if (hp->n_head_kv != 1)
-        return fail(err, n, "%s: %u, only 1 (shared K=V head) is supported", KEY("attention.head_count_kv"), hp->n_head_kv);
+        return ds4_errf(err, n, "%s: %u, only 1 (shared K=V head) is supported", KEY("attention.head_count_kv"), hp->n_head_kv);
     if (hp->n_expert_shared != 1)
-        return fail(err, n, "%s: %u, only 1 is supported", KEY("expert_shared_count"), hp->n_expert_shared);
+        return ds4_errf(err, n, "%s: %u, only 1 is supported", KEY("expert_shared_count"), hp->n_expert_shared);
     /* RoPE rotates interleaved pairs in the tail of each head; the non-RoPE
      * part is FP8-simulated in blocks of 64 (spec §3.3). */
     if (hp->rope_dim % 2 || hp->rope_dim >= hp->head_dim)
-        return fail(err, n, "%s: %u must be even and below attention.key_length %u",
+        return ds4_errf(err, n, "%s: %u must be even and below attention.key_length %u",
                     KEY("rope.dimension_count"), hp->rope_dim, hp->head_dim);
     if ((hp->head_dim - hp->rope_dim) % 64)
-        return fail(err, n, "%s: %u minus rope.dimension_count %u is not a multiple of 64 (FP8 blocks)",
+        return ds4_errf(err, n, "%s: %u minus rope.dimension_count %u is not a multiple of 64 (FP8 blocks)",
                     KEY("attention.key_length"), hp->head_dim, hp->rope_dim);
     /* Indexer keys: Hadamard rotation needs a power of two, FP4 simulation
      * blocks of 32 (spec §3.4), and the RoPE tail must fit. */
     if (!pow2(hp->idx_head_dim) || hp->idx_head_dim % 32 || hp->idx_head_dim <= hp->rope_dim)
-        return fail(err, n, "%s: %u must be a power of two, a multiple of 32 and above rope.dimension_count %u",
+        return ds4_errf(err, n, "%s: %u must be a power of two, a multiple of 32 and above rope.dimension_count %u",
                     KEY("attention.indexer.key_length"), hp->idx_head_dim, hp->rope_dim);
     if (hp->n_head % hp->o_groups)
-        return fail(err, n, "%s: %u does not divide attention.head_count %u",
+        return ds4_errf(err, n, "%s: %u does not divide attention.head_count %u",
                     KEY("attention.output_group_count"), hp->o_groups, hp->n_head);
     if (hp->n_expert_used > hp->n_expert)
-        return fail(err, n, "%s: %u exceeds expert_count %u", KEY("expert_used_count"), hp->n_expert_used, hp->n_expert);
+        return ds4_errf(err, n, "%s: %u exceeds expert_count %u", KEY("expert_used_count"), hp->n_expert_used, hp->n_expert);
     if (hp->n_hash_layer > hp->n_layer)
-        return fail(err, n, "%s: %u exceeds block_count %u", KEY("hash_layer_count"), hp->n_hash_layer, hp->n_layer);
+        return ds4_errf(err, n, "%s: %u exceeds block_count %u", KEY("hash_layer_count"), hp->n_hash_layer, hp->n_layer);
     struct { const char *key; float v; } fpos[] = {
         {KEY("expert_weights_scale"), hp->expert_weights_scale},
         {KEY("hyper_connection.epsilon"), hp->hc_eps},
@@ -381,21 +374,21 @@ int ds4_hparams_validate(const ds4_hparams *hp, char *err, size_t n) {
     };
     for (size_t k = 0; k < sizeof fpos / sizeof fpos[0]; k++)
         if (!(fpos[k].v > 0) || !isfinite(fpos[k].v))
-            return fail(err, n, "%s: %g, must be positive", fpos[k].key, fpos[k].v);
+            return ds4_errf(err, n, "%s: %g, must be positive", fpos[k].key, fpos[k].v);
     if (!(hp->yarn_factor >= 1) || !isfinite(hp->yarn_factor))
-        return fail(err, n, "%s: %g, must be >= 1", KEY("rope.scaling.factor"), hp->yarn_factor);
+        return ds4_errf(err, n, "%s: %g, must be >= 1", KEY("rope.scaling.factor"), hp->yarn_factor);
     for (uint32_t l = 0; l <= hp->n_layer; l++) {
         if (!(hp->swiglu_clamp[l] > 0) || !isfinite(hp->swiglu_clamp[l]))
-            return fail(err, n, "%s[%u]: %g, must be positive", KEY("swiglu_clamp_exp"), l, hp->swiglu_clamp[l]);
+            return ds4_errf(err, n, "%s[%u]: %g, must be positive", KEY("swiglu_clamp_exp"), l, hp->swiglu_clamp[l]);
         int32_t r = hp->compress_ratio[l];
         /* 4 is the overlapping two-lane compressor; other ratios use one lane
          * and must be a power of two so row boundaries are cheap (spec §4.5). */
         if (r != 0 && r != 4 && !(r >= 8 && pow2((uint32_t)r)))
-            return fail(err, n, "%s[%u]: %d, must be 0, 4 or a power of two >= 8",
+            return ds4_errf(err, n, "%s[%u]: %d, must be 0, 4 or a power of two >= 8",
                         KEY("attention.compress_ratios"), l, r);
     }
     if (hp->compress_ratio[hp->n_layer] != 0)
-        return fail(err, n, "%s[%u]: the MTP slot must be 0 (the MTP block has no compressor)",
+        return ds4_errf(err, n, "%s[%u]: the MTP slot must be 0 (the MTP block has no compressor)",
                     KEY("attention.compress_ratios"), hp->n_layer);
     return 0;
 }

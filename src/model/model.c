@@ -7,14 +7,7 @@
 #include <string.h>
 
 #include "model/model.h"
-
-static int fail(char *err, size_t n, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && n) vsnprintf(err, n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#include "util/errf.h"
 
 /* A file claiming the published shape must carry the published values of
  * every key (ds4 refuses any difference, spec §1.1). */
@@ -22,9 +15,9 @@ static int check_flash_values(const ds4_hparams *hp, char *err, size_t n) {
     ds4_hparams fl;
     ds4_hparams_flash(&fl);
 #define U(field, key) if (hp->field != fl.field) \
-        return fail(err, n, "deepseek4." key ": %u, the published model has %u", (unsigned)hp->field, (unsigned)fl.field)
+        return ds4_errf(err, n, "deepseek4." key ": %u, the published model has %u", (unsigned)hp->field, (unsigned)fl.field)
 #define FL(field, key) if (hp->field != fl.field) \
-        return fail(err, n, "deepseek4." key ": %g, the published model has %g", (double)hp->field, (double)fl.field)
+        return ds4_errf(err, n, "deepseek4." key ": %g, the published model has %g", (double)hp->field, (double)fl.field)
     U(n_vocab, "vocab_size"); U(n_head, "attention.head_count"); U(head_dim, "attention.key_length");
     U(rope_dim, "rope.dimension_count"); U(q_lora, "attention.q_lora_rank");
     U(o_groups, "attention.output_group_count"); U(o_lora, "attention.output_lora_rank");
@@ -43,10 +36,10 @@ static int check_flash_values(const ds4_hparams *hp, char *err, size_t n) {
 #undef FL
     for (uint32_t l = 0; l < fl.n_layer; l++) {
         if (hp->compress_ratio[l] != fl.compress_ratio[l])
-            return fail(err, n, "deepseek4.attention.compress_ratios[%u]: %d, the published model has %d",
+            return ds4_errf(err, n, "deepseek4.attention.compress_ratios[%u]: %d, the published model has %d",
                         l, hp->compress_ratio[l], fl.compress_ratio[l]);
         if (hp->swiglu_clamp[l] != fl.swiglu_clamp[l])
-            return fail(err, n, "deepseek4.swiglu_clamp_exp[%u]: %g, the published model has %g",
+            return ds4_errf(err, n, "deepseek4.swiglu_clamp_exp[%u]: %g, the published model has %g",
                         l, hp->swiglu_clamp[l], fl.swiglu_clamp[l]);
     }
     return 0;
@@ -87,7 +80,7 @@ static int bind(const gguf_file *f, const ds4_hparams *hp, ds4_tensor_spec *spec
     for (int i = 0; i < n; i++) {
         ds4_tensor_spec *s = &specs[i];
         const gguf_tensor *t = gguf_find_tensor(f, s->name);
-        if (!t) return fail(err, errlen, "%s: missing tensor %s", path, s->name);
+        if (!t) return ds4_errf(err, errlen, "%s: missing tensor %s", path, s->name);
         uint32_t nd = t->n_dims > s->n_dims ? t->n_dims : s->n_dims;
         for (uint32_t k = 0; k < GGUF_MAX_DIMS; k++) {
             uint64_t want = k < 3 ? s->dims[k] : 1;
@@ -95,15 +88,15 @@ static int bind(const gguf_file *f, const ds4_hparams *hp, ds4_tensor_spec *spec
                 char a[96], b[96];
                 dims_str(a, sizeof a, s->dims, s->n_dims);
                 dims_str(b, sizeof b, t->dims, nd);
-                return fail(err, errlen, "%s: tensor %s: dims %s, expected %s", path, s->name, b, a);
+                return ds4_errf(err, errlen, "%s: tensor %s: dims %s, expected %s", path, s->name, b, a);
             }
         }
         if (!type_ok(s, t->type, strict, mtp))
-            return fail(err, errlen, "%s: tensor %s: type %s, expected %s%s", path, s->name,
+            return ds4_errf(err, errlen, "%s: tensor %s: type %s, expected %s%s", path, s->name,
                         ggml_type_name(t->type), ggml_type_name(s->type),
                         strict ? " (published layout)" : "");
         if (t->dims[0] % ggml_block_elems(t->type))
-            return fail(err, errlen, "%s: tensor %s: row of %llu is not a multiple of the %s block",
+            return ds4_errf(err, errlen, "%s: tensor %s: row of %llu is not a multiple of the %s block",
                         path, s->name, (unsigned long long)t->dims[0], ggml_type_name(t->type));
         if (s->kind == DS4_TK_TID2EID) {
             /* Every routed id must name an expert: a bad id would index past
@@ -112,7 +105,7 @@ static int bind(const gguf_file *f, const ds4_hparams *hp, ds4_tensor_spec *spec
             uint64_t cnt = t->dims[0] * t->dims[1];
             for (uint64_t j = 0; j < cnt; j++)
                 if (ids[j] < 0 || (uint32_t)ids[j] >= hp->n_expert)
-                    return fail(err, errlen, "%s: tensor %s: token %llu routes to expert %d, expert_count is %u",
+                    return ds4_errf(err, errlen, "%s: tensor %s: token %llu routes to expert %d, expert_count is %u",
                                 path, s->name, (unsigned long long)(j / t->dims[0]), ids[j], hp->n_expert);
         }
         ds4_tensor *dst = s->layer < 0 ? (ds4_tensor *)((char *)m + s->field)
@@ -134,7 +127,7 @@ static int bind(const gguf_file *f, const ds4_hparams *hp, ds4_tensor_spec *spec
             for (int j = 0; j < n && !known; j++)
                 known = gguf_str_eq(nm, specs[j].name);
             if (!known)
-                return fail(err, errlen, "%s: unexpected tensor %.*s (not in the DeepSeek V4 layout)",
+                return ds4_errf(err, errlen, "%s: unexpected tensor %.*s (not in the DeepSeek V4 layout)",
                             path, (int)(nm.len > 200 ? 200 : nm.len), nm.ptr);
         }
     }
@@ -152,20 +145,20 @@ int ds4_model_load(ds4_model *m, const char *path, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     char gerr[512];
     m->gguf = gguf_open(path, gerr, sizeof gerr);
-    if (!m->gguf) return fail(err, errlen, "%s", gerr);
+    if (!m->gguf) return ds4_errf(err, errlen, "%s", gerr);
     int rc = ds4_hparams_read(&m->hp, m->gguf, gerr, sizeof gerr);
     if (rc) {
-        fail(err, errlen, "%s: %s", path, gerr);
+        ds4_errf(err, errlen, "%s: %s", path, gerr);
         goto bad;
     }
     m->is_full_shape = ds4_hparams_is_flash_shape(&m->hp);
     if (m->is_full_shape && check_flash_values(&m->hp, gerr, sizeof gerr)) {
-        fail(err, errlen, "%s: claims the published 43-layer shape but %s", path, gerr);
+        ds4_errf(err, errlen, "%s: claims the published 43-layer shape but %s", path, gerr);
         goto bad;
     }
     m->layout = make_layout(&m->hp, false, &m->n_layout);
     if (!m->layout) {
-        fail(err, errlen, "%s: out of memory", path);
+        ds4_errf(err, errlen, "%s: out of memory", path);
         goto bad;
     }
     for (uint32_t l = 0; l < m->hp.n_layer; l++) {
@@ -181,11 +174,11 @@ bad:
 
 int ds4_model_load_mtp(ds4_model *m, const char *path, char *err, size_t errlen) {
     char gerr[512];
-    if (!m->gguf) return fail(err, errlen, "%s: load the main model first", path);
-    if (m->mtp_gguf) return fail(err, errlen, "%s: an MTP file is already loaded", path);
-    if (m->hp.n_mtp == 0) return fail(err, errlen, "%s: the main model declares no MTP block (nextn_predict_layers = 0)", path);
+    if (!m->gguf) return ds4_errf(err, errlen, "%s: load the main model first", path);
+    if (m->mtp_gguf) return ds4_errf(err, errlen, "%s: an MTP file is already loaded", path);
+    if (m->hp.n_mtp == 0) return ds4_errf(err, errlen, "%s: the main model declares no MTP block (nextn_predict_layers = 0)", path);
     gguf_file *f = gguf_open(path, gerr, sizeof gerr);
-    if (!f) return fail(err, errlen, "%s", gerr);
+    if (!f) return ds4_errf(err, errlen, "%s", gerr);
     /* The MTP file's metadata is not validated by ds4 (spec §11.4): shapes
      * come from the main model, and the tensors must match them. */
     int n;
@@ -194,7 +187,7 @@ int ds4_model_load_mtp(ds4_model *m, const char *path, char *err, size_t errlen)
     m->mtp.ratio = 0;
     m->mtp.hash = false;
     if (!s || bind(f, &m->hp, s, n, m, m->is_full_shape, true, err, errlen)) {
-        if (!s) fail(err, errlen, "%s: out of memory", path);
+        if (!s) ds4_errf(err, errlen, "%s: out of memory", path);
         memset(&m->mtp, 0, sizeof m->mtp);
         free(s);
         gguf_close(f);

@@ -9,32 +9,25 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int fail(char *err, size_t n, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#include "util/errf.h"
 
 /* Files here are small JSON documents (tokenizer.json of the real model is
  * ~8 MB); the cap bounds the allocation for a wrong path. */
 static cJSON *read_json(const char *path, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
-    if (!f) { fail(err, errlen, "%s: %s", path, strerror(errno)); return NULL; }
+    if (!f) { ds4_errf(err, errlen, "%s: %s", path, strerror(errno)); return NULL; }
     const size_t max = 256u << 20;
     char *buf = malloc(max + 1);
     size_t n = buf ? fread(buf, 1, max + 1, f) : 0;
     fclose(f);
     if (!buf || n > max) {
         free(buf);
-        fail(err, errlen, "%s: %s", path, buf ? "larger than 256 MB" : "out of memory");
+        ds4_errf(err, errlen, "%s: %s", path, buf ? "larger than 256 MB" : "out of memory");
         return NULL;
     }
     cJSON *j = cJSON_ParseWithLength(buf, n);
     free(buf);
-    if (!j) fail(err, errlen, "%s: not valid JSON", path);
+    if (!j) ds4_errf(err, errlen, "%s: not valid JSON", path);
     return j;
 }
 
@@ -44,12 +37,12 @@ typedef struct { cJSON *root; const char *path; char *err; size_t errlen; int rc
 static uint32_t get_u32(cfg *c, cJSON *obj, const char *key, int64_t dflt) {
     cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!v) {
-        if (dflt < 0 && !c->rc) c->rc = fail(c->err, c->errlen, "%s: required key %s missing", c->path, key);
+        if (dflt < 0 && !c->rc) c->rc = ds4_errf(c->err, c->errlen, "%s: required key %s missing", c->path, key);
         return dflt < 0 ? 0 : (uint32_t)dflt;
     }
     if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 4294967295.0 ||
         v->valuedouble != floor(v->valuedouble)) {
-        if (!c->rc) c->rc = fail(c->err, c->errlen, "%s: %s is not a non-negative integer", c->path, key);
+        if (!c->rc) c->rc = ds4_errf(c->err, c->errlen, "%s: %s is not a non-negative integer", c->path, key);
         return 0;
     }
     return (uint32_t)v->valuedouble;
@@ -58,11 +51,11 @@ static uint32_t get_u32(cfg *c, cJSON *obj, const char *key, int64_t dflt) {
 static float get_f32(cfg *c, cJSON *obj, const char *key, double dflt, bool required) {
     cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!v) {
-        if (required && !c->rc) c->rc = fail(c->err, c->errlen, "%s: required key %s missing", c->path, key);
+        if (required && !c->rc) c->rc = ds4_errf(c->err, c->errlen, "%s: required key %s missing", c->path, key);
         return (float)dflt;
     }
     if (!cJSON_IsNumber(v)) {
-        if (!c->rc) c->rc = fail(c->err, c->errlen, "%s: %s is not a number", c->path, key);
+        if (!c->rc) c->rc = ds4_errf(c->err, c->errlen, "%s: %s is not a number", c->path, key);
         return 0;
     }
     return (float)v->valuedouble;
@@ -107,12 +100,12 @@ int hf_read_config(const char *path, ds4_hparams *hp, uint32_t *bos, uint32_t *e
     *eos = get_u32(&c, j, "eos_token_id", 1);
     cJSON *rs = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
     if (!cJSON_IsObject(rs)) {
-        if (!c.rc) c.rc = fail(err, errlen, "%s: rope_scaling object missing (YaRN parameters)", path);
+        if (!c.rc) c.rc = ds4_errf(err, errlen, "%s: rope_scaling object missing (YaRN parameters)", path);
     } else {
         cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
         if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
         if (!cJSON_IsString(ty) || strcmp(ty->valuestring, "yarn"))
-            if (!c.rc) c.rc = fail(err, errlen, "%s: rope_scaling.type must be \"yarn\"", path);
+            if (!c.rc) c.rc = ds4_errf(err, errlen, "%s: rope_scaling.type must be \"yarn\"", path);
         hp->yarn_factor = get_f32(&c, rs, "factor", 0, true);
         hp->yarn_orig_ctx = get_u32(&c, rs, "original_max_position_embeddings", -1);
         hp->yarn_beta_fast = get_f32(&c, rs, "beta_fast", 32, false);
@@ -120,21 +113,21 @@ int hf_read_config(const char *path, ds4_hparams *hp, uint32_t *bos, uint32_t *e
     }
     cJSON *sf = cJSON_GetObjectItemCaseSensitive(j, "scoring_func");
     if (sf && (!cJSON_IsString(sf) || strcmp(sf->valuestring, "sqrtsoftplus")))
-        if (!c.rc) c.rc = fail(err, errlen, "%s: scoring_func must be \"sqrtsoftplus\" (the only router ds4 runs)", path);
+        if (!c.rc) c.rc = ds4_errf(err, errlen, "%s: scoring_func must be \"sqrtsoftplus\" (the only router ds4 runs)", path);
     float clamp = get_f32(&c, j, "swiglu_limit", 0, true);
     /* compress_ratios: one per layer, optionally one more for the MTP slot
      * (the published config has 44 entries for 43 layers). */
     cJSON *cr = cJSON_GetObjectItemCaseSensitive(j, "compress_ratios");
     int ncr = cJSON_IsArray(cr) ? cJSON_GetArraySize(cr) : -1;
     if (!c.rc && hp->n_layer > DS4_MAX_LAYERS)
-        c.rc = fail(err, errlen, "%s: num_hidden_layers %u exceeds %d", path, hp->n_layer, DS4_MAX_LAYERS);
+        c.rc = ds4_errf(err, errlen, "%s: num_hidden_layers %u exceeds %d", path, hp->n_layer, DS4_MAX_LAYERS);
     if (!c.rc && (ncr != (int)hp->n_layer && ncr != (int)hp->n_layer + 1))
-        c.rc = fail(err, errlen, "%s: compress_ratios must list num_hidden_layers (%u) or one more entries", path,
+        c.rc = ds4_errf(err, errlen, "%s: compress_ratios must list num_hidden_layers (%u) or one more entries", path,
                     hp->n_layer);
     for (int l = 0; !c.rc && l < ncr; l++) {
         cJSON *v = cJSON_GetArrayItem(cr, l);
         if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 65536 || v->valuedouble != floor(v->valuedouble))
-            c.rc = fail(err, errlen, "%s: compress_ratios[%d] is not a ratio", path, l);
+            c.rc = ds4_errf(err, errlen, "%s: compress_ratios[%d] is not a ratio", path, l);
         else
             hp->compress_ratio[l] = (int32_t)v->valuedouble;
     }
@@ -142,7 +135,7 @@ int hf_read_config(const char *path, ds4_hparams *hp, uint32_t *bos, uint32_t *e
     cJSON_Delete(j);
     if (c.rc) return -1;
     char why[256];
-    if (ds4_hparams_validate(hp, why, sizeof why)) return fail(err, errlen, "%s: %s", path, why);
+    if (ds4_hparams_validate(hp, why, sizeof why)) return ds4_errf(err, errlen, "%s: %s", path, why);
     return 0;
 }
 
@@ -161,19 +154,19 @@ int hf_write_tokenizer(const char *path, uint32_t n_vocab, uint32_t bos, uint32_
     cJSON *vocab = model ? cJSON_GetObjectItemCaseSensitive(model, "vocab") : NULL;
     cJSON *merges = model ? cJSON_GetObjectItemCaseSensitive(model, "merges") : NULL;
     cJSON *added = cJSON_GetObjectItemCaseSensitive(j, "added_tokens");
-    if (!tok || !type) { fail(err, errlen, "out of memory"); goto out; }
+    if (!tok || !type) { ds4_errf(err, errlen, "out of memory"); goto out; }
     if (!cJSON_IsObject(vocab) || !cJSON_IsArray(merges)) {
-        fail(err, errlen, "%s: not a BPE tokenizer.json (model.vocab / model.merges missing)", path);
+        ds4_errf(err, errlen, "%s: not a BPE tokenizer.json (model.vocab / model.merges missing)", path);
         goto out;
     }
     /* token_type: 1 normal, 3 control (special added tokens), 4 user-defined. */
     for (cJSON *e = vocab->child; e; e = e->next) {
         if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= n_vocab) {
-            fail(err, errlen, "%s: token %s has id outside 0..%u", path, e->string, n_vocab - 1);
+            ds4_errf(err, errlen, "%s: token %s has id outside 0..%u", path, e->string, n_vocab - 1);
             goto out;
         }
         uint32_t id = (uint32_t)e->valuedouble;
-        if (tok[id]) { fail(err, errlen, "%s: id %u used twice (%s, %s)", path, id, tok[id], e->string); goto out; }
+        if (tok[id]) { ds4_errf(err, errlen, "%s: id %u used twice (%s, %s)", path, id, tok[id], e->string); goto out; }
         tok[id] = strdup(e->string);
         type[id] = 1;
     }
@@ -181,12 +174,12 @@ int hf_write_tokenizer(const char *path, uint32_t n_vocab, uint32_t bos, uint32_
         cJSON *id = cJSON_GetObjectItemCaseSensitive(e, "id"), *ct = cJSON_GetObjectItemCaseSensitive(e, "content");
         cJSON *sp = cJSON_GetObjectItemCaseSensitive(e, "special");
         if (!cJSON_IsNumber(id) || !cJSON_IsString(ct) || id->valuedouble < 0 || id->valuedouble >= n_vocab) {
-            fail(err, errlen, "%s: added_tokens entry without a valid id/content (ids 0..%u)", path, n_vocab - 1);
+            ds4_errf(err, errlen, "%s: added_tokens entry without a valid id/content (ids 0..%u)", path, n_vocab - 1);
             goto out;
         }
         uint32_t i = (uint32_t)id->valuedouble;
         if (tok[i] && strcmp(tok[i], ct->valuestring)) {
-            fail(err, errlen, "%s: id %u is both %s and %s", path, i, tok[i], ct->valuestring);
+            ds4_errf(err, errlen, "%s: id %u is both %s and %s", path, i, tok[i], ct->valuestring);
             goto out;
         }
         free(tok[i]);
@@ -201,11 +194,11 @@ int hf_write_tokenizer(const char *path, uint32_t n_vocab, uint32_t bos, uint32_
         type[i] = 3;
     }
     for (uint32_t i = 0; i < n_vocab; i++)
-        if (!tok[i]) { fail(err, errlen, "out of memory"); goto out; }
+        if (!tok[i]) { ds4_errf(err, errlen, "out of memory"); goto out; }
     /* Merges: "a b" strings, or [a, b] pairs in newer tokenizer.json files. */
     n_mer = cJSON_GetArraySize(merges);
     mer = calloc((size_t)n_mer + 1, sizeof *mer);
-    if (!mer) { fail(err, errlen, "out of memory"); goto out; }
+    if (!mer) { ds4_errf(err, errlen, "out of memory"); goto out; }
     for (int i = 0; i < n_mer; i++) {
         cJSON *m = cJSON_GetArrayItem(merges, i);
         if (cJSON_IsString(m)) {
@@ -216,13 +209,13 @@ int hf_write_tokenizer(const char *path, uint32_t n_vocab, uint32_t bos, uint32_
             size_t n = strlen(a) + strlen(b) + 2;
             if ((mer[i] = malloc(n))) snprintf(mer[i], n, "%s %s", a, b);
         } else {
-            fail(err, errlen, "%s: merges[%d] is neither \"a b\" nor [a, b]", path, i);
+            ds4_errf(err, errlen, "%s: merges[%d] is neither \"a b\" nor [a, b]", path, i);
             goto out;
         }
-        if (!mer[i]) { fail(err, errlen, "out of memory"); goto out; }
+        if (!mer[i]) { ds4_errf(err, errlen, "out of memory"); goto out; }
     }
     if (bos >= n_vocab || eos >= n_vocab) {
-        fail(err, errlen, "%s: bos/eos ids %u/%u outside the vocabulary", path, bos, eos);
+        ds4_errf(err, errlen, "%s: bos/eos ids %u/%u outside the vocabulary", path, bos, eos);
         goto out;
     }
     gguf_set_str(w, "tokenizer.ggml.model", "gpt2");

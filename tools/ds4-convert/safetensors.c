@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "quant/quant.h"
+#include "util/errf.h"
 
 /* A header larger than this is not a tensor table (the real model's largest
  * shard header is well under 1 MB); refusing it bounds the allocation. */
@@ -35,14 +36,6 @@ struct st_ckpt {
     size_t n, cap;
 };
 
-static int fail(char *err, size_t n, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
 static const struct { const char *name; st_dtype t; unsigned size; } DTYPES[] = {
     {"F32", ST_F32, 4}, {"F16", ST_F16, 2}, {"BF16", ST_BF16, 2}, {"F8_E4M3", ST_F8_E4M3, 1},
     {"F8_E8M0", ST_F8_E8M0, 1}, {"I8", ST_I8, 1}, {"U8", ST_U8, 1}, {"I32", ST_I32, 4}, {"I64", ST_I64, 8},
@@ -60,12 +53,12 @@ static int cmp_tensor(const void *a, const void *b) {
 
 static char *read_small(const char *path, size_t max, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
-    if (!f) { fail(err, errlen, "%s: %s", path, strerror(errno)); return NULL; }
+    if (!f) { ds4_errf(err, errlen, "%s: %s", path, strerror(errno)); return NULL; }
     char *buf = malloc(max + 1);
     size_t n = buf ? fread(buf, 1, max + 1, f) : 0;
     fclose(f);
-    if (!buf) { fail(err, errlen, "%s: out of memory", path); return NULL; }
-    if (n > max) { free(buf); fail(err, errlen, "%s: larger than %zu bytes", path, max); return NULL; }
+    if (!buf) { ds4_errf(err, errlen, "%s: out of memory", path); return NULL; }
+    if (n > max) { free(buf); ds4_errf(err, errlen, "%s: larger than %zu bytes", path, max); return NULL; }
     buf[n] = 0;
     return buf;
 }
@@ -73,33 +66,33 @@ static char *read_small(const char *path, size_t max, char *err, size_t errlen) 
 /* Map one shard and append its tensors. */
 static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
     int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail(err, errlen, "%s: %s", path, strerror(errno));
+    if (fd < 0) return ds4_errf(err, errlen, "%s: %s", path, strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) || sb.st_size < 8) {
         close(fd);
-        return fail(err, errlen, "%s: not a safetensors file (shorter than its 8-byte header length)", path);
+        return ds4_errf(err, errlen, "%s: not a safetensors file (shorter than its 8-byte header length)", path);
     }
     size_t size = (size_t)sb.st_size;
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (map == MAP_FAILED) return fail(err, errlen, "%s: mmap: %s", path, strerror(errno));
+    if (map == MAP_FAILED) return ds4_errf(err, errlen, "%s: mmap: %s", path, strerror(errno));
     st_shard *sh = &c->shards[c->n_shards++];
     sh->path = strdup(path);
     sh->map = map;
     sh->size = size;
-    if (!sh->path) return fail(err, errlen, "out of memory");
+    if (!sh->path) return ds4_errf(err, errlen, "out of memory");
 
     uint64_t hlen;
     memcpy(&hlen, map, 8);
     if (hlen > ST_MAX_HEADER || hlen > size - 8)
-        return fail(err, errlen, "%s: header length %llu exceeds the file (%zu bytes)", path,
+        return ds4_errf(err, errlen, "%s: header length %llu exceeds the file (%zu bytes)", path,
                     (unsigned long long)hlen, size);
     const uint8_t *data = (const uint8_t *)map + 8 + hlen;
     uint64_t data_size = size - 8 - hlen;
     cJSON *h = cJSON_ParseWithLength((const char *)map + 8, (size_t)hlen);
     if (!h || !cJSON_IsObject(h)) {
         cJSON_Delete(h);
-        return fail(err, errlen, "%s: header is not a JSON object", path);
+        return ds4_errf(err, errlen, "%s: header is not a JSON object", path);
     }
     int rc = 0;
     for (cJSON *e = h->child; e && !rc; e = e->next) {
@@ -108,7 +101,7 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
         cJSON *sh_ = cJSON_GetObjectItemCaseSensitive(e, "shape");
         cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
         if (!cJSON_IsString(dt) || !cJSON_IsArray(sh_) || !cJSON_IsArray(off) || cJSON_GetArraySize(off) != 2) {
-            rc = fail(err, errlen, "%s: tensor %s: malformed header entry", path, e->string);
+            rc = ds4_errf(err, errlen, "%s: tensor %s: malformed header entry", path, e->string);
             break;
         }
         st_tensor t = {0};
@@ -116,12 +109,12 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
         for (size_t i = 0; i < sizeof DTYPES / sizeof *DTYPES; i++)
             if (!strcmp(dt->valuestring, DTYPES[i].name)) { t.dtype = DTYPES[i].t; esize = DTYPES[i].size; }
         if (!esize) {
-            rc = fail(err, errlen, "%s: tensor %s: unsupported dtype %s", path, e->string, dt->valuestring);
+            rc = ds4_errf(err, errlen, "%s: tensor %s: unsupported dtype %s", path, e->string, dt->valuestring);
             break;
         }
         int nd = cJSON_GetArraySize(sh_);
         if (nd > ST_MAX_DIMS) {
-            rc = fail(err, errlen, "%s: tensor %s: %d dims (at most %d supported)", path, e->string, nd, ST_MAX_DIMS);
+            rc = ds4_errf(err, errlen, "%s: tensor %s: %d dims (at most %d supported)", path, e->string, nd, ST_MAX_DIMS);
             break;
         }
         t.ndim = nd;
@@ -131,7 +124,7 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
         for (int i = 0; i < nd; i++) {
             cJSON *d = cJSON_GetArrayItem(sh_, i);
             if (!cJSON_IsNumber(d) || d->valuedouble < 0 || d->valuedouble > (double)size) {
-                rc = fail(err, errlen, "%s: tensor %s: bad dimension", path, e->string);
+                rc = ds4_errf(err, errlen, "%s: tensor %s: bad dimension", path, e->string);
                 break;
             }
             t.shape[i] = (uint64_t)d->valuedouble;
@@ -141,23 +134,23 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
         if (rc) break;
         double b = cJSON_GetArrayItem(off, 0)->valuedouble, en = cJSON_GetArrayItem(off, 1)->valuedouble;
         if (!(b >= 0 && en >= b && en <= (double)data_size)) {
-            rc = fail(err, errlen, "%s: tensor %s: data_offsets outside the file", path, e->string);
+            rc = ds4_errf(err, errlen, "%s: tensor %s: data_offsets outside the file", path, e->string);
             break;
         }
         t.nbytes = (uint64_t)en - (uint64_t)b;
         if (count == UINT64_MAX || count * esize != t.nbytes) {
-            rc = fail(err, errlen, "%s: tensor %s: %llu bytes of data for its shape and dtype %s", path, e->string,
+            rc = ds4_errf(err, errlen, "%s: tensor %s: %llu bytes of data for its shape and dtype %s", path, e->string,
                       (unsigned long long)t.nbytes, dt->valuestring);
             break;
         }
         t.data = data + (uint64_t)b;
         t.file = sh->path;
         t.name = strdup(e->string);
-        if (!t.name) { rc = fail(err, errlen, "out of memory"); break; }
+        if (!t.name) { rc = ds4_errf(err, errlen, "out of memory"); break; }
         if (c->n == c->cap) {
             size_t nc = c->cap ? 2 * c->cap : 1024;
             st_tensor *nt = realloc(c->t, nc * sizeof *nt);
-            if (!nt) { free(t.name); rc = fail(err, errlen, "out of memory"); break; }
+            if (!nt) { free(t.name); rc = ds4_errf(err, errlen, "out of memory"); break; }
             c->t = nt;
             c->cap = nc;
         }
@@ -172,7 +165,7 @@ st_ckpt *st_open_dir(const char *dir, char *err, size_t errlen) {
     char path[4096];
     char **files = NULL;
     size_t n_files = 0;
-    if (!c) { fail(err, errlen, "out of memory"); return NULL; }
+    if (!c) { ds4_errf(err, errlen, "out of memory"); return NULL; }
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     if (access(path, F_OK) == 0) {
         char *text = read_small(path, ST_MAX_HEADER, err, errlen);
@@ -182,17 +175,17 @@ st_ckpt *st_open_dir(const char *dir, char *err, size_t errlen) {
         cJSON *wm = j ? cJSON_GetObjectItemCaseSensitive(j, "weight_map") : NULL;
         if (!cJSON_IsObject(wm)) {
             cJSON_Delete(j);
-            fail(err, errlen, "%s: no weight_map object", path);
+            ds4_errf(err, errlen, "%s: no weight_map object", path);
             goto bad;
         }
         /* The distinct shard names, in first-seen order. */
         int n_entries = cJSON_GetArraySize(wm);
         files = calloc((size_t)n_entries + 1, sizeof *files);
-        if (!files) { cJSON_Delete(j); fail(err, errlen, "out of memory"); goto bad; }
+        if (!files) { cJSON_Delete(j); ds4_errf(err, errlen, "out of memory"); goto bad; }
         for (cJSON *e = wm->child; e; e = e->next) {
             if (!cJSON_IsString(e) || strchr(e->valuestring, '/')) {
                 cJSON_Delete(j);
-                fail(err, errlen, "%s: weight_map[%s] is not a file name in the directory", path, e->string);
+                ds4_errf(err, errlen, "%s: weight_map[%s] is not a file name in the directory", path, e->string);
                 goto bad;
             }
             bool seen = false;
@@ -204,18 +197,18 @@ st_ckpt *st_open_dir(const char *dir, char *err, size_t errlen) {
         files = calloc(1, sizeof *files);
         if (files) files[n_files++] = strdup("model.safetensors");
     }
-    if (!files) { fail(err, errlen, "out of memory"); goto bad; }
+    if (!files) { ds4_errf(err, errlen, "out of memory"); goto bad; }
     c->shards = calloc(n_files ? n_files : 1, sizeof *c->shards);
-    if (!c->shards) { fail(err, errlen, "out of memory"); goto bad; }
+    if (!c->shards) { ds4_errf(err, errlen, "out of memory"); goto bad; }
     for (size_t i = 0; i < n_files; i++) {
-        if (!files[i]) { fail(err, errlen, "out of memory"); goto bad; }
+        if (!files[i]) { ds4_errf(err, errlen, "out of memory"); goto bad; }
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         if (load_shard(c, path, err, errlen)) goto bad;
     }
     qsort(c->t, c->n, sizeof *c->t, cmp_tensor);
     for (size_t i = 1; i < c->n; i++)
         if (!strcmp(c->t[i].name, c->t[i - 1].name)) {
-            fail(err, errlen, "%s: tensor %s appears twice (also in %s)", c->t[i].file, c->t[i].name, c->t[i - 1].file);
+            ds4_errf(err, errlen, "%s: tensor %s appears twice (also in %s)", c->t[i].file, c->t[i].name, c->t[i - 1].file);
             goto bad;
         }
     for (size_t i = 0; i < n_files; i++) free(files[i]);
@@ -289,9 +282,9 @@ static bool is_scale_dtype(st_dtype t) {
 int st_weight_get(const st_ckpt *c, const char *name, st_weight *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     const st_tensor *w = st_find(c, name);
-    if (!w) return fail(err, errlen, "missing tensor %s", name);
+    if (!w) return ds4_errf(err, errlen, "missing tensor %s", name);
     if (w->ndim < 1 || w->ndim > 2)
-        return fail(err, errlen, "%s: tensor %s has %d dims (1 or 2 expected)", w->file, name, w->ndim);
+        return ds4_errf(err, errlen, "%s: tensor %s has %d dims (1 or 2 expected)", w->file, name, w->ndim);
     const st_tensor *s = NULL;
     size_t len = strlen(name);
     if (len > 7 && !strcmp(name + len - 7, ".weight")) {
@@ -309,7 +302,7 @@ int st_weight_get(const st_ckpt *c, const char *name, st_weight *out, char *err,
     out->cols = w->ndim == 2 ? w->shape[1] : w->shape[0];
     switch (w->dtype) {
     case ST_F32: case ST_F16: case ST_BF16:
-        if (s) return fail(err, errlen, "%s: %s is %s but has a scale tensor %s", w->file, name,
+        if (s) return ds4_errf(err, errlen, "%s: %s is %s but has a scale tensor %s", w->file, name,
                             st_dtype_name(w->dtype), s->name);
         out->kind = ST_W_PLAIN;
         return 0;
@@ -317,10 +310,10 @@ int st_weight_get(const st_ckpt *c, const char *name, st_weight *out, char *err,
         out->kind = ST_W_INT;
         return 0;
     case ST_F8_E4M3: {
-        if (!s) return fail(err, errlen, "%s: FP8 tensor %s has no .scale tensor", w->file, name);
+        if (!s) return ds4_errf(err, errlen, "%s: FP8 tensor %s has no .scale tensor", w->file, name);
         uint64_t br = (out->rows + 127) / 128, bc = (out->cols + 127) / 128;
         if (!is_scale_dtype(s->dtype) || s->ndim != 2 || w->ndim != 2 || s->shape[0] != br || s->shape[1] != bc)
-            return fail(err, errlen, "%s: scale of FP8 tensor %s must be [%llu, %llu] (one per 128x128 block)",
+            return ds4_errf(err, errlen, "%s: scale of FP8 tensor %s must be [%llu, %llu] (one per 128x128 block)",
                         s->file, name, (unsigned long long)br, (unsigned long long)bc);
         out->kind = ST_W_FP8;
         return 0;
@@ -328,18 +321,18 @@ int st_weight_get(const st_ckpt *c, const char *name, st_weight *out, char *err,
     case ST_I8: case ST_U8: {
         /* Packed FP4: [rows, cols/2] bytes and one scale per 32 inputs. */
         if (!s || w->ndim != 2)
-            return fail(err, errlen, "%s: %s is %s without a .scale (only packed FP4 is supported)", w->file, name,
+            return ds4_errf(err, errlen, "%s: %s is %s without a .scale (only packed FP4 is supported)", w->file, name,
                         st_dtype_name(w->dtype));
         out->cols = 2 * w->shape[1];
         if (!is_scale_dtype(s->dtype) || s->ndim != 2 || s->shape[0] != out->rows || out->cols % 32 ||
             s->shape[1] != out->cols / 32)
-            return fail(err, errlen, "%s: scale of FP4 tensor %s must be [%llu, %llu] (one per 32 inputs)", s->file,
+            return ds4_errf(err, errlen, "%s: scale of FP4 tensor %s must be [%llu, %llu] (one per 32 inputs)", s->file,
                         name, (unsigned long long)out->rows, (unsigned long long)(out->cols / 32));
         out->kind = ST_W_FP4;
         return 0;
     }
     default:
-        return fail(err, errlen, "%s: tensor %s has dtype %s, not a weight format", w->file, name,
+        return ds4_errf(err, errlen, "%s: tensor %s has dtype %s, not a weight format", w->file, name,
                     st_dtype_name(w->dtype));
     }
 }

@@ -146,6 +146,7 @@ static void kernel_checks(void) {
         check_matvec(T[i].type, T[i].name, 256, 37);
         check_matvec(T[i].type, T[i].name, 4096, 67);     /* block-per-row path */
         check_matvec(T[i].type, T[i].name, 2048, 1029);   /* warp-per-row path, long rows */
+        check_matvec(T[i].type, T[i].name, 1024, 4098);   /* Q8_0: 4 rows a warp, a partial last warp */
     }
     check_qat(448, false);
     check_qat(64, false);

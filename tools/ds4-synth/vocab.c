@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "synth.h"
+#include "util/errf.h"
 
 /* V4 special tokens known from public sources (prompt.md §1.5,
  * shared/data/tokenizer/deepseek-v4-special-tokens.json); the rest of
@@ -23,14 +24,6 @@ static const struct { uint32_t id; const char *text; } v4_specials[] = {
 #define N_SPECIALS (sizeof v4_specials / sizeof v4_specials[0])
 #define BPE_IDS 128000u        /* V3 BPE ids 0..127999 (0..2 are its added tokens) */
 #define V4_VOCAB 129280u
-
-static int fail(char *err, size_t n, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, n, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 static char *dup(const char *s) {
     size_t n = strlen(s) + 1;
@@ -99,7 +92,7 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
     memset(v, 0, sizeof *v);
     size_t len = 0;
     char *text = slurp(path, &len);
-    if (!text) return fail(err, errlen, "%s: cannot read tokenizer.json", path);
+    if (!text) return ds4_errf(err, errlen, "%s: cannot read tokenizer.json", path);
     cJSON *root = cJSON_ParseWithLength(text, len);
     free(text);
     cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
@@ -107,7 +100,7 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
     cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsObject(vocab) || !cJSON_IsArray(merges)) {
         cJSON_Delete(root);
-        return fail(err, errlen, "%s: not a BPE tokenizer.json (model.vocab / model.merges missing)", path);
+        return ds4_errf(err, errlen, "%s: not a BPE tokenizer.json (model.vocab / model.merges missing)", path);
     }
     int rc = -1;
     const char **by_id = calloc(BPE_IDS, sizeof *by_id);
@@ -115,20 +108,20 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
     int n_merges = cJSON_GetArraySize(merges);
     bool *keep_merge = calloc((size_t)n_merges + 1, sizeof *keep_merge);
     smap map = {calloc(1u << 18, sizeof(char *)), calloc(1u << 18, sizeof(uint32_t)), (1u << 18) - 1};
-    if (!by_id || !keep || !keep_merge || !map.key || !map.id) { fail(err, errlen, "out of memory"); goto out; }
+    if (!by_id || !keep || !keep_merge || !map.key || !map.id) { ds4_errf(err, errlen, "out of memory"); goto out; }
 
     cJSON *it;
     cJSON_ArrayForEach(it, vocab) {
         double id = cJSON_IsNumber(it) ? it->valuedouble : -1;
         if (id < 0 || id >= BPE_IDS || id != (uint32_t)id || by_id[(uint32_t)id]) {
-            fail(err, errlen, "%s: vocab entry \"%s\": id outside 0..%u or duplicated", path, it->string, BPE_IDS - 1);
+            ds4_errf(err, errlen, "%s: vocab entry \"%s\": id outside 0..%u or duplicated", path, it->string, BPE_IDS - 1);
             goto out;
         }
         by_id[(uint32_t)id] = it->string;
         smap_put(&map, it->string, (uint32_t)id);
     }
     for (uint32_t i = 0; i < BPE_IDS; i++)
-        if (!by_id[i]) { fail(err, errlen, "%s: vocab has no id %u", path, i); goto out; }
+        if (!by_id[i]) { ds4_errf(err, errlen, "%s: vocab has no id %u", path, i); goto out; }
 
     /* Full layout: every BPE token and merge. Reduced: keep the added
      * tokens 0..2 and every single-symbol (byte) token, then walk merges in
@@ -142,14 +135,14 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
     cJSON_ArrayForEach(it, merges) {
         const char *s = cJSON_GetStringValue(it);
         const char *sp = s ? strchr(s, ' ') : NULL;
-        if (!sp || strchr(sp + 1, ' ')) { fail(err, errlen, "%s: merge %d is not \"a b\"", path, mi); goto out; }
+        if (!sp || strchr(sp + 1, ' ')) { ds4_errf(err, errlen, "%s: merge %d is not \"a b\"", path, mi); goto out; }
         char joined[512];
         size_t la = (size_t)(sp - s), lb = strlen(sp + 1);
-        if (la + lb >= sizeof joined) { fail(err, errlen, "%s: merge %d too long", path, mi); goto out; }
+        if (la + lb >= sizeof joined) { ds4_errf(err, errlen, "%s: merge %d too long", path, mi); goto out; }
         memcpy(joined, s, la);
         memcpy(joined + la, sp + 1, lb + 1);
         int64_t a = smap_get(&map, s, la), b = smap_get(&map, sp + 1, lb), r = smap_get(&map, joined, la + lb);
-        if (a < 0 || b < 0 || r < 0) { fail(err, errlen, "%s: merge %d (\"%s\") uses a token not in the vocab", path, mi, s); goto out; }
+        if (a < 0 || b < 0 || r < 0) { ds4_errf(err, errlen, "%s: merge %d (\"%s\") uses a token not in the vocab", path, mi, s); goto out; }
         if (!cutoff || (keep[a] && keep[b] && (uint32_t)r < lim)) {
             keep_merge[mi] = true;
             keep[r] = true;
@@ -166,7 +159,7 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
     v->tok = calloc(v->n, sizeof *v->tok);
     v->type = calloc(v->n, sizeof *v->type);
     v->merge = calloc(v->n_merge ? v->n_merge : 1, sizeof *v->merge);
-    if (!v->tok || !v->type || !v->merge) { fail(err, errlen, "out of memory"); goto out; }
+    if (!v->tok || !v->type || !v->merge) { ds4_errf(err, errlen, "out of memory"); goto out; }
     uint32_t k = 0;
     for (uint32_t i = 0; i < BPE_IDS; i++) {
         if (!keep[i]) continue;
@@ -189,7 +182,7 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
         v->type[id] = 3;
     }
     if (strcmp(v->tok[0], v4_specials[0].text) || strcmp(v->tok[1], v4_specials[1].text)) {
-        fail(err, errlen, "%s: ids 0/1 are not BOS/EOS", path);
+        ds4_errf(err, errlen, "%s: ids 0/1 are not BOS/EOS", path);
         goto out;
     }
     uint64_t m = 0;
@@ -198,9 +191,9 @@ int synth_vocab_load(synth_vocab *v, const char *path, uint32_t cutoff, char *er
         if (keep_merge[mi++]) v->merge[m++] = dup(cJSON_GetStringValue(it));
     }
     for (uint32_t i = 0; i < v->n; i++)
-        if (!v->tok[i]) { fail(err, errlen, "out of memory"); goto out; }
+        if (!v->tok[i]) { ds4_errf(err, errlen, "out of memory"); goto out; }
     for (uint64_t i = 0; i < v->n_merge; i++)
-        if (!v->merge[i]) { fail(err, errlen, "out of memory"); goto out; }
+        if (!v->merge[i]) { ds4_errf(err, errlen, "out of memory"); goto out; }
     rc = 0;
 out:
     free(by_id);

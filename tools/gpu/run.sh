@@ -4,6 +4,7 @@
 #   run.sh [kernels] [tiny] [flash4] [prof] [flash20]     default: kernels tiny flash4
 # Logs go to $OUT (or ./out). Prints a short summary last.
 set -u
+BIN=${BIN:-./bin}   # the build under test (perf.sh also runs the previous one)
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-$PWD/out}
@@ -15,28 +16,28 @@ f4() { [ -f /dev/shm/f4.gguf ] || ./bin/ds4-synth --preset flash-q2 --layers 4 -
 for s in $steps; do
     case $s in
     kernels)
-        ./bin/ds4-gpucheck --kernels 2>&1 | tee "$OUT/kernels.log" ;;
+        $BIN/ds4-gpucheck --kernels 2>&1 | tee "$OUT/kernels.log" ;;
     tiny)
         ./bin/ds4-synth --preset tiny -o /dev/shm/tiny.gguf --tokenizer tokenizer.json >/dev/null &&
-        ./bin/ds4-gpucheck --model /dev/shm/tiny.gguf --tokens 300 --bench 200 2>&1 | tee "$OUT/tiny.log" ;;
+        $BIN/ds4-gpucheck --model /dev/shm/tiny.gguf --tokens 300 --bench 200 2>&1 | tee "$OUT/tiny.log" ;;
     flash4)
         f4
-        ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens ${F4_TOKENS:-40} --bench 100 2>&1 | tee "$OUT/flash4.log"
+        $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens ${F4_TOKENS:-40} --bench 100 2>&1 | tee "$OUT/flash4.log"
         # decode at a 2K context (graphs), no CPU involved
-        ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee -a "$OUT/flash4.log" ;;
+        $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee -a "$OUT/flash4.log" ;;
     flash20)
         # 20 of the 43 layers at full width (~42 GB): decode speed at a 2K context
         rm -f /dev/shm/f4.gguf
         ./bin/ds4-synth --preset flash-q2 --layers 20 -o /dev/shm/f20.gguf --tokenizer tokenizer.json --threads 16 2>&1 | tail -1
-        ./bin/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee "$OUT/flash20.log"
-        ./bin/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 8 --bench 200 --profile 2>&1 | tee -a "$OUT/flash20.log"
+        $BIN/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee "$OUT/flash20.log"
+        $BIN/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 8 --bench 200 --profile 2>&1 | tee -a "$OUT/flash20.log"
         rm -f /dev/shm/f20.gguf ;;
     prof)
         # Per-kernel time and DRAM bytes of 3 eager decode steps (ncu, clocks untouched).
         f4
-        DS4_CUDA_GRAPHS=0 ncu --clock-control none --csv --page raw --print-units base \
+        DS4_CUDA_GRAPHS=0 ncu --clock-control none --csv --page raw --print-units base -k "regex:^k_(mv|matvec|hc|rms|att|router|q_heads|kv|moe|comp|embed|idx|topk)" \
             --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-            ./bin/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
+            $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
         python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/prof.log"
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
