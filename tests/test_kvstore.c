@@ -2,7 +2,8 @@
  * longest-prefix lookup, rewind bound, persistence across reopen, budget
  * eviction order, the corruption suite (every byte flipped, truncations,
  * other version / model, foreign and temp files), concurrent writer and
- * reader processes, and the pure helpers (save points, value). */
+ * reader processes, extras read at startup by their own digest, and the
+ * pure helpers (save points, value). */
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
