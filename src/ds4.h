@@ -317,6 +317,12 @@ size_t ds4_kvstore_probe(ds4_kvstore *st, const char *text, size_t len, const in
 /* A checkpoint for exactly this text is indexed (no I/O). */
 bool ds4_kvstore_contains(ds4_kvstore *st, const char *text, size_t len);
 size_t ds4_kvstore_count(ds4_kvstore *st);
+/* Every indexed checkpoint's extra blob (at most max_len bytes), oldest
+ * checkpoint first, checked against the digest in its header; the session
+ * state is not read. fn's blob is valid during the call. Returns how many
+ * were given; damaged ones are logged and skipped. */
+size_t ds4_kvstore_extras(ds4_kvstore *st, size_t max_len, void (*fn)(void *ud, const uint8_t *extra, size_t len),
+                          void *ud);
 uint64_t ds4_kvstore_bytes(ds4_kvstore *st);
 /* Eviction value: tokens × (1 + hits) / (1 + idle hours). Higher is kept. */
 double ds4_kv_value(uint64_t n_ids, uint64_t hits, double idle_s);
@@ -415,6 +421,11 @@ int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_leas
  * Returns 0, 1 cancelled by progress, -1 when evaluation failed. */
 int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt, size_t n_stable,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
+/* During ds4_generate, between tokens (ds4_gen_params.on_step): when the
+ * session has just reached a multiple of `every` (the frontiers a prefill
+ * of the same text saves), checkpoint it, so a crash or an eviction in a
+ * long answer loses at most `every` tokens. O(1) between frontiers. */
+void ds4_pool_step(ds4_pool *p, const ds4_pool_lease *l);
 /* After ds4_generate: n_prompt tokens of the session were the prompt.
  * Checkpoints the whole session when it grew by `every` since its last one. */
 void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt);
@@ -447,6 +458,10 @@ typedef struct {
      * logic and DSML parser produce this exact sequence. NULL in normal use. */
     const int32_t *forced; size_t n_forced;
     FILE *trace;                          /* cache decisions, finish (may be NULL) */
+    /* Called after each generated token was evaluated (the session holds
+     * the prompt and every token so far, with logits): periodic work such as
+     * checkpoints (ds4_pool_step). NULL = none. */
+    void (*on_step)(void *ud);
 } ds4_gen_params;
 
 typedef struct {

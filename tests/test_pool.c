@@ -339,6 +339,51 @@ static void test_restart_suffix_only(void) {
     ds4_kvstore_close(st);
 }
 
+/* Decoding token by token with ds4_pool_step after each: checkpoints at
+ * exactly the multiples of `every`, none in between, none without a store. */
+static void test_step_frontiers(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/step", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t ids[300];
+    rand_ids(ids, 300, 11);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    /* every 100 rounds up to the alignment: 128. */
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .every = 100};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    REQUIRE(ds4_pool_acquire(pool, ids, 10, &l, err, sizeof err) == 0);
+    REQUIRE(ds4_session_eval(l.session, ids, 10, NULL, NULL, NULL, err, sizeof err) == 0);
+    size_t counts[300] = {0};
+    for (size_t i = 10; i < 300; i++) {
+        REQUIRE(ds4_session_eval(l.session, ids + i, 1, NULL, NULL, NULL, err, sizeof err) == 0);
+        ds4_pool_step(pool, &l);
+        counts[i] = ds4_kvstore_count(st);
+    }
+    CHECK(counts[126] == 0 && counts[127] == 1 && counts[254] == 1 && counts[255] == 2 && counts[299] == 2,
+          "%zu %zu %zu %zu %zu", counts[126], counts[127], counts[254], counts[255], counts[299]);
+    ds4_kv_checkpoint cp;
+    size_t tl = 0;
+    char *text = ds4_kv_text(ds4_engine_tokenizer(eng), ids, 300, &tl);
+    CHECK(ds4_kvstore_best_at_or_before(st, text, tl, ids, 300, 300, &cp) == 1 && cp.n_ids == 256);
+    ds4_kv_checkpoint_free(&cp);
+    free(text);
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+
+    pp.store = NULL;
+    pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool);
+    REQUIRE(ds4_pool_acquire(pool, ids, 128, &l, err, sizeof err) == 0);
+    REQUIRE(ds4_session_eval(l.session, ids, 128, NULL, NULL, NULL, err, sizeof err) == 0);
+    ds4_pool_step(pool, &l);     /* no store: nothing to do, no crash */
+    CHECK(ds4_session_len(l.session) == 128);
+    ds4_pool_free(pool);
+}
+
 static void test_interleaved_two_slots(void) {
     REQUIRE(eng);
     char dir[256], id[65], err[256];
@@ -388,6 +433,7 @@ int main(void) {
     RUN(test_model_id_and_text);
     RUN(test_restart_suffix_only);
     RUN(test_interleaved_two_slots);
+    RUN(test_step_frontiers);
     if (eng) ds4_engine_close(eng);
     if (tmp_model) unlink(model_path);
     char cmd[300];

@@ -258,25 +258,27 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *root, char *msg, siz
 }
 
 /* Tools are schema lines as sent (name, description, input_schema);
- * tool_choice none drops them, {"type":"tool"} keeps only that one; auto
- * and any keep all (nothing forces a call). */
-static void parse_tools(chat_req *c, const cJSON *root) {
+ * tool_choice none drops them, auto keeps all, any forces a call of one of
+ * them, {"type":"tool"} a call of that one (force_tool_call; all schemas
+ * stay in the prompt). */
+static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     const char *ct = json_str(choice, "type");
-    if (ct && strcmp(ct, "none") == 0) return;
+    if (ct && strcmp(ct, "none") == 0) return 0;
     const char *only = ct && strcmp(ct, "tool") == 0 ? json_str(choice, "name") : NULL;
     const cJSON *t;
     cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(root, "tools")) {
         const char *name = json_str(t, "name");
         /* Server-side tools (web search…) have no input_schema: not ours to run. */
         if (!name || !cJSON_GetObjectItemCaseSensitive(t, "input_schema")) continue;
-        if (only && strcmp(only, name) != 0) continue;
         /* cache_control is a hint to Anthropic's cache, not part of the schema. */
         cJSON *copy = cJSON_Duplicate(t, true);
         cJSON_DeleteItemFromObjectCaseSensitive(copy, "cache_control");
         chat_add_tool(c, name, copy);
         cJSON_Delete(copy);
     }
+    if (only || (ct && strcmp(ct, "any") == 0)) return force_tool_call(S, c, only, msg, msglen);
+    return 0;
 }
 
 /* The whole request parsed and rendered as for /v1/messages. */
@@ -287,9 +289,8 @@ static int parse_request(srv *S, struct MHD_Connection *conn, chat_req *c, cJSON
     *status = MHD_HTTP_BAD_REQUEST;
     if (parse_common(S, c, root, true, max_keys, effort, "stop_sequences", msg, msglen) != 0 ||
         select_script(S, conn, c, msg, msglen) != 0 ||
-        parse_messages(S, c, root, msg, msglen) != 0)
+        parse_messages(S, c, root, msg, msglen) != 0 || parse_tools(S, c, root, msg, msglen) != 0)
         return -1;
-    parse_tools(c, root);
     int st = chat_tokenize(S, c, prompt, msg, msglen);
     if (st) { *status = (unsigned)st; return -1; }
     return 0;

@@ -31,8 +31,8 @@ static void usage(FILE *f) {
 "                       (default 1)\n"
 "  --kv-disk-dir DIR    keep KV checkpoints of long prompts on disk, so restarts,\n"
 "                       evicted conversations and rewinds resume without a full\n"
-"                       prefill (docs/kv-cache.md); the tool-call map is kept there\n"
-"                       too (tool-calls.map, written on shutdown)\n"
+"                       prefill (docs/kv-cache.md); each checkpoint also keeps the\n"
+"                       tool-call ids its text replays\n"
 "  --kv-disk-space MB   disk budget for those checkpoints (default 16384)\n"
 "  --kv-align N         checkpoint granularity in tokens; shorter prompts are\n"
 "                       never checkpointed (default 2048)\n"
@@ -113,41 +113,16 @@ static int checkpoint_tools(void *ud, const char *text, size_t text_len, const i
     return toolmap_encode_for(S->tools, text, text_len, blob, len);
 }
 
-/* With --kv-disk-dir the tool map also outlives the process: prompts are
+/* With --kv-disk-dir the tool map outlives the process inside the
+ * checkpoints: every save carries the entries its text replays. Prompts are
  * rendered (with the exact blocks) before any checkpoint is consulted, so
- * the map must be there from the start for a restored prefix to match. */
-#define TOOLMAP_FILE "tool-calls.map"
-#define TOOLMAP_MAX_BYTES (256u << 20)
+ * all of them are merged at startup, oldest first (recency restored). A
+ * crash loses only the calls no checkpoint holds yet. */
+#define TOOLMAP_MAX_BYTES (64u << 20)
 
-static void toolmap_load(srv *S) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", S->cfg.kv_dir, TOOLMAP_FILE);
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    uint8_t *blob = NULL;
-    long n = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
-    if (n > 0 && (unsigned long)n <= TOOLMAP_MAX_BYTES && fseek(f, 0, SEEK_SET) == 0 && (blob = malloc((size_t)n)) &&
-        fread(blob, 1, (size_t)n, f) == (size_t)n && toolmap_merge(S->tools, blob, (size_t)n) == 0)
-        srv_trace(S, "tool map: loaded %s\n", path);
-    else
-        fprintf(stderr, "ds4-server: %s: unreadable, ignored\n", path);
-    free(blob);
-    fclose(f);
-}
-
-static void toolmap_save(srv *S) {
-    char path[4096], tmp[4200];
-    snprintf(path, sizeof path, "%s/%s", S->cfg.kv_dir, TOOLMAP_FILE);
-    snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
-    uint8_t *blob = NULL;
-    size_t n = 0;
-    if (toolmap_encode_for(S->tools, NULL, 0, &blob, &n) != 0) return;
-    FILE *f = fopen(tmp, "wb");
-    /* Written aside and renamed: a crash leaves the old map or the new one. */
-    bool ok = f && fwrite(blob, 1, n, f) == n && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    if (f) fclose(f);
-    if (!ok || rename(tmp, path) != 0) { fprintf(stderr, "ds4-server: cannot write %s\n", path); unlink(tmp); }
-    free(blob);
+static void merge_extra(void *ud, const uint8_t *blob, size_t len) {
+    srv *S = ud;
+    if (toolmap_merge(S->tools, blob, len) != 0) srv_trace(S, "tool map: a checkpoint's entries are unreadable\n");
 }
 
 int main(int argc, char **argv) {
@@ -232,7 +207,10 @@ int main(int argc, char **argv) {
     ds4_pool_params pp = {.n_slots = cfg->sessions, .ctx = cfg->ctx, .store = S.store, .align = (size_t)cfg->kv_align,
                           .extra_fn = checkpoint_tools, .ud = &S, .log = S.trace};
     if (!(S.pool = ds4_pool_new(S.eng, &pp, err, sizeof err))) { fprintf(stderr, "ds4-server: %s\n", err); goto out; }
-    if (cfg->kv_dir) toolmap_load(&S);
+    if (S.store) {
+        size_t n = ds4_kvstore_extras(S.store, TOOLMAP_MAX_BYTES, merge_extra, &S);
+        srv_trace(&S, "tool map: entries of %zu checkpoints loaded\n", n);
+    }
     if (cfg->test_script && load_scripts(&S, cfg->test_script) != 0) goto out;
     if (!S.tools || worker_start(&S) != 0) { fprintf(stderr, "ds4-server: cannot start the worker\n"); goto out; }
     S.daemon = http_start(&S, err, sizeof err);
@@ -252,7 +230,6 @@ int main(int argc, char **argv) {
     MHD_stop_daemon(S.daemon);
     if (ls != MHD_INVALID_SOCKET) close(ls);
     if (S.store && ds4_pool_spill_all(S.pool, err, sizeof err) != 0) fprintf(stderr, "ds4-server: checkpoint: %s\n", err);
-    if (S.store) toolmap_save(&S);
     rc = 0;
 out:
     if (S.trace) fclose(S.trace);

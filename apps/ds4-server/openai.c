@@ -258,10 +258,10 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *msgs, char *msg, siz
     return 0;
 }
 
-/* tools + tool_choice: "none" drops the tools block; a named function keeps
- * only that schema (the model can call nothing else); "auto" and
- * "required" keep them all — nothing forces a call. */
-static int parse_tools(chat_req *c, const cJSON *root, char *msg, size_t msglen) {
+/* tools + tool_choice: "none" drops the tools block; "auto" keeps them all;
+ * "required" forces a call of one of them, a named function a call of that
+ * one (force_tool_call; all schemas stay in the prompt). */
+static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return 0;
@@ -272,9 +272,10 @@ static int parse_tools(chat_req *c, const cJSON *root, char *msg, size_t msglen)
         cJSON *fn = cJSON_GetObjectItemCaseSensitive(t, "function");
         const char *name = json_str(fn, "name");
         if (!name) { snprintf(msg, msglen, "tools[].function.name is required"); return -1; }
-        if (only && strcmp(only, name) != 0) continue;
         chat_add_tool(c, name, fn);
     }
+    if (only || (cJSON_IsString(choice) && strcmp(choice->valuestring, "required") == 0))
+        return force_tool_call(S, c, only, msg, msglen);
     return 0;
 }
 
@@ -286,7 +287,7 @@ enum MHD_Result openai_chat(srv *S, struct MHD_Connection *conn, cJSON *root) {
     if (parse_common(S, &c, root, true, max_keys, cJSON_GetObjectItemCaseSensitive(root, "reasoning_effort"), "stop", msg, sizeof msg) != 0 ||
         select_script(S, conn, &c, msg, sizeof msg) != 0 ||
         parse_messages(S, &c, cJSON_GetObjectItemCaseSensitive(root, "messages"), msg, sizeof msg) != 0 ||
-        parse_tools(&c, root, msg, sizeof msg) != 0)
+        parse_tools(S, &c, root, msg, sizeof msg) != 0)
         return bad_request(conn, &c, msg);
     return tokenize_and_run(S, conn, &c, false);
 }

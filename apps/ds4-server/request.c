@@ -36,7 +36,7 @@ void ar_free(arena *a) {
 /* ---- conversation --------------------------------------------------- */
 
 void chat_init(chat_req *c) { memset(c, 0, sizeof *c); }
-void chat_free(chat_req *c) { ar_free(&c->ar); free(c->msgs); free(c->tools); }
+void chat_free(chat_req *c) { ar_free(&c->ar); free(c->msgs); free(c->tools); ds4_tokens_free(&c->force_buf); }
 
 ds4_chat_msg *chat_add_msg(chat_req *c, ds4_role role) {
     if (c->n_msgs == c->cap_msgs) {
@@ -238,6 +238,51 @@ int select_script(srv *S, struct MHD_Connection *conn, chat_req *c, char *msg, s
     return -1;
 }
 
+/* A named tool is forced by its name alone: every tool stays in the
+ * prompt, so the tools block, and the KV prefix, are the same as in the
+ * conversation's other turns.
+ *
+ * A forced call must start the model's visible output. In thinking mode
+ * the prompt ends with <think>, and the block could only follow the model's
+ * own </think>, at a point nobody can predict; so </think> is forced first
+ * (an empty reasoning). Rendering the turn without thinking instead would
+ * change how the whole history renders (<think> transitions become
+ * </think>): the live KV prefix would be lost now and again on the next
+ * turn. With </think> forced, the turn as the client sends it back renders
+ * to exactly the tokens the session holds. */
+int force_tool_call(srv *S, chat_req *c, const char *name, char *msg, size_t msglen) {
+    bool known = !name && c->n_tools;
+    for (int i = 0; name && i < c->n_tools; i++) known |= strcmp(c->tools[i].name, name) == 0;
+    if (!known) {
+        snprintf(msg, msglen, name ? "tool_choice names \"%.60s\", which is not among the tools"
+                                   : "tool_choice requires a tool call, but no tools were given", name);
+        return -1;
+    }
+    char head[512];
+    const char *close = c->thinking ? "</think>" : "";
+    int n = name ? snprintf(head, sizeof head, "%s\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"%s\">\n", close, name)
+                 : snprintf(head, sizeof head, "%s\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"", close);
+    /* The name goes between forced quotes: nothing that would end them or
+     * spell a control token (U+FF5C is in every DSML/special spelling). */
+    if (n < 0 || (size_t)n >= sizeof head || (name && (strpbrk(name, "\"<>\n") || strstr(name, "｜")))) {
+        snprintf(msg, msglen, "tool_choice: unusable tool name");
+        return -1;
+    }
+    ds4_tokens t = {0};
+    if (ds4_tokenize_special(S->tok, head, (size_t)n, &t) != 0) {
+        ds4_tokens_free(&t);
+        snprintf(msg, msglen, "tool_choice: cannot tokenize the forced call");
+        return -1;
+    }
+    /* A test script (X-DS4-Test-Script) then forces what follows. */
+    for (size_t i = 0; i < c->n_forced; i++) ds4_tokens_push(&t, c->forced[i]);
+    ds4_tokens_free(&c->force_buf);
+    c->force_buf = t;
+    c->forced = t.ids;
+    c->n_forced = t.n;
+    return 0;
+}
+
 int chat_tokenize(srv *S, chat_req *c, ds4_tokens *out, char *msg, size_t msglen) {
     ds4_chat chat = {
         .msgs = c->msgs, .n_msgs = c->n_msgs,
@@ -277,8 +322,13 @@ job *chat_job(srv *S, chat_req *c, ds4_tokens *prompt, struct MHD_Connection *co
     j->gp.max_tokens = c->max_tokens;
     j->gp.thinking = c->thinking;
     j->gp.tools = c->n_tools > 0;
-    j->forced = c->forced;
-    j->n_forced = c->n_forced;
+    if (c->n_forced && (j->forced = malloc(sizeof *j->forced * c->n_forced))) {
+        memcpy(j->forced, c->forced, sizeof *j->forced * c->n_forced);
+        j->n_forced = c->n_forced;
+    } else if (c->n_forced) {
+        job_unref(j);
+        return NULL;
+    }
     if (c->n_stop) {
         j->stop = calloc((size_t)c->n_stop, sizeof *j->stop);
         for (int i = 0; j->stop && i < c->n_stop; i++) if ((j->stop[i] = strdup(c->stop[i]))) j->n_stop++;

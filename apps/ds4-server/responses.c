@@ -412,15 +412,14 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
  * names are collected so calls go back as custom_tool_call). Hosted tools
  * (web search…) are not ours to run and are left out. tool_choice works as
  * in Chat Completions. */
-static void parse_tools(chat_req *c, const cJSON *root, cJSON *custom) {
+static int parse_tools(srv *S, chat_req *c, const cJSON *root, cJSON *custom, char *msg, size_t msglen) {
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
-    if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return;
+    if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return 0;
     const char *only = cJSON_IsObject(choice) ? json_str(choice, "name") : NULL;
     const cJSON *t;
     cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(root, "tools")) {
         const char *type = json_str(t, "type"), *name = json_str(t, "name");
         if (!name || !type || (strcmp(type, "function") != 0 && strcmp(type, "custom") != 0)) continue;
-        if (only && strcmp(only, name) != 0) continue;
         cJSON *fn = cJSON_CreateObject();
         cJSON_AddStringToObject(fn, "name", name);
         const char *desc = json_str(t, "description");
@@ -442,6 +441,9 @@ static void parse_tools(chat_req *c, const cJSON *root, cJSON *custom) {
         chat_add_tool(c, name, fn);
         cJSON_Delete(fn);
     }
+    if (only || (cJSON_IsString(choice) && strcmp(choice->valuestring, "required") == 0))
+        return force_tool_call(S, c, only, msg, msglen);
+    return 0;
 }
 
 enum MHD_Result responses_create(srv *S, struct MHD_Connection *conn, cJSON *root) {
@@ -460,7 +462,7 @@ enum MHD_Result responses_create(srv *S, struct MHD_Connection *conn, cJSON *roo
         parse_input(S, &c, root, msg, sizeof msg) != 0)
         goto bad;
     cJSON *custom = cJSON_CreateArray();
-    parse_tools(&c, root, custom);
+    if (parse_tools(S, &c, root, custom, msg, sizeof msg) != 0) { cJSON_Delete(custom); goto bad; }
     ds4_tokens prompt;
     int status = chat_tokenize(S, &c, &prompt, msg, sizeof msg);
     if (status) {

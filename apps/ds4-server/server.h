@@ -76,12 +76,13 @@ struct job {
     ds4_tokens prompt;
     ds4_gen_params gp;
     char **stop; int n_stop;
-    const int32_t *forced; size_t n_forced;
+    int32_t *forced; size_t n_forced;   /* owned copy */
     sse *out;                     /* streaming jobs */
     const job_ops *ops;
     void *proto;                  /* protocol state, freed by proto_free */
     void (*proto_free)(void *);
     size_t est_cached;            /* prompt tokens the session already holds */
+    const ds4_pool_lease *lease;  /* its session while generating (worker only) */
     ds4_gen_result res;
     int rc;
     char err[256];
@@ -161,6 +162,7 @@ typedef struct {
     bool stream, include_usage;
     const char *model;
     const int32_t *forced; size_t n_forced;
+    ds4_tokens force_buf;         /* owns forced when tool_choice built it */
 } chat_req;
 
 void chat_init(chat_req *c);
@@ -184,6 +186,12 @@ int parse_common(srv *S, chat_req *c, const cJSON *root, bool default_thinking, 
 cJSON *json_strn(const char *s, size_t n);
 /* Pick the forced script named by the X-DS4-Test-Script header. */
 int select_script(srv *S, struct MHD_Connection *conn, chat_req *c, char *msg, size_t msglen);
+/* tool_choice that demands a call: "required"/"any" (name NULL) or a named
+ * tool. Forces the opening of a DSML tool block (and the name) as the first
+ * generated tokens, after an immediate </think> in thinking mode (see the
+ * comment in request.c); any test script continues after it. -1 with msg when no
+ * tool (or not that one) was offered. Call after the tools were added. */
+int force_tool_call(srv *S, chat_req *c, const char *name, char *msg, size_t msglen);
 /* Render and tokenize. Returns 0, or an HTTP status with msg. */
 int chat_tokenize(srv *S, chat_req *c, ds4_tokens *out, char *msg, size_t msglen);
 /* Build a job from a tokenized request; the tokens move into it. */

@@ -44,6 +44,7 @@ void job_unref(job *j) {
     if (j->proto_free) j->proto_free(j->proto);
     for (int i = 0; i < j->n_stop; i++) free(j->stop[i]);
     free(j->stop);
+    free(j->forced);
     ds4_tokens_free(&j->prompt);
     ds4_gen_result_free(&j->res);
     if (j->out) { sse_close(j->out); sse_unref(j->out); }
@@ -76,6 +77,11 @@ bool job_cancelled(job *j) {
 
 static bool gen_cancelled(void *ud) { return job_cancelled(ud); }
 static bool gen_prefill(void *ud, size_t done, size_t total) { return !job_cancelled(ud); }
+/* Between generated tokens: frontier checkpoints of a long answer. */
+static void gen_step(void *ud) {
+    job *j = ud;
+    if (j->lease) ds4_pool_step(j->S->pool, j->lease);
+}
 static void gen_event(void *ud, const ds4_event *ev) {
     job *j = ud;
     if (j->out && j->ops->event) j->ops->event(j, ev);   /* events only feed streams */
@@ -212,9 +218,15 @@ static void generate_job(srv *S, job *j) {
     } else {
         /* The driver writes its cache lines straight to the trace FILE: stdio
          * locks each call, and every line is one call. */
+        j->lease = &l;
         j->rc = ds4_generate(l.session, ids, n, &j->gp, &j->res, j->err, sizeof j->err);
+        j->lease = NULL;
         if (j->rc != 0) srv_trace(S, "generation failed: %s\n", j->err);
-        j->res.n_cached = client_view(alias, j->res.n_cached);
+        /* What this request reused is what the lease brought; the tokens
+         * ds4_pool_prefill evaluated to checkpoint them were computed now,
+         * though the driver then finds them in the session. */
+        size_t leased = l.n_memory + l.n_disk;
+        j->res.n_cached = client_view(alias, j->res.n_cached < leased ? j->res.n_cached : leased);
     }
     j->res.n_prompt = j->prompt.n;
     ds4_pool_release(S->pool, &l, n);
@@ -233,6 +245,7 @@ static void run(srv *S, job *j) {
     j->gp.forced = j->forced;
     j->gp.n_forced = j->n_forced;
     j->gp.trace = S->trace;
+    j->gp.on_step = gen_step;
     if (job_cancelled(j)) {
         /* Left while queued (or the server is stopping): nothing to compute. */
         j->res.finish = DS4_FINISH_CANCELLED;

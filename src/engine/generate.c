@@ -215,6 +215,7 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
         if (ds4_dsml_calls_done(g.dsml)) { fin = DS4_FINISH_TOOL_CALLS; break; }
         if (ds4_session_len(s) + 1 > ctx) { fin = DS4_FINISH_LENGTH; break; }
         if (ds4_session_eval(s, &t, 1, NULL, NULL, NULL, err, errlen) != 0) goto done;
+        if (p->on_step) p->on_step(p->ud);
     }
     if (!cut) {
         /* Not cut by a stop string: the held-back tail and any incomplete

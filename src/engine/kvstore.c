@@ -27,6 +27,7 @@
 
 typedef struct {
     uint8_t key[32], tok[32];
+    uint8_t xsum[16];               /* of the extra blob (header) */
     uint64_t text_len, n_ids, session_len, extra_len;
     uint64_t created, last_hit, hits;
     uint64_t file_bytes;
@@ -151,14 +152,14 @@ static hdr_status parse_header(const ds4_kvstore *st, const uint8_t *h, uint64_t
     /* A version field that fails the checksum is damage, not a newer writer. */
     if (ver != KV_VERSION && sum_ok) { *why = "other format version"; return HDR_FOREIGN; }
     if (!sum_ok) { *why = "header checksum mismatch"; return HDR_CORRUPT; }
-    static const uint8_t zero[KV_OFF_HDRSUM - KV_OFF_RESERVED];
-    if (get32(h + 12) != KV_HEADER_BYTES || memcmp(h + KV_OFF_RESERVED, zero, sizeof zero)) {
-        *why = "bad header size or reserved bytes";
+    if (get32(h + 12) != KV_HEADER_BYTES) {
+        *why = "bad header size";
         return HDR_CORRUPT;
     }
     if (memcmp(h + KV_OFF_MODEL, st->model, 32)) { *why = "made by another model"; return HDR_FOREIGN; }
     memcpy(e->key, h + KV_OFF_KEY, 32);
     memcpy(e->tok, h + KV_OFF_TOKHASH, 32);
+    memcpy(e->xsum, h + KV_OFF_EXTRASUM, sizeof e->xsum);
     e->text_len = get64(h + KV_OFF_LENS);
     e->n_ids = get64(h + KV_OFF_LENS + 8);
     e->session_len = get64(h + KV_OFF_LENS + 16);
@@ -421,6 +422,9 @@ static int write_checkpoint(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const 
     put64(h + KV_OFF_LENS + 16, e->session_len);
     put64(h + KV_OFF_LENS + 24, e->extra_len);
     put64(h + KV_OFF_CREATED, e->created);
+    uint8_t xs[32];
+    sha256(cp->extra_len ? cp->extra : (const void *)"", cp->extra_len, xs);
+    memcpy(h + KV_OFF_EXTRASUM, xs, KV_OFF_HDRSUM - KV_OFF_EXTRASUM);
 
     /* Body checksum in one pass over the pieces, written after the header. */
     const void *part[4] = {cp->ids, cp->text, cp->session, cp->extra};
@@ -697,6 +701,45 @@ bool ds4_kvstore_contains(ds4_kvstore *st, const char *text, size_t len) {
     bool r = find_key(st, k) != NULL;
     pthread_mutex_unlock(&st->mu);
     return r;
+}
+
+static int cmp_created(const void *a, const void *b) {
+    const kv_entry *x = a, *y = b;
+    return x->created < y->created ? -1 : x->created > y->created;
+}
+
+size_t ds4_kvstore_extras(ds4_kvstore *st, size_t max_len, void (*fn)(void *ud, const uint8_t *extra, size_t len),
+                          void *ud) {
+    pthread_mutex_lock(&st->mu);
+    /* A copy of the index: the callback may run long, and order is by age. */
+    kv_entry *es = st->n ? malloc(st->n * sizeof *es) : NULL;
+    size_t n = es ? st->n : 0, given = 0;
+    if (n) memcpy(es, st->e, n * sizeof *es);
+    pthread_mutex_unlock(&st->mu);
+    qsort(es, n, sizeof *es, cmp_created);
+    for (size_t i = 0; i < n; i++) {
+        const kv_entry *e = &es[i];
+        if (!e->extra_len || e->extra_len > max_len) continue;
+        char name[72];
+        entry_name(e->key, name);
+        int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC);
+        uint8_t *x = fd >= 0 ? malloc((size_t)e->extra_len) : NULL;
+        uint8_t d[32];
+        /* The blob is the file's tail; its own digest (in the verified
+         * header) vouches for it without reading the session state. */
+        bool ok = x && read_full(fd, x, (size_t)e->extra_len, e->file_bytes - e->extra_len);
+        if (ok) sha256(x, (size_t)e->extra_len, d);
+        if (ok && !memcmp(d, e->xsum, sizeof e->xsum)) {
+            fn(ud, x, (size_t)e->extra_len);
+            given++;
+        } else if (fd >= 0) {
+            logf_(st, "skipping the extra data of %s (unreadable or checksum mismatch)", name);
+        }
+        free(x);
+        if (fd >= 0) close(fd);
+    }
+    free(es);
+    return given;
 }
 
 size_t ds4_kvstore_count(ds4_kvstore *st) {

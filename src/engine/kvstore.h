@@ -1,4 +1,4 @@
-/* KV checkpoint file format, version 1 (private to kvstore.c and its tests;
+/* KV checkpoint file format, version 2 (private to kvstore.c and its tests;
  * docs/kv-cache.md explains it and the policies).
  *
  * A checkpoint file is DIR/<64 hex digits of SHA-256(text)>.kv:
@@ -13,7 +13,9 @@
  *     [112, 144) u64 text_len, n_ids, session_len, extra_len
  *     [144, 152) u64 created, unix seconds
  *     [152, 184) SHA-256 of the body
- *     [184, 200) zero (reserved)
+ *     [184, 200) the first 16 bytes of SHA-256 of the extra blob, so the
+ *                extras of every checkpoint can be read and trusted at
+ *                startup without reading (gigabytes of) session state
  *     [200, 232) SHA-256 of header bytes [0, 200)
  *     [232, 256) mutable metadata: u64 last_hit, u64 hits, then the first 8
  *                bytes of SHA-256(key ‖ last_hit ‖ hits). Rewritten in place
@@ -26,7 +28,7 @@
 #define DS4_KVSTORE_H
 
 #define KV_MAGIC "DS4KVCP"
-#define KV_VERSION 1u
+#define KV_VERSION 2u
 #define KV_HEADER_BYTES 256u
 
 #define KV_OFF_VERSION 8u
@@ -36,7 +38,7 @@
 #define KV_OFF_LENS 112u
 #define KV_OFF_CREATED 144u
 #define KV_OFF_BODYSUM 152u
-#define KV_OFF_RESERVED 184u
+#define KV_OFF_EXTRASUM 184u
 #define KV_OFF_HDRSUM 200u
 #define KV_OFF_META 232u
 

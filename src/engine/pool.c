@@ -123,6 +123,8 @@ ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *prm, char *err, siz
     p->p = *prm;
     if (!p->p.align) p->p.align = 2048;
     if (!p->p.every) p->p.every = 4 * p->p.align;
+    /* Frontiers are aligned, as ds4_kv_save_points makes them. */
+    p->p.every = (p->p.every + p->p.align - 1) / p->p.align * p->p.align;
     for (int i = 0; i < prm->n_slots; i++)
         if (!(p->slots[i].s = ds4_session_new(e, prm->ctx, err, errlen))) { ds4_pool_free(p); return NULL; }
     return p;
@@ -273,6 +275,14 @@ int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt
         if (ds4_pool_checkpoint(p, l->slot, cerr, sizeof cerr)) plog(p, "checkpoint failed: %s", cerr);
     }
     return 0;
+}
+
+void ds4_pool_step(ds4_pool *p, const ds4_pool_lease *l) {
+    slot *sl = &p->slots[l->slot];
+    size_t n = ds4_session_len(sl->s);
+    if (!p->p.store || n % p->p.every || n == sl->saved) return;
+    char err[256];
+    if (ds4_pool_checkpoint(p, l->slot, err, sizeof err)) plog(p, "checkpoint failed: %s", err);
 }
 
 void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt) {

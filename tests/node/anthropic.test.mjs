@@ -69,6 +69,18 @@ test('messages: tool_use, non-streaming, and tool_result replay hits the cache',
   eq(r2.usage.cache_read_input_tokens, held, 'cache_read_input_tokens');
 });
 
+test('messages: tool_choice tool / any force a tool_use', async () => {
+  const r = await client.messages.create({ ...base, tools: TOOLS, messages: msgs('Weather?'),
+    tool_choice: { type: 'tool', name: 'get_weather' } }, script('args'));
+  eq(r.stop_reason, 'tool_use');
+  eq(r.content.map((b) => [b.type, b.name, b.input]), [['tool_use', 'get_weather', { location: 'Paris' }]]);
+  const two = [...TOOLS, { name: 'get_time', description: 'Time', input_schema: { type: 'object', properties: { zone: { type: 'string' } } } }];
+  const a = await client.messages.create({ ...base, tools: two, messages: msgs('Time?'), tool_choice: { type: 'any' } },
+    script('named_args'));
+  eq(a.stop_reason, 'tool_use');
+  eq(a.content.map((b) => b.name), ['get_time']);
+});
+
 test('messages: tool_use streamed with input_json_delta', async () => {
   const st = client.messages.stream({ ...base, tools: TOOLS, messages: msgs('Weather?') }, script('tool'));
   let partial = 0;

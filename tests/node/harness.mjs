@@ -36,6 +36,14 @@ export const SCRIPTS = {
   // An opened block that never closes: finish "error".
   broken: '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter name="location" string="true">Par<｜end▁of▁sentence｜>',
   long: 'word '.repeat(40) + '<｜end▁of▁sentence｜>',
+  // What follows a forced tool_choice opening: after the name (named tool),
+  // or from the name on ("required" / "any").
+  args: '<｜DSML｜parameter name="location" string="true">Paris</｜DSML｜parameter>\n' +
+    '</｜DSML｜invoke>\n</｜DSML｜tool_calls>',
+  named_args: 'get_time">\n<｜DSML｜parameter name="zone" string="true">UTC</｜DSML｜parameter>\n' +
+    '</｜DSML｜invoke>\n</｜DSML｜tool_calls>',
+  // A long answer: crosses generation checkpoint frontiers.
+  essay: 'word '.repeat(300) + '<｜end▁of▁sentence｜>',
 };
 
 function freePort() {

@@ -143,6 +143,55 @@ test('chat: replayed tool call extends the live session exactly', async () => {
   eq(r2.usage.prompt_tokens_details.cached_tokens, r1.usage.prompt_tokens + r1.usage.completion_tokens - 1, 'cached');
 });
 
+// tool_choice that demands a call: the server forces the DSML opening (and
+// the name); the test script only supplies what the model writes after it,
+// so a call comes out only if the server forced the rest.
+test('chat: tool_choice naming a function forces a call of it (after an empty reasoning)', async () => {
+  const msgs = user('Weather in Lyon?');
+  const r = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: msgs, tools: TOOLS,
+    tool_choice: { type: 'function', function: { name: 'get_weather' } } }, script('args'));
+  const ch = r.choices[0];
+  eq(ch.finish_reason, 'tool_calls');
+  eq(ch.message.tool_calls.map((t) => [t.function.name, JSON.parse(t.function.arguments)]), [['get_weather', { location: 'Paris' }]]);
+  ok(!ch.message.reasoning_content, 'the forced </think> leaves no reasoning');
+  // The thinking conversation goes on from the live session: the forced
+  // turn renders back to exactly the tokens generated.
+  const tc = ch.message.tool_calls[0];
+  const next = await client.chat.completions.create({ model: 'deepseek-v4-flash', tools: TOOLS, messages: [...msgs,
+    { role: 'assistant', content: null, tool_calls: [tc] }, { role: 'tool', tool_call_id: tc.id, content: 'rain' }] }, script('hello'));
+  eq(next.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens + r.usage.completion_tokens - 1, 'whole turn reused');
+  // Streamed too: the name comes first, from the forced tokens.
+  const s = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: user('Weather?'), tools: TOOLS,
+    tool_choice: { type: 'function', function: { name: 'get_weather' } }, stream: true }, script('args'));
+  let name = '', finish = null;
+  for await (const c of s) {
+    for (const d of c.choices[0]?.delta?.tool_calls || []) if (d.function?.name) name += d.function.name;
+    if (c.choices[0]?.finish_reason) finish = c.choices[0].finish_reason;
+  }
+  eq([name, finish], ['get_weather', 'tool_calls']);
+});
+
+test('chat: tool_choice required forces a call; the model picks the tool', async () => {
+  const r = await client.chat.completions.create({ model: 'deepseek-v4-flash', messages: user('Time?'), tools: TOOLS,
+    tool_choice: 'required' }, script('named_args'));
+  eq(r.choices[0].finish_reason, 'tool_calls');
+  eq(r.choices[0].message.tool_calls.map((t) => t.function.name), ['get_time']);
+  // Without the forced opening the same script is plain text.
+  const p = await client.chat.completions.create({ model: 'deepseek-chat', messages: user('Time?'), tools: TOOLS },
+    script('named_args'));
+  ok(p.choices[0].finish_reason !== 'tool_calls' && !(p.choices[0].message.tool_calls || []).length, 'no call without tool_choice');
+});
+
+test('chat: tool_choice naming an unknown tool, or required without tools: 400', async () => {
+  for (const body of [{ tools: TOOLS, tool_choice: { type: 'function', function: { name: 'nope' } } },
+    { tool_choice: 'required' }]) {
+    const res = await fetch(server.base + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'x', messages: user('x'), ...body }) });
+    eq(res.status, 400, JSON.stringify(body));
+    ok(/tool/.test((await res.json()).error.message));
+  }
+});
+
 test('chat: tool_choice none drops the tools (no call recognised)', async () => {
   const r = await client.chat.completions.create({ model: 'deepseek-chat', messages: user('x'), tools: TOOLS, tool_choice: 'none' }, script('broken'));
   eq(r.choices[0].finish_reason, 'stop');
@@ -210,6 +259,15 @@ test('responses: streamed events and final response', async () => {
   const seq = [];
   for (const t of types) if (!seq.includes(t)) seq.push(t);
   ok(seq.indexOf('response.output_item.added') < seq.indexOf('response.content_part.added'), 'item before part');
+});
+
+test('responses: tool_choice naming a function forces its call', async () => {
+  const tools = [{ type: 'function', name: 'get_weather', parameters: TOOLS[0].function.parameters },
+    { type: 'function', name: 'get_time', parameters: TOOLS[1].function.parameters }];
+  const r = await client.responses.create({ model: 'x', input: 'Weather?', tools,
+    tool_choice: { type: 'function', name: 'get_weather' } }, script('args'));
+  eq(r.output.filter((o) => o.type === 'function_call').map((o) => [o.name, JSON.parse(o.arguments)]),
+    [['get_weather', { location: 'Paris' }]]);
 });
 
 test('responses: function call and its replay', async () => {

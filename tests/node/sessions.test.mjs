@@ -63,4 +63,29 @@ test('sessions: a restarted server resumes from its disk checkpoint, tool calls 
     'restored from disk');
 });
 
+test('sessions: after a crash (SIGKILL) tool calls still replay from the checkpoints\' maps', async () => {
+  const C1 = [{ role: 'user', content: 'Weather in Paris, please?' }];
+  const c1 = await client.chat.completions.create({ model: 'x', messages: C1, tools: TOOLS }, script('tool'));
+  const tc = c1.choices[0].message.tool_calls[0];
+  const back = { ...tc, function: { name: tc.function.name, arguments: '{"days": 3, "location": "Paris"}' } };
+  // A long tool result: prefill checkpoints land well past the call block.
+  const result = Array.from({ length: 40 }, (_, i) => `hour ${i}: sunny, 20 C`).join('\n');
+  const followC = [...C1, { role: 'assistant', content: null, reasoning_content: c1.choices[0].message.reasoning_content,
+    tool_calls: [back] }, { role: 'tool', tool_call_id: tc.id, content: result }];
+  const c2 = await client.chat.completions.create({ model: 'x', messages: followC, tools: TOOLS }, script('hello'));
+  const exited = new Promise((res) => server.proc.once('exit', res));
+  server.stop();                                  // SIGKILL: nothing written at shutdown
+  await exited;
+  server = await startServer(args);
+  client = new OpenAI({ baseURL: server.base + '/v1', apiKey: 'unused', maxRetries: 0 });
+  const next = [...followC, { role: 'assistant', content: c2.choices[0].message.content,
+    reasoning_content: c2.choices[0].message.reasoning_content }, { role: 'user', content: 'Thanks' }];
+  const r = await client.chat.completions.create({ model: 'x', messages: next, tools: TOOLS }, script('hello'));
+  // The reordered arguments render the sampled block only through the map;
+  // without it the prefix would break inside the block.
+  const pastBlock = c1.usage.prompt_tokens + c1.usage.completion_tokens;
+  const cached = r.usage.prompt_tokens_details.cached_tokens;
+  ok(cached > pastBlock && cached % 64 === 0, `restored past the call block (${cached} > ${pastBlock})`);
+});
+
 await run(() => server);
