@@ -339,6 +339,59 @@ static void test_export_import(void) {
     cpu_backend_free(be);
 }
 
+/* The diagnostic switches (cpu/cpu.h): DS4_DIAG_EXACT_KV leaves KV rows off
+ * the f16 grid; without the QAT roundings a 1e-7 input perturbation stays
+ * ~1e-6 in the logits of 20 tokens (with them, it grows to ~1e-3 on tiny). */
+static int off_f16_grid(const ds4_kv_host *h, uint32_t hd) {
+    int off = 0;
+    for (uint32_t i = 0; i < h->layers[0].n_raw * hd; i++) off += h->layers[0].raw[i] != ds4_round_f16(h->layers[0].raw[i]);
+    return off;
+}
+
+static double rel_max(const float *a, const float *b, size_t n) {
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) { d = fmax(d, fabs((double)a[i] - b[i])); r = fmax(r, fabs((double)b[i])); }
+    return d / r;
+}
+
+static void test_diagnostics(void) {
+    REQUIRE(ref);
+    char err[256];
+    uint32_t V = model.hp.n_vocab, hd = model.hp.head_dim;
+    float *l[2] = {malloc(V * sizeof(float)), malloc(V * sizeof(float))};
+    int off[2];
+    setenv("DS4_DIAG_EXACT_KV", "1", 1);
+    for (int k = 0; k < 2; k++) {
+        if (k) setenv("DS4_DIAG_PERTURB", "1e-7", 1);
+        cpu_backend *be = cpu_backend_new(&model, 1, err, sizeof err);
+        cpu_state *st = cpu_state_new(be, 256, err, sizeof err);
+        ds4_kv_host h;
+        REQUIRE(cpu_eval(be, st, ids, 20, l[k], false, NULL, err, sizeof err) == 0 &&
+                cpu_export(be, st, &h, err, sizeof err) == 0, "%s", err);
+        off[k] = off_f16_grid(&h, hd);
+        ds4_kv_host_free(&h);
+        cpu_state_free(st);
+        cpu_backend_free(be);
+    }
+    unsetenv("DS4_DIAG_EXACT_KV");
+    unsetenv("DS4_DIAG_PERTURB");
+    CHECK(off[0] > 0, "exact KV: raw rows stay off the f16 grid");
+    CHECK(memcmp(l[0], ref + (size_t)19 * V, V * sizeof(float)) != 0, "exact KV changes the logits");
+    double r = rel_max(l[1], l[0], V);
+    CHECK(r > 0 && r < 1e-4, "perturbed vs exact-KV logits: rel %g", r);
+    /* Switches off again: the release path, rows on the f16 grid. */
+    cpu_backend *be = cpu_backend_new(&model, 1, err, sizeof err);
+    cpu_state *st = cpu_state_new(be, 256, err, sizeof err);
+    ds4_kv_host h;
+    REQUIRE(cpu_eval(be, st, ids, 20, l[0], false, NULL, err, sizeof err) == 0 &&
+            cpu_export(be, st, &h, err, sizeof err) == 0, "%s", err);
+    CHECK(off_f16_grid(&h, hd) == 0 && !memcmp(l[0], ref + (size_t)19 * V, V * sizeof(float)));
+    ds4_kv_host_free(&h);
+    cpu_state_free(st);
+    cpu_backend_free(be);
+    free(l[0]); free(l[1]);
+}
+
 static void test_mtp(void) {
     REQUIRE(ref);
     if (!have_mtp) { fprintf(stderr, "  (no MTP file: skipped)\n"); return; }
@@ -412,6 +465,7 @@ int main(void) {
     RUN(test_state_facts_and_repeat);
     RUN(test_truncate);
     RUN(test_export_import);
+    RUN(test_diagnostics);
     RUN(test_mtp);
     RUN(test_bad_input);
     free(ref);

@@ -70,6 +70,21 @@ void cpu_attend(const float *q, const float *const *rows, int64_t n, int64_t dim
  * ascending; k <= n. heap: k ints of scratch. */
 void cpu_topk(const float *score, int64_t n, int64_t k, int32_t *out);
 
+/* ---- Diagnostics (read once per backend create; never set in normal use) ---
+ * They exist to tell numerical sensitivity from a bug when two backends
+ * disagree on a deep random model (tools/gpu/NOTES.md "drift"):
+ *  DS4_DIAG_EXACT_KV=1   skip the FP8/FP4 QAT simulations and the f16
+ *                        rounding of KV / compressed / indexer rows and
+ *                        indexer queries (both backends honour it), so the
+ *                        only discontinuities left are top-k choices;
+ *  DS4_DIAG_PERTURB=eps  (CPU only) scale each embedding value by
+ *                        1 ± eps (a fixed hashed sign per position and
+ *                        element): a CPU-vs-CPU run shows how the model
+ *                        amplifies an f32-rounding-sized difference. */
+bool cpu_diag_exact_kv(void);
+float cpu_diag_perturb(void);
+void cpu_diag_perturb_row(float *x, int64_t n, uint32_t pos, float eps);
+
 /* ---- Backend --------------------------------------------------------------- */
 typedef struct cpu_backend cpu_backend;
 typedef struct cpu_state cpu_state;

@@ -67,6 +67,8 @@ struct cpu_backend {
     const ds4_hparams *hp;
     cpu_pool *pool;
     double *freq_plain, *freq_yarn;
+    bool qat;                   /* false only under the DS4_DIAG_EXACT_KV diagnostic */
+    float perturb;              /* DS4_DIAG_PERTURB diagnostic (0: off) */
     pthread_mutex_t mu;         /* one eval at a time: the pool is shared */
 };
 
@@ -226,7 +228,8 @@ static void hc_post(const ds4_hparams *hp, scratch *s, int n) {
  * the block's first position, QAT (FP8 for attention rows, Hadamard+FP4 for
  * indexer rows) and the f16 rounding of stored rows. */
 static void comp_emit(const ds4_hparams *hp, const float *kv, const float *gate, uint32_t keep, int R, int lanes,
-                      int D, uint32_t b, const float *norm_w, const double *freq, bool indexer, float *out) {
+                      int D, uint32_t b, const float *norm_w, const double *freq, bool indexer, bool qat,
+                      float *out) {
     int W = lanes * D;
     uint64_t bR = (uint64_t)b * R;
     bool prev = lanes == 2 && b > 0;
@@ -250,6 +253,7 @@ static void comp_emit(const ds4_hparams *hp, const float *kv, const float *gate,
     cpu_rmsnorm(out, norm_w, D, hp->rms_eps, out);
     int rd = (int)hp->rope_dim;
     cpu_rope(out + D - rd, rd / 2, freq, (int64_t)bR, false);
+    if (!qat) return;
     if (indexer) cpu_fp4_sim(out, D);
     else cpu_fp8_sim(out, D - rd);
     for (int j = 0; j < D; j++) out[j] = ds4_round_f16(out[j]);
@@ -273,7 +277,7 @@ static void compress_chunk(cpu_backend *be, scratch *s, const ds4_tensor *tkv, c
         }
         if ((p + 1) % R == 0) {
             uint32_t b = (p + 1) / R - 1;
-            comp_emit(be->hp, rkv, rg, keep, R, lanes, D, b, F(norm), freq, indexer, rows + (size_t)b * D);
+            comp_emit(be->hp, rkv, rg, keep, R, lanes, D, b, F(norm), freq, indexer, be->qat, rows + (size_t)b * D);
             *n_rows = b + 1;
         }
     }
@@ -357,6 +361,7 @@ static void attn_sublayer(cpu_backend *be, scratch *s, const ds4_layer *L, layer
         float *kv = s->kv + t * hd;
         cpu_rmsnorm(kv, F(&L->attn_kv_a_norm), hd, eps, kv);
         cpu_rope(kv + hd - rd, (int)rd / 2, freq, p, false);
+        if (!be->qat) continue;
         cpu_fp8_sim(kv, hd - rd);
         for (int64_t j = 0; j < hd; j++) kv[j] = ds4_round_f16(kv[j]);
     }
@@ -379,7 +384,7 @@ static void attn_sublayer(cpu_backend *be, scratch *s, const ds4_layer *L, layer
             for (int64_t h = 0; h < ih; h++) {
                 float *q = s->iq + (t * ih + h) * ihd;
                 cpu_rope(q + ihd - rd, (int)rd / 2, freq, p0 + t, false);
-                cpu_fp4_sim(q, ihd);
+                if (be->qat) cpu_fp4_sim(q, ihd);
             }
             for (int64_t h = 0; h < ih; h++) s->iw[t * ih + h] *= wscale;
             uint32_t nvis = (p0 + t + 1) / 4;
@@ -559,6 +564,10 @@ cpu_backend *cpu_backend_new(const ds4_model *m, int n_threads, char *err, size_
     }
     cpu_rope_freqs(hp, false, be->freq_plain, NULL, NULL);
     cpu_rope_freqs(hp, true, be->freq_yarn, NULL, NULL);
+    be->qat = !cpu_diag_exact_kv();
+    be->perturb = cpu_diag_perturb();
+    if (!be->qat || be->perturb != 0)
+        fprintf(stderr, "cpu backend: DIAGNOSTIC mode (%s%s%g)\n", be->qat ? "" : "exact KV, ", "perturb ", be->perturb);
     pthread_mutex_init(&be->mu, NULL);
     return be;
 }
@@ -698,6 +707,7 @@ int cpu_eval(cpu_backend *be, cpu_state *st, const int32_t *ids, size_t n, float
             float *X = s.X + t * hc * d;
             const ds4_tensor *te = &m->tok_embd;
             ds4_dequant_row(te->type, (const uint8_t *)te->data + (uint64_t)ids[t0 + t] * te->row_bytes, X, d);
+            if (be->perturb != 0) cpu_diag_perturb_row(X, d, p0 + (uint32_t)t, be->perturb);
             for (int64_t a = 1; a < hc; a++) memcpy(X + a * d, X, d * sizeof(float));
         }
         for (int l = 0; l < st->n_layer; l++) {

@@ -228,3 +228,22 @@ void cpu_topk(const float *score, int64_t n, int64_t k, int32_t *out) {
         if (better(score, (int32_t)c, out[0])) { out[0] = (int32_t)c; sift_down(score, out, k, 0); }
     qsort(out, (size_t)k, sizeof *out, cmp_i32);
 }
+
+bool cpu_diag_exact_kv(void) {
+    const char *v = getenv("DS4_DIAG_EXACT_KV");
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+float cpu_diag_perturb(void) {
+    const char *v = getenv("DS4_DIAG_PERTURB");
+    return v ? strtof(v, NULL) : 0.0f;
+}
+
+void cpu_diag_perturb_row(float *x, int64_t n, uint32_t pos, float eps) {
+    for (int64_t i = 0; i < n; i++) {
+        /* splitmix-style hash of (pos, i): a sign independent of the values */
+        uint64_t h = ((uint64_t)pos << 32 | (uint64_t)i) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 31;
+        x[i] *= 1.0f + ((h >> 17) & 1 ? eps : -eps);
+    }
+}

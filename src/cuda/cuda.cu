@@ -350,6 +350,13 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         backend_free(be);
         return NULL;
     }
+    int qat = !cpu_diag_exact_kv();
+    if (cudaMemcpyToSymbol(d_qat, &qat, sizeof qat) != cudaSuccess) {
+        fail(err, errlen, "cuda backend: cannot set the QAT switch");
+        backend_free(be);
+        return NULL;
+    }
+    if (!qat) fprintf(stderr, "cuda backend: DIAGNOSTIC mode (exact KV)\n");
     const char *g = getenv("DS4_CUDA_GRAPHS");
     be->graphs = !(g && !strcmp(g, "0"));
     if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }

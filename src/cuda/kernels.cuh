@@ -32,6 +32,9 @@ typedef struct {
 
 /* IQ2_XXS tables, copied from src/quant at backend creation. */
 __device__ uint64_t d_iq2_grid[256];
+/* 0 only under the DS4_DIAG_EXACT_KV diagnostic (cpu/cpu.h): KV rows and
+ * indexer queries skip the QAT simulations and the f16 rounding. */
+__device__ int d_qat = 1;
 __device__ uint8_t d_iq2_signs[128];
 
 /* Aligned little-endian loads: block layouts keep these offsets 2- or
@@ -567,8 +570,8 @@ __global__ void k_kv_row(const float *kv, const float *w, int hd, int rd, const 
     __syncthreads();
     blk_rmsnorm(sv, hd, w, eps, shd);
     blk_rope(sv + hd - rd, rd / 2, freq, pos, false);
-    blk_fp8(sv, hd - rd);
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) out[k] = round_f16(sv[k]);
+    if (d_qat) blk_fp8(sv, hd - rd);
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) out[k] = d_qat ? round_f16(sv[k]) : sv[k];
 }
 
 /* ---- compressor (spec §4.5) -------------------------------------------------- */
@@ -621,9 +624,9 @@ __global__ void k_comp_emit(const float *kv, const float *gate, uint32_t keep, i
     __syncthreads();
     blk_rmsnorm(sv, D, norm_w, eps, shd);
     blk_rope(sv + D - rd, rd / 2, freq, (int64_t)bR, false);
-    if (indexer) blk_fp4(sv, D);
-    else blk_fp8(sv, D - rd);
-    for (int j = threadIdx.x; j < D; j += blockDim.x) out[(size_t)b * D + j] = round_f16(sv[j]);
+    if (d_qat && indexer) blk_fp4(sv, D);
+    else if (d_qat) blk_fp8(sv, D - rd);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) out[(size_t)b * D + j] = d_qat ? round_f16(sv[j]) : sv[j];
 }
 
 /* ---- indexer (spec §4.6) ------------------------------------------------------ */
@@ -636,7 +639,7 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
     for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = g[k];
     __syncthreads();
     blk_rope(sv + ihd - rd, rd / 2, freq, pos, false);
-    blk_fp4(sv, ihd);
+    if (d_qat) blk_fp4(sv, ihd);
     for (int k = threadIdx.x; k < ihd; k += blockDim.x) g[k] = sv[k];
     if (threadIdx.x == 0) iw[blockIdx.x] *= wscale;
 }
