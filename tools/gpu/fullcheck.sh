@@ -25,7 +25,7 @@ for be in cuda cpu; do
 done
 python3 - "$OUT/cuda.json" "$OUT/cpu.json" <<'PY'
 import json, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:3])
+a, b = (json.loads(open(p, "rb").read().decode("utf-8", "replace")) for p in sys.argv[1:3])
 ta = [s["id"] for s in a["steps"]]; tb = [s["id"] for s in b["steps"]]
 print("prompt tokens", a["prompt_tokens"], b["prompt_tokens"])
 print("cuda", ta); print("cpu ", tb)
