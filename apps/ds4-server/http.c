@@ -284,16 +284,22 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         rc = calloc(1, sizeof *rc);
         if (!rc) return MHD_NO;
         *con_cls = rc;
-        /* Refuse early from the declared length; the body is still drained. */
+        /* Answer before reading a byte of the body when the headers already
+         * settle it: a missing/wrong API key (no unauthenticated client can
+         * make the server buffer bodies) or a declared length over the limit.
+         * MHD then discards the body and closes the connection. */
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > S->cfg.max_body) rc->too_big = true;
+        if (rc->too_big || (strcmp(method, "OPTIONS") != 0 && strcmp(url, "/health") != 0 && !authorized(S, conn)))
+            return route(S, conn, method, url, rc);
         return MHD_YES;
     }
     if (*upload_size) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (rc->too_big) return MHD_YES;
-        if (rc->len + n > S->cfg.max_body) { rc->too_big = true; free(rc->body); rc->body = NULL; rc->len = 0; return MHD_YES; }
+        /* An undeclared (chunked) body over the limit: stop reading and close
+         * the connection instead of draining it for as long as it is sent. */
+        if (rc->too_big || rc->len + n > S->cfg.max_body) return MHD_NO;
         if (rc->len + n + 1 > rc->cap) {
             size_t cap = rc->cap ? rc->cap : 4096;
             while (cap < rc->len + n + 1) cap *= 2;
