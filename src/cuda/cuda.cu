@@ -27,25 +27,16 @@ extern "C" {
 }
 #include "cuda/cuda.h"
 #include "cuda/kernels.cuh"
+#include "util/errf.h"
 
 #define STAGE_BYTES (64u << 20)   /* upload chunk: bounds pinned host memory to 2 × 64 MiB */
 #define STEP_RING 256              /* step inputs in flight before the host waits */
 #define VRAM_MARGIN (256ull << 20) /* left free for the CUDA context, cuBLAS-free but safe */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 #define CK(call)                                                                                   \
     do {                                                                                           \
         cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) return fail(err, errlen, "cuda: %s: %s", #call, cudaGetErrorString(e_)); \
+        if (e_ != cudaSuccess) return ds4_errf(err, errlen, "cuda: %s: %s", #call, cudaGetErrorString(e_)); \
     } while (0)
 
 /* ---- backend / state --------------------------------------------------------------- */
@@ -164,22 +155,22 @@ static int upload_span(gpu_backend *be, char *err, size_t errlen) {
     for (int i = 0; i < 2; i++) {
         if (cudaMallocHost((void **)&stage[i], STAGE_BYTES) != cudaSuccess ||
             cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming) != cudaSuccess) {
-            fail(err, errlen, "cuda: cannot allocate %u MiB of pinned staging memory", STAGE_BYTES >> 20);
+            ds4_errf(err, errlen, "cuda: cannot allocate %u MiB of pinned staging memory", STAGE_BYTES >> 20);
             goto out;
         }
     }
     for (uint64_t off = 0, k = 0; off < be->span; off += STAGE_BYTES, k++) {
         int b = (int)(k & 1);
         uint64_t len = be->span - off < STAGE_BYTES ? be->span - off : STAGE_BYTES;
-        if (cudaEventSynchronize(done[b]) != cudaSuccess) { fail(err, errlen, "cuda: staging wait failed"); goto out; }
+        if (cudaEventSynchronize(done[b]) != cudaSuccess) { ds4_errf(err, errlen, "cuda: staging wait failed"); goto out; }
         memcpy(stage[b], be->hbase + off, len);   /* pages in the mmap'd file once */
         if (cudaMemcpyAsync(be->dbase + off, stage[b], len, cudaMemcpyHostToDevice, be->s) != cudaSuccess ||
             cudaEventRecord(done[b], be->s) != cudaSuccess) {
-            fail(err, errlen, "cuda: weight upload failed at byte %llu", (unsigned long long)off);
+            ds4_errf(err, errlen, "cuda: weight upload failed at byte %llu", (unsigned long long)off);
             goto out;
         }
     }
-    if (cudaStreamSynchronize(be->s) != cudaSuccess) { fail(err, errlen, "cuda: weight upload failed"); goto out; }
+    if (cudaStreamSynchronize(be->s) != cudaSuccess) { ds4_errf(err, errlen, "cuda: weight upload failed"); goto out; }
     rc = 0;
 out:
     for (int i = 0; i < 2; i++) {
@@ -238,7 +229,7 @@ static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
     }
     if (!e) e = cudaStreamSynchronize(be->s);
     cudaFree(tmp);
-    return e ? fail(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
+    return e ? ds4_errf(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
 }
 
 static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t errlen) {
@@ -257,12 +248,12 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     else if (!hp->n_expert_used || hp->n_expert_used > 64 || hp->n_expert_used > hp->n_expert)
         bad = "expert_used_count out of range";
     else if (!hp->window) bad = "sliding_window must be positive";
-    if (bad) { fail(err, errlen, "cuda backend: %s", bad); return NULL; }
+    if (bad) { ds4_errf(err, errlen, "cuda backend: %s", bad); return NULL; }
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         int r = hp->compress_ratio[l];
         const ds4_layer *L = &m->layers[l];
         if (r < 0 || (r == 4) != (L->idx_q_b.data != NULL) || (r != 0) != (L->comp_kv.data != NULL)) {
-            fail(err, errlen, "cuda backend: layer %u: compress ratio %d does not match its tensors", l, r);
+            ds4_errf(err, errlen, "cuda backend: layer %u: compress ratio %d does not match its tensors", l, r);
             return NULL;
         }
     }
@@ -272,12 +263,12 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         /* deq_chunk's wide loads assume 16-byte aligned tensor data (GGUF
          * aligns to 32) and 8-element chunks. */
         if (t->data && t->type != GGML_I32 && t->ne[1] > 1 && (t->ne[0] % 8 || ((uintptr_t)t->data & 15))) {
-            fail(err, errlen, "cuda backend: tensor %s: data must be 16-byte aligned, rows a multiple of 8", t->name);
+            ds4_errf(err, errlen, "cuda backend: tensor %s: data must be 16-byte aligned, rows a multiple of 8", t->name);
             return NULL;
         }
         /* Each expert slab of a repacked 3-D tensor is read with 16-byte loads. */
         if (t->data && repacked(t->type) && t->ne[2] > 1 && (t->row_bytes * (uint64_t)t->ne[1]) % 16) {
-            fail(err, errlen, "cuda backend: tensor %s: expert slabs must be a multiple of 16 bytes", t->name);
+            ds4_errf(err, errlen, "cuda backend: tensor %s: expert slabs must be a multiple of 16 bytes", t->name);
             return NULL;
         }
     }
@@ -291,10 +282,10 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         if (!lo || a < lo) lo = a;
         if (!hi || b > hi) hi = b;
     }
-    if (!lo) { fail(err, errlen, "cuda backend: model has no tensors"); return NULL; }
+    if (!lo) { ds4_errf(err, errlen, "cuda backend: model has no tensors"); return NULL; }
 
     gpu_backend *be = (gpu_backend *)calloc(1, sizeof *be);
-    if (!be) { fail(err, errlen, "cuda backend: out of memory"); return NULL; }
+    if (!be) { ds4_errf(err, errlen, "cuda backend: out of memory"); return NULL; }
     be->m = m;
     be->hp = hp;
     be->hbase = lo;
@@ -303,7 +294,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     uint64_t scr = scratch_floats(m, counts) * sizeof(float);
     size_t free_b = 0, total_b = 0;
     if (cudaSetDevice(0) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
-        fail(err, errlen, "cuda backend: cannot query the GPU");
+        ds4_errf(err, errlen, "cuda backend: cannot query the GPU");
         backend_free(be);
         return NULL;
     }
@@ -311,7 +302,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
      * repack's scratch slab is freed before the first step, but must fit). */
     uint64_t need = be->span + scr + VRAM_MARGIN + max_rp_slab(m);
     if (need > free_b) {
-        fail(err, errlen,
+        ds4_errf(err, errlen,
              "cuda backend: need %.1f GiB of GPU memory (weights %.1f GiB + scratch %.1f MiB + %llu MiB margin), "
              "%.1f GiB free of %.1f GiB: %.1f GiB missing",
              need / 1073741824.0, be->span / 1073741824.0, scr / 1048576.0, VRAM_MARGIN >> 20,
@@ -321,7 +312,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     }
     double fp[512], fy[512];
     int np = (int)hp->rope_dim / 2;
-    if (np > 512) { fail(err, errlen, "cuda backend: rope_dim too large"); backend_free(be); return NULL; }
+    if (np > 512) { ds4_errf(err, errlen, "cuda backend: rope_dim too large"); backend_free(be); return NULL; }
     cpu_rope_freqs(hp, false, fp, NULL, NULL);
     cpu_rope_freqs(hp, true, fy, NULL, NULL);
     if (cudaStreamCreateWithFlags(&be->s, cudaStreamNonBlocking) != cudaSuccess ||
@@ -333,7 +324,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         cudaMemcpy(be->freq_plain + np, fy, np * sizeof(double), cudaMemcpyHostToDevice) != cudaSuccess ||
         cudaMemcpyToSymbol(d_iq2_grid, ds4_iq2xxs_grid, sizeof ds4_iq2xxs_grid) != cudaSuccess ||
         cudaMemcpyToSymbol(d_iq2_signs, ds4_ksigns_iq2xs, sizeof ds4_ksigns_iq2xs) != cudaSuccess) {
-        fail(err, errlen, "cuda backend: device allocation failed: %s", cudaGetErrorString(cudaGetLastError()));
+        ds4_errf(err, errlen, "cuda backend: device allocation failed: %s", cudaGetErrorString(cudaGetLastError()));
         backend_free(be);
         return NULL;
     }
@@ -346,13 +337,13 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     be->sel = be->eid + hp->n_expert_used;
     if (cudaMalloc((void **)&be->step, sizeof(dstep)) != cudaSuccess ||
         cudaMallocHost((void **)&be->hstep, STEP_RING * sizeof(dstep)) != cudaSuccess) {
-        fail(err, errlen, "cuda backend: cannot allocate the step buffers");
+        ds4_errf(err, errlen, "cuda backend: cannot allocate the step buffers");
         backend_free(be);
         return NULL;
     }
     int qat = !cpu_diag_exact_kv();
     if (cudaMemcpyToSymbol(d_qat, &qat, sizeof qat) != cudaSuccess) {
-        fail(err, errlen, "cuda backend: cannot set the QAT switch");
+        ds4_errf(err, errlen, "cuda backend: cannot set the QAT switch");
         backend_free(be);
         return NULL;
     }
@@ -405,7 +396,7 @@ static cudaError_t zalloc(float **p, uint64_t n) {
 static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     gpu_backend *be = (gpu_backend *)b;
     const ds4_hparams *hp = be->hp;
-    if (ctx < 1 || ctx > hp->ctx_max) { fail(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max); return NULL; }
+    if (ctx < 1 || ctx > hp->ctx_max) { ds4_errf(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max); return NULL; }
     uint32_t keep_raw = ds4_kv_keep_raw(hp);
     uint64_t need = 0, maxvis = 0;
     for (uint32_t l = 0; l < hp->n_layer; l++) {
@@ -417,16 +408,16 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     int64_t att_len = hp->window + maxvis;
     need += ((uint64_t)hp->n_head * att_len + ctx / 4 + 2) * sizeof(float);
     size_t free_b = 0, total_b = 0;
-    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) { fail(err, errlen, "cuda: cannot query the GPU"); return NULL; }
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) { ds4_errf(err, errlen, "cuda: cannot query the GPU"); return NULL; }
     if (need + VRAM_MARGIN > free_b) {
-        fail(err, errlen, "cuda backend: a %u-token session needs %.1f MiB of GPU memory, %.1f MiB free (%.1f MiB missing)",
+        ds4_errf(err, errlen, "cuda backend: a %u-token session needs %.1f MiB of GPU memory, %.1f MiB free (%.1f MiB missing)",
              ctx, need / 1048576.0, free_b / 1048576.0, (need + VRAM_MARGIN - free_b) / 1048576.0);
         return NULL;
     }
     gpu_state *st = (gpu_state *)calloc(1, sizeof *st);
     if (!st || !(st->L = (gpu_layer *)calloc(hp->n_layer, sizeof *st->L))) {
         free(st);
-        fail(err, errlen, "out of memory for session state");
+        ds4_errf(err, errlen, "out of memory for session state");
         return NULL;
     }
     st->ctx = ctx;
@@ -457,7 +448,7 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     }
     if (!ok) {
         state_free(st);
-        fail(err, errlen, "cuda backend: out of GPU memory for a %u-token session", ctx);
+        ds4_errf(err, errlen, "cuda backend: out of GPU memory for a %u-token session", ctx);
         return NULL;
     }
     return st;
@@ -735,10 +726,10 @@ static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *lo
     gpu_state *st = (gpu_state *)stp;
     const ds4_hparams *hp = be->hp;
     if (n == 0) return 0;
-    if (n > st->ctx - st->n) return fail(err, errlen, "context full: %u + %zu tokens > %u", st->n, n, st->ctx);
+    if (n > st->ctx - st->n) return ds4_errf(err, errlen, "context full: %u + %zu tokens > %u", st->n, n, st->ctx);
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= hp->n_vocab)
-            return fail(err, errlen, "token id %d out of range (vocab %u)", ids[i], hp->n_vocab);
+            return ds4_errf(err, errlen, "token id %d out of range (vocab %u)", ids[i], hp->n_vocab);
     for (size_t t = 0; t < n; t++) {
         uint32_t pos = st->n;
         /* Step inputs go through a pinned ring; a full lap waits for the
@@ -789,13 +780,13 @@ static void layer_truncate(gpu_layer *ls, uint32_t n) {
 static int cuda_truncate(void *b, void *stp, uint32_t n, char *err, size_t errlen) {
     gpu_backend *be = (gpu_backend *)b;
     gpu_state *st = (gpu_state *)stp;
-    if (n > st->n) return fail(err, errlen, "cannot truncate %u tokens to %u", st->n, n);
+    if (n > st->n) return ds4_errf(err, errlen, "cannot truncate %u tokens to %u", st->n, n);
     if (n == st->n) return 0;
     if (n > 0)
         for (int l = 0; l < st->n_layer; l++) {
             const char *miss = layer_missing(be->hp, &st->L[l], n);
             if (miss)
-                return fail(err, errlen,
+                return ds4_errf(err, errlen,
                             "truncate %u -> %u is not exact: layer %d no longer holds the %s (exact rewinds are up to %u tokens)",
                             st->n, n, l, miss, ds4_kv_slack(be->hp) + 1);
         }
@@ -849,7 +840,7 @@ static int cuda_export(void *b, const void *stp, ds4_kv_host *out, char *err, si
     return 0;
 oom:
     ds4_kv_host_free(out);
-    return fail(err, errlen, "cuda backend: out of memory (or a copy failed) exporting the session state");
+    return ds4_errf(err, errlen, "cuda backend: out of memory (or a copy failed) exporting the session state");
 }
 
 static cudaError_t ring_in(float *dring, uint32_t keep, size_t w, uint32_t lo, uint32_t n, const float *src) {
@@ -866,8 +857,8 @@ static int cuda_import(void *b, void *stp, const ds4_kv_host *in, char *err, siz
     gpu_state *st = (gpu_state *)stp;
     const ds4_hparams *hp = be->hp;
     uint32_t n = in->n_tokens;
-    if (in->n_layer != (uint32_t)st->n_layer) return fail(err, errlen, "snapshot has %u layers, model %d", in->n_layer, st->n_layer);
-    if (n > st->ctx) return fail(err, errlen, "snapshot holds %u tokens, session context is %u", n, st->ctx);
+    if (in->n_layer != (uint32_t)st->n_layer) return ds4_errf(err, errlen, "snapshot has %u layers, model %d", in->n_layer, st->n_layer);
+    if (n > st->ctx) return ds4_errf(err, errlen, "snapshot holds %u tokens, session context is %u", n, st->ctx);
     for (int l = 0; l < st->n_layer; l++) {
         const gpu_layer *ls = &st->L[l];
         const ds4_kv_layer_host *o = &in->layers[l];
@@ -877,11 +868,11 @@ static int cuda_import(void *b, void *stp, const ds4_kv_host *in, char *err, siz
         else ok = ok && !o->n_comp && !o->n_cpend;
         if (R == 4) ok = ok && o->n_idx == n / 4 && o->lo_idx <= n && o->n_ipend == n - o->lo_idx && o->n_ipend <= ls->keep_i;
         else ok = ok && !o->n_idx && !o->n_ipend;
-        if (!ok) return fail(err, errlen, "snapshot layer %d: row counts do not fit %u tokens", l, n);
+        if (!ok) return ds4_errf(err, errlen, "snapshot layer %d: row counts do not fit %u tokens", l, n);
         gpu_layer probe = *ls;
         probe.lo_raw = o->lo_raw; probe.lo_c = o->lo_comp; probe.lo_i = o->lo_idx;
         const char *miss = layer_missing(hp, &probe, n);
-        if (miss) return fail(err, errlen, "snapshot layer %d lacks the %s needed to continue", l, miss);
+        if (miss) return ds4_errf(err, errlen, "snapshot layer %d lacks the %s needed to continue", l, miss);
     }
     for (int l = 0; l < st->n_layer; l++) {
         gpu_layer *ls = &st->L[l];
@@ -920,7 +911,7 @@ static bool tables_loaded;
 extern "C" int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, const float *x, float *y,
                                     char *err, size_t errlen) {
     uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)n_in);
-    if (!rb || n_in % 8) return fail(err, errlen, "matvec: bad type %d / row %lld", type, (long long)n_in);
+    if (!rb || n_in % 8) return ds4_errf(err, errlen, "matvec: bad type %d / row %lld", type, (long long)n_in);
     if (!tables_loaded) {
         CK(cudaMemcpyToSymbol(d_iq2_grid, ds4_iq2xxs_grid, sizeof ds4_iq2xxs_grid));
         CK(cudaMemcpyToSymbol(d_iq2_signs, ds4_ksigns_iq2xs, sizeof ds4_ksigns_iq2xs));
@@ -955,24 +946,24 @@ extern "C" int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64
     if ((e = cudaGetLastError()) || (e = cudaMemcpy(y, dy, n_rows * sizeof(float), cudaMemcpyDeviceToHost))) goto out;
     rc = 0;
 out:
-    if (rc) fail(err, errlen, "matvec: %s", cudaGetErrorString(e));
+    if (rc) ds4_errf(err, errlen, "matvec: %s", cudaGetErrorString(e));
     cudaFree(dw); cudaFree(dx); cudaFree(dy);
     return rc;
 }
 
 extern "C" int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen) {
-    if (n < 64 || n > 1024 || n % 64 || (fp4 && (n & (n - 1)))) return fail(err, errlen, "qat: bad n %d", n);
+    if (n < 64 || n > 1024 || n % 64 || (fp4 && (n & (n - 1)))) return ds4_errf(err, errlen, "qat: bad n %d", n);
     float *d = NULL;
     CK(cudaMalloc((void **)&d, n * sizeof(float)));
     cudaError_t e = cudaMemcpy(d, x, n * sizeof(float), cudaMemcpyHostToDevice);
     if (!e) { k_test_qat<<<1, nthreads(n), n * sizeof(float)>>>(d, n, fp4); e = cudaGetLastError(); }
     if (!e) e = cudaMemcpy(x, d, n * sizeof(float), cudaMemcpyDeviceToHost);
     cudaFree(d);
-    return e ? fail(err, errlen, "qat: %s", cudaGetErrorString(e)) : 0;
+    return e ? ds4_errf(err, errlen, "qat: %s", cudaGetErrorString(e)) : 0;
 }
 
 extern "C" int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int32_t *out, char *err, size_t errlen) {
-    if (k < 1 || k > n) return fail(err, errlen, "topk: bad k %lld of %lld", (long long)k, (long long)n);
+    if (k < 1 || k > n) return ds4_errf(err, errlen, "topk: bad k %lld of %lld", (long long)k, (long long)n);
     float *ds = NULL;
     int32_t *dout = NULL;
     cudaError_t e;
@@ -983,12 +974,12 @@ extern "C" int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int3
         if (!(e = cudaGetLastError())) e = cudaMemcpy(out, dout, k * sizeof(int32_t), cudaMemcpyDeviceToHost);
     }
     cudaFree(ds); cudaFree(dout);
-    return e ? fail(err, errlen, "topk: %s", cudaGetErrorString(e)) : 0;
+    return e ? ds4_errf(err, errlen, "topk: %s", cudaGetErrorString(e)) : 0;
 }
 
 extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, const float *base, int hc, int iters,
                                        float eps, float *pre, float *post, float *comb, char *err, size_t errlen) {
-    if (hc < 1 || hc > MAX_HC) return fail(err, errlen, "hc: bad count %d", hc);
+    if (hc < 1 || hc > MAX_HC) return ds4_errf(err, errlen, "hc: bad count %d", hc);
     int mw = (2 + hc) * hc;
     float *d = NULL;
     CK(cudaMalloc((void **)&d, (3 * mw + 3) * sizeof(float)));
@@ -1007,5 +998,5 @@ extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, con
         }
     }
     cudaFree(d);
-    return e ? fail(err, errlen, "hc: %s", cudaGetErrorString(e)) : 0;
+    return e ? ds4_errf(err, errlen, "hc: %s", cudaGetErrorString(e)) : 0;
 }

@@ -43,33 +43,23 @@ void ds4_kv_host_free(ds4_kv_host *h) {
     memset(h, 0, sizeof *h);
 }
 
-int ds4_engine_fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 ds4_engine *ds4_engine_open(const ds4_engine_params *p, char *err, size_t errlen) {
-    if (!p || !p->model_path) { ds4_engine_fail(err, errlen, "no model path"); return NULL; }
+    if (!p || !p->model_path) { ds4_errf(err, errlen, "no model path"); return NULL; }
     ds4_engine *e = calloc(1, sizeof *e);
-    if (!e) { ds4_engine_fail(err, errlen, "out of memory"); return NULL; }
+    if (!e) { ds4_errf(err, errlen, "out of memory"); return NULL; }
     e->verbose = p->verbose;
     if (ds4_model_load(&e->model, p->model_path, err, errlen)) { free(e); return NULL; }
     e->model_loaded = true;
     if (p->mtp_path && ds4_model_load_mtp(&e->model, p->mtp_path, err, errlen)) goto fail;
     if (!(e->tok = ds4_tokenizer_from_gguf(e->model.gguf, err, errlen))) goto fail;
     if (ds4_tokenizer_n_vocab(e->tok) != e->model.hp.n_vocab) {
-        ds4_engine_fail(err, errlen, "%s: tokenizer has %u tokens, model vocab_size is %u", p->model_path,
+        ds4_errf(err, errlen, "%s: tokenizer has %u tokens, model vocab_size is %u", p->model_path,
                         ds4_tokenizer_n_vocab(e->tok), e->model.hp.n_vocab);
         goto fail;
     }
     e->ops = ds4_backend_find(p->backend);
     if (!e->ops) {
-        ds4_engine_fail(err, errlen, p->backend == DS4_BACKEND_CUDA
+        ds4_errf(err, errlen, p->backend == DS4_BACKEND_CUDA
                                          ? "CUDA backend not available (not built in, or no GPU found)"
                                          : "no usable backend");
         goto fail;

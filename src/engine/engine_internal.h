@@ -4,6 +4,7 @@
 #include "ds4.h"
 #include "engine/backend.h"
 #include "model/model.h"
+#include "util/errf.h"
 
 struct ds4_engine {
     ds4_model model;
@@ -24,7 +25,6 @@ struct ds4_session {
     bool has_logits;
 };
 
-int ds4_engine_fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 const ds4_model *ds4_engine_model(const ds4_engine *e);
 
 #endif

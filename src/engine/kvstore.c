@@ -24,6 +24,7 @@
 
 #include "ds4.h"
 #include "engine/kvstore.h"
+#include "util/errf.h"
 
 typedef struct {
     uint8_t key[32], tok[32];
@@ -55,17 +56,6 @@ static void logf_(ds4_kvstore *st, const char *fmt, ...) {
     fputc('\n', st->log);
     fflush(st->log);
     va_end(ap);
-}
-
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
 }
 
 static void sha256(const void *p, size_t n, uint8_t out[32]) {
@@ -325,15 +315,15 @@ static void trim(ds4_kvstore *st) {
 }
 
 ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t errlen) {
-    if (!p->dir || !*p->dir || !p->model_id) { fail(err, errlen, "kv-cache: no directory or model id"); return NULL; }
+    if (!p->dir || !*p->dir || !p->model_id) { ds4_errf(err, errlen, "kv-cache: no directory or model id"); return NULL; }
     if (mkdir(p->dir, 0755) && errno != EEXIST) {
-        fail(err, errlen, "kv-cache: cannot create %s: %s", p->dir, strerror(errno));
+        ds4_errf(err, errlen, "kv-cache: cannot create %s: %s", p->dir, strerror(errno));
         return NULL;
     }
     ds4_kvstore *st = calloc(1, sizeof *st);
     if (!st || !(st->dir = strdup(p->dir))) {
         free(st);
-        fail(err, errlen, "kv-cache: out of memory");
+        ds4_errf(err, errlen, "kv-cache: out of memory");
         return NULL;
     }
     pthread_mutex_init(&st->mu, NULL);
@@ -343,7 +333,7 @@ ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t err
     st->dir_fd = open(p->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *d = st->dir_fd >= 0 ? fdopendir(dup(st->dir_fd)) : NULL;
     if (!d) {
-        fail(err, errlen, "kv-cache: cannot open directory %s: %s", p->dir, strerror(errno));
+        ds4_errf(err, errlen, "kv-cache: cannot open directory %s: %s", p->dir, strerror(errno));
         ds4_kvstore_close(st);
         return NULL;
     }
@@ -408,7 +398,7 @@ static int write_checkpoint(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const 
     entry_name(e->key, name);
     snprintf(tmp, sizeof tmp, ".%.64s.%ld.%u.tmp", name, (long)getpid(), st->seq++);
     int fd = openat(st->dir_fd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) return fail(err, errlen, "kv-cache: cannot create %s/%s: %s", st->dir, tmp, strerror(errno));
+    if (fd < 0) return ds4_errf(err, errlen, "kv-cache: cannot create %s/%s: %s", st->dir, tmp, strerror(errno));
 
     uint8_t h[KV_HEADER_BYTES] = {0};
     memcpy(h, KV_MAGIC, 8);
@@ -446,7 +436,7 @@ static int write_checkpoint(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const 
     if (!ok || renameat(st->dir_fd, tmp, st->dir_fd, name)) {
         if (ok) saved_errno = errno;
         unlinkat(st->dir_fd, tmp, 0);
-        return fail(err, errlen, "kv-cache: writing %s/%s failed: %s", st->dir, name, strerror(saved_errno));
+        return ds4_errf(err, errlen, "kv-cache: writing %s/%s failed: %s", st->dir, name, strerror(saved_errno));
     }
     fsync(st->dir_fd);      /* the rename itself */
     return 0;
@@ -455,11 +445,11 @@ static int write_checkpoint(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const 
 int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, size_t errlen) {
     if (!cp->ids || cp->n_ids == 0 || (cp->text_len && !cp->text) || (cp->session_len && !cp->session) ||
         (cp->extra_len && !cp->extra))
-        return fail(err, errlen, "kv-cache: checkpoint without tokens");
+        return ds4_errf(err, errlen, "kv-cache: checkpoint without tokens");
     kv_entry e = {.text_len = cp->text_len, .n_ids = cp->n_ids, .session_len = cp->session_len,
                   .extra_len = cp->extra_len};
     e.file_bytes = file_size(e.text_len, e.n_ids, e.session_len, e.extra_len);
-    if (!e.file_bytes) return fail(err, errlen, "kv-cache: checkpoint lengths overflow");
+    if (!e.file_bytes) return ds4_errf(err, errlen, "kv-cache: checkpoint lengths overflow");
     sha256(cp->text_len ? cp->text : "", cp->text_len, e.key);
     ids_hash(cp->ids, cp->n_ids, e.tok);
     e.created = e.last_hit = now_s();
@@ -476,13 +466,13 @@ int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, si
     uint8_t (*keys)[32] = malloc((st->n + 1) * sizeof *keys);
     size_t n_victims = 0;
     if (!victim || !keys) {
-        rc = fail(err, errlen, "kv-cache: out of memory");
+        rc = ds4_errf(err, errlen, "kv-cache: out of memory");
     } else if (e.file_bytes > st->space) {
-        fail(err, errlen, "kv-cache: checkpoint of %llu bytes exceeds the %llu-byte budget",
+        ds4_errf(err, errlen, "kv-cache: checkpoint of %llu bytes exceeds the %llu-byte budget",
              (unsigned long long)e.file_bytes, (unsigned long long)st->space);
         rc = 1;
     } else if (!plan_eviction(st, e.file_bytes, ds4_kv_value(e.n_ids, e.hits, 0), old, victim)) {
-        fail(err, errlen, "kv-cache: no room: every kept checkpoint is worth more than this one (%zu tokens)",
+        ds4_errf(err, errlen, "kv-cache: no room: every kept checkpoint is worth more than this one (%zu tokens)",
              cp->n_ids);
         rc = 1;
     } else {
@@ -497,7 +487,7 @@ int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, si
                 kv_entry *v = find_key(st, keys[k]);
                 if (v) remove_entry(st, v);
             }
-            if (index_add(st, &e)) rc = fail(err, errlen, "kv-cache: out of memory");
+            if (index_add(st, &e)) rc = ds4_errf(err, errlen, "kv-cache: out of memory");
         }
     }
     free(victim);
@@ -771,7 +761,7 @@ int ds4_kv_model_id(ds4_engine *e, char out[65], char *err, size_t errlen) {
     size_t n = 0;
     int rc = ds4_session_save(s, &buf, &n);
     ds4_session_free(s);
-    if (rc) return fail(err, errlen, "kv-cache: cannot snapshot an empty session");
+    if (rc) return ds4_errf(err, errlen, "kv-cache: cannot snapshot an empty session");
     uint8_t d[32];
     sha256(buf, n, d);
     free(buf);

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "ds4.h"
+#include "util/errf.h"
 
 static size_t common_prefix(const int32_t *a, size_t na, const int32_t *b, size_t nb) {
     size_t n = 0, m = na < nb ? na : nb;
@@ -101,21 +102,12 @@ static void plog(ds4_pool *p, const char *fmt, ...) {
     va_end(ap);
 }
 
-static int pfail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int pfail(char *err, size_t errlen, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && errlen) vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
 ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *prm, char *err, size_t errlen) {
-    if (prm->n_slots < 1) { pfail(err, errlen, "pool: need at least one session"); return NULL; }
+    if (prm->n_slots < 1) { ds4_errf(err, errlen, "pool: need at least one session"); return NULL; }
     ds4_pool *p = calloc(1, sizeof *p);
     if (!p || !(p->slots = calloc((size_t)prm->n_slots, sizeof *p->slots))) {
         free(p);
-        pfail(err, errlen, "pool: out of memory");
+        ds4_errf(err, errlen, "pool: out of memory");
         return NULL;
     }
     p->e = e;
@@ -144,13 +136,13 @@ static int save_session(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     size_t n = ds4_session_len(s), tl = 0;
     const int32_t *ids = ds4_session_tokens(s);
     char *text = ds4_kv_text(p->tok, ids, n, &tl);
-    if (!text) return pfail(err, errlen, "pool: out of memory");
+    if (!text) return ds4_errf(err, errlen, "pool: out of memory");
     if (ds4_kvstore_contains(p->p.store, text, tl)) { free(text); return 0; }
     uint8_t *blob = NULL, *extra = NULL;
     size_t blen = 0, elen = 0;
     int rc;
     if (ds4_session_save(s, &blob, &blen)) {
-        rc = pfail(err, errlen, "pool: cannot snapshot a %zu-token session", n);
+        rc = ds4_errf(err, errlen, "pool: cannot snapshot a %zu-token session", n);
     } else {
         if (p->p.extra_fn && p->p.extra_fn(p->p.ud, text, tl, ids, n, &extra, &elen)) { free(extra); extra = NULL; elen = 0; }
         ds4_kv_checkpoint cp = {.text = text, .text_len = tl, .ids = ids, .n_ids = n, .session = blob,
@@ -166,7 +158,7 @@ static int save_session(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
 }
 
 int ds4_pool_checkpoint(ds4_pool *p, int i, char *err, size_t errlen) {
-    if (i < 0 || i >= p->p.n_slots) return pfail(err, errlen, "pool: no slot %d", i);
+    if (i < 0 || i >= p->p.n_slots) return ds4_errf(err, errlen, "pool: no slot %d", i);
     slot *sl = &p->slots[i];
     size_t n = ds4_session_len(sl->s);
     if (!p->p.store || n < p->p.align || n == sl->saved) return 0;
@@ -214,7 +206,7 @@ int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_leas
     memset(out, 0, sizeof *out);
     int ns = p->p.n_slots;
     ds4_pool_slot_info *info = calloc((size_t)ns, sizeof *info);
-    if (!info) return pfail(err, errlen, "pool: out of memory");
+    if (!info) return ds4_errf(err, errlen, "pool: out of memory");
     double now = mono_s();
     for (int i = 0; i < ns; i++) {
         slot *sl = &p->slots[i];

@@ -40,17 +40,17 @@
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen) {
     const ds4_hparams *hp = &e->model.hp;
     if (ctx == 0 || ctx > hp->ctx_max) {
-        ds4_engine_fail(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max);
+        ds4_errf(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max);
         return NULL;
     }
     ds4_session *s = calloc(1, sizeof *s);
-    if (!s) { ds4_engine_fail(err, errlen, "out of memory"); return NULL; }
+    if (!s) { ds4_errf(err, errlen, "out of memory"); return NULL; }
     s->e = e;
     s->ctx = ctx;
     s->ids = malloc((size_t)ctx * sizeof *s->ids);
     s->logits = malloc((size_t)hp->n_vocab * sizeof *s->logits);
     if (!s->ids || !s->logits) {
-        ds4_engine_fail(err, errlen, "out of memory for a %u-token session", ctx);
+        ds4_errf(err, errlen, "out of memory for a %u-token session", ctx);
         ds4_session_free(s);
         return NULL;
     }
@@ -97,7 +97,7 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
     ds4_engine *e = s->e;
     uint32_t V = e->model.hp.n_vocab;
     if (n == 0) return 0;
-    if (n > s->ctx - s->n) return ds4_engine_fail(err, errlen, "context full: %zu + %zu tokens > %u", s->n, n, s->ctx);
+    if (n > s->ctx - s->n) return ds4_errf(err, errlen, "context full: %zu + %zu tokens > %u", s->n, n, s->ctx);
     double t0 = now_s();
     size_t done = 0;
     while (done < n) {
@@ -110,7 +110,7 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
         if (all_logits) memcpy(s->logits, all_logits + (done - 1) * V, (size_t)V * sizeof(float));
         s->has_logits = true;
         if (progress && !progress(ud, done, n) && done < n) {
-            ds4_engine_fail(err, errlen, "cancelled after %zu of %zu tokens", done, n);
+            ds4_errf(err, errlen, "cancelled after %zu of %zu tokens", done, n);
             return 1;
         }
     }
@@ -125,7 +125,7 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
 
 int ds4_session_truncate(ds4_session *s, size_t n, char *err, size_t errlen) {
     ds4_engine *e = s->e;
-    if (n > s->n) return ds4_engine_fail(err, errlen, "cannot truncate %zu tokens to %zu", s->n, n);
+    if (n > s->n) return ds4_errf(err, errlen, "cannot truncate %zu tokens to %zu", s->n, n);
     if (n == s->n) return 0;
     if (n == 0) {
         if (e->ops->truncate(e->be, s->st, 0, err, errlen)) return -1;
@@ -247,58 +247,58 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
     uint32_t ver = 0, dims[5], n, has_logits;
     uint64_t fp, sum;
     if (len < 8 + 8 || !get(&r, magic, 8) || memcmp(magic, SNAP_MAGIC, 8))
-        return ds4_engine_fail(err, errlen, "not a ds4 session snapshot (bad magic)");
+        return ds4_errf(err, errlen, "not a ds4 session snapshot (bad magic)");
     memcpy(&sum, buf + len - 8, 8);
     if (fnv(FNV0, buf, len - 8) != sum)
-        return ds4_engine_fail(err, errlen, "snapshot is corrupt or truncated (checksum mismatch, %zu bytes)", len);
+        return ds4_errf(err, errlen, "snapshot is corrupt or truncated (checksum mismatch, %zu bytes)", len);
     r.n = len - 8;
     if (!get(&r, &ver, 4) || ver != SNAP_VERSION)
-        return ds4_engine_fail(err, errlen, "snapshot version %u not supported (expected %u)", ver, SNAP_VERSION);
+        return ds4_errf(err, errlen, "snapshot version %u not supported (expected %u)", ver, SNAP_VERSION);
     if (!get(&r, &fp, 8) || !get(&r, dims, sizeof dims) || !get(&r, &n, 4) || !get(&r, &has_logits, 4))
-        return ds4_engine_fail(err, errlen, "snapshot header truncated");
+        return ds4_errf(err, errlen, "snapshot header truncated");
     if (fp != fingerprint(&e->model))
-        return ds4_engine_fail(err, errlen,
+        return ds4_errf(err, errlen,
                                "snapshot is from another model (layers %u, head_dim %u, vocab %u; this model: %u, %u, %u)",
                                dims[0], dims[1], dims[3], hp->n_layer, hp->head_dim, hp->n_vocab);
-    if (n > s->ctx) return ds4_engine_fail(err, errlen, "snapshot holds %u tokens, session context is %u", n, s->ctx);
+    if (n > s->ctx) return ds4_errf(err, errlen, "snapshot holds %u tokens, session context is %u", n, s->ctx);
     if (has_logits > 1 || (n > 0) != (has_logits == 1))
-        return ds4_engine_fail(err, errlen, "snapshot header inconsistent (logits flag)");
+        return ds4_errf(err, errlen, "snapshot header inconsistent (logits flag)");
     int32_t *ids = NULL;
     float *logits = NULL;
     ds4_kv_host h = {0};
     int rc = -1;
     if ((size_t)n > (r.n - r.off) / 4 || !(ids = malloc((size_t)n * 4 + 4)) || !get(&r, ids, (size_t)n * 4)) {
-        ds4_engine_fail(err, errlen, "snapshot truncated in token ids");
+        ds4_errf(err, errlen, "snapshot truncated in token ids");
         goto out;
     }
     for (uint32_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= hp->n_vocab) {
-            ds4_engine_fail(err, errlen, "snapshot token %u has id %d outside the vocabulary", i, ids[i]);
+            ds4_errf(err, errlen, "snapshot token %u has id %d outside the vocabulary", i, ids[i]);
             goto out;
         }
     if (has_logits && !get_rows(&r, 1, hp->n_vocab, &logits)) {
-        ds4_engine_fail(err, errlen, "snapshot truncated in logits");
+        ds4_errf(err, errlen, "snapshot truncated in logits");
         goto out;
     }
     h.n_tokens = n;
     h.n_layer = hp->n_layer;
-    if (!(h.layers = calloc(hp->n_layer, sizeof *h.layers))) { ds4_engine_fail(err, errlen, "out of memory"); goto out; }
+    if (!(h.layers = calloc(hp->n_layer, sizeof *h.layers))) { ds4_errf(err, errlen, "out of memory"); goto out; }
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         ds4_kv_layer_host *o = &h.layers[l];
         size_t W = ds4_comp_lanes(hp->compress_ratio[l]) * (size_t)hp->head_dim, Wi = 2 * (size_t)hp->idx_head_dim;
         uint32_t c[8];
-        if (!get(&r, c, sizeof c)) { ds4_engine_fail(err, errlen, "snapshot truncated at layer %u", l); goto out; }
+        if (!get(&r, c, sizeof c)) { ds4_errf(err, errlen, "snapshot truncated at layer %u", l); goto out; }
         o->lo_raw = c[0]; o->n_raw = c[1]; o->n_comp = c[2]; o->lo_comp = c[3];
         o->n_cpend = c[4]; o->n_idx = c[5]; o->lo_idx = c[6]; o->n_ipend = c[7];
         if (!get_rows(&r, o->n_raw, hp->head_dim, &o->raw) || !get_rows(&r, o->n_comp, hp->head_dim, &o->comp) ||
             !get_rows(&r, o->n_cpend, W, &o->ckv) || !get_rows(&r, o->n_cpend, W, &o->cgate) ||
             !get_rows(&r, o->n_idx, hp->idx_head_dim, &o->idx) || !get_rows(&r, o->n_ipend, Wi, &o->ikv) ||
             !get_rows(&r, o->n_ipend, Wi, &o->igate)) {
-            ds4_engine_fail(err, errlen, "snapshot truncated or inconsistent at layer %u", l);
+            ds4_errf(err, errlen, "snapshot truncated or inconsistent at layer %u", l);
             goto out;
         }
     }
-    if (r.off != r.n) { ds4_engine_fail(err, errlen, "snapshot has %zu trailing bytes", r.n - r.off); goto out; }
+    if (r.off != r.n) { ds4_errf(err, errlen, "snapshot has %zu trailing bytes", r.n - r.off); goto out; }
     if (e->ops->import_state(e->be, s->st, &h, err, errlen)) goto out;
     memcpy(s->ids, ids, (size_t)n * 4);
     s->n = n;

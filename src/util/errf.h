@@ -6,6 +6,12 @@
 #define DS4_UTIL_ERRF_H
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
 int ds4_errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+#ifdef __cplusplus
+}
+#endif
 
 #endif
