@@ -148,6 +148,11 @@ check "body over --max-body -> 413" [ "$(code "$URL/v1/chat/completions" --data-
 python3 -c 'print("{\"messages\":" + "["*5000 + "]"*5000 + "}")' > "$TMP/deep"
 check "deep JSON -> 400" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/deep")" = 400 ]
 check "unknown endpoint -> 404" [ "$(code "$URL/v1/nothing" -d '{}')" = 404 ]
+printf '%s' '{"max_tokens":1,"messages":[{"role":"user","content":"a\u0000b"}]}' > "$TMP/nul"
+check "NUL in a string -> 400, not silently cut" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/nul")" = 400 ]
+check "NUL error names the cause" grep -q 'NUL' "$TMP/body"
+printf '%s' '{"max_tokens":1,"messages":[{"role":"user","content":"a\\u0000b"}]}' > "$TMP/bsl"
+check "an escaped backslash before u0000 is plain text -> 200" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/bsl")" = 200 ]
 check "wrong method -> 405" [ "$(code -X PUT "$URL/v1/chat/completions" -d '{}')" = 405 ]
 check "bad field -> 400" [ "$(code "$URL/v1/chat/completions" -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}')" = 400 ]
 python3 -c 'print("x" * 100000)' > "$TMP/hdr"

@@ -203,6 +203,19 @@ typedef struct {
     bool too_big;
 } req_ctx;
 
+/* A JSON string escape \u0000: cJSON keeps strings NUL-terminated, so such a
+ * string would silently lose everything after the NUL. Refused instead. An
+ * escape is real when an odd number of backslashes precedes the 'u'. */
+static bool json_has_nul_escape(const char *s, size_t n) {
+    for (size_t i = 0; i + 6 <= n; i++) {
+        if (s[i] != '\\' || memcmp(s + i + 1, "u0000", 5)) continue;
+        size_t k = 0;
+        while (k < i && s[i - 1 - k] == '\\') k++;
+        if (k % 2 == 0) return true;   /* s[i] itself starts the escape */
+    }
+    return false;
+}
+
 static bool json_too_deep(const char *s, size_t n) {
     int depth = 0;
     bool in_str = false;
@@ -266,6 +279,9 @@ static enum MHD_Result route(srv *S, struct MHD_Connection *conn, const char *me
     }
     if (json_too_deep(rc->body ? rc->body : "", rc->len))
         return send_error(conn, pk, MHD_HTTP_BAD_REQUEST, "invalid_request_error", "invalid_json", "JSON nested too deeply");
+    if (json_has_nul_escape(rc->body ? rc->body : "", rc->len))
+        return send_error(conn, pk, MHD_HTTP_BAD_REQUEST, "invalid_request_error", "invalid_json",
+                          "strings containing NUL (\\u0000) are not supported");
     cJSON *root = cJSON_ParseWithLength(rc->body ? rc->body : "", rc->len);
     if (!root || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
