@@ -51,9 +51,13 @@ static void logf_(ds4_kvstore *st, const char *fmt, ...) __attribute__((format(p
 static void logf_(ds4_kvstore *st, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    /* One line even when other threads write to the same trace file:
+     * the FILE lock spans the three calls. */
+    flockfile(st->log);
     fputs("ds4: kv-cache: ", st->log);
     vfprintf(st->log, fmt, ap);
     fputc('\n', st->log);
+    funlockfile(st->log);
     fflush(st->log);
     va_end(ap);
 }

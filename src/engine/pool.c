@@ -95,9 +95,13 @@ static void plog(ds4_pool *p, const char *fmt, ...) {
     if (!p->p.log) return;
     va_list ap;
     va_start(ap, fmt);
+    /* One line even when other threads write to the same trace file:
+     * the FILE lock spans the three calls. */
+    flockfile(p->p.log);
     fputs("pool: ", p->p.log);
     vfprintf(p->p.log, fmt, ap);
     fputc('\n', p->p.log);
+    funlockfile(p->p.log);
     fflush(p->p.log);
     va_end(ap);
 }
