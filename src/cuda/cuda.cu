@@ -754,27 +754,14 @@ static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *lo
     return 0;
 }
 
-/* ---- truncate / export / import (rules of src/cpu/forward.c) -------------------------- */
+/* ---- truncate / export / import (rules of src/engine/backend.h) -------------------------- */
 
 static const char *layer_missing(const ds4_hparams *hp, const gpu_layer *ls, uint32_t n) {
-    uint32_t need = n > hp->window - 1 ? n - (hp->window - 1) : 0;
-    if (need < n && need < ls->lo_raw) return "raw window rows";
-    if (ls->ratio) {
-        uint32_t R = (uint32_t)ls->ratio, bs = n / R * R;
-        uint32_t from = ls->lanes == 2 && bs >= R ? bs - R : bs;
-        if (from < n && from < ls->lo_c) return "attention compressor frontier";
-        if (ls->ratio == 4 && from < n && from < ls->lo_i) return "indexer compressor frontier";
-    }
-    return NULL;
+    return ds4_kv_missing(hp, ls->ratio, ls->lanes, ls->lo_raw, ls->lo_c, ls->lo_i, n);
 }
 
 static void layer_truncate(gpu_layer *ls, uint32_t n) {
-    if (n == 0) ls->lo_raw = ls->lo_c = ls->lo_i = 0;
-    if (ls->lo_raw > n) ls->lo_raw = n;
-    if (ls->lo_c > n) ls->lo_c = n;
-    if (ls->lo_i > n) ls->lo_i = n;
-    if (ls->ratio) ls->n_comp = n / (uint32_t)ls->ratio;
-    if (ls->ratio == 4) ls->n_idx = n / 4;
+    ds4_kv_truncate_counts(ls->ratio, n, &ls->lo_raw, &ls->lo_c, &ls->lo_i, &ls->n_comp, &ls->n_idx);
 }
 
 static int cuda_truncate(void *b, void *stp, uint32_t n, char *err, size_t errlen) {

@@ -52,6 +52,36 @@ static inline uint32_t ds4_kv_keep_comp(const ds4_hparams *hp, int ratio) {
     return ds4_comp_lanes(ratio) * (uint32_t)ratio + ds4_kv_slack(hp);
 }
 
+/* What continuing at position n needs of one layer: raw rows from
+ * max(0, n−window+1), compressor inputs from the current block's start (and
+ * the previous block's with two lanes). lo_* are the first positions a
+ * backend still holds. Returns a description of what is missing, or NULL.
+ * Every backend's truncate and import ask this one rule. */
+static inline const char *ds4_kv_missing(const ds4_hparams *hp, int ratio, int lanes, uint32_t lo_raw,
+                                         uint32_t lo_c, uint32_t lo_i, uint32_t n) {
+    uint32_t need = n > hp->window - 1 ? n - (hp->window - 1) : 0;
+    if (need < n && need < lo_raw) return "raw window rows";
+    if (ratio) {
+        uint32_t R = (uint32_t)ratio, bs = n / R * R;
+        uint32_t from = lanes == 2 && bs >= R ? bs - R : bs;
+        if (from < n && from < lo_c) return "attention compressor frontier";
+        if (ratio == 4 && from < n && from < lo_i) return "indexer compressor frontier";
+    }
+    return NULL;
+}
+
+/* The bookkeeping of truncating one layer to n positions: rows past n stop
+ * counting; the data itself stays where it is. */
+static inline void ds4_kv_truncate_counts(int ratio, uint32_t n, uint32_t *lo_raw, uint32_t *lo_c, uint32_t *lo_i,
+                                          uint32_t *n_comp, uint32_t *n_idx) {
+    if (n == 0) *lo_raw = *lo_c = *lo_i = 0;
+    if (*lo_raw > n) *lo_raw = n;
+    if (*lo_c > n) *lo_c = n;
+    if (*lo_i > n) *lo_i = n;
+    if (ratio) *n_comp = n / (uint32_t)ratio;
+    if (ratio == 4) *n_idx = n / 4;
+}
+
 typedef struct {
     uint32_t lo_raw, n_raw;     /* raw rows of positions lo_raw … lo_raw+n_raw−1 (= n−1) */
     float *raw;                 /* n_raw × head_dim */
