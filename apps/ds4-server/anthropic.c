@@ -340,15 +340,9 @@ enum MHD_Result anthropic_messages(srv *S, struct MHD_Connection *conn, cJSON *r
     j->ops = &an_ops;
     j->proto = st;
     j->proto_free = an_free;
-    bool queued;
-    ret = run_job(S, conn, j, PROTO_ANTHROPIC, &queued);
-    if (!queued || j->out) { job_unref(j); return ret; }
-    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return send_cancelled(conn, PROTO_ANTHROPIC); }
-    if (j->rc != 0) {
-        ret = send_error(conn, PROTO_ANTHROPIC, 500, "api_error", NULL, j->err);
-        job_unref(j);
-        return ret;
-    }
+    bool ready;
+    ret = run_job(S, conn, j, PROTO_ANTHROPIC, &ready);
+    if (!ready) return ret;
     gen_output o;
     gen_output_parse(j, &o);
     cJSON *r = typed("message");

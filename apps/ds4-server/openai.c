@@ -156,15 +156,9 @@ static enum MHD_Result oa_run(srv *S, struct MHD_Connection *conn, chat_req *c, 
             sse_json(j->out, NULL, chunk(st, d, NULL));
         }
     }
-    bool queued;
-    enum MHD_Result ret = run_job(S, conn, j, PROTO_OPENAI, &queued);
-    if (!queued || j->out) { job_unref(j); return ret; }
-    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return send_cancelled(conn, PROTO_OPENAI); }
-    if (j->rc != 0) {
-        ret = send_error(conn, PROTO_OPENAI, 500, "server_error", NULL, j->err);
-        job_unref(j);
-        return ret;
-    }
+    bool ready;
+    enum MHD_Result ret = run_job(S, conn, j, PROTO_OPENAI, &ready);
+    if (!ready) return ret;
     gen_output o;
     gen_output_parse(j, &o);
     cJSON *root = cJSON_CreateObject();

@@ -340,16 +340,27 @@ job *chat_job(srv *S, chat_req *c, ds4_tokens *prompt, struct MHD_Connection *co
     return j;
 }
 
-enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind pk, bool *queued) {
-    *queued = false;
+enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind pk, bool *ready) {
+    *ready = false;
     int rc = job_submit(j);
     if (rc != 0) {
+        job_unref(j);
         return send_error(conn, pk, MHD_HTTP_SERVICE_UNAVAILABLE, pk == PROTO_ANTHROPIC ? "overloaded_error" : "server_error",
                           "server_busy", rc == -2 ? "server shutting down" : "server busy: request queue full, retry later");
     }
-    *queued = true;
-    if (j->out) return send_sse(conn, j->out);
+    if (j->out) {
+        enum MHD_Result ret = send_sse(conn, j->out);
+        job_unref(j);
+        return ret;
+    }
     job_wait(j);
+    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return send_cancelled(conn, pk); }
+    if (j->rc != 0) {
+        enum MHD_Result ret = send_error(conn, pk, 500, pk == PROTO_ANTHROPIC ? "api_error" : "server_error", NULL, j->err);
+        job_unref(j);
+        return ret;
+    }
+    *ready = true;
     return MHD_YES;
 }
 

@@ -489,15 +489,9 @@ enum MHD_Result responses_create(srv *S, struct MHD_Connection *conn, cJSON *roo
         cJSON_AddItemToObject(e, "response", response_obj(st, "in_progress", NULL, NULL));
         emit(j, "response.in_progress", e);
     }
-    bool queued;
-    ret = run_job(S, conn, j, PROTO_OPENAI, &queued);
-    if (!queued || j->out) { job_unref(j); return ret; }
-    if (j->res.finish == DS4_FINISH_CANCELLED) { job_unref(j); return send_cancelled(conn, PROTO_OPENAI); }
-    if (j->rc != 0) {
-        ret = send_error(conn, PROTO_OPENAI, 500, "server_error", NULL, j->err);
-        job_unref(j);
-        return ret;
-    }
+    bool ready;
+    ret = run_job(S, conn, j, PROTO_OPENAI, &ready);
+    if (!ready) return ret;
     gen_output o;
     gen_output_parse(j, &o);
     cJSON *r = response_obj(st, final_status(j), final_output(st, &o), j);

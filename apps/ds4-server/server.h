@@ -196,9 +196,11 @@ int force_tool_call(srv *S, chat_req *c, const char *name, char *msg, size_t msg
 int chat_tokenize(srv *S, chat_req *c, ds4_tokens *out, char *msg, size_t msglen);
 /* Build a job from a tokenized request; the tokens move into it. */
 job *chat_job(srv *S, chat_req *c, ds4_tokens *prompt, struct MHD_Connection *conn);
-/* Queue and, for a non-streaming job, wait for it. On a full queue sends the
- * error response itself; returns MHD_NO only on a dead connection. */
-enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind pk, bool *queued);
+/* Queue the job. A streaming job, a full queue, a cancelled or failed job:
+ * the response is sent here, the job released, *ready stays false and the
+ * result is returned. Otherwise (a finished non-streaming job) *ready is true
+ * and the caller renders j's result and releases j. */
+enum MHD_Result run_job(srv *S, struct MHD_Connection *conn, job *j, proto_kind pk, bool *ready);
 /* The answer to a cancelled non-streaming job: the server is shutting down
  * (the client reads it) or the client left (nobody does). */
 enum MHD_Result send_cancelled(struct MHD_Connection *conn, proto_kind pk);
