@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdarg.h>
+#include <stdbool.h>
+#include <unistd.h>
 #include <string.h>
 
 static int test_passed_, test_failed_, test_cur_failed_;
@@ -47,5 +49,28 @@ static inline void test_note_(const char *fmt, ...) {
 static inline const char *test_env(const char *name, const char *dflt) {
     const char *v = getenv(name);
     return v && *v ? v : dflt;
+}
+
+/* The tiny model (with its -mtp.gguf) an engine test runs on: $DS4_TINY as
+ * tests/run.sh writes it, else generated into /tmp for this process, in which
+ * case *generated is set and the caller deletes it. 0, or -1 with a message. */
+static inline int test_tiny_model(char *path, size_t cap, bool *generated) {
+    const char *env = getenv("DS4_TINY");
+    *generated = false;
+    if (env && !access(env, R_OK)) { snprintf(path, cap, "%s", env); return 0; }
+    snprintf(path, cap, "/tmp/ds4_test_tiny_%d.gguf", (int)getpid());
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "build/bin/ds4-synth --preset tiny --mtp --seed 1 -o %s >/dev/null 2>&1", path);
+    if (system(cmd) != 0) { fprintf(stderr, "cannot generate the tiny model (%s)\n", cmd); return -1; }
+    *generated = true;
+    return 0;
+}
+
+/* Delete a model test_tiny_model generated, with its -mtp.gguf. */
+static inline void test_tiny_remove(const char *path) {
+    char mtp[600];
+    snprintf(mtp, sizeof mtp, "%.*s-mtp.gguf", (int)(strlen(path) - 5), path);
+    unlink(path);
+    unlink(mtp);
 }
 #endif

@@ -180,21 +180,15 @@ static int32_t ids[NTOK];
 static float *ref;           /* NTOK × vocab: token-by-token decode, 2 threads */
 
 static void load_tiny(void) {
-    const char *path = getenv("DS4_TINY");
-    static char tmp[64], mtp[80];
-    if (!path || access(path, R_OK)) {
-        snprintf(tmp, sizeof tmp, "/tmp/ds4_test_forward_%d.gguf", (int)getpid());
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "build/bin/ds4-synth --preset tiny --mtp --seed 1 -o %s >/dev/null 2>&1", tmp);
-        if (system(cmd) != 0) { fprintf(stderr, "cannot generate the tiny model (%s)\n", cmd); return; }
-        path = tmp;
-    }
+    static char path[256], mtp[280];
+    bool generated;
+    if (test_tiny_model(path, sizeof path, &generated)) return;
     char err[512];
     if (ds4_model_load(&model, path, err, sizeof err)) { fprintf(stderr, "%s\n", err); return; }
     have_model = true;
     snprintf(mtp, sizeof mtp, "%.*s-mtp.gguf", (int)(strlen(path) - 5), path);
     have_mtp = !access(mtp, R_OK) && !ds4_model_load_mtp(&model, mtp, err, sizeof err);
-    if (tmp[0]) { unlink(tmp); unlink(mtp); }
+    if (generated) test_tiny_remove(path);
     uint32_t x = 12345;
     for (int i = 0; i < NTOK; i++) { x = x * 1664525u + 1013904223u; ids[i] = (int32_t)((x >> 8) % model.hp.n_vocab); }
 }

@@ -20,16 +20,7 @@ static uint32_t V;
 static float *ref;           /* N × V logits of one uninterrupted prefill */
 
 static void open_engine(void) {
-    const char *path = getenv("DS4_TINY");
-    if (!path || access(path, R_OK)) {
-        snprintf(model_path, sizeof model_path, "/tmp/ds4_test_session_%d.gguf", (int)getpid());
-        char cmd[512];
-        snprintf(cmd, sizeof cmd, "build/bin/ds4-synth --preset tiny --seed 1 -o %s >/dev/null 2>&1", model_path);
-        if (system(cmd) != 0) { fprintf(stderr, "cannot generate the tiny model\n"); return; }
-        tmp_model = true;
-    } else {
-        snprintf(model_path, sizeof model_path, "%s", path);
-    }
+    if (test_tiny_model(model_path, sizeof model_path, &tmp_model)) return;
     char err[512];
     ds4_engine_params p = {.model_path = model_path, .backend = DS4_BACKEND_CPU, .n_threads = 2};
     eng = ds4_engine_open(&p, err, sizeof err);
@@ -265,6 +256,6 @@ int main(void) {
     RUN(test_truncate);
     free(ref);
     ds4_engine_close(eng);
-    if (tmp_model) unlink(model_path);
+    if (tmp_model) test_tiny_remove(model_path);
     TEST_END();
 }
