@@ -1,17 +1,25 @@
 /* CUDA backend: weights resident on the GPU in their quantised form, the
  * session state (raw ring, compressed rows, compressor frontiers, indexer)
- * in device memory with the CPU backend's ring layout, one token per step.
+ * in device memory with the CPU backend's ring layout.
  *
  * Structure (why it is shaped this way):
  *  - Weights: the mmap'd GGUF's tensor data is one contiguous span; it is
  *    uploaded once, in bounded chunks through two pinned staging buffers
  *    (double-buffered), and a tensor's device address is its offset in that
  *    span. No full host copy, no per-tensor allocations.
- *  - Decode: every op of spec §4 is one kernel (kernels.cuh) on one stream;
- *    the token id lives in device memory and the routed experts are chosen on
- *    the device (k_router → k_matvec with eid), so a step needs no host round
- *    trip until the logits. Prefill is a loop of steps (correct by
- *    construction; batching is the next step, see tools/gpu/NOTES.md).
+ *  - One forward pass over a chunk of n tokens, layer by layer, as the CPU
+ *    reference's cpu_eval: every op of spec §4 is a kernel (kernels.cuh) that
+ *    takes the chunk's tokens along a grid dimension, on one stream.
+ *  - Decode is the chunk of one token: matrix products are bandwidth-bound
+ *    f32 matvecs on the quantised weights, the token id and position live in
+ *    device memory and the routed experts are chosen on the device, so one
+ *    captured CUDA graph replays every step with no host round trip until
+ *    the logits.
+ *  - Prefill takes chunks of up to `chunk` tokens: matrix products run on
+ *    the tensor cores (mm.cuh: f16 copies of the activations, weights
+ *    dequantised tile by tile, f32 accumulation), routed experts as one
+ *    product per expert over the tokens that chose it. Launched eagerly:
+ *    a chunk is long enough that launch gaps do not matter.
  *  - State bookkeeping (lo_raw, n_comp, lo_c, …) stays on the host and mirrors
  *    src/cpu/forward.c exactly, so export/import/truncate share its rules and
  *    a snapshot moves between backends bit for bit. */
@@ -27,11 +35,19 @@ extern "C" {
 }
 #include "cuda/cuda.h"
 #include "cuda/kernels.cuh"
+#include "cuda/mm.cuh"
 #include "util/errf.h"
 
 #define STAGE_BYTES (64u << 20)   /* upload chunk: bounds pinned host memory to 2 × 64 MiB */
-#define STEP_RING 256              /* step inputs in flight before the host waits */
 #define VRAM_MARGIN (256ull << 20) /* left free for the CUDA context, cuBLAS-free but safe */
+/* Prefill chunk: tokens taken layer by layer together. 2048 makes every
+ * expert see ~48 tokens per weight pass (256 experts, 6 per token), so the
+ * routed products are no longer bound by weight reads; ~0.8 MB of scratch a
+ * token. Halved at load until it fits beside the weights (≥ MIN_CHUNK). */
+#define MAX_CHUNK 2048
+#define MIN_CHUNK 64
+#define HEAD_ROWS 16               /* logits rows per head pass (all_logits) */
+#define ROW_BUDGET (16u << 20)     /* floats of a session's chunk score scratch (indexer, attention) */
 
 #define CK(call)                                                                                   \
     do {                                                                                           \
@@ -60,9 +76,10 @@ typedef struct {
     uint32_t ctx, n, keep_raw;
     int n_layer;
     gpu_layer *L;
-    float *att;                  /* n_head × att_len scores */
-    int64_t att_len;
-    float *isc;                  /* indexer scores, ctx/4 + 2 */
+    float *att;                  /* att_rows × n_head × att_len attention scores */
+    int64_t att_len, att_rows;
+    float *isc;                  /* isc_rows × isc_ld indexer scores (isc_ld = ctx/4 + 2) */
+    int64_t isc_ld, isc_rows;
     cudaGraphExec_t body[2];     /* one token's layers: [select] = indexer picks top-k */
 } gpu_state;
 
@@ -74,14 +91,37 @@ typedef struct {
     uint64_t span;
     cudaStream_t s;
     double *freq_plain, *freq_yarn;   /* device, rope_dim/2 each */
-    /* per-token scratch */
-    float *X, *mix, *coef, *h, *nrm, *qa, *q, *o, *low, *y, *ck, *cg, *ik, *ig, *iq, *iw, *rl, *ew, *eout, *ge,
-        *sg, *logits;
+    /* chunk scratch: `chunk` tokens of each (decode uses the first) */
+    int64_t chunk;
+    float *X, *mix, *coef, *h, *nrm, *qa, *q, *o, *low, *y, *kvc, *ck, *cg, *ik, *ig, *iq, *iw, *rl, *ew, *eout, *ge,
+        *sg, *su, *rms, *logits;
     int32_t *eid, *sel;
-    dstep *step, *hstep;         /* device step inputs; pinned host ring of STEP_RING */
+    __half *xh[2], *gh;          /* f16 activations of chunk products (prep) */
+    float *xs[2], *gs;
+    mm_route route;
+    dstep *step, *hstep;         /* device step inputs of a chunk; pinned host copy */
     bool graphs;                 /* capture decode as CUDA graphs (DS4_CUDA_GRAPHS=0: eager) */
     cudaGraphExec_t head_exec;
 } gpu_backend;
+
+/* Every forward-pass kernel is launched with programmatic stream
+ * serialisation (see pdl_wait in kernels.cuh), also inside captured graphs.
+ * DS4_CUDA_PDL=0 launches them the ordinary way (diagnostic). */
+static bool g_pdl = true;
+template <typename... P, typename... A>
+static void launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
+    cudaLaunchConfig_t c = {};
+    cudaLaunchAttribute at;
+    c.gridDim = grid;
+    c.blockDim = block;
+    c.dynamicSmemBytes = smem;
+    c.stream = s;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    c.attrs = &at;
+    c.numAttrs = g_pdl ? 1 : 0;
+    cudaLaunchKernelEx(&c, k, (P)args...);
+}
 
 /* Device address of a bound tensor (NULL when absent). */
 static const uint8_t *DW(const gpu_backend *be, const ds4_tensor *t) {
@@ -113,31 +153,39 @@ static uint32_t max_comp_width(const ds4_hparams *hp) {
     return w;
 }
 
-/* Scratch floats of one decode step (sizes as the CPU's scratch for n = 1). */
-static uint64_t scratch_floats(const ds4_model *m, uint64_t *counts) {
+/* Scratch floats of a chunk of `chunk` tokens (per token as the CPU's
+ * scratch; logits HEAD_ROWS rows), in 256-byte aligned pieces (float4 loads
+ * stay aligned), plus the f16 activation copies (bytes, counted apart). */
+static uint64_t scratch_floats(const ds4_model *m, int64_t chunk, uint64_t *counts, uint64_t *half_bytes) {
     const ds4_hparams *hp = &m->hp;
     uint64_t d = hp->n_embd, hc = hp->hc_count, hd = hp->head_dim, H = hp->n_head, ff = hp->expert_ff;
     uint64_t used = hp->n_expert_used, ihd = hp->idx_head_dim, ih = hp->idx_n_head, cw = max_comp_width(hp);
-    if (cw < hd) cw = hd;       /* ck also holds the token's K=V row */
-    uint64_t ffs = (uint64_t)m->layers[0].gate_shexp.ne[1];
+    uint64_t ffs = (uint64_t)m->layers[0].gate_shexp.ne[1], T = (uint64_t)chunk;
     uint64_t c[] = {hc * d, (2 + hc) * hc, (2 + hc) * hc, d, d, hp->q_lora, H * hd, H * hd,
-                    (uint64_t)hp->o_groups * hp->o_lora, d, cw, cw, 2 * ihd, 2 * ihd, ih * ihd, ih, hp->n_expert,
-                    used, used * d, used * ff, ffs, hp->n_vocab};
+                    (uint64_t)hp->o_groups * hp->o_lora, d, hd, cw, cw, 2 * ihd, 2 * ihd, ih * ihd, ih, hp->n_expert,
+                    used, used * d, used * ff, ffs, ffs, 1};
     uint64_t tot = 0;
     for (size_t i = 0; i < sizeof c / sizeof *c; i++) {
-        uint64_t r = (c[i] + 63) / 64 * 64;   /* 256-byte aligned pieces: float4 loads stay aligned */
+        uint64_t r = (c[i] * T + 63) / 64 * 64;
         if (counts) counts[i] = r;
         tot += r;
     }
-    return tot;
+    uint64_t lg = ((uint64_t)HEAD_ROWS * hp->n_vocab + 63) / 64 * 64;
+    if (counts) counts[sizeof c / sizeof *c] = lg;
+    /* widest activation of a chunk product: the HC state (hc·d) or o (H·hd) */
+    uint64_t kmax = hc * d > H * hd ? hc * d : H * hd;
+    if (half_bytes) *half_bytes = (2 * kmax + used * ff) * T * sizeof(__half) + (3 + used) * T * sizeof(float);
+    return tot + lg;
 }
-#define N_SCRATCH 22
+#define N_SCRATCH 25
 
 static void backend_free(gpu_backend *be) {
     if (!be) return;
     cudaFree(be->dbase);
     cudaFree(be->X);
     cudaFree(be->eid);
+    cudaFree(be->xh[0]);
+    mm_route_free(&be->route);
     cudaFree(be->freq_plain);
     cudaFree(be->step);
     if (be->hstep) cudaFreeHost(be->hstep);
@@ -222,7 +270,7 @@ static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
             uint8_t *d = (uint8_t *)DW(be, t) + x * slab;
             e = cudaMemcpyAsync(tmp, d, slab, cudaMemcpyDeviceToDevice, be->s);
             if (!e) {
-                k_repack<<<(unsigned)((nblocks + 255) / 256), 256, 0, be->s>>>(tmp, d, nblocks, bb, ho, hl);
+                launch(k_repack, (unsigned)((nblocks + 255) / 256), 256, 0, be->s, tmp, d, nblocks, bb, ho, hl);
                 e = cudaGetLastError();
             }
         }
@@ -290,8 +338,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     be->hp = hp;
     be->hbase = lo;
     be->span = (uint64_t)(hi - lo);
-    uint64_t counts[N_SCRATCH];
-    uint64_t scr = scratch_floats(m, counts) * sizeof(float);
+    uint64_t counts[N_SCRATCH], hb = 0, scr = 0;
     size_t free_b = 0, total_b = 0;
     if (cudaSetDevice(0) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
         ds4_errf(err, errlen, "cuda backend: cannot query the GPU");
@@ -299,8 +346,14 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         return NULL;
     }
     /* Refuse before uploading anything, saying how much is missing (the
-     * repack's scratch slab is freed before the first step, but must fit). */
-    uint64_t need = be->span + scr + VRAM_MARGIN + max_rp_slab(m);
+     * repack's scratch slab is freed before the first step, but must fit).
+     * The prefill chunk shrinks first: a smaller one only costs speed. */
+    uint64_t need = 0;
+    for (be->chunk = MAX_CHUNK; be->chunk >= MIN_CHUNK; be->chunk /= 2) {
+        scr = scratch_floats(m, be->chunk, counts, &hb) * sizeof(float) + hb;
+        need = be->span + scr + VRAM_MARGIN + max_rp_slab(m);
+        if (need <= free_b) break;
+    }
     if (need > free_b) {
         ds4_errf(err, errlen,
              "cuda backend: need %.1f GiB of GPU memory (weights %.1f GiB + scratch %.1f MiB + %llu MiB margin), "
@@ -317,8 +370,10 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     cpu_rope_freqs(hp, true, fy, NULL, NULL);
     if (cudaStreamCreateWithFlags(&be->s, cudaStreamNonBlocking) != cudaSuccess ||
         cudaMalloc((void **)&be->dbase, be->span) != cudaSuccess ||
-        cudaMalloc((void **)&be->X, scr) != cudaSuccess ||
-        cudaMalloc((void **)&be->eid, (size_t)(hp->n_expert_used + hp->idx_top_k) * sizeof(int32_t)) != cudaSuccess ||
+        cudaMalloc((void **)&be->X, scr - hb) != cudaSuccess ||
+        cudaMalloc((void **)&be->xh[0], hb) != cudaSuccess ||
+        cudaMalloc((void **)&be->eid, (size_t)be->chunk * (hp->n_expert_used + hp->idx_top_k) * sizeof(int32_t)) != cudaSuccess ||
+        mm_route_alloc(&be->route, be->chunk, (int)hp->n_expert_used, (int)hp->n_expert) != cudaSuccess ||
         cudaMalloc((void **)&be->freq_plain, 2 * (size_t)np * sizeof(double)) != cudaSuccess ||
         cudaMemcpy(be->freq_plain, fp, np * sizeof(double), cudaMemcpyHostToDevice) != cudaSuccess ||
         cudaMemcpy(be->freq_plain + np, fy, np * sizeof(double), cudaMemcpyHostToDevice) != cudaSuccess ||
@@ -330,13 +385,22 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     }
     be->freq_yarn = be->freq_plain + np;
     float **dst[N_SCRATCH] = {&be->X, &be->mix, &be->coef, &be->h, &be->nrm, &be->qa, &be->q, &be->o, &be->low,
-                              &be->y, &be->ck, &be->cg, &be->ik, &be->ig, &be->iq, &be->iw, &be->rl, &be->ew,
-                              &be->eout, &be->ge, &be->sg, &be->logits};
+                              &be->y, &be->kvc, &be->ck, &be->cg, &be->ik, &be->ig, &be->iq, &be->iw, &be->rl,
+                              &be->ew, &be->eout, &be->ge, &be->sg, &be->su, &be->rms, &be->logits};
     float *p = be->X;
     for (int i = 0; i < N_SCRATCH; i++) { *dst[i] = p; p += counts[i]; }
-    be->sel = be->eid + hp->n_expert_used;
-    if (cudaMalloc((void **)&be->step, sizeof(dstep)) != cudaSuccess ||
-        cudaMallocHost((void **)&be->hstep, STEP_RING * sizeof(dstep)) != cudaSuccess) {
+    /* f16 pieces: two activation slots of the widest product, the routed hidden, then their scales */
+    uint64_t T = (uint64_t)be->chunk, kmax = (uint64_t)hp->hc_count * hp->n_embd,
+             kq = (uint64_t)hp->n_head * hp->head_dim, gw = (uint64_t)hp->n_expert_used * hp->expert_ff;
+    if (kq > kmax) kmax = kq;
+    be->xh[1] = be->xh[0] + kmax * T;
+    be->gh = be->xh[1] + kmax * T;
+    be->xs[0] = (float *)(be->gh + gw * T);
+    be->xs[1] = be->xs[0] + T;
+    be->gs = be->xs[1] + T;
+    be->sel = be->eid + be->chunk * hp->n_expert_used;
+    if (cudaMalloc((void **)&be->step, (size_t)be->chunk * sizeof(dstep)) != cudaSuccess ||
+        cudaMallocHost((void **)&be->hstep, (size_t)be->chunk * sizeof(dstep)) != cudaSuccess) {
         ds4_errf(err, errlen, "cuda backend: cannot allocate the step buffers");
         backend_free(be);
         return NULL;
@@ -348,8 +412,9 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
         return NULL;
     }
     if (!qat) fprintf(stderr, "cuda backend: DIAGNOSTIC mode (exact KV)\n");
-    const char *g = getenv("DS4_CUDA_GRAPHS");
+    const char *g = getenv("DS4_CUDA_GRAPHS"), *pdl = getenv("DS4_CUDA_PDL");
     be->graphs = !(g && !strcmp(g, "0"));
+    g_pdl = !(pdl && !strcmp(pdl, "0"));
     if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }
     return be;
 }
@@ -405,8 +470,13 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
         uint64_t v = r == 4 ? hp->idx_top_k : r > 0 ? ctx / (uint32_t)r + 1 : 0;
         if (v > maxvis) maxvis = v;
     }
-    int64_t att_len = hp->window + maxvis;
-    need += ((uint64_t)hp->n_head * att_len + ctx / 4 + 2) * sizeof(float);
+    /* Score scratch of a chunk's attention and indexer, in batches of rows
+     * tokens that fit ROW_BUDGET floats (a decode step uses one row). */
+    int64_t att_len = hp->window + maxvis, isc_ld = ctx / 4 + 2, per_att = (int64_t)hp->n_head * att_len;
+    int64_t att_rows = ROW_BUDGET / per_att, isc_rows = ROW_BUDGET / isc_ld;
+    att_rows = att_rows < 1 ? 1 : att_rows > be->chunk ? be->chunk : att_rows;
+    isc_rows = isc_rows < 1 ? 1 : isc_rows > be->chunk ? be->chunk : isc_rows;
+    need += (uint64_t)(att_rows * per_att + isc_rows * isc_ld) * sizeof(float);
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) { ds4_errf(err, errlen, "cuda: cannot query the GPU"); return NULL; }
     if (need + VRAM_MARGIN > free_b) {
@@ -424,8 +494,11 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     st->keep_raw = keep_raw;
     st->n_layer = (int)hp->n_layer;
     st->att_len = att_len;
-    bool ok = zalloc(&st->att, (uint64_t)hp->n_head * att_len) == cudaSuccess &&
-              zalloc(&st->isc, ctx / 4 + 2) == cudaSuccess;
+    st->att_rows = att_rows;
+    st->isc_ld = isc_ld;
+    st->isc_rows = isc_rows;
+    bool ok = zalloc(&st->att, (uint64_t)(att_rows * per_att)) == cudaSuccess &&
+              zalloc(&st->isc, (uint64_t)(isc_rows * isc_ld)) == cudaSuccess;
     for (int l = 0; ok && l < st->n_layer; l++) {
         gpu_layer *ls = &st->L[l];
         int r = hp->compress_ratio[l];
@@ -461,7 +534,7 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
     const gpu_backend *be = (const gpu_backend *)b;
     const gpu_state *st = (const gpu_state *)stp;
     const ds4_hparams *hp = be->hp;
-    uint64_t u = 0, a = (uint64_t)hp->n_head * st->att_len + st->ctx / 4 + 2, hd = hp->head_dim, ihd = hp->idx_head_dim;
+    uint64_t u = 0, a = (uint64_t)(st->att_rows * hp->n_head * st->att_len + st->isc_rows * st->isc_ld), hd = hp->head_dim, ihd = hp->idx_head_dim;
     for (int l = 0; l < st->n_layer; l++) {
         const gpu_layer *ls = &st->L[l];
         u += (uint64_t)(st->n - ls->lo_raw) * hd;
@@ -477,7 +550,7 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
     *allocated = a * sizeof(float);
 }
 
-/* ---- one decode step ------------------------------------------------------------------- */
+/* ---- the forward pass over a chunk of n tokens (decode: n = 1) ----------------------------- */
 
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
  * row they would leave most of the GPU idle. */
@@ -499,7 +572,7 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
     if (nr > cap) nr = cap;
     while (xg_rows && xg_rows % nr) nr /= 2;
     dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
-#define MVRP(NR, GLU) k_mv_rp<F, NR, GLU><<<grid, 32 * MV_WARPS, 0, s>>>(W, W2, n_in, rows, x, xg_rows, xg_stride, y, \
+#define MVRP(NR, GLU) launch(k_mv_rp<F, NR, GLU>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, \
                                                                      eid, estride, x_slot, y_slot, ew, clamp)
     if (W2) { if (nr == 2) MVRP(2, true); else MVRP(1, true); }
     else if (F != RP_Q2K && nr == 4) MVRP(4, false);
@@ -518,17 +591,17 @@ static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uin
         launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
 }
 
-/* y = T·x; x grouped as k_matvec (xg_rows = 0: one x). */
+/* y = T·x (one token); x grouped as k_matvec (xg_rows = 0: one x). */
 static void matvec_g(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t xg_rows, int64_t xg_stride, float *y) {
     if (repacked(T->type)) {
         launch_rp(T->type, be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, xg_rows, xg_stride, y, NULL, 0, 0, 0, 1, NULL, 0);
         return;
     }
     if (!xg_rows && T->ne[1] < WIDE_ROWS && T->ne[0] >= 2048) {
-        k_matvec_wide<<<(unsigned)T->ne[1], 256, 0, be->s>>>((int)T->type, DW(be, T), T->row_bytes, T->ne[0], x, y);
+        launch(k_matvec_wide, (unsigned)T->ne[1], 256, 0, be->s, (int)T->type, DW(be, T), T->row_bytes, T->ne[0], x, y);
         return;
     }
-    k_matvec<<<dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS, 0, be->s>>>(
+    launch(k_matvec, dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), 1), 32 * MV_WARPS, 0, be->s,
         (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, xg_rows, xg_stride, y, NULL, 0, 0, 0);
 }
 static void matvec(gpu_backend *be, const ds4_tensor *T, const float *x, float *y) { matvec_g(be, T, x, 0, 0, y); }
@@ -543,7 +616,7 @@ static void matvec_experts(gpu_backend *be, const ds4_tensor *T, const float *x,
                   NULL, 0);
         return;
     }
-    k_matvec<<<dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), used), 32 * MV_WARPS, 0, be->s>>>(
+    launch(k_matvec, dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), used), 32 * MV_WARPS, 0, be->s,
         (int)T->type, DW(be, T), T->row_bytes, T->ne[0], T->ne[1], x, 0, 0, y, be->eid, estride, x_slot, y_slot);
 }
 
@@ -561,156 +634,246 @@ static void glu(gpu_backend *be, const ds4_tensor *Tg, const ds4_tensor *Tu, boo
                   clamp);
         return;
     }
-    k_matvec_glu<<<dim3((unsigned)((rows + MV_WARPS - 1) / MV_WARPS), slots), 32 * MV_WARPS, 0, be->s>>>(
+    launch(k_matvec_glu, dim3((unsigned)((rows + MV_WARPS - 1) / MV_WARPS), slots), 32 * MV_WARPS, 0, be->s,
         (int)Tg->type, DW(be, Tg), DW(be, Tu), Tg->row_bytes, Tg->ne[0], rows, x, y, eid, estride, rows, ew, clamp);
 }
 
+/* Chunk products go through f16 copies of the activations (mm_prep) into
+ * two slots, so an activation that feeds several matrices (the normed h feeds
+ * up to eight) is converted once: slot 0 holds the layer input's norm, slot 1
+ * the second-level activation (q_a's output, o, the shared expert's hidden). */
+static void prep(gpu_backend *be, int slot, const float *x, int64_t n, int64_t K) {
+    if (n > 1) mm_prep(be->s, x, K, n, K, be->xh[slot], be->xs[slot]);
+}
+static mm_w mmw(const gpu_backend *be, const ds4_tensor *T) {
+    mm_w w = {(uint32_t)T->type, DW(be, T), T->ne[0], T->ne[1], T->row_bytes};
+    return w;
+}
+/* y[t·ldy + r] = T·x_t for the chunk's n tokens: one token reads x through
+ * the decode matvecs, more the prepared slot through the tensor cores. */
+static void mul(gpu_backend *be, const ds4_tensor *T, int slot, const float *x, int64_t n, float *y, int64_t ldy) {
+    if (n == 1) { matvec(be, T, x, y); return; }
+    mm_w w = mmw(be, T);
+    mm_dense(be->s, &w, 0, T->ne[1], be->xh[slot], be->xs[slot], T->ne[0], n, y, ldy);
+}
+
 static unsigned nthreads(int64_t n) { return n >= 1024 ? 1024 : (unsigned)((n + 31) / 32 * 32); }
+static dim3 per_tok(int64_t len, int64_t n) { return dim3((unsigned)((len + 255) / 256), (unsigned)n); }
 
-static void hc_pre(gpu_backend *be, const ds4_tensor *fn, const ds4_tensor *scale, const ds4_tensor *base, bool head) {
+/* HC collapse of the n states at X into be->h (coefficients into be->coef
+ * unless head). A chunk computes each token's rms once (k_rms_rows). */
+static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor *fn, const ds4_tensor *scale,
+                   const ds4_tensor *base, bool head) {
     const ds4_hparams *hp = be->hp;
-    matvec(be, fn, be->X, be->mix);
-    k_hc_pre<<<(unsigned)((hp->n_embd + 255) / 256), 256, 0, be->s>>>(be->X, hp->n_embd, (int)hp->hc_count, be->mix, (int)fn->ne[1], DF(be, scale),
-                                   DF(be, base), (int)hp->hc_sinkhorn_iters, hp->hc_eps, hp->rms_eps, head,
-                                   head ? NULL : be->coef, be->h);
+    int64_t zw = (int64_t)hp->hc_count * hp->n_embd;
+    const float *rms = NULL;
+    if (n > 1) {
+        prep(be, 0, X, n, zw);
+        launch(k_rms_rows, (unsigned)n, 1024, 0, be->s, X, zw, hp->rms_eps, be->rms);
+        rms = be->rms;
+    }
+    mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
+    launch(k_hc_pre, per_tok(hp->n_embd, n), 256, 0, be->s, X, hp->n_embd, (int)hp->hc_count, be->mix, (int)fn->ne[1],
+                                                      DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
+                                                      hp->hc_eps, hp->rms_eps, head, head ? NULL : be->coef, be->h, rms);
 }
 
-static void hc_post(gpu_backend *be) {
+static void hc_post(gpu_backend *be, int64_t n) {
     const ds4_hparams *hp = be->hp;
-    k_hc_post<<<(unsigned)((hp->n_embd + 255) / 256), 256, 0, be->s>>>(be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y);
+    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y);
 }
 
-/* One compressor: project, store the position's inputs in the ring, emit a
- * row when the position completes a block (k_comp_emit decides on the device;
- * the host's counters follow in book_token). */
-static void compress(gpu_backend *be, const ds4_tensor *tkv, const ds4_tensor *tgate, const ds4_tensor *ape,
+/* One compressor over the chunk: project (from slot 0 = the normed input),
+ * emit the rows of every block the chunk completes, then store the inputs
+ * the next chunk needs in the ring (after the emission read them). */
+static void compress(gpu_backend *be, int64_t n, const ds4_tensor *tkv, const ds4_tensor *tgate, const ds4_tensor *ape,
                      const ds4_tensor *norm, int R, int lanes, int D, float *pk, float *pg, float *rkv, float *rg,
                      uint32_t keep, float *rows, const double *freq, bool indexer) {
     const ds4_hparams *hp = be->hp;
     int W = lanes * D;
-    matvec(be, tkv, be->nrm, pk);
-    matvec(be, tgate, be->nrm, pg);
-    k_comp_store<<<(unsigned)((W / 8 + 127) / 128), 128, 0, be->s>>>(pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes,
-                                                                   W, R, be->step, rkv, rg, keep);
-    k_comp_emit<<<1, nthreads(D), D * sizeof(float), be->s>>>(rkv, rg, keep, R, lanes, D, be->step, DF(be, norm), freq,
-                                                               (int)hp->rope_dim, hp->rms_eps, indexer, rows);
+    mul(be, tkv, 0, be->nrm, n, pk, W);
+    mul(be, tgate, 0, be->nrm, n, pg, W);
+    launch(k_comp_emit, (unsigned)(n / R + 1), nthreads(D), D * sizeof(float), be->s,
+        pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes, rkv, rg, keep, R, lanes, D, be->step, n, DF(be, norm), freq,
+        (int)hp->rope_dim, hp->rms_eps, indexer, rows);
+    int64_t ns = n < (int64_t)keep ? n : (int64_t)keep;
+    launch(k_comp_store, dim3((unsigned)((W / 8 + 127) / 128), (unsigned)ns), 128, 0, be->s,
+        pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes, W, R, be->step, n, rkv, rg, keep);
 }
 
-/* Attention sublayer of the token at be->step. `select`: the indexer picks
- * top-k rows ((pos+1)/4 > top_k; the same for every ratio-4 layer, so it is
- * a property of the step's graph variant, not of a layer). */
-static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, bool select) {
+/* Indexer of a ratio-4 layer for the chunk: its compressor, then (select)
+ * scores and top-k for every token, in sub-batches of the state's score
+ * rows. A token with no more visible rows than top_k skips the selection
+ * (k_topk leaves, attention takes every row). */
+static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, bool select,
+                    const double *freq) {
+    const ds4_hparams *hp = be->hp;
+    int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, topk = hp->idx_top_k, rd = hp->rope_dim;
+    cudaStream_t s = be->s;
+    compress(be, n, &L->idx_comp_kv, &L->idx_comp_gate, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik,
+             be->ig, ls->ikv, ls->igate, ls->keep_i, ls->idx, freq, true);
+    if (!select) return;
+    mul(be, &L->idx_q_b, 1, be->qa, n, be->iq, ih * ihd);
+    mul(be, &L->idx_proj, 0, be->nrm, n, be->iw, ih);
+    float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
+    launch(k_idx_heads, dim3((unsigned)ih, (unsigned)n), nthreads(ihd), ihd * sizeof(float), s, be->iq, be->iw, (int)ihd,
+                                                                                            (int)rd, freq, be->step,
+                                                                                            wscale);
+    for (int64_t t0 = 0; t0 < n; t0 += st->isc_rows) {
+        int64_t c = n - t0 < st->isc_rows ? n - t0 : st->isc_rows;
+        launch(k_idx_scores, dim3(264, (unsigned)c), 256, 0, s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx,
+                                                            be->step + t0, (int)ih, (int)ihd, st->isc, st->isc_ld);
+        launch(k_topk, (unsigned)c, 1024, 0, s, st->isc, be->step + t0, 0, topk, be->sel + t0 * topk, st->isc_ld);
+    }
+}
+
+/* Attention sublayer of the chunk at be->step (positions p0 … p0+n−1).
+ * `select`: some token of the chunk has more visible indexer rows than
+ * top_k (a property of the decode graph variant, not of a layer). */
+static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, bool select) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, H = hp->n_head, hd = hp->head_dim, rd = hp->rope_dim, ql = hp->q_lora;
     const double *freq = ls->ratio ? be->freq_yarn : be->freq_plain;
     float eps = hp->rms_eps;
     cudaStream_t s = be->s;
 
-    hc_pre(be, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, false);
-    k_rmsnorm<<<1, 1024, 0, s>>>(be->h, DF(be, &L->attn_norm), (int)d, eps, be->nrm, 0);
-    matvec(be, &L->attn_q_a, be->nrm, be->qa);
-    k_rmsnorm<<<1, 1024, 0, s>>>(be->qa, DF(be, &L->attn_q_a_norm), (int)ql, eps, be->qa, 0);
-    matvec(be, &L->attn_q_b, be->qa, be->q);
-    k_q_heads<<<(unsigned)H, nthreads(hd), hd * sizeof(float), s>>>(be->q, (int)hd, (int)rd, freq, be->step, eps);
-    /* K=V row straight into its ring slot: the slot held position pos − keep_raw,
-     * outside every window, so attention below reads the new row from the ring. */
-    matvec(be, &L->attn_kv, be->nrm, be->ck);
-    k_kv_row<<<1, nthreads(hd), hd * sizeof(float), s>>>(be->ck, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
-                                                        be->step, eps, ls->raw, st->keep_raw);
+    hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, false);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->h, DF(be, &L->attn_norm), (int)d, eps, be->nrm, d);
+    prep(be, 0, be->nrm, n, d);
+    mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->qa, DF(be, &L->attn_q_a_norm), (int)ql, eps, be->qa, ql);
+    prep(be, 1, be->qa, n, ql);
+    mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
+    launch(k_q_heads, dim3((unsigned)H, (unsigned)n), nthreads(hd), hd * sizeof(float), s, be->q, (int)hd, (int)rd, freq,
+                                                                                      be->step, eps);
+    /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
+     * only ring slots of positions before every window it reads, so its rows
+     * go straight into the ring; a longer one is stored after attention. */
+    bool direct = n + hp->window - 1 <= st->keep_raw;
+    mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
+    launch(k_kv_row, (unsigned)n, nthreads(hd), hd * sizeof(float), s, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd,
+                                                                  freq, be->step, eps, direct ? ls->raw : NULL,
+                                                                  st->keep_raw);
     if (ls->ratio)
-        compress(be, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
+        compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
-    if (ls->ratio == 4) {
-        int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, topk = hp->idx_top_k;
-        compress(be, &L->idx_comp_kv, &L->idx_comp_gate, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik,
-                 be->ig, ls->ikv, ls->igate, ls->keep_i, ls->idx, freq, true);
-        if (select) {
-            matvec(be, &L->idx_q_b, be->qa, be->iq);
-            matvec(be, &L->idx_proj, be->nrm, be->iw);
-            float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
-            k_idx_heads<<<(unsigned)ih, nthreads(ihd), ihd * sizeof(float), s>>>(be->iq, be->iw, (int)ihd, (int)rd,
-                                                                                  freq, be->step, wscale);
-            k_idx_scores<<<264, 256, 0, s>>>(be->iq, be->iw, ls->idx, be->step, (int)ih, (int)ihd, st->isc);
-            k_topk<<<1, 1024, 0, s>>>(st->isc, be->step, 0, topk, be->sel);
-        }
+    if (ls->ratio == 4) indexer(be, st, L, ls, n, select, freq);
+    float scale = (float)(1.0 / sqrt((double)hd));
+    size_t att_smem = (1 + ATT_WARPS) * hd * sizeof(float);
+    for (int64_t t0 = 0; t0 < n; t0 += st->att_rows) {
+        int64_t c = n - t0 < st->att_rows ? n - t0 : st->att_rows;
+        launch(k_attend, dim3((unsigned)H, (unsigned)c), 32 * ATT_WARPS, att_smem, s,
+            be->q + t0 * H * hd, be->o + t0 * H * hd, be->kvc, ls->raw, st->keep_raw, be->step, be->step + t0,
+            hp->window, ls->comp, be->sel + t0 * hp->idx_top_k, ls->ratio, (int64_t)hp->idx_top_k,
+            DF(be, &L->attn_sinks), (int)hd, (int)rd, freq, scale, st->att, st->att_len);
     }
-    k_attend<<<(unsigned)H, 32 * ATT_WARPS, (1 + ATT_WARPS) * hd * sizeof(float), s>>>(be->q, be->o, ls->raw, st->keep_raw, be->step, hp->window,
-                                                             ls->comp, be->sel, ls->ratio, (int64_t)hp->idx_top_k,
-                                                             DF(be, &L->attn_sinks), (int)hd, (int)rd, freq,
-                                                             (float)(1.0 / sqrt((double)hd)), st->att, st->att_len);
+    if (!direct) {
+        int64_t ns = n < (int64_t)st->keep_raw ? n : (int64_t)st->keep_raw;
+        launch(k_raw_store, (unsigned)ns, 128, 0, s, be->kvc, (int)hd, be->step, n, ls->raw, st->keep_raw);
+    }
 
     /* Grouped low-rank output: group g's rows read heads g·H/G … concatenated. */
-    int64_t G = hp->o_groups, gl = hp->o_lora;
-    matvec_g(be, &L->attn_output_a, be->o, gl, (H / G) * hd, be->low);
-    matvec(be, &L->attn_output_b, be->low, be->y);
-    hc_post(be);
+    int64_t G = hp->o_groups, gl = hp->o_lora, span = (H / G) * hd;
+    if (n == 1) {
+        matvec_g(be, &L->attn_output_a, be->o, gl, span, be->low);
+    } else {
+        prep(be, 1, be->o, n, H * hd);
+        mm_w w = mmw(be, &L->attn_output_a);
+        for (int64_t g = 0; g < G; g++)
+            mm_dense(s, &w, g * gl, gl, be->xh[1] + g * span, be->xs[1], H * hd, n, be->low + g * gl, G * gl);
+    }
+    prep(be, 1, be->low, n, G * gl);
+    mul(be, &L->attn_output_b, 1, be->low, n, be->y, d);
+    hc_post(be, n);
 }
 
-static void ffn_layer(gpu_backend *be, const ds4_layer *L, float clamp) {
+static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clamp) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, E = hp->n_expert, used = hp->n_expert_used, ff = hp->expert_ff;
+    int64_t ffs = L->gate_shexp.ne[1];
     cudaStream_t s = be->s;
-    hc_pre(be, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, false);
-    k_rmsnorm<<<1, 1024, 0, s>>>(be->h, DF(be, &L->ffn_norm), (int)d, hp->rms_eps, be->nrm, 0);
-    matvec(be, &L->ffn_gate_inp, be->nrm, be->rl);
-    k_router<<<1, 256, E * (sizeof(float) + 1), s>>>(be->rl, (int)E, (int)used, DW(be, &L->tid2eid), L->tid2eid.row_bytes,
-                                               &be->step->tok, L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
-                                               hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
-    glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
-    matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
-    glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
-    matvec(be, &L->down_shexp, be->sg, be->y);
-    k_moe_sum<<<(unsigned)((d + 255) / 256), 256, 0, s>>>(be->eout, (int)used, d, be->y);
-    hc_post(be);
+    hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, false);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->h, DF(be, &L->ffn_norm), (int)d, hp->rms_eps, be->nrm, d);
+    prep(be, 0, be->nrm, n, d);
+    mul(be, &L->ffn_gate_inp, 0, be->nrm, n, be->rl, E);
+    launch(k_router, (unsigned)n, 256, E * (sizeof(float) + 1), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
+                                                              L->tid2eid.row_bytes, be->step,
+                                                              L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
+                                                              hp->expert_weights_norm, hp->expert_weights_scale, be->eid,
+                                                              be->ew);
+    if (n == 1) {
+        glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
+        matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
+        glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
+        matvec(be, &L->down_shexp, be->sg, be->y);
+    } else {
+        /* Routed: assignments sorted by expert, each expert's tokens one
+         * product; ge rows in sorted order, eout rows by (token, slot). */
+        mm_w wg = mmw(be, &L->gate_exps), wu = mmw(be, &L->up_exps), wd = mmw(be, &L->down_exps);
+        mm_route_build(s, &be->route, be->eid, n);
+        mm_experts_glu(s, &wg, &wu, be->xh[0], be->xs[0], d, &be->route, be->ew, clamp, be->ge);
+        mm_prep(s, be->ge, ff, n * used, ff, be->gh, be->gs);
+        mm_experts_down(s, &wd, be->gh, be->gs, &be->route, be->eout, d);
+        mul(be, &L->gate_shexp, 0, be->nrm, n, be->sg, ffs);
+        mul(be, &L->up_shexp, 0, be->nrm, n, be->su, ffs);
+        launch(k_swiglu, (unsigned)((n * ffs + 255) / 256), 256, 0, s, be->sg, be->su, n * ffs, clamp);
+        prep(be, 1, be->sg, n, ffs);
+        mul(be, &L->down_shexp, 1, be->sg, n, be->y, d);
+    }
+    launch(k_moe_sum, per_tok(d, n), 256, 0, s, be->eout, (int)used, d, be->y);
+    hc_post(be, n);
 }
 
-static void head(gpu_backend *be) {
+/* Logits of the n states at X into be->logits (n ≤ HEAD_ROWS). */
+static void head(gpu_backend *be, const float *X, int64_t n) {
     const ds4_model *m = be->m;
     const ds4_hparams *hp = be->hp;
-    hc_pre(be, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, true);
-    k_rmsnorm<<<1, 1024, 0, be->s>>>(be->h, DF(be, &m->out_norm), (int)hp->n_embd, hp->rms_eps, be->nrm, 0);
-    matvec(be, &m->output, be->nrm, be->logits);
+    hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, true);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, &m->out_norm), (int)hp->n_embd, hp->rms_eps, be->nrm,
+                                              hp->n_embd);
+    prep(be, 0, be->nrm, n, hp->n_embd);
+    mul(be, &m->output, 0, be->nrm, n, be->logits, hp->n_vocab);
 }
 
-/* Host counters after the token at pos (what the kernels just did). */
-static void book_token(gpu_state *st, uint32_t pos) {
-    uint32_t end = pos + 1;
+/* Host counters once the state holds end positions (what the kernels just
+ * did: every block completed by then has been emitted). */
+static void book(gpu_state *st, uint32_t end) {
     for (int l = 0; l < st->n_layer; l++) {
         gpu_layer *ls = &st->L[l];
         if (end > st->keep_raw && end - st->keep_raw > ls->lo_raw) ls->lo_raw = end - st->keep_raw;
         if (!ls->ratio) continue;
-        if (end % (uint32_t)ls->ratio == 0) ls->n_comp = end / (uint32_t)ls->ratio;
+        ls->n_comp = end / (uint32_t)ls->ratio;
         if (end > ls->keep_c && end - ls->keep_c > ls->lo_c) ls->lo_c = end - ls->keep_c;
         if (ls->ratio != 4) continue;
-        if (end % 4 == 0) ls->n_idx = end / 4;
+        ls->n_idx = end / 4;
         if (end > ls->keep_i && end - ls->keep_i > ls->lo_i) ls->lo_i = end - ls->keep_i;
     }
 }
 
-/* Every kernel of one token's layers (embedding → last FFN). */
-static void launch_body(gpu_backend *be, gpu_state *st, bool select) {
+/* Every kernel of a chunk's layers (embedding → last FFN). */
+static void launch_body(gpu_backend *be, gpu_state *st, int64_t n, bool select) {
     const ds4_hparams *hp = be->hp;
     const ds4_tensor *te = &be->m->tok_embd;
-    k_embed<<<(unsigned)((hp->n_embd / 8 + 127) / 128), 128, 0, be->s>>>((int)te->type, DW(be, te), te->row_bytes,
-                                                                        &be->step->tok, hp->n_embd, be->X,
-                                                                        (int)hp->hc_count);
+    launch(k_embed, dim3((unsigned)((hp->n_embd / 8 + 127) / 128), (unsigned)n), 128, 0, be->s,
+        (int)te->type, DW(be, te), te->row_bytes, be->step, hp->n_embd, be->X, (int)hp->hc_count);
     for (int l = 0; l < st->n_layer; l++) {
-        attn_layer(be, st, &be->m->layers[l], &st->L[l], select);
-        ffn_layer(be, &be->m->layers[l], hp->swiglu_clamp[l]);
+        attn_layer(be, st, &be->m->layers[l], &st->L[l], n, select);
+        ffn_layer(be, &be->m->layers[l], n, hp->swiglu_clamp[l]);
     }
 }
 
-/* Capture (once) and launch a graph; eager launches when graphs are off. */
+/* Decode: capture (once) and launch a graph of one token's body (what =
+ * select) or of the head (what = 2); eager launches when graphs are off. */
 static cudaError_t run_graph(gpu_backend *be, cudaGraphExec_t *exec, gpu_state *st, int what) {
     if (!be->graphs) {
-        if (what == 2) head(be); else launch_body(be, st, what == 1);
+        if (what == 2) head(be, be->X, 1); else launch_body(be, st, 1, what == 1);
         return cudaGetLastError();
     }
     if (!*exec) {
         cudaGraph_t g;
         cudaError_t e = cudaStreamBeginCapture(be->s, cudaStreamCaptureModeThreadLocal);
         if (e) return e;
-        if (what == 2) head(be); else launch_body(be, st, what == 1);
+        if (what == 2) head(be, be->X, 1); else launch_body(be, st, 1, what == 1);
         e = cudaStreamEndCapture(be->s, &g);
         if (e) return e;
         e = cudaGraphInstantiate(exec, g, 0);
@@ -720,6 +883,8 @@ static cudaError_t run_graph(gpu_backend *be, cudaGraphExec_t *exec, gpu_state *
     return cudaGraphLaunch(*exec, be->s);
 }
 
+/* One token (decode: the captured graphs) or chunks of up to be->chunk
+ * tokens, each layer by layer over the whole chunk (prefill). */
 static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *logits, bool all_logits, char *err,
                      size_t errlen) {
     gpu_backend *be = (gpu_backend *)b;
@@ -730,26 +895,34 @@ static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *lo
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= hp->n_vocab)
             return ds4_errf(err, errlen, "token id %d out of range (vocab %u)", ids[i], hp->n_vocab);
-    for (size_t t = 0; t < n; t++) {
-        uint32_t pos = st->n;
-        /* Step inputs go through a pinned ring; a full lap waits for the
-         * stream so a slot is never rewritten before its copy ran. */
-        size_t k = t % STEP_RING;
-        if (k == 0 && t) CK(cudaStreamSynchronize(be->s));
-        be->hstep[k].pos = pos;
-        be->hstep[k].tok = ids[t];
-        CK(cudaMemcpyAsync(be->step, &be->hstep[k], sizeof(dstep), cudaMemcpyHostToDevice, be->s));
-        bool select = (pos + 1) / 4 > hp->idx_top_k;
-        CK(run_graph(be, &st->body[select], st, select));
-        book_token(st, pos);
-        st->n++;
-        if (logits && (all_logits || t + 1 == n)) {
-            CK(run_graph(be, &be->head_exec, NULL, 2));
-            CK(cudaMemcpyAsync(logits + (all_logits ? t * hp->n_vocab : 0), be->logits, hp->n_vocab * sizeof(float),
-                               cudaMemcpyDeviceToHost, be->s));
+    int64_t zw = (int64_t)hp->hc_count * hp->n_embd;
+    for (size_t t0 = 0; t0 < n; t0 += (size_t)be->chunk) {
+        int64_t c = n - t0 < (size_t)be->chunk ? (int64_t)(n - t0) : be->chunk;
+        uint32_t p0 = st->n;
+        /* The step inputs of the chunk; the pinned buffer is rewritten only
+         * after the previous chunk's copy ran (the stream is idle here). */
+        for (int64_t t = 0; t < c; t++) {
+            be->hstep[t].pos = p0 + (uint32_t)t;
+            be->hstep[t].tok = ids[t0 + t];
         }
+        CK(cudaMemcpyAsync(be->step, be->hstep, c * sizeof(dstep), cudaMemcpyHostToDevice, be->s));
+        bool select = (p0 + c) / 4 > hp->idx_top_k;
+        if (c == 1) CK(run_graph(be, &st->body[select], st, select));
+        else launch_body(be, st, c, select);
+        CK(cudaGetLastError());
+        book(st, p0 + (uint32_t)c);
+        st->n += (uint32_t)c;
+        /* Logits of the last token, or of every token in HEAD_ROWS batches. */
+        bool want = logits && (all_logits || t0 + (size_t)c == n);
+        for (int64_t h0 = all_logits ? 0 : c - 1; want && h0 < c; h0 += HEAD_ROWS) {
+            int64_t nh = c - h0 < HEAD_ROWS ? c - h0 : HEAD_ROWS;
+            if (c == 1) CK(run_graph(be, &be->head_exec, NULL, 2));
+            else head(be, be->X + h0 * zw, nh);
+            CK(cudaMemcpyAsync(logits + (all_logits ? (t0 + h0) * hp->n_vocab : 0), be->logits,
+                               nh * hp->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, be->s));
+        }
+        CK(cudaStreamSynchronize(be->s));
     }
-    CK(cudaStreamSynchronize(be->s));
     CK(cudaGetLastError());
     return 0;
 }
@@ -957,7 +1130,7 @@ extern "C" int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int3
     if (!(e = cudaMalloc((void **)&ds, n * sizeof(float))) && !(e = cudaMalloc((void **)&dout, k * sizeof(int32_t))) &&
         !(e = cudaMemcpy(ds, score, n * sizeof(float), cudaMemcpyHostToDevice))) {
         cudaMemset(dout, 0xff, k * sizeof(int32_t));   /* −1: an unwritten slot is visible */
-        k_topk<<<1, 1024>>>(ds, NULL, n, k, dout);
+        k_topk<<<1, 1024>>>(ds, NULL, n, k, dout, 0);
         if (!(e = cudaGetLastError())) e = cudaMemcpy(out, dout, k * sizeof(int32_t), cudaMemcpyDeviceToHost);
     }
     cudaFree(ds); cudaFree(dout);

@@ -3,9 +3,12 @@
  * src/quant) operation by operation; only accumulation orders differ (tree
  * reductions instead of sequential sums), so results agree to f32 rounding.
  *
- * Conventions: one token per launch (decode; prefill loops over tokens), f32
- * activations, weights read in their quantised form. A "block helper" works
- * on a shared-memory vector with thread i owning element i (blockDim ≥ n). */
+ * Conventions: per-token kernels take the chunk's tokens along blockIdx.y
+ * (blockIdx.x for the one-block-per-token ones), token t at dstep st[t]:
+ * decode is the chunk of one token, prefill a chunk of up to CHUNK. f32
+ * activations; decode matvecs read the weights in their quantised form
+ * (chunk products: mm.cuh). A "block helper" works on a shared-memory vector
+ * with thread i owning element i (blockDim ≥ n). */
 #ifndef DS4_CUDA_KERNELS_CUH
 #define DS4_CUDA_KERNELS_CUH
 #include <cuda_fp16.h>
@@ -29,6 +32,19 @@ typedef struct {
     uint32_t pos;
     int32_t tok;
 } dstep;
+
+/* Programmatic dependent launch (sm_90): the backend launches each kernel
+ * while its predecessor drains (launch() in cuda.cu), so a graph node's
+ * launch latency and prologue overlap the previous node's tail instead of
+ * adding to it (~1 500 nodes a decode step). Every kernel waits here before
+ * anything else — before early returns too: a grid completes only after its
+ * predecessor has, so the dependency stays transitive down the stream. A
+ * no-op when a kernel was launched the ordinary way. */
+__device__ __forceinline__ void pdl_wait(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 /* IQ2_XXS tables, copied from src/quant at backend creation. */
 __device__ uint64_t d_iq2_grid[256];
@@ -284,6 +300,7 @@ __device__ __forceinline__ float2 row_dot2(int type, const uint8_t *wa, const ui
 __global__ void k_matvec(int type, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in, int64_t rows,
                          const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
                          const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot) {
+    pdl_wait();
     int slot = blockIdx.y, lane = threadIdx.x & 31;
     int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
     if (r >= rows) return;
@@ -297,19 +314,22 @@ __global__ void k_matvec(int type, const uint8_t *__restrict__ W, uint64_t rb, i
  * one block per row so the whole GPU streams the matrix. */
 __global__ void k_matvec_wide(int type, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in,
                               const float *__restrict__ x, float *__restrict__ y) {
+    pdl_wait();
     __shared__ float sh[32];
     const uint8_t *w = W + (uint64_t)blockIdx.x * rb;
     float acc = block_sum(row_dot(type, w, n_in / 8, x, threadIdx.x, blockDim.x), sh);
     if (threadIdx.x == 0) y[blockIdx.x] = acc;
 }
 
-/* Embedding of a token whose id lives in device memory. */
-__global__ void k_embed(int type, const uint8_t *tab, uint64_t rb, const int32_t *tok, int64_t n, float *out,
+/* Embeddings of the chunk's tokens (ids in device memory): copies × n each. */
+__global__ void k_embed(int type, const uint8_t *tab, uint64_t rb, const dstep *st, int64_t n, float *out,
                         int copies) {
+    pdl_wait();
     int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= n / 8) return;
     float v[8];
-    deq_chunk(type, tab + (uint64_t)tok[0] * rb, c, v);
+    deq_chunk(type, tab + (uint64_t)st[blockIdx.y].tok * rb, c, v);
+    out += (int64_t)blockIdx.y * copies * n;
     for (int a = 0; a < copies; a++)
         for (int k = 0; k < 8; k++) out[a * n + 8 * c + k] = v[k];
 }
@@ -491,12 +511,19 @@ __device__ void hc_coeffs_warp(const float *mix, const float *scale, const float
  * recomputes rms and coefficients (X is 64 KiB, read from L2) and writes
  * its slice of h: no second launch, and the whole GPU shares the work. */
 __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, int mw, const float *scale,
-                         const float *base, int iters, float hc_eps, float rms_eps, bool head, float *coef, float *h) {
+                         const float *base, int iters, float hc_eps, float rms_eps, bool head, float *coef, float *h,
+                         const float *rms_pre) {
+    pdl_wait();
     __shared__ double shd[32];
     __shared__ float m[(2 + MAX_HC) * MAX_HC], c[(2 + MAX_HC) * MAX_HC];
-    int64_t zw = (int64_t)hc * d;
-    double ss = block_sum_d(sumsq_part(X, zw), shd);
-    float rms = (float)sqrt(ss / (double)zw + rms_eps);
+    int64_t zw = (int64_t)hc * d, t = blockIdx.y;
+    X += t * zw;
+    mix += t * mw;
+    h += t * d;
+    if (coef) coef += t * (2 + hc) * hc;
+    /* A chunk passes rms(X) per token (k_rms_rows): 16 blocks re-reading
+     * each token's 64 KiB from DRAM would cost more than the mixing. */
+    float rms = rms_pre ? rms_pre[t] : (float)sqrt(block_sum_d(sumsq_part(X, zw), shd) / (double)zw + rms_eps);
     for (int i = threadIdx.x; i < mw; i += blockDim.x) m[i] = mix[i] / rms;
     __syncthreads();
     bool warp_ok = (hc & (hc - 1)) == 0 && hc * hc <= 32;
@@ -519,10 +546,22 @@ __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, in
     }
 }
 
+/* rms of each row of n (one block per row), as k_hc_pre computes it. */
+__global__ void k_rms_rows(const float *x, int64_t n, float eps, float *rms) {
+    pdl_wait();
+    __shared__ double shd[32];
+    double ss = block_sum_d(sumsq_part(x + blockIdx.x * n, n), shd);
+    if (threadIdx.x == 0) rms[blockIdx.x] = (float)sqrt(ss / (double)n + eps);
+}
+
 /* X'_c = post_c·y + Σ_a comb[a][c]·X_a. */
 __global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y) {
-    int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    pdl_wait();
+    int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (k >= d) return;
+    X += t * hc * d;
+    coef += t * (2 + hc) * hc;
+    y += t * d;
     const float *post = coef + hc, *C = coef + 2 * hc;
     float old[MAX_HC];
     for (int a = 0; a < hc; a++) old[a] = X[a * d + k];
@@ -537,6 +576,7 @@ __global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const 
 
 /* One vector of n per block (blockIdx.x·stride), in place or to out. */
 __global__ void k_rmsnorm(const float *x, const float *w, int n, float eps, float *out, int64_t stride) {
+    pdl_wait();
     __shared__ double shd[32];
     const float *v = x + blockIdx.x * stride;
     float *o = out + blockIdx.x * stride;
@@ -545,12 +585,13 @@ __global__ void k_rmsnorm(const float *x, const float *w, int n, float eps, floa
     for (int k = threadIdx.x; k < n; k += blockDim.x) o[k] = w ? v[k] * r * w[k] : v[k] * r;
 }
 
-/* Query heads: unweighted RMSNorm, RoPE on the tail. Block per head, hd threads. */
+/* Query heads: unweighted RMSNorm, RoPE on the tail. Block per (head, token), hd threads. */
 __global__ void k_q_heads(float *q, int hd, int rd, const double *freq, const dstep *st, float eps) {
+    pdl_wait();
     extern __shared__ float sv[];
-    int64_t pos = st->pos;
+    int64_t pos = st[blockIdx.y].pos;
     __shared__ double shd[32];
-    float *g = q + (int64_t)blockIdx.x * hd;
+    float *g = q + ((int64_t)blockIdx.y * gridDim.x + blockIdx.x) * hd;
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = g[k];
     __syncthreads();
     blk_rmsnorm(sv, hd, NULL, eps, shd);
@@ -558,69 +599,107 @@ __global__ void k_q_heads(float *q, int hd, int rd, const double *freq, const ds
     for (int k = threadIdx.x; k < hd; k += blockDim.x) g[k] = sv[k];
 }
 
-/* The token's K=V row: weighted RMSNorm, RoPE, FP8 on the non-RoPE part,
- * f16 rounding, written straight into its raw-ring slot. One block. */
-__global__ void k_kv_row(const float *kv, const float *w, int hd, int rd, const double *freq, const dstep *st,
+/* K=V rows of the chunk (block per token, in place): weighted RMSNorm,
+ * RoPE, FP8 on the non-RoPE part, f16 rounding; also written into the
+ * raw-ring slot when ring is given (the caller knows whether the chunk is
+ * short enough that no slot it overwrites is still read by its tokens). */
+__global__ void k_kv_row(float *kv, const float *w, int hd, int rd, const double *freq, const dstep *st,
                          float eps, float *ring, uint32_t keep) {
+    pdl_wait();
     extern __shared__ float sv[];
-    int64_t pos = st->pos;
-    float *out = ring + (size_t)(pos % keep) * hd;
+    int64_t pos = st[blockIdx.x].pos;
+    kv += (int64_t)blockIdx.x * hd;
     __shared__ double shd[32];
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
     __syncthreads();
     blk_rmsnorm(sv, hd, w, eps, shd);
     blk_rope(sv + hd - rd, rd / 2, freq, pos, false);
     if (d_qat) blk_fp8(sv, hd - rd);
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) out[k] = d_qat ? round_f16(sv[k]) : sv[k];
+    float *out = ring ? ring + (size_t)(pos % keep) * hd : NULL;
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) {
+        float v = d_qat ? round_f16(sv[k]) : sv[k];
+        kv[k] = v;
+        if (out) out[k] = v;
+    }
+}
+
+/* Raw-ring store of the chunk's last min(T, keep) rows after its attention
+ * (chunks too long for k_kv_row's direct write). Block per row. */
+__global__ void k_raw_store(const float *kv, int hd, const dstep *st, int64_t T, float *ring, uint32_t keep) {
+    pdl_wait();
+    int64_t t = T - 1 - blockIdx.x;
+    float *out = ring + (size_t)(st[t].pos % keep) * hd;
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) out[k] = kv[t * hd + k];
 }
 
 /* ---- compressor (spec §4.5) -------------------------------------------------- */
 
-/* Store position pos's projected kv and gate + ape[pos % R] in ring slot. */
+/* Store the chunk's projected kv and gate + ape[pos % R] in their ring
+ * slots, after k_comp_emit read them: only the last keep positions (earlier
+ * ones would share slots with them). blockIdx.y = t − (T − min(T, keep)). */
 __global__ void k_comp_store(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
-                             int W, int R, const dstep *st, float *rkv, float *rg, uint32_t keep) {
+                             int W, int R, const dstep *st, int64_t T, float *rkv, float *rg, uint32_t keep) {
+    pdl_wait();
     int c = blockIdx.x * blockDim.x + threadIdx.x;
-    int64_t pos = st->pos;
+    int64_t t = T - (int64_t)gridDim.y + blockIdx.y, pos = st[t].pos;
     uint32_t slot = (uint32_t)(pos % keep);
     if (c >= W / 8) return;
     float v[8];
     deq_chunk(ape_type, ape + (uint64_t)(pos % R) * ape_rb, c, v);
     for (int k = 0; k < 8; k++) {
-        rkv[(size_t)slot * W + 8 * c + k] = pk[8 * c + k];
-        rg[(size_t)slot * W + 8 * c + k] = pg[8 * c + k] + v[k];
+        rkv[(size_t)slot * W + 8 * c + k] = pk[t * W + 8 * c + k];
+        rg[(size_t)slot * W + 8 * c + k] = pg[t * W + 8 * c + k] + v[k];
     }
 }
 
-/* Emit compressed row b: softmax-gated pooling over the block (and the
- * previous block's lane a for two lanes), norm, RoPE at bR, QAT, f16. One
- * block of ≥ D threads (comp_emit of the CPU). */
-__global__ void k_comp_emit(const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
-                            const float *norm_w, const double *freq, int rd, float eps, bool indexer, float *out) {
+/* Element j of row `row` of a small table (ape), any layout deq_chunk reads. */
+__device__ __forceinline__ float deq_one(int type, const uint8_t *row, int64_t j) {
+    float v[8];
+    deq_chunk(type, row, j >> 3, v);
+    return v[j & 7];
+}
+
+/* Emit the compressed rows of every block the chunk completes (block i of
+ * the grid: b = p0/R + i, if (b+1)·R ≤ p0 + T): softmax-gated pooling over
+ * the block (and the previous block's lane a for two lanes), norm, RoPE at
+ * bR, QAT, f16 (comp_emit of the CPU). A position's inputs come from the
+ * chunk's projections (pk, pg + ape) when it is in the chunk, else from the
+ * ring (stored with ape): the ring is updated after this kernel, so a long
+ * chunk never overwrites inputs a block still needs. Blocks of ≥ D threads. */
+__global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                            const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
+                            int64_t T, const float *norm_w, const double *freq, int rd, float eps, bool indexer,
+                            float *out) {
+    pdl_wait();
     extern __shared__ float sv[];
     __shared__ double shd[32];
-    uint32_t end = st->pos + 1;
-    if (end % (uint32_t)R) return;   /* the position completes no block (uniform: whole block leaves) */
-    uint32_t b = end / (uint32_t)R - 1;
+    uint64_t p0 = st[0].pos, b = p0 / (uint64_t)R + blockIdx.x;
+    if ((b + 1) * (uint64_t)R > p0 + (uint64_t)T) return;   /* not completed in this chunk (uniform per block) */
     int W = lanes * D;
-    uint64_t bR = (uint64_t)b * R;
+    uint64_t bR = b * R;
     bool prev = lanes == 2 && b > 0;
     int off = lanes == 2 ? D : 0;
+#define CG(q, c) ((q) >= p0 ? pg[((q) - p0) * W + (c)] + deq_one(ape_type, ape + ((q) % R) * ape_rb, (c)) \
+                            : gate[((q) % keep) * W + (c)])
+#define CK(q, c) ((q) >= p0 ? pk[((q) - p0) * W + (c)] : kv[((q) % keep) * W + (c)])
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float m = -INFINITY;
-        if (prev) for (uint64_t t = bR - R; t < bR; t++) m = fmaxf(m, gate[(t % keep) * W + j]);
-        for (uint64_t t = bR; t < bR + R; t++) m = fmaxf(m, gate[(t % keep) * W + off + j]);
+        if (prev) for (uint64_t t = bR - R; t < bR; t++) m = fmaxf(m, CG(t, j));
+        for (uint64_t t = bR; t < bR + R; t++) m = fmaxf(m, CG(t, off + j));
         float den = 0, acc = 0;
         if (prev)
             for (uint64_t t = bR - R; t < bR; t++) {
-                float w = expf(gate[(t % keep) * W + j] - m);
-                den += w; acc += w * kv[(t % keep) * W + j];
+                float w = expf(CG(t, j) - m);
+                den += w; acc += w * CK(t, j);
             }
         for (uint64_t t = bR; t < bR + R; t++) {
-            float w = expf(gate[(t % keep) * W + off + j] - m);
-            den += w; acc += w * kv[(t % keep) * W + off + j];
+            float w = expf(CG(t, off + j) - m);
+            den += w; acc += w * CK(t, off + j);
         }
         sv[j] = acc / den;
     }
+#undef CG
+#undef CK
     __syncthreads();
     blk_rmsnorm(sv, D, norm_w, eps, shd);
     blk_rope(sv + D - rd, rd / 2, freq, (int64_t)bR, false);
@@ -631,11 +710,13 @@ __global__ void k_comp_emit(const float *kv, const float *gate, uint32_t keep, i
 
 /* ---- indexer (spec §4.6) ------------------------------------------------------ */
 
-/* Indexer query heads: RoPE on the tail, Hadamard+FP4; weights scaled. */
+/* Indexer query heads: RoPE on the tail, Hadamard+FP4; weights scaled. Block per (head, token). */
 __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double *freq, const dstep *st, float wscale) {
+    pdl_wait();
     extern __shared__ float sv[];
-    int64_t pos = st->pos;
-    float *g = iq + (int64_t)blockIdx.x * ihd;
+    int64_t pos = st[blockIdx.y].pos;
+    iw += (int64_t)blockIdx.y * gridDim.x;
+    float *g = iq + ((int64_t)blockIdx.y * gridDim.x + blockIdx.x) * ihd;
     for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = g[k];
     __syncthreads();
     blk_rope(sv + ihd - rd, rd / 2, freq, pos, false);
@@ -645,11 +726,16 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
 }
 
 /* score_c = Σ_h w_h · max(0, q_h · k_c) for the (pos+1)/4 visible rows, one
- * warp per row over a fixed grid (the row count changes every 4 positions). */
+ * warp per row over a fixed grid (the row count changes every 4 positions);
+ * token blockIdx.y's scores at score + blockIdx.y·ld. */
 __global__ void k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st, int ih, int ihd,
-                             float *score) {
+                             float *score, int64_t ld) {
+    pdl_wait();
     int lane = threadIdx.x & 31;
-    int64_t nrows = (st->pos + 1) / 4;
+    int64_t nrows = (st[blockIdx.y].pos + 1) / 4;
+    iq += (int64_t)blockIdx.y * ih * ihd;
+    iw += (int64_t)blockIdx.y * ih;
+    score += (int64_t)blockIdx.y * ld;
     for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < nrows;
          r += (int64_t)gridDim.x * (blockDim.x >> 5)) {
         const float *k = rows + r * ihd;
@@ -675,7 +761,11 @@ __device__ __forceinline__ uint32_t fkey(float f) {
  * T and how many keys equal to T to take), then one ordered pass that keeps
  * keys above T and the lowest-indexed ties: the CPU's selection exactly,
  * output ascending. One block of 1024 threads. */
-__global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k, int32_t *out) {
+__global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k, int32_t *out, int64_t ld) {
+    pdl_wait();
+    score += blockIdx.x * ld;   /* block per token of a chunk (ld: score row stride) */
+    out += blockIdx.x * k;
+    if (st) st += blockIdx.x;
     int64_t n = st ? (int64_t)(st->pos + 1) / 4 : n_fixed;   /* indexer: the visible rows */
     if (st && n <= k) return;   /* every row is attended: no selection */
     __shared__ uint32_t hist[256];
@@ -743,29 +833,36 @@ __global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int
 
 #define ATT_V4 8               /* float4 per lane per row: head_dim ≤ 32·4·8 = 1024 */
 
-/* One block per head: rows = raw window positions lo … pos (ring) then the
- * compressed rows (the indexer's selection when it chose, else all visible
- * ones). Scores to scr, softmax with the head's sink, weighted sum, inverse
+/* One block per (head, token t of st): rows = raw window positions lo … pos
+ * (the chunk's own rows kvc for positions ≥ p0 = st0->pos, the chunk's first,
+ * older ones from the ring) then the compressed rows (the indexer's selection when it chose,
+ * else all visible ones). Scores to scr, softmax with the head's sink, weighted sum, inverse
  * RoPE on the tail. Rows are read as float4 across a warp (head_dim a
  * multiple of 128): a warp per row for the scores; for the sum each warp
  * takes every nw-th row and keeps a partial output in registers, so every
  * lane has several independent row loads in flight; partials meet in shared
  * memory at the end. */
-__global__ void k_attend(const float *q, float *o, const float *raw, uint32_t keep_raw, const dstep *st, uint32_t window,
-                         const float *comp, const int32_t *selbuf, int ratio, int64_t topk, const float *sinks, int hd,
-                         int rd, const double *freq, float scale, float *scr, int64_t scr_stride) {
+__global__ void k_attend(const float *q, float *o, const float *kvc, const float *raw, uint32_t keep_raw,
+                         const dstep *st0, const dstep *st, uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk,
+                         const float *sinks, int hd, int rd, const double *freq, float scale, float *scr,
+                         int64_t scr_stride) {
+    pdl_wait();
     extern __shared__ float sv[];   /* q (hd), then nw partial outputs (hd each) */
     __shared__ float shf[32];
     int h = blockIdx.x, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5, nv = hd / 128;
-    float *sq = sv, *part = sv + hd, *sc = scr + h * scr_stride;
-    int64_t pos = st->pos, n_comp = ratio > 0 ? (pos + 1) / ratio : 0;
+    int64_t t = blockIdx.y, th = t * gridDim.x + h;
+    float *sq = sv, *part = sv + hd, *sc = scr + th * scr_stride;
+    int64_t p0 = st0->pos, pos = st[t].pos, n_comp = ratio > 0 ? (pos + 1) / ratio : 0;
     const int32_t *sel = NULL;
-    if (ratio == 4 && n_comp > topk) { n_comp = topk; sel = selbuf; }   /* the indexer's choice */
+    if (ratio == 4 && n_comp > topk) { n_comp = topk; sel = selbuf + t * topk; }   /* the indexer's choice */
+    q += th * hd;
+    o += th * hd;
     int64_t lo = pos >= (int64_t)window - 1 ? pos - (window - 1) : 0, nraw = pos - lo + 1, n = nraw + n_comp;
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) sq[k] = q[(int64_t)h * hd + k];
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) sq[k] = q[k];
     __syncthreads();
     const float4 *q4 = (const float4 *)sq;
-#define ATT_ROW(r) ((const float4 *)((r) < nraw ? raw + (size_t)((lo + (r)) % keep_raw) * hd \
+#define ATT_ROW(r) ((const float4 *)((r) < nraw ? (lo + (r) >= p0 ? kvc + (size_t)(lo + (r) - p0) * hd \
+                                                                  : raw + (size_t)((lo + (r)) % keep_raw) * hd) \
                                                 : comp + (size_t)(sel ? sel[(r) - nraw] : (r) - nraw) * hd))
     float mloc = -INFINITY;
     for (int64_t r = wid; r < n; r += nw) {
@@ -819,7 +916,7 @@ __global__ void k_attend(const float *q, float *o, const float *raw, uint32_t ke
     }
     __syncthreads();
     blk_rope(sq + hd - rd, rd / 2, freq, pos, true);
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) o[(int64_t)h * hd + k] = sq[k];
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) o[k] = sq[k];
 }
 
 /* ---- MoE (spec §3.6, §4.7) ----------------------------------------------------- */
@@ -836,10 +933,15 @@ __device__ __forceinline__ float swiglu(float g, float u, float clamp) {
 
 /* Router: scores, expert choice (hash row of tid2eid for the token, else
  * biased top-`used` with lowest index on ties: `used` rounds of a block
- * argmax), normalised scaled weights. One block; dynamic shared memory E
- * floats + E bytes. */
+ * argmax), normalised scaled weights. One block per token; dynamic shared
+ * memory E floats + E bytes. */
 __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
-                         const int32_t *tok, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
+                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
+    pdl_wait();
+    logit += (int64_t)blockIdx.x * E;
+    eid += (int64_t)blockIdx.x * used;
+    ew += (int64_t)blockIdx.x * used;
+    const int32_t *tok = &st[blockIdx.x].tok;
     extern __shared__ float ssc[];
     __shared__ float bv[32];
     __shared__ int bi[32];
@@ -888,10 +990,20 @@ __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid
     }
 }
 
+/* g = swiglu(g, u) elementwise (a chunk's shared expert: two GEMMs, then this). */
+__global__ void k_swiglu(float *g, const float *u, int64_t n, float clamp) {
+    pdl_wait();
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) g[i] = swiglu(g[i], u[i], clamp);
+}
+
 /* y = Σ_slot routed (slot order) + y (the shared expert's output). */
 __global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
+    pdl_wait();
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= d) return;
+    eout += (int64_t)blockIdx.y * used * d;   /* token blockIdx.y of a chunk */
+    y += (int64_t)blockIdx.y * d;
     float a = 0;
     for (int i = 0; i < used; i++) a += eout[i * d + k];
     y[k] = a + y[k];
@@ -922,6 +1034,7 @@ template <> struct rp_fmt<RP_Q2K> { enum { EB = 256, BB = 84, HO = 80, HL = 4, P
  * header at nblocks·(bb−hl) + i·hl. Every offset is even: 2-byte copies. */
 __global__ void k_repack(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t nblocks, int bb, int ho,
                          int hl) {
+    pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= nblocks) return;
     const unsigned short *b = (const unsigned short *)(src + i * bb);
@@ -1044,6 +1157,7 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
         const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot,
         const float *__restrict__ ew, float clamp) {
+    pdl_wait();
     typedef rp_fmt<F> fm;
     constexpr int M = GLU ? 2 * NR : NR;
     __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
@@ -1100,6 +1214,7 @@ __global__ void k_matvec_glu(int type, const uint8_t *__restrict__ Wg, const uin
                              int64_t n_in, int64_t rows, const float *__restrict__ x, float *__restrict__ y,
                              const int32_t *__restrict__ eid, uint64_t estride, int64_t y_slot,
                              const float *__restrict__ ew, float clamp) {
+    pdl_wait();
     int slot = blockIdx.y, lane = threadIdx.x & 31;
     int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
     if (r >= rows) return;
@@ -1112,6 +1227,7 @@ __global__ void k_matvec_glu(int type, const uint8_t *__restrict__ Wg, const uin
 /* ---- test-only wrappers ---------------------------------------------------------- */
 
 __global__ void k_test_qat(float *x, int n, bool fp4) {
+    pdl_wait();
     extern __shared__ float sv[];
     for (int k = threadIdx.x; k < n; k += blockDim.x) sv[k] = x[k];
     __syncthreads();
@@ -1122,6 +1238,7 @@ __global__ void k_test_qat(float *x, int n, bool fp4) {
 
 __global__ void k_test_hc(const float *mix, const float *scale, const float *base, int hc, int iters, float eps,
                           float *out) {
+    pdl_wait();
     if ((hc & (hc - 1)) == 0 && hc * hc <= 32) hc_coeffs_warp(mix, scale, base, hc, iters, eps, out, out + hc, out + 2 * hc);
     else if (threadIdx.x == 0) hc_coeffs(mix, scale, base, hc, iters, eps, out, out + hc, out + 2 * hc);
 }
