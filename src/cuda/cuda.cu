@@ -1160,3 +1160,219 @@ extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, con
     cudaFree(d);
     return e ? ds4_errf(err, errlen, "hc: %s", cudaGetErrorString(e)) : 0;
 }
+
+/* ---- mm tests ---- */
+
+static int iq2_tables(void) {
+    if (tables_loaded) return 0;
+    cudaError_t e = cudaMemcpyToSymbol(d_iq2_grid, ds4_iq2xxs_grid, sizeof ds4_iq2xxs_grid);
+    if (!e) e = cudaMemcpyToSymbol(d_iq2_signs, ds4_ksigns_iq2xs, sizeof ds4_ksigns_iq2xs);
+    tables_loaded = !e;
+    return e ? -1 : 0;
+}
+
+/* n slabs of M rows × K of `type` (host, GGUF layout) on the device, repacked
+ * slab by slab as at upload. */
+static cudaError_t mm_upload(uint32_t type, const void *w, int64_t K, int64_t M, int64_t n, uint8_t **dw) {
+    uint64_t slab = ggml_row_bytes(type, (uint64_t)K) * (uint64_t)M;
+    cudaError_t e;
+    *dw = NULL;
+    if ((e = cudaMalloc((void **)dw, slab * n)) || (e = cudaMemcpy(*dw, w, slab * n, cudaMemcpyHostToDevice))) return e;
+    if (!repacked(type)) return cudaSuccess;
+    int bb, ho, hl, eb;
+    rp_geom(type, &bb, &ho, &hl, &eb);
+    uint8_t *tmp = NULL;
+    if ((e = cudaMalloc((void **)&tmp, slab))) return e;
+    for (int64_t i = 0; i < n && !e; i++) {
+        int64_t nblocks = M * (K / eb);
+        if (!(e = cudaMemcpy(tmp, *dw + i * slab, slab, cudaMemcpyDeviceToDevice))) {
+            k_repack<<<(unsigned)((nblocks + 255) / 256), 256>>>(tmp, *dw + i * slab, nblocks, bb, ho, hl);
+            e = cudaDeviceSynchronize();
+        }
+    }
+    cudaFree(tmp);
+    return e;
+}
+
+extern "C" int ds4_cuda_test_mm_dense(int type, const void *w, int64_t K, int64_t M, int64_t r0, int64_t nr,
+                                      const float *x, int64_t ldx, int64_t T, float *y, char *err, size_t errlen) {
+    const int64_t lead = 32;   /* the product reads xh + lead with row stride K + lead: ldx > K, an offset start */
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
+    if (!rb || mm_fmt((uint32_t)type) < 0 || K % 32 || ldx < K + lead || r0 < 0 || nr < 1 || r0 + nr > M || T < 1)
+        return ds4_errf(err, errlen, "mm_dense: bad type %d / shape", type);
+    if (iq2_tables()) return ds4_errf(err, errlen, "mm_dense: iq2 tables");
+    uint8_t *dw = NULL;
+    float *dx = NULL, *dy = NULL, *dxs = NULL;
+    __half *dxh = NULL;
+    cudaError_t e;
+    if (!(e = mm_upload((uint32_t)type, w, K, M, 1, &dw)) && !(e = cudaMalloc((void **)&dx, T * ldx * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dy, T * nr * sizeof(float))) && !(e = cudaMalloc((void **)&dxs, T * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dxh, T * (K + lead) * sizeof(__half))) &&
+        !(e = cudaMemcpy(dx, x, T * ldx * sizeof(float), cudaMemcpyHostToDevice))) {
+        poison(dy, T * nr * sizeof(float));
+        mm_w W = {(uint32_t)type, dw, K, M, rb};
+        mm_prep(0, dx, ldx, T, K + lead, dxh, dxs);
+        mm_dense(0, &W, r0, nr, dxh + lead, dxs, K + lead, T, dy, nr);
+        if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, T * nr * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+    cudaFree(dw); cudaFree(dx); cudaFree(dy); cudaFree(dxs); cudaFree(dxh);
+    return e ? ds4_errf(err, errlen, "mm_dense: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_mm_experts(int tgu, const void *wg, const void *wu, int td, const void *wd, int64_t d,
+                                        int64_t ff, int E, int used, int64_t T, const int32_t *eid, const float *ew,
+                                        float clamp, const float *x, const float *gin, int32_t *perm, float *g,
+                                        float *out, char *err, size_t errlen) {
+    if (mm_fmt((uint32_t)tgu) < 0 || mm_fmt((uint32_t)td) < 0 || d % 256 || ff % 256 || E < 1 || used < 1 || T < 1)
+        return ds4_errf(err, errlen, "mm_experts: bad types / shape");
+    if (iq2_tables()) return ds4_errf(err, errlen, "mm_experts: iq2 tables");
+    int64_t n = T * used;
+    uint8_t *dg = NULL, *du = NULL, *dd = NULL;
+    float *dx = NULL, *dxs = NULL, *dew = NULL, *dgo = NULL, *dgi = NULL, *dgs = NULL, *dout = NULL;
+    __half *dxh = NULL, *dgh = NULL;
+    int32_t *deid = NULL;
+    mm_route r;
+    memset(&r, 0, sizeof r);
+    cudaError_t e;
+    if (!(e = mm_upload((uint32_t)tgu, wg, d, ff, E, &dg)) && !(e = mm_upload((uint32_t)tgu, wu, d, ff, E, &du)) &&
+        !(e = mm_upload((uint32_t)td, wd, ff, d, E, &dd)) && !(e = cudaMalloc((void **)&dx, T * d * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dxs, T * sizeof(float))) && !(e = cudaMalloc((void **)&dxh, T * d * sizeof(__half))) &&
+        !(e = cudaMalloc((void **)&dew, n * sizeof(float))) && !(e = cudaMalloc((void **)&deid, n * sizeof(int32_t))) &&
+        !(e = cudaMalloc((void **)&dgo, n * ff * sizeof(float))) && !(e = cudaMalloc((void **)&dgi, n * ff * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dgs, n * sizeof(float))) && !(e = cudaMalloc((void **)&dgh, n * ff * sizeof(__half))) &&
+        !(e = cudaMalloc((void **)&dout, n * d * sizeof(float))) && !(e = mm_route_alloc(&r, T, used, E)) &&
+        !(e = cudaMemcpy(dx, x, T * d * sizeof(float), cudaMemcpyHostToDevice)) &&
+        !(e = cudaMemcpy(dew, ew, n * sizeof(float), cudaMemcpyHostToDevice)) &&
+        !(e = cudaMemcpy(deid, eid, n * sizeof(int32_t), cudaMemcpyHostToDevice)) &&
+        !(e = cudaMemcpy(dgi, gin, n * ff * sizeof(float), cudaMemcpyHostToDevice))) {
+        poison(dgo, n * ff * sizeof(float));
+        poison(dout, n * d * sizeof(float));
+        poison(r.perm, n * sizeof(int32_t));
+        mm_w Wg = {(uint32_t)tgu, dg, d, ff, ggml_row_bytes((uint32_t)tgu, (uint64_t)d)};
+        mm_w Wu = {(uint32_t)tgu, du, d, ff, Wg.rb};
+        mm_w Wd = {(uint32_t)td, dd, ff, d, ggml_row_bytes((uint32_t)td, (uint64_t)ff)};
+        mm_prep(0, dx, d, T, d, dxh, dxs);
+        mm_route_build(0, &r, deid, T);
+        mm_experts_glu(0, &Wg, &Wu, dxh, dxs, d, &r, dew, clamp, dgo);
+        mm_prep(0, dgi, ff, n, ff, dgh, dgs);
+        mm_experts_down(0, &Wd, dgh, dgs, &r, dout, d);
+        if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(perm, r.perm, n * sizeof(int32_t), cudaMemcpyDeviceToHost)) &&
+            !(e = cudaMemcpy(g, dgo, n * ff * sizeof(float), cudaMemcpyDeviceToHost)))
+            e = cudaMemcpy(out, dout, n * d * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+    cudaFree(dg); cudaFree(du); cudaFree(dd); cudaFree(dx); cudaFree(dxs); cudaFree(dxh); cudaFree(dew);
+    cudaFree(deid); cudaFree(dgo); cudaFree(dgi); cudaFree(dgs); cudaFree(dgh); cudaFree(dout);
+    if (r.perm) mm_route_free(&r);
+    return e ? ds4_errf(err, errlen, "mm_experts: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* Random weights in place (bench): every 16-bit word that holds an f16
+ * scale (repacked headers past hdr in each slab, Q4_K's d|dmin, all of F16)
+ * gets a finite value, F32 gets values in [−1, 1], quant bytes stay random. */
+__global__ void k_mm_rand(uint8_t *p, uint64_t words, int fmt, uint64_t slab, uint64_t hdr, uint64_t seed) {
+    uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= words) return;
+    uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    h ^= h >> 31; h *= 0xBF58476D1CE4E5B9ull; h ^= h >> 29;
+    uint32_t v = (uint32_t)h;
+    if (fmt == MF_F32) { ((float *)p)[i] = (float)(int32_t)v * 0x1p-31f; return; }
+    for (int k = 0; k < 2; k++) {
+        uint64_t o = (4 * i + 2 * k) % slab;
+        bool sc = fmt == MF_F16 || (fmt == MF_Q4K ? o % 144 < 4 : o >= hdr);
+        float f = ((h >> (32 + 16 * k)) & 0xffff) * 0x1p-16f;   /* [0, 1) */
+        if (sc) v = (v & ~(0xffffu << 16 * k)) |
+                    (uint32_t)__half_as_ushort(__float2half_rn(fmt == MF_F16 ? 2 * f - 1 : (0.5f + f) * 0x1p-8f)) << 16 * k;
+    }
+    ((uint32_t *)p)[i] = v;
+}
+__global__ void k_mm_randf(float *p, uint64_t n, uint64_t seed) {
+    uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    h ^= h >> 31; h *= 0xBF58476D1CE4E5B9ull; h ^= h >> 29;
+    p[i] = (float)(int32_t)(uint32_t)h * 0x1p-31f;
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+extern "C" int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int mode, int E, int used, int iters,
+                                 uint64_t seed, double *ms, char *err, size_t errlen) {
+    int fmt = mm_fmt((uint32_t)type);
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
+    if (fmt < 0 || !rb || K % 256 || M < 1 || T < 1 || iters < 1 || iters > 1000 || (mode && (E < 1 || used < 1 || used > E)))
+        return ds4_errf(err, errlen, "mm_bench: bad arguments");
+    if (iq2_tables()) return ds4_errf(err, errlen, "mm_bench: iq2 tables");
+    int nw = mode == 1 ? 2 : 1, ns = mode ? E : 1;
+    int64_t n = mode ? T * used : T, xrows = mode == 2 ? n : T;
+    uint64_t slab = rb * (uint64_t)M, hdr = 0;
+    if (repacked((uint32_t)type)) {
+        int bb, ho, hl, eb;
+        rp_geom((uint32_t)type, &bb, &ho, &hl, &eb);
+        hdr = (uint64_t)M * (K / eb) * (bb - hl);
+    }
+    uint8_t *w = NULL;
+    float *x = NULL, *xs = NULL, *y = NULL, *ew = NULL;
+    __half *xh = NULL;
+    int32_t *eid = NULL, *heid = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    mm_route r;
+    memset(&r, 0, sizeof r);
+    cudaError_t e;
+    if ((e = cudaMalloc((void **)&w, slab * ns * nw)) || (e = cudaMalloc((void **)&x, xrows * K * sizeof(float))) ||
+        (e = cudaMalloc((void **)&xs, xrows * sizeof(float))) || (e = cudaMalloc((void **)&xh, xrows * K * sizeof(__half))) ||
+        (e = cudaMalloc((void **)&y, n * M * sizeof(float))) || (e = cudaMalloc((void **)&ew, n * sizeof(float))) ||
+        (e = cudaMalloc((void **)&eid, n * sizeof(int32_t))) || (e = cudaEventCreate(&e0)) || (e = cudaEventCreate(&e1)) ||
+        (mode && (e = mm_route_alloc(&r, T, used, E))))
+        goto out;
+    for (int i = 0; i < ns * nw; i++) {
+        uint64_t words = slab / 4;
+        k_mm_rand<<<(unsigned)((words + 255) / 256), 256>>>(w + i * slab, words, fmt, slab, hdr, seed + 77 * i);
+    }
+    k_mm_randf<<<(unsigned)((xrows * K + 255) / 256), 256>>>(x, xrows * K, seed ^ 0x1234);
+    k_mm_randf<<<(unsigned)((n + 255) / 256), 256>>>(ew, n, seed ^ 0x777);
+    mm_prep(0, x, K, xrows, K, xh, xs);
+    if (mode) {   /* uniform routing, `used` distinct experts per token */
+        heid = (int32_t *)malloc(n * sizeof(int32_t));
+        uint64_t s = seed | 1;
+        for (int64_t tk = 0; tk < T; tk++)
+            for (int i = 0; i < used; i++) {
+                int ex, dup;
+                do {
+                    s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                    ex = (int)(s % (uint64_t)E);
+                    dup = 0;
+                    for (int k = 0; k < i; k++) dup |= heid[tk * used + k] == ex;
+                } while (dup);
+                heid[tk * used + i] = ex;
+            }
+        if ((e = cudaMemcpy(eid, heid, n * sizeof(int32_t), cudaMemcpyHostToDevice))) goto out;
+        mm_route_build(0, &r, eid, T);
+    }
+    {
+        mm_w W = {(uint32_t)type, w, K, M, rb}, W2 = {(uint32_t)type, w + slab * ns, K, M, rb};
+        float *tm = (float *)malloc(iters * sizeof(float));
+        for (int it = -3; it < iters && !e; it++) {
+            cudaEventRecord(e0, 0);
+            if (mode == 0) mm_dense(0, &W, 0, M, xh, xs, K, T, y, M);
+            else if (mode == 1) mm_experts_glu(0, &W, &W2, xh, xs, K, &r, ew, 10.0f, y);
+            else mm_experts_down(0, &W, xh, xs, &r, y, M);
+            cudaEventRecord(e1, 0);
+            if (!(e = cudaEventSynchronize(e1)) && !(e = cudaGetLastError()) && it >= 0) cudaEventElapsedTime(&tm[it], e0, e1);
+        }
+        if (!e) {
+            qsort(tm, iters, sizeof *tm, cmp_float);
+            *ms = tm[iters / 2];
+        }
+        free(tm);
+    }
+out:
+    cudaFree(w); cudaFree(x); cudaFree(xs); cudaFree(xh); cudaFree(y); cudaFree(ew); cudaFree(eid);
+    free(heid);
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (r.perm) mm_route_free(&r);
+    return e ? ds4_errf(err, errlen, "mm_bench: %s", cudaGetErrorString(e)) : 0;
+}

@@ -33,6 +33,28 @@ int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int32_t *out, c
 int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, const float *base, int hc, int iters, float eps,
                             float *pre, float *post, float *comb, char *err, size_t errlen);
 
+/* ---- mm (prefill GEMM, src/cuda/mm.cuh) ----
+ * y[t·nr + (r − r0)] = Σ_k W[r][k]·x[t][k] for the n rows of W (M rows of
+ * K, GGUF layout) r0 ≤ r < r0+nr, t < T; x rows at x + t·ldx (ldx ≥ K + 32:
+ * the product reads a 32-column-shifted f16 copy, so ldx > K and an offset
+ * start are exercised). */
+int ds4_cuda_test_mm_dense(int type, const void *w, int64_t K, int64_t M, int64_t r0, int64_t nr, const float *x,
+                           int64_t ldx, int64_t T, float *y, char *err, size_t errlen);
+/* Routed experts of a chunk: wg, wu E slabs of ff × d (type tgu), wd E slabs
+ * of d × ff (type td); eid/ew T·used. Out: perm (sorted position → a), g
+ * (T·used × ff, sorted rows: swiglu · ew), out (T·used × d: Wd_e · gin[j] at
+ * row a; gin given in sorted order). */
+int ds4_cuda_test_mm_experts(int tgu, const void *wg, const void *wu, int td, const void *wd, int64_t d, int64_t ff,
+                             int E, int used, int64_t T, const int32_t *eid, const float *ew, float clamp,
+                             const float *x, const float *gin, int32_t *perm, float *g, float *out, char *err,
+                             size_t errlen);
+/* Median time (ms, of `iters` after 3 warm-ups) of one product on random
+ * weights and activations (never zeros): mode 0 mm_dense M×K, T tokens;
+ * mode 1 mm_experts_glu (E experts of M×K gate and up, T tokens × used,
+ * uniform routing); mode 2 mm_experts_down (E experts of M×K). */
+int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int mode, int E, int used, int iters, uint64_t seed,
+                      double *ms, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

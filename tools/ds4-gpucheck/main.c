@@ -1,6 +1,7 @@
 /* ds4-gpucheck: the CUDA backend against the CPU reference, on a GPU machine.
  *
  *   ds4-gpucheck --kernels                 kernel checks on fresh random inputs
+ *   ds4-gpucheck --mm-bench                prefill GEMM TFLOP/s at the model's shapes
  *   ds4-gpucheck --model FILE [--tokens N] [--ctx C] [--bench T]
  *                                          whole-model comparison (+ decode timing)
  *
@@ -139,6 +140,155 @@ static void check_hc(int hc) {
     }
 }
 
+/* ---- mm (prefill GEMM) checks --------------------------------------------------------
+ * Against double-precision dot products of the dequantised rows
+ * (ds4_dequant_row): the kernels round x and the weights to f16 once each,
+ * so the bound is 1e-3 per token row (measured ≈ 2–4e-4). */
+
+#define MM_BOUND 1e-3
+
+/* rows × n quantised random rows of `type`, each scaled by 2^(−4…3). */
+static uint8_t *mm_weights(int type, int64_t n, int64_t rows) {
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)n);
+    uint8_t *w = malloc(rb * rows);
+    float *src = malloc(n * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        float sc = ldexpf(1.0f, (int)(rnd() % 8) - 4);
+        for (int64_t i = 0; i < n; i++) src[i] = frand() * sc;
+        ds4_quantize_row((ggml_type)type, src, w + r * rb, n, NULL);
+    }
+    free(src);
+    return w;
+}
+static double mm_dot(const float *w, const float *x, int64_t n) {
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) s += (double)w[i] * x[i];
+    return s;
+}
+/* max over rows of ‖a − ref‖/‖ref‖ (a zero ref row must come out exactly zero). */
+static double mm_err(const float *a, const double *ref, int64_t rows, int64_t n) {
+    double worst = 0;
+    for (int64_t t = 0; t < rows; t++) {
+        double num = 0, den = 0;
+        for (int64_t i = 0; i < n; i++) {
+            double v = a[t * n + i];
+            if (isnan(v)) return NAN;
+            num += (v - ref[t * n + i]) * (v - ref[t * n + i]);
+            den += ref[t * n + i] * ref[t * n + i];
+        }
+        double e = den > 0 ? sqrt(num / den) : num > 0 ? INFINITY : 0;
+        if (e > worst) worst = e;
+    }
+    return worst;
+}
+
+static void check_mm_dense(int type, const char *name, int64_t K, int64_t M, int64_t r0, int64_t nr, int64_t T) {
+    char err[256], what[80];
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
+    int64_t ldx = K + 32 + 3;   /* the test entry reads columns 32 … 32+K−1 of each row */
+    uint8_t *w = mm_weights(type, K, M);
+    float *x = malloc(T * ldx * sizeof(float)), *y = malloc(T * nr * sizeof(float)), *wr = malloc(K * sizeof(float));
+    double *ref = malloc(T * nr * sizeof(double));
+    for (int64_t t = 0; t < T; t++) {   /* rows of very different magnitudes; row 3 all zero */
+        float sc = t == 3 ? 0.0f : ldexpf(1.0f, (int)(rnd() % 40) - 20);
+        for (int64_t i = 0; i < ldx; i++) x[t * ldx + i] = frand() * sc;
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        ds4_dequant_row((ggml_type)type, w + (r0 + r) * rb, wr, K);
+        for (int64_t t = 0; t < T; t++) ref[t * nr + r] = mm_dot(wr, x + t * ldx + 32, K);
+    }
+    snprintf(what, sizeof what, "mm dense %s K=%lld rows %lld+%lld/%lld T=%lld", name, (long long)K, (long long)r0,
+             (long long)nr, (long long)M, (long long)T);
+    if (ds4_cuda_test_mm_dense(type, w, K, M, r0, nr, x, ldx, T, y, err, sizeof err)) verdict(what, false, "%s", err);
+    else {
+        double e = mm_err(y, ref, T, nr);
+        verdict(what, within(e, MM_BOUND), "rel %.3g (bound %g)", e, MM_BOUND);
+    }
+    free(w); free(x); free(y); free(wr); free(ref);
+}
+
+static float mm_swiglu(double g, double u, float clamp) {
+    g = fmin(g, clamp);
+    u = u > clamp ? clamp : u < -clamp ? -clamp : u;
+    return (float)(g / (1.0 + exp(-g)) * u);
+}
+
+/* E experts, T tokens × used slots; skew: slot 0 of every token is expert E−1. */
+static void check_mm_experts(int tgu, int td, const char *name, int64_t d, int64_t ff, int E, int used, int64_t T,
+                             bool skew) {
+    char err[256], what[80];
+    int64_t n = T * used;
+    uint64_t rgu = ggml_row_bytes((uint32_t)tgu, (uint64_t)d), rd = ggml_row_bytes((uint32_t)td, (uint64_t)ff);
+    uint8_t *wg = mm_weights(tgu, d, ff * E), *wu = mm_weights(tgu, d, ff * E), *wd = mm_weights(td, ff, d * E);
+    int32_t *eid = malloc(n * sizeof(int32_t)), *perm = malloc(n * sizeof(int32_t)), *pref = malloc(n * sizeof(int32_t));
+    float *ew = malloc(n * sizeof(float)), *x = malloc(T * d * sizeof(float)), *gin = malloc(n * ff * sizeof(float));
+    float *g = malloc(n * ff * sizeof(float)), *out = malloc(n * d * sizeof(float)), *wr = malloc(d * sizeof(float));
+    float *wr2 = malloc(d * sizeof(float));
+    double *gref = malloc(n * ff * sizeof(double)), *oref = malloc(n * d * sizeof(double));
+    float clamp = 10.0f;
+    for (int64_t t = 0; t < T; t++)
+        for (int i = 0; i < used; i++) {   /* distinct experts per token */
+            int e, dup;
+            do {
+                e = skew && i == 0 ? E - 1 : (int)(rnd() % (uint64_t)E);
+                dup = 0;
+                for (int k = 0; k < i; k++) dup |= eid[t * used + k] == e;
+            } while (dup);
+            eid[t * used + i] = e;
+            ew[t * used + i] = 0.1f + 0.9f * fabsf(frand());
+        }
+    for (int64_t i = 0; i < T * d; i++) x[i] = frand() * 2;
+    for (int64_t i = 0; i < n * ff; i++) gin[i] = frand();
+    int64_t j = 0;   /* the stable sort by expert */
+    for (int e = 0; e < E; e++)
+        for (int64_t a = 0; a < n; a++)
+            if (eid[a] == e) pref[j++] = (int32_t)a;
+    for (j = 0; j < n; j++) {
+        int64_t a = pref[j], t = a / used, e = eid[a];
+        for (int64_t f = 0; f < ff; f++) {
+            ds4_dequant_row((ggml_type)tgu, wg + (e * ff + f) * rgu, wr, d);
+            ds4_dequant_row((ggml_type)tgu, wu + (e * ff + f) * rgu, wr2, d);
+            gref[j * ff + f] = mm_swiglu(mm_dot(wr, x + t * d, d), mm_dot(wr2, x + t * d, d), clamp) * (double)ew[a];
+        }
+        for (int64_t r = 0; r < d; r++) {
+            ds4_dequant_row((ggml_type)td, wd + (e * d + r) * rd, wr, ff);
+            oref[a * d + r] = mm_dot(wr, gin + j * ff, ff);
+        }
+    }
+    snprintf(what, sizeof what, "mm experts %s d=%lld ff=%lld E=%d x%d T=%lld%s", name, (long long)d, (long long)ff, E,
+             used, (long long)T, skew ? " skew" : "");
+    if (ds4_cuda_test_mm_experts(tgu, wg, wu, td, wd, d, ff, E, used, T, eid, ew, clamp, x, gin, perm, g, out, err,
+                                 sizeof err))
+        verdict(what, false, "%s", err);
+    else {
+        int64_t bad = 0;
+        for (j = 0; j < n; j++) bad += perm[j] != pref[j];
+        double eg = mm_err(g, gref, n, ff), eo = mm_err(out, oref, n, d);
+        verdict(what, !bad && within(eg, MM_BOUND) && within(eo, MM_BOUND),
+                "order %lld wrong, glu rel %.3g, down rel %.3g (bound %g)", (long long)bad, eg, eo, MM_BOUND);
+    }
+    free(wg); free(wu); free(wd); free(eid); free(perm); free(pref); free(ew); free(x); free(gin); free(g);
+    free(out); free(wr); free(wr2); free(gref); free(oref);
+}
+
+static void mm_checks(void) {
+    static const struct { int type; const char *name; } T[] = {
+        {GGML_F32, "F32"}, {GGML_F16, "F16"}, {GGML_Q8_0, "Q8_0"},
+        {GGML_Q2_K, "Q2_K"}, {GGML_Q4_K, "Q4_K"}, {GGML_IQ2_XXS, "IQ2_XXS"},
+    };
+    for (size_t i = 0; i < sizeof T / sizeof *T; i++) {
+        check_mm_dense(T[i].type, T[i].name, 256, 37, 0, 37, 1);
+        check_mm_dense(T[i].type, T[i].name, 512, 300, 5, 290, 7);      /* partial row and token tiles, r0 > 0 */
+        check_mm_dense(T[i].type, T[i].name, 1024, 1000, 130, 700, 300);
+    }
+    check_mm_dense(GGML_Q8_0, "Q8_0", 96, 130, 0, 130, 9);   /* K not a multiple of the 64-wide step */
+    check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 100, false);
+    check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 150, true);   /* 150 > 2 tiles */
+    check_mm_experts(GGML_Q4_K, GGML_Q4_K, "Q4_K/Q4_K", 256, 512, 8, 2, 70, false);
+    check_mm_experts(GGML_Q8_0, GGML_Q8_0, "Q8_0/Q8_0", 256, 256, 5, 2, 7, false);
+    check_mm_experts(GGML_F16, GGML_F16, "F16/F16", 256, 256, 4, 4, 1, true);
+}
+
 static void kernel_checks(void) {
     static const struct { int type; const char *name; } T[] = {
         {GGML_F32, "F32"}, {GGML_F16, "F16"}, {GGML_Q8_0, "Q8_0"},
@@ -159,6 +309,43 @@ static void kernel_checks(void) {
     check_topk(75, 16, true);
     check_topk(100000, 512, false);
     check_hc(4);
+    mm_checks();
+}
+
+/* --mm-bench: the prefill GEMM at the model's shapes, T = 2048 tokens. */
+static int mm_bench(void) {
+    static const struct { const char *what; int type; int64_t K, M; int mode; } S[] = {
+        {"q_a 4096->1024", GGML_Q8_0, 4096, 1024, 0},
+        {"q_b 1024->32768", GGML_Q8_0, 1024, 32768, 0},
+        {"kv 4096->512", GGML_Q8_0, 4096, 512, 0},
+        {"out_a group 4096->1024", GGML_Q8_0, 4096, 1024, 0},
+        {"shared up 4096->2048", GGML_Q8_0, 4096, 2048, 0},
+        {"shared down 2048->4096", GGML_Q8_0, 2048, 4096, 0},
+        {"lm head 4096->129280", GGML_Q8_0, 4096, 129280, 0},
+        {"q_b F16 1024->32768", GGML_F16, 1024, 32768, 0},
+        {"q_b Q4_K 1024->32768", GGML_Q4_K, 1024, 32768, 0},
+        {"experts gate+up 4096->2048", GGML_IQ2_XXS, 4096, 2048, 1},
+        {"experts down 2048->4096", GGML_Q2_K, 2048, 4096, 2},
+        {"experts gate+up 4096->2048", GGML_Q4_K, 4096, 2048, 1},
+        {"experts down 2048->4096", GGML_Q4_K, 2048, 4096, 2},
+    };
+    const int64_t T = 2048;
+    int rc = 0;
+    for (size_t i = 0; i < sizeof S / sizeof *S; i++) {
+        char err[256];
+        double ms;
+        if (ds4_cuda_mm_bench(S[i].type, S[i].K, S[i].M, T, S[i].mode, 256, 6, 20, rnd(), &ms, err, sizeof err)) {
+            printf("%-28s %-8s %s\n", S[i].what, ggml_type_name((uint32_t)S[i].type), err);
+            rc = 1;
+            continue;
+        }
+        /* dense 2·T·M·K; experts 2·(T·used)·M·K per matrix, gate and up both */
+        double fl = 2.0 * T * S[i].M * S[i].K * (S[i].mode ? 6.0 : 1.0) * (S[i].mode == 1 ? 2.0 : 1.0);
+        printf("%-28s %-8s T=%lld  %8.3f ms  %6.1f TFLOP/s\n", S[i].what, ggml_type_name((uint32_t)S[i].type),
+               (long long)T, ms, fl / ms * 1e-9);
+        fflush(stdout);
+    }
+    return rc;
 }
 
 /* ---- whole model ---------------------------------------------------------------------- */
@@ -507,7 +694,7 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: ds4-gpucheck [--kernels] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
+    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
                "  --profile  evaluate N tokens on the GPU only, no checks (run under ncu)\n");
 }
 
@@ -517,11 +704,12 @@ int main(int argc, char **argv) {
     size_t n_tok = 300;
     uint32_t ctx = 0;
     int bench = 0;
-    bool profile = false;
+    bool profile = false, mmb = false;
     rs = (uint64_t)time(NULL) * 2654435761u | 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--kernels")) kernels = true;
+        else if (!strcmp(a, "--mm-bench")) mmb = true;
         else if (!strcmp(a, "--profile")) profile = true;
         else if (!strcmp(a, "--model") && v) { model = v; i++; }
         else if (!strcmp(a, "--tokens") && v) { n_tok = strtoul(v, NULL, 10); i++; }
@@ -531,12 +719,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else { usage(stderr); return 2; }
     }
-    if ((!kernels && !model) || n_tok < 2 || n_tok > 100000) { usage(stderr); return 2; }
+    if ((!kernels && !model && !mmb) || n_tok < 2 || n_tok > 100000) { usage(stderr); return 2; }
     if (!ds4_backend_cuda.available()) {
         fprintf(stderr, "ds4-gpucheck: no CUDA device available\n");
         return 1;
     }
     if (profile) return model ? profile_run(model, n_tok, bench) : 2;
+    if (mmb) return mm_bench();
     printf("seed %llu\n", (unsigned long long)rs);
     if (kernels) kernel_checks();
     if (model && model_checks(model, n_tok, ctx, bench)) n_fail++;

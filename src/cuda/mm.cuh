@@ -1,0 +1,609 @@
+/* Prefill matrix products: a chunk of T tokens times a quantised weight
+ * matrix on the tensor cores (mma.sync m16n8k16, f16 inputs, f32
+ * accumulation), and the routed experts of a chunk grouped by expert.
+ *
+ * Precision. Activations: each token row is scaled by a power of two so its
+ * largest magnitude lies in [2^13, 2^14) and rounded to f16 once (mm_prep),
+ * the scale comes back in the epilogue (exact). Weights: dequantised inside
+ * the kernel, per 16-weight unit, into f16 in shared memory: the block
+ * scale is applied before the rounding, so every weight is its exact value
+ * rounded once (twice for K-quants: the sub-block scale is an f16 product).
+ * f16 keeps 11 bits: ‖err‖/‖y‖ ≈ 2–3e-4 on random data. The other option,
+ * exact small integers in f16 with block scales applied to partial sums in
+ * f32, would need an extra accumulator pass every 16–32 weights (a quarter
+ * of the tensor time in FMAs) and a Σx term per sub-block for the K-quant
+ * minimums; f16 weights keep one code path for every format.
+ *
+ * Tiles: a block computes 128 weight rows × BN tokens (BN = 128 dense, 64
+ * for experts: ~48 tokens per expert at T = 2048), K in steps of 64. Token
+ * rows arrive by cp.async; the weight units of the next step are loaded to
+ * registers while the tensor cores work on this one, then dequantised into
+ * the other shared buffer (two buffers, one barrier a step).
+ *
+ * Preconditions (callers): K a multiple of the format's block (32 Q8_0,
+ * 256 K-quants/IQ2_XXS, 16 F16/F32), xh 16-byte aligned, ldx a multiple
+ * of 8 halves. Weights as uploaded by the backend (Q8_0/IQ2_XXS/Q2_K
+ * repacked per slab, see kernels.cuh; F16/F32/Q4_K as in the file).
+ * Results are deterministic: every output element is written once by one
+ * thread after a fixed-order accumulation. */
+#ifndef DS4_CUDA_MM_CUH
+#define DS4_CUDA_MM_CUH
+
+#define MM_BM 128              /* weight rows per block */
+#define MM_BK 64               /* K per pipeline step */
+#define MM_LDS 72              /* shared row stride in halves: 144 bytes puts 8 ldmatrix rows on distinct banks */
+#define MM_THREADS 256
+#define MM_EBN 64              /* token tile of the expert kernels */
+#define MM_DBN 128             /* token tile of the dense kernel */
+
+enum { MF_F32, MF_F16, MF_Q8, MF_Q2K, MF_Q4K, MF_IQ2 };
+enum { MM_DENSE, MM_GLU, MM_DOWN };
+
+/* ---- activations ---------------------------------------------------------------- */
+
+/* One block per row: max |x|, then x · 2^(14−E) in f16 where max = f·2^E,
+ * f ∈ [0.5, 1). Rows below 2^-100 count as zero (their scale would leave
+ * f32); a non-finite value makes xs NaN, so the products show it. */
+__global__ void k_mm_prep(const float *__restrict__ x, int64_t ldx, int64_t K, __half *__restrict__ xh,
+                          float *__restrict__ xs) {
+    __shared__ float sm[32];
+    __shared__ int sbad[32];
+    const float *row = x + blockIdx.x * ldx;
+    float m = 0;
+    int bad = 0;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        float a = fabsf(row[k]);
+        bad |= !(a <= 3.4e38f);
+        m = fmaxf(m, a);
+    }
+    m = warp_max(m);
+    bad = __any_sync(0xffffffffu, bad);
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    if (!lane) { sm[wid] = m; sbad[wid] = bad; }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        int nw = blockDim.x >> 5;
+        m = lane < nw ? sm[lane] : 0.0f;
+        bad = lane < nw ? sbad[lane] : 0;
+        m = warp_max(m);
+        bad = __any_sync(0xffffffffu, bad);
+        if (!lane) { sm[0] = m; sbad[0] = bad; }
+    }
+    __syncthreads();
+    m = sm[0];
+    bad = sbad[0];
+    int E = 0;
+    float sc = 0;
+    if (!bad && m >= 0x1p-100f) {
+        frexpf(m, &E);
+        sc = ldexpf(1.0f, 14 - E);
+    }
+    __half *out = xh + blockIdx.x * K;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) out[k] = __float2half_rn(row[k] * sc);
+    if (!threadIdx.x) xs[blockIdx.x] = bad ? __int_as_float(0x7fc00000) : sc > 0 ? ldexpf(1.0f, E - 14) : 0.0f;
+}
+
+static void mm_prep(cudaStream_t s, const float *x, int64_t ldx, int64_t T, int64_t K, __half *xh, float *xs) {
+    if (T > 0) k_mm_prep<<<(unsigned)T, 256, 0, s>>>(x, ldx, K, xh, xs);
+}
+
+/* ---- weight units: 16 consecutive weights of one row ---------------------------- */
+
+/* A unit's raw bytes, loaded one pipeline step ahead. */
+template <int F> struct mm_raw {
+    uint4 q[F == MF_F32 ? 4 : F == MF_F16 ? 2 : 1];
+    uint32_t h, h2;
+};
+
+/* Row r of a slab of M rows × K: pl = its quants, hd = its block headers
+ * (repacked formats; unused otherwise). */
+template <int F>
+__device__ __forceinline__ void mm_row(const uint8_t *slab, int64_t K, int64_t M, uint64_t rb, int64_t r,
+                                       const uint8_t **pl, const uint8_t **hd) {
+    if constexpr (F == MF_Q8) {
+        int64_t nb = K / 32;
+        *pl = slab + r * nb * 32;
+        *hd = slab + M * nb * 32 + r * nb * 2;
+    } else if constexpr (F == MF_IQ2) {
+        int64_t nb = K / 256;
+        *pl = slab + r * nb * 64;
+        *hd = slab + M * nb * 64 + r * nb * 2;
+    } else if constexpr (F == MF_Q2K) {
+        int64_t nb = K / 256;
+        *pl = slab + r * nb * 80;
+        *hd = slab + M * nb * 80 + r * nb * 4;
+    } else {
+        *pl = slab + r * rb;
+        *hd = NULL;
+    }
+}
+
+/* Raw bytes of the unit at weights k … k+15 (k a multiple of 16). */
+template <int F>
+__device__ __forceinline__ void mm_load(const uint8_t *pl, const uint8_t *hd, int64_t k, mm_raw<F> &u) {
+    if constexpr (F == MF_Q8) {
+        u.q[0] = *(const uint4 *)(pl + k);
+        u.h = ((const unsigned short *)hd)[k >> 5];
+    } else if constexpr (F == MF_IQ2) {   /* the unit's 32-weight group: 4 grid indices, signs | scale */
+        uint2 g = *(const uint2 *)(pl + (k >> 5) * 8);
+        u.q[0] = make_uint4(g.x, g.y, 0, 0);
+        u.h = ((const unsigned short *)hd)[k >> 8];
+    } else if constexpr (F == MF_Q2K) {   /* weights 128h + 32s + 16half + i: quant byte 32h + 16half + i, shift 2s */
+        const uint8_t *blk = pl + (k >> 8) * 80;
+        int e = (int)(k & 255), h = e >> 7, s = (e >> 5) & 3, half = (e >> 4) & 1;
+        u.q[0] = *(const uint4 *)(blk + 16 + 32 * h + 16 * half);
+        u.h = ((const uint32_t *)hd)[k >> 8];
+        u.h2 = blk[8 * h + 2 * s + half];
+    } else if constexpr (F == MF_Q4K) {   /* 64-weight chunk cc: bytes 32cc…, low nibbles then high */
+        const uint8_t *blk = pl + (k >> 8) * 144;
+        int e = (int)(k & 255), cc = e >> 6, j = e >> 5;
+        u.q[0] = *(const uint4 *)(blk + 16 + 32 * cc + (e & 16));
+        u.h = *(const uint32_t *)blk;
+        const uint8_t *s = blk + 4;
+        int sc, mn;
+        if (j < 4) { sc = s[j] & 63; mn = s[j + 4] & 63; }
+        else { sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4; mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4; }
+        u.h2 = (uint32_t)sc | (uint32_t)mn << 8;
+    } else if constexpr (F == MF_F16) {
+        const uint4 *p = (const uint4 *)(pl + 2 * k);
+        u.q[0] = p[0]; u.q[1] = p[1];
+    } else {
+        const uint4 *p = (const uint4 *)(pl + 4 * k);
+        u.q[0] = p[0]; u.q[1] = p[1]; u.q[2] = p[2]; u.q[3] = p[3];
+    }
+}
+
+__device__ __forceinline__ __half2 mm_h2(uint32_t v) { return *(__half2 *)&v; }
+__device__ __forceinline__ uint32_t mm_u(__half2 v) { return *(uint32_t *)&v; }
+/* Bytes 0,1 (sel 0x4140) or 2,3 (0x4342) of w as the halves 1024 + byte:
+ * 0x64XX is 1024 + XX exactly, so subtracting 1024 leaves the byte. */
+__device__ __forceinline__ __half2 mm_b2h(uint32_t w, uint32_t sel) { return mm_h2(__byte_perm(w, 0x64646464u, sel)); }
+
+/* Four bytes of small unsigned quants → two half2 of dl·q − ml. */
+__device__ __forceinline__ void mm_deq_u4(uint32_t t, __half2 dl, __half2 nml, uint32_t *o) {
+    const __half2 k1024 = __float2half2_rn(1024.0f);
+    o[0] = mm_u(__hfma2(__hsub2(mm_b2h(t, 0x4140), k1024), dl, nml));
+    o[1] = mm_u(__hfma2(__hsub2(mm_b2h(t, 0x4342), k1024), dl, nml));
+}
+
+/* The unit as 16 halves (8 words, weight order). */
+template <int F>
+__device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint64_t *grid, uint32_t *o) {
+    if constexpr (F == MF_Q8) {   /* int8 + 128 as 1024 + b, minus 1152: exact, then one rounding by d */
+        const __half2 k1152 = __float2half2_rn(1152.0f);
+        __half2 d = __half2half2(__ushort_as_half((unsigned short)u.h));
+        const uint32_t w[4] = {u.q[0].x ^ 0x80808080u, u.q[0].y ^ 0x80808080u, u.q[0].z ^ 0x80808080u,
+                               u.q[0].w ^ 0x80808080u};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = mm_u(__hmul2(__hsub2(mm_b2h(w[i], 0x4140), k1152), d));
+            o[2 * i + 1] = mm_u(__hmul2(__hsub2(mm_b2h(w[i], 0x4342), k1152), d));
+        }
+    } else if constexpr (F == MF_IQ2) {
+        uint32_t A = u.q[0].x, B = u.q[0].y;
+        float db = __half2float(__ushort_as_half((unsigned short)u.h)) * (0.5f + (float)(B >> 28)) * 0.25f;
+        __half2 d2 = __float2half2_rn(db);
+        const __half2 k1024 = __float2half2_rn(1024.0f);
+        int l0 = (int)(k >> 3) & 2;   /* the unit is half l0/2 of the group: grid entries l0, l0 + 1 */
+#pragma unroll
+        for (int l = 0; l < 2; l++) {
+            uint64_t g = grid[(A >> 8 * (l0 + l)) & 255];
+            uint32_t s7 = (B >> 7 * (l0 + l)) & 127, sg = s7 | (__popc(s7) & 1) << 7;   /* ksigns: 7 bits + parity */
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                uint32_t w = i < 2 ? (uint32_t)g : (uint32_t)(g >> 32);
+                __half2 v = __hsub2(mm_b2h(w, i & 1 ? 0x4342 : 0x4140), k1024);
+                uint32_t sm = ((sg >> 2 * i) & 1) << 15 | ((sg >> (2 * i + 1)) & 1) << 31;
+                o[4 * l + i] = mm_u(__hmul2(mm_h2(mm_u(v) ^ sm), d2));
+            }
+        }
+    } else if constexpr (F == MF_Q2K || F == MF_Q4K) {
+        float d = __half2float(__ushort_as_half((unsigned short)u.h));
+        float dm = __half2float(__ushort_as_half((unsigned short)(u.h >> 16)));
+        uint32_t sc, mn, sh, mask;
+        if constexpr (F == MF_Q2K) {
+            sc = u.h2 & 15; mn = u.h2 >> 4;
+            sh = 2 * (uint32_t)((k >> 5) & 3); mask = 0x03030303u;
+        } else {
+            sc = u.h2 & 255; mn = u.h2 >> 8;
+            sh = 4 * (uint32_t)((k >> 5) & 1); mask = 0x0F0F0F0Fu;
+        }
+        __half2 dl = __float2half2_rn(d * (float)sc), nml = __float2half2_rn(-dm * (float)mn);
+        mm_deq_u4((u.q[0].x >> sh) & mask, dl, nml, o);
+        mm_deq_u4((u.q[0].y >> sh) & mask, dl, nml, o + 2);
+        mm_deq_u4((u.q[0].z >> sh) & mask, dl, nml, o + 4);
+        mm_deq_u4((u.q[0].w >> sh) & mask, dl, nml, o + 6);
+    } else if constexpr (F == MF_F16) {
+        o[0] = u.q[0].x; o[1] = u.q[0].y; o[2] = u.q[0].z; o[3] = u.q[0].w;
+        o[4] = u.q[1].x; o[5] = u.q[1].y; o[6] = u.q[1].z; o[7] = u.q[1].w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = mm_u(__floats2half2_rn(__uint_as_float(u.q[i].x), __uint_as_float(u.q[i].y)));
+            o[2 * i + 1] = mm_u(__floats2half2_rn(__uint_as_float(u.q[i].z), __uint_as_float(u.q[i].w)));
+        }
+    }
+}
+
+/* ---- tensor-core primitives -------------------------------------------------------- */
+
+__device__ __forceinline__ void mm_cp16(void *dst, const void *src, bool ok) {
+    unsigned sa = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void mm_ldsm4(const __half *p, uint32_t *r) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void mm_mma(float *c, const uint32_t *a, const uint32_t *b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/* ---- the kernel ------------------------------------------------------------------------ */
+
+typedef struct {
+    const uint8_t *w, *w2;     /* slab (expert 0's for MM_GLU / MM_DOWN); w2: the up slab */
+    int64_t K, M;
+    uint64_t rb, estride;      /* GGUF row bytes; bytes between experts */
+    int64_t r0, nr;            /* MM_DENSE: rows r0 … r0+nr−1 */
+    const __half *x;
+    const float *xs;
+    int64_t ldx, T;
+    float *y;
+    int64_t ldy;
+    const int32_t *perm;       /* experts: sorted position → assignment */
+    const int4 *tile;          /* experts: (expert, first position, count) */
+    const int32_t *ntile;
+    int used;
+    const float *ew;
+    float clamp;
+} mm_args;
+
+/* Step kt's loads: this thread's weight units into registers, its token
+ * chunks by cp.async into b (rows without a token, and K past the end, read
+ * as zeros). */
+template <int F, int BN, int NU, int NC>
+__device__ __forceinline__ void mm_load_step(const mm_args &p, const uint8_t *const *pl, const uint8_t *const *hd,
+                                             int ks, int64_t kt, mm_raw<F> *raw, __half *b, const int64_t *roff,
+                                             int tid) {
+    int64_t k = kt * MM_BK + 16 * ks;
+#pragma unroll
+    for (int i = 0; i < NU; i++)
+        if (k < p.K) mm_load<F>(pl[i], hd[i], k, raw[i]);
+#pragma unroll
+    for (int i = 0; i < NC; i++) {
+        int c = tid + i * MM_THREADS, n = c >> 3, part = c & 7;
+        int64_t kc = kt * MM_BK + 8 * part, off = roff[n];
+        bool ok = off >= 0 && kc < p.K;
+        mm_cp16(b + n * MM_LDS + 8 * part, ok ? p.x + off + kc : p.x, ok);
+    }
+    asm volatile("cp.async.commit_group;\n");
+}
+/* The units of step kt, dequantised into the weight buffer a (rows tid/4 + 64i). */
+template <int F, int NU>
+__device__ __forceinline__ void mm_store_step(const mm_raw<F> *raw, int ks, int64_t kt, int64_t K, const uint64_t *grid,
+                                              __half *a, int tid) {
+    int64_t k = kt * MM_BK + 16 * ks;
+#pragma unroll
+    for (int i = 0; i < NU; i++) {
+        uint32_t o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (k < K) mm_deq<F>(raw[i], k, grid, o);
+        uint4 *d = (uint4 *)(a + (tid / 4 + 64 * i) * MM_LDS + 16 * ks);
+        d[0] = make_uint4(o[0], o[1], o[2], o[3]);
+        d[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
+/* Block (blockIdx.x, blockIdx.y) = (128 weight rows, BN tokens). WM warps
+ * along M, 8/WM along N. MM_GLU: each warp's first MI/2 m16 tiles hold gate
+ * rows, the last MI/2 the up rows of the same features, so the epilogue has
+ * both in one thread; a block then covers 64 features. */
+template <int F, int BN, int WM, int MODE>
+__global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
+    constexpr int WN = 8 / WM, WTM = MM_BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8;
+    constexpr int NU = MM_BM * MM_BK / 16 / MM_THREADS;   /* weight units per thread per step */
+    constexpr int NC = BN * MM_BK / 8 / MM_THREADS;       /* 16-byte token chunks per thread per step */
+    static_assert(NI % 2 == 0 && NU == 2, "tile shape");
+    extern __shared__ __align__(16) uint8_t mm_smem[];
+    __half *sA = (__half *)mm_smem;                        /* [2][BM][LDS] */
+    __half *sB = sA + 2 * MM_BM * MM_LDS;                  /* [2][BN][LDS] */
+    int64_t *roff = (int64_t *)(sB + 2 * BN * MM_LDS);     /* token row offset in x, −1: none */
+    float *rsc = (float *)(roff + BN);                     /* its scale */
+    int32_t *rasg = (int32_t *)(rsc + BN);                 /* experts: its assignment */
+    uint64_t *grid = (uint64_t *)(rasg + BN);              /* IQ2_XXS grid */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % WM, wn = warp / WM;
+    int64_t j0, cnt, e = 0;
+    if (MODE == MM_DENSE) {
+        j0 = (int64_t)blockIdx.y * BN;
+        cnt = p.T - j0 < BN ? p.T - j0 : BN;
+    } else {
+        if ((int)blockIdx.y >= *p.ntile) return;
+        int4 tl = p.tile[blockIdx.y];
+        e = tl.x; j0 = tl.y; cnt = tl.z;
+    }
+    for (int n = tid; n < BN; n += MM_THREADS) {
+        int64_t off = -1, row = 0;
+        int32_t a = 0;
+        if (n < cnt) {
+            if (MODE == MM_DENSE) row = j0 + n;
+            else if (MODE == MM_GLU) { a = p.perm[j0 + n]; row = a / p.used; }
+            else { a = p.perm[j0 + n]; row = j0 + n; }
+            off = row * p.ldx;
+        }
+        roff[n] = off;
+        rsc[n] = off >= 0 ? p.xs[row] : 0.0f;
+        rasg[n] = a;
+    }
+    if (F == MF_IQ2)
+        for (int i = tid; i < 256; i += MM_THREADS) grid[i] = d_iq2_grid[i];
+
+    /* This thread's weight units: rows tid/4 and tid/4 + 64, 16 weights at 16·(tid % 4) of each step. */
+    const uint8_t *pl[NU], *hd[NU];
+    const int ks = tid & 3;
+#pragma unroll
+    for (int i = 0; i < NU; i++) {
+        int a = tid / 4 + 64 * i;
+        const uint8_t *slab = p.w + e * p.estride;
+        int64_t r, last;
+        if (MODE == MM_GLU) {
+            int loc = a % WTM;
+            if (loc >= WTM / 2) slab = p.w2 + e * p.estride;
+            r = (int64_t)blockIdx.x * (MM_BM / 2) + (a / WTM) * (WTM / 2) + loc % (WTM / 2);
+            last = p.M - 1;
+        } else if (MODE == MM_DENSE) {
+            r = p.r0 + (int64_t)blockIdx.x * MM_BM + a;
+            last = p.r0 + p.nr - 1;
+        } else {
+            r = (int64_t)blockIdx.x * MM_BM + a;
+            last = p.M - 1;
+        }
+        mm_row<F>(slab, p.K, p.M, p.rb, r < last ? r : last, &pl[i], &hd[i]);   /* past the end: repeat the last row */
+    }
+    __syncthreads();
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NI; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+
+    const int64_t nk = (p.K + MM_BK - 1) / MM_BK;
+    mm_raw<F> raw[NU];
+    mm_load_step<F, BN, NU, NC>(p, pl, hd, ks, 0, raw, sB, roff, tid);
+    mm_store_step<F, NU>(raw, ks, 0, p.K, grid, sA, tid);
+    for (int64_t kt = 0; kt < nk; kt++) {
+        const int buf = (int)(kt & 1);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();   /* step kt in both buffers; everyone is past step kt−1, whose buffers refill now */
+        if (kt + 1 < nk) mm_load_step<F, BN, NU, NC>(p, pl, hd, ks, kt + 1, raw, sB + (buf ^ 1) * BN * MM_LDS, roff, tid);
+        const __half *a = sA + buf * MM_BM * MM_LDS + (wm * WTM) * MM_LDS;
+        const __half *b = sB + buf * BN * MM_LDS + (wn * WTN) * MM_LDS;
+#pragma unroll
+        for (int kk = 0; kk < MM_BK; kk += 16) {
+            uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; i++) mm_ldsm4(a + (i * 16 + (lane & 15)) * MM_LDS + kk + (lane >> 4) * 8, af[i]);
+#pragma unroll
+            for (int j = 0; j < NI; j += 2) {
+                uint32_t r[4];
+                mm_ldsm4(b + (j * 8 + (lane & 7) + (lane >> 4) * 8) * MM_LDS + kk + ((lane >> 3) & 1) * 8, r);
+                bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; i++)
+#pragma unroll
+                for (int j = 0; j < NI; j++) mm_mma(acc[i][j], af[i], bf[j]);
+        }
+        if (kt + 1 < nk) mm_store_step<F, NU>(raw, ks, kt + 1, p.K, grid, sA + (buf ^ 1) * MM_BM * MM_LDS, tid);
+    }
+
+    /* Epilogue: c of tile (i, j) is row gid + 8·(c/2), token 2·tig + c%2. */
+    const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int i = 0; i < (MODE == MM_GLU ? MI / 2 : MI); i++)
+#pragma unroll
+        for (int j = 0; j < NI; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int n = wn * WTN + j * 8 + 2 * tig + (c & 1), ra = i * 16 + gid + 8 * (c >> 1);
+                if (n >= cnt) continue;
+                float v = acc[i][j][c] * rsc[n];
+                if (MODE == MM_DENSE) {
+                    int64_t r = p.r0 + (int64_t)blockIdx.x * MM_BM + wm * WTM + ra;
+                    if (r < p.r0 + p.nr) p.y[(j0 + n) * p.ldy + (r - p.r0)] = v;
+                } else if (MODE == MM_DOWN) {
+                    int64_t r = (int64_t)blockIdx.x * MM_BM + wm * WTM + ra;
+                    if (r < p.M) p.y[(int64_t)rasg[n] * p.ldy + r] = v;
+                } else {
+                    int64_t f = (int64_t)blockIdx.x * (MM_BM / 2) + wm * (WTM / 2) + ra;
+                    float u = acc[i + MI / 2][j][c] * rsc[n];
+                    if (f < p.M) p.y[(j0 + n) * p.ldy + f] = swiglu(v, u, p.clamp) * p.ew[rasg[n]];
+                }
+            }
+}
+
+/* ---- launches ------------------------------------------------------------------------ */
+
+static int mm_fmt(uint32_t type) {
+    switch (type) {
+    case GT_F32: return MF_F32;
+    case GT_F16: return MF_F16;
+    case GT_Q8_0: return MF_Q8;
+    case GT_Q2_K: return MF_Q2K;
+    case GT_Q4_K: return MF_Q4K;
+    case GT_IQ2_XXS: return MF_IQ2;
+    default: return -1;
+    }
+}
+
+template <int F, int BN, int WM, int MODE>
+static void mm_launch_f(cudaStream_t s, dim3 g, const mm_args *a) {
+    size_t smem = (size_t)2 * (MM_BM + BN) * MM_LDS * sizeof(__half) + (size_t)BN * (8 + 4 + 4) + 256 * 8;
+    static bool attr;   /* per instantiation: above 48 KB needs the opt-in */
+    if (!attr) {
+        cudaFuncSetAttribute(k_mm<F, BN, WM, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attr = true;
+    }
+    k_mm<F, BN, WM, MODE><<<g, MM_THREADS, smem, s>>>(*a);
+}
+
+template <int BN, int WM, int MODE>
+static void mm_launch(cudaStream_t s, uint32_t type, dim3 g, const mm_args *a) {
+    switch (mm_fmt(type)) {
+    case MF_F32: mm_launch_f<MF_F32, BN, WM, MODE>(s, g, a); break;
+    case MF_F16: mm_launch_f<MF_F16, BN, WM, MODE>(s, g, a); break;
+    case MF_Q8: mm_launch_f<MF_Q8, BN, WM, MODE>(s, g, a); break;
+    case MF_Q2K: mm_launch_f<MF_Q2K, BN, WM, MODE>(s, g, a); break;
+    case MF_Q4K: mm_launch_f<MF_Q4K, BN, WM, MODE>(s, g, a); break;
+    case MF_IQ2: mm_launch_f<MF_IQ2, BN, WM, MODE>(s, g, a); break;
+    default: fprintf(stderr, "ds4: mm: unsupported weight type %u\n", type); abort();   /* a caller bug */
+    }
+}
+
+/* x[t][k] ≈ xh[t·K + k] · xs[t] (mm_prep above). */
+typedef struct {
+    uint32_t type;
+    const uint8_t *w;          /* device address of the slab (expert 0's for 3-D tensors) */
+    int64_t K, M;
+    uint64_t rb;               /* GGUF row bytes */
+} mm_w;
+
+/* y[t·ldy + (r − r0)] = Σ_k W[r][k] · x[t][k] for r0 ≤ r < r0+nr, t < T. */
+static void mm_dense(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, const __half *xh, const float *xs,
+                     int64_t ldx, int64_t T, float *y, int64_t ldy) {
+    if (T <= 0 || nr <= 0) return;
+    mm_args a;
+    memset(&a, 0, sizeof a);
+    a.w = W->w; a.K = W->K; a.M = W->M; a.rb = W->rb; a.r0 = r0; a.nr = nr;
+    a.x = xh; a.xs = xs; a.ldx = ldx; a.T = T; a.y = y; a.ldy = ldy;
+    dim3 g((unsigned)((nr + MM_BM - 1) / MM_BM), (unsigned)((T + MM_DBN - 1) / MM_DBN));
+    mm_launch<MM_DBN, 2, MM_DENSE>(s, W->type, g, &a);
+}
+
+/* ---- routed experts ---------------------------------------------------------------- */
+
+typedef struct {
+    int64_t T_max, T;          /* capacity; tokens of the last build */
+    int used, E;
+    int32_t *perm;             /* T_max·used: sorted position j → assignment a */
+    int4 *tile;                /* (expert, first position, count, 0) per MM_EBN-token tile */
+    int32_t *ntile;            /* device: tiles of the last build */
+    int ntile_max;             /* host bound for the last build: grid height */
+} mm_route;
+
+/* Tiles of at most MM_EBN tokens of one expert: Σ_e ceil(c_e / BN) ≤ n/BN + (experts hit). */
+static int mm_tile_bound(int64_t n, int E) { return (int)(n / MM_EBN + (n < E ? n : E)); }
+
+static cudaError_t mm_route_alloc(mm_route *r, int64_t T_max, int used, int E) {
+    memset(r, 0, sizeof *r);
+    r->T_max = T_max; r->used = used; r->E = E;
+    int64_t n = T_max * used;
+    cudaError_t e;
+    if ((e = cudaMalloc((void **)&r->perm, (size_t)(n > 0 ? n : 1) * sizeof(int32_t))) ||
+        (e = cudaMalloc((void **)&r->tile, (size_t)(mm_tile_bound(n, E) + 1) * sizeof(int4))) ||
+        (e = cudaMalloc((void **)&r->ntile, sizeof(int32_t)))) {
+        cudaFree(r->perm); cudaFree(r->tile);
+        memset(r, 0, sizeof *r);
+    }
+    return e;
+}
+static void mm_route_free(mm_route *r) {
+    cudaFree(r->perm); cudaFree(r->tile); cudaFree(r->ntile);
+    memset(r, 0, sizeof *r);
+}
+
+/* One block of 1024 threads: counting sort by expert, stable (ties by a).
+ * Counts and offsets come from a shared histogram (sums: order-free). The
+ * place of assignment a is off[e] + (earlier chunks' count of e) + (count
+ * in earlier warps of this chunk) + (rank among equal lanes of its warp,
+ * __match_any_sync): every term is a count, so the order is fixed.
+ * Dynamic shared memory: (32 + 2)·E ints. Out-of-range experts are left out. */
+__global__ void __launch_bounds__(1024) k_mm_route(const int32_t *__restrict__ eid, int64_t n, int E,
+                                                   int32_t *__restrict__ perm, int4 *__restrict__ tile,
+                                                   int32_t *__restrict__ ntile) {
+    extern __shared__ int rs_sm[];
+    int *wc = rs_sm, *off = rs_sm + 32 * E, *run = off + E;   /* wc[w·E + e]: chunk count of e in warp w */
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    for (int i = tid; i < E; i += 1024) { off[i] = 0; run[i] = 0; }
+    __syncthreads();
+    for (int64_t a = tid; a < n; a += 1024) {
+        int e = eid[a];
+        if (e >= 0 && e < E) atomicAdd(&off[e], 1);
+    }
+    __syncthreads();
+    if (!tid) {   /* exclusive scan and the tile list: E steps, a few µs */
+        int s = 0, nt = 0;
+        for (int i = 0; i < E; i++) {
+            int c = off[i];
+            off[i] = s;
+            for (int j = 0; j < c; j += MM_EBN) tile[nt++] = make_int4(i, s + j, c - j < MM_EBN ? c - j : MM_EBN, 0);
+            s += c;
+        }
+        *ntile = nt;
+    }
+    __syncthreads();
+    for (int64_t base = 0; base < n; base += 1024) {
+        for (int i = tid; i < 32 * E; i += 1024) wc[i] = 0;
+        __syncthreads();
+        int64_t a = base + tid;
+        int e = a < n ? eid[a] : -1;
+        bool ok = e >= 0 && e < E;
+        unsigned m = __match_any_sync(0xffffffffu, ok ? e : -1);
+        int rank = __popc(m & ((1u << lane) - 1));
+        if (ok && rank == 0) wc[w * E + e] = __popc(m);
+        __syncthreads();
+        if (ok) {
+            int pos = off[e] + run[e] + rank;
+            for (int v = 0; v < w; v++) pos += wc[v * E + e];
+            perm[pos] = (int32_t)a;
+        }
+        __syncthreads();
+        for (int i = tid; i < E; i += 1024)
+            for (int v = 0; v < 32; v++) run[i] += wc[v * E + i];
+        __syncthreads();
+    }
+}
+
+static void mm_route_build(cudaStream_t s, mm_route *r, const int32_t *eid, int64_t T) {
+    if (T < 0 || T > r->T_max) { fprintf(stderr, "ds4: mm: %lld tokens for a route of %lld\n", (long long)T, (long long)r->T_max); abort(); }
+    r->T = T;
+    r->ntile_max = mm_tile_bound(T * r->used, r->E);
+    k_mm_route<<<1, 1024, (size_t)(32 + 2) * r->E * sizeof(int), s>>>(eid, T * r->used, r->E, r->perm, r->tile,
+                                                                      r->ntile);
+}
+
+/* g[j·ff + f] = swiglu(Wg_e[f]·x_t, Wu_e[f]·x_t, clamp) · ew[a], j-th sorted assignment a = (t, e). */
+static void mm_experts_glu(cudaStream_t s, const mm_w *Wg, const mm_w *Wu, const __half *xh, const float *xs,
+                           int64_t ldx, const mm_route *r, const float *ew, float clamp, float *g) {
+    if (r->ntile_max <= 0) return;
+    mm_args a;
+    memset(&a, 0, sizeof a);
+    a.w = Wg->w; a.w2 = Wu->w; a.K = Wg->K; a.M = Wg->M; a.rb = Wg->rb; a.estride = Wg->rb * (uint64_t)Wg->M;
+    a.x = xh; a.xs = xs; a.ldx = ldx; a.T = r->T; a.y = g; a.ldy = Wg->M;
+    a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used; a.ew = ew; a.clamp = clamp;
+    dim3 gr((unsigned)((Wg->M + MM_BM / 2 - 1) / (MM_BM / 2)), (unsigned)r->ntile_max);
+    mm_launch<MM_EBN, 4, MM_GLU>(s, Wg->type, gr, &a);
+}
+
+/* out[a·ldo + r] = Σ_f Wd_e[r][f] · g[j][f]; gh rows in sorted order (mm_prep of g, stride ff). */
+static void mm_experts_down(cudaStream_t s, const mm_w *Wd, const __half *gh, const float *gs, const mm_route *r,
+                            float *out, int64_t ldo) {
+    if (r->ntile_max <= 0) return;
+    mm_args a;
+    memset(&a, 0, sizeof a);
+    a.w = Wd->w; a.K = Wd->K; a.M = Wd->M; a.rb = Wd->rb; a.estride = Wd->rb * (uint64_t)Wd->M;
+    a.x = gh; a.xs = gs; a.ldx = Wd->K; a.T = r->T; a.y = out; a.ldy = ldo;
+    a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used;
+    dim3 gr((unsigned)((Wd->M + MM_BM - 1) / MM_BM), (unsigned)r->ntile_max);
+    mm_launch<MM_EBN, 4, MM_DOWN>(s, Wd->type, gr, &a);
+}
+
+#endif
