@@ -27,6 +27,7 @@ extern "C" {
 }
 #include "cuda/cuda.h"
 #include "cuda/kernels.cuh"
+#include "cuda/attn.cuh"
 #include "util/errf.h"
 
 #define STAGE_BYTES (64u << 20)   /* upload chunk: bounds pinned host memory to 2 × 64 MiB */
@@ -986,4 +987,135 @@ extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, con
     }
     cudaFree(d);
     return e ? ds4_errf(err, errlen, "hc: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* ---- attn tests ---- */
+
+/* cudaMalloc + upload of `bytes` (at least one element so a NULL-free pointer exists). */
+static cudaError_t at_upload(void **d, const void *h, size_t bytes) {
+    cudaError_t e = cudaMalloc(d, bytes ? bytes : 16);
+    if (!e && h && bytes) e = cudaMemcpy(*d, h, bytes, cudaMemcpyHostToDevice);
+    return e;
+}
+
+extern "C" int ds4_cuda_test_attn(const float *q, const float *kvc, const float *raw, uint32_t keep_raw,
+                                  uint32_t window, const float *comp, int64_t n_comp, const int32_t *sel, int ratio,
+                                  int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq,
+                                  float scale, uint32_t p0, int64_t T, float *o, char *err, size_t errlen) {
+    if (T < 1 || H != AT_H || hd != AT_HD || rd != AT_RD || keep_raw < window)
+        return ds4_errf(err, errlen, "attn: unsupported shape T %lld H %d hd %d rd %d", (long long)T, H, hd, rd);
+    size_t fs = sizeof(float);
+    void *d[8] = {0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], q, T * H * hd * fs)) && !(e = at_upload(&d[1], kvc, T * hd * fs)) &&
+        !(e = at_upload(&d[2], raw, (size_t)keep_raw * hd * fs)) && !(e = at_upload(&d[3], comp, n_comp * hd * fs)) &&
+        !(e = at_upload(&d[4], sel, sel ? T * topk * sizeof(int32_t) : 0)) && !(e = at_upload(&d[5], sinks, H * fs)) &&
+        !(e = at_upload(&d[6], freq, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs))) {
+        poison(d[7], T * H * hd * fs);
+        attn_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], keep_raw, window, (float *)d[3], (int32_t *)d[4],
+                   ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, p0, T, (float *)d[7]);
+        if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
+            e = cudaMemcpy(o, d[7], T * H * hd * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "attn: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_idx_scores(const float *iq, const float *iw, const float *rows, int64_t n_rows,
+                                        uint32_t p0, int64_t T, int ih, int ihd, float *score, int64_t ld, char *err,
+                                        size_t errlen) {
+    if (T < 1 || ih != IX_H || ihd != IX_D || ld < ((int64_t)p0 + T) / 4 || n_rows < ((int64_t)p0 + T) / 4)
+        return ds4_errf(err, errlen, "idx: unsupported shape T %lld ih %d ihd %d", (long long)T, ih, ihd);
+    size_t fs = sizeof(float);
+    void *d[4] = {0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], iq, T * ih * ihd * fs)) && !(e = at_upload(&d[1], iw, T * ih * fs)) &&
+        !(e = at_upload(&d[2], rows, n_rows * ihd * fs)) && !(e = at_upload(&d[3], NULL, T * ld * fs))) {
+        poison(d[3], T * ld * fs);
+        idx_scores_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], p0, T, ih, ihd, (float *)d[3], ld);
+        if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
+            e = cudaMemcpy(score, d[3], T * ld * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 4; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "idx: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* Uniform values in (−amp, amp) from a hash of (seed, i), optionally f16-rounded. */
+__global__ void k_at_fill(float *x, int64_t n, uint32_t seed, float amp, bool f16) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint64_t h = ((uint64_t)seed << 40 ^ (uint64_t)i) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 29; h *= 0xBF58476D1CE4E5B9ull; h ^= h >> 32;
+        float v = ((float)(h >> 40) * 0x1p-24f * 2.0f - 1.0f) * amp;
+        x[i] = f16 ? round_f16(v) : v;
+    }
+}
+/* Selection rows for the bench: topk indices spread over the visible rows. */
+__global__ void k_at_fill_sel(int32_t *sel, int64_t T, int64_t topk, uint32_t p0) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < T * topk; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = i / topk, k = i % topk, nvis = ((int64_t)p0 + t + 1) / 4;
+        sel[i] = (int32_t)(nvis > topk ? k * nvis / topk : k);
+    }
+}
+
+static int cmp_f(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median time over `reps` launches (after 2 warm-ups) of attn_chunk (idx =
+ * false: H 64, hd 512, rd 64, window 128, topk 512) or idx_scores_chunk, on
+ * random device data; flops = 4·Σ_t H·rows_t·hd resp. 2·Σ_t ih·ihd·rows_t. */
+extern "C" int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, int reps, double *ms, double *flops,
+                                   char *err, size_t errlen) {
+    const int H = AT_H, hd = AT_HD, rd = AT_RD, window = 128, keep = 128, ih = IX_H, ihd = IX_D;
+    const int64_t topk = 512, ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0, nidx = ((int64_t)p0 + T) / 4;
+    if (T < 1 || reps < 1 || reps > 100) return ds4_errf(err, errlen, "bench: bad T %lld reps %d", (long long)T, reps);
+    size_t fs = sizeof(float);
+    void *d[8] = {0};
+    float tm[100];
+    cudaEvent_t ev[2] = {0, 0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], NULL, T * H * hd * fs)) && !(e = at_upload(&d[1], NULL, T * hd * fs)) &&
+        !(e = at_upload(&d[2], NULL, (size_t)keep * hd * fs)) && !(e = at_upload(&d[3], NULL, (idx ? nidx * ihd : ncomp * hd) * fs)) &&
+        !(e = at_upload(&d[4], NULL, T * topk * sizeof(int32_t))) && !(e = at_upload(&d[5], NULL, H * fs)) &&
+        !(e = at_upload(&d[6], NULL, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs)) &&
+        !(e = cudaEventCreate(&ev[0])) && !(e = cudaEventCreate(&ev[1]))) {
+        double fr[AT_RD / 2];
+        for (int k = 0; k < rd / 2; k++) fr[k] = pow(10000.0, -2.0 * k / rd);
+        cudaMemcpy(d[6], fr, sizeof fr, cudaMemcpyHostToDevice);
+        k_at_fill<<<256, 256>>>((float *)d[0], T * H * hd, 1, 1.7f, false);
+        k_at_fill<<<256, 256>>>((float *)d[1], T * hd, 2, 1.7f, true);
+        k_at_fill<<<256, 256>>>((float *)d[2], (int64_t)keep * hd, 3, 1.7f, true);
+        /* the indexer reads q (T×ih×ihd) from d[0], w (T×ih) from d[1], rows from d[3] */
+        k_at_fill<<<256, 256>>>((float *)d[3], idx ? nidx * ihd : ncomp * hd, 4, 1.7f, true);
+        k_at_fill<<<1, 64>>>((float *)d[5], H, 5, 2.0f, false);
+        k_at_fill_sel<<<256, 256>>>((int32_t *)d[4], T, topk, p0);
+        float *score = (float *)d[7];   /* T × nidx ≤ T × H × hd */
+        int r = 0;
+        for (int i = 0; i < reps + 2 && !e; i++) {
+            cudaEventRecord(ev[0]);
+            if (idx) idx_scores_chunk(0, (float *)d[0], (float *)d[1], (float *)d[3], p0, T, ih, ihd, score, nidx);
+            else attn_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], keep, window, (float *)d[3],
+                            (int32_t *)d[4], ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6],
+                            1.0f / sqrtf((float)hd), p0, T, (float *)d[7]);
+            cudaEventRecord(ev[1]);
+            if (!(e = cudaEventSynchronize(ev[1])) && !(e = cudaGetLastError()) && i >= 2)
+                cudaEventElapsedTime(&tm[r++], ev[0], ev[1]);
+        }
+        if (!e) {
+            qsort(tm, r, sizeof *tm, cmp_f);
+            *ms = tm[r / 2];
+            double f = 0;
+            for (int64_t t = 0; t < T; t++) {
+                int64_t p = p0 + t, nw = p < window ? p + 1 : window, nc = ratio > 0 ? (p + 1) / ratio : 0;
+                if (ratio == 4 && nc > topk) nc = topk;
+                f += idx ? 2.0 * ih * ihd * (double)((p + 1) / 4) : 4.0 * H * hd * (double)(nw + nc);
+            }
+            *flops = f;
+        }
+    }
+    if (ev[0]) cudaEventDestroy(ev[0]);
+    if (ev[1]) cudaEventDestroy(ev[1]);
+    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "bench: %s", cudaGetErrorString(e)) : 0;
 }
