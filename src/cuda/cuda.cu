@@ -36,6 +36,7 @@ extern "C" {
 #include "cuda/cuda.h"
 #include "cuda/kernels.cuh"
 #include "cuda/mm.cuh"
+#include "cuda/attn.cuh"
 #include "util/errf.h"
 
 #define STAGE_BYTES (64u << 20)   /* upload chunk: bounds pinned host memory to 2 × 64 MiB */
@@ -80,6 +81,7 @@ typedef struct {
     int64_t att_len, att_rows;
     float *isc;                  /* isc_rows × isc_ld indexer scores (isc_ld = ctx/4 + 2) */
     int64_t isc_ld, isc_rows;
+    void *a16;                   /* attn_chunk's f16 row copies (attn_scratch_bytes for ctx) */
     cudaGraphExec_t body[2];     /* one token's layers: [select] = indexer picks top-k */
 } gpu_state;
 
@@ -99,6 +101,9 @@ typedef struct {
     __half *xh[2], *gh;          /* f16 activations of chunk products (prep) */
     float *xs[2], *gs;
     mm_route route;
+    /* The real model's shapes have tensor-core chunk kernels (attn.cuh);
+     * other shapes (tiny test models) take the generic per-head kernels. */
+    bool fast_attn, fast_idx;
     dstep *step, *hstep;         /* device step inputs of a chunk; pinned host copy */
     bool graphs;                 /* capture decode as CUDA graphs (DS4_CUDA_GRAPHS=0: eager) */
     cudaGraphExec_t head_exec;
@@ -415,6 +420,8 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     const char *g = getenv("DS4_CUDA_GRAPHS"), *pdl = getenv("DS4_CUDA_PDL");
     be->graphs = !(g && !strcmp(g, "0"));
     g_pdl = !(pdl && !strcmp(pdl, "0"));
+    be->fast_attn = hp->n_head == AT_H && hp->head_dim == AT_HD && hp->rope_dim == AT_RD;
+    be->fast_idx = hp->idx_n_head == IX_H && hp->idx_head_dim == IX_D;
     if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }
     return be;
 }
@@ -437,6 +444,7 @@ static void state_free(gpu_state *st) {
         if (st->body[i]) cudaGraphExecDestroy(st->body[i]);
     cudaFree(st->att);
     cudaFree(st->isc);
+    cudaFree(st->a16);
     free(st);
 }
 
@@ -476,7 +484,9 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     int64_t att_rows = ROW_BUDGET / per_att, isc_rows = ROW_BUDGET / isc_ld;
     att_rows = att_rows < 1 ? 1 : att_rows > be->chunk ? be->chunk : att_rows;
     isc_rows = isc_rows < 1 ? 1 : isc_rows > be->chunk ? be->chunk : isc_rows;
-    need += (uint64_t)(att_rows * per_att + isc_rows * isc_ld) * sizeof(float);
+    if (be->fast_attn) att_rows = 1;   /* chunks take attn_chunk: scores of decode only */
+    uint64_t a16 = be->fast_attn ? attn_scratch_bytes(keep_raw, ctx, be->chunk, 4) : 0;
+    need += (uint64_t)(att_rows * per_att + isc_rows * isc_ld) * sizeof(float) + a16;
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) { ds4_errf(err, errlen, "cuda: cannot query the GPU"); return NULL; }
     if (need + VRAM_MARGIN > free_b) {
@@ -498,7 +508,8 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     st->isc_ld = isc_ld;
     st->isc_rows = isc_rows;
     bool ok = zalloc(&st->att, (uint64_t)(att_rows * per_att)) == cudaSuccess &&
-              zalloc(&st->isc, (uint64_t)(isc_rows * isc_ld)) == cudaSuccess;
+              zalloc(&st->isc, (uint64_t)(isc_rows * isc_ld)) == cudaSuccess &&
+              (!a16 || cudaMalloc(&st->a16, a16) == cudaSuccess);
     for (int l = 0; ok && l < st->n_layer; l++) {
         gpu_layer *ls = &st->L[l];
         int r = hp->compress_ratio[l];
@@ -534,7 +545,8 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
     const gpu_backend *be = (const gpu_backend *)b;
     const gpu_state *st = (const gpu_state *)stp;
     const ds4_hparams *hp = be->hp;
-    uint64_t u = 0, a = (uint64_t)(st->att_rows * hp->n_head * st->att_len + st->isc_rows * st->isc_ld), hd = hp->head_dim, ihd = hp->idx_head_dim;
+    uint64_t u = 0, a = (uint64_t)(st->att_rows * hp->n_head * st->att_len + st->isc_rows * st->isc_ld) +
+                        (st->a16 ? attn_scratch_bytes(st->keep_raw, st->ctx, be->chunk, 4) / sizeof(float) : 0), hd = hp->head_dim, ihd = hp->idx_head_dim;
     for (int l = 0; l < st->n_layer; l++) {
         const gpu_layer *ls = &st->L[l];
         u += (uint64_t)(st->n - ls->lo_raw) * hd;
@@ -705,8 +717,8 @@ static void compress(gpu_backend *be, int64_t n, const ds4_tensor *tkv, const ds
  * scores and top-k for every token, in sub-batches of the state's score
  * rows. A token with no more visible rows than top_k skips the selection
  * (k_topk leaves, attention takes every row). */
-static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, bool select,
-                    const double *freq) {
+static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, uint32_t p0,
+                    bool select, const double *freq) {
     const ds4_hparams *hp = be->hp;
     int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, topk = hp->idx_top_k, rd = hp->rope_dim;
     cudaStream_t s = be->s;
@@ -721,16 +733,22 @@ static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_laye
                                                                                             wscale);
     for (int64_t t0 = 0; t0 < n; t0 += st->isc_rows) {
         int64_t c = n - t0 < st->isc_rows ? n - t0 : st->isc_rows;
-        launch(k_idx_scores, dim3(264, (unsigned)c), 256, 0, s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx,
-                                                            be->step + t0, (int)ih, (int)ihd, st->isc, st->isc_ld);
+        if (n > 1 && be->fast_idx)
+            idx_scores_chunk(s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx, p0 + (uint32_t)t0, c, (int)ih,
+                             (int)ihd, st->isc, st->isc_ld);
+        else
+            launch(k_idx_scores, dim3(264, (unsigned)c), 256, 0, s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx,
+                   be->step + t0, (int)ih, (int)ihd, st->isc, st->isc_ld);
         launch(k_topk, (unsigned)c, 1024, 0, s, st->isc, be->step + t0, 0, topk, be->sel + t0 * topk, st->isc_ld);
     }
 }
 
-/* Attention sublayer of the chunk at be->step (positions p0 … p0+n−1).
+/* Attention sublayer of the chunk at be->step (positions p0 … p0+n−1; p0
+ * is read on the device where a decode graph must replay at any position).
  * `select`: some token of the chunk has more visible indexer rows than
  * top_k (a property of the decode graph variant, not of a layer). */
-static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, bool select) {
+static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, uint32_t p0,
+                       bool select) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, H = hp->n_head, hd = hp->head_dim, rd = hp->rope_dim, ql = hp->q_lora;
     const double *freq = ls->ratio ? be->freq_yarn : be->freq_plain;
@@ -757,10 +775,14 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     if (ls->ratio)
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
-    if (ls->ratio == 4) indexer(be, st, L, ls, n, select, freq);
+    if (ls->ratio == 4) indexer(be, st, L, ls, n, p0, select, freq);
     float scale = (float)(1.0 / sqrt((double)hd));
     size_t att_smem = (1 + ATT_WARPS) * hd * sizeof(float);
-    for (int64_t t0 = 0; t0 < n; t0 += st->att_rows) {
+    if (n > 1 && be->fast_attn)
+        attn_chunk(s, be->q, be->kvc, ls->raw, st->keep_raw, hp->window, ls->comp, be->sel, ls->ratio,
+                   (int64_t)hp->idx_top_k, DF(be, &L->attn_sinks), (int)H, (int)hd, (int)rd, freq, scale, p0, n, be->o,
+                   st->a16);
+    else for (int64_t t0 = 0; t0 < n; t0 += st->att_rows) {
         int64_t c = n - t0 < st->att_rows ? n - t0 : st->att_rows;
         launch(k_attend, dim3((unsigned)H, (unsigned)c), 32 * ATT_WARPS, att_smem, s,
             be->q + t0 * H * hd, be->o + t0 * H * hd, be->kvc, ls->raw, st->keep_raw, be->step, be->step + t0,
@@ -851,13 +873,13 @@ static void book(gpu_state *st, uint32_t end) {
 }
 
 /* Every kernel of a chunk's layers (embedding → last FFN). */
-static void launch_body(gpu_backend *be, gpu_state *st, int64_t n, bool select) {
+static void launch_body(gpu_backend *be, gpu_state *st, int64_t n, uint32_t p0, bool select) {
     const ds4_hparams *hp = be->hp;
     const ds4_tensor *te = &be->m->tok_embd;
     launch(k_embed, dim3((unsigned)((hp->n_embd / 8 + 127) / 128), (unsigned)n), 128, 0, be->s,
         (int)te->type, DW(be, te), te->row_bytes, be->step, hp->n_embd, be->X, (int)hp->hc_count);
     for (int l = 0; l < st->n_layer; l++) {
-        attn_layer(be, st, &be->m->layers[l], &st->L[l], n, select);
+        attn_layer(be, st, &be->m->layers[l], &st->L[l], n, p0, select);
         ffn_layer(be, &be->m->layers[l], n, hp->swiglu_clamp[l]);
     }
 }
@@ -866,14 +888,14 @@ static void launch_body(gpu_backend *be, gpu_state *st, int64_t n, bool select) 
  * select) or of the head (what = 2); eager launches when graphs are off. */
 static cudaError_t run_graph(gpu_backend *be, cudaGraphExec_t *exec, gpu_state *st, int what) {
     if (!be->graphs) {
-        if (what == 2) head(be, be->X, 1); else launch_body(be, st, 1, what == 1);
+        if (what == 2) head(be, be->X, 1); else launch_body(be, st, 1, st->n, what == 1);
         return cudaGetLastError();
     }
     if (!*exec) {
         cudaGraph_t g;
         cudaError_t e = cudaStreamBeginCapture(be->s, cudaStreamCaptureModeThreadLocal);
         if (e) return e;
-        if (what == 2) head(be, be->X, 1); else launch_body(be, st, 1, what == 1);
+        if (what == 2) head(be, be->X, 1); else launch_body(be, st, 1, st->n, what == 1);
         e = cudaStreamEndCapture(be->s, &g);
         if (e) return e;
         e = cudaGraphInstantiate(exec, g, 0);
@@ -908,7 +930,7 @@ static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *lo
         CK(cudaMemcpyAsync(be->step, be->hstep, c * sizeof(dstep), cudaMemcpyHostToDevice, be->s));
         bool select = (p0 + c) / 4 > hp->idx_top_k;
         if (c == 1) CK(run_graph(be, &st->body[select], st, select));
-        else launch_body(be, st, c, select);
+        else launch_body(be, st, c, p0, select);
         CK(cudaGetLastError());
         book(st, p0 + (uint32_t)c);
         st->n += (uint32_t)c;
@@ -1375,4 +1397,135 @@ out:
     if (e1) cudaEventDestroy(e1);
     if (r.perm) mm_route_free(&r);
     return e ? ds4_errf(err, errlen, "mm_bench: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* ---- attn tests ---- */
+
+/* cudaMalloc + upload of `bytes` (at least one element so a NULL-free pointer exists). */
+static cudaError_t at_upload(void **d, const void *h, size_t bytes) {
+    cudaError_t e = cudaMalloc(d, bytes ? bytes : 16);
+    if (!e && h && bytes) e = cudaMemcpy(*d, h, bytes, cudaMemcpyHostToDevice);
+    return e;
+}
+
+extern "C" int ds4_cuda_test_attn(const float *q, const float *kvc, const float *raw, uint32_t keep_raw,
+                                  uint32_t window, const float *comp, int64_t n_comp, const int32_t *sel, int ratio,
+                                  int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq,
+                                  float scale, uint32_t p0, int64_t T, float *o, char *err, size_t errlen) {
+    if (T < 1 || H != AT_H || hd != AT_HD || rd != AT_RD || keep_raw < window)
+        return ds4_errf(err, errlen, "attn: unsupported shape T %lld H %d hd %d rd %d", (long long)T, H, hd, rd);
+    size_t fs = sizeof(float);
+    void *d[8] = {0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], q, T * H * hd * fs)) && !(e = at_upload(&d[1], kvc, T * hd * fs)) &&
+        !(e = at_upload(&d[2], raw, (size_t)keep_raw * hd * fs)) && !(e = at_upload(&d[3], comp, n_comp * hd * fs)) &&
+        !(e = at_upload(&d[4], sel, sel ? T * topk * sizeof(int32_t) : 0)) && !(e = at_upload(&d[5], sinks, H * fs)) &&
+        !(e = at_upload(&d[6], freq, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs))) {
+        poison(d[7], T * H * hd * fs);
+        attn_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], keep_raw, window, (float *)d[3], (int32_t *)d[4],
+                   ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, p0, T, (float *)d[7]);
+        if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
+            e = cudaMemcpy(o, d[7], T * H * hd * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "attn: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_idx_scores(const float *iq, const float *iw, const float *rows, int64_t n_rows,
+                                        uint32_t p0, int64_t T, int ih, int ihd, float *score, int64_t ld, char *err,
+                                        size_t errlen) {
+    if (T < 1 || ih != IX_H || ihd != IX_D || ld < ((int64_t)p0 + T) / 4 || n_rows < ((int64_t)p0 + T) / 4)
+        return ds4_errf(err, errlen, "idx: unsupported shape T %lld ih %d ihd %d", (long long)T, ih, ihd);
+    size_t fs = sizeof(float);
+    void *d[4] = {0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], iq, T * ih * ihd * fs)) && !(e = at_upload(&d[1], iw, T * ih * fs)) &&
+        !(e = at_upload(&d[2], rows, n_rows * ihd * fs)) && !(e = at_upload(&d[3], NULL, T * ld * fs))) {
+        poison(d[3], T * ld * fs);
+        idx_scores_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], p0, T, ih, ihd, (float *)d[3], ld);
+        if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
+            e = cudaMemcpy(score, d[3], T * ld * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 4; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "idx: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* Uniform values in (−amp, amp) from a hash of (seed, i), optionally f16-rounded. */
+__global__ void k_at_fill(float *x, int64_t n, uint32_t seed, float amp, bool f16) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint64_t h = ((uint64_t)seed << 40 ^ (uint64_t)i) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 29; h *= 0xBF58476D1CE4E5B9ull; h ^= h >> 32;
+        float v = ((float)(h >> 40) * 0x1p-24f * 2.0f - 1.0f) * amp;
+        x[i] = f16 ? round_f16(v) : v;
+    }
+}
+/* Selection rows for the bench: topk indices spread over the visible rows. */
+__global__ void k_at_fill_sel(int32_t *sel, int64_t T, int64_t topk, uint32_t p0) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < T * topk; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = i / topk, k = i % topk, nvis = ((int64_t)p0 + t + 1) / 4;
+        sel[i] = (int32_t)(nvis > topk ? k * nvis / topk : k);
+    }
+}
+
+static int cmp_f(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median time over `reps` launches (after 2 warm-ups) of attn_chunk (idx =
+ * false: H 64, hd 512, rd 64, window 128, topk 512) or idx_scores_chunk, on
+ * random device data; flops = 4·Σ_t H·rows_t·hd resp. 2·Σ_t ih·ihd·rows_t. */
+extern "C" int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, int reps, double *ms, double *flops,
+                                   char *err, size_t errlen) {
+    const int H = AT_H, hd = AT_HD, rd = AT_RD, window = 128, keep = 128, ih = IX_H, ihd = IX_D;
+    const int64_t topk = 512, ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0, nidx = ((int64_t)p0 + T) / 4;
+    if (T < 1 || reps < 1 || reps > 100) return ds4_errf(err, errlen, "bench: bad T %lld reps %d", (long long)T, reps);
+    size_t fs = sizeof(float);
+    void *d[8] = {0};
+    float tm[100];
+    cudaEvent_t ev[2] = {0, 0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], NULL, T * H * hd * fs)) && !(e = at_upload(&d[1], NULL, T * hd * fs)) &&
+        !(e = at_upload(&d[2], NULL, (size_t)keep * hd * fs)) && !(e = at_upload(&d[3], NULL, (idx ? nidx * ihd : ncomp * hd) * fs)) &&
+        !(e = at_upload(&d[4], NULL, T * topk * sizeof(int32_t))) && !(e = at_upload(&d[5], NULL, H * fs)) &&
+        !(e = at_upload(&d[6], NULL, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs)) &&
+        !(e = cudaEventCreate(&ev[0])) && !(e = cudaEventCreate(&ev[1]))) {
+        double fr[AT_RD / 2];
+        for (int k = 0; k < rd / 2; k++) fr[k] = pow(10000.0, -2.0 * k / rd);
+        cudaMemcpy(d[6], fr, sizeof fr, cudaMemcpyHostToDevice);
+        k_at_fill<<<256, 256>>>((float *)d[0], T * H * hd, 1, 1.7f, false);
+        k_at_fill<<<256, 256>>>((float *)d[1], T * hd, 2, 1.7f, true);
+        k_at_fill<<<256, 256>>>((float *)d[2], (int64_t)keep * hd, 3, 1.7f, true);
+        /* the indexer reads q (T×ih×ihd) from d[0], w (T×ih) from d[1], rows from d[3] */
+        k_at_fill<<<256, 256>>>((float *)d[3], idx ? nidx * ihd : ncomp * hd, 4, 1.7f, true);
+        k_at_fill<<<1, 64>>>((float *)d[5], H, 5, 2.0f, false);
+        k_at_fill_sel<<<256, 256>>>((int32_t *)d[4], T, topk, p0);
+        float *score = (float *)d[7];   /* T × nidx ≤ T × H × hd */
+        int r = 0;
+        for (int i = 0; i < reps + 2 && !e; i++) {
+            cudaEventRecord(ev[0]);
+            if (idx) idx_scores_chunk(0, (float *)d[0], (float *)d[1], (float *)d[3], p0, T, ih, ihd, score, nidx);
+            else attn_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], keep, window, (float *)d[3],
+                            (int32_t *)d[4], ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6],
+                            1.0f / sqrtf((float)hd), p0, T, (float *)d[7]);
+            cudaEventRecord(ev[1]);
+            if (!(e = cudaEventSynchronize(ev[1])) && !(e = cudaGetLastError()) && i >= 2)
+                cudaEventElapsedTime(&tm[r++], ev[0], ev[1]);
+        }
+        if (!e) {
+            qsort(tm, r, sizeof *tm, cmp_f);
+            *ms = tm[r / 2];
+            double f = 0;
+            for (int64_t t = 0; t < T; t++) {
+                int64_t p = p0 + t, nw = p < window ? p + 1 : window, nc = ratio > 0 ? (p + 1) / ratio : 0;
+                if (ratio == 4 && nc > topk) nc = topk;
+                f += idx ? 2.0 * ih * ihd * (double)((p + 1) / 4) : 4.0 * H * hd * (double)(nw + nc);
+            }
+            *flops = f;
+        }
+    }
+    if (ev[0]) cudaEventDestroy(ev[0]);
+    if (ev[1]) cudaEventDestroy(ev[1]);
+    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "bench: %s", cudaGetErrorString(e)) : 0;
 }

@@ -54,6 +54,23 @@ int ds4_cuda_test_mm_experts(int tgu, const void *wg, const void *wu, int td, co
  * uniform routing); mode 2 mm_experts_down (E experts of M×K). */
 int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int mode, int E, int used, int iters, uint64_t seed,
                       double *ms, char *err, size_t errlen);
+/* ---- attn (prefill attention, src/cuda/attn.cuh) ----
+ * attn_chunk on host inputs: q T×H×hd, kvc T×hd (the chunk's rows), raw ring
+ * keep_raw×hd, comp n_comp×hd, sel T×topk (NULL unless ratio 4), sinks H,
+ * freq rd/2 doubles; o T×H×hd. H 64, hd 512, rd 64 only. */
+int ds4_cuda_test_attn(const float *q, const float *kvc, const float *raw, uint32_t keep_raw, uint32_t window,
+                       const float *comp, int64_t n_comp, const int32_t *sel, int ratio, int64_t topk,
+                       const float *sinks, int H, int hd, int rd, const double *freq, float scale, uint32_t p0,
+                       int64_t T, float *o, char *err, size_t errlen);
+/* idx_scores_chunk on host inputs: iq T×ih×ihd, iw T×ih, rows n_rows×ihd;
+ * score T×ld (entries c ≥ (p0+t+1)/4 are left as NaN). ih 64, ihd 128 only. */
+int ds4_cuda_test_idx_scores(const float *iq, const float *iw, const float *rows, int64_t n_rows, uint32_t p0,
+                             int64_t T, int ih, int ihd, float *score, int64_t ld, char *err, size_t errlen);
+/* Median ms of `reps` launches of attn_chunk (idx false; ratio 0/4/128,
+ * window 128, topk 512) or idx_scores_chunk (idx true) at T tokens from p0
+ * on random device data, and the flop count of one launch. */
+int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, int reps, double *ms, double *flops,
+                        char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,7 @@
  *
  *   ds4-gpucheck --kernels                 kernel checks on fresh random inputs
  *   ds4-gpucheck --mm-bench                prefill GEMM TFLOP/s at the model's shapes
+ *   ds4-gpucheck --attn-bench              TFLOP/s of the prefill attention / indexer kernels
  *   ds4-gpucheck --model FILE [--tokens N] [--ctx C] [--bench T]
  *                                          whole-model comparison (+ decode timing)
  *
@@ -289,6 +290,159 @@ static void mm_checks(void) {
     check_mm_experts(GGML_F16, GGML_F16, "F16/F16", 256, 256, 4, 4, 1, true);
 }
 
+/* ---- attn: chunk attention and indexer scores (src/cuda/attn.cuh) ---------------------- */
+
+#define AT_H 64
+#define AT_HD 512
+#define AT_RD 64
+#define AT_WIN 128
+#define AT_TOPK 512
+
+static int cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static float *rand_rows(int64_t n, float amp, bool f16) {
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = f16 ? ds4_round_f16(frand() * amp) : frand() * amp;
+    return x;
+}
+
+/* Random FP4-simulated vectors of length d (Hadamard + FP4, as the indexer's q and rows). */
+static float *rand_fp4(int64_t n, int64_t d) {
+    float *x = rand_rows(n * d, 2.0f, false);
+    for (int64_t i = 0; i < n; i++) cpu_fp4_sim(x + i * d, d);
+    return x;
+}
+
+/* attn_chunk vs cpu_attend + inverse cpu_rope (attn_task's row order) on
+ * random inputs with f16-exact rows; the CPU reference covers up to ~24
+ * tokens (its cost), the NaN check every output. */
+static void check_attn(int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
+    char err[256], what[80];
+    const int H = AT_H, hd = AT_HD, rd = AT_RD;
+    const int64_t topk = AT_TOPK, ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0;
+    float *q = rand_rows(T * H * hd, 1.7f, false), *kvc = rand_rows(T * hd, 1.7f, true);
+    float *raw = rand_rows((int64_t)keep_raw * hd, 1.7f, true), *comp = rand_rows(ncomp * hd, 1.7f, true);
+    float *o = malloc(T * H * hd * sizeof(float)), *ref = malloc((size_t)hd * sizeof(float));
+    float *sc = malloc((AT_WIN + topk + ncomp) * sizeof(float)), sinks[AT_H];
+    const float **rows = malloc((AT_WIN + topk + ncomp) * sizeof(*rows));
+    int32_t *sel = ratio == 4 ? malloc(T * topk * sizeof(int32_t)) : NULL, *perm = malloc((ncomp + 1) * sizeof(int32_t));
+    double freq[AT_RD / 2];
+    for (int k = 0; k < rd / 2; k++) freq[k] = pow(10000.0, -2.0 * k / rd);
+    for (int h = 0; h < H; h++) sinks[h] = frand() * 2;
+    int64_t n_sel = 0;
+    for (int64_t t = 0; sel && t < T; t++) {   /* a random ascending topk-subset where the indexer selects */
+        int64_t nvis = ((int64_t)p0 + t + 1) / 4;
+        if (nvis <= topk) continue;
+        n_sel++;
+        for (int64_t i = 0; i < nvis; i++) perm[i] = (int32_t)i;
+        for (int64_t i = 0; i < topk; i++) {
+            int64_t j = i + (int64_t)(rnd() % (uint64_t)(nvis - i));
+            int32_t x = perm[i]; perm[i] = perm[j]; perm[j] = x;
+        }
+        qsort(perm, (size_t)topk, sizeof *perm, cmp_i32);   /* ascending, as cpu_topk */
+        memcpy(sel + t * topk, perm, topk * sizeof(int32_t));
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    snprintf(what, sizeof what, "attn ratio %d p0 %u T %lld%s", ratio, p0, (long long)T,
+             n_sel ? " (some selected)" : "");
+    if (ds4_cuda_test_attn(q, kvc, raw, keep_raw, AT_WIN, comp, ncomp, sel, ratio, topk, sinks, H, hd, rd, freq, scale,
+                           p0, T, o, err, sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        double num = 0, den = 0, amax = 0;
+        int64_t nan = 0, step = T > 24 ? T / 23 : 1;
+        for (int64_t i = 0; i < T * H * hd; i++) nan += isnan(o[i]);
+        for (int64_t t = 0; t < T; t += (t + step < T || t == T - 1) ? step : T - 1 - t) {
+            int64_t p = p0 + t, nr = 0;
+            for (int64_t pos = p >= AT_WIN - 1 ? p - (AT_WIN - 1) : 0; pos <= p; pos++)
+                rows[nr++] = pos >= p0 ? kvc + (pos - p0) * hd : raw + (pos % keep_raw) * hd;
+            int64_t nc = ratio > 0 ? (p + 1) / ratio : 0;
+            if (ratio == 4 && nc > topk) for (int64_t k = 0; k < topk; k++) rows[nr++] = comp + sel[t * topk + k] * hd;
+            else for (int64_t k = 0; k < nc; k++) rows[nr++] = comp + k * hd;
+            for (int h = 0; h < H; h++) {
+                cpu_attend(q + (t * H + h) * hd, rows, nr, hd, scale, sinks[h], sc, ref);
+                cpu_rope(ref + hd - rd, rd / 2, freq, p, true);
+                const float *g = o + (t * H + h) * hd;
+                for (int j = 0; j < hd; j++) {
+                    double d = (double)g[j] - ref[j];
+                    num += d * d;
+                    den += (double)ref[j] * ref[j];
+                    amax = fmax(amax, fabs(d));
+                }
+            }
+            if (t == T - 1) break;
+        }
+        double e = nan ? NAN : sqrt(num / den);
+        verdict(what, within(e, 2e-3), "rel %.3g, max abs %.3g (bound 2e-3), %lld NaN", e, amax, (long long)nan);
+    }
+    free(q); free(kvc); free(raw); free(comp); free(o); free(ref); free(sc); free(rows); free(sel); free(perm);
+}
+
+/* idx_scores_chunk vs idx_task's formula (ds4_dot_f32, heads summed in
+ * ascending order) on FP4-simulated q and rows: the scores must be the same
+ * bits, so the top-512 selections are the same. */
+static void check_idx(uint32_t p0, int64_t T) {
+    char err[256], what[80];
+    const int ih = 64, ihd = 128;
+    const int64_t nrows = ((int64_t)p0 + T) / 4, ld = nrows + 3;
+    float *iq = rand_fp4(T * ih, ihd), *rows = rand_fp4(nrows, ihd), *iw = rand_rows(T * ih, 1.0f / 90.5f, false);
+    float *got = malloc(T * ld * sizeof(float)), *ref = malloc((nrows ? nrows : 1) * sizeof(float));
+    int32_t *sa = malloc(AT_TOPK * sizeof(int32_t)), *sb = malloc(AT_TOPK * sizeof(int32_t));
+    snprintf(what, sizeof what, "idx scores p0 %u T %lld", p0, (long long)T);
+    if (ds4_cuda_test_idx_scores(iq, iw, rows, nrows, p0, T, ih, ihd, got, ld, err, sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        int64_t diff = 0, nan = 0, seldiff = 0, ntop = 0, n = 0;
+        for (int64_t t = 0; t < T; t++) {
+            int64_t nvis = ((int64_t)p0 + t + 1) / 4;
+            for (int64_t c = 0; c < nvis; c++) {
+                const float *q = iq + t * ih * ihd, *w = iw + t * ih;
+                float s = 0;
+                for (int h = 0; h < ih; h++) s += w[h] * fmaxf(0.0f, ds4_dot_f32(q + h * ihd, rows + c * ihd, ihd));
+                ref[c] = s;
+                float g = got[t * ld + c];
+                nan += isnan(g);
+                diff += !(g == s);
+                n++;
+            }
+            if (nvis > AT_TOPK) {   /* selection on the GPU's scores vs the CPU's */
+                ntop++;
+                cpu_topk(ref, nvis, AT_TOPK, sa);
+                cpu_topk(got + t * ld, nvis, AT_TOPK, sb);
+                for (int64_t i = 0, j = 0; i < AT_TOPK; i++) {   /* both ascending: count a's not in b */
+                    while (j < AT_TOPK && sb[j] < sa[i]) j++;
+                    seldiff += !(j < AT_TOPK && sb[j] == sa[i]);
+                }
+            }
+        }
+        verdict(what, diff == 0 && nan == 0, "%lld of %lld scores differ (bound 0), %lld NaN, %lld of %lld top-%d "
+                "selections differ", (long long)diff, (long long)n, (long long)nan, (long long)seldiff,
+                (long long)(ntop * AT_TOPK), AT_TOPK);
+    }
+    free(iq); free(rows); free(iw); free(got); free(ref); free(sa); free(sb);
+}
+
+/* --attn-bench: TFLOP/s of the chunk kernels at T = 2048 (median of 10). */
+static void attn_bench(void) {
+    static const struct { bool idx; int ratio; uint32_t p0; } B[] = {
+        {false, 4, 2048}, {false, 4, 14336}, {false, 128, 14336}, {false, 0, 14336}, {true, 4, 14336},
+    };
+    for (size_t i = 0; i < sizeof B / sizeof *B; i++) {
+        char err[256];
+        double ms, fl;
+        if (ds4_cuda_bench_attn(B[i].idx, B[i].ratio, B[i].p0, 2048, 10, &ms, &fl, err, sizeof err)) {
+            printf("bench: %s\n", err);
+            n_fail++;
+            continue;
+        }
+        printf("%-8s ratio %3d p0 %5u T 2048: %8.3f ms  %6.1f TFLOP/s (%.1f GFLOP)\n", B[i].idx ? "indexer" : "attn",
+               B[i].ratio, B[i].p0, ms, fl / ms * 1e-9, fl * 1e-9);
+    }
+}
+
 static void kernel_checks(void) {
     static const struct { int type; const char *name; } T[] = {
         {GGML_F32, "F32"}, {GGML_F16, "F16"}, {GGML_Q8_0, "Q8_0"},
@@ -310,6 +464,16 @@ static void kernel_checks(void) {
     check_topk(100000, 512, false);
     check_hc(4);
     mm_checks();
+    check_attn(0, 0, 5, 128);
+    check_attn(0, 500, 300, 192);        /* ring wrap, keep_raw > window */
+    check_attn(4, 0, 300, 128);          /* every compressed row visible */
+    check_attn(4, 2046, 10, 128);        /* (p+1)/4 crosses topk: 511 … 514 */
+    check_attn(4, 3000, 1, 128);
+    check_attn(128, 1000, 300, 128);
+    check_attn(128, 0, 300, 160);
+    check_idx(2046, 64);
+    check_idx(14336, 12);
+    check_idx(0, 5);
 }
 
 /* --mm-bench: the prefill GEMM at the model's shapes, T = 2048 tokens. */
@@ -694,12 +858,12 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
+    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--attn-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
                "  --profile  evaluate N tokens on the GPU only, no checks (run under ncu)\n");
 }
 
 int main(int argc, char **argv) {
-    bool kernels = false;
+    bool kernels = false, abench = false;
     const char *model = NULL;
     size_t n_tok = 300;
     uint32_t ctx = 0;
@@ -710,6 +874,7 @@ int main(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--kernels")) kernels = true;
         else if (!strcmp(a, "--mm-bench")) mmb = true;
+        else if (!strcmp(a, "--attn-bench")) abench = true;
         else if (!strcmp(a, "--profile")) profile = true;
         else if (!strcmp(a, "--model") && v) { model = v; i++; }
         else if (!strcmp(a, "--tokens") && v) { n_tok = strtoul(v, NULL, 10); i++; }
@@ -719,7 +884,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else { usage(stderr); return 2; }
     }
-    if ((!kernels && !model && !mmb) || n_tok < 2 || n_tok > 100000) { usage(stderr); return 2; }
+    if ((!kernels && !model && !mmb && !abench) || n_tok < 2 || n_tok > 100000) { usage(stderr); return 2; }
     if (!ds4_backend_cuda.available()) {
         fprintf(stderr, "ds4-gpucheck: no CUDA device available\n");
         return 1;
@@ -728,6 +893,7 @@ int main(int argc, char **argv) {
     if (mmb) return mm_bench();
     printf("seed %llu\n", (unsigned long long)rs);
     if (kernels) kernel_checks();
+    if (abench) attn_bench();
     if (model && model_checks(model, n_tok, ctx, bench)) n_fail++;
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
