@@ -7,8 +7,9 @@
  * the scale comes back in the epilogue (exact). Weights: dequantised inside
  * the kernel, per 16-weight unit, into f16 in shared memory: the block
  * scale is applied before the rounding, so every weight is its exact value
- * rounded once (twice for K-quants: the sub-block scale is an f16 product).
- * f16 keeps 11 bits: ‖err‖/‖y‖ ≈ 2–3e-4 on random data. The other option,
+ * rounded once (K-quants: dl·q − ml in f32, then rounded; IQ2_XXS: twice,
+ * the group scale is an f16 product). f16 keeps 11 bits: ‖err‖/‖y‖ ≈
+ * 2–4e-4 on random data (ds4-gpucheck --kernels). The other option,
  * exact small integers in f16 with block scales applied to partial sums in
  * f32, would need an extra accumulator pass every 16–32 weights (a quarter
  * of the tensor time in FMAs) and a Σx term per sub-block for the K-quant
@@ -159,13 +160,6 @@ __device__ __forceinline__ uint32_t mm_u(__half2 v) { return *(uint32_t *)&v; }
  * 0x64XX is 1024 + XX exactly, so subtracting 1024 leaves the byte. */
 __device__ __forceinline__ __half2 mm_b2h(uint32_t w, uint32_t sel) { return mm_h2(__byte_perm(w, 0x64646464u, sel)); }
 
-/* Four bytes of small unsigned quants → two half2 of dl·q − ml. */
-__device__ __forceinline__ void mm_deq_u4(uint32_t t, __half2 dl, __half2 nml, uint32_t *o) {
-    const __half2 k1024 = __float2half2_rn(1024.0f);
-    o[0] = mm_u(__hfma2(__hsub2(mm_b2h(t, 0x4140), k1024), dl, nml));
-    o[1] = mm_u(__hfma2(__hsub2(mm_b2h(t, 0x4342), k1024), dl, nml));
-}
-
 /* The unit as 16 halves (8 words, weight order). */
 template <int F>
 __device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint64_t *grid, uint32_t *o) {
@@ -197,7 +191,7 @@ __device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint
                 o[4 * l + i] = mm_u(__hmul2(mm_h2(mm_u(v) ^ sm), d2));
             }
         }
-    } else if constexpr (F == MF_Q2K || F == MF_Q4K) {
+    } else if constexpr (F == MF_Q2K || F == MF_Q4K) {   /* dl·q − ml in f32, one rounding to f16 */
         float d = __half2float(__ushort_as_half((unsigned short)u.h));
         float dm = __half2float(__ushort_as_half((unsigned short)(u.h >> 16)));
         uint32_t sc, mn, sh, mask;
@@ -208,11 +202,14 @@ __device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint
             sc = u.h2 & 255; mn = u.h2 >> 8;
             sh = 4 * (uint32_t)((k >> 5) & 1); mask = 0x0F0F0F0Fu;
         }
-        __half2 dl = __float2half2_rn(d * (float)sc), nml = __float2half2_rn(-dm * (float)mn);
-        mm_deq_u4((u.q[0].x >> sh) & mask, dl, nml, o);
-        mm_deq_u4((u.q[0].y >> sh) & mask, dl, nml, o + 2);
-        mm_deq_u4((u.q[0].z >> sh) & mask, dl, nml, o + 4);
-        mm_deq_u4((u.q[0].w >> sh) & mask, dl, nml, o + 6);
+        float dl = d * u2f(sc), nml = -dm * u2f(mn);
+        const uint32_t w[4] = {u.q[0].x, u.q[0].y, u.q[0].z, u.q[0].w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t t = (w[i] >> sh) & mask;
+            o[2 * i] = mm_u(__floats2half2_rn(fmaf(dl, byte2f(t, 0), nml), fmaf(dl, byte2f(t, 1), nml)));
+            o[2 * i + 1] = mm_u(__floats2half2_rn(fmaf(dl, byte2f(t, 2), nml), fmaf(dl, byte2f(t, 3), nml)));
+        }
     } else if constexpr (F == MF_F16) {
         o[0] = u.q[0].x; o[1] = u.q[0].y; o[2] = u.q[0].z; o[3] = u.q[0].w;
         o[4] = u.q[1].x; o[5] = u.q[1].y; o[6] = u.q[1].z; o[7] = u.q[1].w;
@@ -299,7 +296,10 @@ __device__ __forceinline__ void mm_store_step(const mm_raw<F> *raw, int ks, int6
     }
 }
 
-/* Block (blockIdx.x, blockIdx.y) = (128 weight rows, BN tokens). WM warps
+/* A block = (128 weight rows: tile bm, BN tokens: tile bt). Dense: bt is
+ * blockIdx.x, so the blocks running together share weight tiles (each
+ * weight byte leaves HBM about once; the f16 tokens stay in L2); experts:
+ * bm is blockIdx.x, the blocks of one expert tile run together. WM warps
  * along M, 8/WM along N. MM_GLU: each warp's first MI/2 m16 tiles hold gate
  * rows, the last MI/2 the up rows of the same features, so the epilogue has
  * both in one thread; a block then covers 64 features. */
@@ -318,13 +318,14 @@ __global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
     uint64_t *grid = (uint64_t *)(rasg + BN);              /* IQ2_XXS grid */
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % WM, wn = warp / WM;
+    const int64_t bm = MODE == MM_DENSE ? blockIdx.y : blockIdx.x, bt = MODE == MM_DENSE ? blockIdx.x : blockIdx.y;
     int64_t j0, cnt, e = 0;
     if (MODE == MM_DENSE) {
-        j0 = (int64_t)blockIdx.y * BN;
+        j0 = bt * BN;
         cnt = p.T - j0 < BN ? p.T - j0 : BN;
     } else {
-        if ((int)blockIdx.y >= *p.ntile) return;
-        int4 tl = p.tile[blockIdx.y];
+        if (bt >= *p.ntile) return;
+        int4 tl = p.tile[bt];
         e = tl.x; j0 = tl.y; cnt = tl.z;
     }
     for (int n = tid; n < BN; n += MM_THREADS) {
@@ -354,13 +355,13 @@ __global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
         if (MODE == MM_GLU) {
             int loc = a % WTM;
             if (loc >= WTM / 2) slab = p.w2 + e * p.estride;
-            r = (int64_t)blockIdx.x * (MM_BM / 2) + (a / WTM) * (WTM / 2) + loc % (WTM / 2);
+            r = bm * (MM_BM / 2) + (a / WTM) * (WTM / 2) + loc % (WTM / 2);
             last = p.M - 1;
         } else if (MODE == MM_DENSE) {
-            r = p.r0 + (int64_t)blockIdx.x * MM_BM + a;
+            r = p.r0 + bm * MM_BM + a;
             last = p.r0 + p.nr - 1;
         } else {
-            r = (int64_t)blockIdx.x * MM_BM + a;
+            r = bm * MM_BM + a;
             last = p.M - 1;
         }
         mm_row<F>(slab, p.K, p.M, p.rb, r < last ? r : last, &pl[i], &hd[i]);   /* past the end: repeat the last row */
@@ -417,13 +418,13 @@ __global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
                 if (n >= cnt) continue;
                 float v = acc[i][j][c] * rsc[n];
                 if (MODE == MM_DENSE) {
-                    int64_t r = p.r0 + (int64_t)blockIdx.x * MM_BM + wm * WTM + ra;
+                    int64_t r = p.r0 + bm * MM_BM + wm * WTM + ra;
                     if (r < p.r0 + p.nr) p.y[(j0 + n) * p.ldy + (r - p.r0)] = v;
                 } else if (MODE == MM_DOWN) {
-                    int64_t r = (int64_t)blockIdx.x * MM_BM + wm * WTM + ra;
+                    int64_t r = bm * MM_BM + wm * WTM + ra;
                     if (r < p.M) p.y[(int64_t)rasg[n] * p.ldy + r] = v;
                 } else {
-                    int64_t f = (int64_t)blockIdx.x * (MM_BM / 2) + wm * (WTM / 2) + ra;
+                    int64_t f = bm * (MM_BM / 2) + wm * (WTM / 2) + ra;
                     float u = acc[i + MI / 2][j][c] * rsc[n];
                     if (f < p.M) p.y[(j0 + n) * p.ldy + f] = swiglu(v, u, p.clamp) * p.ew[rasg[n]];
                 }
@@ -442,6 +443,16 @@ static int mm_fmt(uint32_t type) {
     case GT_IQ2_XXS: return MF_IQ2;
     default: return -1;
     }
+}
+
+static int mm_sms(void) {
+    static int n;
+    if (!n) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) || n < 1) n = 132;
+    }
+    return n;
 }
 
 template <int F, int BN, int WM, int MODE>
@@ -484,8 +495,14 @@ static void mm_dense(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, cons
     memset(&a, 0, sizeof a);
     a.w = W->w; a.K = W->K; a.M = W->M; a.rb = W->rb; a.r0 = r0; a.nr = nr;
     a.x = xh; a.xs = xs; a.ldx = ldx; a.T = T; a.y = y; a.ldy = ldy;
-    dim3 g((unsigned)((nr + MM_BM - 1) / MM_BM), (unsigned)((T + MM_DBN - 1) / MM_DBN));
-    mm_launch<MM_DBN, 2, MM_DENSE>(s, W->type, g, &a);
+    /* 64-token tiles only where 128 would leave half the SMs idle: measured
+     * on an H100, 64 wins at 64 blocks of 128 (4096→512, T = 2048) and loses
+     * at 128–256 (4096→1024, 4096→2048). */
+    int64_t mt = (nr + MM_BM - 1) / MM_BM;
+    if (2 * mt * ((T + MM_DBN - 1) / MM_DBN) > mm_sms())
+        mm_launch<MM_DBN, 2, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_DBN - 1) / MM_DBN), (unsigned)mt), &a);
+    else
+        mm_launch<MM_EBN, 4, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_EBN - 1) / MM_EBN), (unsigned)mt), &a);
 }
 
 /* ---- routed experts ---------------------------------------------------------------- */

@@ -148,13 +148,14 @@ static void check_hc(int hc) {
 
 #define MM_BOUND 1e-3
 
-/* rows × n quantised random rows of `type`, each scaled by 2^(−4…3). */
-static uint8_t *mm_weights(int type, int64_t n, int64_t rows) {
+/* rows × n quantised random rows of `type`, each scaled by 2^(−4…3) (vary:
+ * false: all in [−1, 1]). */
+static uint8_t *mm_weights(int type, int64_t n, int64_t rows, bool vary) {
     uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)n);
     uint8_t *w = malloc(rb * rows);
     float *src = malloc(n * sizeof(float));
     for (int64_t r = 0; r < rows; r++) {
-        float sc = ldexpf(1.0f, (int)(rnd() % 8) - 4);
+        float sc = vary ? ldexpf(1.0f, (int)(rnd() % 8) - 4) : 1.0f;
         for (int64_t i = 0; i < n; i++) src[i] = frand() * sc;
         ds4_quantize_row((ggml_type)type, src, w + r * rb, n, NULL);
     }
@@ -187,7 +188,7 @@ static void check_mm_dense(int type, const char *name, int64_t K, int64_t M, int
     char err[256], what[80];
     uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
     int64_t ldx = K + 32 + 3;   /* the test entry reads columns 32 … 32+K−1 of each row */
-    uint8_t *w = mm_weights(type, K, M);
+    uint8_t *w = mm_weights(type, K, M, true);
     float *x = malloc(T * ldx * sizeof(float)), *y = malloc(T * nr * sizeof(float)), *wr = malloc(K * sizeof(float));
     double *ref = malloc(T * nr * sizeof(double));
     for (int64_t t = 0; t < T; t++) {   /* rows of very different magnitudes; row 3 all zero */
@@ -220,13 +221,15 @@ static void check_mm_experts(int tgu, int td, const char *name, int64_t d, int64
     char err[256], what[80];
     int64_t n = T * used;
     uint64_t rgu = ggml_row_bytes((uint32_t)tgu, (uint64_t)d), rd = ggml_row_bytes((uint32_t)td, (uint64_t)ff);
-    uint8_t *wg = mm_weights(tgu, d, ff * E), *wu = mm_weights(tgu, d, ff * E), *wd = mm_weights(td, ff, d * E);
+    uint8_t *wg = mm_weights(tgu, d, ff * E, false), *wu = mm_weights(tgu, d, ff * E, false), *wd = mm_weights(td, ff, d * E, true);
     int32_t *eid = malloc(n * sizeof(int32_t)), *perm = malloc(n * sizeof(int32_t)), *pref = malloc(n * sizeof(int32_t));
     float *ew = malloc(n * sizeof(float)), *x = malloc(T * d * sizeof(float)), *gin = malloc(n * ff * sizeof(float));
-    float *g = malloc(n * ff * sizeof(float)), *out = malloc(n * d * sizeof(float)), *wr = malloc(d * sizeof(float));
-    float *wr2 = malloc(d * sizeof(float));
+    float *g = malloc(n * ff * sizeof(float)), *out = malloc(n * d * sizeof(float));
+    float *wr = malloc((d > ff ? d : ff) * sizeof(float)), *wr2 = malloc(d * sizeof(float));
     double *gref = malloc(n * ff * sizeof(double)), *oref = malloc(n * d * sizeof(double));
-    float clamp = 10.0f;
+    /* gate and up of rms ≈ 1 (as after the FFN norm), clamp 2: some of
+     * both clamped, most not */
+    float clamp = 2.0f, xsc = 2.0f / sqrtf((float)d);
     for (int64_t t = 0; t < T; t++)
         for (int i = 0; i < used; i++) {   /* distinct experts per token */
             int e, dup;
@@ -238,7 +241,7 @@ static void check_mm_experts(int tgu, int td, const char *name, int64_t d, int64
             eid[t * used + i] = e;
             ew[t * used + i] = 0.1f + 0.9f * fabsf(frand());
         }
-    for (int64_t i = 0; i < T * d; i++) x[i] = frand() * 2;
+    for (int64_t i = 0; i < T * d; i++) x[i] = frand() * xsc * 1.7f;
     for (int64_t i = 0; i < n * ff; i++) gin[i] = frand();
     int64_t j = 0;   /* the stable sort by expert */
     for (int e = 0; e < E; e++)
@@ -283,6 +286,8 @@ static void mm_checks(void) {
         check_mm_dense(T[i].type, T[i].name, 1024, 1000, 130, 700, 300);
     }
     check_mm_dense(GGML_Q8_0, "Q8_0", 96, 130, 0, 130, 9);   /* K not a multiple of the 64-wide step */
+    check_mm_dense(GGML_Q8_0, "Q8_0", 256, 4200, 40, 4150, 1000);   /* grid big enough for 128-token tiles */
+    check_mm_dense(GGML_Q2_K, "Q2_K", 256, 4200, 40, 4150, 1000);
     check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 100, false);
     check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 150, true);   /* 150 > 2 tiles */
     check_mm_experts(GGML_Q4_K, GGML_Q4_K, "Q4_K/Q4_K", 256, 512, 8, 2, 70, false);
