@@ -66,28 +66,34 @@ __device__ __forceinline__ uint32_t at_bf2(float a, float b) {
 #define AT_HD 512               /* head_dim = K = V row length */
 #define AT_RD 64                /* rope_dim */
 #define AT_N 32                 /* rows per tile */
+#define AT_ST 3                 /* row tiles in flight (cp.async stages) */
 #define AT_WARPS 16
 #define AT_QS (AT_HD + 8)       /* f16 stride of q / row tiles: +16 B puts ldmatrix's 8 rows in distinct banks */
 #define AT_SS 40                /* f32 stride of the partial scores (32 + 8: float2 stores spread over banks) */
 #define AT_PS (AT_N + 8)        /* f16 stride of P */
-#define AT_SMEM (AT_H * AT_QS * 2 + AT_N * AT_QS * 2 + AT_N * AT_HD * 4 + 4 * AT_H * AT_SS * 4 + AT_H * AT_PS * 2 + \
-                 AT_H * 4 + AT_RD * 4)
+#define AT_MAXWIN 128           /* bounds of the row table in shared memory */
+#define AT_MAXSEL 512
+#define AT_SMEM (AT_H * AT_QS * 2 + AT_ST * AT_N * AT_QS * 2 + 4 * AT_H * AT_SS * 4 + AT_H * AT_PS * 2 + AT_H * 4 + \
+                 AT_RD * 4 + (AT_MAXWIN + AT_MAXSEL) * 4)
 
-/* Source of row r of token p's list (attn_task's order): raw window rows
- * first, then the compressed rows (the indexer's selection or all). */
-__device__ __forceinline__ const float *at_row(int64_t r, int64_t nwin, int64_t lo, uint32_t p0, const float *kvc,
-                                               const float *raw, uint32_t keep_raw, const float *comp,
-                                               const int32_t *sel) {
-    if (r < nwin) {
-        int64_t pos = lo + r;
-        return pos >= (int64_t)p0 ? kvc + (pos - p0) * AT_HD : raw + (pos % keep_raw) * AT_HD;
+/* f16 copies of every row the chunk can read, in one scratch array:
+ * [ring: keep_raw rows][chunk: T rows][compressed: (p0+T)/ratio rows]. The
+ * copy is exact (rows are f16 values, QAT) and halves what every token reads. */
+static size_t attn_scratch_bytes(uint32_t keep_raw, uint32_t p0, int64_t T, int ratio) {
+    int64_t ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0;
+    return (size_t)(keep_raw + T + ncomp) * AT_HD * sizeof(__half);
+}
+
+__global__ void k_attn_rows16(const float *__restrict__ src, __half *__restrict__ dst, int64_t n4) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float4 v = ((const float4 *)src)[i];
+        ((uint2 *)dst)[i] = make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
     }
-    return comp + (int64_t)(sel ? sel[r - nwin] : (int32_t)(r - nwin)) * AT_HD;
 }
 
 /* One block of 16 warps per token. Per tile of 32 rows:
- *   load   f32 rows arrive by cp.async in a staging buffer one tile ahead,
- *          then are converted to the f16 tile (rows past the end → 0);
+ *   load   cp.async of f16 rows AT_ST−1 tiles ahead (rows past the end are
+ *          zeroed: P = 0 must not meet a NaN);
  *   S      warp (hg, kq) computes heads 16hg…16hg+15 × 32 rows over dims
  *          128kq…128kq+127 (A reused over 4 n-tiles); the 4 partial sums
  *          meet in shared memory, added in kq order;
@@ -96,17 +102,17 @@ __device__ __forceinline__ const float *at_row(int64_t r, int64_t nwin, int64_t 
  *          (64 f32 registers), rescales by exp(m_old − m_new) and adds P·V.
  * The sink only enters the denominator: m starts at sink, l at 1. */
 __global__ void __launch_bounds__(AT_WARPS * 32, 1)
-k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, uint32_t keep_raw, uint32_t window,
-             const float *comp, const int32_t *selbuf, int ratio, int64_t topk, const float *sinks,
-             const double *freq, float scale, uint32_t p0, float *__restrict__ o) {
+k_attn_chunk(const float *__restrict__ q, const __half *__restrict__ rows16, uint32_t keep_raw, uint32_t window,
+             const int32_t *selbuf, int ratio, int64_t topk, const float *sinks, const double *freq, float scale,
+             uint32_t p0, int64_t T, float *__restrict__ o) {
     extern __shared__ __align__(16) unsigned char at_sm[];
     __half *sq = (__half *)at_sm;                          /* AT_H × AT_QS */
-    __half *sk = sq + AT_H * AT_QS;                        /* AT_N × AT_QS */
-    float *sst = (float *)(sk + AT_N * AT_QS);             /* AT_N × AT_HD staging */
-    float *ss = sst + AT_N * AT_HD;                        /* 4 × AT_H × AT_SS partial scores */
+    __half *sk = sq + AT_H * AT_QS;                        /* AT_ST × AT_N × AT_QS */
+    float *ss = (float *)(sk + AT_ST * AT_N * AT_QS);      /* 4 × AT_H × AT_SS partial scores */
     __half *sp = (__half *)(ss + 4 * AT_H * AT_SS);        /* AT_H × AT_PS */
     float *salpha = (float *)(sp + AT_H * AT_PS);          /* AT_H: rescale, then 1/l */
     float *srope = salpha + AT_H;                          /* AT_RD/2 (cos, sin) pairs */
+    int32_t *srow = (int32_t *)(srope + AT_RD);            /* rows16 index of window / selected rows */
 
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int64_t t = blockIdx.x, p = (int64_t)p0 + t;
@@ -115,24 +121,38 @@ k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, ui
     const int32_t *sel = NULL;
     if (ratio == 4 && ncomp > topk) { ncomp = topk; sel = selbuf + t * topk; }   /* the indexer's choice */
     const int64_t n = nwin + ncomp, ntiles = (n + AT_N - 1) / AT_N;
+    const int64_t ctab = sel ? n : nwin, comp0 = keep_raw + T - nwin;   /* rows past the table: all compressed rows */
 
-    /* staging load of tile j: thread owns 16-byte chunks tid + 512i, i < 8 (row tid/128 + 4i) */
+    /* Row table in attn_task's order: window rows (ring slot or chunk row),
+     * then the indexer's selection; built once so the tile loads below read
+     * no global index and do no 64-bit modulo. */
+    for (int r = tid; r < ctab; r += AT_WARPS * 32) {
+        int64_t pos = lo + r;
+        srow[r] = (int32_t)(r < nwin ? (pos >= (int64_t)p0 ? keep_raw + (pos - p0) : pos % keep_raw)
+                                     : keep_raw + T + sel[r - nwin]);
+    }
+    __syncthreads();
+
+    /* tile j into stage j % AT_ST: thread owns 16-byte chunks tid + 512i, i < 4 (row tid/64 + 8i) */
 #define AT_LOAD(j)                                                                                            \
-    for (int i = 0; i < AT_N / 4; i++) {                                                                       \
-        int rr = (tid >> 7) + 4 * i, c4 = tid & 127;                                                          \
-        int64_t r = (int64_t)(j) * AT_N + rr;                                                                 \
-        if (r < n) at_cp16(sst + rr * AT_HD + 4 * c4, at_row(r, nwin, lo, p0, kvc, raw, keep_raw, comp, sel) + 4 * c4); \
-    }                                                                                                          \
+    if ((j) < ntiles)                                                                                          \
+        for (int i = 0; i < AT_N / 8; i++) {                                                                   \
+            int rr = (tid >> 6) + 8 * i, c8 = (tid & 63) * 8;                                                 \
+            int64_t r = (int64_t)(j) * AT_N + rr;                                                             \
+            __half *dst = sk + ((j) % AT_ST * AT_N + rr) * AT_QS + c8;                                         \
+            if (r < n) at_cp16(dst, rows16 + (int64_t)(r < ctab ? srow[r] : comp0 + r) * AT_HD + c8);         \
+            else *(uint4 *)dst = make_uint4(0, 0, 0, 0);                                                       \
+        }                                                                                                      \
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 
-    AT_LOAD(0);
+    for (int j = 0; j < AT_ST - 1; j++) { AT_LOAD(j); }
     {   /* q → f16; inverse-RoPE table for this position (double angle, as cpu_rope) */
         const float4 *q4 = (const float4 *)(q + t * AT_H * AT_HD);
+#pragma unroll 8   /* independent loads in flight */
         for (int i = tid; i < AT_H * AT_HD / 4; i += AT_WARPS * 32) {
             float4 v = q4[i];
             int h = i / (AT_HD / 4), d = (i % (AT_HD / 4)) * 4;
-            uint2 u = make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
-            *(uint2 *)(sq + h * AT_QS + d) = u;
+            *(uint2 *)(sq + h * AT_QS + d) = make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
         }
         if (tid < AT_RD / 2) {
             double ang = -((double)p * freq[tid]);
@@ -147,18 +167,14 @@ k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, ui
     for (int i = 0; i < 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
     /* softmax state of head tid/8, identical in its 8 threads */
     const int sh = tid >> 3, sub = tid & 7;
-    float m = sinks[sh], l = 1.0f;
+    const float sl2 = scale * 1.44269504088896341f;   /* scores in log2 units: exp2 below */
+    float m = sinks[sh] * 1.44269504088896341f, l = 1.0f;
 
     for (int64_t j = 0; j < ntiles; j++) {
-        at_cp_wait();
-        __syncthreads();   /* staging full; the previous tile's PV is done with sk, sp, salpha */
-        for (int i = tid; i < AT_N * AT_HD / 4; i += AT_WARPS * 32) {
-            int rr = i / (AT_HD / 4), d = (i % (AT_HD / 4)) * 4;
-            float4 v = j * AT_N + rr < n ? ((const float4 *)sst)[i] : make_float4(0, 0, 0, 0);
-            *(uint2 *)(sk + rr * AT_QS + d) = make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
-        }
-        __syncthreads();   /* sk ready, staging free */
-        if (j + 1 < ntiles) { AT_LOAD(j + 1); }
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(AT_ST - 2) : "memory");
+        __syncthreads();   /* tile j landed; tile j−1's PV is done with its stage, sp and salpha */
+        AT_LOAD(j + AT_ST - 1);
+        const __half *kt = sk + (j % AT_ST) * AT_N * AT_QS;
 
         {   /* S partial: 16 heads × 32 rows over 128 dims */
             float s[4][4];
@@ -171,7 +187,7 @@ k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, ui
                 at_ldsm4(a, sq + (hg * 16 + (lane & 15)) * AT_QS + d0 + (lane >> 4) * 8);
 #pragma unroll
                 for (int np = 0; np < 2; np++) {
-                    at_ldsm4(b, sk + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * AT_QS + d0 + ((lane >> 3) & 1) * 8);
+                    at_ldsm4(b, kt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * AT_QS + d0 + ((lane >> 3) & 1) * 8);
                     at_mma_f16(s[2 * np], a, b[0], b[1]);
                     at_mma_f16(s[2 * np + 1], a, b[2], b[3]);
                 }
@@ -192,17 +208,17 @@ k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, ui
                 int col = 4 * sub + c;
                 const float *src = ss + sh * AT_SS + col;
                 float x = ((src[0] + src[AT_H * AT_SS]) + src[2 * AT_H * AT_SS]) + src[3 * AT_H * AT_SS];
-                v[c] = j * AT_N + col < n ? x * scale : -INFINITY;
+                v[c] = j * AT_N + col < n ? x * sl2 : -INFINITY;
                 mx = fmaxf(mx, v[c]);
             }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            float mn = fmaxf(m, mx), alpha = expf(m - mn), sum = 0;
+            float mn = fmaxf(m, mx), alpha = exp2f(m - mn), sum = 0;
             __half ph[4];
 #pragma unroll
             for (int c = 0; c < 4; c++) {
-                ph[c] = __float2half_rn(expf(v[c] - mn));
+                ph[c] = __float2half_rn(exp2f(v[c] - mn));
                 sum += __half2float(ph[c]);   /* l sums the weights P·V actually uses */
             }
             __half2 p01 = __halves2half2(ph[0], ph[1]), p23 = __halves2half2(ph[2], ph[3]);
@@ -227,7 +243,7 @@ k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, ui
 #pragma unroll
                 for (int nb = 0; nb < 8; nb++) {
                     uint32_t b[4];
-                    at_ldsm4t(b, sk + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * AT_QS + kq * 128 + nb * 16 +
+                    at_ldsm4t(b, kt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * AT_QS + kq * 128 + nb * 16 +
                                      (lane >> 4) * 8);
                     at_mma_f16(acc[2 * nb], a, b[0], b[1]);
                     at_mma_f16(acc[2 * nb + 1], a, b[2], b[3]);
@@ -260,14 +276,17 @@ k_attn_chunk(const float *__restrict__ q, const float *kvc, const float *raw, ui
     }
 }
 
+/* scratch: attn_scratch_bytes(keep_raw, p0, T, ratio) bytes of device memory
+ * (the f16 row copies; overwritten on every call). */
 static void attn_chunk(cudaStream_t s, const float *q, const float *kvc, const float *raw, uint32_t keep_raw,
                        uint32_t window, const float *comp, const int32_t *sel, int ratio, int64_t topk,
                        const float *sinks, int H, int hd, int rd, const double *freq, float scale, uint32_t p0,
-                       int64_t T, float *o) {
-    if (H != AT_H || hd != AT_HD || rd != AT_RD || keep_raw < window || window < 1) {
+                       int64_t T, float *o, void *scratch) {
+    if (H != AT_H || hd != AT_HD || rd != AT_RD || keep_raw < window || window < 1 || window > AT_MAXWIN ||
+        (ratio == 4 && (topk < 1 || topk > AT_MAXSEL))) {
         /* shapes are compile-time: the model has exactly these */
-        fprintf(stderr, "attn_chunk: unsupported shape H %d hd %d rd %d keep_raw %u window %u\n", H, hd, rd,
-                keep_raw, window);
+        fprintf(stderr, "attn_chunk: unsupported shape H %d hd %d rd %d keep_raw %u window %u topk %lld\n", H, hd,
+                rd, keep_raw, window, (long long)topk);
         return;
     }
     if (T <= 0) return;
@@ -276,8 +295,15 @@ static void attn_chunk(cudaStream_t s, const float *q, const float *kvc, const f
         cudaFuncSetAttribute(k_attn_chunk, cudaFuncAttributeMaxDynamicSharedMemorySize, AT_SMEM);
         attr_set = true;
     }
-    k_attn_chunk<<<(unsigned)T, AT_WARPS * 32, AT_SMEM, s>>>(q, kvc, raw, keep_raw, window, comp, sel, ratio, topk,
-                                                             sinks, freq, scale, p0, o);
+    __half *r16 = (__half *)scratch;
+    int64_t ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0;
+    /* ring slots never written yet hold whatever the state holds: converted
+     * anyway, never read (positions < 0 do not exist) */
+    k_attn_rows16<<<256, 256, 0, s>>>(raw, r16, (int64_t)keep_raw * AT_HD / 4);
+    k_attn_rows16<<<256, 256, 0, s>>>(kvc, r16 + (int64_t)keep_raw * AT_HD, T * AT_HD / 4);
+    if (ncomp) k_attn_rows16<<<256, 256, 0, s>>>(comp, r16 + (keep_raw + T) * AT_HD, ncomp * AT_HD / 4);
+    k_attn_chunk<<<(unsigned)T, AT_WARPS * 32, AT_SMEM, s>>>(q, r16, keep_raw, window, sel, ratio, topk, sinks, freq,
+                                                             scale, p0, T, o);
 }
 
 /* ---- indexer scores ------------------------------------------------------------------- */

@@ -1415,19 +1415,20 @@ extern "C" int ds4_cuda_test_attn(const float *q, const float *kvc, const float 
     if (T < 1 || H != AT_H || hd != AT_HD || rd != AT_RD || keep_raw < window)
         return ds4_errf(err, errlen, "attn: unsupported shape T %lld H %d hd %d rd %d", (long long)T, H, hd, rd);
     size_t fs = sizeof(float);
-    void *d[8] = {0};
+    void *d[9] = {0};
     cudaError_t e;
-    if (!(e = at_upload(&d[0], q, T * H * hd * fs)) && !(e = at_upload(&d[1], kvc, T * hd * fs)) &&
+    if (!(e = at_upload(&d[8], NULL, attn_scratch_bytes(keep_raw, p0, T, ratio))) &&
+        !(e = at_upload(&d[0], q, T * H * hd * fs)) && !(e = at_upload(&d[1], kvc, T * hd * fs)) &&
         !(e = at_upload(&d[2], raw, (size_t)keep_raw * hd * fs)) && !(e = at_upload(&d[3], comp, n_comp * hd * fs)) &&
         !(e = at_upload(&d[4], sel, sel ? T * topk * sizeof(int32_t) : 0)) && !(e = at_upload(&d[5], sinks, H * fs)) &&
         !(e = at_upload(&d[6], freq, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs))) {
         poison(d[7], T * H * hd * fs);
         attn_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], keep_raw, window, (float *)d[3], (int32_t *)d[4],
-                   ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, p0, T, (float *)d[7]);
+                   ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, p0, T, (float *)d[7], d[8]);
         if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
             e = cudaMemcpy(o, d[7], T * H * hd * fs, cudaMemcpyDeviceToHost);
     }
-    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    for (int i = 0; i < 9; i++) cudaFree(d[i]);
     return e ? ds4_errf(err, errlen, "attn: %s", cudaGetErrorString(e)) : 0;
 }
 
@@ -1481,7 +1482,7 @@ extern "C" int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, 
     const int64_t topk = 512, ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0, nidx = ((int64_t)p0 + T) / 4;
     if (T < 1 || reps < 1 || reps > 100) return ds4_errf(err, errlen, "bench: bad T %lld reps %d", (long long)T, reps);
     size_t fs = sizeof(float);
-    void *d[8] = {0};
+    void *d[9] = {0};
     float tm[100];
     cudaEvent_t ev[2] = {0, 0};
     cudaError_t e;
@@ -1489,6 +1490,7 @@ extern "C" int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, 
         !(e = at_upload(&d[2], NULL, (size_t)keep * hd * fs)) && !(e = at_upload(&d[3], NULL, (idx ? nidx * ihd : ncomp * hd) * fs)) &&
         !(e = at_upload(&d[4], NULL, T * topk * sizeof(int32_t))) && !(e = at_upload(&d[5], NULL, H * fs)) &&
         !(e = at_upload(&d[6], NULL, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs)) &&
+        !(e = at_upload(&d[8], NULL, attn_scratch_bytes(keep, p0, T, ratio))) &&
         !(e = cudaEventCreate(&ev[0])) && !(e = cudaEventCreate(&ev[1]))) {
         double fr[AT_RD / 2];
         for (int k = 0; k < rd / 2; k++) fr[k] = pow(10000.0, -2.0 * k / rd);
@@ -1507,7 +1509,7 @@ extern "C" int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, 
             if (idx) idx_scores_chunk(0, (float *)d[0], (float *)d[1], (float *)d[3], p0, T, ih, ihd, score, nidx);
             else attn_chunk(0, (float *)d[0], (float *)d[1], (float *)d[2], keep, window, (float *)d[3],
                             (int32_t *)d[4], ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6],
-                            1.0f / sqrtf((float)hd), p0, T, (float *)d[7]);
+                            1.0f / sqrtf((float)hd), p0, T, (float *)d[7], d[8]);
             cudaEventRecord(ev[1]);
             if (!(e = cudaEventSynchronize(ev[1])) && !(e = cudaGetLastError()) && i >= 2)
                 cudaEventElapsedTime(&tm[r++], ev[0], ev[1]);
@@ -1526,6 +1528,6 @@ extern "C" int ds4_cuda_bench_attn(bool idx, int ratio, uint32_t p0, int64_t T, 
     }
     if (ev[0]) cudaEventDestroy(ev[0]);
     if (ev[1]) cudaEventDestroy(ev[1]);
-    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    for (int i = 0; i < 9; i++) cudaFree(d[i]);
     return e ? ds4_errf(err, errlen, "bench: %s", cudaGetErrorString(e)) : 0;
 }
