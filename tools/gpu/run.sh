@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device script for the CUDA backend (run on the GPU machine from the folder
 # that holds bin/, lib/ and tokenizer.json; see tools/gpu/NOTES.md).
-#   run.sh [kernels] [tiny] [flash4] [prof] [flash20]     default: kernels tiny flash4
+#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [flash20]   default: kernels tiny flash4
+#   (…x: the model checks under DS4_DIAG_EXACT_KV=1, the strict gate of the chunked prefill)
 # Logs go to $OUT (or ./out). Prints a short summary last.
 set -u
 BIN=${BIN:-./bin}   # the build under test (perf.sh also runs the previous one)
@@ -25,6 +26,12 @@ for s in $steps; do
         $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens ${F4_TOKENS:-40} --bench 100 2>&1 | tee "$OUT/flash4.log"
         # decode at a 2K context (graphs), no CPU involved
         $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee -a "$OUT/flash4.log" ;;
+    tinyx|flash4x)
+        # The same model checks with DS4_DIAG_EXACT_KV=1 (no QAT roundings):
+        # the strict gate of the chunked prefill (see compare_chunked).
+        [ $s = flash4x ] && { f4; m=/dev/shm/f4.gguf; n=${F4_TOKENS:-40}; } || {
+            ./bin/ds4-synth --preset tiny -o /dev/shm/tiny.gguf --tokenizer tokenizer.json >/dev/null; m=/dev/shm/tiny.gguf; n=300; }
+        DS4_DIAG_EXACT_KV=1 $BIN/ds4-gpucheck --model $m --tokens $n 2>&1 | tee "$OUT/$s.log" ;;
     flash20)
         # 20 of the 43 layers at full width (~42 GB): decode speed at a 2K context
         rm -f /dev/shm/f4.gguf
