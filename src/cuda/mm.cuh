@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mm(const mm_args p) {
     }
     if (F == MF_IQ2)
         for (int i = tid; i < 256; i += MM_THREADS) {
-            /* grid entry i: bytes 8 / 25 / 43 (the grid's only magnitudes) → table halves 0 / 1 / 2, selectors per weight pair */
+            /* grid entry i: bytes 8 / 25 / 43 (the grid's only magnitudes) →
+             * table halves 0 / 1 / 2, as selectors per weight pair */
             uint64_t g = d_iq2_grid[i];
             uint32_t sel[2] = {0, 0};
             for (int j = 0; j < 8; j++) {
@@ -625,7 +626,10 @@ __global__ void __launch_bounds__(1024) k_mm_route(const int32_t *__restrict__ e
 }
 
 static void mm_route_build(cudaStream_t s, mm_route *r, const int32_t *eid, int64_t T) {
-    if (T < 0 || T > r->T_max) { fprintf(stderr, "ds4: mm: %lld tokens for a route of %lld\n", (long long)T, (long long)r->T_max); abort(); }
+    if (T < 0 || T > r->T_max) {   /* a caller bug: the buffers are sized for T_max */
+        fprintf(stderr, "ds4: mm: %lld tokens for a route of %lld\n", (long long)T, (long long)r->T_max);
+        abort();
+    }
     r->T = T;
     r->ntile_max = mm_tile_bound(T * r->used, r->E);
     k_mm_route<<<1, 1024, (size_t)(32 + 2) * r->E * sizeof(int), s>>>(eid, T * r->used, r->E, r->perm, r->tile,
