@@ -462,7 +462,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mm(const mm_args p) {
                 } else {
                     int64_t f = bm * (BM / 2) + wm * (WTM / 2) + ra;
                     float u = acc[i + MI / 2][j][c] * rsc[n];
-                    if (f < p.M) p.y[(j0 + n) * p.ldy + f] = swiglu(v, u, p.clamp) * p.ew[rasg[n]];
+                    if (f < p.M) p.y[(j0 + n) * p.ldy + f] = swiglu(v, u, p.clamp) * (p.ew ? p.ew[rasg[n]] : 1.0f);
                 }
             }
 }
@@ -555,8 +555,11 @@ typedef struct {
 /* Tiles of at most MM_EBN tokens of one expert: Σ_e ceil(c_e / BN) ≤ n/BN + (experts hit). */
 static int mm_tile_bound(int64_t n, int E) { return (int)(n / MM_EBN + (n < E ? n : E)); }
 
+/* E ≤ MM_MAX_E: k_mm_route keeps 34 ints per expert in the default 48 KB of shared memory. */
+#define MM_MAX_E 352
 static cudaError_t mm_route_alloc(mm_route *r, int64_t T_max, int used, int E) {
     memset(r, 0, sizeof *r);
+    if (T_max < 0 || used < 1 || E < 1 || E > MM_MAX_E || T_max * used > INT32_MAX) return cudaErrorInvalidValue;
     r->T_max = T_max; r->used = used; r->E = E;
     int64_t n = T_max * used;
     cudaError_t e;
@@ -636,7 +639,7 @@ static void mm_route_build(cudaStream_t s, mm_route *r, const int32_t *eid, int6
                                                                       r->ntile);
 }
 
-/* g[j·ff + f] = swiglu(Wg_e[f]·x_t, Wu_e[f]·x_t, clamp) · ew[a], j-th sorted assignment a = (t, e). */
+/* g[j·ff + f] = swiglu(Wg_e[f]·x_t, Wu_e[f]·x_t, clamp) · ew[a] (ew NULL: · 1), j-th sorted assignment a = (t, e). */
 static void mm_experts_glu(cudaStream_t s, const mm_w *Wg, const mm_w *Wu, const __half *xh, const float *xs,
                            int64_t ldx, const mm_route *r, const float *ew, float clamp, float *g) {
     if (r->ntile_max <= 0) return;
