@@ -3,36 +3,39 @@
  * accumulation), and the routed experts of a chunk grouped by expert.
  *
  * Precision. Activations: each token row is scaled by a power of two so its
- * largest magnitude lies in [2^13, 2^14) and rounded to f16 once (mm_prep),
+ * largest magnitude lies in [2^13, 2^14) and rounded to f16 once (mm_prep);
  * the scale comes back in the epilogue (exact). Weights: dequantised inside
- * the kernel, per 16-weight unit, into f16 in shared memory: the block
- * scale is applied before the rounding, so every weight is its exact value
- * rounded once (K-quants: dl·q − ml in f32, then rounded; IQ2_XXS: twice,
- * the group scale is an f16 product). f16 keeps 11 bits: ‖err‖/‖y‖ ≈
- * 2–4e-4 on random data (ds4-gpucheck --kernels). The other option,
- * exact small integers in f16 with block scales applied to partial sums in
- * f32, would need an extra accumulator pass every 16–32 weights (a quarter
- * of the tensor time in FMAs) and a Σx term per sub-block for the K-quant
- * minimums; f16 weights keep one code path for every format.
+ * the kernel, 16 weights per thread and step, to f16 in shared memory, each
+ * its exact value rounded once (block scales applied in f32 first; Q2_K and
+ * IQ2_XXS through 4-entry tables of such values). f16 keeps 11 bits:
+ * ‖err‖/‖y‖ ≈ 2–4e-4 per token row against double on random data, 5–7e-4
+ * after swiglu (ds4-gpucheck --kernels). The other option, exact small
+ * integers in f16 with the block scales applied to partial sums, needs an
+ * f32 rescale of every accumulator each 16–32 weights (IQ2_XXS, Q8_0) plus
+ * a Σx term per sub-block for the K-quant minimums; rounded f16 weights cost
+ * the same few instructions for every format and keep one kernel.
  *
  * Tiles: a block computes 128 weight rows × BN tokens (BN = 128 dense, 64
- * for experts: ~48 tokens per expert at T = 2048), K in steps of 64. Token
+ * for experts: ~48 tokens per expert at T = 2048) in K steps of BK (64
+ * dense; 128 experts: +6–12 % on Q2_K/Q4_K, −5 % on IQ2_XXS, H100). Token
  * rows arrive by cp.async; the weight units of the next step are loaded to
  * registers while the tensor cores work on this one, then dequantised into
  * the other shared buffer (two buffers, one barrier a step).
  *
  * Preconditions (callers): K a multiple of the format's block (32 Q8_0,
- * 256 K-quants/IQ2_XXS, 16 F16/F32), xh 16-byte aligned, ldx a multiple
- * of 8 halves. Weights as uploaded by the backend (Q8_0/IQ2_XXS/Q2_K
+ * 256 K-quants/IQ2_XXS, 16 F16/F32); xh 16-byte aligned and ldx a multiple
+ * of 8 halves (cp.async moves 16 bytes); K past the last full step is
+ * zero-filled. Weights as uploaded by the backend (Q8_0/IQ2_XXS/Q2_K
  * repacked per slab, see kernels.cuh; F16/F32/Q4_K as in the file).
  * Results are deterministic: every output element is written once by one
- * thread after a fixed-order accumulation. */
+ * thread after a fixed-order accumulation; no atomics. */
 #ifndef DS4_CUDA_MM_CUH
 #define DS4_CUDA_MM_CUH
 
-#define MM_BM 128              /* weight rows per block */
-#define MM_BK 64               /* K per pipeline step */
-#define MM_LDS 72              /* shared row stride in halves: 144 bytes puts 8 ldmatrix rows on distinct banks */
+/* Shared rows are BK + 8 halves: 16 bytes past a multiple of 128 puts the
+ * 8 rows of an ldmatrix on distinct banks. */
+#define MM_DBM 128             /* weight rows per block: dense */
+#define MM_EBM 128             /* experts (256 rows at one block an SM measured 5–25 % slower) */
 #define MM_THREADS 256
 #define MM_EBN 64              /* token tile of the expert kernels */
 #define MM_DBN 128             /* token tile of the dense kernel */
@@ -162,7 +165,7 @@ __device__ __forceinline__ __half2 mm_b2h(uint32_t w, uint32_t sel) { return mm_
 
 /* The unit as 16 halves (8 words, weight order). */
 template <int F>
-__device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint64_t *grid, uint32_t *o) {
+__device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint32_t *tab, uint32_t *o) {
     if constexpr (F == MF_Q8) {   /* int8 + 128 as 1024 + b, minus 1152: exact, then one rounding by d */
         const __half2 k1152 = __float2half2_rn(1152.0f);
         __half2 d = __half2half2(__ushort_as_half((unsigned short)u.h));
@@ -174,39 +177,47 @@ __device__ __forceinline__ void mm_deq(const mm_raw<F> &u, int64_t k, const uint
             o[2 * i + 1] = mm_u(__hmul2(__hsub2(mm_b2h(w[i], 0x4342), k1152), d));
         }
     } else if constexpr (F == MF_IQ2) {
+        /* Weights are ±{8, 25, 43}·db: the three products, rounded once, sit
+         * in a 4-half table; tab[grid entry] holds byte-permute selectors
+         * picking each pair's halves, sgn[signs] the sign bits to flip. */
         uint32_t A = u.q[0].x, B = u.q[0].y;
-        float db = __half2float(__ushort_as_half((unsigned short)u.h)) * (0.5f + (float)(B >> 28)) * 0.25f;
-        __half2 d2 = __float2half2_rn(db);
-        const __half2 k1024 = __float2half2_rn(1024.0f);
+        float db = __half2float(__ushort_as_half((unsigned short)u.h)) * (0.5f + u2f(B >> 28)) * 0.25f;
+        uint32_t t01 = mm_u(__floats2half2_rn(8.0f * db, 25.0f * db)), t23 = mm_u(__floats2half2_rn(43.0f * db, 0.0f));
         int l0 = (int)(k >> 3) & 2;   /* the unit is half l0/2 of the group: grid entries l0, l0 + 1 */
 #pragma unroll
         for (int l = 0; l < 2; l++) {
-            uint64_t g = grid[(A >> 8 * (l0 + l)) & 255];
-            uint32_t s7 = (B >> 7 * (l0 + l)) & 127, sg = s7 | (__popc(s7) & 1) << 7;   /* ksigns: 7 bits + parity */
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                uint32_t w = i < 2 ? (uint32_t)g : (uint32_t)(g >> 32);
-                __half2 v = __hsub2(mm_b2h(w, i & 1 ? 0x4342 : 0x4140), k1024);
-                uint32_t sm = ((sg >> 2 * i) & 1) << 15 | ((sg >> (2 * i + 1)) & 1) << 31;
-                o[4 * l + i] = mm_u(__hmul2(mm_h2(mm_u(v) ^ sm), d2));
-            }
+            uint2 sel = ((const uint2 *)tab)[(A >> 8 * (l0 + l)) & 255];
+            uint4 sg = ((const uint4 *)tab)[128 + ((B >> 7 * (l0 + l)) & 127)];
+            o[4 * l + 0] = __byte_perm(t01, t23, sel.x) ^ sg.x;
+            o[4 * l + 1] = __byte_perm(t01, t23, sel.x >> 16) ^ sg.y;
+            o[4 * l + 2] = __byte_perm(t01, t23, sel.y) ^ sg.z;
+            o[4 * l + 3] = __byte_perm(t01, t23, sel.y >> 16) ^ sg.w;
         }
-    } else if constexpr (F == MF_Q2K || F == MF_Q4K) {   /* dl·q − ml in f32, one rounding to f16 */
+    } else if constexpr (F == MF_Q2K) {
+        /* dl·q − ml for the 4 values of q, in f32 and rounded once, as a
+         * 4-half table; a pair's selector is 2q0, 2q0+1, 2q1, 2q1+1 in
+         * nibbles: q·34 + 0x1010 (q0 in bits 0–1, q1 in bits 8–9). */
         float d = __half2float(__ushort_as_half((unsigned short)u.h));
         float dm = __half2float(__ushort_as_half((unsigned short)(u.h >> 16)));
-        uint32_t sc, mn, sh, mask;
-        if constexpr (F == MF_Q2K) {
-            sc = u.h2 & 15; mn = u.h2 >> 4;
-            sh = 2 * (uint32_t)((k >> 5) & 3); mask = 0x03030303u;
-        } else {
-            sc = u.h2 & 255; mn = u.h2 >> 8;
-            sh = 4 * (uint32_t)((k >> 5) & 1); mask = 0x0F0F0F0Fu;
-        }
-        float dl = d * u2f(sc), nml = -dm * u2f(mn);
+        float dl = d * u2f(u.h2 & 15), nml = -dm * u2f(u.h2 >> 4);
+        uint32_t t01 = mm_u(__floats2half2_rn(nml, dl + nml)), t23 = mm_u(__floats2half2_rn(fmaf(2.0f, dl, nml), fmaf(3.0f, dl, nml)));
+        uint32_t sh = 2 * (uint32_t)((k >> 5) & 3);
         const uint32_t w[4] = {u.q[0].x, u.q[0].y, u.q[0].z, u.q[0].w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            uint32_t t = (w[i] >> sh) & mask;
+            uint32_t t = (w[i] >> sh) & 0x03030303u;
+            o[2 * i] = __byte_perm(t01, t23, t * 34 + 0x1010);
+            o[2 * i + 1] = __byte_perm(t01, t23, (t >> 16) * 34 + 0x1010);
+        }
+    } else if constexpr (F == MF_Q4K) {   /* dl·q − ml in f32, one rounding to f16 */
+        float d = __half2float(__ushort_as_half((unsigned short)u.h));
+        float dm = __half2float(__ushort_as_half((unsigned short)(u.h >> 16)));
+        float dl = d * u2f(u.h2 & 255), nml = -dm * u2f(u.h2 >> 8);
+        uint32_t sh = 4 * (uint32_t)((k >> 5) & 1);
+        const uint32_t w[4] = {u.q[0].x, u.q[0].y, u.q[0].z, u.q[0].w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t t = (w[i] >> sh) & 0x0F0F0F0Fu;
             o[2 * i] = mm_u(__floats2half2_rn(fmaf(dl, byte2f(t, 0), nml), fmaf(dl, byte2f(t, 1), nml)));
             o[2 * i + 1] = mm_u(__floats2half2_rn(fmaf(dl, byte2f(t, 2), nml), fmaf(dl, byte2f(t, 3), nml)));
         }
@@ -264,58 +275,61 @@ typedef struct {
 /* Step kt's loads: this thread's weight units into registers, its token
  * chunks by cp.async into b (rows without a token, and K past the end, read
  * as zeros). */
-template <int F, int BN, int NU, int NC>
+template <int F, int BN, int BK, int NU, int NC>
 __device__ __forceinline__ void mm_load_step(const mm_args &p, const uint8_t *const *pl, const uint8_t *const *hd,
                                              int ks, int64_t kt, mm_raw<F> *raw, __half *b, const int64_t *roff,
                                              int tid) {
-    int64_t k = kt * MM_BK + 16 * ks;
+    constexpr int LDS = BK + 8;
+    int64_t k = kt * BK + 16 * ks;
 #pragma unroll
     for (int i = 0; i < NU; i++)
         if (k < p.K) mm_load<F>(pl[i], hd[i], k, raw[i]);
 #pragma unroll
     for (int i = 0; i < NC; i++) {
-        int c = tid + i * MM_THREADS, n = c >> 3, part = c & 7;
-        int64_t kc = kt * MM_BK + 8 * part, off = roff[n];
+        int c = tid + i * MM_THREADS, n = c / (BK / 8), part = c % (BK / 8);
+        int64_t kc = kt * BK + 8 * part, off = roff[n];
         bool ok = off >= 0 && kc < p.K;
-        mm_cp16(b + n * MM_LDS + 8 * part, ok ? p.x + off + kc : p.x, ok);
+        mm_cp16(b + n * LDS + 8 * part, ok ? p.x + off + kc : p.x, ok);
     }
     asm volatile("cp.async.commit_group;\n");
 }
-/* The units of step kt, dequantised into the weight buffer a (rows tid/4 + 64i). */
-template <int F, int NU>
-__device__ __forceinline__ void mm_store_step(const mm_raw<F> *raw, int ks, int64_t kt, int64_t K, const uint64_t *grid,
+/* The units of step kt, dequantised into the weight buffer a (row
+ * (tid + 256i)/(BK/16), weights 16·ks …). */
+template <int F, int BK, int NU>
+__device__ __forceinline__ void mm_store_step(const mm_raw<F> *raw, int ks, int64_t kt, int64_t K, const uint32_t *tab,
                                               __half *a, int tid) {
-    int64_t k = kt * MM_BK + 16 * ks;
+    constexpr int LDS = BK + 8;
+    int64_t k = kt * BK + 16 * ks;
 #pragma unroll
     for (int i = 0; i < NU; i++) {
         uint32_t o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (k < K) mm_deq<F>(raw[i], k, grid, o);
-        uint4 *d = (uint4 *)(a + (tid / 4 + 64 * i) * MM_LDS + 16 * ks);
+        if (k < K) mm_deq<F>(raw[i], k, tab, o);
+        uint4 *d = (uint4 *)(a + ((tid + MM_THREADS * i) / (BK / 16)) * LDS + 16 * ks);
         d[0] = make_uint4(o[0], o[1], o[2], o[3]);
         d[1] = make_uint4(o[4], o[5], o[6], o[7]);
     }
 }
 
-/* A block = (128 weight rows: tile bm, BN tokens: tile bt). Dense: bt is
+/* A block = (BM weight rows: tile bm, BN tokens: tile bt). Dense: bt is
  * blockIdx.x, so the blocks running together share weight tiles (each
  * weight byte leaves HBM about once; the f16 tokens stay in L2); experts:
  * bm is blockIdx.x, the blocks of one expert tile run together. WM warps
  * along M, 8/WM along N. MM_GLU: each warp's first MI/2 m16 tiles hold gate
  * rows, the last MI/2 the up rows of the same features, so the epilogue has
- * both in one thread; a block then covers 64 features. */
-template <int F, int BN, int WM, int MODE>
-__global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
-    constexpr int WN = 8 / WM, WTM = MM_BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8;
-    constexpr int NU = MM_BM * MM_BK / 16 / MM_THREADS;   /* weight units per thread per step */
-    constexpr int NC = BN * MM_BK / 8 / MM_THREADS;       /* 16-byte token chunks per thread per step */
-    static_assert(NI % 2 == 0 && NU == 2, "tile shape");
+ * both in one thread; a block then covers BM/2 features. */
+template <int F, int BM, int BN, int WM, int BK, int MODE>
+__global__ void __launch_bounds__(MM_THREADS, 2) k_mm(const mm_args p) {
+    constexpr int WN = 8 / WM, WTM = BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8, LDS = BK + 8;
+    constexpr int NU = BM * BK / 16 / MM_THREADS;      /* weight units per thread per step */
+    constexpr int NC = BN * BK / 8 / MM_THREADS;       /* 16-byte token chunks per thread per step */
+    static_assert(NI % 2 == 0 && NU >= 1 && MM_THREADS % (BK / 16) == 0, "tile shape");
     extern __shared__ __align__(16) uint8_t mm_smem[];
     __half *sA = (__half *)mm_smem;                        /* [2][BM][LDS] */
-    __half *sB = sA + 2 * MM_BM * MM_LDS;                  /* [2][BN][LDS] */
-    int64_t *roff = (int64_t *)(sB + 2 * BN * MM_LDS);     /* token row offset in x, −1: none */
+    __half *sB = sA + 2 * BM * LDS;                        /* [2][BN][LDS] */
+    int64_t *roff = (int64_t *)(sB + 2 * BN * LDS);        /* token row offset in x, −1: none */
     float *rsc = (float *)(roff + BN);                     /* its scale */
     int32_t *rasg = (int32_t *)(rsc + BN);                 /* experts: its assignment */
-    uint64_t *grid = (uint64_t *)(rasg + BN);              /* IQ2_XXS grid */
+    uint32_t *tab = (uint32_t *)(rasg + BN);               /* IQ2_XXS: 256 selector pairs, 128 sign masks (4 KB) */
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % WM, wn = warp / WM;
     const int64_t bm = MODE == MM_DENSE ? blockIdx.y : blockIdx.x, bt = MODE == MM_DENSE ? blockIdx.x : blockIdx.y;
@@ -342,26 +356,41 @@ __global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
         rasg[n] = a;
     }
     if (F == MF_IQ2)
-        for (int i = tid; i < 256; i += MM_THREADS) grid[i] = d_iq2_grid[i];
+        for (int i = tid; i < 256; i += MM_THREADS) {
+            /* grid entry i: bytes 8 / 25 / 43 (the grid's only magnitudes) →
+             * table halves 0 / 1 / 2, as selectors per weight pair */
+            uint64_t g = d_iq2_grid[i];
+            uint32_t sel[2] = {0, 0};
+            for (int j = 0; j < 8; j++) {
+                uint32_t m = (uint32_t)(g >> 8 * j) & 255, h = m == 8 ? 0 : m == 25 ? 1 : 2;
+                sel[j >> 2] |= (2 * h | (2 * h + 1) << 4) << 8 * (j & 3);
+            }
+            tab[2 * i] = sel[0];
+            tab[2 * i + 1] = sel[1];
+            if (i < 128) {   /* ksigns: 7 bits + parity; sign bit of each half */
+                uint32_t sg = (uint32_t)i | (__popc(i) & 1) << 7;
+                for (int q = 0; q < 4; q++) tab[512 + 4 * i + q] = ((sg >> 2 * q) & 1) << 15 | ((sg >> (2 * q + 1)) & 1) << 31;
+            }
+        }
 
-    /* This thread's weight units: rows tid/4 and tid/4 + 64, 16 weights at 16·(tid % 4) of each step. */
+    /* This thread's weight units: rows (tid + 256i)/(BK/16), 16 weights at 16·ks of each step. */
     const uint8_t *pl[NU], *hd[NU];
-    const int ks = tid & 3;
+    const int ks = tid % (BK / 16);
 #pragma unroll
     for (int i = 0; i < NU; i++) {
-        int a = tid / 4 + 64 * i;
+        int a = (tid + MM_THREADS * i) / (BK / 16);
         const uint8_t *slab = p.w + e * p.estride;
         int64_t r, last;
         if (MODE == MM_GLU) {
             int loc = a % WTM;
             if (loc >= WTM / 2) slab = p.w2 + e * p.estride;
-            r = bm * (MM_BM / 2) + (a / WTM) * (WTM / 2) + loc % (WTM / 2);
+            r = bm * (BM / 2) + (a / WTM) * (WTM / 2) + loc % (WTM / 2);
             last = p.M - 1;
         } else if (MODE == MM_DENSE) {
-            r = p.r0 + bm * MM_BM + a;
+            r = p.r0 + bm * BM + a;
             last = p.r0 + p.nr - 1;
         } else {
-            r = bm * MM_BM + a;
+            r = bm * BM + a;
             last = p.M - 1;
         }
         mm_row<F>(slab, p.K, p.M, p.rb, r < last ? r : last, &pl[i], &hd[i]);   /* past the end: repeat the last row */
@@ -376,34 +405,41 @@ __global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
 
-    const int64_t nk = (p.K + MM_BK - 1) / MM_BK;
+    const int64_t nk = (p.K + BK - 1) / BK;
     mm_raw<F> raw[NU];
-    mm_load_step<F, BN, NU, NC>(p, pl, hd, ks, 0, raw, sB, roff, tid);
-    mm_store_step<F, NU>(raw, ks, 0, p.K, grid, sA, tid);
+    mm_load_step<F, BN, BK, NU, NC>(p, pl, hd, ks, 0, raw, sB, roff, tid);
+    mm_store_step<F, BK, NU>(raw, ks, 0, p.K, tab, sA, tid);
+    /* Experts: tokens this warp's columns hold; fragments past them (an
+     * expert's short tile) skip their loads and mma. (Dense tiles are full
+     * but the last; the check there cost registers.) */
+    const int live = MODE == MM_DENSE ? WTN : (int)cnt - wn * WTN;
     for (int64_t kt = 0; kt < nk; kt++) {
         const int buf = (int)(kt & 1);
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         __syncthreads();   /* step kt in both buffers; everyone is past step kt−1, whose buffers refill now */
-        if (kt + 1 < nk) mm_load_step<F, BN, NU, NC>(p, pl, hd, ks, kt + 1, raw, sB + (buf ^ 1) * BN * MM_LDS, roff, tid);
-        const __half *a = sA + buf * MM_BM * MM_LDS + (wm * WTM) * MM_LDS;
-        const __half *b = sB + buf * BN * MM_LDS + (wn * WTN) * MM_LDS;
+        if (kt + 1 < nk) mm_load_step<F, BN, BK, NU, NC>(p, pl, hd, ks, kt + 1, raw, sB + (buf ^ 1) * BN * LDS, roff, tid);
+        const __half *a = sA + buf * BM * LDS + (wm * WTM) * LDS;
+        const __half *b = sB + buf * BN * LDS + (wn * WTN) * LDS;
 #pragma unroll
-        for (int kk = 0; kk < MM_BK; kk += 16) {
+        for (int kk = 0; kk < BK; kk += 16) {
             uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
-            for (int i = 0; i < MI; i++) mm_ldsm4(a + (i * 16 + (lane & 15)) * MM_LDS + kk + (lane >> 4) * 8, af[i]);
+            for (int i = 0; i < MI; i++) mm_ldsm4(a + (i * 16 + (lane & 15)) * LDS + kk + (lane >> 4) * 8, af[i]);
 #pragma unroll
             for (int j = 0; j < NI; j += 2) {
+                if (j * 8 >= live) break;
                 uint32_t r[4];
-                mm_ldsm4(b + (j * 8 + (lane & 7) + (lane >> 4) * 8) * MM_LDS + kk + ((lane >> 3) & 1) * 8, r);
+                mm_ldsm4(b + (j * 8 + (lane & 7) + (lane >> 4) * 8) * LDS + kk + ((lane >> 3) & 1) * 8, r);
                 bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
             }
 #pragma unroll
-            for (int i = 0; i < MI; i++)
+            for (int j = 0; j < NI; j++) {
+                if (j * 8 >= live) break;
 #pragma unroll
-                for (int j = 0; j < NI; j++) mm_mma(acc[i][j], af[i], bf[j]);
+                for (int i = 0; i < MI; i++) mm_mma(acc[i][j], af[i], bf[j]);
+            }
         }
-        if (kt + 1 < nk) mm_store_step<F, NU>(raw, ks, kt + 1, p.K, grid, sA + (buf ^ 1) * MM_BM * MM_LDS, tid);
+        if (kt + 1 < nk) mm_store_step<F, BK, NU>(raw, ks, kt + 1, p.K, tab, sA + (buf ^ 1) * BM * LDS, tid);
     }
 
     /* Epilogue: c of tile (i, j) is row gid + 8·(c/2), token 2·tig + c%2. */
@@ -418,15 +454,15 @@ __global__ void __launch_bounds__(MM_THREADS) k_mm(const mm_args p) {
                 if (n >= cnt) continue;
                 float v = acc[i][j][c] * rsc[n];
                 if (MODE == MM_DENSE) {
-                    int64_t r = p.r0 + bm * MM_BM + wm * WTM + ra;
+                    int64_t r = p.r0 + bm * BM + wm * WTM + ra;
                     if (r < p.r0 + p.nr) p.y[(j0 + n) * p.ldy + (r - p.r0)] = v;
                 } else if (MODE == MM_DOWN) {
-                    int64_t r = bm * MM_BM + wm * WTM + ra;
+                    int64_t r = bm * BM + wm * WTM + ra;
                     if (r < p.M) p.y[(int64_t)rasg[n] * p.ldy + r] = v;
                 } else {
-                    int64_t f = bm * (MM_BM / 2) + wm * (WTM / 2) + ra;
+                    int64_t f = bm * (BM / 2) + wm * (WTM / 2) + ra;
                     float u = acc[i + MI / 2][j][c] * rsc[n];
-                    if (f < p.M) p.y[(j0 + n) * p.ldy + f] = swiglu(v, u, p.clamp) * p.ew[rasg[n]];
+                    if (f < p.M) p.y[(j0 + n) * p.ldy + f] = swiglu(v, u, p.clamp) * (p.ew ? p.ew[rasg[n]] : 1.0f);
                 }
             }
 }
@@ -455,26 +491,26 @@ static int mm_sms(void) {
     return n;
 }
 
-template <int F, int BN, int WM, int MODE>
+template <int F, int BM, int BN, int WM, int BK, int MODE>
 static void mm_launch_f(cudaStream_t s, dim3 g, const mm_args *a) {
-    size_t smem = (size_t)2 * (MM_BM + BN) * MM_LDS * sizeof(__half) + (size_t)BN * (8 + 4 + 4) + 256 * 8;
+    size_t smem = (size_t)2 * (BM + BN) * (BK + 8) * sizeof(__half) + (size_t)BN * (8 + 4 + 4) + 4096;
     static bool attr;   /* per instantiation: above 48 KB needs the opt-in */
     if (!attr) {
-        cudaFuncSetAttribute(k_mm<F, BN, WM, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        cudaFuncSetAttribute(k_mm<F, BM, BN, WM, BK, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         attr = true;
     }
-    k_mm<F, BN, WM, MODE><<<g, MM_THREADS, smem, s>>>(*a);
+    k_mm<F, BM, BN, WM, BK, MODE><<<g, MM_THREADS, smem, s>>>(*a);
 }
 
-template <int BN, int WM, int MODE>
+template <int BM, int BN, int WM, int BK, int MODE>
 static void mm_launch(cudaStream_t s, uint32_t type, dim3 g, const mm_args *a) {
     switch (mm_fmt(type)) {
-    case MF_F32: mm_launch_f<MF_F32, BN, WM, MODE>(s, g, a); break;
-    case MF_F16: mm_launch_f<MF_F16, BN, WM, MODE>(s, g, a); break;
-    case MF_Q8: mm_launch_f<MF_Q8, BN, WM, MODE>(s, g, a); break;
-    case MF_Q2K: mm_launch_f<MF_Q2K, BN, WM, MODE>(s, g, a); break;
-    case MF_Q4K: mm_launch_f<MF_Q4K, BN, WM, MODE>(s, g, a); break;
-    case MF_IQ2: mm_launch_f<MF_IQ2, BN, WM, MODE>(s, g, a); break;
+    case MF_F32: mm_launch_f<MF_F32, BM, BN, WM, BK, MODE>(s, g, a); break;
+    case MF_F16: mm_launch_f<MF_F16, BM, BN, WM, BK, MODE>(s, g, a); break;
+    case MF_Q8: mm_launch_f<MF_Q8, BM, BN, WM, BK, MODE>(s, g, a); break;
+    case MF_Q2K: mm_launch_f<MF_Q2K, BM, BN, WM, BK, MODE>(s, g, a); break;
+    case MF_Q4K: mm_launch_f<MF_Q4K, BM, BN, WM, BK, MODE>(s, g, a); break;
+    case MF_IQ2: mm_launch_f<MF_IQ2, BM, BN, WM, BK, MODE>(s, g, a); break;
     default: fprintf(stderr, "ds4: mm: unsupported weight type %u\n", type); abort();   /* a caller bug */
     }
 }
@@ -498,11 +534,11 @@ static void mm_dense(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, cons
     /* 64-token tiles only where 128 would leave half the SMs idle: measured
      * on an H100, 64 wins at 64 blocks of 128 (4096→512, T = 2048) and loses
      * at 128–256 (4096→1024, 4096→2048). */
-    int64_t mt = (nr + MM_BM - 1) / MM_BM;
+    int64_t mt = (nr + MM_DBM - 1) / MM_DBM;
     if (2 * mt * ((T + MM_DBN - 1) / MM_DBN) > mm_sms())
-        mm_launch<MM_DBN, 2, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_DBN - 1) / MM_DBN), (unsigned)mt), &a);
+        mm_launch<MM_DBM, MM_DBN, 2, 64, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_DBN - 1) / MM_DBN), (unsigned)mt), &a);
     else
-        mm_launch<MM_EBN, 4, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_EBN - 1) / MM_EBN), (unsigned)mt), &a);
+        mm_launch<MM_DBM, MM_EBN, 4, 64, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_EBN - 1) / MM_EBN), (unsigned)mt), &a);
 }
 
 /* ---- routed experts ---------------------------------------------------------------- */
@@ -519,8 +555,11 @@ typedef struct {
 /* Tiles of at most MM_EBN tokens of one expert: Σ_e ceil(c_e / BN) ≤ n/BN + (experts hit). */
 static int mm_tile_bound(int64_t n, int E) { return (int)(n / MM_EBN + (n < E ? n : E)); }
 
+/* E ≤ MM_MAX_E: k_mm_route keeps 34 ints per expert in the default 48 KB of shared memory. */
+#define MM_MAX_E 352
 static cudaError_t mm_route_alloc(mm_route *r, int64_t T_max, int used, int E) {
     memset(r, 0, sizeof *r);
+    if (T_max < 0 || used < 1 || E < 1 || E > MM_MAX_E || T_max * used > INT32_MAX) return cudaErrorInvalidValue;
     r->T_max = T_max; r->used = used; r->E = E;
     int64_t n = T_max * used;
     cudaError_t e;
@@ -590,14 +629,17 @@ __global__ void __launch_bounds__(1024) k_mm_route(const int32_t *__restrict__ e
 }
 
 static void mm_route_build(cudaStream_t s, mm_route *r, const int32_t *eid, int64_t T) {
-    if (T < 0 || T > r->T_max) { fprintf(stderr, "ds4: mm: %lld tokens for a route of %lld\n", (long long)T, (long long)r->T_max); abort(); }
+    if (T < 0 || T > r->T_max) {   /* a caller bug: the buffers are sized for T_max */
+        fprintf(stderr, "ds4: mm: %lld tokens for a route of %lld\n", (long long)T, (long long)r->T_max);
+        abort();
+    }
     r->T = T;
     r->ntile_max = mm_tile_bound(T * r->used, r->E);
     k_mm_route<<<1, 1024, (size_t)(32 + 2) * r->E * sizeof(int), s>>>(eid, T * r->used, r->E, r->perm, r->tile,
                                                                       r->ntile);
 }
 
-/* g[j·ff + f] = swiglu(Wg_e[f]·x_t, Wu_e[f]·x_t, clamp) · ew[a], j-th sorted assignment a = (t, e). */
+/* g[j·ff + f] = swiglu(Wg_e[f]·x_t, Wu_e[f]·x_t, clamp) · ew[a] (ew NULL: · 1), j-th sorted assignment a = (t, e). */
 static void mm_experts_glu(cudaStream_t s, const mm_w *Wg, const mm_w *Wu, const __half *xh, const float *xs,
                            int64_t ldx, const mm_route *r, const float *ew, float clamp, float *g) {
     if (r->ntile_max <= 0) return;
@@ -606,8 +648,8 @@ static void mm_experts_glu(cudaStream_t s, const mm_w *Wg, const mm_w *Wu, const
     a.w = Wg->w; a.w2 = Wu->w; a.K = Wg->K; a.M = Wg->M; a.rb = Wg->rb; a.estride = Wg->rb * (uint64_t)Wg->M;
     a.x = xh; a.xs = xs; a.ldx = ldx; a.T = r->T; a.y = g; a.ldy = Wg->M;
     a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used; a.ew = ew; a.clamp = clamp;
-    dim3 gr((unsigned)((Wg->M + MM_BM / 2 - 1) / (MM_BM / 2)), (unsigned)r->ntile_max);
-    mm_launch<MM_EBN, 4, MM_GLU>(s, Wg->type, gr, &a);
+    dim3 gr((unsigned)((Wg->M + MM_EBM / 2 - 1) / (MM_EBM / 2)), (unsigned)r->ntile_max);
+    mm_launch<MM_EBM, MM_EBN, 4, 128, MM_GLU>(s, Wg->type, gr, &a);
 }
 
 /* out[a·ldo + r] = Σ_f Wd_e[r][f] · g[j][f]; gh rows in sorted order (mm_prep of g, stride ff). */
@@ -619,8 +661,8 @@ static void mm_experts_down(cudaStream_t s, const mm_w *Wd, const __half *gh, co
     a.w = Wd->w; a.K = Wd->K; a.M = Wd->M; a.rb = Wd->rb; a.estride = Wd->rb * (uint64_t)Wd->M;
     a.x = gh; a.xs = gs; a.ldx = Wd->K; a.T = r->T; a.y = out; a.ldy = ldo;
     a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used;
-    dim3 gr((unsigned)((Wd->M + MM_BM - 1) / MM_BM), (unsigned)r->ntile_max);
-    mm_launch<MM_EBN, 4, MM_DOWN>(s, Wd->type, gr, &a);
+    dim3 gr((unsigned)((Wd->M + MM_EBM - 1) / MM_EBM), (unsigned)r->ntile_max);
+    mm_launch<MM_EBM, MM_EBN, 4, 128, MM_DOWN>(s, Wd->type, gr, &a);
 }
 
 #endif
