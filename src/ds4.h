@@ -230,6 +230,14 @@ void ds4_engine_inspect(const ds4_engine *e, uint64_t ctx, FILE *out);
 /* Weight bytes one decoded token reads: every tensor but the embedding table,
  * with only n_expert_used routed experts per layer (spec model.md §9.2). */
 uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e);
+/* Memory for resident sessions (ds4-server --sessions): the bytes a fresh
+ * session of ctx tokens allocates (backend state at full capacity, its
+ * token list and logits; measured by creating one and freeing it), and
+ * the bytes the backend's device can still give (CPU: MemAvailable, within
+ * a cgroup limit, less the mapped weights; CUDA: free device memory after
+ * the weight upload, less a margin). 0, or -1 with err. */
+int ds4_engine_session_bytes(ds4_engine *e, uint32_t ctx, uint64_t *bytes, char *err, size_t errlen);
+int ds4_engine_mem_free(ds4_engine *e, uint64_t *bytes, char *err, size_t errlen);
 
 /* A session holds the KV state for up to ctx tokens. */
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen);
@@ -391,6 +399,14 @@ typedef struct {
     FILE *log;                  /* one line per routing/checkpoint decision; NULL = quiet */
 } ds4_pool_params;
 
+/* How many resident sessions of per_session bytes fit when free bytes are
+ * free: floor(0.8 · free / per_session); the fifth left over is for prefill
+ * scratch. requested = 0 picks that, clamped to [1, 8], and says so in msg
+ * ("4 (free 61.2 GiB, 6.1 GiB each at ctx 65536)"). requested > 0 is
+ * returned when it fits; otherwise -1 and msg names the numbers. */
+#define DS4_POOL_MAX_DEFAULT 8
+int ds4_pool_sessions_for(int requested, uint64_t free, uint64_t per_session, uint32_t ctx, char *msg,
+                          size_t msglen);
 typedef struct ds4_pool ds4_pool;
 ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *p, char *err, size_t errlen);
 /* Frees the sessions; call ds4_pool_spill_all first on a clean shutdown. */

@@ -177,6 +177,29 @@ static void test_simulated_interleaving(void) {
 
 /* ---- pool object on the tiny model --------------------------------------------- */
 
+/* The --sessions rule: floor(0.8 · free / per), default clamped to 1…8,
+ * an explicit count refused with the numbers when it does not fit. */
+static void test_sessions_for(void) {
+    const uint64_t G = 1ull << 30;
+    char msg[320];
+    CHECK(ds4_pool_sessions_for(0, 40 * G, 6 * G, 65536, msg, sizeof msg) == 5, "%s", msg);   /* 32 / 6 */
+    CHECK(!strcmp(msg, "5 (free 40.0 GiB, 6.0 GiB each at ctx 65536)"), "'%s'", msg);
+    CHECK(ds4_pool_sessions_for(5, 40 * G, 6 * G, 65536, msg, sizeof msg) == 5, "%s", msg);
+    CHECK(ds4_pool_sessions_for(6, 40 * G, 6 * G, 65536, msg, sizeof msg) == -1);
+    CHECK(strstr(msg, "6 sessions at ctx 65536 need 36.0 GiB (6.0 GiB each) but 40.0 GiB is free: at most 5 fit"),
+          "'%s'", msg);
+    /* Nothing fits: the default still tries one (the backend then says why). */
+    CHECK(ds4_pool_sessions_for(0, 1 * G, 6 * G, 65536, msg, sizeof msg) == 1, "%s", msg);
+    CHECK(ds4_pool_sessions_for(1, 1 * G, 6 * G, 65536, msg, sizeof msg) == -1, "%s", msg);
+    CHECK(strstr(msg, "at most 0 fit"), "'%s'", msg);
+    /* Plenty: the default stops at 8, an explicit larger count is allowed. */
+    CHECK(ds4_pool_sessions_for(0, 1024 * G, 6 * G, 65536, msg, sizeof msg) == DS4_POOL_MAX_DEFAULT, "%s", msg);
+    CHECK(ds4_pool_sessions_for(20, 1024 * G, 6 * G, 65536, msg, sizeof msg) == 20, "%s", msg);
+    /* Small sessions are shown in MiB, not as "0.0 GiB". */
+    ds4_pool_sessions_for(0, 10 * G, 3u << 20, 4096, msg, sizeof msg);
+    CHECK(!strcmp(msg, "8 (free 10.0 GiB, 3.0 MiB each at ctx 4096)"), "'%s'", msg);
+}
+
 static ds4_engine *eng;
 static char model_path[256], root[128];
 static bool tmp_model;
@@ -257,6 +280,44 @@ static void test_model_id_and_text(void) {
     CHECK(txt && len == strlen(s) && !strcmp(txt, s));
     free(txt);
     ds4_tokens_free(&toks);
+}
+
+static uint64_t meminfo_kb(const char *key) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long v = 0;
+    size_t kl = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, kl) && line[kl] == ':') { sscanf(line + kl + 1, "%llu", &v); break; }
+    if (f) fclose(f);
+    return v;
+}
+
+/* What the server sizes --sessions with, on the CPU backend. */
+static void test_engine_memory(void) {
+    REQUIRE(eng);
+    char err[256];
+    uint64_t a = 0, b = 0, fr = 0;
+    REQUIRE(ds4_engine_session_bytes(eng, 4096, &a, err, sizeof err) == 0, "%s", err);
+    REQUIRE(ds4_engine_session_bytes(eng, 8192, &b, err, sizeof err) == 0, "%s", err);
+    /* Doubling ctx from 4096 adds, with the tiny shape (head_dim 128, index
+     * head 128; layers 2 and 4 ratio 4, 3 and 5 ratio 128): 4096 token ids,
+     * 1024 compressed + 1024 indexer rows in each ratio-4 layer and 32 rows
+     * in each ratio-128 layer, all f32. The window rings do not grow. */
+    uint64_t grow = 4096 * 4 + 2 * (1024 + 1024) * 128 * 4 + 2 * 32 * 128 * 4;
+    CHECK(b - a == grow, "session bytes %llu -> %llu, grew %llu, expected %llu", (unsigned long long)a,
+          (unsigned long long)b, (unsigned long long)(b - a), (unsigned long long)grow);
+    /* Token ids and logits at least, and no more than the inspector's whole
+     * estimate (weights + KV + scratch at ctx 4096: 19.5 MiB). */
+    CHECK(a > 4096 * 4 + (uint64_t)V * 4 && a < (20u << 20), "%llu", (unsigned long long)a);
+    REQUIRE(ds4_engine_mem_free(eng, &fr, err, sizeof err) == 0, "%s", err);
+    uint64_t total = meminfo_kb("MemTotal") << 10, avail = meminfo_kb("MemAvailable") << 10;
+    CHECK(fr > 0 && fr < total, "free %llu of %llu", (unsigned long long)fr, (unsigned long long)total);
+    /* MemAvailable less the mapped weights (tiny.gguf, 17.7 MB; no MTP file
+     * loaded here), give or take what other processes did meanwhile. */
+    int64_t d = (int64_t)avail - (int64_t)fr - 17703680;
+    CHECK(d > -(256 << 20) && d < (256 << 20), "free %llu, MemAvailable %llu", (unsigned long long)fr,
+          (unsigned long long)avail);
 }
 
 static void test_restart_suffix_only(void) {
@@ -418,10 +479,12 @@ static void test_interleaved_two_slots(void) {
 int main(void) {
     RUN(test_choose_scenarios);
     RUN(test_simulated_interleaving);
+    RUN(test_sessions_for);
     snprintf(root, sizeof root, "/tmp/ds4_test_pool_%d", (int)getpid());
     mkdir(root, 0755);
     open_engine();
     RUN(test_model_id_and_text);
+    RUN(test_engine_memory);
     RUN(test_restart_suffix_only);
     RUN(test_interleaved_two_slots);
     RUN(test_step_frontiers);

@@ -63,6 +63,15 @@ wait_grep() { for _ in $(seq 80); do grep -q "$2" "$1" && return 0; sleep 0.1; d
 alive() { [ "$(curl -s -m 5 "$URL/health")" = '{"status":"ok"}' ]; }
 
 start || { fail=1; finish; }
+# --sessions by default: floor(0.8 · free / per-session bytes), 1 to 8, logged with its numbers.
+check "default --sessions from free memory, logged with the numbers" python3 - "$TMP/server.log" <<'P'
+import re, sys
+log = open(sys.argv[1]).read()
+m = re.search(r'^ds4-server: sessions: (\d+) \(free ([\d.]+) GiB, ([\d.]+) MiB each at ctx 4096\)$', log, re.M)
+n, free, each = int(m[1]), float(m[2]) * 1024, float(m[3])
+assert n == max(1, min(8, int(0.8 * free / each))), (n, free, each)
+assert f'ctx 4096, {n} session' in log
+P
 H='X-DS4-Test-Script: hello'
 LONG='X-DS4-Test-Script: endless'   # 400 forced tokens, no EOS: runs until cut
 CHAT='{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"Hi"}],"stream":true}'
@@ -201,7 +210,9 @@ wait $CL
 check "SIGTERM: the open stream ends with an error and [DONE]" bash -c "grep -q '^data: {\"error\":{\"message\":\"server shutting down\"' '$TMP/term.sse' && tail -n2 '$TMP/term.sse' | grep -q '^data: \[DONE\]'"
 
 # ---- API key and CORS ------------------------------------------------------
-start --api-key sekret --cors || { fail=$((fail + 1)); finish; }
+: > "$TMP/server.log"
+start --api-key sekret --cors --sessions 2 || { fail=$((fail + 1)); finish; }
+check "explicit --sessions 2 that fits is taken" grep -q '^ds4-server: sessions: 2 (free .* each at ctx 4096)$' "$TMP/server.log"
 check "api key: missing -> 401" [ "$(code "$URL/v1/models")" = 401 ]
 check "api key: wrong -> 401" [ "$(code -H 'Authorization: Bearer nope' "$URL/v1/models")" = 401 ]
 check "api key: Bearer" [ "$(code -H 'Authorization: Bearer sekret' "$URL/v1/models")" = 200 ]

@@ -477,6 +477,15 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
     *allocated = a * sizeof(float);
 }
 
+/* Device memory sessions can still take: cudaMemGetInfo's free (the weights
+ * are uploaded by now) less the margin cuda_state_new keeps. */
+static int cuda_mem_free(void *b, uint64_t *bytes, char *err, size_t errlen) {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return ds4_errf(err, errlen, "cuda: cannot query the GPU");
+    *bytes = free_b > VRAM_MARGIN ? free_b - VRAM_MARGIN : 0;
+    return 0;
+}
+
 /* ---- one decode step ------------------------------------------------------------------- */
 
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
@@ -887,6 +896,7 @@ extern "C" const ds4_backend_ops ds4_backend_cuda = {
     "cuda", cuda_available, cuda_create, cuda_destroy, cuda_state_new, cuda_state_free, cuda_state_bytes, cuda_eval,
     cuda_truncate,
     cuda_export, cuda_import,
+    cuda_mem_free,
 };
 
 /* ---- kernel checks for tools/ds4-gpucheck ------------------------------------------------- */
