@@ -193,9 +193,37 @@ curl -s -N -m 2 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-cha
 check "a stream was running when dropped" grep -q '"content":' "$TMP/cut.sse"
 check "disconnect cancels the running stream" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
 : > "$TMP/trace.txt"
-curl -s -m 1 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":3000}' > /dev/null
-check "disconnect cancels a non-streaming request" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
+# A non-streaming client that closes looks like one that half-closed (below)
+# until something is written to it: its answer is generated to the end.
+curl -s -m 1 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":300}' > /dev/null
+check "a closed non-streaming request runs to its end" wait_grep "$TMP/trace.txt" '^finish: length, [0-9]* prompt ([0-9]* cached), 300 generated'
 check "next request answered after disconnects" bash -c "[ \"\$(curl -s -m 20 -o /dev/null -w '%{http_code}' '$URL/v1/chat/completions' -d '{\"model\":\"deepseek-chat\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":1}')\" = 200 ]"
+
+# ---- a client that half-closes after its request still gets the answer ----
+# shutdown(SHUT_WR) after the body (EOF on our side, POLLRDHUP) is not a
+# disconnect: only a reset or a failed write is.
+halfclose() { # STREAM(0|1) -> the raw HTTP response
+  python3 - "${URL#http://}" "$1" <<'P'
+import json, socket, sys
+host, port = sys.argv[1].split(':')
+body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "Hi"}], "stream": sys.argv[2] == '1'}).encode()
+s = socket.create_connection((host, int(port)))
+s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+          b'X-DS4-Test-Script: hello\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+s.shutdown(socket.SHUT_WR)
+s.settimeout(20)
+out = b''
+while (d := s.recv(65536)):
+    out += d
+sys.stdout.write(out.decode())
+P
+}
+: > "$TMP/trace.txt"
+halfclose 0 > "$TMP/half.http"
+check "half-closed client: 200 with the whole answer" bash -c "head -n1 '$TMP/half.http' | grep -q '^HTTP/1.1 200' && grep -q '\"content\":\"Hello there!\"' '$TMP/half.http' && grep -q '\"finish_reason\":\"stop\"' '$TMP/half.http'"
+halfclose 1 > "$TMP/half.sse"
+check "half-closed client: the whole stream, up to [DONE]" bash -c "grep -q '\"content\":\"!\"' '$TMP/half.sse' && grep -q '\"finish_reason\":\"stop\"' '$TMP/half.sse' && grep -q '^data: \[DONE\]' '$TMP/half.sse'"
+check "half-closed clients: nothing cancelled" bash -c "[ \$(grep -c '^finish: stop' '$TMP/trace.txt') = 2 ] && ! grep -q 'cancelled' '$TMP/trace.txt'"
 
 # ---- graceful shutdown -----------------------------------------------------
 post -N -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"x"}],"stream":true,"max_tokens":3000}' > "$TMP/term.sse" &
