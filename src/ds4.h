@@ -295,7 +295,10 @@ typedef struct {
 } ds4_kvstore_params;
 
 typedef struct ds4_kvstore ds4_kvstore;
-/* Scans dir: validates every *.kv header (magic, version, model, lengths vs
+/* Takes DIR/.lock (flock, exclusive; held until close, dropped by the
+ * kernel if the process dies): a second store on the directory, in any
+ * process, fails with "kv dir DIR is in use by another ds4-server (pid N)".
+ * Scans dir: validates every *.kv header (magic, version, model, lengths vs
  * file size, header checksum), removes corrupt ones and temp files left by
  * dead writers, logs and ignores the rest (other versions/models, foreign
  * files). Bodies are verified when loaded. NULL + err if dir is unusable. */
@@ -315,6 +318,10 @@ int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, si
  * best tried. Returns 1 with *out filled, 0 when nothing matches. */
 int ds4_kvstore_best_at_or_before(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids,
                                   size_t n_ids, size_t max_ids, ds4_kv_checkpoint *out);
+/* A checkpoint the caller loaded and cannot use (the engine refused its
+ * session state): its file is removed with one log line, so no later lookup
+ * reads it again. A newer file of the same text is left alone. */
+void ds4_kvstore_discard(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const char *why);
 /* Same with no max_ids bound. */
 int ds4_kvstore_lookup(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids, size_t n_ids,
                        ds4_kv_checkpoint *out);

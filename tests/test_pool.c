@@ -391,6 +391,55 @@ static void test_restart_suffix_only(void) {
     ds4_kvstore_close(st);
 }
 
+/* A checkpoint whose checksums hold but whose session the engine refuses
+ * (here: bytes that are no snapshot at all) is removed the first time a
+ * prompt matches it, with one log line, and never read again; the prompt
+ * is served from scratch. */
+static void test_refused_checkpoint_removed(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/refused", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t ids[100];
+    rand_ids(ids, 100, 11);
+    FILE *log = tmpfile();
+    REQUIRE(log);
+    ds4_kvstore_params sp = {.dir = dir, .space_bytes = 1u << 20, .model_id = id, .log = log};
+    ds4_kvstore *st = ds4_kvstore_open(&sp, err, sizeof err);
+    REQUIRE(st, "%s", err);
+    size_t tl = 0;
+    char *text = ds4_kv_text(ds4_engine_tokenizer(eng), ids, 64, &tl);
+    static const uint8_t junk[256] = {1, 2, 3};
+    ds4_kv_checkpoint cp = {.text = text, .text_len = tl, .ids = ids, .n_ids = 64, .session = junk,
+                            .session_len = sizeof junk};
+    REQUIRE(ds4_kvstore_save(st, &cp, err, sizeof err) == 0, "%s", err);
+    free(text);
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 256, .store = st, .align = 64};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    for (int round = 0; round < 2; round++) {
+        REQUIRE(ds4_pool_acquire(pool, ids, 100, &l, err, sizeof err) == 0, "%s", err);
+        free(l.extra);
+        CHECK(l.n_disk == 0 && l.n_memory == 0 && ds4_session_len(l.session) == 0, "round %d: disk %zu", round,
+              l.n_disk);
+        CHECK(ds4_kvstore_count(st) == 0, "round %d: %zu indexed", round, ds4_kvstore_count(st));
+    }
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+    /* One line, naming the engine's reason; the directory holds no .kv file. */
+    char buf[1024] = "";
+    rewind(log);
+    size_t k = fread(buf, 1, sizeof buf - 1, log);
+    buf[k] = 0;
+    fclose(log);
+    CHECK(strstr(buf, "64 tokens: refused by the engine: not a ds4 session snapshot") &&
+          strchr(buf, '\n') == buf + k - 1, "log: %s", buf);
+    st = open_store(dir, id);
+    CHECK(st && ds4_kvstore_count(st) == 0);
+    ds4_kvstore_close(st);
+}
+
 /* Decoding token by token with ds4_pool_step after each: checkpoints at
  * exactly the multiples of `every`, none in between, none without a store. */
 static void test_step_frontiers(void) {
@@ -488,6 +537,7 @@ int main(void) {
     RUN(test_restart_suffix_only);
     RUN(test_interleaved_two_slots);
     RUN(test_step_frontiers);
+    RUN(test_refused_checkpoint_removed);
     if (eng) ds4_engine_close(eng);
     if (tmp_model) test_tiny_remove(model_path);
     char cmd[300];

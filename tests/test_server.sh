@@ -133,9 +133,10 @@ post -H 'X-DS4-Test-Script: broken' "$URL/v1/responses" \
 check "responses: unterminated tool block -> failed with an error" python3 -c "import json; r=json.load(open('$TMP/broken.json')); assert r['status']=='failed' and 'unterminated' in r['error']['message']"
 
 # ---- keepalive: a stream queued behind a long generation ----------------
-# The long request is dropped after 2.5 s, which cancels it and lets the
-# queued stream run: it must have received keepalives meanwhile.
-post -o /dev/null -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":3000}' &
+# The long request (a stream: a closed client is found by a failed write)
+# is dropped after 2.5 s, which cancels it and lets the queued stream run:
+# it must have received keepalives meanwhile.
+post -N -o /dev/null -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"stream":true,"max_tokens":3000}' &
 BG=$!
 sleep 0.3
 post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2}' > "$TMP/ka.sse" &
@@ -239,8 +240,12 @@ check "SIGTERM: the open stream ends with an error and [DONE]" bash -c "grep -q 
 
 # ---- API key and CORS ------------------------------------------------------
 : > "$TMP/server.log"
-start --api-key sekret --cors --sessions 2 || { fail=$((fail + 1)); finish; }
+start --api-key sekret --cors --sessions 2 --kv-disk-dir "$TMP/kv" || { fail=$((fail + 1)); finish; }
 check "explicit --sessions 2 that fits is taken" grep -q '^ds4-server: sessions: 2 (free .* each at ctx 4096)$' "$TMP/server.log"
+# One server per --kv-disk-dir: the second one stops at startup, naming the first.
+"$BIN/ds4-server" -m "$MODEL" --cpu --threads 1 --port "$(free_port)" --kv-disk-dir "$TMP/kv" 2> "$TMP/second.log"
+check "a second server on the same kv dir exits 1" [ $? = 1 ]
+check "... saying which server holds it" grep -qx "ds4-server: kv dir $TMP/kv is in use by another ds4-server (pid $PID)" "$TMP/second.log"
 check "api key: missing -> 401" [ "$(code "$URL/v1/models")" = 401 ]
 check "api key: wrong -> 401" [ "$(code -H 'Authorization: Bearer nope' "$URL/v1/models")" = 401 ]
 check "api key: Bearer" [ "$(code -H 'Authorization: Bearer sekret' "$URL/v1/models")" = 200 ]

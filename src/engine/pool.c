@@ -228,9 +228,11 @@ static size_t restore(ds4_pool *p, ds4_session *s, const char *text, size_t tl, 
             ds4_kv_checkpoint_free(&cp);
             return got;
         }
-        /* A verified file whose snapshot the engine refuses (another context
-         * size, say): try the next shorter one. */
-        plog(p, "checkpoint of %zu tokens not loadable: %s", cp.n_ids, lerr);
+        /* A verified file whose snapshot the engine refuses (made by a build
+         * with another snapshot layout, or a payload the checksums cannot
+         * tell is wrong): it would be refused again, and reading it costs
+         * what a prefill saves. Drop it, then try the next shorter one. */
+        ds4_kvstore_discard(p->p.store, &cp, lerr);
         n = cp.n_ids - 1;
         ds4_kv_checkpoint_free(&cp);
         if (!n) break;
