@@ -509,9 +509,12 @@ typedef struct {
  * before the earliest match and nothing after it reaches the parser; the
  * last (longest stop - 1) bytes are held back until they cannot start one.
  * The session keeps the prompt and every evaluated token. The token that
- * ended generation (EOS, the last of a tool block or of max_tokens) is
- * sampled but not evaluated: the next prompt, which replays the turn and
- * closes it with EOS, extends the session from exactly there. */
+ * ended generation by itself (EOS, the one completing a stop string or a
+ * tool block) is sampled but not evaluated: the next prompt, which replays
+ * the turn and closes it with EOS, extends the session from exactly there.
+ * A generation cut by max_tokens or by a full context ends with every
+ * sampled token evaluated (the context is checked before sampling), so the
+ * session holds all the text that was shown and n_gen counts exactly it. */
 int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const ds4_gen_params *p,
                  ds4_gen_result *r, char *err, size_t errlen);
 void ds4_gen_result_free(ds4_gen_result *r);
