@@ -230,6 +230,14 @@ void ds4_engine_inspect(const ds4_engine *e, uint64_t ctx, FILE *out);
 /* Weight bytes one decoded token reads: every tensor but the embedding table,
  * with only n_expert_used routed experts per layer (spec model.md §9.2). */
 uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e);
+/* Memory for resident sessions (ds4-server --sessions): the bytes a fresh
+ * session of ctx tokens allocates (backend state at full capacity, its
+ * token list and logits; measured by creating one and freeing it), and
+ * the bytes the backend's device can still give (CPU: MemAvailable, within
+ * a cgroup limit, less the mapped weights; CUDA: free device memory after
+ * the weight upload, less a margin). 0, or -1 with err. */
+int ds4_engine_session_bytes(ds4_engine *e, uint32_t ctx, uint64_t *bytes, char *err, size_t errlen);
+int ds4_engine_mem_free(ds4_engine *e, uint64_t *bytes, char *err, size_t errlen);
 
 /* A session holds the KV state for up to ctx tokens. */
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen);
@@ -287,7 +295,10 @@ typedef struct {
 } ds4_kvstore_params;
 
 typedef struct ds4_kvstore ds4_kvstore;
-/* Scans dir: validates every *.kv header (magic, version, model, lengths vs
+/* Takes DIR/.lock (flock, exclusive; held until close, dropped by the
+ * kernel if the process dies): a second store on the directory, in any
+ * process, fails with "kv dir DIR is in use by another ds4-server (pid N)".
+ * Scans dir: validates every *.kv header (magic, version, model, lengths vs
  * file size, header checksum), removes corrupt ones and temp files left by
  * dead writers, logs and ignores the rest (other versions/models, foreign
  * files). Bodies are verified when loaded. NULL + err if dir is unusable. */
@@ -307,6 +318,10 @@ int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, si
  * best tried. Returns 1 with *out filled, 0 when nothing matches. */
 int ds4_kvstore_best_at_or_before(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids,
                                   size_t n_ids, size_t max_ids, ds4_kv_checkpoint *out);
+/* A checkpoint the caller loaded and cannot use (the engine refused its
+ * session state): its file is removed with one log line, so no later lookup
+ * reads it again. A newer file of the same text is left alone. */
+void ds4_kvstore_discard(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const char *why);
 /* Same with no max_ids bound. */
 int ds4_kvstore_lookup(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids, size_t n_ids,
                        ds4_kv_checkpoint *out);
@@ -391,6 +406,14 @@ typedef struct {
     FILE *log;                  /* one line per routing/checkpoint decision; NULL = quiet */
 } ds4_pool_params;
 
+/* How many resident sessions of per_session bytes fit when free bytes are
+ * free: floor(0.8 · free / per_session); the fifth left over is for prefill
+ * scratch. requested = 0 picks that, clamped to [1, 8], and says so in msg
+ * ("4 (free 61.2 GiB, 6.1 GiB each at ctx 65536)"). requested > 0 is
+ * returned when it fits; otherwise -1 and msg names the numbers. */
+#define DS4_POOL_MAX_DEFAULT 8
+int ds4_pool_sessions_for(int requested, uint64_t free, uint64_t per_session, uint32_t ctx, char *msg,
+                          size_t msglen);
 typedef struct ds4_pool ds4_pool;
 ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *p, char *err, size_t errlen);
 /* Frees the sessions; call ds4_pool_spill_all first on a clean shutdown. */
@@ -486,9 +509,12 @@ typedef struct {
  * before the earliest match and nothing after it reaches the parser; the
  * last (longest stop - 1) bytes are held back until they cannot start one.
  * The session keeps the prompt and every evaluated token. The token that
- * ended generation (EOS, the last of a tool block or of max_tokens) is
- * sampled but not evaluated: the next prompt, which replays the turn and
- * closes it with EOS, extends the session from exactly there. */
+ * ended generation by itself (EOS, the one completing a stop string or a
+ * tool block) is sampled but not evaluated: the next prompt, which replays
+ * the turn and closes it with EOS, extends the session from exactly there.
+ * A generation cut by max_tokens or by a full context ends with every
+ * sampled token evaluated (the context is checked before sampling), so the
+ * session holds all the text that was shown and n_gen counts exactly it. */
 int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const ds4_gen_params *p,
                  ds4_gen_result *r, char *err, size_t errlen);
 void ds4_gen_result_free(ds4_gen_result *r);

@@ -86,5 +86,18 @@ sleep 1
 $T send-keys -t repl C-d
 if wait_for 'REPL-EXITED 0' 20; then ok "Ctrl+D exits 0"; else bad "Ctrl+D exits 0"; screen; fi
 
+# --- a reply cut by a full context: the transcript holds every token shown ----
+# prompt + generated = the whole context, and /save finds exactly that many.
+start --ctx 64
+$T send-keys -t repl "fill it" Enter
+if wait_for '^\[prompt [0-9]+ tok .*generated [0-9]+ tok.*length\]' 60; then ok "reply ends at the full context"; else bad "reply ends at the full context"; screen | tail -5; fi
+read -r np ng < <(screen | grep -Eo '^\[prompt [0-9]+ tok \([0-9]+ cached\), generated [0-9]+' | tail -1 | grep -Eo '[0-9]+' | sed -n '1p;3p' | tr '\n' ' ')
+$T send-keys -t repl "/save $TMP/full.bin" Enter
+if wait_for '^saved [0-9]+ tokens' 20 && [ "$((np + ng))" = 64 ] && screen | grep -q '^saved 64 tokens'; then
+  ok "full context: prompt $np + generated $ng = 64 tokens saved"
+else bad "full context: prompt ${np:-?} + generated ${ng:-?} = 64 tokens saved"; screen | tail -5; fi
+$T send-keys -t repl "/quit" Enter
+wait_for 'REPL-EXITED 0' 20 || true
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -93,7 +93,35 @@ static void test_max_tokens(void) {
     CHECK(r.finish == DS4_FINISH_LENGTH);
     CHECK(r.n_gen == 3, "n_gen %zu", r.n_gen);
     CHECK(strcmp(r.text, "word word word") == 0, "text '%s'", r.text);
+    CHECK(ds4_session_len(S) == r.n_prompt + 3, "session %zu, prompt %zu", ds4_session_len(S), r.n_prompt);
     ds4_gen_result_free(&r);
+}
+
+/* Generation until the context is full: every token shown (and counted)
+ * is in the session, none is sampled that could not be evaluated. */
+static void test_context_full(void) {
+    char err[256];
+    ds4_session *full = ds4_session_new(E, 64, err, sizeof err);
+    REQUIRE(full, "%s", err);
+    ds4_session *keep = S;
+    S = full;
+    sink k = {0};
+    ds4_gen_params p = {0};
+    ds4_gen_result r;
+    char script[1024] = "";
+    for (int i = 0; i < 100; i++) strcat(script, "word ");
+    int rc = gen("Hi", script, &p, &k, &r);
+    S = keep;
+    CHECK(rc == 0 && r.finish == DS4_FINISH_LENGTH, "rc %d finish %d", rc, r.finish);
+    CHECK(ds4_session_len(full) == 64, "session %zu", ds4_session_len(full));
+    CHECK(r.n_prompt + r.n_gen == 64, "prompt %zu + generated %zu", r.n_prompt, r.n_gen);
+    size_t len = 0;
+    char *held = ds4_kv_text(T, ds4_session_tokens(full) + r.n_prompt, ds4_session_len(full) - r.n_prompt, &len);
+    CHECK(held && len == r.len && !memcmp(held, r.text, len), "session tail '%s' vs text '%s'", held, r.text);
+    CHECK(!strcmp(k.content, r.text), "events '%s'", k.content);
+    free(held);
+    ds4_gen_result_free(&r);
+    ds4_session_free(full);
 }
 
 static void test_prefix_reuse(void) {
@@ -174,6 +202,7 @@ int main(void) {
     RUN(test_plain_text_and_eos);
     RUN(test_stop_strings);
     RUN(test_max_tokens);
+    RUN(test_context_full);
     RUN(test_prefix_reuse);
     RUN(test_thinking_tool_call);
     RUN(test_unterminated_block);

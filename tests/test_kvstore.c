@@ -100,6 +100,7 @@ static size_t dir_bytes(const char *dir, int *n_files) {
     char p[512];
     while (d && (de = readdir(d))) {
         if (de->d_name[0] == '.' && (!de->d_name[1] || de->d_name[1] == '.')) continue;
+        if (!strcmp(de->d_name, ".lock")) continue;   /* the store's lock, not a checkpoint */
         struct stat sb;
         snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
         if (!stat(p, &sb)) { total += (size_t)sb.st_size; (*n_files)++; }
@@ -492,59 +493,83 @@ static void test_foreign_and_temp_files(void) {
     CHECK(ds4_kvstore_open(&bad, err, sizeof err) == NULL && err[0]);
 }
 
-/* ---- concurrency ------------------------------------------------------------- */
+/* ---- one server per directory ------------------------------------------------ */
 
-/* A child process rewrites one checkpoint (same text, alternating blobs, each
- * self-consistent) and adds new ones, while the parent opens its own stores
- * on the directory and looks up: every hit must be one whole version. */
-static void test_concurrent_processes(void) {
-    char dir[256];
+/* DIR/.lock: a second store on the directory, in this process or another,
+ * is refused with the holder's pid; closing, or the holder dying without
+ * closing, frees it. Two stores would each enforce the budget over their
+ * own index and unlink files the other is about to load. */
+static void test_dir_lock(void) {
+    char dir[256], err[256] = "";
     new_dir(dir, sizeof dir);
-    static fixture f;
-    make_cp(&f, conv(3), 50, 20000, 0);
-    ds4_kvstore *st = open_store(dir, 1 << 24, "m");
+    ds4_kvstore *st = open_store(dir, 1 << 20, "m");
     REQUIRE(st);
-    char err[256];
-    REQUIRE(ds4_kvstore_save(st, &f.cp, err, sizeof err) == 0);
+    CHECK(logged()[0] == 0, "the lock file is not logged as a foreign file: %s", logbuf);
+    ds4_kvstore_params p = {.dir = dir, .space_bytes = 1 << 20, .model_id = "m", .log = logf};
+    char want[400];
+    snprintf(want, sizeof want, "kv dir %s is in use by another ds4-server (pid %d)", dir, (int)getpid());
+    CHECK(ds4_kvstore_open(&p, err, sizeof err) == NULL && !strcmp(err, want), "'%s'", err);
+    /* Another process: refused, naming this one. */
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
     pid_t child = fork();
     if (child == 0) {
-        ds4_kvstore_params p = {.dir = dir, .space_bytes = 1 << 24, .model_id = "m", .log = stderr};
-        ds4_kvstore *w = ds4_kvstore_open(&p, err, sizeof err);
-        static fixture g;
-        for (int i = 0; w && i < 60; i++) {
-            make_cp(&g, conv(3), 50, 20000, (uint8_t)i);
-            if (ds4_kvstore_save(w, &g.cp, err, sizeof err)) _exit(2);
-            make_cp(&g, conv(100 + i), 10, 100, 1);
-            if (ds4_kvstore_save(w, &g.cp, err, sizeof err)) _exit(3);
-        }
-        ds4_kvstore_close(w);
-        _exit(w ? 0 : 1);
+        char cerr[256] = "";
+        ds4_kvstore *w = ds4_kvstore_open(&p, cerr, sizeof cerr);
+        ssize_t k = write(fds[1], cerr, strlen(cerr) + 1);
+        _exit(w == NULL && k > 0 ? 0 : 1);
     }
-    int hits = 0, torn = 0;
-    for (int i = 0; i < 200; i++) {
-        ds4_kv_checkpoint out;
-        if (i % 20 == 0) { ds4_kvstore_close(st); st = open_store(dir, 1 << 24, "m"); if (!st) break; }
-        if (ds4_kvstore_lookup(st, f.text, f.cp.text_len, f.ids, 50, &out) == 1) {
-            hits++;
-            uint8_t seed = out.session[0];
-            for (size_t k = 0; k < out.session_len; k++)
-                if (out.session[k] != (uint8_t)(seed + k * 7)) { torn++; break; }
-            if (out.session_len != 20000) torn++;
-            ds4_kv_checkpoint_free(&out);
-        }
-    }
+    char got[256] = "";
+    ssize_t k = read(fds[0], got, sizeof got - 1);
     int status = -1;
     waitpid(child, &status, 0);
-    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "writer exit %d", status);
-    CHECK(st && hits > 0 && torn == 0, "%d hits, %d torn", hits, torn);
+    close(fds[0]);
+    close(fds[1]);
+    CHECK(k > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && !strcmp(got, want), "child: '%s'", got);
     ds4_kvstore_close(st);
-    /* A store opened afterwards sees everything both wrote. */
-    st = open_store(dir, 1 << 24, "m");
+    /* Closed: free again. A holder that dies without closing frees it too. */
+    st = open_store(dir, 1 << 20, "m");
+    CHECK(st != NULL);
+    ds4_kvstore_close(st);
+    child = fork();
+    if (child == 0) _exit(open_store(dir, 1 << 20, "m") ? 0 : 1);   /* exits holding it */
+    waitpid(child, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    st = open_store(dir, 1 << 20, "m");
+    CHECK(st != NULL, "a dead holder's lock is gone");
+    ds4_kvstore_close(st);
+}
+
+/* A file whose checksums hold but whose session the engine refuses: the
+ * caller discards it, it is removed with one log line and never read again;
+ * a newer file of the same text is not touched by a stale discard. */
+static void test_discard(void) {
+    char dir[256], err[256];
+    new_dir(dir, sizeof dir);
+    ds4_kvstore *st = open_store(dir, 1 << 20, "m");
     REQUIRE(st);
-    CHECK(ds4_kvstore_count(st) == 61, "%zu", ds4_kvstore_count(st));
-    int nf;
-    dir_bytes(dir, &nf);
-    CHECK(nf == 61, "no temp files left: %d files", nf);
+    static fixture f;
+    make_cp(&f, conv(5), 30, 100, 1);
+    REQUIRE(ds4_kvstore_save(st, &f.cp, err, sizeof err) == 0, "%s", err);
+    const char *path = path_of(dir, &f.cp);   /* static buffer */
+    ds4_kv_checkpoint out;
+    REQUIRE(ds4_kvstore_lookup(st, f.text, f.cp.text_len, f.ids, 30, &out) == 1);
+    ds4_kvstore_discard(st, &out, "bad magic");
+    ds4_kv_checkpoint_free(&out);
+    const char *l = logged();
+    CHECK(strstr(l, "(30 tokens: refused by the engine: bad magic)") && strchr(l, '\n') == l + strlen(l) - 1,
+          "one line: %s", l);
+    CHECK(!file_exists(path) && ds4_kvstore_count(st) == 0);
+    CHECK(ds4_kvstore_lookup(st, f.text, f.cp.text_len, f.ids, 30, &out) == 0);
+    /* Loaded, then replaced by a newer save of the same text (other blob
+     * size): discarding the old copy leaves the new file. */
+    REQUIRE(ds4_kvstore_save(st, &f.cp, err, sizeof err) == 0);
+    REQUIRE(ds4_kvstore_lookup(st, f.text, f.cp.text_len, f.ids, 30, &out) == 1);
+    make_cp(&f, conv(5), 30, 200, 2);
+    REQUIRE(ds4_kvstore_save(st, &f.cp, err, sizeof err) == 0);
+    ds4_kvstore_discard(st, &out, "stale");
+    ds4_kv_checkpoint_free(&out);
+    CHECK(file_exists(path) && ds4_kvstore_count(st) == 1);
     ds4_kvstore_close(st);
 }
 
@@ -676,7 +701,8 @@ int main(void) {
     RUN(test_truncation);
     RUN(test_other_version_and_model);
     RUN(test_foreign_and_temp_files);
-    RUN(test_concurrent_processes);
+    RUN(test_dir_lock);
+    RUN(test_discard);
     RUN(test_save_points);
     RUN(test_map_blob);
     RUN(test_extras);

@@ -177,6 +177,29 @@ static void test_simulated_interleaving(void) {
 
 /* ---- pool object on the tiny model --------------------------------------------- */
 
+/* The --sessions rule: floor(0.8 · free / per), default clamped to 1…8,
+ * an explicit count refused with the numbers when it does not fit. */
+static void test_sessions_for(void) {
+    const uint64_t G = 1ull << 30;
+    char msg[320];
+    CHECK(ds4_pool_sessions_for(0, 40 * G, 6 * G, 65536, msg, sizeof msg) == 5, "%s", msg);   /* 32 / 6 */
+    CHECK(!strcmp(msg, "5 (free 40.0 GiB, 6.0 GiB each at ctx 65536)"), "'%s'", msg);
+    CHECK(ds4_pool_sessions_for(5, 40 * G, 6 * G, 65536, msg, sizeof msg) == 5, "%s", msg);
+    CHECK(ds4_pool_sessions_for(6, 40 * G, 6 * G, 65536, msg, sizeof msg) == -1);
+    CHECK(strstr(msg, "6 sessions at ctx 65536 need 36.0 GiB (6.0 GiB each) but 40.0 GiB is free: at most 5 fit"),
+          "'%s'", msg);
+    /* Nothing fits: the default still tries one (the backend then says why). */
+    CHECK(ds4_pool_sessions_for(0, 1 * G, 6 * G, 65536, msg, sizeof msg) == 1, "%s", msg);
+    CHECK(ds4_pool_sessions_for(1, 1 * G, 6 * G, 65536, msg, sizeof msg) == -1, "%s", msg);
+    CHECK(strstr(msg, "at most 0 fit"), "'%s'", msg);
+    /* Plenty: the default stops at 8, an explicit larger count is allowed. */
+    CHECK(ds4_pool_sessions_for(0, 1024 * G, 6 * G, 65536, msg, sizeof msg) == DS4_POOL_MAX_DEFAULT, "%s", msg);
+    CHECK(ds4_pool_sessions_for(20, 1024 * G, 6 * G, 65536, msg, sizeof msg) == 20, "%s", msg);
+    /* Small sessions are shown in MiB, not as "0.0 GiB". */
+    ds4_pool_sessions_for(0, 10 * G, 3u << 20, 4096, msg, sizeof msg);
+    CHECK(!strcmp(msg, "8 (free 10.0 GiB, 3.0 MiB each at ctx 4096)"), "'%s'", msg);
+}
+
 static ds4_engine *eng;
 static char model_path[256], root[128];
 static bool tmp_model;
@@ -259,6 +282,44 @@ static void test_model_id_and_text(void) {
     ds4_tokens_free(&toks);
 }
 
+static uint64_t meminfo_kb(const char *key) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long v = 0;
+    size_t kl = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, kl) && line[kl] == ':') { sscanf(line + kl + 1, "%llu", &v); break; }
+    if (f) fclose(f);
+    return v;
+}
+
+/* What the server sizes --sessions with, on the CPU backend. */
+static void test_engine_memory(void) {
+    REQUIRE(eng);
+    char err[256];
+    uint64_t a = 0, b = 0, fr = 0;
+    REQUIRE(ds4_engine_session_bytes(eng, 4096, &a, err, sizeof err) == 0, "%s", err);
+    REQUIRE(ds4_engine_session_bytes(eng, 8192, &b, err, sizeof err) == 0, "%s", err);
+    /* Doubling ctx from 4096 adds, with the tiny shape (head_dim 128, index
+     * head 128; layers 2 and 4 ratio 4, 3 and 5 ratio 128): 4096 token ids,
+     * 1024 compressed + 1024 indexer rows in each ratio-4 layer and 32 rows
+     * in each ratio-128 layer, all f32. The window rings do not grow. */
+    uint64_t grow = 4096 * 4 + 2 * (1024 + 1024) * 128 * 4 + 2 * 32 * 128 * 4;
+    CHECK(b - a == grow, "session bytes %llu -> %llu, grew %llu, expected %llu", (unsigned long long)a,
+          (unsigned long long)b, (unsigned long long)(b - a), (unsigned long long)grow);
+    /* Token ids and logits at least, and no more than the inspector's whole
+     * estimate (weights + KV + scratch at ctx 4096: 19.5 MiB). */
+    CHECK(a > 4096 * 4 + (uint64_t)V * 4 && a < (20u << 20), "%llu", (unsigned long long)a);
+    REQUIRE(ds4_engine_mem_free(eng, &fr, err, sizeof err) == 0, "%s", err);
+    uint64_t total = meminfo_kb("MemTotal") << 10, avail = meminfo_kb("MemAvailable") << 10;
+    CHECK(fr > 0 && fr < total, "free %llu of %llu", (unsigned long long)fr, (unsigned long long)total);
+    /* MemAvailable less the mapped weights (tiny.gguf, 17.7 MB; no MTP file
+     * loaded here), give or take what other processes did meanwhile. */
+    int64_t d = (int64_t)avail - (int64_t)fr - 17703680;
+    CHECK(d > -(256 << 20) && d < (256 << 20), "free %llu, MemAvailable %llu", (unsigned long long)fr,
+          (unsigned long long)avail);
+}
+
 static void test_restart_suffix_only(void) {
     REQUIRE(eng);
     char dir[256], id[65], err[256];
@@ -327,6 +388,55 @@ static void test_restart_suffix_only(void) {
     CHECK(ds4_pool_session(pool, 0) && ds4_session_len(ds4_pool_session(pool, 0)) == N3);
     ds4_session_free(cold);
     ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+}
+
+/* A checkpoint whose checksums hold but whose session the engine refuses
+ * (here: bytes that are no snapshot at all) is removed the first time a
+ * prompt matches it, with one log line, and never read again; the prompt
+ * is served from scratch. */
+static void test_refused_checkpoint_removed(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/refused", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t ids[100];
+    rand_ids(ids, 100, 11);
+    FILE *log = tmpfile();
+    REQUIRE(log);
+    ds4_kvstore_params sp = {.dir = dir, .space_bytes = 1u << 20, .model_id = id, .log = log};
+    ds4_kvstore *st = ds4_kvstore_open(&sp, err, sizeof err);
+    REQUIRE(st, "%s", err);
+    size_t tl = 0;
+    char *text = ds4_kv_text(ds4_engine_tokenizer(eng), ids, 64, &tl);
+    static const uint8_t junk[256] = {1, 2, 3};
+    ds4_kv_checkpoint cp = {.text = text, .text_len = tl, .ids = ids, .n_ids = 64, .session = junk,
+                            .session_len = sizeof junk};
+    REQUIRE(ds4_kvstore_save(st, &cp, err, sizeof err) == 0, "%s", err);
+    free(text);
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 256, .store = st, .align = 64};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    for (int round = 0; round < 2; round++) {
+        REQUIRE(ds4_pool_acquire(pool, ids, 100, &l, err, sizeof err) == 0, "%s", err);
+        free(l.extra);
+        CHECK(l.n_disk == 0 && l.n_memory == 0 && ds4_session_len(l.session) == 0, "round %d: disk %zu", round,
+              l.n_disk);
+        CHECK(ds4_kvstore_count(st) == 0, "round %d: %zu indexed", round, ds4_kvstore_count(st));
+    }
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+    /* One line, naming the engine's reason; the directory holds no .kv file. */
+    char buf[1024] = "";
+    rewind(log);
+    size_t k = fread(buf, 1, sizeof buf - 1, log);
+    buf[k] = 0;
+    fclose(log);
+    CHECK(strstr(buf, "64 tokens: refused by the engine: not a ds4 session snapshot") &&
+          strchr(buf, '\n') == buf + k - 1, "log: %s", buf);
+    st = open_store(dir, id);
+    CHECK(st && ds4_kvstore_count(st) == 0);
     ds4_kvstore_close(st);
 }
 
@@ -418,13 +528,16 @@ static void test_interleaved_two_slots(void) {
 int main(void) {
     RUN(test_choose_scenarios);
     RUN(test_simulated_interleaving);
+    RUN(test_sessions_for);
     snprintf(root, sizeof root, "/tmp/ds4_test_pool_%d", (int)getpid());
     mkdir(root, 0755);
     open_engine();
     RUN(test_model_id_and_text);
+    RUN(test_engine_memory);
     RUN(test_restart_suffix_only);
     RUN(test_interleaved_two_slots);
     RUN(test_step_frontiers);
+    RUN(test_refused_checkpoint_removed);
     if (eng) ds4_engine_close(eng);
     if (tmp_model) test_tiny_remove(model_path);
     char cmd[300];

@@ -63,6 +63,15 @@ wait_grep() { for _ in $(seq 80); do grep -q "$2" "$1" && return 0; sleep 0.1; d
 alive() { [ "$(curl -s -m 5 "$URL/health")" = '{"status":"ok"}' ]; }
 
 start || { fail=1; finish; }
+# --sessions by default: floor(0.8 · free / per-session bytes), 1 to 8, logged with its numbers.
+check "default --sessions from free memory, logged with the numbers" python3 - "$TMP/server.log" <<'P'
+import re, sys
+log = open(sys.argv[1]).read()
+m = re.search(r'^ds4-server: sessions: (\d+) \(free ([\d.]+) GiB, ([\d.]+) MiB each at ctx 4096\)$', log, re.M)
+n, free, each = int(m[1]), float(m[2]) * 1024, float(m[3])
+assert n == max(1, min(8, int(0.8 * free / each))), (n, free, each)
+assert f'ctx 4096, {n} session' in log
+P
 H='X-DS4-Test-Script: hello'
 LONG='X-DS4-Test-Script: endless'   # 400 forced tokens, no EOS: runs until cut
 CHAT='{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"Hi"}],"stream":true}'
@@ -124,9 +133,10 @@ post -H 'X-DS4-Test-Script: broken' "$URL/v1/responses" \
 check "responses: unterminated tool block -> failed with an error" python3 -c "import json; r=json.load(open('$TMP/broken.json')); assert r['status']=='failed' and 'unterminated' in r['error']['message']"
 
 # ---- keepalive: a stream queued behind a long generation ----------------
-# The long request is dropped after 2.5 s, which cancels it and lets the
-# queued stream run: it must have received keepalives meanwhile.
-post -o /dev/null -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"max_tokens":3000}' &
+# The long request (a stream: a closed client is found by a failed write)
+# is dropped after 2.5 s, which cancels it and lets the queued stream run:
+# it must have received keepalives meanwhile.
+post -N -o /dev/null -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"go"}],"stream":true,"max_tokens":3000}' &
 BG=$!
 sleep 0.3
 post -N "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"Hi"}],"stream":true,"max_tokens":2}' > "$TMP/ka.sse" &
@@ -184,9 +194,37 @@ curl -s -N -m 2 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-cha
 check "a stream was running when dropped" grep -q '"content":' "$TMP/cut.sse"
 check "disconnect cancels the running stream" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
 : > "$TMP/trace.txt"
-curl -s -m 1 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":3000}' > /dev/null
-check "disconnect cancels a non-streaming request" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
+# A non-streaming client that closes looks like one that half-closed (below)
+# until something is written to it: its answer is generated to the end.
+curl -s -m 1 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"max_tokens":300}' > /dev/null
+check "a closed non-streaming request runs to its end" wait_grep "$TMP/trace.txt" '^finish: length, [0-9]* prompt ([0-9]* cached), 300 generated'
 check "next request answered after disconnects" bash -c "[ \"\$(curl -s -m 20 -o /dev/null -w '%{http_code}' '$URL/v1/chat/completions' -d '{\"model\":\"deepseek-chat\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":1}')\" = 200 ]"
+
+# ---- a client that half-closes after its request still gets the answer ----
+# shutdown(SHUT_WR) after the body (EOF on our side, POLLRDHUP) is not a
+# disconnect: only a reset or a failed write is.
+halfclose() { # STREAM(0|1) -> the raw HTTP response
+  python3 - "${URL#http://}" "$1" <<'P'
+import json, socket, sys
+host, port = sys.argv[1].split(':')
+body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "Hi"}], "stream": sys.argv[2] == '1'}).encode()
+s = socket.create_connection((host, int(port)))
+s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+          b'X-DS4-Test-Script: hello\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+s.shutdown(socket.SHUT_WR)
+s.settimeout(20)
+out = b''
+while (d := s.recv(65536)):
+    out += d
+sys.stdout.write(out.decode())
+P
+}
+: > "$TMP/trace.txt"
+halfclose 0 > "$TMP/half.http"
+check "half-closed client: 200 with the whole answer" bash -c "head -n1 '$TMP/half.http' | grep -q '^HTTP/1.1 200' && grep -q '\"content\":\"Hello there!\"' '$TMP/half.http' && grep -q '\"finish_reason\":\"stop\"' '$TMP/half.http'"
+halfclose 1 > "$TMP/half.sse"
+check "half-closed client: the whole stream, up to [DONE]" bash -c "grep -q '\"content\":\"!\"' '$TMP/half.sse' && grep -q '\"finish_reason\":\"stop\"' '$TMP/half.sse' && grep -q '^data: \[DONE\]' '$TMP/half.sse'"
+check "half-closed clients: nothing cancelled" bash -c "[ \$(grep -c '^finish: stop' '$TMP/trace.txt') = 2 ] && ! grep -q 'cancelled' '$TMP/trace.txt'"
 
 # ---- graceful shutdown -----------------------------------------------------
 post -N -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"x"}],"stream":true,"max_tokens":3000}' > "$TMP/term.sse" &
@@ -201,7 +239,13 @@ wait $CL
 check "SIGTERM: the open stream ends with an error and [DONE]" bash -c "grep -q '^data: {\"error\":{\"message\":\"server shutting down\"' '$TMP/term.sse' && tail -n2 '$TMP/term.sse' | grep -q '^data: \[DONE\]'"
 
 # ---- API key and CORS ------------------------------------------------------
-start --api-key sekret --cors || { fail=$((fail + 1)); finish; }
+: > "$TMP/server.log"
+start --api-key sekret --cors --sessions 2 --kv-disk-dir "$TMP/kv" || { fail=$((fail + 1)); finish; }
+check "explicit --sessions 2 that fits is taken" grep -q '^ds4-server: sessions: 2 (free .* each at ctx 4096)$' "$TMP/server.log"
+# One server per --kv-disk-dir: the second one stops at startup, naming the first.
+"$BIN/ds4-server" -m "$MODEL" --cpu --threads 1 --port "$(free_port)" --kv-disk-dir "$TMP/kv" 2> "$TMP/second.log"
+check "a second server on the same kv dir exits 1" [ $? = 1 ]
+check "... saying which server holds it" grep -qx "ds4-server: kv dir $TMP/kv is in use by another ds4-server (pid $PID)" "$TMP/second.log"
 check "api key: missing -> 401" [ "$(code "$URL/v1/models")" = 401 ]
 check "api key: wrong -> 401" [ "$(code -H 'Authorization: Bearer nope' "$URL/v1/models")" = 401 ]
 check "api key: Bearer" [ "$(code -H 'Authorization: Bearer sekret' "$URL/v1/models")" = 200 ]

@@ -27,8 +27,11 @@ static void usage(FILE *f) {
 "  --port N             TCP port (default 8000)\n"
 "  --ctx N              context size in tokens (default 32768, at most the model's)\n"
 "  --sessions N         resident KV sessions, one per concurrent conversation; a\n"
-"                       request goes to the session holding its longest prefix\n"
-"                       (default 1)\n"
+"                       request goes to the session holding its longest prefix.\n"
+"                       Default: as many as fit in 80%% of the free memory of the\n"
+"                       backend's device (GPU memory after the weights; CPU:\n"
+"                       available RAM less the weights), 1 to 8; the choice and\n"
+"                       its numbers are logged. A larger N than fits is refused.\n"
 "  --kv-disk-dir DIR    keep KV checkpoints of long prompts on disk, so restarts,\n"
 "                       evicted conversations and rewinds resume without a full\n"
 "                       prefill (docs/kv-cache.md); each checkpoint also keeps the\n"
@@ -137,7 +140,7 @@ int main(int argc, char **argv) {
     cfg->timeout_s = 30;
     cfg->max_body = 32u << 20;
     cfg->model_name = "deepseek-v4-flash";
-    cfg->sessions = 1;
+    cfg->sessions = 0;      /* 0: from free memory and --ctx, after the weights are loaded */
     cfg->kv_space_mb = 16384;
     cfg->api_key = getenv("DS4_API_KEY");
     if (cfg->api_key && !*cfg->api_key) cfg->api_key = NULL;
@@ -191,6 +194,24 @@ int main(int argc, char **argv) {
     S.tok = ds4_engine_tokenizer(S.eng);
     uint32_t ctx_max = ds4_engine_ctx_max(S.eng);
     if (ctx_max && cfg->ctx > ctx_max) cfg->ctx = ctx_max;
+    /* Sessions: asked of the backend once the weights are in place, so the
+     * free memory it reports is what sessions can really take. */
+    uint64_t per_session = 0, mem_free = 0;
+    if (ds4_engine_session_bytes(S.eng, cfg->ctx, &per_session, err, sizeof err) != 0 ||
+        ds4_engine_mem_free(S.eng, &mem_free, err, sizeof err) != 0) {
+        fprintf(stderr, "ds4-server: %s\n", err);
+        ds4_engine_close(S.eng);
+        return 1;
+    }
+    char fit[320];
+    int n_sessions = ds4_pool_sessions_for(cfg->sessions, mem_free, per_session, cfg->ctx, fit, sizeof fit);
+    if (n_sessions < 0) {
+        fprintf(stderr, "ds4-server: --sessions %d: %s\n", cfg->sessions, fit);
+        ds4_engine_close(S.eng);
+        return 1;
+    }
+    fprintf(stderr, "ds4-server: sessions: %s\n", fit);
+    cfg->sessions = n_sessions;
     pthread_mutex_init(&S.trace_mu, NULL);
     S.tools = toolmap_new(4096);
     int rc = 1;

@@ -8,7 +8,6 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 void srv_trace(srv *S, const char *fmt, ...) {
@@ -53,17 +52,19 @@ void job_unref(job *j) {
     free(j);
 }
 
-/* The client hung up: EOF or an error on our duplicate of its socket.
- * Works whether the job is queued, prefilling or generating, and whether or
- * not the connection thread is blocked waiting for the result. */
+/* The client is gone: an error or a hang-up of both directions on our
+ * duplicate of its socket (a reset, after a write reached a closed peer).
+ * The end of its sending side alone (EOF, POLLRDHUP) is not: a client may
+ * half-close (shutdown(SHUT_WR)) right after its request and still read the
+ * answer, and TCP shows that exactly like a close until we write. So a
+ * client that closed is found by a write: a stream writes at least every
+ * keepalive_s (a failed write ends the SSE response: sse_gone), a
+ * non-streaming answer only at its end. Works whether the job is queued,
+ * prefilling or generating. */
 static bool client_gone(int fd) {
     if (fd < 0) return false;
-    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
-    if (poll(&p, 1, 0) <= 0) return false;
-    if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) return true;
-    char c;
-    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    return n == 0;   /* data waiting (a pipelined request) is not a hang-up */
+    struct pollfd p = {.fd = fd, .events = 0};   /* HUP and ERR are always reported */
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL));
 }
 
 bool job_cancelled(job *j) {

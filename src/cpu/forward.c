@@ -925,6 +925,35 @@ static int v_truncate(void *be, void *st, uint32_t n, char *err, size_t errlen) 
 static int v_export(void *be, const void *st, ds4_kv_host *out, char *err, size_t errlen) { return cpu_export(be, st, out, err, errlen); }
 static int v_import(void *be, void *st, const ds4_kv_host *in, char *err, size_t errlen) { return cpu_import(be, st, in, err, errlen); }
 
+/* Host memory sessions can take: MemAvailable, bounded by a cgroup v2
+ * limit (containers), less the mapped weight files. MemAvailable counts
+ * the weights' cached pages as reclaimable, and when they are not cached
+ * yet they will be: either way they are not there for sessions. */
+static int v_mem_free(void *be, uint64_t *bytes, char *err, size_t errlen) {
+    const ds4_model *m = ((const cpu_backend *)be)->m;
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long kb = 0;
+    bool found = false;
+    while (f && !found && fgets(line, sizeof line, f)) found = sscanf(line, "MemAvailable: %llu kB", &kb) == 1;
+    if (f) fclose(f);
+    if (!found) return ds4_errf(err, errlen, "cannot read MemAvailable from /proc/meminfo");
+    uint64_t avail = (uint64_t)kb << 10;
+    unsigned long long max = 0, cur = 0;
+    FILE *fm = fopen("/sys/fs/cgroup/memory.max", "r"), *fc = fopen("/sys/fs/cgroup/memory.current", "r");
+    /* "max" (no limit) fails the scan. */
+    if (fm && fc && fscanf(fm, "%llu", &max) == 1 && fscanf(fc, "%llu", &cur) == 1 && max > cur && max - cur < avail)
+        avail = max - cur;
+    if (fm) fclose(fm);
+    if (fc) fclose(fc);
+    uint64_t weights = gguf_file_size(m->gguf) + (m->mtp_gguf ? gguf_file_size(m->mtp_gguf) : 0);
+    *bytes = avail > weights ? avail - weights : 0;
+    return 0;
+}
+
+static uint32_t v_eval_step(void *be) { return CPU_CHUNK; }
+
 const ds4_backend_ops ds4_backend_cpu = {
     "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_state_bytes, v_eval, v_truncate, v_export, v_import,
+    v_mem_free, v_eval_step,
 };

@@ -23,6 +23,7 @@
  *  - State bookkeeping (lo_raw, n_comp, lo_c, …) stays on the host and mirrors
  *    src/cpu/forward.c exactly, so export/import/truncate share its rules and
  *    a snapshot moves between backends bit for bit. */
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -562,6 +563,18 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
     *allocated = a * sizeof(float);
 }
 
+/* Device memory sessions can still take: cudaMemGetInfo's free (the weights
+ * are uploaded by now) less the margin cuda_state_new keeps. */
+static int cuda_mem_free(void *b, uint64_t *bytes, char *err, size_t errlen) {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return ds4_errf(err, errlen, "cuda: cannot query the GPU");
+    *bytes = free_b > VRAM_MARGIN ? free_b - VRAM_MARGIN : 0;
+    return 0;
+}
+
+/* A prefill chunk: longer eval calls are cut into chunks anyway. */
+static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->chunk; }
+
 /* ---- the forward pass over a chunk of n tokens (decode: n = 1) ----------------------------- */
 
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
@@ -1082,9 +1095,14 @@ extern "C" const ds4_backend_ops ds4_backend_cuda = {
     "cuda", cuda_available, cuda_create, cuda_destroy, cuda_state_new, cuda_state_free, cuda_state_bytes, cuda_eval,
     cuda_truncate,
     cuda_export, cuda_import,
+    cuda_mem_free, cuda_eval_step,
 };
 
 /* ---- kernel checks for tools/ds4-gpucheck ------------------------------------------------- */
+
+extern "C" void ds4_cuda_profiler(bool on) {
+    if (on) cudaProfilerStart(); else cudaProfilerStop();
+}
 
 static void poison(void *d, size_t bytes) { cudaMemset(d, 0xff, bytes); }   /* 0xffffffff is a NaN */
 

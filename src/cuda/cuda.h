@@ -19,6 +19,8 @@ extern "C" {
 
 extern const ds4_backend_ops ds4_backend_cuda;
 
+/* Start / stop an attached profiler's collection (ncu --profile-from-start off). */
+void ds4_cuda_profiler(bool on);
 /* y[r] = dot(row r of w, x) for rows < n_rows, rows of n_in values of `type`. */
 int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, const float *x, float *y,
                          char *err, size_t errlen);

@@ -123,6 +123,13 @@ typedef struct {
     int (*truncate)(void *be, void *st, uint32_t n, char *err, size_t errlen);
     int (*export_state)(void *be, const void *st, ds4_kv_host *out, char *err, size_t errlen);
     int (*import_state)(void *be, void *st, const ds4_kv_host *in, char *err, size_t errlen);
+    /* Bytes the backend's device can still give to sessions, asked after
+     * the weights are in place (how many resident sessions fit). */
+    int (*mem_free)(void *be, uint64_t *bytes, char *err, size_t errlen);
+    /* Tokens one eval call should take at most: the backend's own batch
+     * (a longer call gains nothing), so callers that report progress or
+     * check for cancellation between calls lose no speed by splitting. */
+    uint32_t (*eval_step)(void *be);
 } ds4_backend_ops;
 
 extern const ds4_backend_ops ds4_backend_cpu;

@@ -107,3 +107,20 @@ uint64_t ds4_engine_weight_bytes_per_token(const ds4_engine *e) {
     }
     return total;
 }
+
+int ds4_engine_session_bytes(ds4_engine *e, uint32_t ctx, uint64_t *bytes, char *err, size_t errlen) {
+    /* Measured, not modelled: the backend reports what it allocated, so the
+     * answer tracks every backend's layout (rings, compressed rows, score
+     * scratch) without a second copy of its arithmetic. */
+    ds4_session *s = ds4_session_new(e, ctx, err, errlen);
+    if (!s) return -1;
+    uint64_t in_use = 0, allocated = 0;
+    e->ops->state_bytes(e->be, s->st, &in_use, &allocated);
+    *bytes = allocated + (uint64_t)ctx * sizeof *s->ids + (uint64_t)e->model.hp.n_vocab * sizeof *s->logits;
+    ds4_session_free(s);
+    return 0;
+}
+
+int ds4_engine_mem_free(ds4_engine *e, uint64_t *bytes, char *err, size_t errlen) {
+    return e->ops->mem_free(e->be, bytes, err, errlen);
+}

@@ -194,6 +194,10 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
     for (;;) {
         if (p->cancelled && p->cancelled(p->ud)) { fin = DS4_FINISH_CANCELLED; break; }
         if (p->max_tokens > 0 && r->n_gen >= (size_t)p->max_tokens) { fin = DS4_FINISH_LENGTH; break; }
+        /* A full context ends here, before sampling: a token that cannot be
+         * evaluated must not be shown or counted, or the session (the REPL's
+         * transcript, the server's next turn) would lack what the user saw. */
+        if (ds4_session_len(s) >= ctx) { fin = DS4_FINISH_LENGTH; break; }
         const float *logits = ds4_session_logits(s);
         if (!logits) { snprintf(err, errlen, "generate: the session has no logits"); goto done; }
         if (r->n_gen < p->n_forced) {
@@ -213,7 +217,6 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
         if (buf_add(&g.text, piece, n) != 0) { snprintf(err, errlen, "out of memory"); goto done; }
         if (check_stop(&g)) { fin = DS4_FINISH_STOP; cut = true; break; }
         if (ds4_dsml_calls_done(g.dsml)) { fin = DS4_FINISH_TOOL_CALLS; break; }
-        if (ds4_session_len(s) + 1 > ctx) { fin = DS4_FINISH_LENGTH; break; }
         if (ds4_session_eval(s, &t, 1, NULL, NULL, NULL, err, errlen) != 0) goto done;
         if (p->on_step) p->on_step(p->ud);
     }

@@ -16,6 +16,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,6 +26,9 @@
 #include "ds4.h"
 #include "engine/kvstore.h"
 #include "util/errf.h"
+
+/* The directory's lock file (not a checkpoint; never scanned). */
+#define LOCK_NAME ".lock"
 
 typedef struct {
     uint8_t key[32], tok[32];
@@ -37,7 +41,7 @@ typedef struct {
 struct ds4_kvstore {
     pthread_mutex_t mu;
     char *dir;
-    int dir_fd;
+    int dir_fd, lock_fd;            /* lock_fd: DIR/.lock, flock'ed while open */
     uint64_t space, used;
     uint8_t model[32];
     FILE *log;
@@ -251,6 +255,7 @@ static long temp_pid(const char *name) {
 }
 
 static void scan_one(ds4_kvstore *st, const char *name) {
+    if (!strcmp(name, LOCK_NAME)) return;
     size_t n = strlen(name);
     long pid = temp_pid(name);
     if (pid) {
@@ -318,6 +323,29 @@ static void trim(ds4_kvstore *st) {
           (unsigned long long)st->space, (unsigned long long)st->used);
 }
 
+/* One server per directory: the budget is enforced over the files one
+ * process indexed, and its evictions unlink files another process may be
+ * about to load. flock belongs to the open file: the kernel drops it when
+ * the holder exits, however it exits, so a crash never leaves the
+ * directory locked. The pid written inside only names the holder. */
+static int lock_dir(ds4_kvstore *st, char *err, size_t errlen) {
+    st->lock_fd = openat(st->dir_fd, LOCK_NAME, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (st->lock_fd < 0) return ds4_errf(err, errlen, "kv-cache: cannot open %s/%s: %s", st->dir, LOCK_NAME, strerror(errno));
+    if (flock(st->lock_fd, LOCK_EX | LOCK_NB)) {
+        if (errno != EWOULDBLOCK) return ds4_errf(err, errlen, "kv-cache: cannot lock %s/%s: %s", st->dir, LOCK_NAME, strerror(errno));
+        char buf[32] = "";
+        ssize_t n = pread(st->lock_fd, buf, sizeof buf - 1, 0);
+        long pid = n > 0 ? strtol(buf, NULL, 10) : 0;
+        if (pid > 0) return ds4_errf(err, errlen, "kv dir %s is in use by another ds4-server (pid %ld)", st->dir, pid);
+        return ds4_errf(err, errlen, "kv dir %s is in use by another ds4-server", st->dir);
+    }
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%ld\n", (long)getpid());
+    if (ftruncate(st->lock_fd, 0) || pwrite(st->lock_fd, buf, (size_t)n, 0) != n)
+        logf_(st, "cannot write the pid into %s/%s: %s", st->dir, LOCK_NAME, strerror(errno));
+    return 0;
+}
+
 ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t errlen) {
     if (!p->dir || !*p->dir || !p->model_id) { ds4_errf(err, errlen, "kv-cache: no directory or model id"); return NULL; }
     if (mkdir(p->dir, 0755) && errno != EEXIST) {
@@ -334,8 +362,15 @@ ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t err
     st->log = p->log ? p->log : stderr;
     st->space = p->space_bytes;
     sha256(p->model_id, strlen(p->model_id), st->model);
+    st->lock_fd = -1;
     st->dir_fd = open(p->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    DIR *d = st->dir_fd >= 0 ? fdopendir(dup(st->dir_fd)) : NULL;
+    if (st->dir_fd < 0) {
+        ds4_errf(err, errlen, "kv-cache: cannot open directory %s: %s", p->dir, strerror(errno));
+        ds4_kvstore_close(st);
+        return NULL;
+    }
+    if (lock_dir(st, err, errlen)) { ds4_kvstore_close(st); return NULL; }
+    DIR *d = fdopendir(dup(st->dir_fd));
     if (!d) {
         ds4_errf(err, errlen, "kv-cache: cannot open directory %s: %s", p->dir, strerror(errno));
         ds4_kvstore_close(st);
@@ -351,6 +386,7 @@ ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t err
 
 void ds4_kvstore_close(ds4_kvstore *st) {
     if (!st) return;
+    if (st->lock_fd >= 0) close(st->lock_fd);   /* releases the flock */
     if (st->dir_fd >= 0) close(st->dir_fd);
     pthread_mutex_destroy(&st->mu);
     free(st->dir);
@@ -662,6 +698,23 @@ done:
     free(match);
     pthread_mutex_unlock(&st->mu);
     return found;
+}
+
+void ds4_kvstore_discard(ds4_kvstore *st, const ds4_kv_checkpoint *cp, const char *why) {
+    uint8_t key[32], tok[32];
+    sha256(cp->text_len ? cp->text : "", cp->text_len, key);
+    ids_hash(cp->ids, cp->n_ids, tok);
+    pthread_mutex_lock(&st->mu);
+    kv_entry *e = find_key(st, key);
+    /* Only the file that was loaded: a newer one of the same text stays. */
+    if (e && !memcmp(e->tok, tok, 32) &&
+        e->file_bytes == file_size(cp->text_len, cp->n_ids, cp->session_len, cp->extra_len)) {
+        char name[72];
+        entry_name(key, name);
+        logf_(st, "removing %s (%zu tokens: refused by the engine: %s)", name, cp->n_ids, why);
+        remove_entry(st, e);
+    }
+    pthread_mutex_unlock(&st->mu);
 }
 
 size_t ds4_kvstore_probe(ds4_kvstore *st, const char *text, size_t len, const int32_t *ids, size_t n_ids,

@@ -7,6 +7,7 @@
  * tokens, or a disk checkpoint when that is longer), and save checkpoints at
  * aligned frontiers. One thread uses a pool at a time (the server's worker). */
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -65,6 +66,38 @@ ds4_pool_choice ds4_pool_choose(const ds4_pool_slot_info *slots, int n_slots, co
     c.reuse = best_lcp;
     c.spill = min_spill && slots[best].n - best_lcp >= min_spill;
     return c;
+}
+
+/* ---- how many sessions fit ----------------------------------------------------- */
+
+/* "6.1 GiB" or, below a GiB, "2.9 MiB" (the tiny test model's sessions). */
+static const char *human(uint64_t b, char *buf, size_t cap) {
+    if (b >= (1ull << 30)) snprintf(buf, cap, "%.1f GiB", (double)b / (1ull << 30));
+    else snprintf(buf, cap, "%.1f MiB", (double)b / (1ull << 20));
+    return buf;
+}
+
+int ds4_pool_sessions_for(int requested, uint64_t free, uint64_t per, uint32_t ctx, char *msg, size_t msglen) {
+    /* A fifth of free memory stays for what a prefill allocates beside the
+     * sessions (activations, score scratch, the CUDA context's growth). */
+    uint64_t fit = per ? free / 5 * 4 / per : UINT64_MAX;
+    char f[32], e[32], t[32];
+    human(free, f, sizeof f);
+    human(per, e, sizeof e);
+    if (requested <= 0) {
+        int n = fit < 1 ? 1 : fit > DS4_POOL_MAX_DEFAULT ? DS4_POOL_MAX_DEFAULT : (int)fit;
+        snprintf(msg, msglen, "%d (free %s, %s each at ctx %u)", n, f, e, ctx);
+        return n;
+    }
+    if ((uint64_t)requested <= fit) {
+        snprintf(msg, msglen, "%d (free %s, %s each at ctx %u)", requested, f, e, ctx);
+        return requested;
+    }
+    human(per * (uint64_t)requested, t, sizeof t);
+    snprintf(msg, msglen, "%d sessions at ctx %u need %s (%s each) but %s is free: at most %llu fit "
+             "(a fifth of free memory is kept for prefill); lower the sessions or the context",
+             requested, ctx, t, e, f, (unsigned long long)fit);
+    return -1;
 }
 
 /* ---- the pool object ---------------------------------------------------------- */
@@ -195,9 +228,11 @@ static size_t restore(ds4_pool *p, ds4_session *s, const char *text, size_t tl, 
             ds4_kv_checkpoint_free(&cp);
             return got;
         }
-        /* A verified file whose snapshot the engine refuses (another context
-         * size, say): try the next shorter one. */
-        plog(p, "checkpoint of %zu tokens not loadable: %s", cp.n_ids, lerr);
+        /* A verified file whose snapshot the engine refuses (made by a build
+         * with another snapshot layout, or a payload the checksums cannot
+         * tell is wrong): it would be refused again, and reading it costs
+         * what a prefill saves. Drop it, then try the next shorter one. */
+        ds4_kvstore_discard(p->p.store, &cp, lerr);
         n = cp.n_ids - 1;
         ds4_kv_checkpoint_free(&cp);
         if (!n) break;

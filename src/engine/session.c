@@ -89,9 +89,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Progress granularity: the backend evaluates this many tokens between calls. */
-#define EVAL_STEP 256
-
 int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_logits,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen) {
     ds4_engine *e = s->e;
@@ -99,9 +96,10 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
     if (n == 0) return 0;
     if (n > s->ctx - s->n) return ds4_errf(err, errlen, "context full: %zu + %zu tokens > %u", s->n, n, s->ctx);
     double t0 = now_s();
-    size_t done = 0;
+    size_t done = 0, step = e->ops->eval_step(e->be);
     while (done < n) {
-        size_t c = n - done < EVAL_STEP ? n - done : EVAL_STEP;
+        /* progress and cancellation between the backend's own batches */
+        size_t c = n - done < step ? n - done : step;
         float *out = all_logits ? all_logits + done * V : s->logits;
         if (e->ops->eval(e->be, s->st, ids + done, c, out, all_logits != NULL, err, errlen)) return -1;
         memcpy(s->ids + s->n, ids + done, c * sizeof *ids);

@@ -16,7 +16,9 @@ process.setMaxListeners(32);   // one exit hook per started server
 const work = mkdtempSync(join(tmpdir(), 'ds4kvc-'));
 process.on('exit', () => rmSync(work, { recursive: true, force: true }));
 const kvdir = join(work, 'kv');
-const args = (dir) => ['--kv-disk-dir', dir, '--kv-align', '64'];
+// One resident session unless a test says otherwise: eviction and rewinds
+// are asserted on slot 0 (the default is sized from free memory).
+const args = (dir, sessions = 1) => ['--kv-disk-dir', dir, '--kv-align', '64', '--sessions', String(sessions)];
 const mk = (s) => new OpenAI({ baseURL: s.base + '/v1', apiKey: 'unused', maxRetries: 0 });
 const plain = { headers: { 'X-DS4-Test-Script': 'plain' } };
 const trace = (s) => readFileSync(join(s.dir, 'trace.txt'), 'utf8');
@@ -160,7 +162,7 @@ test('kvcache: a rewind of an evicted conversation restores from disk', async ()
 });
 
 test('kvcache: two conversations and side requests with --sessions 2: no main is prefilled again', async () => {
-  const s = await startServer([...args(join(work, 'two')), '--sessions', '2']);
+  const s = await startServer(args(join(work, 'two'), 2));
   try {
     const c = mk(s);
     const held = (r) => r.usage.prompt_tokens + r.usage.completion_tokens - 1;

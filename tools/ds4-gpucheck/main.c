@@ -859,11 +859,15 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
     if (rc) fprintf(stderr, "ds4-gpucheck: %s\n", err);
     else printf("profile run: %zu tokens in %.3fs, argmax %d\n", n_tok, now() - t0, argmax(lg, m.hp.n_vocab));
     if (!rc && bench > 0) {
+        /* A profiler started with --profile-from-start off sees the decode
+         * steps only (the prompt was a prefill chunk). */
+        ds4_cuda_profiler(true);
         t0 = now();
         for (int i = 0; i < bench && !rc; i++) {
             int32_t tok = argmax(lg, m.hp.n_vocab);
             rc = ds4_backend_cuda.eval(be, st, &tok, 1, lg, false, err, sizeof err);
         }
+        ds4_cuda_profiler(false);
         double dt = now() - t0;
         printf("decode: %d tokens at context %zu: %.3f ms/token, %.1f tok/s\n", bench, n_tok, 1e3 * dt / bench,
                bench / dt);

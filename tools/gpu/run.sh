@@ -40,11 +40,12 @@ for s in $steps; do
         $BIN/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 8 --bench 200 --profile 2>&1 | tee -a "$OUT/flash20.log"
         rm -f /dev/shm/f20.gguf ;;
     prof)
-        # Per-kernel time and DRAM bytes of 3 eager decode steps (ncu, clocks untouched).
+        # Per-kernel time and DRAM bytes of 3 eager decode steps after a 64-token
+        # prompt (ncu from cudaProfilerStart, clocks untouched).
         f4
-        DS4_CUDA_GRAPHS=0 ncu --clock-control none --csv --page raw --print-units base -k "regex:^k_(mv|matvec|hc|rms|att|router|q_heads|kv|moe|comp|embed|idx|topk)" \
+        DS4_CUDA_GRAPHS=0 ncu --clock-control none --profile-from-start off --csv --page raw --print-units base \
             --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-            $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
+            $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 64 --bench 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
         python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/prof.log"
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
