@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device script for the CUDA backend (run on the GPU machine from the folder
 # that holds bin/, lib/ and tokenizer.json; see tools/gpu/NOTES.md).
-#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [flash20]   default: kernels tiny flash4
+#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [profp] [flash20]   default: kernels tiny flash4
 #   (…x: the model checks under DS4_DIAG_EXACT_KV=1, the strict gate of the chunked prefill)
 # Logs go to $OUT (or ./out). Prints a short summary last.
 set -u
@@ -39,14 +39,17 @@ for s in $steps; do
         $BIN/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee "$OUT/flash20.log"
         $BIN/ds4-gpucheck --model /dev/shm/f20.gguf --tokens 8 --bench 200 --profile 2>&1 | tee -a "$OUT/flash20.log"
         rm -f /dev/shm/f20.gguf ;;
-    prof)
-        # Per-kernel time and DRAM bytes of 3 eager decode steps after a 64-token
-        # prompt (ncu from cudaProfilerStart, clocks untouched).
+    prof|profp)
+        # Per-kernel time and DRAM bytes (ncu, clocks untouched) of the 4-layer
+        # file: prof = 3 eager decode steps after a 64-token prompt (collection
+        # from cudaProfilerStart), profp = the prefill of one 2048-token chunk.
         f4
-        DS4_CUDA_GRAPHS=0 ncu --clock-control none --profile-from-start off --csv --page raw --print-units base \
+        if [ $s = prof ]; then args="--tokens 64 --bench 3"; from="--profile-from-start off"; title="3 eager decode steps"
+        else args="--tokens 2048"; from=""; title="prefill of one 2048-token chunk"; fi
+        DS4_CUDA_GRAPHS=0 ncu --clock-control none $from --csv --page raw --print-units base \
             --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-            $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 64 --bench 3 --profile > "$OUT/ncu.csv" 2>"$OUT/ncu.err"
-        python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/prof.log"
+            $BIN/ds4-gpucheck --model /dev/shm/f4.gguf $args --profile > "$OUT/ncu-$s.csv" 2>"$OUT/ncu-$s.err"
+        python3 - "$OUT/ncu-$s.csv" "$title" <<'PY' | tee "$OUT/$s.log"
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
 h = rows[0]; data = rows[2:]
@@ -58,9 +61,9 @@ for r in data:
     a = agg[r[ki].split("(")[0]]
     a[0] += 1; a[1] += num(r[ti]); a[2] += num(r[ri]) + num(r[wi])
 tot = sum(a[1] for a in agg.values())
-print("kernel                  calls   time_us   share  GB/s   (3 eager decode steps, 4-layer flash-q2)")
+print("kernel                            calls   time_us   share  GB/s   (%s, 4-layer flash-q2)" % sys.argv[2])
 for k, a in sorted(agg.items(), key=lambda kv: -kv[1][1]):
-    print("%-22s %6d %9.1f %6.1f%% %6.0f" % (k[:22], a[0], a[1] / 1e3, 100 * a[1] / tot, a[2] / a[1] if a[1] else 0))
+    print("%-32s %6d %9.1f %6.1f%% %6.0f" % (k[:32], a[0], a[1] / 1e3, 100 * a[1] / tot, a[2] / a[1] if a[1] else 0))
 print("total kernel time %.1f us over %d launches" % (tot / 1e3, sum(a[0] for a in agg.values())))
 PY
         ;;
