@@ -224,7 +224,7 @@ static void check_attn(int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
             if (t == T - 1) break;
         }
         double e = nan ? NAN : sqrt(num / den);
-        verdict(what, within(e, 2e-3), "rel %.3g, max abs %.3g (bound 2e-3), %lld NaN", e, amax, (long long)nan);
+        verdict(what, within(e, 1e-3), "rel %.3g, max abs %.3g (bound 1e-3), %lld NaN", e, amax, (long long)nan);
     }
     free(q); free(kvc); free(raw); free(comp); free(o); free(ref); free(sc); free(rows); free(sel); free(perm);
 }
