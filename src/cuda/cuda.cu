@@ -775,8 +775,8 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->qa, DF(be, &L->attn_q_a_norm), (int)ql, eps, be->qa, ql);
     prep(be, 1, be->qa, n, ql);
     mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
-    launch(k_q_heads, dim3((unsigned)H, (unsigned)n), nthreads(hd), hd * sizeof(float), s, be->q, (int)hd, (int)rd, freq,
-                                                                                      be->step, eps);
+    launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float), s,
+           be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
     /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
      * only ring slots of positions before every window it reads, so its rows
      * go straight into the ring; a longer one is stored after attention. */

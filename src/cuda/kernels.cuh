@@ -585,18 +585,34 @@ __global__ void k_rmsnorm(const float *x, const float *w, int n, float eps, floa
     for (int k = threadIdx.x; k < n; k += blockDim.x) o[k] = w ? v[k] * r * w[k] : v[k] * r;
 }
 
-/* Query heads: unweighted RMSNorm, RoPE on the tail. Block per (head, token), hd threads. */
-__global__ void k_q_heads(float *q, int hd, int rd, const double *freq, const dstep *st, float eps) {
+/* Query heads: unweighted RMSNorm, RoPE on the tail. A warp per head,
+ * QH_HEADS heads of one token per block (grid: heads / QH_HEADS, tokens):
+ * the RoPE angles (double, as the CPU) are computed once per block instead
+ * of once per head — with a block per head they were most of this kernel
+ * in a prefill chunk. Dynamic shared memory: rope_dim floats. */
+#define QH_HEADS 8
+__global__ void k_q_heads(float *q, int H, int hd, int rd, const double *freq, const dstep *st, float eps) {
     pdl_wait();
-    extern __shared__ float sv[];
-    int64_t pos = st[blockIdx.y].pos;
-    __shared__ double shd[32];
-    float *g = q + ((int64_t)blockIdx.y * gridDim.x + blockIdx.x) * hd;
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = g[k];
+    extern __shared__ float cs[];   /* (cos, sin) of pair k at 2k, 2k+1 */
+    int t = blockIdx.y, lane = threadIdx.x & 31, h = blockIdx.x * QH_HEADS + (threadIdx.x >> 5);
+    int64_t pos = st[t].pos;
+    for (int k = threadIdx.x; k < rd / 2; k += blockDim.x) {
+        double ang = (double)pos * freq[k];
+        cs[2 * k] = (float)cos(ang);
+        cs[2 * k + 1] = (float)sin(ang);
+    }
     __syncthreads();
-    blk_rmsnorm(sv, hd, NULL, eps, shd);
-    blk_rope(sv + hd - rd, rd / 2, freq, pos, false);
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) g[k] = sv[k];
+    if (h >= H) return;
+    float *g = q + ((int64_t)t * H + h) * hd, *tail = g + hd - rd;
+    double ss = 0;
+    for (int k = lane; k < hd; k += 32) ss += (double)g[k] * g[k];
+    float r = (float)(1.0 / sqrt(warp_sum_d(ss) / (double)hd + eps));
+    for (int k = lane; k < hd - rd; k += 32) g[k] = g[k] * r;
+    for (int k = lane; k < rd / 2; k += 32) {   /* blk_rope's arithmetic on the normed pair */
+        float c = cs[2 * k], s = cs[2 * k + 1], x0 = tail[2 * k] * r, x1 = tail[2 * k + 1] * r;
+        tail[2 * k] = x0 * c - x1 * s;
+        tail[2 * k + 1] = x0 * s + x1 * c;
+    }
 }
 
 /* K=V rows of the chunk (block per token, in place): weighted RMSNorm,
