@@ -698,9 +698,13 @@ static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor 
         rms = be->rms;
     }
     mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
-    launch(k_hc_pre, per_tok(hp->n_embd, n), 256, 0, be->s, X, hp->n_embd, (int)hp->hc_count, be->mix, (int)fn->ne[1],
-                                                      DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
-                                                      hp->hc_eps, hp->rms_eps, head, head ? NULL : be->coef, be->h, rms);
+    /* Every block derives the token's coefficients (one warp's Sinkhorn):
+     * decode spreads the token over n_embd/256 blocks to fill the GPU, a
+     * chunk has blocks enough and takes 1024 threads, 4× fewer Sinkhorns. */
+    unsigned bs = n > 1 ? 1024 : 256;
+    launch(k_hc_pre, dim3((unsigned)((hp->n_embd + bs - 1) / bs), (unsigned)n), bs, 0, be->s, X, hp->n_embd,
+           (int)hp->hc_count, be->mix, (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
+           hp->hc_eps, hp->rms_eps, head, head ? NULL : be->coef, be->h, rms);
 }
 
 static void hc_post(gpu_backend *be, int64_t n) {
