@@ -33,16 +33,19 @@ typedef struct {
     int32_t tok;
 } dstep;
 
-/* Programmatic dependent launch (sm_90): the backend launches each kernel
- * while its predecessor drains (launch() in cuda.cu), so a graph node's
- * launch latency and prologue overlap the previous node's tail instead of
- * adding to it (~1 500 nodes a decode step). Every kernel waits here before
- * anything else — before early returns too: a grid completes only after its
- * predecessor has, so the dependency stays transitive down the stream. A
- * no-op when a kernel was launched the ordinary way. */
+/* Programmatic dependent launch (sm_90): the backend launches every kernel
+ * with programmatic stream serialisation (launch() in cuda.cu). Each kernel
+ * first waits here until its predecessor has completed and its writes are
+ * visible — before anything else, early returns included, so completion
+ * stays transitive down the stream — and then lets its own successor be
+ * launched: the successor's blocks get resident and wait while this kernel
+ * runs, so launch latency and prologues overlap work instead of adding
+ * gaps between the ~1 500 nodes of a decode step. A no-op for kernels
+ * launched the ordinary way. */
 __device__ __forceinline__ void pdl_wait(void) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
 
