@@ -802,22 +802,24 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
             compare_chunked(what, a, lg + (n_tok - 1) * V, 1, V);
         }
     }
-    /* Snapshots across backends: each backend takes one token (decode) from
-     * the same state, one of them imported from the other: the same state
-     * in, so the strict one-step bound (no drift can accumulate). */
+    /* Snapshots across backends: CUDA's exported state imported by both
+     * backends, then the CPU's by CUDA, and one token (decode) from each:
+     * the same state in, so the strict one-step bound holds. */
     {
         const int32_t *more = ids + n_tok;
         void *x = cpu.ops->state_new(cpu.be, ctx, err, sizeof err), *y = gpu.ops->state_new(gpu.be, ctx, err, sizeof err);
         bool ok = x && y && !cpu.ops->import_state(cpu.be, x, &hg, err, sizeof err) &&
+                  !gpu.ops->import_state(gpu.be, y, &hg, err, sizeof err) &&
                   !cpu.ops->eval(cpu.be, x, more, 1, a, false, err, sizeof err) &&
-                  !gpu.ops->eval(gpu.be, sg, more, 1, b, false, err, sizeof err);
+                  !gpu.ops->eval(gpu.be, y, more, 1, b, false, err, sizeof err);
         if (!ok) verdict("snapshot cuda -> cpu", false, "%s", err);
-        else compare_logits("snapshot cuda -> cpu, one step from the same state", a, b, 1, V, 1e-3);
-        ok = ok && !gpu.ops->import_state(gpu.be, y, &hc, err, sizeof err) &&
+        else compare_logits("snapshot cuda -> cpu + cuda, one step", a, b, 1, V, 1e-3);
+        ok = ok && !gpu.ops->truncate(gpu.be, y, 0, err, sizeof err) &&
+             !gpu.ops->import_state(gpu.be, y, &hc, err, sizeof err) &&
              !gpu.ops->eval(gpu.be, y, more, 1, c, false, err, sizeof err) &&
              !cpu.ops->eval(cpu.be, sc, more, 1, a, false, err, sizeof err);
         if (!ok) verdict("snapshot cpu -> cuda", false, "%s", err);
-        else compare_logits("snapshot cpu -> cuda, one step from the same state", c, a, 1, V, 1e-3);
+        else compare_logits("snapshot cpu -> cuda, one step", c, a, 1, V, 1e-3);
         if (x) cpu.ops->state_free(cpu.be, x);
         if (y) gpu.ops->state_free(gpu.be, y);
     }
