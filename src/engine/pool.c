@@ -286,6 +286,9 @@ static int hand_over(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     j->n = n;
     memcpy(j->ids, ids, n * sizeof *ids);
     pthread_mutex_lock(&p->mu);
+    /* The line shows in a trace why a request paused (disk slower than
+     * checkpoints come). */
+    if (p->queued) plog(p, "checkpoint %zu tokens: waiting for the writer (%zu tokens queued)", n, p->queued->n);
     while (p->queued) pthread_cond_wait(&p->cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
     if (ds4_session_save(s, &j->blob, &j->blen)) {
