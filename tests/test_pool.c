@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ds4.h"
@@ -614,12 +615,18 @@ typedef struct {
     ds4_pool *pool;
     FILE *log;
     int rc;
+    bool returned, gate_was_open;   /* under G0.mu */
 } third_arg;
 
 static void *third_handover(void *arg) {
     third_arg *a = arg;
     char err[256];
     a->rc = ds4_pool_checkpoint(a->pool, 0, err, sizeof err);
+    pthread_mutex_lock(&G0.mu);
+    a->returned = true;
+    a->gate_was_open = G0.open;
+    pthread_cond_broadcast(&G0.cv);
+    pthread_mutex_unlock(&G0.mu);
     fputs("test: third hand-over returned\n", a->log);
     fflush(a->log);
     return NULL;
@@ -659,7 +666,7 @@ static void test_backpressure(void) {
     CHECK(ds4_pool_checkpoint(pool, 0, err, sizeof err) == 0, "%s", err);
     /* 3: from another thread, which must wait. */
     REQUIRE(ds4_session_eval(s, ids + 128, 64, NULL, NULL, NULL, err, sizeof err) == 0);
-    third_arg a = {pool, w, -1};
+    third_arg a = {pool, w, -1, false, false};
     pthread_t t;
     REQUIRE(pthread_create(&t, NULL, third_handover, &a) == 0);
     char line[512];
@@ -670,8 +677,20 @@ static void test_backpressure(void) {
     }
     CHECK(waited && !returned_early, "waited %d, returned before the writer took the queued one %d", waited,
           returned_early);
+    /* A correct pool cannot return while the gate is shut, whatever the
+     * timing; the 100 ms only give a broken one the time to show it. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 100000000;
+    if (until.tv_nsec >= 1000000000) { until.tv_sec++; until.tv_nsec -= 1000000000; }
+    pthread_mutex_lock(&G0.mu);
+    while (!a.returned && pthread_cond_timedwait(&G0.cv, &G0.mu, &until) != ETIMEDOUT) {}
+    bool early = a.returned;
+    pthread_mutex_unlock(&G0.mu);
+    CHECK(!early, "the third hand-over returned while the writer was held");
     gate_open(&G0);
     pthread_join(t, NULL);
+    CHECK(a.gate_was_open, "returned before the gate opened");
     CHECK(a.rc == 0);
     CHECK(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_kvstore_count(st) == 3 && G0.entered == 3 && !G0.timed_out, "%zu on disk, %d writes",
