@@ -239,15 +239,16 @@ static void *writer_main(void *arg) {
         pthread_mutex_unlock(&p->mu);
 
         if (p->p.on_write) p->p.on_write(p->p.ud, j->n);
+        double t0 = mono_s();
         ds4_kv_checkpoint cp = {.text = j->text, .text_len = j->tl, .ids = j->ids, .n_ids = j->n,
                                 .session = j->blob, .session_len = j->blen, .extra = j->extra, .extra_len = j->elen};
         char err[256] = "";
         int rc = ds4_kvstore_save(p->p.store, &cp, err, sizeof err);
         /* A failed write (disk full, say) costs a future hit, never this
          * process: one line, as a synchronous save logged it. */
-        plog(p, "checkpoint %zu tokens (%zu bytes of state): %s%s%s", j->n, j->blen,
+        plog(p, "checkpoint %zu tokens (%zu bytes of state): %s%s%s (writer, %.3f s)", j->n, j->blen,
              rc == 0 ? "saved" : rc == 1 ? "not kept by the budget" : "failed", rc < 0 ? ": " : "",
-             rc < 0 ? err : "");
+             rc < 0 ? err : "", mono_s() - t0);
 
         pthread_mutex_lock(&p->mu);
         if (rc < 0 && !p->failed++) snprintf(p->ferr, sizeof p->ferr, "%s", err);
@@ -291,6 +292,7 @@ static int hand_over(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     if (p->queued) plog(p, "checkpoint %zu tokens: waiting for the writer (%zu tokens queued)", n, p->queued->n);
     while (p->queued) pthread_cond_wait(&p->cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
+    double t0 = mono_s();
     if (ds4_session_save(s, &j->blob, &j->blen)) {
         wjob_free(j);
         return ds4_errf(err, errlen, "pool: cannot snapshot a %zu-token session", n);
@@ -308,6 +310,9 @@ static int hand_over(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     p->queued = j;
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
+    /* What the request paid: the snapshot, not the write. */
+    plog(p, "checkpoint %zu tokens: snapshot of %zu bytes in %.3f s, handed to the writer", n, j->blen,
+         mono_s() - t0);
     return 0;
 }
 
