@@ -705,6 +705,79 @@ static void test_backpressure(void) {
     fclose(r);
 }
 
+typedef struct {
+    ds4_pool *pool;
+    const int32_t *prompt;
+    size_t n;
+    FILE *log;
+    ds4_pool_lease l;
+    int rc;
+} acquire_arg;
+
+static void *acquire_thread(void *arg) {
+    acquire_arg *a = arg;
+    char err[256];
+    a->rc = ds4_pool_acquire(a->pool, a->prompt, a->n, &a->l, err, sizeof err);
+    fputs("test: acquire returned\n", a->log);
+    fflush(a->log);
+    return NULL;
+}
+
+/* A conversation spilled by a side request comes back while its spill is
+ * still being written (held at the gate): acquire waits for the writer and
+ * restores all 200 tokens, not the older 192-token checkpoint the index
+ * already has. */
+static void test_acquire_waits_for_pending_spill(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/pending", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t conv[250], side[50];
+    rand_ids(conv, 250, 51);
+    rand_ids(side, 50, 52);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    FILE *w = fdopen(fds[1], "w"), *r = fdopen(fds[0], "r");
+    REQUIRE(w && r);
+    gate_reset(&G0);
+    gate_open(&G0);
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .every = 128, .on_write = gate_hook,
+                          .ud = &G0, .log = w};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    /* Checkpoints 128 and 192 on disk; the session holds 200. */
+    CHECK(serve(pool, conv, 200, conv + 200, 1, &l) == 200);
+    REQUIRE(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
+    REQUIRE(ds4_kvstore_count(st) == 2);
+    /* Shut the gate; a 50-token side request spills the 200 (held). */
+    gate_reset(&G0);
+    CHECK(serve(pool, side, 50, side, 1, &l) == 50 && l.spilled);
+    acquire_arg a = {.pool = pool, .prompt = conv, .n = 250, .log = w, .rc = -1};
+    pthread_t t;
+    REQUIRE(pthread_create(&t, NULL, acquire_thread, &a) == 0);
+    char line[512];
+    int waited = 0, returned_early = 0;
+    while (!waited && !returned_early && fgets(line, sizeof line, r)) {
+        if (strstr(line, "slot 0: a checkpoint still with the writer covers more of the prompt")) waited = 1;
+        if (strstr(line, "acquire returned")) returned_early = 1;
+    }
+    CHECK(waited && !returned_early, "waited %d, returned early %d", waited, returned_early);
+    gate_open(&G0);
+    pthread_join(t, NULL);
+    free(a.l.extra);
+    CHECK(a.rc == 0 && a.l.n_disk == 200 && a.l.n_memory == 0, "rc %d, disk %zu, memory %zu", a.rc, a.l.n_disk,
+          a.l.n_memory);
+    CHECK(!G0.timed_out);
+    ds4_pool_release(pool, &a.l, 250);
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+    fclose(w);
+    fclose(r);
+}
+
 int main(void) {
     RUN(test_choose_scenarios);
     RUN(test_simulated_interleaving);
@@ -720,6 +793,7 @@ int main(void) {
     RUN(test_refused_checkpoint_removed);
     RUN(test_prefill_does_not_wait);
     RUN(test_backpressure);
+    RUN(test_acquire_waits_for_pending_spill);
     if (eng) ds4_engine_close(eng);
     if (tmp_model) test_tiny_remove(model_path);
     char cmd[300];

@@ -430,7 +430,10 @@ int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_leas
      * When one would serve this prompt better than the slot can, wait for
      * it (a lookup must not miss it); otherwise lookups go on without
      * waiting and only ever see complete, indexed files. */
-    if (p->running && pending_covers(p, prompt, n, c.reuse)) wait_idle(p);
+    if (p->running && pending_covers(p, prompt, n, c.reuse)) {
+        plog(p, "slot %d: a checkpoint still with the writer covers more of the prompt: waiting for it", c.slot);
+        wait_idle(p);
+    }
     size_t mem = c.reuse, tl = 0, disk = 0;
     char *text = p->p.store ? ds4_kv_text(p->tok, prompt, n, &tl) : NULL;
     size_t best_disk = text ? ds4_kvstore_probe(p->p.store, text, tl, prompt, n, n) : 0;
