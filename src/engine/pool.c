@@ -303,6 +303,7 @@ static int hand_over(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
         j->extra = NULL;
         j->elen = 0;
     }
+    size_t blen = j->blen;          /* j is the writer's once queued */
     pthread_mutex_lock(&p->mu);
     /* One thread hands over (the pool's user), so the place is still free;
      * the loop only keeps the bound true if that ever changes. */
@@ -311,7 +312,7 @@ static int hand_over(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     /* What the request paid: the snapshot, not the write. */
-    plog(p, "checkpoint %zu tokens: snapshot of %zu bytes in %.3f s, handed to the writer", n, j->blen,
+    plog(p, "checkpoint %zu tokens: snapshot of %zu bytes in %.3f s, handed to the writer", n, blen,
          mono_s() - t0);
     return 0;
 }
