@@ -404,6 +404,10 @@ typedef struct {
                     size_t *len);
     void *ud;
     FILE *log;                  /* one line per routing/checkpoint decision; NULL = quiet */
+    /* Tests: called on the checkpoint writer thread (with ud) before each
+     * checkpoint of n tokens is written; blocking here holds the write.
+     * NULL in normal use. */
+    void (*on_write)(void *ud, size_t n);
 } ds4_pool_params;
 
 /* How many resident sessions of per_session bytes fit when free bytes are
@@ -416,7 +420,15 @@ int ds4_pool_sessions_for(int requested, uint64_t free, uint64_t per_session, ui
                           size_t msglen);
 typedef struct ds4_pool ds4_pool;
 ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *p, char *err, size_t errlen);
-/* Frees the sessions; call ds4_pool_spill_all first on a clean shutdown. */
+/* With a store, the pool starts a checkpoint writer thread: every
+ * checkpoint below is a snapshot taken on the caller's thread (the session
+ * keeps changing) and handed to the writer, which writes it durably
+ * (ds4_kvstore_save) while the caller goes on. At most one snapshot waits
+ * beyond the one being written; a further hand-over blocks until the
+ * writer takes the waiting one (bounded memory). A prompt that a snapshot
+ * still with the writer would serve waits for it in ds4_pool_acquire.
+ * Frees the sessions after the writer has written everything handed over;
+ * call ds4_pool_spill_all first on a clean shutdown. */
 void ds4_pool_free(ds4_pool *p);
 ds4_session *ds4_pool_session(ds4_pool *p, int slot);
 
@@ -452,10 +464,16 @@ void ds4_pool_step(ds4_pool *p, const ds4_pool_lease *l);
 /* After ds4_generate: n_prompt tokens of the session were the prompt.
  * Checkpoints the whole session when it grew by `every` since its last one. */
 void ds4_pool_release(ds4_pool *p, const ds4_pool_lease *l, size_t n_prompt);
-/* Checkpoint a slot's whole content now (no-op when short or already on disk). */
+/* Checkpoint a slot's whole content: snapshot now, handed to the writer (no-op
+ * when short, already on disk, or already handed over). -1: no snapshot. */
 int ds4_pool_checkpoint(ds4_pool *p, int slot, char *err, size_t errlen);
-/* Clean shutdown: checkpoint every slot. */
+/* Clean shutdown: checkpoint every slot and wait until all is written
+ * (ds4_pool_flush). */
 int ds4_pool_spill_all(ds4_pool *p, char *err, size_t errlen);
+/* Wait until every checkpoint handed over so far is written (or failed).
+ * -1 + err (the first failure) when a write failed since the last flush;
+ * each failure was also logged when it happened. */
+int ds4_pool_flush(ds4_pool *p, char *err, size_t errlen);
 
 /* ---- Generation driver (src/engine/generate.c) -------------------------
  * One loop shared by the CLI and the server: reuse the session's longest

@@ -3,11 +3,15 @@
  * pool object on the tiny model with a disk store: a restart continues with
  * only the suffix prefilled (logits identical to a cold prefill), and two
  * interleaved conversations plus side requests on 2 slots never re-prefill a
- * main conversation. */
+ * main conversation. Checkpoints are written by the pool's writer thread:
+ * prefill goes on while a write is held, and a third hand-over waits. */
+#include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ds4.h"
@@ -337,6 +341,7 @@ static void test_restart_suffix_only(void) {
     ds4_pool_lease l;
     /* Generated tokens: p2[N1, N1+G); the request ends with G-1 evaluated. */
     CHECK(serve(pool, p2, N1, p2 + N1, G + 1, &l) == N1);
+    REQUIRE(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
     /* Prefill frontier at 128, trimmed prompt at 192 (stable = 197). */
     CHECK(ds4_kvstore_count(st) == 2, "%zu checkpoints", ds4_kvstore_count(st));
     CHECK(ds4_pool_spill_all(pool, err, sizeof err) == 0, "%s", err);
@@ -462,6 +467,7 @@ static void test_step_frontiers(void) {
     for (size_t i = 10; i < 300; i++) {
         REQUIRE(ds4_session_eval(l.session, ids + i, 1, NULL, NULL, NULL, err, sizeof err) == 0);
         ds4_pool_step(pool, &l);
+        REQUIRE(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
         counts[i] = ds4_kvstore_count(st);
     }
     CHECK(counts[126] == 0 && counts[127] == 1 && counts[254] == 1 && counts[255] == 2 && counts[299] == 2,
@@ -525,6 +531,253 @@ static void test_interleaved_two_slots(void) {
     ds4_kvstore_close(st);
 }
 
+/* ---- the checkpoint writer ------------------------------------------------------ */
+
+/* A gate the writer's on_write hook waits at until the test opens it. The
+ * wait is bounded (10 s) only so that a broken pool fails the test instead
+ * of hanging it; a passing run never reaches the bound. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool open, timed_out;
+    int entered;                /* writes that reached the hook */
+    size_t first_n;             /* tokens of the first one */
+} gate;
+
+static gate G0 = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, false, 0, 0};
+
+static void gate_hook(void *ud, size_t n) {
+    gate *g = ud;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 10;
+    pthread_mutex_lock(&g->mu);
+    if (!g->entered++) g->first_n = n;
+    pthread_cond_broadcast(&g->cv);
+    while (!g->open && !g->timed_out)
+        if (pthread_cond_timedwait(&g->cv, &g->mu, &until) == ETIMEDOUT) g->timed_out = true;
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_open(gate *g) {
+    pthread_mutex_lock(&g->mu);
+    g->open = true;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_reset(gate *g) {
+    pthread_mutex_lock(&g->mu);
+    g->open = g->timed_out = false;
+    g->entered = 0;
+    g->first_n = 0;
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Prefill with two save points (128 and 192) while the first write is held
+ * at the gate: the prefill returns with the whole stable prompt evaluated and
+ * nothing on disk yet; opening the gate and flushing writes both. */
+static void test_prefill_does_not_wait(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/nowait", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t ids[200];
+    rand_ids(ids, 200, 31);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    gate_reset(&G0);
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .every = 128,
+                          .on_write = gate_hook, .ud = &G0};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    REQUIRE(ds4_pool_acquire(pool, ids, 200, &l, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_pool_prefill(pool, &l, ids, 197, NULL, NULL, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_session_len(l.session) == 192, "%zu", ds4_session_len(l.session));
+    /* Still held: the prefill finished while the writer sat on checkpoint 128. */
+    pthread_mutex_lock(&G0.mu);
+    while (!G0.entered) pthread_cond_wait(&G0.cv, &G0.mu);
+    bool held = !G0.open && !G0.timed_out && G0.first_n == 128;
+    pthread_mutex_unlock(&G0.mu);
+    CHECK(held, "first write of %zu tokens, timed out %d", G0.first_n, G0.timed_out);
+    CHECK(ds4_kvstore_count(st) == 0, "%zu on disk while the write is held", ds4_kvstore_count(st));
+    gate_open(&G0);
+    CHECK(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_kvstore_count(st) == 2 && G0.entered == 2, "%zu on disk, %d writes", ds4_kvstore_count(st),
+          G0.entered);
+    ds4_pool_release(pool, &l, 200);
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+}
+
+typedef struct {
+    ds4_pool *pool;
+    FILE *log;
+    int rc;
+    bool returned, gate_was_open;   /* under G0.mu */
+} third_arg;
+
+static void *third_handover(void *arg) {
+    third_arg *a = arg;
+    char err[256];
+    a->rc = ds4_pool_checkpoint(a->pool, 0, err, sizeof err);
+    pthread_mutex_lock(&G0.mu);
+    a->returned = true;
+    a->gate_was_open = G0.open;
+    pthread_cond_broadcast(&G0.cv);
+    pthread_mutex_unlock(&G0.mu);
+    fputs("test: third hand-over returned\n", a->log);
+    fflush(a->log);
+    return NULL;
+}
+
+/* Backpressure: with the writer held on checkpoint 1 and checkpoint 2
+ * queued, a third hand-over waits (its log line comes first, and it does
+ * not return) until the writer takes checkpoint 2. Then all three reach
+ * the disk, and freeing the pool with one still queued writes it too. */
+static void test_backpressure(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/backpressure", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t ids[256];
+    rand_ids(ids, 256, 41);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    FILE *w = fdopen(fds[1], "w"), *r = fdopen(fds[0], "r");
+    REQUIRE(w && r);
+    gate_reset(&G0);
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .on_write = gate_hook, .ud = &G0,
+                          .log = w};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_session *s = ds4_pool_session(pool, 0);
+    /* 1: taken by the writer, held at the gate. */
+    REQUIRE(ds4_session_eval(s, ids, 64, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(ds4_pool_checkpoint(pool, 0, err, sizeof err) == 0, "%s", err);
+    pthread_mutex_lock(&G0.mu);
+    while (!G0.entered) pthread_cond_wait(&G0.cv, &G0.mu);
+    pthread_mutex_unlock(&G0.mu);
+    /* 2: queued, returns at once. */
+    REQUIRE(ds4_session_eval(s, ids + 64, 64, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(ds4_pool_checkpoint(pool, 0, err, sizeof err) == 0, "%s", err);
+    /* 3: from another thread, which must wait. */
+    REQUIRE(ds4_session_eval(s, ids + 128, 64, NULL, NULL, NULL, err, sizeof err) == 0);
+    third_arg a = {pool, w, -1, false, false};
+    pthread_t t;
+    REQUIRE(pthread_create(&t, NULL, third_handover, &a) == 0);
+    char line[512];
+    int waited = 0, returned_early = 0;
+    while (!waited && !returned_early && fgets(line, sizeof line, r)) {
+        if (strstr(line, "checkpoint 192 tokens: waiting for the writer (128 tokens queued)")) waited = 1;
+        if (strstr(line, "third hand-over returned")) returned_early = 1;
+    }
+    CHECK(waited && !returned_early, "waited %d, returned before the writer took the queued one %d", waited,
+          returned_early);
+    /* A correct pool cannot return while the gate is shut, whatever the
+     * timing; the 100 ms only give a broken one the time to show it. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 100000000;
+    if (until.tv_nsec >= 1000000000) { until.tv_sec++; until.tv_nsec -= 1000000000; }
+    pthread_mutex_lock(&G0.mu);
+    while (!a.returned && pthread_cond_timedwait(&G0.cv, &G0.mu, &until) != ETIMEDOUT) {}
+    bool early = a.returned;
+    pthread_mutex_unlock(&G0.mu);
+    CHECK(!early, "the third hand-over returned while the writer was held");
+    gate_open(&G0);
+    pthread_join(t, NULL);
+    CHECK(a.gate_was_open, "returned before the gate opened");
+    CHECK(a.rc == 0);
+    CHECK(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
+    CHECK(ds4_kvstore_count(st) == 3 && G0.entered == 3 && !G0.timed_out, "%zu on disk, %d writes",
+          ds4_kvstore_count(st), G0.entered);
+    /* Freeing the pool writes what was handed over. */
+    REQUIRE(ds4_session_eval(s, ids + 192, 64, NULL, NULL, NULL, err, sizeof err) == 0);
+    CHECK(ds4_pool_checkpoint(pool, 0, err, sizeof err) == 0, "%s", err);
+    ds4_pool_free(pool);
+    CHECK(ds4_kvstore_count(st) == 4, "%zu on disk after free", ds4_kvstore_count(st));
+    ds4_kvstore_close(st);
+    fclose(w);
+    fclose(r);
+}
+
+typedef struct {
+    ds4_pool *pool;
+    const int32_t *prompt;
+    size_t n;
+    FILE *log;
+    ds4_pool_lease l;
+    int rc;
+} acquire_arg;
+
+static void *acquire_thread(void *arg) {
+    acquire_arg *a = arg;
+    char err[256];
+    a->rc = ds4_pool_acquire(a->pool, a->prompt, a->n, &a->l, err, sizeof err);
+    fputs("test: acquire returned\n", a->log);
+    fflush(a->log);
+    return NULL;
+}
+
+/* A conversation spilled by a side request comes back while its spill is
+ * still being written (held at the gate): acquire waits for the writer and
+ * restores all 200 tokens, not the older 192-token checkpoint the index
+ * already has. */
+static void test_acquire_waits_for_pending_spill(void) {
+    REQUIRE(eng);
+    char dir[256], id[65], err[256];
+    snprintf(dir, sizeof dir, "%s/pending", root);
+    REQUIRE(ds4_kv_model_id(eng, id, err, sizeof err) == 0);
+    static int32_t conv[250], side[50];
+    rand_ids(conv, 250, 51);
+    rand_ids(side, 50, 52);
+    ds4_kvstore *st = open_store(dir, id);
+    REQUIRE(st);
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    FILE *w = fdopen(fds[1], "w"), *r = fdopen(fds[0], "r");
+    REQUIRE(w && r);
+    gate_reset(&G0);
+    gate_open(&G0);
+    ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .every = 128, .on_write = gate_hook,
+                          .ud = &G0, .log = w};
+    ds4_pool *pool = ds4_pool_new(eng, &pp, err, sizeof err);
+    REQUIRE(pool, "%s", err);
+    ds4_pool_lease l;
+    /* Checkpoints 128 and 192 on disk; the session holds 200. */
+    CHECK(serve(pool, conv, 200, conv + 200, 1, &l) == 200);
+    REQUIRE(ds4_pool_flush(pool, err, sizeof err) == 0, "%s", err);
+    REQUIRE(ds4_kvstore_count(st) == 2);
+    /* Shut the gate; a 50-token side request spills the 200 (held). */
+    gate_reset(&G0);
+    CHECK(serve(pool, side, 50, side, 1, &l) == 50 && l.spilled);
+    acquire_arg a = {.pool = pool, .prompt = conv, .n = 250, .log = w, .rc = -1};
+    pthread_t t;
+    REQUIRE(pthread_create(&t, NULL, acquire_thread, &a) == 0);
+    char line[512];
+    int waited = 0, returned_early = 0;
+    while (!waited && !returned_early && fgets(line, sizeof line, r)) {
+        if (strstr(line, "slot 0: a checkpoint still with the writer covers more of the prompt")) waited = 1;
+        if (strstr(line, "acquire returned")) returned_early = 1;
+    }
+    CHECK(waited && !returned_early, "waited %d, returned early %d", waited, returned_early);
+    gate_open(&G0);
+    pthread_join(t, NULL);
+    free(a.l.extra);
+    CHECK(a.rc == 0 && a.l.n_disk == 200 && a.l.n_memory == 0, "rc %d, disk %zu, memory %zu", a.rc, a.l.n_disk,
+          a.l.n_memory);
+    CHECK(!G0.timed_out);
+    ds4_pool_release(pool, &a.l, 250);
+    ds4_pool_free(pool);
+    ds4_kvstore_close(st);
+    fclose(w);
+    fclose(r);
+}
+
 int main(void) {
     RUN(test_choose_scenarios);
     RUN(test_simulated_interleaving);
@@ -538,6 +791,9 @@ int main(void) {
     RUN(test_interleaved_two_slots);
     RUN(test_step_frontiers);
     RUN(test_refused_checkpoint_removed);
+    RUN(test_prefill_does_not_wait);
+    RUN(test_backpressure);
+    RUN(test_acquire_waits_for_pending_spill);
     if (eng) ds4_engine_close(eng);
     if (tmp_model) test_tiny_remove(model_path);
     char cmd[300];

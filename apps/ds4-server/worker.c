@@ -231,6 +231,13 @@ static void generate_job(srv *S, job *j) {
     }
     j->res.n_prompt = j->prompt.n;
     ds4_pool_release(S->pool, &l, n);
+    if (S->cfg.test_script) {
+        /* Tests only (--test-script): every checkpoint of this request is on
+         * disk before its answer completes, so a test may kill the server
+         * right after it. A real server never waits for the writer here. */
+        char ferr[256];
+        if (ds4_pool_flush(S->pool, ferr, sizeof ferr) != 0) srv_trace(S, "checkpoint failed: %s\n", ferr);
+    }
     ds4_tokens_free(&eff);
     alias_record(S, j, l.session, l.slot);
 }

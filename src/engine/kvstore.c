@@ -39,14 +39,18 @@ typedef struct {
 } kv_entry;
 
 struct ds4_kvstore {
-    pthread_mutex_t mu;
+    /* mu guards the index and is held for no more than an index update or
+     * one lookup's reads; save_mu makes saves one at a time and is held
+     * across the (seconds-long) write, so a lookup never waits for a
+     * write in progress. Order: save_mu before mu. */
+    pthread_mutex_t mu, save_mu;
     char *dir;
     int dir_fd, lock_fd;            /* lock_fd: DIR/.lock, flock'ed while open */
     uint64_t space, used;
     uint8_t model[32];
     FILE *log;
     kv_entry *e; size_t n, cap;
-    unsigned seq;                   /* temp file names */
+    unsigned seq;                   /* temp file names (under save_mu) */
 };
 
 /* ---- small helpers -------------------------------------------------------------- */
@@ -359,6 +363,7 @@ ds4_kvstore *ds4_kvstore_open(const ds4_kvstore_params *p, char *err, size_t err
         return NULL;
     }
     pthread_mutex_init(&st->mu, NULL);
+    pthread_mutex_init(&st->save_mu, NULL);
     st->log = p->log ? p->log : stderr;
     st->space = p->space_bytes;
     sha256(p->model_id, strlen(p->model_id), st->model);
@@ -389,6 +394,7 @@ void ds4_kvstore_close(ds4_kvstore *st) {
     if (st->lock_fd >= 0) close(st->lock_fd);   /* releases the flock */
     if (st->dir_fd >= 0) close(st->dir_fd);
     pthread_mutex_destroy(&st->mu);
+    pthread_mutex_destroy(&st->save_mu);
     free(st->dir);
     free(st->e);
     free(st);
@@ -494,8 +500,9 @@ int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, si
     ids_hash(cp->ids, cp->n_ids, e.tok);
     e.created = e.last_hit = now_s();
 
+    pthread_mutex_lock(&st->save_mu);
     pthread_mutex_lock(&st->mu);
-    int rc;
+    int rc = 0;
     kv_entry *old = find_key(st, e.key);
     if (old) {
         /* Same text again (a re-save at shutdown, a spill): keep its history. */
@@ -519,20 +526,29 @@ int ds4_kvstore_save(ds4_kvstore *st, const ds4_kv_checkpoint *cp, char *err, si
         /* Victims by key: the index moves entries as it shrinks. */
         for (size_t i = 0; i < st->n; i++)
             if (victim[i]) memcpy(keys[n_victims++], st->e[i].key, 32);
-        if ((rc = write_checkpoint(st, cp, &e, err, errlen)) == 0) {
-            /* Evict only once the new file is durable. The rename already
-             * replaced the old file of the same text. */
-            if (old) index_drop(st, old);
-            for (size_t k = 0; k < n_victims; k++) {
-                kv_entry *v = find_key(st, keys[k]);
-                if (v) remove_entry(st, v);
-            }
-            if (index_add(st, &e)) rc = ds4_errf(err, errlen, "kv-cache: out of memory");
+    }
+    /* The write runs without mu: lookups go on meanwhile and see the old
+     * index (never the file being written: it is indexed only once durable).
+     * They can only shrink the index (a damaged or vanished file is
+     * dropped), and only saves add to it (save_mu), so the plan stays
+     * within the budget. */
+    pthread_mutex_unlock(&st->mu);
+    if (rc == 0 && (rc = write_checkpoint(st, cp, &e, err, errlen)) == 0) {
+        pthread_mutex_lock(&st->mu);
+        /* Evict only once the new file is durable. The rename already
+         * replaced the old file of the same text (found again by key: a
+         * lookup may have dropped it meanwhile). */
+        if ((old = find_key(st, e.key))) index_drop(st, old);
+        for (size_t k = 0; k < n_victims; k++) {
+            kv_entry *v = find_key(st, keys[k]);
+            if (v) remove_entry(st, v);
         }
+        if (index_add(st, &e)) rc = ds4_errf(err, errlen, "kv-cache: out of memory");
+        pthread_mutex_unlock(&st->mu);
     }
     free(victim);
     free(keys);
-    pthread_mutex_unlock(&st->mu);
+    pthread_mutex_unlock(&st->save_mu);
     return rc;
 }
 

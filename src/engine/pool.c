@@ -5,7 +5,13 @@
  * holds; the pool object applies it: spill the victim to disk, bring the
  * chosen session to the longest prefix of the prompt it can get (its own
  * tokens, or a disk checkpoint when that is longer), and save checkpoints at
- * aligned frontiers. One thread uses a pool at a time (the server's worker). */
+ * aligned frontiers. One thread uses a pool at a time (the server's worker).
+ *
+ * Checkpoints are written by a writer thread: the request path only takes
+ * the snapshot (ds4_session_save: the session keeps changing, so that part
+ * is synchronous) and hands it over; the writer hashes, writes, fsyncs,
+ * renames and evicts (ds4_kvstore_save). See "the writer" below. */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,11 +116,30 @@ typedef struct {
     uint64_t uses;
 } slot;
 
+/* A snapshot handed to the writer: everything ds4_kvstore_save needs, owned. */
+typedef struct {
+    char *text; size_t tl;
+    int32_t *ids; size_t n;
+    uint8_t *blob; size_t blen;
+    uint8_t *extra; size_t elen;
+} wjob;
+
 struct ds4_pool {
     ds4_engine *e;
     const ds4_tokenizer *tok;
     ds4_pool_params p;
     slot *slots;
+    /* The writer (only with a store). One mutex and one condition variable,
+     * broadcast on every change: the writer waits for `queued`, a producer
+     * for `queued` to empty, a flush for both to empty. */
+    pthread_t thread;
+    bool running, stop;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    wjob *queued;               /* handed over, not yet taken: at most one */
+    wjob *writing;              /* being written */
+    int failed;                 /* a write failed since the last flush */
+    char ferr[256];             /* the first such failure */
 };
 
 static double mono_s(void) {
@@ -139,6 +164,8 @@ static void plog(ds4_pool *p, const char *fmt, ...) {
     va_end(ap);
 }
 
+static void *writer_main(void *arg);
+
 ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *prm, char *err, size_t errlen) {
     if (prm->n_slots < 1) { ds4_errf(err, errlen, "pool: need at least one session"); return NULL; }
     ds4_pool *p = calloc(1, sizeof *p);
@@ -154,13 +181,34 @@ ds4_pool *ds4_pool_new(ds4_engine *e, const ds4_pool_params *prm, char *err, siz
     if (!p->p.every) p->p.every = 4 * p->p.align;
     /* Frontiers are aligned, as ds4_kv_save_points makes them. */
     p->p.every = (p->p.every + p->p.align - 1) / p->p.align * p->p.align;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
     for (int i = 0; i < prm->n_slots; i++)
         if (!(p->slots[i].s = ds4_session_new(e, prm->ctx, err, errlen))) { ds4_pool_free(p); return NULL; }
+    if (p->p.store) {
+        if (pthread_create(&p->thread, NULL, writer_main, p)) {
+            ds4_errf(err, errlen, "pool: cannot start the checkpoint writer");
+            ds4_pool_free(p);
+            return NULL;
+        }
+        p->running = true;
+    }
     return p;
 }
 
 void ds4_pool_free(ds4_pool *p) {
     if (!p) return;
+    if (p->running) {
+        /* The writer empties the queue before it exits: nothing handed
+         * over is lost. */
+        pthread_mutex_lock(&p->mu);
+        p->stop = true;
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+        pthread_join(p->thread, NULL);
+    }
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
     for (int i = 0; i < p->p.n_slots; i++) ds4_session_free(p->slots[i].s);
     free(p->slots);
     free(p);
@@ -168,30 +216,136 @@ void ds4_pool_free(ds4_pool *p) {
 
 ds4_session *ds4_pool_session(ds4_pool *p, int i) { return i >= 0 && i < p->p.n_slots ? p->slots[i].s : NULL; }
 
-/* Checkpoint the first n tokens the session holds (it holds exactly n). */
-static int save_session(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
+/* ---- the writer ------------------------------------------------------------------ */
+
+static void wjob_free(wjob *j) {
+    if (!j) return;
+    free(j->text);
+    free(j->ids);
+    free(j->blob);
+    free(j->extra);
+    free(j);
+}
+
+static void *writer_main(void *arg) {
+    ds4_pool *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->queued && !p->stop) pthread_cond_wait(&p->cv, &p->mu);
+        if (!p->queued) break;          /* stopping, and nothing left to write */
+        wjob *j = p->writing = p->queued;
+        p->queued = NULL;
+        pthread_cond_broadcast(&p->cv); /* room for the next snapshot */
+        pthread_mutex_unlock(&p->mu);
+
+        if (p->p.on_write) p->p.on_write(p->p.ud, j->n);
+        double t0 = mono_s();
+        ds4_kv_checkpoint cp = {.text = j->text, .text_len = j->tl, .ids = j->ids, .n_ids = j->n,
+                                .session = j->blob, .session_len = j->blen, .extra = j->extra, .extra_len = j->elen};
+        char err[256] = "";
+        int rc = ds4_kvstore_save(p->p.store, &cp, err, sizeof err);
+        /* A failed write (disk full, say) costs a future hit, never this
+         * process: one line, as a synchronous save logged it. */
+        plog(p, "checkpoint %zu tokens (%zu bytes of state): %s%s%s (writer, %.3f s)", j->n, j->blen,
+             rc == 0 ? "saved" : rc == 1 ? "not kept by the budget" : "failed", rc < 0 ? ": " : "",
+             rc < 0 ? err : "", mono_s() - t0);
+
+        pthread_mutex_lock(&p->mu);
+        if (rc < 0 && !p->failed++) snprintf(p->ferr, sizeof p->ferr, "%s", err);
+        p->writing = NULL;
+        pthread_cond_broadcast(&p->cv); /* flushes wait for this */
+        pthread_mutex_unlock(&p->mu);
+        wjob_free(j);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/* Snapshot the session (it holds exactly what is saved) and hand it to the
+ * writer.
+ *
+ * Bounded memory: at most ONE snapshot waits beyond the one being written.
+ * The producer waits for that place to be free BEFORE it exports the
+ * session, so at most two snapshots exist at any time (the one being
+ * written and the one queued); a burst of saves is backpressure on the
+ * request path, never a growing queue. */
+static int hand_over(ds4_pool *p, ds4_session *s, char *err, size_t errlen) {
     size_t n = ds4_session_len(s), tl = 0;
     const int32_t *ids = ds4_session_tokens(s);
     char *text = ds4_kv_text(p->tok, ids, n, &tl);
     if (!text) return ds4_errf(err, errlen, "pool: out of memory");
     if (ds4_kvstore_contains(p->p.store, text, tl)) { free(text); return 0; }
-    uint8_t *blob = NULL, *extra = NULL;
-    size_t blen = 0, elen = 0;
-    int rc;
-    if (ds4_session_save(s, &blob, &blen)) {
-        rc = ds4_errf(err, errlen, "pool: cannot snapshot a %zu-token session", n);
-    } else {
-        if (p->p.extra_fn && p->p.extra_fn(p->p.ud, text, tl, ids, n, &extra, &elen)) { free(extra); extra = NULL; elen = 0; }
-        ds4_kv_checkpoint cp = {.text = text, .text_len = tl, .ids = ids, .n_ids = n, .session = blob,
-                                .session_len = blen, .extra = extra, .extra_len = elen};
-        rc = ds4_kvstore_save(p->p.store, &cp, err, errlen);
-        plog(p, "checkpoint %zu tokens (%zu bytes of state): %s", n, blen,
-             rc == 0 ? "saved" : rc == 1 ? "not kept by the budget" : "failed");
+    wjob *j = calloc(1, sizeof *j);
+    if (!j || !(j->ids = malloc(n * sizeof *ids))) {
+        free(j);
+        free(text);
+        return ds4_errf(err, errlen, "pool: out of memory");
     }
-    free(text);
-    free(blob);
-    free(extra);
-    return rc < 0 ? -1 : 0;
+    j->text = text;
+    j->tl = tl;
+    j->n = n;
+    memcpy(j->ids, ids, n * sizeof *ids);
+    pthread_mutex_lock(&p->mu);
+    /* The line shows in a trace why a request paused (disk slower than
+     * checkpoints come). */
+    if (p->queued) plog(p, "checkpoint %zu tokens: waiting for the writer (%zu tokens queued)", n, p->queued->n);
+    while (p->queued) pthread_cond_wait(&p->cv, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+    double t0 = mono_s();
+    if (ds4_session_save(s, &j->blob, &j->blen)) {
+        wjob_free(j);
+        return ds4_errf(err, errlen, "pool: cannot snapshot a %zu-token session", n);
+    }
+    /* The server's extra data reads its own state: here, not on the writer. */
+    if (p->p.extra_fn && p->p.extra_fn(p->p.ud, text, tl, ids, n, &j->extra, &j->elen)) {
+        free(j->extra);
+        j->extra = NULL;
+        j->elen = 0;
+    }
+    size_t blen = j->blen;          /* j is the writer's once queued */
+    pthread_mutex_lock(&p->mu);
+    /* One thread hands over (the pool's user), so the place is still free;
+     * the loop only keeps the bound true if that ever changes. */
+    while (p->queued) pthread_cond_wait(&p->cv, &p->mu);
+    p->queued = j;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    /* What the request paid: the snapshot, not the write. */
+    plog(p, "checkpoint %zu tokens: snapshot of %zu bytes in %.3f s, handed to the writer", n, blen,
+         mono_s() - t0);
+    return 0;
+}
+
+/* Until the writer has nothing queued or in hand. */
+static void wait_idle(ds4_pool *p) {
+    pthread_mutex_lock(&p->mu);
+    while (p->queued || p->writing) pthread_cond_wait(&p->cv, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+int ds4_pool_flush(ds4_pool *p, char *err, size_t errlen) {
+    if (!p->running) return 0;
+    wait_idle(p);
+    pthread_mutex_lock(&p->mu);
+    int failed = p->failed;
+    if (failed) ds4_errf(err, errlen, "%s%s", p->ferr, failed > 1 ? " (and more failed writes)" : "");
+    p->failed = 0;
+    pthread_mutex_unlock(&p->mu);
+    return failed ? -1 : 0;
+}
+
+/* A snapshot still with the writer that covers more of the prompt than the
+ * slot keeps: its ids are a prefix of the prompt, longer than `have`. */
+static bool pending_covers(ds4_pool *p, const int32_t *prompt, size_t n, size_t have) {
+    bool r = false;
+    pthread_mutex_lock(&p->mu);
+    const wjob *js[2] = {p->queued, p->writing};
+    for (int k = 0; k < 2; k++)
+        if (js[k] && js[k]->n > have && js[k]->n <= n && !memcmp(js[k]->ids, prompt, js[k]->n * sizeof *prompt))
+            r = true;
+    pthread_mutex_unlock(&p->mu);
+    return r;
 }
 
 int ds4_pool_checkpoint(ds4_pool *p, int i, char *err, size_t errlen) {
@@ -199,7 +353,9 @@ int ds4_pool_checkpoint(ds4_pool *p, int i, char *err, size_t errlen) {
     slot *sl = &p->slots[i];
     size_t n = ds4_session_len(sl->s);
     if (!p->p.store || n < p->p.align || n == sl->saved) return 0;
-    if (save_session(p, sl->s, err, errlen)) return -1;
+    if (hand_over(p, sl->s, err, errlen)) return -1;
+    /* Handed over, not yet durable: a failed write is not retried for this
+     * content (it is logged, and ds4_pool_flush reports it). */
     sl->saved = n;
     return 0;
 }
@@ -208,6 +364,12 @@ int ds4_pool_spill_all(ds4_pool *p, char *err, size_t errlen) {
     int rc = 0;
     for (int i = 0; i < p->p.n_slots; i++)
         if (ds4_pool_checkpoint(p, i, err, errlen)) rc = -1;
+    /* Shutdown: everything on disk before the caller goes on. */
+    char ferr[256];
+    if (ds4_pool_flush(p, ferr, sizeof ferr) && !rc) {
+        ds4_errf(err, errlen, "%s", ferr);
+        rc = -1;
+    }
     return rc;
 }
 
@@ -265,6 +427,14 @@ int ds4_pool_acquire(ds4_pool *p, const int32_t *prompt, size_t n, ds4_pool_leas
         else out->spilled = true;
     }
 
+    /* A snapshot still being written is not in the store's index yet.
+     * When one would serve this prompt better than the slot can, wait for
+     * it (a lookup must not miss it); otherwise lookups go on without
+     * waiting and only ever see complete, indexed files. */
+    if (p->running && pending_covers(p, prompt, n, c.reuse)) {
+        plog(p, "slot %d: a checkpoint still with the writer covers more of the prompt: waiting for it", c.slot);
+        wait_idle(p);
+    }
     size_t mem = c.reuse, tl = 0, disk = 0;
     char *text = p->p.store ? ds4_kv_text(p->tok, prompt, n, &tl) : NULL;
     size_t best_disk = text ? ds4_kvstore_probe(p->p.store, text, tl, prompt, n, n) : 0;
@@ -301,7 +471,8 @@ int ds4_pool_prefill(ds4_pool *p, const ds4_pool_lease *l, const int32_t *prompt
         int rc = ds4_session_eval(s, prompt + have, pt - have, NULL, progress, ud, err, errlen);
         if (rc) return rc;
         have = pt;
-        /* A failed save (disk full, say) costs a future hit, not this request. */
+        /* Only the snapshot is taken here; prefill goes on while the writer
+         * writes it. A failed save costs a future hit, not this request. */
         char cerr[256];
         if (ds4_pool_checkpoint(p, l->slot, cerr, sizeof cerr)) plog(p, "checkpoint failed: %s", cerr);
     }
