@@ -59,7 +59,8 @@ start() {
 }
 post() { curl -s -H 'Content-Type: application/json' "$@"; }
 # wait_grep FILE PATTERN: up to 8 s for a line matching PATTERN to appear.
-wait_grep() { for _ in $(seq 80); do grep -q "$2" "$1" && return 0; sleep 0.1; done; return 1; }
+# Polls for up to 8 s (N tenths with a third argument: a loaded machine).
+wait_grep() { for _ in $(seq ${3:-80}); do grep -q "$2" "$1" && return 0; sleep 0.1; done; return 1; }
 alive() { [ "$(curl -s -m 5 "$URL/health")" = '{"status":"ok"}' ]; }
 
 start || { fail=1; finish; }
@@ -192,7 +193,9 @@ check "slow headers dropped by the timeout" grep -q '^closed [2-6]$' "$TMP/slow"
 # Dropped after 2 s, once tokens are flowing.
 curl -s -N -m 2 -H "$LONG" "$URL/v1/chat/completions" -d '{"model":"deepseek-chat","messages":[{"role":"user","content":"long"}],"stream":true,"max_tokens":3000}' > "$TMP/cut.sse"
 check "a stream was running when dropped" grep -q '"content":' "$TMP/cut.sse"
-check "disconnect cancels the running stream" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started'
+# Found at the first failed write after the drop: soon, but a loaded machine
+# gets time (an answer that is not cancelled ends "finish: length": no match).
+check "disconnect cancels the running stream" wait_grep "$TMP/trace.txt" '^finish: cancelled\|^job cancelled before it started' 300
 : > "$TMP/trace.txt"
 # A non-streaming client that closes looks like one that half-closed (below)
 # until something is written to it: its answer is generated to the end.
