@@ -1,11 +1,11 @@
 /* Sessions: KV state + token list + next-token logits, and snapshots.
  *
- * Snapshot format, version 1 (all little-endian; written and read here for
+ * Snapshot format, version 2 (all little-endian; written and read here for
  * every backend, from the logical state of engine/backend.h, so the bytes do
  * not depend on the backend that produced them):
  *
  *   u8[8]  magic "DS4SNAP\0"
- *   u32    version = 1
+ *   u32    version = 2
  *   u64    fingerprint: FNV-1a 64 over the shape-defining hparams (layers,
  *          dims, vocab, heads, window, ratios, indexer, HC) and the first
  *          256 bytes of token_embd, output and output_norm data — a snapshot
@@ -21,7 +21,8 @@
  *     f32  ckv[n_cpend × W], cgate[n_cpend × W]  W = lanes(R) × head_dim
  *     f32  idx[n_idx × idx_head_dim]
  *     f32  ikv[n_ipend × 2·idx_head_dim], igate[same]
- *   u64    FNV-1a 64 of every preceding byte
+ *   u64    checksum of every preceding byte: FNV-1a 64 over little-endian
+ *          64-bit words (the last < 8 bytes one by one)
  *
  * Loading checks magic, version, fingerprint, every count against the bytes
  * left (before allocating), the checksum, and the backend's own consistency
@@ -35,7 +36,7 @@
 #include "engine/engine_internal.h"
 
 #define SNAP_MAGIC "DS4SNAP"
-#define SNAP_VERSION 1u
+#define SNAP_VERSION 2u   /* 2: word-wise checksum (1: byte-wise FNV-1a) */
 
 ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errlen) {
     const ds4_hparams *hp = &e->model.hp;
@@ -149,6 +150,22 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n) {
 }
 #define FNV0 0xcbf29ce484222325ull
 
+/* The snapshot checksum: FNV-1a's step on 8-byte words. A server takes a
+ * snapshot (hundreds of MB at 30k tokens) on the request path, and the
+ * byte-wise loop (one dependent multiply a byte) cost ~0.6 s of it at
+ * 470 MB; a word a multiply is 8× less. Each step is a bijection of the
+ * running value, so any change to one word changes the result. */
+static uint64_t fnv_words(const void *p, size_t n) {
+    const uint8_t *b = p;
+    uint64_t h = FNV0, w;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&w, b + i, 8);   /* the snapshot is little-endian, as the hosts we build for */
+        h = (h ^ w) * 0x100000001b3ull;
+    }
+    return fnv(h, b + i, n - i);
+}
+
 static uint64_t fingerprint(const ds4_model *m) {
     const ds4_hparams *hp = &m->hp;
     uint32_t f[] = {hp->n_layer, hp->n_embd, hp->n_vocab, hp->n_head, hp->head_dim, hp->rope_dim, hp->q_lora,
@@ -210,7 +227,7 @@ int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len) {
         put(&w, o->igate, (size_t)o->n_ipend * Wi * 4);
     }
     ds4_kv_host_free(&h);
-    uint64_t sum = fnv(FNV0, w.p, w.n);
+    uint64_t sum = fnv_words(w.p, w.n);
     put(&w, &sum, 8);
     if (w.oom) { free(w.p); return -1; }
     *buf = w.p;
@@ -247,7 +264,7 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
     if (len < 8 + 8 || !get(&r, magic, 8) || memcmp(magic, SNAP_MAGIC, 8))
         return ds4_errf(err, errlen, "not a ds4 session snapshot (bad magic)");
     memcpy(&sum, buf + len - 8, 8);
-    if (fnv(FNV0, buf, len - 8) != sum)
+    if (fnv_words(buf, len - 8) != sum)
         return ds4_errf(err, errlen, "snapshot is corrupt or truncated (checksum mismatch, %zu bytes)", len);
     r.n = len - 8;
     if (!get(&r, &ver, 4) || ver != SNAP_VERSION)
