@@ -611,6 +611,26 @@ static void test_prefill_does_not_wait(void) {
     ds4_kvstore_close(st);
 }
 
+/* The pool's log as a pipe the test reads while other threads run. */
+static bool log_pipe(FILE **w, FILE **r) {
+    int fds[2];
+    if (pipe(fds)) return false;
+    *w = fdopen(fds[1], "w");
+    *r = fdopen(fds[0], "r");
+    return *w && *r;
+}
+
+/* Reads log lines until one holding `want` (returns 1) or `early` (the
+ * waiting thread's own "returned" line: 0, the wait did not happen). */
+static int log_until(FILE *r, const char *want, const char *early) {
+    char line[512];
+    while (fgets(line, sizeof line, r)) {
+        if (strstr(line, want)) return 1;
+        if (strstr(line, early)) return 0;
+    }
+    return 0;
+}
+
 typedef struct {
     ds4_pool *pool;
     FILE *log;
@@ -645,10 +665,8 @@ static void test_backpressure(void) {
     rand_ids(ids, 256, 41);
     ds4_kvstore *st = open_store(dir, id);
     REQUIRE(st);
-    int fds[2];
-    REQUIRE(pipe(fds) == 0);
-    FILE *w = fdopen(fds[1], "w"), *r = fdopen(fds[0], "r");
-    REQUIRE(w && r);
+    FILE *w = NULL, *r = NULL;
+    REQUIRE(log_pipe(&w, &r));
     gate_reset(&G0);
     ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .on_write = gate_hook, .ud = &G0,
                           .log = w};
@@ -669,14 +687,8 @@ static void test_backpressure(void) {
     third_arg a = {pool, w, -1, false, false};
     pthread_t t;
     REQUIRE(pthread_create(&t, NULL, third_handover, &a) == 0);
-    char line[512];
-    int waited = 0, returned_early = 0;
-    while (!waited && !returned_early && fgets(line, sizeof line, r)) {
-        if (strstr(line, "checkpoint 192 tokens: waiting for the writer (128 tokens queued)")) waited = 1;
-        if (strstr(line, "third hand-over returned")) returned_early = 1;
-    }
-    CHECK(waited && !returned_early, "waited %d, returned before the writer took the queued one %d", waited,
-          returned_early);
+    CHECK(log_until(r, "checkpoint 192 tokens: waiting for the writer (128 tokens queued)", "third hand-over returned"),
+          "the third hand-over did not wait for the writer to take the queued one");
     /* A correct pool cannot return while the gate is shut, whatever the
      * timing; the 100 ms only give a broken one the time to show it. */
     struct timespec until;
@@ -737,10 +749,8 @@ static void test_acquire_waits_for_pending_spill(void) {
     rand_ids(side, 50, 52);
     ds4_kvstore *st = open_store(dir, id);
     REQUIRE(st);
-    int fds[2];
-    REQUIRE(pipe(fds) == 0);
-    FILE *w = fdopen(fds[1], "w"), *r = fdopen(fds[0], "r");
-    REQUIRE(w && r);
+    FILE *w = NULL, *r = NULL;
+    REQUIRE(log_pipe(&w, &r));
     gate_reset(&G0);
     gate_open(&G0);
     ds4_pool_params pp = {.n_slots = 1, .ctx = 512, .store = st, .align = 64, .every = 128, .on_write = gate_hook,
@@ -758,13 +768,8 @@ static void test_acquire_waits_for_pending_spill(void) {
     acquire_arg a = {.pool = pool, .prompt = conv, .n = 250, .log = w, .rc = -1};
     pthread_t t;
     REQUIRE(pthread_create(&t, NULL, acquire_thread, &a) == 0);
-    char line[512];
-    int waited = 0, returned_early = 0;
-    while (!waited && !returned_early && fgets(line, sizeof line, r)) {
-        if (strstr(line, "slot 0: a checkpoint still with the writer covers more of the prompt")) waited = 1;
-        if (strstr(line, "acquire returned")) returned_early = 1;
-    }
-    CHECK(waited && !returned_early, "waited %d, returned early %d", waited, returned_early);
+    CHECK(log_until(r, "slot 0: a checkpoint still with the writer covers more of the prompt", "acquire returned"),
+          "acquire did not wait for the checkpoint still with the writer");
     gate_open(&G0);
     pthread_join(t, NULL);
     free(a.l.extra);
