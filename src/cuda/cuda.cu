@@ -254,6 +254,18 @@ static uint64_t max_rp_slab(const ds4_model *m) {
     return mx;
 }
 
+/* Rewrite one slab (rows of n_in weights of a repacked type) at d into
+ * k_mv_rp's layout, through tmp (at least the slab's bytes), on stream s. */
+static cudaError_t repack_slab(cudaStream_t s, uint32_t type, uint8_t *d, uint8_t *tmp, int64_t n_in, int64_t rows) {
+    int bb, ho, hl, eb;
+    rp_geom(type, &bb, &ho, &hl, &eb);
+    int64_t nblocks = rows * (n_in / eb);
+    cudaError_t e = cudaMemcpyAsync(tmp, d, (uint64_t)nblocks * bb, cudaMemcpyDeviceToDevice, s);
+    if (e) return e;
+    launch(k_repack, (unsigned)((nblocks + 255) / 256), 256, 0, s, tmp, d, nblocks, bb, ho, hl);
+    return cudaGetLastError();
+}
+
 /* Rewrite every uploaded Q8_0 / IQ2_XXS / Q2_K slab into k_mv_rp's layout
  * (kernels.cuh) through one scratch slab on the device: payloads first,
  * headers after, the same bytes in the same place, so tensor offsets stay
@@ -268,18 +280,9 @@ static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
     for (int i = 0; i < m->n_layout && !e; i++) {
         const ds4_tensor *t = spec_tensor(m, &m->layout[i]);
         if (!t->data || !repacked(t->type)) continue;
-        int bb, ho, hl, eb;
-        rp_geom(t->type, &bb, &ho, &hl, &eb);
         uint64_t slab = t->row_bytes * (uint64_t)t->ne[1];
-        int64_t nblocks = t->ne[1] * (t->ne[0] / eb);
-        for (int64_t x = 0; x < (t->ne[2] > 1 ? t->ne[2] : 1) && !e; x++) {
-            uint8_t *d = (uint8_t *)DW(be, t) + x * slab;
-            e = cudaMemcpyAsync(tmp, d, slab, cudaMemcpyDeviceToDevice, be->s);
-            if (!e) {
-                launch(k_repack, (unsigned)((nblocks + 255) / 256), 256, 0, be->s, tmp, d, nblocks, bb, ho, hl);
-                e = cudaGetLastError();
-            }
-        }
+        for (int64_t x = 0; x < (t->ne[2] > 1 ? t->ne[2] : 1) && !e; x++)
+            e = repack_slab(be->s, t->type, (uint8_t *)DW(be, t) + x * slab, tmp, t->ne[0], t->ne[1]);
     }
     if (!e) e = cudaStreamSynchronize(be->s);
     cudaFree(tmp);
@@ -1112,35 +1115,44 @@ static void poison(void *d, size_t bytes) { cudaMemset(d, 0xff, bytes); }   /* 0
 
 static bool tables_loaded;
 
+static int iq2_tables(void) {
+    if (tables_loaded) return 0;
+    cudaError_t e = cudaMemcpyToSymbol(d_iq2_grid, ds4_iq2xxs_grid, sizeof ds4_iq2xxs_grid);
+    if (!e) e = cudaMemcpyToSymbol(d_iq2_signs, ds4_ksigns_iq2xs, sizeof ds4_ksigns_iq2xs);
+    tables_loaded = !e;
+    return e ? -1 : 0;
+}
+
+/* n slabs of M rows × K of `type` (host, GGUF layout) on the device, repacked
+ * slab by slab as at upload. */
+static cudaError_t test_upload(uint32_t type, const void *w, int64_t K, int64_t M, int64_t n, uint8_t **dw) {
+    uint64_t slab = ggml_row_bytes(type, (uint64_t)K) * (uint64_t)M;
+    cudaError_t e;
+    *dw = NULL;
+    if ((e = cudaMalloc((void **)dw, slab * n)) || (e = cudaMemcpy(*dw, w, slab * n, cudaMemcpyHostToDevice))) return e;
+    if (!repacked(type)) return cudaSuccess;
+    uint8_t *tmp = NULL;
+    if ((e = cudaMalloc((void **)&tmp, slab))) return e;
+    for (int64_t i = 0; i < n && !e; i++)
+        if (!(e = repack_slab(0, type, *dw + i * slab, tmp, K, M))) e = cudaDeviceSynchronize();
+    cudaFree(tmp);
+    return e;
+}
+
 extern "C" int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, const float *x, float *y,
                                     char *err, size_t errlen) {
     uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)n_in);
     if (!rb || n_in % 8) return ds4_errf(err, errlen, "matvec: bad type %d / row %lld", type, (long long)n_in);
-    if (!tables_loaded) {
-        CK(cudaMemcpyToSymbol(d_iq2_grid, ds4_iq2xxs_grid, sizeof ds4_iq2xxs_grid));
-        CK(cudaMemcpyToSymbol(d_iq2_signs, ds4_ksigns_iq2xs, sizeof ds4_ksigns_iq2xs));
-        tables_loaded = true;
-    }
+    if (iq2_tables()) return ds4_errf(err, errlen, "matvec: iq2 tables");
     uint8_t *dw = NULL;
     float *dx = NULL, *dy = NULL;
     int rc = -1;
     cudaError_t e;
-    if ((e = cudaMalloc((void **)&dw, rb * n_rows)) || (e = cudaMalloc((void **)&dx, n_in * sizeof(float))) ||
+    if ((e = test_upload((uint32_t)type, w, n_in, n_rows, 1, &dw)) || (e = cudaMalloc((void **)&dx, n_in * sizeof(float))) ||
         (e = cudaMalloc((void **)&dy, n_rows * sizeof(float))) ||
-        (e = cudaMemcpy(dw, w, rb * n_rows, cudaMemcpyHostToDevice)) ||
         (e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice))) goto out;
     poison(dy, n_rows * sizeof(float));
-    if (repacked((uint32_t)type)) {   /* repacked first, as at upload */
-        int bb, ho, hl, eb;
-        rp_geom((uint32_t)type, &bb, &ho, &hl, &eb);
-        int64_t nblocks = n_rows * (n_in / eb);
-        uint8_t *tmp = NULL;
-        if ((e = cudaMalloc((void **)&tmp, rb * n_rows)) ||
-            (e = cudaMemcpy(tmp, dw, rb * n_rows, cudaMemcpyDeviceToDevice))) { cudaFree(tmp); goto out; }
-        k_repack<<<(unsigned)((nblocks + 255) / 256), 256>>>(tmp, dw, nblocks, bb, ho, hl);
-        e = cudaDeviceSynchronize();
-        cudaFree(tmp);
-        if (e) goto out;
+    if (repacked((uint32_t)type)) {   /* repacked by test_upload, as at upload */
         launch_rp((uint32_t)type, 0, dw, NULL, n_in, n_rows, dx, 0, 0, dy, NULL, 0, 0, 0, 1, NULL, 0);
     } else if (n_rows < WIDE_ROWS && n_in >= 2048)   /* the same choice as matvec() */
         k_matvec_wide<<<(unsigned)n_rows, 256>>>(type, dw, rb, n_in, dx, dy);
@@ -1207,37 +1219,6 @@ extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, con
 
 /* ---- mm tests ---- */
 
-static int iq2_tables(void) {
-    if (tables_loaded) return 0;
-    cudaError_t e = cudaMemcpyToSymbol(d_iq2_grid, ds4_iq2xxs_grid, sizeof ds4_iq2xxs_grid);
-    if (!e) e = cudaMemcpyToSymbol(d_iq2_signs, ds4_ksigns_iq2xs, sizeof ds4_ksigns_iq2xs);
-    tables_loaded = !e;
-    return e ? -1 : 0;
-}
-
-/* n slabs of M rows × K of `type` (host, GGUF layout) on the device, repacked
- * slab by slab as at upload. */
-static cudaError_t mm_upload(uint32_t type, const void *w, int64_t K, int64_t M, int64_t n, uint8_t **dw) {
-    uint64_t slab = ggml_row_bytes(type, (uint64_t)K) * (uint64_t)M;
-    cudaError_t e;
-    *dw = NULL;
-    if ((e = cudaMalloc((void **)dw, slab * n)) || (e = cudaMemcpy(*dw, w, slab * n, cudaMemcpyHostToDevice))) return e;
-    if (!repacked(type)) return cudaSuccess;
-    int bb, ho, hl, eb;
-    rp_geom(type, &bb, &ho, &hl, &eb);
-    uint8_t *tmp = NULL;
-    if ((e = cudaMalloc((void **)&tmp, slab))) return e;
-    for (int64_t i = 0; i < n && !e; i++) {
-        int64_t nblocks = M * (K / eb);
-        if (!(e = cudaMemcpy(tmp, *dw + i * slab, slab, cudaMemcpyDeviceToDevice))) {
-            k_repack<<<(unsigned)((nblocks + 255) / 256), 256>>>(tmp, *dw + i * slab, nblocks, bb, ho, hl);
-            e = cudaDeviceSynchronize();
-        }
-    }
-    cudaFree(tmp);
-    return e;
-}
-
 extern "C" int ds4_cuda_test_mm_dense(int type, const void *w, int64_t K, int64_t M, int64_t r0, int64_t nr,
                                       const float *x, int64_t ldx, int64_t T, float *y, char *err, size_t errlen) {
     const int64_t lead = 32;   /* the product reads xh + lead with row stride K + lead: ldx > K, an offset start */
@@ -1249,7 +1230,7 @@ extern "C" int ds4_cuda_test_mm_dense(int type, const void *w, int64_t K, int64_
     float *dx = NULL, *dy = NULL, *dxs = NULL;
     __half *dxh = NULL;
     cudaError_t e;
-    if (!(e = mm_upload((uint32_t)type, w, K, M, 1, &dw)) && !(e = cudaMalloc((void **)&dx, T * ldx * sizeof(float))) &&
+    if (!(e = test_upload((uint32_t)type, w, K, M, 1, &dw)) && !(e = cudaMalloc((void **)&dx, T * ldx * sizeof(float))) &&
         !(e = cudaMalloc((void **)&dy, T * nr * sizeof(float))) && !(e = cudaMalloc((void **)&dxs, T * sizeof(float))) &&
         !(e = cudaMalloc((void **)&dxh, T * (K + lead) * sizeof(__half))) &&
         !(e = cudaMemcpy(dx, x, T * ldx * sizeof(float), cudaMemcpyHostToDevice))) {
@@ -1278,8 +1259,8 @@ extern "C" int ds4_cuda_test_mm_experts(int tgu, const void *wg, const void *wu,
     mm_route r;
     memset(&r, 0, sizeof r);
     cudaError_t e;
-    if (!(e = mm_upload((uint32_t)tgu, wg, d, ff, E, &dg)) && !(e = mm_upload((uint32_t)tgu, wu, d, ff, E, &du)) &&
-        !(e = mm_upload((uint32_t)td, wd, ff, d, E, &dd)) && !(e = cudaMalloc((void **)&dx, T * d * sizeof(float))) &&
+    if (!(e = test_upload((uint32_t)tgu, wg, d, ff, E, &dg)) && !(e = test_upload((uint32_t)tgu, wu, d, ff, E, &du)) &&
+        !(e = test_upload((uint32_t)td, wd, ff, d, E, &dd)) && !(e = cudaMalloc((void **)&dx, T * d * sizeof(float))) &&
         !(e = cudaMalloc((void **)&dxs, T * sizeof(float))) && !(e = cudaMalloc((void **)&dxh, T * d * sizeof(__half))) &&
         !(e = cudaMalloc((void **)&dew, n * sizeof(float))) && !(e = cudaMalloc((void **)&deid, n * sizeof(int32_t))) &&
         !(e = cudaMalloc((void **)&dgo, n * ff * sizeof(float))) && !(e = cudaMalloc((void **)&dgi, n * ff * sizeof(float))) &&
