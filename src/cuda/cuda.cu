@@ -159,10 +159,23 @@ static uint32_t max_comp_width(const ds4_hparams *hp) {
     return w;
 }
 
+/* Widest input of a chunk product: the HC state (hc·d) or o (H·hd). */
+static uint64_t act_width(const ds4_hparams *hp) {
+    uint64_t a = (uint64_t)hp->hc_count * hp->n_embd, b = (uint64_t)hp->n_head * hp->head_dim;
+    return a > b ? a : b;
+}
+/* Bytes of the f16 activation copies of a chunk of T tokens (prep slots 0
+ * and 1, the routed hidden gh), then their f32 row scales (xs[0], xs[1], gs);
+ * cuda_create lays them out in this order. */
+static uint64_t act_bytes(const ds4_hparams *hp, uint64_t T) {
+    uint64_t used = hp->n_expert_used;
+    return (2 * act_width(hp) + used * hp->expert_ff) * T * sizeof(__half) + (2 + used) * T * sizeof(float);
+}
+
 /* Scratch floats of a chunk of `chunk` tokens (per token as the CPU's
  * scratch; logits HEAD_ROWS rows), in 256-byte aligned pieces (float4 loads
- * stay aligned), plus the f16 activation copies (bytes, counted apart). */
-static uint64_t scratch_floats(const ds4_model *m, int64_t chunk, uint64_t *counts, uint64_t *half_bytes) {
+ * stay aligned). */
+static uint64_t scratch_floats(const ds4_model *m, int64_t chunk, uint64_t *counts) {
     const ds4_hparams *hp = &m->hp;
     uint64_t d = hp->n_embd, hc = hp->hc_count, hd = hp->head_dim, H = hp->n_head, ff = hp->expert_ff;
     uint64_t used = hp->n_expert_used, ihd = hp->idx_head_dim, ih = hp->idx_n_head, cw = max_comp_width(hp);
@@ -178,9 +191,6 @@ static uint64_t scratch_floats(const ds4_model *m, int64_t chunk, uint64_t *coun
     }
     uint64_t lg = ((uint64_t)HEAD_ROWS * hp->n_vocab + 63) / 64 * 64;
     if (counts) counts[sizeof c / sizeof *c] = lg;
-    /* widest activation of a chunk product: the HC state (hc·d) or o (H·hd) */
-    uint64_t kmax = hc * d > H * hd ? hc * d : H * hd;
-    if (half_bytes) *half_bytes = (2 * kmax + used * ff) * T * sizeof(__half) + (3 + used) * T * sizeof(float);
     return tot + lg;
 }
 #define N_SCRATCH 25
@@ -359,7 +369,8 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
      * The prefill chunk shrinks first: a smaller one only costs speed. */
     uint64_t need = 0;
     for (be->chunk = MAX_CHUNK; be->chunk >= MIN_CHUNK; be->chunk /= 2) {
-        scr = scratch_floats(m, be->chunk, counts, &hb) * sizeof(float) + hb;
+        hb = act_bytes(hp, (uint64_t)be->chunk);
+        scr = scratch_floats(m, be->chunk, counts) * sizeof(float) + hb;
         need = be->span + scr + VRAM_MARGIN + max_rp_slab(m);
         if (need <= free_b) break;
     }
@@ -398,10 +409,8 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
                               &be->ew, &be->eout, &be->ge, &be->sg, &be->su, &be->rms, &be->logits};
     float *p = be->X;
     for (int i = 0; i < N_SCRATCH; i++) { *dst[i] = p; p += counts[i]; }
-    /* f16 pieces: two activation slots of the widest product, the routed hidden, then their scales */
-    uint64_t T = (uint64_t)be->chunk, kmax = (uint64_t)hp->hc_count * hp->n_embd,
-             kq = (uint64_t)hp->n_head * hp->head_dim, gw = (uint64_t)hp->n_expert_used * hp->expert_ff;
-    if (kq > kmax) kmax = kq;
+    /* the f16 pieces in act_bytes' order */
+    uint64_t T = (uint64_t)be->chunk, kmax = act_width(hp), gw = (uint64_t)hp->n_expert_used * hp->expert_ff;
     be->xh[1] = be->xh[0] + kmax * T;
     be->gh = be->xh[1] + kmax * T;
     be->xs[0] = (float *)(be->gh + gw * T);
@@ -549,8 +558,9 @@ static void cuda_state_bytes(void *b, const void *stp, uint64_t *in_use, uint64_
     const gpu_backend *be = (const gpu_backend *)b;
     const gpu_state *st = (const gpu_state *)stp;
     const ds4_hparams *hp = be->hp;
-    uint64_t u = 0, a = (uint64_t)(st->att_rows * hp->n_head * st->att_len + st->isc_rows * st->isc_ld) +
-                        (st->a16 ? attn_scratch_bytes(st->keep_raw, st->ctx, be->chunk, 4) / sizeof(float) : 0), hd = hp->head_dim, ihd = hp->idx_head_dim;
+    uint64_t hd = hp->head_dim, ihd = hp->idx_head_dim, u = 0;
+    uint64_t a = (uint64_t)(st->att_rows * hp->n_head * st->att_len + st->isc_rows * st->isc_ld) +
+                 (st->a16 ? attn_scratch_bytes(st->keep_raw, st->ctx, be->chunk, 4) / sizeof(float) : 0);
     for (int l = 0; l < st->n_layer; l++) {
         const gpu_layer *ls = &st->L[l];
         u += (uint64_t)(st->n - ls->lo_raw) * hd;
@@ -600,8 +610,8 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
     if (nr > cap) nr = cap;
     while (xg_rows && xg_rows % nr) nr /= 2;
     dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
-#define MVRP(NR, GLU) launch(k_mv_rp<F, NR, GLU>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, \
-                                                                     eid, estride, x_slot, y_slot, ew, clamp)
+#define MVRP(NR, GLU) launch(k_mv_rp<F, NR, GLU>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, \
+                             xg_stride, y, eid, estride, x_slot, y_slot, ew, clamp)
     if (W2) { if (nr == 2) MVRP(2, true); else MVRP(1, true); }
     else if (F != RP_Q2K && nr == 4) MVRP(4, false);
     else if (nr == 2) MVRP(2, false);
@@ -748,9 +758,8 @@ static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_laye
     mul(be, &L->idx_q_b, 1, be->qa, n, be->iq, ih * ihd);
     mul(be, &L->idx_proj, 0, be->nrm, n, be->iw, ih);
     float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
-    launch(k_idx_heads, dim3((unsigned)ih, (unsigned)n), nthreads(ihd), ihd * sizeof(float), s, be->iq, be->iw, (int)ihd,
-                                                                                            (int)rd, freq, be->step,
-                                                                                            wscale);
+    launch(k_idx_heads, dim3((unsigned)ih, (unsigned)n), nthreads(ihd), ihd * sizeof(float), s, be->iq, be->iw,
+           (int)ihd, (int)rd, freq, be->step, wscale);
     for (int64_t t0 = 0; t0 < n; t0 += st->isc_rows) {
         int64_t c = n - t0 < st->isc_rows ? n - t0 : st->isc_rows;
         if (n > 1 && be->fast_idx)
@@ -789,9 +798,8 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
      * go straight into the ring; a longer one is stored after attention. */
     bool direct = n + hp->window - 1 <= st->keep_raw;
     mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
-    launch(k_kv_row, (unsigned)n, nthreads(hd), hd * sizeof(float), s, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd,
-                                                                  freq, be->step, eps, direct ? ls->raw : NULL,
-                                                                  st->keep_raw);
+    launch(k_kv_row, (unsigned)n, nthreads(hd), hd * sizeof(float), s, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd,
+           (int)rd, freq, be->step, eps, direct ? ls->raw : NULL, st->keep_raw);
     if (ls->ratio)
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
@@ -839,10 +847,8 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     prep(be, 0, be->nrm, n, d);
     mul(be, &L->ffn_gate_inp, 0, be->nrm, n, be->rl, E);
     launch(k_router, (unsigned)n, 256, E * (sizeof(float) + 1), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
-                                                              L->tid2eid.row_bytes, be->step,
-                                                              L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
-                                                              hp->expert_weights_norm, hp->expert_weights_scale, be->eid,
-                                                              be->ew);
+           L->tid2eid.row_bytes, be->step, L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
+           hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
     if (n == 1) {
         glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
         matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
@@ -871,8 +877,8 @@ static void head(gpu_backend *be, const float *X, int64_t n) {
     const ds4_model *m = be->m;
     const ds4_hparams *hp = be->hp;
     hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, true);
-    launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, &m->out_norm), (int)hp->n_embd, hp->rms_eps, be->nrm,
-                                              hp->n_embd);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, &m->out_norm), (int)hp->n_embd, hp->rms_eps,
+           be->nrm, (int64_t)hp->n_embd);
     prep(be, 0, be->nrm, n, hp->n_embd);
     mul(be, &m->output, 0, be->nrm, n, be->logits, hp->n_vocab);
 }
