@@ -600,33 +600,53 @@ static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->c
  * over the GPU), 2 for GLU pairs (4 rows read per step). 64-weight pieces
  * (IQ2_XXS, Q2_K) hold 16 float4 of x per lane: Q2_K with 4 rows needs 160
  * registers (3 blocks an SM), with 2 rows 93 (5 blocks), so at most 2 there.
- * xg_rows must stay a multiple of the rows per warp (a warp's rows share one x). */
+ * xg_rows must stay a multiple of the rows per warp (a warp's rows share one
+ * x). nr (1, 2, 4; 0 = the rule above) forces the rows per warp: the
+ * timing of alternatives (ds4_cuda_mv_bench). */
+#define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
-                       int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
-    int nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;
-    int cap = W2 || F == RP_Q2K ? 2 : 4;
-    if (nr > cap) nr = cap;
+                       int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr) {
+    if constexpr (F != RP_Q8) {
+        if (!nr && !xg_rows && sx_smem(F, n_in) <= RP_SX_MAX) nr = -2;
+        if (nr < 0) {   /* k_mv_sx: NR 1, 2 (GLU), 1, 2, 4 */
+            int64_t sm = sx_smem(F, n_in);
+            dim3 grid((unsigned)((rows - nr * SX_WARPS - 1) / (-nr * SX_WARPS)), (unsigned)slots);
+#define MVSX(NR, GLU) launch(k_mv_sx<F, NR, GLU>, grid, 32 * SX_WARPS, (size_t)sm, s, W, W2, n_in, rows, x, y, eid, \
+                             estride, x_slot, y_slot, ew, clamp)
+            if (W2) { if (nr == -2) MVSX(2, true); else MVSX(1, true); }
+            else if (nr == -4) MVSX(4, false);
+            else if (nr == -2) MVSX(2, false);
+            else MVSX(1, false);
+#undef MVSX
+            return;
+        }
+    }
+    if (!nr) {
+        nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;
+        int cap = W2 || F == RP_Q2K ? 2 : 4;
+        if (nr > cap) nr = cap;
+    }
     while (xg_rows && xg_rows % nr) nr /= 2;
     dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
 #define MVRP(NR, GLU) launch(k_mv_rp<F, NR, GLU>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, \
                              xg_stride, y, eid, estride, x_slot, y_slot, ew, clamp)
-    if (W2) { if (nr == 2) MVRP(2, true); else MVRP(1, true); }
-    else if (F != RP_Q2K && nr == 4) MVRP(4, false);
+    if (W2) { if (nr == 4) MVRP(4, true); else if (nr == 2) MVRP(2, true); else MVRP(1, true); }
+    else if (nr == 4) MVRP(4, false);
     else if (nr == 2) MVRP(2, false);
     else MVRP(1, false);
 #undef MVRP
 }
 static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows,
                       const float *x, int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
-                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp) {
+                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr = 0) {
     if (type == GGML_Q8_0)
-        launch_rpf<RP_Q8>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+        launch_rpf<RP_Q8>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
     else if (type == GGML_IQ2_XXS)
-        launch_rpf<RP_IQ2>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+        launch_rpf<RP_IQ2>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
     else
-        launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp);
+        launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
 }
 
 /* y = T·x (one token); x grouped as k_matvec (xg_rows = 0: one x). */
@@ -1173,6 +1193,39 @@ out:
     return rc;
 }
 
+/* Routed slots as the decode step launches them (glu() / matvec_experts()):
+ * E slabs of rows × n_in, slot i multiplies expert eid[i]. */
+extern "C" int ds4_cuda_test_matvec_slots(int type, const void *wg, const void *wu, int64_t n_in, int64_t rows, int E,
+                                          int used, const int32_t *eid, const float *ew, float clamp, const float *x,
+                                          float *y, int nr, char *err, size_t errlen) {
+    uint64_t slab = ggml_row_bytes((uint32_t)type, (uint64_t)n_in) * (uint64_t)rows;
+    if (!repacked((uint32_t)type) || !slab || E < 1 || used < 1 || used > E)
+        return ds4_errf(err, errlen, "matvec slots: bad type %d / shape", type);
+    for (int i = 0; i < used; i++)
+        if (eid[i] < 0 || eid[i] >= E) return ds4_errf(err, errlen, "matvec slots: expert id %d", eid[i]);
+    if (iq2_tables()) return ds4_errf(err, errlen, "matvec slots: iq2 tables");
+    uint8_t *dg = NULL, *du = NULL;
+    float *dx = NULL, *dy = NULL, *dew = NULL;
+    int32_t *deid = NULL;
+    int64_t nx = wu ? n_in : used * n_in;   /* GLU: one x for every slot; down: x per slot */
+    cudaError_t e;
+    if ((e = test_upload((uint32_t)type, wg, n_in, rows, E, &dg)) ||
+        (wu && (e = test_upload((uint32_t)type, wu, n_in, rows, E, &du))) ||
+        (e = cudaMalloc((void **)&dx, nx * sizeof(float))) || (e = cudaMalloc((void **)&dy, used * rows * sizeof(float))) ||
+        (e = cudaMalloc((void **)&dew, used * sizeof(float))) || (e = cudaMalloc((void **)&deid, used * sizeof(int32_t))) ||
+        (e = cudaMemcpy(dx, x, nx * sizeof(float), cudaMemcpyHostToDevice)) ||
+        (e = cudaMemcpy(dew, ew, used * sizeof(float), cudaMemcpyHostToDevice)) ||
+        (e = cudaMemcpy(deid, eid, used * sizeof(int32_t), cudaMemcpyHostToDevice)))
+        goto out;
+    poison(dy, used * rows * sizeof(float));
+    launch_rp((uint32_t)type, 0, dg, du, n_in, rows, dx, 0, 0, dy, deid, slab, wu ? 0 : n_in, rows, used, wu ? dew : NULL,
+              clamp, nr);
+    if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, used * rows * sizeof(float), cudaMemcpyDeviceToHost);
+out:
+    cudaFree(dg); cudaFree(du); cudaFree(dx); cudaFree(dy); cudaFree(dew); cudaFree(deid);
+    return e ? ds4_errf(err, errlen, "matvec slots: %s", cudaGetErrorString(e)) : 0;
+}
+
 extern "C" int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen) {
     if (n < 64 || n > 1024 || n % 64 || (fp4 && (n & (n - 1)))) return ds4_errf(err, errlen, "qat: bad n %d", n);
     float *d = NULL;
@@ -1406,6 +1459,66 @@ out:
     if (e1) cudaEventDestroy(e1);
     if (r.perm) mm_route_free(&r);
     return e ? ds4_errf(err, errlen, "mm_bench: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* Mean µs of one decode matvec launch (launch_rp) on random repacked
+ * weights: `slots` slots of rows × n_in (glu: gate and up pairs, one x),
+ * nr rows a warp (0: the backend's choice). Each timed run walks ≥ 256 MB
+ * of distinct weight sets back to back, so every launch reads from DRAM
+ * (not the 50 MB L2), as in a decode step; median of `iters` runs. */
+extern "C" int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, bool glu, int nr, int iters,
+                                 uint64_t seed, double *us, char *err, size_t errlen) {
+    uint64_t slab = ggml_row_bytes((uint32_t)type, (uint64_t)n_in) * (uint64_t)rows;
+    if (!repacked((uint32_t)type) || !slab || n_in % 256 || slots < 1 || iters < 1 || iters > 1000)
+        return ds4_errf(err, errlen, "mv_bench: bad arguments");
+    if (iq2_tables()) return ds4_errf(err, errlen, "mv_bench: iq2 tables");
+    int bb, ho, hl, eb;
+    rp_geom((uint32_t)type, &bb, &ho, &hl, &eb);
+    uint64_t hdr = (uint64_t)rows * (n_in / eb) * (bb - hl), call = slab * slots * (glu ? 2 : 1);
+    int sets = (int)((256ull << 20) / call) + 1, E = sets * slots;
+    uint8_t *w = NULL;
+    float *x = NULL, *y = NULL, *ew = NULL;
+    int32_t *eid = NULL, *heid = (int32_t *)malloc(E * sizeof(int32_t));
+    float *tm = (float *)malloc(iters * sizeof(float));
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    cudaError_t e;
+    if ((e = cudaMalloc((void **)&w, slab * E * (glu ? 2 : 1))) ||
+        (e = cudaMalloc((void **)&x, slots * n_in * sizeof(float))) || (e = cudaMalloc((void **)&y, slots * rows * sizeof(float))) ||
+        (e = cudaMalloc((void **)&ew, slots * sizeof(float))) || (e = cudaMalloc((void **)&eid, E * sizeof(int32_t))) ||
+        (e = cudaEventCreate(&e0)) || (e = cudaEventCreate(&e1)))
+        goto out;
+    for (int i = 0; i < E * (glu ? 2 : 1); i++)
+        k_mm_rand<<<(unsigned)((slab / 4 + 255) / 256), 256>>>(w + i * slab, slab / 4, mm_fmt((uint32_t)type), slab, hdr,
+                                                             seed + 77 * i);
+    k_mm_randf<<<(unsigned)((slots * n_in + 255) / 256), 256>>>(x, slots * n_in, seed ^ 0x1234);
+    k_mm_randf<<<1, 256>>>(ew, slots, seed ^ 0x777);
+    for (int i = 0; i < E; i++) heid[i] = i;
+    if ((e = cudaMemcpy(eid, heid, E * sizeof(int32_t), cudaMemcpyHostToDevice))) goto out;
+    for (int it = -2; it < iters && !e; it++) {
+        cudaEventRecord(e0, 0);
+        for (int j = 0; j < sets; j++) {
+            if (slots == 1 && !glu)   /* a dense matrix, as matvec() */
+                launch_rp((uint32_t)type, 0, w + j * slab, NULL, n_in, rows, x, 0, 0, y, NULL, 0, 0, 0, 1, NULL, 0, nr);
+            else
+                launch_rp((uint32_t)type, 0, w, glu ? w + slab * E : NULL, n_in, rows, x, 0, 0, y, eid + j * slots, slab,
+                          glu ? 0 : n_in, rows, slots, glu ? ew : NULL, 10.0f, nr);
+        }
+        cudaEventRecord(e1, 0);
+        if (!(e = cudaEventSynchronize(e1)) && !(e = cudaGetLastError()) && it >= 0) {
+            cudaEventElapsedTime(&tm[it], e0, e1);
+            tm[it] *= 1000.0f / sets;
+        }
+    }
+    if (!e) {
+        qsort(tm, iters, sizeof *tm, cmp_float);
+        *us = tm[iters / 2];
+    }
+out:
+    cudaFree(w); cudaFree(x); cudaFree(y); cudaFree(ew); cudaFree(eid);
+    free(heid); free(tm);
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    return e ? ds4_errf(err, errlen, "mv_bench: %s", cudaGetErrorString(e)) : 0;
 }
 
 /* ---- attn tests ---- */

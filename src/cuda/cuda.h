@@ -24,6 +24,22 @@ void ds4_cuda_profiler(bool on);
 /* y[r] = dot(row r of w, x) for rows < n_rows, rows of n_in values of `type`. */
 int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, const float *x, float *y,
                          char *err, size_t errlen);
+/* Routed slots as a decode step runs them: E slabs of rows × n_in of a
+ * repacked type (Q8_0, Q2_K, IQ2_XXS), slot i < used on expert eid[i].
+ * wu != NULL (GLU): y[i·rows + r] = swiglu(g, u, clamp)·ew[i] with g, u the
+ * rows of wg, wu times x (n_in values); else y[i·rows + r] = row r of
+ * expert eid[i] of wg times x + i·n_in (ew, clamp unused). nr: rows a
+ * warp as for ds4_cuda_mv_bench (0: the backend's choice). */
+int ds4_cuda_test_matvec_slots(int type, const void *wg, const void *wu, int64_t n_in, int64_t rows, int E, int used,
+                               const int32_t *eid, const float *ew, float clamp, const float *x, float *y, int nr,
+                               char *err, size_t errlen);
+/* Mean µs of one decode matvec launch on random weights read from DRAM:
+ * slots × (rows × n_in) of a repacked type (slots 1, !glu: one dense
+ * matrix), glu = gate and up pairs; nr rows a warp: 1, 2, 4 = k_mv_rp,
+ * −1, −2, −4 = k_mv_sx (IQ2_XXS, Q2_K; GLU up to 2), 0 = the backend's
+ * choice; median of iters runs. */
+int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, bool glu, int nr, int iters, uint64_t seed,
+                      double *us, char *err, size_t errlen);
 /* x (n values, n ≤ 1024, multiple of 64 / power of two) through the FP8
  * (fp4 = false) or Hadamard+FP4 (fp4 = true) simulation, in place. */
 int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen);

@@ -75,13 +75,24 @@ __device__ __forceinline__ float u2f(uint32_t v) { return __int_as_float(0x4B000
 __device__ __forceinline__ float byte2f(uint32_t w, int k) {
     return __int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u | (uint32_t)k)) - 8388608.0f;
 }
-/* Σ_k ((byte k of u) >> 2s & 3) · x_k over 4 weights (Q2_K quants of run s). */
+/* Weights as subnormal floats: the bits of a small integer v (sign in bit
+ * 31) are the float ±v·2^-149, so one PRMT turns a quant byte into a float,
+ * no FADD. Products with x stay exact only in the normal range, so the x of
+ * these formats is scaled by 2^100 first (RP_XS, exact) and the partial sums,
+ * ±v·x·2^-49, are scaled back by 2^49 with the block scale: every fma sees
+ * the same values times powers of two, so the sums equal the unscaled ones
+ * bit for bit (x below ~2^-70, whose products would go subnormal, adds
+ * nothing measurable to a dot of O(1) terms). */
+#define RP_XS 0x1p100f
+#define RP_BACK 0x1p49f
+/* Σ_k ((byte k of u) >> 2s & 3) · x_k over 4 weights (Q2_K quants of run s),
+ * x scaled by RP_XS: byte k alone in a word is the subnormal weight. */
 __device__ __forceinline__ float dot4_u2(uint32_t u, int s, float4 x, float acc) {
     uint32_t t = (u >> 2 * s) & 0x03030303u;
-    acc = fmaf(byte2f(t, 0), x.x, acc);
-    acc = fmaf(byte2f(t, 1), x.y, acc);
-    acc = fmaf(byte2f(t, 2), x.z, acc);
-    return fmaf(byte2f(t, 3), x.w, acc);
+    acc = fmaf(__int_as_float(__byte_perm(t, 0, 0x4440u)), x.x, acc);
+    acc = fmaf(__int_as_float(__byte_perm(t, 0, 0x4441u)), x.y, acc);
+    acc = fmaf(__int_as_float(__byte_perm(t, 0, 0x4442u)), x.z, acc);
+    return fmaf(__int_as_float(__byte_perm(t, 0, 0x4443u)), x.w, acc);
 }
 
 /* Elements 8c … 8c+7 of a row, dequantised with the same formulas as
@@ -1076,20 +1087,31 @@ __device__ __forceinline__ float dot4_i8(uint32_t u, float4 x, float s) {
     return fmaf(SB(3), x.w, s);
 #undef SB
 }
-/* Σ_k ±grid byte k · x_k over 8 weights; sign bit k of sg flips weight k
- * (xor into the float's sign: no select). */
-__device__ __forceinline__ float dot8_iq2(uint64_t g, uint32_t sg, float4 a, float4 b, float s) {
+/* prmt.b32 with its sign-replicating selectors (a nibble with bit 3 set
+ * copies the top bit of the byte it names into all 8 bits). */
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+/* Σ_k ±grid byte k · x_k over 8 weights, x scaled by RP_XS. s7: the 7 sign
+ * bits; the 8th is their parity (the ksigns rule). The signs become bytes
+ * 0x80 / 0x00 by one multiply each (copies of s7 at bits 7, 14, 21, 28 never
+ * overlap, so bit 8k+7 is sign bit k); then per weight one PRMT builds the
+ * subnormal float [grid byte, 0, 0, sign byte] (grid bytes are < 128, so
+ * the sign-replicated grid byte is the zero) and one FFMA uses it. */
+__device__ __forceinline__ float dot8_iq2(uint64_t g, uint32_t s7, float4 a, float4 b, float s) {
     uint32_t lo = (uint32_t)g, hi = (uint32_t)(g >> 32);
-#define SGN(v, k) __int_as_float(__float_as_int(v) ^ ((sg << (31 - (k))) & 0x80000000u))
-    s = fmaf(SGN(byte2f(lo, 0), 0), a.x, s);
-    s = fmaf(SGN(byte2f(lo, 1), 1), a.y, s);
-    s = fmaf(SGN(byte2f(lo, 2), 2), a.z, s);
-    s = fmaf(SGN(byte2f(lo, 3), 3), a.w, s);
-    s = fmaf(SGN(byte2f(hi, 0), 4), b.x, s);
-    s = fmaf(SGN(byte2f(hi, 1), 5), b.y, s);
-    s = fmaf(SGN(byte2f(hi, 2), 6), b.z, s);
-    return fmaf(SGN(byte2f(hi, 3), 7), b.w, s);
-#undef SGN
+    uint32_t sl = (s7 * 0x10204080u) & 0x80808080u;
+    uint32_t sh = (((s7 >> 4) * 0x00204080u) & 0x00808080u) | (uint32_t)__popc(s7) << 31;
+    s = fmaf(__int_as_float(prmt(lo, sl, 0x4880u)), a.x, s);
+    s = fmaf(__int_as_float(prmt(lo, sl, 0x5991u)), a.y, s);
+    s = fmaf(__int_as_float(prmt(lo, sl, 0x6AA2u)), a.z, s);
+    s = fmaf(__int_as_float(prmt(lo, sl, 0x7BB3u)), a.w, s);
+    s = fmaf(__int_as_float(prmt(hi, sh, 0x4880u)), b.x, s);
+    s = fmaf(__int_as_float(prmt(hi, sh, 0x5991u)), b.y, s);
+    s = fmaf(__int_as_float(prmt(hi, sh, 0x6AA2u)), b.z, s);
+    return fmaf(__int_as_float(prmt(hi, sh, 0x7BB3u)), b.w, s);
 }
 
 /* Piece p of one row · its x piece xv (EP/4 float4). pl, hd: the row's
@@ -1113,11 +1135,9 @@ __device__ __forceinline__ float rp_piece(const uint8_t *pl, const uint8_t *hd, 
             uint32_t A = g ? w.z : w.x, B = g ? w.w : w.y;
             float t = 0;
 #pragma unroll
-            for (int l = 0; l < 4; l++) {
-                uint32_t s7 = (B >> 7 * l) & 127, sg = s7 | (__popc(s7) & 1) << 7;   /* ksigns: 7 bits + parity */
-                t = dot8_iq2(grid[(A >> 8 * l) & 255], sg, xv[8 * g + 2 * l], xv[8 * g + 2 * l + 1], t);
-            }
-            acc = fmaf(d * (0.5f + u2f(B >> 28)) * 0.25f, t, acc);
+            for (int l = 0; l < 4; l++)
+                t = dot8_iq2(grid[(A >> 8 * l) & 255], (B >> 7 * l) & 127, xv[8 * g + 2 * l], xv[8 * g + 2 * l + 1], t);
+            acc = fmaf(d * (0.5f + u2f(B >> 28)) * 0.25f * RP_BACK, t, acc);
         }
         return acc;
     } else {
@@ -1137,14 +1157,16 @@ __device__ __forceinline__ float rp_piece(const uint8_t *pl, const uint8_t *hd, 
             q = dot4_u2(w.y, s, xv[4 * s + 1], q);
             q = dot4_u2(w.z, s, xv[4 * s + 2], q);
             q = dot4_u2(w.w, s, xv[4 * s + 3], q);
-            acc = fmaf(d * u2f(sc & 15), q, acc);
-            acc = fmaf(-dmin * u2f(sc >> 4), sx[s], acc);
+            acc = fmaf(d * u2f(sc & 15) * RP_BACK, q, acc);
+            acc = fmaf(-dmin * u2f(sc >> 4) * (1.0f / RP_XS), sx[s], acc);   /* sx: sums of scaled x */
         }
         return acc;
     }
 }
 
-/* x piece p of a row: EP floats (Q2_K: the 4 runs of 16 at 32-float steps). */
+/* x piece p of a row: EP floats (Q2_K: the 4 runs of 16 at 32-float steps),
+ * scaled by RP_XS for the formats decoded to subnormal weights. */
+__device__ __forceinline__ float4 xs4(float4 v) { return make_float4(v.x * RP_XS, v.y * RP_XS, v.z * RP_XS, v.w * RP_XS); }
 template <int F>
 __device__ __forceinline__ void rp_x(const float *xx, int64_t p, float4 *xv, float *sx) {
     if constexpr (F == RP_Q2K) {
@@ -1154,13 +1176,13 @@ __device__ __forceinline__ void rp_x(const float *xx, int64_t p, float4 *xv, flo
             const float4 *q = (const float4 *)(xx + e + 32 * s);
             float t = 0;
 #pragma unroll
-            for (int i = 0; i < 4; i++) { xv[4 * s + i] = q[i]; t += (xv[4 * s + i].x + xv[4 * s + i].y) + (xv[4 * s + i].z + xv[4 * s + i].w); }
+            for (int i = 0; i < 4; i++) { xv[4 * s + i] = xs4(q[i]); t += (xv[4 * s + i].x + xv[4 * s + i].y) + (xv[4 * s + i].z + xv[4 * s + i].w); }
             sx[s] = t;
         }
     } else {
         const float4 *q = (const float4 *)(xx + rp_fmt<F>::EP * p);
 #pragma unroll
-        for (int i = 0; i < rp_fmt<F>::EP / 4; i++) xv[i] = q[i];
+        for (int i = 0; i < rp_fmt<F>::EP / 4; i++) xv[i] = F == RP_IQ2 ? xs4(q[i]) : q[i];
     }
 }
 
@@ -1201,9 +1223,10 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0;
-    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
-     * warp, as on the 512–1024-row attention inputs: those warps are few). */
-    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
+    /* Q8_0 pieces are small: 8 a lane in flight whatever the rows a warp
+     * (a 4096-wide row with one row a warp, as on the 512–1024-row attention
+     * inputs, is then one round trip: those warps are few). */
+    constexpr int UNR = F == RP_Q8 ? 8 / M : 1;
 #pragma unroll UNR
     for (int64_t p = lane; p < np; p += 32) {
         float4 xv[fm::EP / 4];
@@ -1211,6 +1234,179 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         rp_x<F>(xx, p, xv, sx);
 #pragma unroll
         for (int i = 0; i < M; i++) acc[i] += rp_piece<F>(pl[i], hd[i], p, xv, sx, grid);
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
+    if (lane) return;
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        if (r0 + i >= rows) break;
+        float v = acc[i];
+        if (GLU) {
+            v = swiglu(acc[i], acc[NR + i], clamp);
+            if (ew) v *= ew[slot];
+        }
+        y[slot * y_slot + r0 + i] = v;
+    }
+}
+
+/* ---- the 64-weight-piece formats with x in shared memory ----------------------
+ * k_mv_rp reads a lane's x piece (64 floats) from global memory: lanes 256 B
+ * apart, so each 16-byte load instruction touches 32 cache lines (32 L1
+ * wavefronts where 4 carry the bytes), and the piece holds 64 registers.
+ * k_mv_sx copies the slot's x once per block into shared memory, scaled by
+ * RP_XS (Q2_K: with the 16-weight run sums too), and reads it per 8
+ * (IQ2_XXS) or 16 (Q2_K) weights for all of the warp's rows at once. The
+ * float4 index q of x is stored at sx_swz(q): a lane's piece starts 64 floats
+ * after its neighbour's, the XOR of higher index bits into the low three
+ * spreads any 8 consecutive lanes of one load over the 8 16-byte bank groups
+ * (IQ2_XXS: lane bits 0–2 are q bits 4–6; Q2_K: q = 64b + 32h + 8s + 4half
+ * + i, lane bits half, h, b&1 are q bits 2, 5, 6). The next piece's weights
+ * are loaded while this one is computed (the first during the x copy).
+ * Same sums in the same order as k_mv_rp: bit-identical results. */
+#define SX_WARPS 8
+template <int F> __device__ __forceinline__ int sx_swz(int q) {
+    return F == RP_IQ2 ? q ^ ((q >> 4) & 7) : q ^ ((q >> 5) & 3);
+}
+struct sx_reg { uint4 q; uint2 sc; uint32_t hd; };   /* one row's piece: quants, Q2_K scales, header */
+template <int F>
+__device__ __forceinline__ sx_reg sx_load(const uint8_t *pl, const uint8_t *hd, int64_t p) {
+    sx_reg r;
+    if constexpr (F == RP_IQ2) {
+        r.q = ((const uint4 *)pl)[p];
+        r.hd = ((const unsigned short *)hd)[p >> 2];
+    } else {
+        const uint8_t *blk = pl + (p >> 2) * 80;
+        r.q = *(const uint4 *)(blk + 16 + 16 * (p & 3));
+        r.sc = *(const uint2 *)(blk + 8 * ((p & 3) >> 1));
+        r.hd = ((const uint32_t *)hd)[p >> 2];
+    }
+    return r;
+}
+/* acc[i] += piece p of row i, as rp_piece; xs: the swizzled scaled x, rs: the run sums. */
+template <int F, int M>
+__device__ __forceinline__ void sx_piece(const sx_reg *r, int64_t p, const float4 *xs, const float *rs,
+                                         const uint64_t *grid, float *acc) {
+    float pa[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) pa[i] = 0;
+    if constexpr (F == RP_IQ2) {
+        int q0 = 16 * (int)p;
+#pragma unroll
+        for (int g = 0; g < 2; g++) {
+            float t[M];
+#pragma unroll
+            for (int i = 0; i < M; i++) t[i] = 0;
+#pragma unroll
+            for (int l = 0; l < 4; l++) {
+                float4 a = xs[sx_swz<F>(q0 + 8 * g + 2 * l)], b = xs[sx_swz<F>(q0 + 8 * g + 2 * l + 1)];
+#pragma unroll
+                for (int i = 0; i < M; i++) {
+                    uint32_t A = g ? r[i].q.z : r[i].q.x, B = g ? r[i].q.w : r[i].q.y;
+                    t[i] = dot8_iq2(grid[(A >> 8 * l) & 255], (B >> 7 * l) & 127, a, b, t[i]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                uint32_t B = g ? r[i].q.w : r[i].q.y;
+                float d = __half2float(__ushort_as_half((unsigned short)r[i].hd));
+                pa[i] = fmaf(d * (0.5f + u2f(B >> 28)) * 0.25f * RP_BACK, t[i], pa[i]);
+            }
+        }
+    } else {
+        int b = (int)(p >> 2), u = (int)(p & 3), h = u >> 1, half = u & 1;
+        int q0 = 64 * b + 32 * h + 4 * half;   /* float4 index of run 0 (weights 128h + 16half, 16 of them) */
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            float4 x0 = xs[sx_swz<F>(q0 + 8 * s)], x1 = xs[sx_swz<F>(q0 + 8 * s + 1)];
+            float4 x2 = xs[sx_swz<F>(q0 + 8 * s + 2)], x3 = xs[sx_swz<F>(q0 + 8 * s + 3)];
+            float sum = rs[16 * b + 8 * h + 2 * s + half];
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                uint32_t sc = ((s < 2 ? r[i].sc.x : r[i].sc.y) >> (8 * (2 * (s & 1) + half))) & 255;
+                float d = __half2float(__ushort_as_half((unsigned short)r[i].hd));
+                float dmin = __half2float(__ushort_as_half((unsigned short)(r[i].hd >> 16))), q = 0;
+                q = dot4_u2(r[i].q.x, s, x0, q);
+                q = dot4_u2(r[i].q.y, s, x1, q);
+                q = dot4_u2(r[i].q.z, s, x2, q);
+                q = dot4_u2(r[i].q.w, s, x3, q);
+                pa[i] = fmaf(d * u2f(sc & 15) * RP_BACK, q, pa[i]);
+                pa[i] = fmaf(-dmin * u2f(sc >> 4) * (1.0f / RP_XS), sum, pa[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] += pa[i];
+}
+/* Bytes of dynamic shared memory k_mv_sx needs for rows of n_in. */
+__host__ __device__ constexpr int64_t sx_smem(int F, int64_t n_in) { return n_in * 4 + (F == RP_Q2K ? n_in / 4 : 0); }
+
+/* k_mv_rp's contract (no x grouping) for IQ2_XXS and Q2_K, SX_WARPS warps a
+ * block, NR rows a warp; dynamic shared memory sx_smem(F, n_in). */
+template <int F, int NR, bool GLU>
+__global__ void __launch_bounds__(32 * SX_WARPS, 2)
+k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
+        const float *__restrict__ x, float *__restrict__ y, const int32_t *__restrict__ eid, uint64_t estride,
+        int64_t x_slot, int64_t y_slot, const float *__restrict__ ew, float clamp) {
+    pdl_wait();
+    typedef rp_fmt<F> fm;
+    constexpr int M = GLU ? 2 * NR : NR;
+    extern __shared__ float4 xs[];
+    __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
+    int slot = blockIdx.y, lane = threadIdx.x & 31;
+    int64_t r0 = ((int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5)) * NR;
+    uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
+    const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
+    const uint8_t *pl[M], *hd[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) {   /* rows past the end (whole idle warps too) read the last row */
+        const uint8_t *mat = (i < NR ? W : W2) + eoff;
+        int64_t r = r0 + i % NR < rows ? r0 + i % NR : rows - 1;
+        pl[i] = mat + r * nb * fm::PAY;
+        hd[i] = mat + rows * nb * fm::PAY + r * nb * fm::HL;
+    }
+    sx_reg w[M];
+    int64_t p = lane;
+    if (p < np) {
+#pragma unroll
+        for (int i = 0; i < M; i++) w[i] = sx_load<F>(pl[i], hd[i], p);
+    }
+    const float4 *xg = (const float4 *)(x + slot * x_slot);
+    for (int q = threadIdx.x; q < n_in / 4; q += blockDim.x) {
+        float4 v = xg[q];
+        xs[sx_swz<F>(q)] = make_float4(v.x * RP_XS, v.y * RP_XS, v.z * RP_XS, v.w * RP_XS);
+    }
+    if (F == RP_IQ2)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
+    __syncthreads();
+    float *rs = (float *)(xs + n_in / 4);
+    if (F == RP_Q2K) {   /* run sums, summed as rp_x sums them */
+        for (int j = threadIdx.x; j < n_in / 16; j += blockDim.x) {
+            float t = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float4 v = xs[sx_swz<F>(4 * j + i)];
+                t += (v.x + v.y) + (v.z + v.w);
+            }
+            rs[j] = t;
+        }
+        __syncthreads();
+    }
+    if (r0 >= rows) return;
+    float acc[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = 0;
+    while (p < np) {
+        sx_reg wn[M];
+        int64_t pn = p + 32;
+        if (pn < np) {
+#pragma unroll
+            for (int i = 0; i < M; i++) wn[i] = sx_load<F>(pl[i], hd[i], pn);
+        }
+        sx_piece<F, M>(w, p, xs, rs, grid, acc);
+#pragma unroll
+        for (int i = 0; i < M; i++) w[i] = wn[i];
+        p = pn;
     }
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);

@@ -2,6 +2,7 @@
  *
  *   ds4-gpucheck --kernels                 kernel checks on fresh random inputs
  *   ds4-gpucheck --mm-bench                prefill GEMM TFLOP/s at the model's shapes
+ *   ds4-gpucheck --mv-bench                decode matvec GB/s at the model's shapes
  *   ds4-gpucheck --attn-bench              TFLOP/s of the prefill attention / indexer kernels
  *   ds4-gpucheck --model FILE [--tokens N] [--ctx C] [--bench T]
  *                                          whole-model comparison (+ decode timing)
@@ -92,6 +93,62 @@ static void check_matvec(int type, const char *name, int64_t n_in, int64_t rows)
         verdict(what, within(e, 1e-5), "rel %.3g (bound 1e-5)", e);
     }
     free(w); free(src); free(x); free(y); free(ref);
+}
+
+/* `bytes` of GGUF blocks of Q8_0 / Q2_K / IQ2_XXS with random quant bytes
+ * (every bit pattern is a valid quant, sign or grid index) and finite
+ * scales (Q2_K: d and dmin) in [2^-8, 2^-7): no quantiser run, so the
+ * full-size expert shapes take no CPU time to build. */
+static void rand_blocks(int type, uint8_t *w, uint64_t bytes) {
+    int bb = type == GGML_Q8_0 ? 34 : type == GGML_IQ2_XXS ? 66 : 84, ho = type == GGML_Q2_K ? 80 : 0;
+    for (uint64_t i = 0; i < bytes; i++) w[i] = (uint8_t)rnd();
+    for (uint64_t b = 0; b < bytes / bb; b++)
+        for (int k = 0; k < (type == GGML_Q2_K ? 2 : 1); k++) {
+            uint16_t h = ds4_f32_to_f16((1.0f + (float)(rnd() & 1023) / 1024.0f) * 0x1p-8f);
+            memcpy(w + b * bb + ho + 2 * k, &h, 2);
+        }
+}
+
+/* Routed slots as the decode step runs them (6 of E experts): glu = the
+ * gate+up pair with swiglu·ew (clamp 10 is hit: |dots| reach ~15), else the
+ * down projection with an x per slot. */
+static void check_matvec_slots(int type, const char *name, int64_t n_in, int64_t rows, int E, int used, bool glu,
+                               int nr) {
+    char err[256], what[64];
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)n_in), slab = rb * rows;
+    int64_t nx = glu ? n_in : used * n_in;
+    uint8_t *wg = malloc(slab * E), *wu = glu ? malloc(slab * E) : NULL;
+    float *x = malloc(nx * sizeof(float)), ew[16], *y = malloc(used * rows * sizeof(float));
+    float *ref = malloc(used * rows * sizeof(float));
+    int32_t eid[16];
+    const float clamp = 10.0f;
+    rand_blocks(type, wg, slab * E);
+    if (glu) rand_blocks(type, wu, slab * E);
+    for (int64_t i = 0; i < nx; i++) x[i] = frand();
+    for (int i = 0; i < used; i++) {
+        bool dup;
+        do {
+            eid[i] = (int32_t)(rnd() % (uint64_t)E);
+            dup = false;
+            for (int k = 0; k < i; k++) dup |= eid[k] == eid[i];
+        } while (dup);
+        ew[i] = 0.5f + 0.5f * frand();
+    }
+    for (int i = 0; i < used; i++)
+        for (int64_t r = 0; r < rows; r++) {
+            uint64_t o = (uint64_t)eid[i] * slab + r * rb;
+            float g = ds4_dot_row((ggml_type)type, wg + o, glu ? x : x + i * n_in, n_in);
+            ref[i * rows + r] = glu ? cpu_swiglu(g, ds4_dot_row((ggml_type)type, wu + o, x, n_in), clamp) * ew[i] : g;
+        }
+    snprintf(what, sizeof what, "matvec %s %s %d slots %lldx%lld nr %d", name, glu ? "glu" : "down", used,
+             (long long)rows, (long long)n_in, nr);
+    if (ds4_cuda_test_matvec_slots(type, wg, wu, n_in, rows, E, used, eid, ew, clamp, x, y, nr, err, sizeof err))
+        verdict(what, false, "%s", err);
+    else {
+        double e = rel_err(y, ref, used * rows);
+        verdict(what, within(e, 1e-5), "rel %.3g (bound 1e-5)", e);
+    }
+    free(wg); free(wu); free(x); free(y); free(ref);
 }
 
 static void check_qat(int n, bool fp4) {
@@ -459,6 +516,20 @@ static void kernel_checks(void) {
         check_matvec(T[i].type, T[i].name, 2048, 1029);   /* warp-per-row path, long rows */
         check_matvec(T[i].type, T[i].name, 1024, 4098);   /* Q8_0: 4 rows a warp, a partial last warp */
     }
+    check_matvec(GGML_Q8_0, "Q8_0", 4096, 1024);   /* attn_q_a: one row a warp, 8 pieces a lane in flight */
+    check_matvec(GGML_Q8_0, "Q8_0", 4096, 512);    /* attn_kv */
+    /* the decode shapes, each kernel variant (nr: ds4_cuda_mv_bench) */
+    static const int nrs[] = {0, 1, 2, 4, -1, -2, -4};
+    for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
+        if (nrs[i] == 4 || nrs[i] < -2) continue;
+        check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 2048, 16, 6, true, nrs[i]);   /* routed gate+up */
+        check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 256, 37, 5, 3, true, nrs[i]);       /* partial last warp */
+    }
+    for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
+        check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 4096, 16, 6, false, nrs[i]);   /* routed down */
+        check_matvec_slots(GGML_Q2_K, "Q2_K", 512, 37, 5, 3, false, nrs[i]);
+    }
+    for (int nr = 0; nr <= 2; nr++) check_matvec_slots(GGML_Q8_0, "Q8_0", 4096, 2048, 1, 1, true, nr);   /* shared expert */
     check_qat(448, false);
     check_qat(64, false);
     check_qat(128, true);
@@ -514,6 +585,37 @@ static int mm_bench(void) {
                (long long)T, ms, fl / ms * 1e-9);
         fflush(stdout);
     }
+    return rc;
+}
+
+/* --mv-bench: the decode matvecs at the model's shapes, each rows-a-warp
+ * choice (nr 0 = the backend's own), weights read from DRAM. GB/s = weight
+ * bytes / time. */
+static int mv_bench(void) {
+    static const struct { const char *what; int type; int64_t K, M; int slots; bool glu; } S[] = {
+        {"routed gate+up 4096->2048", GGML_IQ2_XXS, 4096, 2048, 6, true},
+        {"routed down 2048->4096", GGML_Q2_K, 2048, 4096, 6, false},
+        {"q_a 4096->1024", GGML_Q8_0, 4096, 1024, 1, false},
+        {"kv 4096->512", GGML_Q8_0, 4096, 512, 1, false},
+        {"shared gate+up 4096->2048", GGML_Q8_0, 4096, 2048, 1, true},
+        {"shared down 2048->4096", GGML_Q8_0, 2048, 4096, 1, false},
+        {"q_b 1024->32768", GGML_Q8_0, 1024, 32768, 1, false},
+    };
+    int rc = 0;
+    for (size_t i = 0; i < sizeof S / sizeof *S; i++)
+        for (int nr = S[i].type == GGML_Q8_0 ? 0 : S[i].glu ? -2 : -4; nr <= 4; nr = nr == -1 ? 0 : nr < 0 ? nr / 2 : nr ? 2 * nr : 1) {
+            char err[256];
+            double us;
+            double bytes = (double)ggml_row_bytes((uint32_t)S[i].type, (uint64_t)S[i].K) * S[i].M * S[i].slots * (S[i].glu ? 2 : 1);
+            if (ds4_cuda_mv_bench(S[i].type, S[i].K, S[i].M, S[i].slots, S[i].glu, nr, 20, rnd(), &us, err, sizeof err)) {
+                printf("%-28s %-8s %s\n", S[i].what, ggml_type_name((uint32_t)S[i].type), err);
+                rc = 1;
+                continue;
+            }
+            printf("mv %-26s %-8s nr %d  %8.2f us  %6.0f GB/s\n", S[i].what, ggml_type_name((uint32_t)S[i].type), nr, us,
+                   bytes / us * 1e-3);
+            fflush(stdout);
+        }
     return rc;
 }
 
@@ -895,7 +997,7 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--attn-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
+    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--mv-bench] [--attn-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
                "  --profile  evaluate N tokens on the GPU only, no checks (run under ncu)\n");
 }
 
@@ -905,12 +1007,13 @@ int main(int argc, char **argv) {
     size_t n_tok = 300;
     uint32_t ctx = 0;
     int bench = 0;
-    bool profile = false, mmb = false;
+    bool profile = false, mmb = false, mvb = false;
     rs = (uint64_t)time(NULL) * 2654435761u | 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--kernels")) kernels = true;
         else if (!strcmp(a, "--mm-bench")) mmb = true;
+        else if (!strcmp(a, "--mv-bench")) mvb = true;
         else if (!strcmp(a, "--attn-bench")) abench = true;
         else if (!strcmp(a, "--profile")) profile = true;
         else if (!strcmp(a, "--model") && v) { model = v; i++; }
@@ -921,13 +1024,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else { usage(stderr); return 2; }
     }
-    if ((!kernels && !model && !mmb && !abench) || n_tok < 2 || n_tok > 100000) { usage(stderr); return 2; }
+    if ((!kernels && !model && !mmb && !mvb && !abench) || n_tok < 2 || n_tok > 100000) { usage(stderr); return 2; }
     if (!ds4_backend_cuda.available()) {
         fprintf(stderr, "ds4-gpucheck: no CUDA device available\n");
         return 1;
     }
     if (profile) return model ? profile_run(model, n_tok, bench) : 2;
     if (mmb) return mm_bench();
+    if (mvb) return mv_bench();
     printf("seed %llu\n", (unsigned long long)rs);
     if (kernels) kernel_checks();
     if (abench) attn_bench();
