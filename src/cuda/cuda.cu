@@ -595,33 +595,53 @@ static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->c
 #define WIDE_ROWS 1024
 #define ATT_WARPS 8            /* warps per attention block (one block per head) */
 
-/* Matvec on a repacked format, any shape: rows per warp 4 where the grid
- * still has ≥ 1024 warps, fewer below (a small matrix must still spread
- * over the GPU), 2 for GLU pairs (4 rows read per step). 64-weight pieces
- * (IQ2_XXS, Q2_K) hold 16 float4 of x per lane: Q2_K with 4 rows needs 160
- * registers (3 blocks an SM), with 2 rows 93 (5 blocks), so at most 2 there.
+/* Blocks of `kernel` (SX_WARPS warps, smem bytes of dynamic shared memory)
+ * that are resident on the whole GPU at once. */
+template <typename K>
+static int sx_fit(K kernel, int64_t smem) {
+    int dev = 0, sms = 1, per = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kernel, 32 * SX_WARPS, (size_t)smem);
+    return (per > 0 ? per : 1) * sms;
+}
+
+/* Matvec on a repacked format, any shape. k_mv_sx (x in shared memory,
+ * persistent warps) where x fits in shared memory and is not grouped, for
+ * every IQ2_XXS / Q2_K matrix and the Q8_0 ones under 4096 rows (attention
+ * inputs, shared-expert gate+up): 2 rows a warp on IQ2_XXS gate+up (4 rows
+ * read per step, 118 registers), 4 on Q2_K, 1 on Q8_0 (8 / 4 pieces in
+ * flight a lane), as many blocks as are resident at once (no waves).
+ * Otherwise k_mv_rp (the large Q8_0 matrices, grouped x): rows per warp 4
+ * where the grid still has ≥ 1024 warps, fewer below, 2 for GLU pairs;
  * xg_rows must stay a multiple of the rows per warp (a warp's rows share one
- * x). nr (1, 2, 4; 0 = the rule above) forces the rows per warp: the
- * timing of alternatives (ds4_cuda_mv_bench). */
+ * x). nr forces a kernel and its rows per warp (ds4_cuda_mv_bench: 1, 2, 4 =
+ * k_mv_rp, −1, −2, −4 = k_mv_sx, GLU up to 2; 0 = the rule above). */
 #define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
                        int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr) {
-    if constexpr (F != RP_Q8) {
-        if (!nr && !xg_rows && sx_smem(F, n_in) <= RP_SX_MAX) nr = -2;
-        if (nr < 0) {   /* k_mv_sx: NR 1, 2 (GLU), 1, 2, 4 */
-            int64_t sm = sx_smem(F, n_in);
-            dim3 grid((unsigned)((rows - nr * SX_WARPS - 1) / (-nr * SX_WARPS)), (unsigned)slots);
-#define MVSX(NR, GLU) launch(k_mv_sx<F, NR, GLU>, grid, 32 * SX_WARPS, (size_t)sm, s, W, W2, n_in, rows, x, y, eid, \
-                             estride, x_slot, y_slot, ew, clamp)
-            if (W2) { if (nr == -2) MVSX(2, true); else MVSX(1, true); }
-            else if (nr == -4) MVSX(4, false);
-            else if (nr == -2) MVSX(2, false);
-            else MVSX(1, false);
+    int64_t sm = sx_smem(F, n_in);
+    if (!nr && !xg_rows && sm <= RP_SX_MAX && (F != RP_Q8 || rows < 4096))
+        nr = F == RP_Q8 ? -1 : F == RP_Q2K && !W2 ? -4 : -2;
+    if (nr < 0) {
+        int64_t groups = (rows - nr * SX_WARPS - 1) / (-nr * SX_WARPS);
+#define MVSX(NR, GLU)                                                                                        \
+    do {                                                                                                     \
+        static int64_t c_sm = -1;                                                                            \
+        static int c_fit;                                                                                    \
+        if (c_sm != sm) { c_fit = sx_fit(k_mv_sx<F, NR, GLU>, sm); c_sm = sm; }                             \
+        int64_t bx = c_fit / slots > 1 ? c_fit / slots : 1;                                                  \
+        launch(k_mv_sx<F, NR, GLU>, dim3((unsigned)(groups < bx ? groups : bx), (unsigned)slots), 32 * SX_WARPS, \
+               (size_t)sm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp);             \
+    } while (0)
+        if (W2) { if (nr == -2) MVSX(2, true); else MVSX(1, true); }
+        else if (nr == -4) MVSX(4, false);
+        else if (nr == -2) MVSX(2, false);
+        else MVSX(1, false);
 #undef MVSX
-            return;
-        }
+        return;
     }
     if (!nr) {
         nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;

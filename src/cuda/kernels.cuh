@@ -1223,10 +1223,9 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0;
-    /* Q8_0 pieces are small: 8 a lane in flight whatever the rows a warp
-     * (a 4096-wide row with one row a warp, as on the 512–1024-row attention
-     * inputs, is then one round trip: those warps are few). */
-    constexpr int UNR = F == RP_Q8 ? 8 / M : 1;
+    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
+     * warp, as on the 512–1024-row attention inputs: those warps are few). */
+    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
 #pragma unroll UNR
     for (int64_t p = lane; p < np; p += 32) {
         float4 xv[fm::EP / 4];
@@ -1250,47 +1249,64 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     }
 }
 
-/* ---- the 64-weight-piece formats with x in shared memory ----------------------
- * k_mv_rp reads a lane's x piece (64 floats) from global memory: lanes 256 B
- * apart, so each 16-byte load instruction touches 32 cache lines (32 L1
- * wavefronts where 4 carry the bytes), and the piece holds 64 registers.
- * k_mv_sx copies the slot's x once per block into shared memory, scaled by
- * RP_XS (Q2_K: with the 16-weight run sums too), and reads it per 8
- * (IQ2_XXS) or 16 (Q2_K) weights for all of the warp's rows at once. The
- * float4 index q of x is stored at sx_swz(q): a lane's piece starts 64 floats
- * after its neighbour's, the XOR of higher index bits into the low three
- * spreads any 8 consecutive lanes of one load over the 8 16-byte bank groups
- * (IQ2_XXS: lane bits 0–2 are q bits 4–6; Q2_K: q = 64b + 32h + 8s + 4half
- * + i, lane bits half, h, b&1 are q bits 2, 5, 6). The next piece's weights
- * are loaded while this one is computed (the first during the x copy).
- * Same sums in the same order as k_mv_rp: bit-identical results. */
+/* ---- matvec with x in shared memory, persistent warps ----------------------------
+ * k_mv_rp reads a lane's x piece from global memory: lanes' pieces are 64 B
+ * (Q8_0) or 256 B apart, so each 16-byte load instruction touches 16–32
+ * cache lines (L1 wavefronts) where 4 would carry the bytes, and a 64-weight
+ * piece holds 64 registers. Its grid is a warp per row group, so on the
+ * routed experts (1 536–3 072 blocks) it runs in 3–5 waves, each paying the
+ * whole load latency before any arithmetic. k_mv_sx instead:
+ * - copies the slot's x once per block into shared memory (IQ2_XXS, Q2_K:
+ *   scaled by RP_XS; Q2_K with the 16-weight run sums) and reads it per 8–16
+ *   weights for all of the warp's rows at once. The float4 index q of x is
+ *   stored at sx_swz(q): XOR-ing higher index bits into the low three spreads
+ *   any 8 consecutive lanes of one load over the 8 16-byte bank groups
+ *   (lanes' pieces start 4, 16 or 64 float4 apart; Q2_K's piece runs are at
+ *   q = 64b + 32h + 8s + 4half + i, its lane bits being half, h, b&1);
+ * - is launched with at most the blocks that fit on the GPU at once; a warp
+ *   walks its row groups (NR rows, gridDim.x·SX_WARPS·NR apart) piece by
+ *   piece as one stream of tasks, loading the next D tasks' weights while
+ *   computing these (the first ones during the x copy).
+ * Each row is still the sum over its lane's pieces in order, then warp_sum:
+ * the results equal k_mv_rp's bit for bit, whatever the grid. */
 #define SX_WARPS 8
 template <int F> __device__ __forceinline__ int sx_swz(int q) {
-    return F == RP_IQ2 ? q ^ ((q >> 4) & 7) : q ^ ((q >> 5) & 3);
+    return F == RP_IQ2 ? q ^ ((q >> 4) & 7) : F == RP_Q2K ? q ^ ((q >> 5) & 3) : q ^ ((q >> 3) & 3);
 }
 struct sx_reg { uint4 q; uint2 sc; uint32_t hd; };   /* one row's piece: quants, Q2_K scales, header */
 template <int F>
 __device__ __forceinline__ sx_reg sx_load(const uint8_t *pl, const uint8_t *hd, int64_t p) {
     sx_reg r;
-    if constexpr (F == RP_IQ2) {
-        r.q = ((const uint4 *)pl)[p];
-        r.hd = ((const unsigned short *)hd)[p >> 2];
-    } else {
+    if constexpr (F == RP_Q2K) {
         const uint8_t *blk = pl + (p >> 2) * 80;
         r.q = *(const uint4 *)(blk + 16 + 16 * (p & 3));
         r.sc = *(const uint2 *)(blk + 8 * ((p & 3) >> 1));
         r.hd = ((const uint32_t *)hd)[p >> 2];
+    } else {
+        r.q = ((const uint4 *)pl)[p];
+        r.hd = ((const unsigned short *)hd)[p / rp_fmt<F>::PB];
     }
     return r;
 }
-/* acc[i] += piece p of row i, as rp_piece; xs: the swizzled scaled x, rs: the run sums. */
+/* acc[i] += piece p of row i, as rp_piece; xs: the swizzled (scaled) x, rs: the run sums. */
 template <int F, int M>
 __device__ __forceinline__ void sx_piece(const sx_reg *r, int64_t p, const float4 *xs, const float *rs,
                                          const uint64_t *grid, float *acc) {
     float pa[M];
 #pragma unroll
     for (int i = 0; i < M; i++) pa[i] = 0;
-    if constexpr (F == RP_IQ2) {
+    if constexpr (F == RP_Q8) {
+        int q0 = 4 * (int)p;
+        float4 x0 = xs[sx_swz<F>(q0)], x1 = xs[sx_swz<F>(q0 + 1)], x2 = xs[sx_swz<F>(q0 + 2)], x3 = xs[sx_swz<F>(q0 + 3)];
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            float t = dot4_i8(r[i].q.x, x0, 0.0f);
+            t = dot4_i8(r[i].q.y, x1, t);
+            t = dot4_i8(r[i].q.z, x2, t);
+            t = dot4_i8(r[i].q.w, x3, t);
+            pa[i] = __half2float(__ushort_as_half((unsigned short)r[i].hd)) * t;
+        }
+    } else if constexpr (F == RP_IQ2) {
         int q0 = 16 * (int)p;
 #pragma unroll
         for (int g = 0; g < 2; g++) {
@@ -1341,8 +1357,23 @@ __device__ __forceinline__ void sx_piece(const sx_reg *r, int64_t p, const float
 /* Bytes of dynamic shared memory k_mv_sx needs for rows of n_in. */
 __host__ __device__ constexpr int64_t sx_smem(int F, int64_t n_in) { return n_in * 4 + (F == RP_Q2K ? n_in / 4 : 0); }
 
-/* k_mv_rp's contract (no x grouping) for IQ2_XXS and Q2_K, SX_WARPS warps a
- * block, NR rows a warp; dynamic shared memory sx_smem(F, n_in). */
+/* One task's weights: piece p of the M rows of the row group at r0 (rows
+ * past the end read the last row; pieces past the row are not loaded). */
+template <int F, int NR, int M>
+__device__ __forceinline__ void sx_fetch(const uint8_t *W, const uint8_t *W2, int64_t rows, int64_t nb, int64_t r0,
+                                         int64_t p, int64_t np, sx_reg *w) {
+    typedef rp_fmt<F> fm;
+    if (p >= np) return;
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        const uint8_t *mat = i < NR ? W : W2;
+        int64_t r = r0 + i % NR < rows ? r0 + i % NR : rows - 1;
+        w[i] = sx_load<F>(mat + r * nb * fm::PAY, mat + rows * nb * fm::PAY + r * nb * fm::HL, p);
+    }
+}
+
+/* k_mv_rp's contract (no x grouping) on SX_WARPS-warp blocks, NR rows a warp,
+ * any gridDim.x; dynamic shared memory sx_smem(F, n_in). */
 template <int F, int NR, bool GLU>
 __global__ void __launch_bounds__(32 * SX_WARPS, 2)
 k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
@@ -1351,30 +1382,31 @@ k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     pdl_wait();
     typedef rp_fmt<F> fm;
     constexpr int M = GLU ? 2 * NR : NR;
+    /* tasks in flight: Q8_0 pieces are 16 weights, so 8 rows' worth a lane */
+    constexpr int D = F == RP_Q8 ? (8 / M > 1 ? 8 / M : 1) : 1;
     extern __shared__ float4 xs[];
     __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
     int slot = blockIdx.y, lane = threadIdx.x & 31;
-    int64_t r0 = ((int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5)) * NR;
     uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
-    const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
-    const uint8_t *pl[M], *hd[M];
+    W += eoff;
+    if (GLU) W2 += eoff;
+    const int64_t nb = n_in / fm::EB, np = nb * fm::PB, ppl = (np + 31) / 32;
+    const int64_t gstride = (int64_t)gridDim.x * SX_WARPS * NR;
+    const int64_t rbase = ((int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5)) * NR;
+    const int64_t ntask = rbase < rows ? (rows - rbase + gstride - 1) / gstride * ppl : 0;
+    /* the load stream's position (row group r0l, piece index jl) runs D tasks ahead */
+    int64_t r0l = rbase, jl = 0;
+    sx_reg w[D][M];
 #pragma unroll
-    for (int i = 0; i < M; i++) {   /* rows past the end (whole idle warps too) read the last row */
-        const uint8_t *mat = (i < NR ? W : W2) + eoff;
-        int64_t r = r0 + i % NR < rows ? r0 + i % NR : rows - 1;
-        pl[i] = mat + r * nb * fm::PAY;
-        hd[i] = mat + rows * nb * fm::PAY + r * nb * fm::HL;
-    }
-    sx_reg w[M];
-    int64_t p = lane;
-    if (p < np) {
-#pragma unroll
-        for (int i = 0; i < M; i++) w[i] = sx_load<F>(pl[i], hd[i], p);
+    for (int d = 0; d < D; d++) {
+        if (d < ntask) sx_fetch<F, NR, M>(W, W2, rows, nb, r0l, lane + 32 * jl, np, w[d]);
+        if (++jl == ppl) { jl = 0; r0l += gstride; }
     }
     const float4 *xg = (const float4 *)(x + slot * x_slot);
     for (int q = threadIdx.x; q < n_in / 4; q += blockDim.x) {
         float4 v = xg[q];
-        xs[sx_swz<F>(q)] = make_float4(v.x * RP_XS, v.y * RP_XS, v.z * RP_XS, v.w * RP_XS);
+        if (F != RP_Q8) v = make_float4(v.x * RP_XS, v.y * RP_XS, v.z * RP_XS, v.w * RP_XS);
+        xs[sx_swz<F>(q)] = v;
     }
     if (F == RP_IQ2)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
@@ -1392,34 +1424,47 @@ k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         }
         __syncthreads();
     }
-    if (r0 >= rows) return;
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0;
-    while (p < np) {
-        sx_reg wn[M];
-        int64_t pn = p + 32;
-        if (pn < np) {
+    int64_t r0 = rbase, j = 0;   /* the compute stream's position */
+    for (int64_t t0 = 0; t0 < ntask; t0 += D) {
+        sx_reg wn[D][M];
 #pragma unroll
-            for (int i = 0; i < M; i++) wn[i] = sx_load<F>(pl[i], hd[i], pn);
+        for (int d = 0; d < D; d++) {
+            if (t0 + D + d < ntask) sx_fetch<F, NR, M>(W, W2, rows, nb, r0l, lane + 32 * jl, np, wn[d]);
+            if (++jl == ppl) { jl = 0; r0l += gstride; }
         }
-        sx_piece<F, M>(w, p, xs, rs, grid, acc);
 #pragma unroll
-        for (int i = 0; i < M; i++) w[i] = wn[i];
-        p = pn;
-    }
+        for (int d = 0; d < D; d++) {
+            if (t0 + d >= ntask) break;
+            int64_t p = lane + 32 * j;
+            if (p < np) sx_piece<F, M>(w[d], p, xs, rs, grid, acc);
+            if (++j < ppl) continue;
+            /* the row group is complete */
 #pragma unroll
-    for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
-    if (lane) return;
+            for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
+            if (!lane) {
 #pragma unroll
-    for (int i = 0; i < NR; i++) {
-        if (r0 + i >= rows) break;
-        float v = acc[i];
-        if (GLU) {
-            v = swiglu(acc[i], acc[NR + i], clamp);
-            if (ew) v *= ew[slot];
+                for (int i = 0; i < NR; i++) {
+                    if (r0 + i >= rows) break;
+                    float v = acc[i];
+                    if (GLU) {
+                        v = swiglu(acc[i], acc[NR + i], clamp);
+                        if (ew) v *= ew[slot];
+                    }
+                    y[slot * y_slot + r0 + i] = v;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < M; i++) acc[i] = 0;
+            j = 0;
+            r0 += gstride;
         }
-        y[slot * y_slot + r0 + i] = v;
+#pragma unroll
+        for (int d = 0; d < D; d++)
+#pragma unroll
+            for (int i = 0; i < M; i++) w[d][i] = wn[d][i];
     }
 }
 
