@@ -609,9 +609,11 @@ static int sx_fit(K kernel, int64_t smem) {
 /* Matvec on a repacked format, any shape. k_mv_sx (x in shared memory,
  * persistent warps) where x fits in shared memory and is not grouped, for
  * every IQ2_XXS / Q2_K matrix and the Q8_0 ones under 4096 rows (attention
- * inputs, shared-expert gate+up): 2 rows a warp on IQ2_XXS gate+up (4 rows
- * read per step, 118 registers), 4 on Q2_K, 1 on Q8_0 (8 / 4 pieces in
- * flight a lane), as many blocks as are resident at once (no waves).
+ * inputs, shared-expert gate+up), as many blocks as are resident at once (no
+ * waves): 2 rows a warp on IQ2_XXS gate+up (4 rows read per step), 4 on
+ * Q2_K, 1 on Q8_0 (8 / 4 pieces in flight a lane) — the fastest of 1, 2, 4
+ * in ds4-gpucheck --mv-bench (H100: routed gate+up 26.2 µs, routed down
+ * 15.3, attn_q_a 5.7, against 44.8, 19.5, 6.7 for k_mv_rp's choice).
  * Otherwise k_mv_rp (the large Q8_0 matrices, grouped x): rows per warp 4
  * where the grid still has ≥ 1024 warps, fewer below, 2 for GLU pairs;
  * xg_rows must stay a multiple of the rows per warp (a warp's rows share one
