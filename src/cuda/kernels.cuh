@@ -549,6 +549,178 @@ __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, in
     }
 }
 
+/* One decode token's whole hyper-connection step in one launch, instead of
+ * up to five (the moe sum, k_hc_post, the mixer's k_matvec_wide, k_hc_pre,
+ * k_rmsnorm), each of which left most of the GPU idle for a few µs:
+ *  1. post (pc != NULL): this block's slice of X ← post_c·y + Σ_a comb[a][c]·X_a
+ *     with the previous sublayer's coefficients pc and output y (+ Σ_slot
+ *     eout, slot order: the FFN's moe sum), k_hc_post's arithmetic;
+ *  2. split-K mixer: the mw mixer rows (F16 or F32) dotted with the block's
+ *     slice of the flattened state, and its Σx², as per-block partials;
+ *  3. the block that arrives last sums the partials in block order — a fixed
+ *     order whichever block that is (the counter only elects it), so runs
+ *     are bit-identical — derives the coefficients (one warp's Sinkhorn into
+ *     coef; head: pre only) while the other warps collapse h = Σ pre_a·X_a,
+ *     and writes nrm = rmsnorm(h)·nw (k_hc_pre's, k_rmsnorm's arithmetic).
+ * Grid: d / KB blocks of HS_THREADS, KB = 256 / hc: block b owns positions
+ * k ∈ [b·KB, b·KB + KB) of every stream, i.e. 256 values of X; lane l of
+ * each warp the 8 values of stream l / (KB/8) at b·KB + 8·(l % (KB/8)), warp
+ * w the mixer rows w, w + 8, w + 16 (hc ≤ 4: mw ≤ 24). Dynamic shared
+ * memory: d ≤ HS_MAX_D floats (h, last block only). The partials and the counter are
+ * device globals: one launch at a time uses them (one stream; each launch
+ * starts after its predecessor completed, pdl_wait), and the last block
+ * resets the counter. */
+/* Weights c·8 … c·8+7 of an F16 or F32 row (16-byte aligned: rows of
+ * 16-byte multiples, tensor data 32-byte aligned) as two float4. */
+__device__ __forceinline__ void ld8w(int wtype, const uint8_t *row, int64_t c, float4 *a, float4 *b) {
+    if (wtype == GT_F16) {
+        uint4 u = __ldg((const uint4 *)row + c);
+        float2 f0 = __half22float2(*(const __half2 *)&u.x), f1 = __half22float2(*(const __half2 *)&u.y);
+        float2 f2 = __half22float2(*(const __half2 *)&u.z), f3 = __half22float2(*(const __half2 *)&u.w);
+        *a = make_float4(f0.x, f0.y, f1.x, f1.y);
+        *b = make_float4(f2.x, f2.y, f3.x, f3.y);
+    } else {
+        *a = __ldg((const float4 *)row + 2 * c);
+        *b = __ldg((const float4 *)row + 2 * c + 1);
+    }
+}
+
+#define HS_THREADS 256
+#define HS_ROWS 3              /* mixer rows per warp: mw ≤ 8 · 3 */
+#define HS_MAX_D 8192         /* h in shared memory: 32 KiB */
+#define HS_MAX_BLOCKS 128      /* HS_MAX_D / the narrowest slice (hc = 4: 64 positions) */
+__device__ unsigned d_hs_count;
+__device__ float d_hs_part[HS_MAX_BLOCKS * HS_ROWS * 8];
+__device__ double d_hs_ss[HS_MAX_BLOCKS];
+
+__global__ void __launch_bounds__(HS_THREADS)
+k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const float *eout, int used, int wtype,
+          const uint8_t *__restrict__ W, uint64_t rb, int mw, const float *scale, const float *base, int iters,
+          float hc_eps, float rms_eps, bool head, const float *nw, float *coef, float *nrm) {
+    pdl_wait();
+    extern __shared__ float sh_h[];
+    __shared__ __align__(16) float xs[HS_THREADS];
+    __shared__ float m[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
+    __shared__ double shd[32];
+    __shared__ bool last;
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nb = gridDim.x;
+    int kb = HS_THREADS / hc;
+    int64_t k0 = (int64_t)blockIdx.x * kb;
+    {   /* 1: thread i owns X_c[k], c = i / kb, k = k0 + i % kb */
+        int ci = tid / kb;
+        int64_t k = k0 + tid % kb;
+        float v;
+        if (pc) {
+            float yk = y[k];
+            if (eout) {
+                float a = 0;
+                for (int i = 0; i < used; i++) a += eout[i * d + k];
+                yk = a + yk;
+            }
+            const float *post = pc + hc, *C = pc + 2 * hc;
+            float old[4];   /* hc ≤ 4; unrolled with guards so it stays in registers */
+#pragma unroll
+            for (int a = 0; a < 4; a++) old[a] = a < hc ? X[a * d + k] : 0.0f;
+            v = post[ci] * yk;
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+                if (a < hc) v += C[a * hc + ci] * old[a];
+        } else v = X[ci * d + k];
+        xs[tid] = v;
+        __syncthreads();   /* every old X read before any is overwritten */
+        if (pc) X[ci * d + k] = v;
+    }
+    /* 2: this lane's 8 values and their columns of the flattened state */
+    int per = kb / 8, a = lane / per;
+    const float4 *xp = (const float4 *)(xs + a * kb + 8 * (lane % per));
+    float4 x0 = xp[0], x1 = xp[1];
+    int64_t col = a * d + k0 + 8 * (lane % per);
+    if (wid == 0) {
+        double q = (double)x0.x * x0.x + (double)x0.y * x0.y + (double)x0.z * x0.z + (double)x0.w * x0.w +
+                   (double)x1.x * x1.x + (double)x1.y * x1.y + (double)x1.z * x1.z + (double)x1.w * x1.w;
+        q = warp_sum_d(q);
+        if (!lane) d_hs_ss[blockIdx.x] = q;
+    }
+    float4 wa[HS_ROWS], wb[HS_ROWS];
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++) {   /* all rows' loads first: in flight together */
+        int r = wid + 8 * j;
+        if (r >= mw) continue;
+        ld8w(wtype, W + (uint64_t)r * rb, col / 8, &wa[j], &wb[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++) {
+        int r = wid + 8 * j;
+        if (r >= mw) continue;
+        float s = wa[j].x * x0.x;
+        s = fmaf(wa[j].y, x0.y, s); s = fmaf(wa[j].z, x0.z, s); s = fmaf(wa[j].w, x0.w, s);
+        s = fmaf(wb[j].x, x1.x, s); s = fmaf(wb[j].y, x1.y, s); s = fmaf(wb[j].z, x1.z, s); s = fmaf(wb[j].w, x1.w, s);
+        s = warp_sum(s);
+        if (!lane) d_hs_part[r * nb + blockIdx.x] = s;
+    }
+    /* 3: the X slice and partials visible device-wide, then count arrivals */
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(&d_hs_count, 1u) == (unsigned)nb - 1;
+        if (last) d_hs_count = 0;   /* every block has arrived: ready for the next launch */
+    }
+    __syncthreads();
+    if (!last) return;
+    int64_t zw = (int64_t)hc * d;
+    double ss = 0;
+    if (wid == 0) {
+        for (int b = lane; b < nb; b += 32) ss += __ldcg(d_hs_ss + b);
+        ss = warp_sum_d(ss);
+    }
+    float mr[HS_ROWS];
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++) {
+        int r = wid + 8 * j;
+        float s = 0;
+        if (r < mw)
+            for (int b = lane; b < nb; b += 32) s += __ldcg(d_hs_part + r * nb + b);
+        mr[j] = warp_sum(s);
+    }
+    if (wid == 0 && !lane) shd[0] = ss;
+    __syncthreads();
+    float rms = (float)sqrt(shd[0] / (double)zw + rms_eps);
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++)
+        if (wid + 8 * j < mw && !lane) m[wid + 8 * j] = mr[j] / rms;
+    __syncthreads();
+    /* pre as hc_coeffs_warp computes it, in every thread; the rest of the
+     * coefficients (Sinkhorn) on warp 0 while warps 1… collapse */
+    float pre[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) pre[i] = i < hc ? sigmoidf_d(m[i] * scale[0] + base[i]) + hc_eps : 0.0f;
+    int cw = head ? 0 : 1;
+    double hs = 0;
+    if (wid < cw) {
+        hc_coeffs_warp(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
+        __syncwarp();
+        for (int i = lane; i < (2 + hc) * hc; i += 32) coef[i] = c[i];
+    } else {
+        for (int64_t q = tid - 32 * cw; q < d / 4; q += HS_THREADS - 32 * cw) {
+            float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (i >= hc) break;
+                float4 v = __ldcg((const float4 *)(X + i * d) + q);
+                acc.x += pre[i] * v.x; acc.y += pre[i] * v.y; acc.z += pre[i] * v.z; acc.w += pre[i] * v.w;
+            }
+            ((float4 *)sh_h)[q] = acc;
+            hs += (double)acc.x * acc.x + (double)acc.y * acc.y + (double)acc.z * acc.z + (double)acc.w * acc.w;
+        }
+    }
+    hs = block_sum_d(hs, shd);   /* its barriers also publish sh_h */
+    float r = (float)(1.0 / sqrt(hs / (double)d + rms_eps));
+    for (int64_t q = tid; q < d / 4; q += HS_THREADS) {
+        float4 v = ((const float4 *)sh_h)[q], w = ((const float4 *)nw)[q];
+        ((float4 *)nrm)[q] = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+    }
+}
+
 /* rms of each row of n (one block per row), as k_hc_pre computes it. */
 __global__ void k_rms_rows(const float *x, int64_t n, float eps, float *rms) {
     pdl_wait();
@@ -557,19 +729,28 @@ __global__ void k_rms_rows(const float *x, int64_t n, float eps, float *rms) {
     if (threadIdx.x == 0) rms[blockIdx.x] = (float)sqrt(ss / (double)n + eps);
 }
 
-/* X'_c = post_c·y + Σ_a comb[a][c]·X_a. */
-__global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y) {
+/* X'_c = post_c·y + Σ_a comb[a][c]·X_a; with eout (the FFN), y + Σ_slot
+ * eout first, slot order (the moe sum, fused: one launch and one pass less). */
+__global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y, const float *eout,
+                          int used) {
     pdl_wait();
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (k >= d) return;
     X += t * hc * d;
     coef += t * (2 + hc) * hc;
     y += t * d;
+    float yk = y[k];
+    if (eout) {
+        eout += t * used * d;
+        float a = 0;
+        for (int i = 0; i < used; i++) a += eout[i * d + k];
+        yk = a + yk;
+    }
     const float *post = coef + hc, *C = coef + 2 * hc;
     float old[MAX_HC];
     for (int a = 0; a < hc; a++) old[a] = X[a * d + k];
     for (int c = 0; c < hc; c++) {
-        float v = post[c] * y[k];
+        float v = post[c] * yk;
         for (int a = 0; a < hc; a++) v += C[a * hc + c] * old[a];
         X[c * d + k] = v;
     }
@@ -950,24 +1131,20 @@ __device__ __forceinline__ float swiglu(float g, float u, float clamp) {
     return g * sigmoidf_d(g) * u;
 }
 
-/* Router: scores, expert choice (hash row of tid2eid for the token, else
- * biased top-`used` with lowest index on ties: `used` rounds of a block
- * argmax), normalised scaled weights. One block per token; dynamic shared
- * memory E floats + E bytes. */
-__global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
-                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
-    pdl_wait();
-    logit += (int64_t)blockIdx.x * E;
-    eid += (int64_t)blockIdx.x * used;
-    ew += (int64_t)blockIdx.x * used;
-    const int32_t *tok = &st[blockIdx.x].tok;
+/* Router of one token by one block: scores, expert choice (hash row of
+ * tid2eid for the token, else biased top-`used` with lowest index on ties:
+ * `used` rounds of a block argmax), normalised scaled weights. Logits read
+ * through L2 (__ldcg: k_router_mv's last block reads what other blocks of its
+ * launch wrote). Dynamic shared memory E floats + E bytes. */
+__device__ void router_block(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
+                             const int32_t *tok, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
     extern __shared__ float ssc[];
     __shared__ float bv[32];
     __shared__ int bi[32];
     __shared__ int32_t ids[64];
     uint8_t *taken = (uint8_t *)(ssc + E);
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) { ssc[e] = router_score(logit[e]); taken[e] = 0; }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) { ssc[e] = router_score(__ldcg(logit + e)); taken[e] = 0; }
     __syncthreads();
     if (tid2eid) {
         if (threadIdx.x < used) ids[threadIdx.x] = ((const int32_t *)(tid2eid + (uint64_t)tok[0] * t2e_rb))[threadIdx.x];
@@ -1009,23 +1186,64 @@ __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid
     }
 }
 
+/* Router of the chunk's tokens from their logits (one block per token). */
+__global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
+                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
+    pdl_wait();
+    int64_t t = blockIdx.x;
+    router_block(logit + t * E, E, used, tid2eid, t2e_rb, &st[t].tok, bias, norm, wscale, eid + t * used, ew + t * used);
+}
+
+/* Decode's router in one launch: the logits W·x (E rows of F16/F32, RT_ROWS
+ * rows a block, RT_THREADS / RT_ROWS threads a row summed in warp order),
+ * then the block that arrives last (counter as in k_hc_step) routes. */
+#define RT_THREADS 256
+#define RT_ROWS 2
+__device__ unsigned d_rt_count;
+__global__ void __launch_bounds__(RT_THREADS)
+k_router_mv(int wtype, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in, const float *x, float *logit, int E,
+            int used, const uint8_t *tid2eid, uint64_t t2e_rb, const dstep *st, const float *bias, bool norm,
+            float wscale, int32_t *eid, float *ew) {
+    pdl_wait();
+    __shared__ float part[RT_THREADS / 32];
+    __shared__ bool last;
+    const int tpr = RT_THREADS / RT_ROWS, wpr = tpr / 32;
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    int64_t r = (int64_t)blockIdx.x * RT_ROWS + tid / tpr;
+    float acc = 0;
+    if (r < E) {
+        const uint8_t *w = W + (uint64_t)r * rb;
+#pragma unroll 4
+        for (int64_t c = tid % tpr; c < n_in / 8; c += tpr) {
+            float4 a, b, xa = ((const float4 *)x)[2 * c], xb = ((const float4 *)x)[2 * c + 1];
+            ld8w(wtype, w, c, &a, &b);
+            acc = fmaf(a.x, xa.x, acc); acc = fmaf(a.y, xa.y, acc); acc = fmaf(a.z, xa.z, acc); acc = fmaf(a.w, xa.w, acc);
+            acc = fmaf(b.x, xb.x, acc); acc = fmaf(b.y, xb.y, acc); acc = fmaf(b.z, xb.z, acc); acc = fmaf(b.w, xb.w, acc);
+        }
+    }
+    acc = warp_sum(acc);
+    if (!lane) part[wid] = acc;
+    __syncthreads();
+    if (tid % tpr == 0 && r < E) {
+        float v = 0;
+        for (int i = 0; i < wpr; i++) v += part[wid + i];
+        logit[r] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(&d_rt_count, 1u) == gridDim.x - 1;
+        if (last) d_rt_count = 0;
+    }
+    __syncthreads();
+    if (last) router_block(logit, E, used, tid2eid, t2e_rb, &st[0].tok, bias, norm, wscale, eid, ew);
+}
+
 /* g = swiglu(g, u) elementwise (a chunk's shared expert: two GEMMs, then this). */
 __global__ void k_swiglu(float *g, const float *u, int64_t n, float clamp) {
     pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) g[i] = swiglu(g[i], u[i], clamp);
-}
-
-/* y = Σ_slot routed (slot order) + y (the shared expert's output). */
-__global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
-    pdl_wait();
-    int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= d) return;
-    eout += (int64_t)blockIdx.y * used * d;   /* token blockIdx.y of a chunk */
-    y += (int64_t)blockIdx.y * d;
-    float a = 0;
-    for (int i = 0; i < used; i++) a += eout[i * d + k];
-    y[k] = a + y[k];
 }
 
 /* ---- matvec on repacked quantised weights ------------------------------------
