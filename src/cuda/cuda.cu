@@ -698,36 +698,6 @@ static void mul(gpu_backend *be, const ds4_tensor *T, int slot, const float *x, 
 static unsigned nthreads(int64_t n) { return n >= 1024 ? 1024 : (unsigned)((n + 31) / 32 * 32); }
 static dim3 per_tok(int64_t len, int64_t n) { return dim3((unsigned)((len + 255) / 256), (unsigned)n); }
 
-/* HC collapse of the n states at X into be->h (coefficients into be->coef
- * unless head). A chunk computes each token's rms once (k_rms_rows). */
-static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor *fn, const ds4_tensor *scale,
-                   const ds4_tensor *base, bool head) {
-    const ds4_hparams *hp = be->hp;
-    int64_t zw = (int64_t)hp->hc_count * hp->n_embd;
-    const float *rms = NULL;
-    if (n > 1) {
-        prep(be, 0, X, n, zw);
-        launch(k_rms_rows, (unsigned)n, 1024, 0, be->s, X, zw, hp->rms_eps, be->rms);
-        rms = be->rms;
-    }
-    mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
-    /* Every block derives the token's coefficients (one warp's Sinkhorn):
-     * decode spreads the token over n_embd/256 blocks to fill the GPU, a
-     * chunk has blocks enough and takes 1024 threads, 4× fewer Sinkhorns. */
-    unsigned bs = n > 1 ? 1024 : 256;
-    launch(k_hc_pre, dim3((unsigned)((hp->n_embd + bs - 1) / bs), (unsigned)n), bs, 0, be->s, X, hp->n_embd,
-           (int)hp->hc_count, be->mix, (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
-           hp->hc_eps, hp->rms_eps, head, head ? NULL : be->coef, be->h, rms);
-}
-
-/* X ← the HC post of the sublayer output be->y (+ the routed slots' be->eout
- * when eout: the FFN's moe sum). */
-static void hc_post(gpu_backend *be, int64_t n, bool eout) {
-    const ds4_hparams *hp = be->hp;
-    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y,
-           eout ? be->eout : NULL, (int)hp->n_expert_used);
-}
-
 /* Decode takes the fused HC step (k_hc_step: the previous sublayer's post,
  * mixer, coefficients, collapse and norm in one launch) where its shape
  * allows: hc ≤ 4 and a power of two (a warp's Sinkhorn, 3 mixer rows a
@@ -747,6 +717,45 @@ static bool hc_fused(const gpu_backend *be) {
              (L->hc_ffn_fn.type == GGML_F16 || L->hc_ffn_fn.type == GGML_F32);
     }
     return ok;
+}
+
+/* HC collapse of the n states at X, normed by `norm`, into be->nrm
+ * (coefficients into be->coef unless head). A chunk computes each token's
+ * rms once (k_rms_rows) and its mixer outputs as one product; k_hc_rows
+ * then finishes a token a block, norm included, where the shape allows. */
+static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor *fn, const ds4_tensor *scale,
+                   const ds4_tensor *base, const ds4_tensor *norm, bool head) {
+    const ds4_hparams *hp = be->hp;
+    int64_t d = hp->n_embd, zw = (int64_t)hp->hc_count * d;
+    const float *rms = NULL;
+    if (n > 1) {
+        prep(be, 0, X, n, zw);
+        launch(k_rms_rows, (unsigned)n, 1024, 0, be->s, X, zw, hp->rms_eps, be->rms);
+        rms = be->rms;
+    }
+    mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
+    if (n > 1 && hc_fused(be)) {
+        launch(k_hc_rows, (unsigned)n, HS_THREADS, d * sizeof(float), be->s, X, d, (int)hp->hc_count,
+               (const float *)be->mix, (int)fn->ne[1], rms, DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
+               hp->hc_eps, hp->rms_eps, head, DF(be, norm), head ? NULL : be->coef, be->nrm);
+        return;
+    }
+    /* Every block derives the token's coefficients (one warp's Sinkhorn):
+     * decode spreads the token over n_embd/256 blocks to fill the GPU, a
+     * chunk has blocks enough and takes 1024 threads, 4× fewer Sinkhorns. */
+    unsigned bs = n > 1 ? 1024 : 256;
+    launch(k_hc_pre, dim3((unsigned)((d + bs - 1) / bs), (unsigned)n), bs, 0, be->s, X, d, (int)hp->hc_count, be->mix,
+           (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters, hp->hc_eps, hp->rms_eps, head,
+           head ? NULL : be->coef, be->h, rms);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, norm), (int)d, hp->rms_eps, be->nrm, d);
+}
+
+/* X ← the HC post of the sublayer output be->y (+ the routed slots' be->eout
+ * when eout: the FFN's moe sum). */
+static void hc_post(gpu_backend *be, int64_t n, bool eout) {
+    const ds4_hparams *hp = be->hp;
+    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y,
+           eout ? be->eout : NULL, (int)hp->n_expert_used);
 }
 
 /* One token's state X: HC post of the pending sublayer output (post: be->y
@@ -828,8 +837,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
         bool first = L == be->m->layers;
         hc_step(be, be->X, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false, !first, !first);
     } else {
-        hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, false);
-        launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->h, DF(be, &L->attn_norm), (int)d, eps, be->nrm, d);
+        hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false);
     }
     prep(be, 0, be->nrm, n, d);
     mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
@@ -891,8 +899,7 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     if (fused) {   /* with the attention's post */
         hc_step(be, be->X, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false, true, false);
     } else {
-        hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, false);
-        launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->h, DF(be, &L->ffn_norm), (int)d, hp->rms_eps, be->nrm, d);
+        hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false);
     }
     prep(be, 0, be->nrm, n, d);
     const ds4_tensor *ri = &L->ffn_gate_inp;
@@ -937,9 +944,7 @@ static void head(gpu_backend *be, const float *X, int64_t n) {
     if (n == 1 && hc_fused(be)) {
         hc_step(be, (float *)X, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true, false, false);
     } else {
-        hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, true);
-        launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, &m->out_norm), (int)hp->n_embd, hp->rms_eps,
-               be->nrm, (int64_t)hp->n_embd);
+        hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true);
     }
     prep(be, 0, be->nrm, n, hp->n_embd);
     mul(be, &m->output, 0, be->nrm, n, be->logits, hp->n_vocab);

@@ -593,6 +593,46 @@ __device__ unsigned d_hs_count;
 __device__ float d_hs_part[HS_MAX_BLOCKS * HS_ROWS * 8];
 __device__ double d_hs_ss[HS_MAX_BLOCKS];
 
+/* The end of an HC step for one token by one block (HS_THREADS): from the
+ * mixer outputs over rms (m, shared), pre as hc_coeffs_warp computes it in
+ * every thread; the other coefficients (Sinkhorn) on warp 0 into coef while
+ * the other warps collapse h = Σ pre_a·X_a into sh_h (d floats, shared);
+ * then nrm = rmsnorm(h)·nw (k_rmsnorm's arithmetic). head: pre only, every
+ * warp collapses. X read through L2 (k_hc_step's other blocks wrote it). */
+__device__ void hc_finish(const float *X, int64_t d, int hc, const float *m, const float *scale, const float *base,
+                          int iters, float hc_eps, float rms_eps, bool head, const float *nw, float *coef, float *nrm,
+                          float *sh_h, float *c, double *shd) {
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    float pre[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) pre[i] = i < hc ? sigmoidf_d(m[i] * scale[0] + base[i]) + hc_eps : 0.0f;
+    int cw = head ? 0 : 1;
+    double hs = 0;
+    if (wid < cw) {
+        hc_coeffs_warp(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
+        __syncwarp();
+        for (int i = lane; i < (2 + hc) * hc; i += 32) coef[i] = c[i];
+    } else {
+        for (int64_t q = tid - 32 * cw; q < d / 4; q += blockDim.x - 32 * cw) {
+            float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (i >= hc) break;
+                float4 v = __ldcg((const float4 *)(X + i * d) + q);
+                acc.x += pre[i] * v.x; acc.y += pre[i] * v.y; acc.z += pre[i] * v.z; acc.w += pre[i] * v.w;
+            }
+            ((float4 *)sh_h)[q] = acc;
+            hs += (double)acc.x * acc.x + (double)acc.y * acc.y + (double)acc.z * acc.z + (double)acc.w * acc.w;
+        }
+    }
+    hs = block_sum_d(hs, shd);   /* its barriers also publish sh_h */
+    float r = (float)(1.0 / sqrt(hs / (double)d + rms_eps));
+    for (int64_t q = tid; q < d / 4; q += blockDim.x) {
+        float4 v = ((const float4 *)sh_h)[q], w = ((const float4 *)nw)[q];
+        ((float4 *)nrm)[q] = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+    }
+}
+
 __global__ void __launch_bounds__(HS_THREADS)
 k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const float *eout, int used, int wtype,
           const uint8_t *__restrict__ W, uint64_t rb, int mw, const float *scale, const float *base, int iters,
@@ -689,36 +729,26 @@ k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const fl
     for (int j = 0; j < HS_ROWS; j++)
         if (wid + 8 * j < mw && !lane) m[wid + 8 * j] = mr[j] / rms;
     __syncthreads();
-    /* pre as hc_coeffs_warp computes it, in every thread; the rest of the
-     * coefficients (Sinkhorn) on warp 0 while warps 1… collapse */
-    float pre[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) pre[i] = i < hc ? sigmoidf_d(m[i] * scale[0] + base[i]) + hc_eps : 0.0f;
-    int cw = head ? 0 : 1;
-    double hs = 0;
-    if (wid < cw) {
-        hc_coeffs_warp(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
-        __syncwarp();
-        for (int i = lane; i < (2 + hc) * hc; i += 32) coef[i] = c[i];
-    } else {
-        for (int64_t q = tid - 32 * cw; q < d / 4; q += HS_THREADS - 32 * cw) {
-            float4 acc = make_float4(0, 0, 0, 0);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                if (i >= hc) break;
-                float4 v = __ldcg((const float4 *)(X + i * d) + q);
-                acc.x += pre[i] * v.x; acc.y += pre[i] * v.y; acc.z += pre[i] * v.z; acc.w += pre[i] * v.w;
-            }
-            ((float4 *)sh_h)[q] = acc;
-            hs += (double)acc.x * acc.x + (double)acc.y * acc.y + (double)acc.z * acc.z + (double)acc.w * acc.w;
-        }
-    }
-    hs = block_sum_d(hs, shd);   /* its barriers also publish sh_h */
-    float r = (float)(1.0 / sqrt(hs / (double)d + rms_eps));
-    for (int64_t q = tid; q < d / 4; q += HS_THREADS) {
-        float4 v = ((const float4 *)sh_h)[q], w = ((const float4 *)nw)[q];
-        ((float4 *)nrm)[q] = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
-    }
+    hc_finish(X, d, hc, m, scale, base, iters, hc_eps, rms_eps, head, nw, coef, nrm, sh_h, c, shd);
+}
+
+/* A chunk's HC collapse, one block (HS_THREADS) per token: the mixer
+ * outputs (mix: the chunk product, mw a token) over rms (k_rms_rows), then
+ * hc_finish: one Sinkhorn a token (k_hc_pre's blocks each redid it) and the
+ * norm fused (no k_rmsnorm pass). Dynamic shared memory: d floats. */
+__global__ void __launch_bounds__(HS_THREADS)
+k_hc_rows(const float *X, int64_t d, int hc, const float *mix, int mw, const float *rms, const float *scale,
+          const float *base, int iters, float hc_eps, float rms_eps, bool head, const float *nw, float *coef,
+          float *nrm) {
+    pdl_wait();
+    extern __shared__ float sh_h[];
+    __shared__ float m[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
+    __shared__ double shd[32];
+    int64_t t = blockIdx.x;
+    if (threadIdx.x < mw) m[threadIdx.x] = mix[t * mw + threadIdx.x] / rms[t];
+    __syncthreads();
+    hc_finish(X + t * hc * d, d, hc, m, scale, base, iters, hc_eps, rms_eps, head, nw,
+              coef ? coef + t * (2 + hc) * hc : NULL, nrm + t * d, sh_h, c, shd);
 }
 
 /* rms of each row of n (one block per row), as k_hc_pre computes it. */
