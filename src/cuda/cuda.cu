@@ -735,7 +735,7 @@ static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor 
     }
     mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
     if (n > 1 && hc_fused(be)) {
-        launch(k_hc_rows, (unsigned)n, HS_THREADS, d * sizeof(float), be->s, X, d, (int)hp->hc_count,
+        launch(k_hc_rows, (unsigned)n, HS_THREADS, 0, be->s, X, d, (int)hp->hc_count,
                (const float *)be->mix, (int)fn->ne[1], rms, DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
                hp->hc_eps, hp->rms_eps, head, DF(be, norm), head ? NULL : be->coef, be->nrm);
         return;
@@ -766,7 +766,7 @@ static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_t
                     const ds4_tensor *norm, bool head, bool post, bool eout) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, hc = hp->hc_count;
-    launch(k_hc_step, (unsigned)(d / (HS_THREADS / hc)), HS_THREADS, d * sizeof(float), be->s, X, d, (int)hc,
+    launch(k_hc_step, (unsigned)(d / (HS_THREADS / hc)), HS_THREADS, 0, be->s, X, d, (int)hc,
            post ? (const float *)be->coef : NULL, (const float *)be->y, eout ? (const float *)be->eout : NULL,
            (int)hp->n_expert_used, (int)fn->type, DW(be, fn), fn->row_bytes, (int)fn->ne[1], DF(be, scale),
            DF(be, base), (int)hp->hc_sinkhorn_iters, hp->hc_eps, hp->rms_eps, head, DF(be, norm),
@@ -841,18 +841,20 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     }
     prep(be, 0, be->nrm, n, d);
     mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
-    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->qa, DF(be, &L->attn_q_a_norm), (int)ql, eps, be->qa, ql);
+    /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
+     * only ring slots of positions before every window it reads, so its rows
+     * go straight into the ring; a longer one is stored after attention.
+     * Projected before q_b so that q_a's norm and the rows' post-processing
+     * share one launch. */
+    bool direct = n + hp->window - 1 <= st->keep_raw;
+    mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
+    launch(k_qa_kv, (unsigned)(2 * n), nthreads(ql > hd ? ql : hd), hd * sizeof(float), s, be->qa,
+           DF(be, &L->attn_q_a_norm), (int)ql, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
+           (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
     prep(be, 1, be->qa, n, ql);
     mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
     launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float), s,
            be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
-    /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
-     * only ring slots of positions before every window it reads, so its rows
-     * go straight into the ring; a longer one is stored after attention. */
-    bool direct = n + hp->window - 1 <= st->keep_raw;
-    mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
-    launch(k_kv_row, (unsigned)n, nthreads(hd), hd * sizeof(float), s, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd,
-           (int)rd, freq, be->step, eps, direct ? ls->raw : NULL, st->keep_raw);
     if (ls->ratio)
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
@@ -904,14 +906,15 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     prep(be, 0, be->nrm, n, d);
     const ds4_tensor *ri = &L->ffn_gate_inp;
     const float *bias = L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL;
-    if (n == 1 && (ri->type == GGML_F16 || ri->type == GGML_F32) && d % 8 == 0) {   /* logits + routing: one launch */
-        launch(k_router_mv, (unsigned)((E + RT_ROWS - 1) / RT_ROWS), RT_THREADS, E * (sizeof(float) + 1), s,
+    if (n == 1 && (ri->type == GGML_F16 || ri->type == GGML_F32) && d % 8 == 0 && d <= RT_MAX_IN) {
+        /* logits + routing: one launch */
+        launch(k_router_mv, (unsigned)((E + RT_ROWS - 1) / RT_ROWS), RT_THREADS, ROUTER_SMEM(E), s,
                (int)ri->type, DW(be, ri), ri->row_bytes, d, (const float *)be->nrm, be->rl, (int)E, (int)used,
                DW(be, &L->tid2eid), L->tid2eid.row_bytes, (const dstep *)be->step, bias, hp->expert_weights_norm,
                hp->expert_weights_scale, be->eid, be->ew);
     } else {
         mul(be, ri, 0, be->nrm, n, be->rl, E);
-        launch(k_router, (unsigned)n, 256, E * (sizeof(float) + 1), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
+        launch(k_router, (unsigned)n, 256, ROUTER_SMEM(E), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
                L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
     }
     if (n == 1) {
@@ -1316,7 +1319,7 @@ extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w
     if (!e) {
         poison(dc, nc * sizeof(float));
         poison(dr, d * sizeof(float));
-        k_hc_step<<<(unsigned)(d / (HS_THREADS / hc)), HS_THREADS, d * sizeof(float)>>>(
+        k_hc_step<<<(unsigned)(d / (HS_THREADS / hc)), HS_THREADS>>>(
             dX, d, hc, pc ? dpc : NULL, dy, eout ? de : NULL, used, wtype, dw, rb, (int)mw, ds, db, iters, hc_eps,
             rms_eps, head, dn, head ? NULL : dc, dr);
         if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(X, dX, zw * sizeof(float), cudaMemcpyDeviceToHost)) &&
