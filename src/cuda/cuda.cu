@@ -737,7 +737,7 @@ static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor 
     if (n > 1 && hc_fused(be)) {
         launch(k_hc_rows, (unsigned)n, HS_THREADS, 0, be->s, X, d, (int)hp->hc_count,
                (const float *)be->mix, (int)fn->ne[1], rms, DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
-               hp->hc_eps, hp->rms_eps, head, DF(be, norm), head ? NULL : be->coef, be->nrm);
+               hp->hc_eps, hp->rms_eps, DF(be, norm), head ? NULL : be->coef, be->nrm);
         return;
     }
     /* Every block derives the token's coefficients (one warp's Sinkhorn):
@@ -751,26 +751,31 @@ static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor 
 }
 
 /* X ← the HC post of the sublayer output be->y (+ the routed slots' be->eout
- * when eout: the FFN's moe sum). */
-static void hc_post(gpu_backend *be, int64_t n, bool eout) {
+ * when eout: the FFN's moe sum), coefficients from be->coef, or with
+ * pscale (one decode token after k_hc_step) from its mixer outputs in
+ * be->mix and the sublayer's pscale, pbase. */
+static void hc_post(gpu_backend *be, int64_t n, bool eout, const ds4_tensor *pscale, const ds4_tensor *pbase) {
     const ds4_hparams *hp = be->hp;
-    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y,
-           eout ? be->eout : NULL, (int)hp->n_expert_used);
+    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count,
+           (const float *)be->coef, (const float *)be->y, eout ? (const float *)be->eout : NULL, (int)hp->n_expert_used,
+           pscale ? (const float *)be->mix : NULL, pscale ? DF(be, pscale) : NULL, pbase ? DF(be, pbase) : NULL,
+           (int)hp->hc_sinkhorn_iters, hp->hc_eps);
 }
 
-/* One token's state X: HC post of the pending sublayer output (post: be->y
- * with be->coef; eout: + the routed slots), then be->nrm = the normed
- * collapse for the next sublayer and its coefficients into be->coef
- * (head: pre only). */
+/* One token's state X: with pscale, the HC post of the pending sublayer
+ * output (be->y; eout: + the routed slots) with that sublayer's
+ * coefficients (from its mixer outputs in be->mix and its pscale, pbase);
+ * then be->nrm = the normed collapse for the next sublayer, whose mixer
+ * outputs over rms replace be->mix (not for the head: pre only). */
 static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_tensor *scale, const ds4_tensor *base,
-                    const ds4_tensor *norm, bool head, bool post, bool eout) {
+                    const ds4_tensor *norm, bool head, const ds4_tensor *pscale, const ds4_tensor *pbase, bool eout) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, hc = hp->hc_count;
     launch(k_hc_step, (unsigned)(d / (HS_THREADS / hc)), HS_THREADS, 0, be->s, X, d, (int)hc,
-           post ? (const float *)be->coef : NULL, (const float *)be->y, eout ? (const float *)be->eout : NULL,
-           (int)hp->n_expert_used, (int)fn->type, DW(be, fn), fn->row_bytes, (int)fn->ne[1], DF(be, scale),
-           DF(be, base), (int)hp->hc_sinkhorn_iters, hp->hc_eps, hp->rms_eps, head, DF(be, norm),
-           head ? NULL : be->coef, be->nrm);
+           pscale ? (const float *)be->mix : NULL, pscale ? DF(be, pscale) : NULL, pbase ? DF(be, pbase) : NULL,
+           (const float *)be->y, eout ? (const float *)be->eout : NULL, (int)hp->n_expert_used, (int)fn->type,
+           DW(be, fn), fn->row_bytes, (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
+           hp->hc_eps, hp->rms_eps, DF(be, norm), head ? NULL : be->mix, be->nrm);
 }
 
 /* One compressor over the chunk: project (from slot 0 = the normed input),
@@ -834,8 +839,9 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
 
     bool fused = n == 1 && hc_fused(be);
     if (fused) {   /* the previous layer's FFN post (and moe sum) is pending, except before layer 0 */
-        bool first = L == be->m->layers;
-        hc_step(be, be->X, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false, !first, !first);
+        const ds4_layer *P = L == be->m->layers ? NULL : L - 1;
+        hc_step(be, be->X, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false,
+                P ? &P->hc_ffn_scale : NULL, P ? &P->hc_ffn_base : NULL, true);
     } else {
         hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false);
     }
@@ -889,7 +895,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     }
     prep(be, 1, be->low, n, G * gl);
     mul(be, &L->attn_output_b, 1, be->low, n, be->y, d);
-    if (!fused) hc_post(be, n, false);   /* fused: in the FFN's HC step */
+    if (!fused) hc_post(be, n, false, NULL, NULL);   /* fused: in the FFN's HC step */
 }
 
 static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clamp) {
@@ -899,7 +905,8 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     cudaStream_t s = be->s;
     bool fused = n == 1 && hc_fused(be);
     if (fused) {   /* with the attention's post */
-        hc_step(be, be->X, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false, true, false);
+        hc_step(be, be->X, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false, &L->hc_attn_scale,
+                &L->hc_attn_base, false);
     } else {
         hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false);
     }
@@ -937,7 +944,8 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
         mul(be, &L->down_shexp, 1, be->sg, n, be->y, d);
     }
     /* fused decode: the moe sum and post go into the next layer's HC step */
-    if (!fused || L == be->m->layers + hp->n_layer - 1) hc_post(be, n, true);
+    if (!fused) hc_post(be, n, true, NULL, NULL);
+    else if (L == be->m->layers + hp->n_layer - 1) hc_post(be, n, true, &L->hc_ffn_scale, &L->hc_ffn_base);
 }
 
 /* Logits of the n states at X into be->logits (n ≤ HEAD_ROWS). */
@@ -945,7 +953,8 @@ static void head(gpu_backend *be, const float *X, int64_t n) {
     const ds4_model *m = be->m;
     const ds4_hparams *hp = be->hp;
     if (n == 1 && hc_fused(be)) {
-        hc_step(be, (float *)X, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true, false, false);
+        hc_step(be, (float *)X, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true, NULL, NULL,
+                false);
     } else {
         hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true);
     }
@@ -1294,25 +1303,26 @@ extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, con
 }
 
 extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w, const float *scale, const float *base,
-                                     int iters, float hc_eps, float rms_eps, const float *nw, float *X, const float *pc,
-                                     const float *y, const float *eout, int used, bool head, float *coef, float *nrm,
-                                     char *err, size_t errlen) {
+                                     int iters, float hc_eps, float rms_eps, const float *nw, float *X, const float *pm,
+                                     const float *pscale, const float *pbase, const float *y, const float *eout,
+                                     int used, bool head, float *mout, float *nrm, char *err, size_t errlen) {
     int64_t zw = (int64_t)hc * d, mw = head ? hc : (2 + hc) * hc, nc = (2 + hc) * hc;
     if ((hc != 1 && hc != 2 && hc != 4) || d % (HS_THREADS / hc) || d > HS_MAX_D ||
         (wtype != GGML_F16 && wtype != GGML_F32) || used < 0 || used > 64)
         return ds4_errf(err, errlen, "hc_step: bad shape");
     uint64_t rb = ggml_row_bytes((uint32_t)wtype, (uint64_t)zw);
-    /* one allocation: W | nw d | X zw | y d | eout used·d | nrm d | scale 3 | base nc | pc nc | coef nc
-     * (the vectors read as float4 first: d is a multiple of 64, so they stay 16-byte aligned) */
-    size_t nf = d + zw + d + (size_t)used * d + d + 3 + 3 * nc;
+    /* one allocation: W | nw d | X zw | y d | eout used·d | nrm d | scale 3 | base nc | pm nc | mout nc |
+     * pscale 3 | pbase nc (the vectors read as float4 first: d is a multiple of 64, so they stay 16-byte aligned) */
+    size_t nf = d + zw + d + (size_t)used * d + d + 3 + 3 * nc + 3 + nc;
     uint8_t *dw = NULL;
     cudaError_t e = cudaMalloc((void **)&dw, rb * mw + nf * sizeof(float));
     if (e) return ds4_errf(err, errlen, "hc_step: %s", cudaGetErrorString(e));
     float *dn = (float *)(dw + rb * mw), *dX = dn + d, *dy = dX + zw, *de = dy + d, *dr = de + used * d, *ds = dr + d,
-          *db = ds + 3, *dpc = db + nc, *dc = dpc + nc;
+          *db = ds + 3, *dpm = db + nc, *dc = dpm + nc, *dps = dc + nc, *dpb = dps + 3;
     struct { void *dst; const void *src; size_t bytes; } in[] = {
         {dw, w, rb * mw}, {ds, scale, 3 * sizeof(float)}, {db, base, mw * sizeof(float)}, {dn, nw, d * sizeof(float)},
-        {dX, X, zw * sizeof(float)}, {dpc, pc, pc ? nc * sizeof(float) : 0}, {dy, y, pc ? d * sizeof(float) : 0},
+        {dX, X, zw * sizeof(float)}, {dpm, pm, pm ? nc * sizeof(float) : 0}, {dps, pscale, pm ? 3 * sizeof(float) : 0},
+        {dpb, pbase, pm ? nc * sizeof(float) : 0}, {dy, y, pm ? d * sizeof(float) : 0},
         {de, eout, eout ? used * d * sizeof(float) : 0}};
     for (size_t i = 0; !e && i < sizeof in / sizeof *in; i++)
         if (in[i].bytes) e = cudaMemcpy(in[i].dst, in[i].src, in[i].bytes, cudaMemcpyHostToDevice);
@@ -1320,11 +1330,11 @@ extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w
         poison(dc, nc * sizeof(float));
         poison(dr, d * sizeof(float));
         k_hc_step<<<(unsigned)(d / (HS_THREADS / hc)), HS_THREADS>>>(
-            dX, d, hc, pc ? dpc : NULL, dy, eout ? de : NULL, used, wtype, dw, rb, (int)mw, ds, db, iters, hc_eps,
-            rms_eps, head, dn, head ? NULL : dc, dr);
+            dX, d, hc, pm ? dpm : NULL, dps, dpb, dy, eout ? de : NULL, used, wtype, dw, rb, (int)mw, ds, db, iters,
+            hc_eps, rms_eps, dn, head ? NULL : dc, dr);
         if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(X, dX, zw * sizeof(float), cudaMemcpyDeviceToHost)) &&
             !(e = cudaMemcpy(nrm, dr, d * sizeof(float), cudaMemcpyDeviceToHost)) && !head)
-            e = cudaMemcpy(coef, dc, nc * sizeof(float), cudaMemcpyDeviceToHost);
+            e = cudaMemcpy(mout, dc, nc * sizeof(float), cudaMemcpyDeviceToHost);
     }
     cudaFree(dw);
     return e ? ds4_errf(err, errlen, "hc_step: %s", cudaGetErrorString(e)) : 0;

@@ -508,6 +508,22 @@ __device__ void hc_coeffs_warp(const float *mix, const float *scale, const float
     if (lane < n2) comb[lane] = v;
 }
 
+/* The coefficients of an HC step from its mixer outputs over rms (pm, mw
+ * floats, hc ≤ 4) into c (shared) by warp 0, called BEFORE pdl_wait: pm
+ * was written by a launch at least two before this one, and a kernel
+ * starts only once its predecessor has passed its own pdl_wait, i.e. once
+ * the launch before that one has completed — so pm is complete (read
+ * through L2: no stale L1 line). The Sinkhorn then overlaps the previous
+ * kernel instead of lengthening the step that produced pm. mp: mw floats
+ * of shared scratch. The caller syncs the block before reading c. */
+__device__ __forceinline__ void hc_coeffs_early(const float *pm, const float *pscale, const float *pbase, int hc,
+                                                int iters, float eps, float *mp, float *c) {
+    if (threadIdx.x >= 32) return;
+    if (threadIdx.x < (2 + hc) * hc) mp[threadIdx.x] = __ldcg(pm + threadIdx.x);
+    __syncwarp();
+    hc_coeffs_warp(mp, pscale, pbase, hc, iters, eps, c, c + hc, c + 2 * hc);
+}
+
 /* From the mixer outputs (mix, mw raw dots of the flattened state X): divide
  * by rms(X), derive the coefficients into coef = [pre hc | post hc | comb hc²]
  * (head: pre only, spec §4.8), and collapse h = Σ pre_a·X_a. Each block
@@ -594,17 +610,17 @@ __device__ __forceinline__ void hc_load(const float *X, int64_t d, int hc, const
 
 /* The end of an HC step for one token by one block, from the mixer outputs
  * over rms (m, shared) and hc_load's registers: pre as hc_coeffs_warp
- * computes it, in every thread; the other coefficients (Sinkhorn) on warp 0
- * into coef (c: shared scratch; head: pre only); h = Σ pre_a·X_a and
+ * computes it, in every thread; with coef, all coefficients (Sinkhorn) on
+ * warp 0 into coef (c: shared scratch); h = Σ pre_a·X_a and
  * nrm = rmsnorm(h)·nw with k_rmsnorm's arithmetic. */
 __device__ __forceinline__ void hc_finish(const hc_regs &g, int64_t d, int hc, const float *m, const float *scale,
-                                          const float *base, int iters, float hc_eps, float rms_eps, bool head,
-                                          float *coef, float *nrm, float *c, double *shd) {
+                                          const float *base, int iters, float hc_eps, float rms_eps, float *coef,
+                                          float *nrm, float *c, double *shd) {
     int lane = threadIdx.x & 31;
     float pre[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) pre[i] = i < hc ? sigmoidf_d(m[i] * scale[0] + base[i]) + hc_eps : 0.0f;
-    if (!head && threadIdx.x < 32) {
+    if (coef && threadIdx.x < 32) {
         hc_coeffs_warp(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
         __syncwarp();
         for (int i = lane; i < (2 + hc) * hc; i += 32) coef[i] = c[i];
@@ -638,15 +654,18 @@ __device__ __forceinline__ void hc_finish(const hc_regs &g, int64_t d, int hc, c
 /* One decode token's whole hyper-connection step in one launch, instead of
  * up to five (the moe sum, k_hc_post, the mixer's k_matvec_wide, k_hc_pre,
  * k_rmsnorm), each of which left most of the GPU idle for a few µs:
- *  1. post (pc != NULL): this block's slice of X ← post_c·y + Σ_a comb[a][c]·X_a
- *     with the previous sublayer's coefficients pc and output y (+ Σ_slot
- *     eout, slot order: the FFN's moe sum), k_hc_post's arithmetic;
+ *  1. post (pm != NULL): this block's slice of X ← post_c·y + Σ_a comb[a][c]·X_a
+ *     with the previous sublayer's output y (+ Σ_slot eout, slot order: the
+ *     FFN's moe sum), k_hc_post's arithmetic, and its coefficients, derived
+ *     from its mixer outputs pm (with its pscale, pbase) by hc_coeffs_early
+ *     before pdl_wait;
  *  2. split-K mixer: the mw mixer rows (F16 or F32) dotted with the block's
  *     slice of the flattened state, and its Σx², as per-block partials;
  *  3. the block that arrives last loads the collapse's inputs (hc_load),
  *     sums the partials in block order — a fixed order whichever block that
- *     is (the counter only elects it), so runs are bit-identical — and ends
- *     the step (hc_finish: coefficients, collapse, norm into nrm).
+ *     is (the counter only elects it), so runs are bit-identical — writes
+ *     the mixer outputs over rms to mout (not for the head: mw = hc) for the
+ *     next post, and ends the step (hc_finish: collapse, norm into nrm).
  * Grid: d / KB blocks of HS_THREADS, KB = 256 / hc: block b owns positions
  * k ∈ [b·KB, b·KB + KB) of every stream, i.e. 256 values of X; lane l of
  * each warp the 8 values of stream l / (KB/8) at b·KB + 8·(l % (KB/8)), warp
@@ -655,11 +674,12 @@ __device__ __forceinline__ void hc_finish(const hc_regs &g, int64_t d, int hc, c
  * them (one stream; each launch starts after its predecessor completed,
  * pdl_wait), and the last block resets the counter. */
 __global__ void __launch_bounds__(HS_THREADS)
-k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const float *eout, int used, int wtype,
-          const uint8_t *__restrict__ W, uint64_t rb, int mw, const float *scale, const float *base, int iters,
-          float hc_eps, float rms_eps, bool head, const float *nw, float *coef, float *nrm) {
+k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, const float *pbase, const float *y,
+          const float *eout, int used, int wtype, const uint8_t *__restrict__ W, uint64_t rb, int mw,
+          const float *scale, const float *base, int iters, float hc_eps, float rms_eps, const float *nw, float *mout,
+          float *nrm) {
     __shared__ __align__(16) float xs[HS_THREADS];
-    __shared__ float m[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
+    __shared__ float m[HS_ROWS * 8], mp[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
     __shared__ double shd[32];
     __shared__ bool last;
     int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nb = gridDim.x;
@@ -672,19 +692,21 @@ k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const fl
 #pragma unroll
     for (int j = 0; j < HS_ROWS; j++)
         if (wid + 8 * j < mw) ld8w(wtype, W + (uint64_t)(wid + 8 * j) * rb, col / 8, &wa[j], &wb[j]);
+    if (pm) hc_coeffs_early(pm, pscale, pbase, hc, iters, hc_eps, mp, c);
     pdl_wait();
+    __syncthreads();
     {   /* 1: thread i owns X_c[k], c = i / kb, k = k0 + i % kb */
         int ci = tid / kb;
         int64_t k = k0 + tid % kb;
         float v;
-        if (pc) {
+        if (pm) {
             float yk = y[k];
             if (eout) {
                 float a = 0;
                 for (int i = 0; i < used; i++) a += eout[i * d + k];
                 yk = a + yk;
             }
-            const float *post = pc + hc, *C = pc + 2 * hc;
+            const float *post = c + hc, *C = c + 2 * hc;
             float old[4];   /* hc ≤ 4; unrolled with guards so it stays in registers */
 #pragma unroll
             for (int a = 0; a < 4; a++) old[a] = a < hc ? X[a * d + k] : 0.0f;
@@ -695,7 +717,7 @@ k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const fl
         } else v = X[ci * d + k];
         xs[tid] = v;
         __syncthreads();   /* every old X read before any is overwritten */
-        if (pc) X[ci * d + k] = v;
+        if (pm) X[ci * d + k] = v;
     }
     /* 2: this lane's 8 values (columns col …) of the flattened state */
     const float4 *xp = (const float4 *)(xs + a * kb + 8 * (lane % per));
@@ -749,17 +771,17 @@ k_hc_step(float *X, int64_t d, int hc, const float *pc, const float *y, const fl
     for (int j = 0; j < HS_ROWS; j++)
         if (wid + 8 * j < mw && !lane) m[wid + 8 * j] = mr[j] / rms;
     __syncthreads();
-    hc_finish(g, d, hc, m, scale, base, iters, hc_eps, rms_eps, head, coef, nrm, c, shd);
+    if (mout && tid < mw) mout[tid] = m[tid];   /* the next post derives its coefficients from these */
+    hc_finish(g, d, hc, m, scale, base, iters, hc_eps, rms_eps, NULL, nrm, c, shd);
 }
 
 /* A chunk's HC collapse, one block (HS_THREADS) per token: the mixer
  * outputs (mix: the chunk product, mw a token) over rms (k_rms_rows), then
  * hc_finish: one Sinkhorn a token (k_hc_pre's blocks each redid it) and the
- * norm fused (no k_rmsnorm pass). */
+ * norm fused (no k_rmsnorm pass). Head: mw = hc, coef NULL. */
 __global__ void __launch_bounds__(HS_THREADS)
 k_hc_rows(const float *X, int64_t d, int hc, const float *mix, int mw, const float *rms, const float *scale,
-          const float *base, int iters, float hc_eps, float rms_eps, bool head, const float *nw, float *coef,
-          float *nrm) {
+          const float *base, int iters, float hc_eps, float rms_eps, const float *nw, float *coef, float *nrm) {
     pdl_wait();
     __shared__ float m[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
     __shared__ double shd[32];
@@ -768,8 +790,8 @@ k_hc_rows(const float *X, int64_t d, int hc, const float *mix, int mw, const flo
     hc_load(X + t * hc * d, d, hc, nw, g);
     if (threadIdx.x < mw) m[threadIdx.x] = mix[t * mw + threadIdx.x] / rms[t];
     __syncthreads();
-    hc_finish(g, d, hc, m, scale, base, iters, hc_eps, rms_eps, head, coef ? coef + t * (2 + hc) * hc : NULL,
-              nrm + t * d, c, shd);
+    hc_finish(g, d, hc, m, scale, base, iters, hc_eps, rms_eps, coef ? coef + t * (2 + hc) * hc : NULL, nrm + t * d,
+              c, shd);
 }
 
 /* rms of each row of n (one block per row), as k_hc_pre computes it. */
@@ -781,14 +803,19 @@ __global__ void k_rms_rows(const float *x, int64_t n, float eps, float *rms) {
 }
 
 /* X'_c = post_c·y + Σ_a comb[a][c]·X_a; with eout (the FFN), y + Σ_slot
- * eout first, slot order (the moe sum, fused: one launch and one pass less). */
-__global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y, const float *eout,
-                          int used) {
+ * eout first, slot order (the moe sum, fused: one launch and one pass less).
+ * Coefficients from coef (a token's (2+hc)·hc each), or for one decode
+ * token from the mixer outputs pm of k_hc_step (hc_coeffs_early). */
+__global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y, const float *eout, int used,
+                          const float *pm, const float *pscale, const float *pbase, int iters, float hc_eps) {
+    __shared__ float mp[HS_ROWS * 8], cs[(2 + MAX_HC) * MAX_HC];
+    if (pm) hc_coeffs_early(pm, pscale, pbase, hc, iters, hc_eps, mp, cs);
     pdl_wait();
+    __syncthreads();
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (k >= d) return;
     X += t * hc * d;
-    coef += t * (2 + hc) * hc;
+    coef = pm ? cs : coef + t * (2 + hc) * hc;
     y += t * d;
     float yk = y[k];
     if (eout) {

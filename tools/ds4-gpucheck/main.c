@@ -142,10 +142,11 @@ static void check_hc(int hc) {
 }
 
 /* Decode's fused HC step (k_hc_step) against forward.c's formulas: the
- * post of y (+ the routed slots), the mixer, coefficients, collapse and
- * norm. Run twice from the same inputs: the second run must repeat the
- * first bit for bit (the arrival counter resets itself, the partials are
- * summed in a fixed order). */
+ * post of y (+ the routed slots) with the coefficients of the previous
+ * mixer outputs, the mixer outputs over rms, collapse and norm. Run twice
+ * from the same inputs: the second run must repeat the first bit for bit
+ * (the arrival counter resets itself, the partials are summed in a fixed
+ * order). */
 static void check_hc_step(int hc, int64_t d, int wtype, bool post, bool eout, bool head) {
     char err[256], what[96];
     int64_t zw = hc * d, mw = head ? hc : (2 + hc) * hc, nc = (2 + hc) * hc;
@@ -158,7 +159,8 @@ static void check_hc_step(int hc, int64_t d, int wtype, bool post, bool eout, bo
           malloc(d * sizeof(float))};
     float *y = malloc(d * sizeof(float)), *e = malloc((used + 1) * d * sizeof(float)), *nw = malloc(d * sizeof(float));
     float *h = malloc(d * sizeof(float)), *rn = malloc(d * sizeof(float));
-    float scale[3] = {0.5f + frand() * 0.1f, 0.5f, 0.5f}, base[24], pc[24], m[24], ref[24], coef[2][24];
+    float scale[3] = {0.5f + frand() * 0.1f, 0.5f, 0.5f}, pscale[3] = {0.5f + frand() * 0.1f, 0.5f, 0.5f};
+    float base[24], pbase[24], pm[24], pc[24], m[24], ref[24], mout[2][24];
     for (int64_t r = 0; r < mw; r++) {   /* mixer outputs / rms of order 1 */
         for (int64_t i = 0; i < zw; i++) src[i] = frand() * 0.02f;
         ds4_quantize_row((ggml_type)wtype, src, w + r * rb, zw, NULL);
@@ -166,10 +168,8 @@ static void check_hc_step(int hc, int64_t d, int wtype, bool post, bool eout, bo
     for (int64_t i = 0; i < zw; i++) Xr[i] = X[i] = frand();
     for (int64_t k = 0; k < d; k++) { y[k] = frand(); nw[k] = 1.0f + frand() * 0.1f; }
     for (int64_t i = 0; i < used * d; i++) e[i] = frand() * 0.5f;
-    for (int i = 0; i < nc; i++) {
-        base[i] = frand() * 0.1f;
-        pc[i] = i < 2 * hc ? 1.0f + frand() * 0.5f : 1.0f / hc + frand() * 0.05f;   /* post in (0, 2), comb ~ doubly stochastic */
-    }
+    for (int i = 0; i < nc; i++) { base[i] = frand() * 0.1f; pbase[i] = frand() * 0.1f; pm[i] = frand() * 3; }
+    cpu_hc_coeffs(pm, pscale, pbase, hc, 20, he, pc, pc + hc, pc + 2 * hc);   /* the post's coefficients */
     if (post)
         for (int64_t k = 0; k < d; k++) {
             float yk = y[k];
@@ -188,8 +188,7 @@ static void check_hc_step(int hc, int64_t d, int wtype, bool post, bool eout, bo
     for (int64_t i = 0; i < zw; i++) ss += (double)Xr[i] * Xr[i];
     float rms = (float)sqrt(ss / (double)zw + re);
     for (int64_t r = 0; r < mw; r++) m[r] = ds4_dot_row((ggml_type)wtype, w + r * rb, Xr, zw) / rms;
-    if (head) for (int a = 0; a < hc; a++) ref[a] = 1.0f / (1.0f + expf(-(m[a] * scale[0] + base[a]))) + he;
-    else cpu_hc_coeffs(m, scale, base, hc, 20, he, ref, ref + hc, ref + 2 * hc);
+    for (int a = 0; a < hc; a++) ref[a] = 1.0f / (1.0f + expf(-(m[a] * scale[0] + base[a]))) + he;   /* pre */
     for (int64_t k = 0; k < d; k++) {
         float a = 0;
         for (int i = 0; i < hc; i++) a += ref[i] * Xr[i * d + k];
@@ -201,15 +200,15 @@ static void check_hc_step(int hc, int64_t d, int wtype, bool post, bool eout, bo
     int rc = 0;
     for (int run = 0; run < 2 && !rc; run++) {
         memcpy(Xg[run], X, zw * sizeof(float));
-        rc = ds4_cuda_test_hc_step(hc, d, wtype, w, scale, base, 20, he, re, nw, Xg[run], post ? pc : NULL, y,
-                                   eout ? e : NULL, used, head, coef[run], nrm[run], err, sizeof err);
+        rc = ds4_cuda_test_hc_step(hc, d, wtype, w, scale, base, 20, he, re, nw, Xg[run], post ? pm : NULL, pscale,
+                                   pbase, y, eout ? e : NULL, used, head, mout[run], nrm[run], err, sizeof err);
     }
     if (rc) verdict(what, false, "%s", err);
     else {
         double er = fmax(rel_err(nrm[0], rn, d), rel_err(Xg[0], Xr, zw));
-        if (!head) er = fmax(er, rel_err(coef[0], ref, nc));
+        if (!head) er = fmax(er, rel_err(mout[0], m, nc));
         bool same = !memcmp(Xg[0], Xg[1], zw * sizeof(float)) && !memcmp(nrm[0], nrm[1], d * sizeof(float)) &&
-                    (head || !memcmp(coef[0], coef[1], nc * sizeof(float)));
+                    (head || !memcmp(mout[0], mout[1], nc * sizeof(float)));
         verdict(what, within(er, 1e-5) && same, "rel %.3g (bound 1e-5), second run %s", er,
                 same ? "bit-identical" : "DIFFERS");
     }
