@@ -747,7 +747,7 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
     }
     __syncthreads();
     if (!last) return;
-    hc_regs g;   /* in flight during the partial sums and the Sinkhorn */
+    hc_regs g;   /* in flight during the partial sums */
     hc_load(X, d, hc, nw, g);
     int64_t zw = (int64_t)hc * d;
     double ss = 0;
