@@ -740,12 +740,35 @@ static void mul(gpu_backend *be, const ds4_tensor *T, int slot, const float *x, 
 static unsigned nthreads(int64_t n) { return n >= 1024 ? 1024 : (unsigned)((n + 31) / 32 * 32); }
 static dim3 per_tok(int64_t len, int64_t n) { return dim3((unsigned)((len + 255) / 256), (unsigned)n); }
 
-/* HC collapse of the n states at X into be->h (coefficients into be->coef
- * unless head). A chunk computes each token's rms once (k_rms_rows). */
-static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor *fn, const ds4_tensor *scale,
-                   const ds4_tensor *base, bool head) {
+/* Decode takes the fused HC step (k_hc_step: the previous sublayer's post,
+ * mixer, coefficients, collapse and norm in one launch) where its shape
+ * allows: hc ≤ 4 and a power of two (a warp's Sinkhorn, 3 mixer rows a
+ * warp), F16/F32 mixers, n_embd ≤ HS_MAX_D and a multiple of a block's
+ * positions. The post of a sublayer is then left to the next sublayer's
+ * step (the last layer's FFN launches its own: the head is a separate
+ * graph, and a chunk's head does not follow a decode body). */
+static bool hc_fused(const gpu_backend *be) {
     const ds4_hparams *hp = be->hp;
-    int64_t zw = (int64_t)hp->hc_count * hp->n_embd;
+    int64_t hc = hp->hc_count, kb = hc ? HS_THREADS / hc : 0;
+    if ((hc != 1 && hc != 2 && hc != 4) || hp->n_embd % kb || hp->n_embd > HS_MAX_D) return false;
+    const ds4_model *m = be->m;
+    bool ok = m->out_hc_fn.type == GGML_F16 || m->out_hc_fn.type == GGML_F32;
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        const ds4_layer *L = &m->layers[l];
+        ok = ok && (L->hc_attn_fn.type == GGML_F16 || L->hc_attn_fn.type == GGML_F32) &&
+             (L->hc_ffn_fn.type == GGML_F16 || L->hc_ffn_fn.type == GGML_F32);
+    }
+    return ok;
+}
+
+/* HC collapse of the n states at X, normed by `norm`, into be->nrm
+ * (coefficients into be->coef unless head). A chunk computes each token's
+ * rms once (k_rms_rows) and its mixer outputs as one product; k_hc_rows
+ * then finishes a token a block, norm included, where the shape allows. */
+static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor *fn, const ds4_tensor *scale,
+                   const ds4_tensor *base, const ds4_tensor *norm, bool head) {
+    const ds4_hparams *hp = be->hp;
+    int64_t d = hp->n_embd, zw = (int64_t)hp->hc_count * d;
     const float *rms = NULL;
     if (n > 1) {
         prep(be, 0, X, n, zw);
@@ -753,18 +776,48 @@ static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor 
         rms = be->rms;
     }
     mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
+    if (n > 1 && hc_fused(be)) {
+        launch(k_hc_rows, (unsigned)n, HS_THREADS, 0, be->s, X, d, (int)hp->hc_count,
+               (const float *)be->mix, (int)fn->ne[1], rms, DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
+               hp->hc_eps, hp->rms_eps, DF(be, norm), head ? NULL : be->coef, be->nrm);
+        return;
+    }
     /* Every block derives the token's coefficients (one warp's Sinkhorn):
      * decode spreads the token over n_embd/256 blocks to fill the GPU, a
      * chunk has blocks enough and takes 1024 threads, 4× fewer Sinkhorns. */
     unsigned bs = n > 1 ? 1024 : 256;
-    launch(k_hc_pre, dim3((unsigned)((hp->n_embd + bs - 1) / bs), (unsigned)n), bs, 0, be->s, X, hp->n_embd,
-           (int)hp->hc_count, be->mix, (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
-           hp->hc_eps, hp->rms_eps, head, head ? NULL : be->coef, be->h, rms);
+    launch(k_hc_pre, dim3((unsigned)((d + bs - 1) / bs), (unsigned)n), bs, 0, be->s, X, d, (int)hp->hc_count, be->mix,
+           (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters, hp->hc_eps, hp->rms_eps, head,
+           head ? NULL : be->coef, be->h, rms);
+    launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, norm), (int)d, hp->rms_eps, be->nrm, d);
 }
 
-static void hc_post(gpu_backend *be, int64_t n) {
+/* X ← the HC post of the sublayer output be->y (+ the routed slots' be->eout
+ * when eout: the FFN's moe sum), coefficients from be->coef, or with
+ * pscale (one decode token after k_hc_step) from its mixer outputs in
+ * be->mix and the sublayer's pscale, pbase. */
+static void hc_post(gpu_backend *be, int64_t n, bool eout, const ds4_tensor *pscale, const ds4_tensor *pbase) {
     const ds4_hparams *hp = be->hp;
-    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count, be->coef, be->y);
+    launch(k_hc_post, per_tok(hp->n_embd, n), 256, 0, be->s, be->X, hp->n_embd, (int)hp->hc_count,
+           (const float *)be->coef, (const float *)be->y, eout ? (const float *)be->eout : NULL, (int)hp->n_expert_used,
+           pscale ? (const float *)be->mix : NULL, pscale ? DF(be, pscale) : NULL, pbase ? DF(be, pbase) : NULL,
+           (int)hp->hc_sinkhorn_iters, hp->hc_eps);
+}
+
+/* One token's state X: with pscale, the HC post of the pending sublayer
+ * output (be->y; eout: + the routed slots) with that sublayer's
+ * coefficients (from its mixer outputs in be->mix and its pscale, pbase);
+ * then be->nrm = the normed collapse for the next sublayer, whose mixer
+ * outputs over rms replace be->mix (not for the head: pre only). */
+static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_tensor *scale, const ds4_tensor *base,
+                    const ds4_tensor *norm, bool head, const ds4_tensor *pscale, const ds4_tensor *pbase, bool eout) {
+    const ds4_hparams *hp = be->hp;
+    int64_t d = hp->n_embd, hc = hp->hc_count;
+    launch(k_hc_step, (unsigned)(d / (HS_THREADS / hc)), HS_THREADS, 0, be->s, X, d, (int)hc,
+           pscale ? (const float *)be->mix : NULL, pscale ? DF(be, pscale) : NULL, pbase ? DF(be, pbase) : NULL,
+           (const float *)be->y, eout ? (const float *)be->eout : NULL, (int)hp->n_expert_used, (int)fn->type,
+           DW(be, fn), fn->row_bytes, (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
+           hp->hc_eps, hp->rms_eps, DF(be, norm), head ? NULL : be->mix, be->nrm);
 }
 
 /* One compressor over the chunk: project (from slot 0 = the normed input),
@@ -826,22 +879,30 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     float eps = hp->rms_eps;
     cudaStream_t s = be->s;
 
-    hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, false);
-    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->h, DF(be, &L->attn_norm), (int)d, eps, be->nrm, d);
+    bool fused = n == 1 && hc_fused(be);
+    if (fused) {   /* the previous layer's FFN post (and moe sum) is pending, except before layer 0 */
+        const ds4_layer *P = L == be->m->layers ? NULL : L - 1;
+        hc_step(be, be->X, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false,
+                P ? &P->hc_ffn_scale : NULL, P ? &P->hc_ffn_base : NULL, true);
+    } else {
+        hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false);
+    }
     prep(be, 0, be->nrm, n, d);
     mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
-    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->qa, DF(be, &L->attn_q_a_norm), (int)ql, eps, be->qa, ql);
+    /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
+     * only ring slots of positions before every window it reads, so its rows
+     * go straight into the ring; a longer one is stored after attention.
+     * Projected before q_b so that q_a's norm and the rows' post-processing
+     * share one launch. */
+    bool direct = n + hp->window - 1 <= st->keep_raw;
+    mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
+    launch(k_qa_kv, (unsigned)(2 * n), nthreads(ql > hd ? ql : hd), hd * sizeof(float), s, be->qa,
+           DF(be, &L->attn_q_a_norm), (int)ql, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
+           (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
     prep(be, 1, be->qa, n, ql);
     mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
     launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float), s,
            be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
-    /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
-     * only ring slots of positions before every window it reads, so its rows
-     * go straight into the ring; a longer one is stored after attention. */
-    bool direct = n + hp->window - 1 <= st->keep_raw;
-    mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
-    launch(k_kv_row, (unsigned)n, nthreads(hd), hd * sizeof(float), s, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd,
-           (int)rd, freq, be->step, eps, direct ? ls->raw : NULL, st->keep_raw);
     if (ls->ratio)
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
@@ -876,7 +937,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     }
     prep(be, 1, be->low, n, G * gl);
     mul(be, &L->attn_output_b, 1, be->low, n, be->y, d);
-    hc_post(be, n);
+    if (!fused) hc_post(be, n, false, NULL, NULL);   /* fused: in the FFN's HC step */
 }
 
 static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clamp) {
@@ -884,13 +945,27 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     int64_t d = hp->n_embd, E = hp->n_expert, used = hp->n_expert_used, ff = hp->expert_ff;
     int64_t ffs = L->gate_shexp.ne[1];
     cudaStream_t s = be->s;
-    hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, false);
-    launch(k_rmsnorm, (unsigned)n, 1024, 0, s, be->h, DF(be, &L->ffn_norm), (int)d, hp->rms_eps, be->nrm, d);
+    bool fused = n == 1 && hc_fused(be);
+    if (fused) {   /* with the attention's post */
+        hc_step(be, be->X, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false, &L->hc_attn_scale,
+                &L->hc_attn_base, false);
+    } else {
+        hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false);
+    }
     prep(be, 0, be->nrm, n, d);
-    mul(be, &L->ffn_gate_inp, 0, be->nrm, n, be->rl, E);
-    launch(k_router, (unsigned)n, 256, E * (sizeof(float) + 1), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
-           L->tid2eid.row_bytes, be->step, L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL,
-           hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
+    const ds4_tensor *ri = &L->ffn_gate_inp;
+    const float *bias = L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL;
+    if (n == 1 && (ri->type == GGML_F16 || ri->type == GGML_F32) && d % 8 == 0 && d <= RT_MAX_IN) {
+        /* logits + routing: one launch */
+        launch(k_router_mv, (unsigned)((E + RT_ROWS - 1) / RT_ROWS), RT_THREADS, ROUTER_SMEM(E), s,
+               (int)ri->type, DW(be, ri), ri->row_bytes, d, (const float *)be->nrm, be->rl, (int)E, (int)used,
+               DW(be, &L->tid2eid), L->tid2eid.row_bytes, (const dstep *)be->step, bias, hp->expert_weights_norm,
+               hp->expert_weights_scale, be->eid, be->ew);
+    } else {
+        mul(be, ri, 0, be->nrm, n, be->rl, E);
+        launch(k_router, (unsigned)n, 256, ROUTER_SMEM(E), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
+               L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
+    }
     if (n == 1) {
         glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
         matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
@@ -910,17 +985,21 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
         prep(be, 1, be->sg, n, ffs);
         mul(be, &L->down_shexp, 1, be->sg, n, be->y, d);
     }
-    launch(k_moe_sum, per_tok(d, n), 256, 0, s, be->eout, (int)used, d, be->y);
-    hc_post(be, n);
+    /* fused decode: the moe sum and post go into the next layer's HC step */
+    if (!fused) hc_post(be, n, true, NULL, NULL);
+    else if (L == be->m->layers + hp->n_layer - 1) hc_post(be, n, true, &L->hc_ffn_scale, &L->hc_ffn_base);
 }
 
 /* Logits of the n states at X into be->logits (n ≤ HEAD_ROWS). */
 static void head(gpu_backend *be, const float *X, int64_t n) {
     const ds4_model *m = be->m;
     const ds4_hparams *hp = be->hp;
-    hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, true);
-    launch(k_rmsnorm, (unsigned)n, 1024, 0, be->s, be->h, DF(be, &m->out_norm), (int)hp->n_embd, hp->rms_eps,
-           be->nrm, (int64_t)hp->n_embd);
+    if (n == 1 && hc_fused(be)) {
+        hc_step(be, (float *)X, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true, NULL, NULL,
+                false);
+    } else {
+        hc_pre(be, X, n, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true);
+    }
     prep(be, 0, be->nrm, n, hp->n_embd);
     mul(be, &m->output, 0, be->nrm, n, be->logits, hp->n_vocab);
 }
@@ -1296,6 +1375,44 @@ extern "C" int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, con
     }
     cudaFree(d);
     return e ? ds4_errf(err, errlen, "hc: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w, const float *scale, const float *base,
+                                     int iters, float hc_eps, float rms_eps, const float *nw, float *X, const float *pm,
+                                     const float *pscale, const float *pbase, const float *y, const float *eout,
+                                     int used, bool head, float *mout, float *nrm, char *err, size_t errlen) {
+    int64_t zw = (int64_t)hc * d, mw = head ? hc : (2 + hc) * hc, nc = (2 + hc) * hc;
+    if ((hc != 1 && hc != 2 && hc != 4) || d % (HS_THREADS / hc) || d > HS_MAX_D ||
+        (wtype != GGML_F16 && wtype != GGML_F32) || used < 0 || used > 64)
+        return ds4_errf(err, errlen, "hc_step: bad shape");
+    uint64_t rb = ggml_row_bytes((uint32_t)wtype, (uint64_t)zw);
+    /* one allocation: W | nw d | X zw | y d | eout used·d | nrm d | scale 3 | base nc | pm nc | mout nc |
+     * pscale 3 | pbase nc (the vectors read as float4 first: d is a multiple of 64, so they stay 16-byte aligned) */
+    size_t nf = d + zw + d + (size_t)used * d + d + 3 + 3 * nc + 3 + nc;
+    uint8_t *dw = NULL;
+    cudaError_t e = cudaMalloc((void **)&dw, rb * mw + nf * sizeof(float));
+    if (e) return ds4_errf(err, errlen, "hc_step: %s", cudaGetErrorString(e));
+    float *dn = (float *)(dw + rb * mw), *dX = dn + d, *dy = dX + zw, *de = dy + d, *dr = de + used * d, *ds = dr + d,
+          *db = ds + 3, *dpm = db + nc, *dc = dpm + nc, *dps = dc + nc, *dpb = dps + 3;
+    struct { void *dst; const void *src; size_t bytes; } in[] = {
+        {dw, w, rb * mw}, {ds, scale, 3 * sizeof(float)}, {db, base, mw * sizeof(float)}, {dn, nw, d * sizeof(float)},
+        {dX, X, zw * sizeof(float)}, {dpm, pm, pm ? nc * sizeof(float) : 0}, {dps, pscale, pm ? 3 * sizeof(float) : 0},
+        {dpb, pbase, pm ? nc * sizeof(float) : 0}, {dy, y, pm ? d * sizeof(float) : 0},
+        {de, eout, eout ? used * d * sizeof(float) : 0}};
+    for (size_t i = 0; !e && i < sizeof in / sizeof *in; i++)
+        if (in[i].bytes) e = cudaMemcpy(in[i].dst, in[i].src, in[i].bytes, cudaMemcpyHostToDevice);
+    if (!e) {
+        poison(dc, nc * sizeof(float));
+        poison(dr, d * sizeof(float));
+        k_hc_step<<<(unsigned)(d / (HS_THREADS / hc)), HS_THREADS>>>(
+            dX, d, hc, pm ? dpm : NULL, dps, dpb, dy, eout ? de : NULL, used, wtype, dw, rb, (int)mw, ds, db, iters,
+            hc_eps, rms_eps, dn, head ? NULL : dc, dr);
+        if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(X, dX, zw * sizeof(float), cudaMemcpyDeviceToHost)) &&
+            !(e = cudaMemcpy(nrm, dr, d * sizeof(float), cudaMemcpyDeviceToHost)) && !head)
+            e = cudaMemcpy(mout, dc, nc * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+    cudaFree(dw);
+    return e ? ds4_errf(err, errlen, "hc_step: %s", cudaGetErrorString(e)) : 0;
 }
 
 /* ---- mm tests ---- */

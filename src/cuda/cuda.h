@@ -50,6 +50,16 @@ int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int32_t *out, c
  * already divided by rms (as cpu_hc_coeffs). */
 int ds4_cuda_test_hc_coeffs(const float *mix, const float *scale, const float *base, int hc, int iters, float eps,
                             float *pre, float *post, float *comb, char *err, size_t errlen);
+/* Decode's fused HC step (k_hc_step) on one token state X (hc·d, updated
+ * in place): with pm, first the post of y (+ Σ of `used` eout rows of d
+ * when eout) with the coefficients of mixer outputs pm ((2+hc)·hc, over
+ * rms) and pscale, pbase; then the mixer w (F16/F32, mw rows of hc·d:
+ * (2+hc)·hc, head: hc), its outputs over rms into mout (not for head), and
+ * nrm = rmsnorm(Σ pre_a·X_a)·nw. hc 1, 2 or 4, d ≤ 4096 a multiple of 256/hc. */
+int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w, const float *scale, const float *base,
+                          int iters, float hc_eps, float rms_eps, const float *nw, float *X, const float *pm,
+                          const float *pscale, const float *pbase, const float *y, const float *eout, int used,
+                          bool head, float *mout, float *nrm, char *err, size_t errlen);
 
 /* ---- mm (prefill GEMM, src/cuda/mm.cuh) ----
  * y[t·nr + (r − r0)] = Σ_k W[r][k]·x[t][k] for the n rows of W (M rows of

@@ -519,6 +519,22 @@ __device__ void hc_coeffs_warp(const float *mix, const float *scale, const float
     if (lane < n2) comb[lane] = v;
 }
 
+/* The coefficients of an HC step from its mixer outputs over rms (pm, mw
+ * floats, hc ≤ 4) into c (shared) by warp 0, called BEFORE pdl_wait: pm
+ * was written by a launch at least two before this one, and a kernel
+ * starts only once its predecessor has passed its own pdl_wait, i.e. once
+ * the launch before that one has completed — so pm is complete (read
+ * through L2: no stale L1 line). The Sinkhorn then overlaps the previous
+ * kernel instead of lengthening the step that produced pm. mp: mw floats
+ * of shared scratch. The caller syncs the block before reading c. */
+__device__ __forceinline__ void hc_coeffs_early(const float *pm, const float *pscale, const float *pbase, int hc,
+                                                int iters, float eps, float *mp, float *c) {
+    if (threadIdx.x >= 32) return;
+    if (threadIdx.x < (2 + hc) * hc) mp[threadIdx.x] = __ldcg(pm + threadIdx.x);
+    __syncwarp();
+    hc_coeffs_warp(mp, pscale, pbase, hc, iters, eps, c, c + hc, c + 2 * hc);
+}
+
 /* From the mixer outputs (mix, mw raw dots of the flattened state X): divide
  * by rms(X), derive the coefficients into coef = [pre hc | post hc | comb hc²]
  * (head: pre only, spec §4.8), and collapse h = Σ pre_a·X_a. Each block
@@ -560,6 +576,235 @@ __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, in
     }
 }
 
+/* Weights c·8 … c·8+7 of an F16 or F32 row (16-byte aligned: rows of
+ * 16-byte multiples, tensor data 32-byte aligned) as two float4. */
+__device__ __forceinline__ void ld8w(int wtype, const uint8_t *row, int64_t c, float4 *a, float4 *b) {
+    if (wtype == GT_F16) {
+        uint4 u = __ldg((const uint4 *)row + c);
+        float2 f0 = __half22float2(*(const __half2 *)&u.x), f1 = __half22float2(*(const __half2 *)&u.y);
+        float2 f2 = __half22float2(*(const __half2 *)&u.z), f3 = __half22float2(*(const __half2 *)&u.w);
+        *a = make_float4(f0.x, f0.y, f1.x, f1.y);
+        *b = make_float4(f2.x, f2.y, f3.x, f3.y);
+    } else {
+        *a = __ldg((const float4 *)row + 2 * c);
+        *b = __ldg((const float4 *)row + 2 * c + 1);
+    }
+}
+
+#define HS_THREADS 256
+#define HS_ROWS 3              /* mixer rows per warp: mw ≤ 8 · 3 */
+#define HS_MAX_D 4096          /* the collapse in registers: HS_Q float4 positions a thread */
+#define HS_MAX_BLOCKS 64       /* HS_MAX_D / the narrowest slice (hc = 4: 64 positions) */
+__device__ unsigned d_hs_count;
+__device__ float d_hs_part[HS_MAX_BLOCKS * HS_ROWS * 8];
+__device__ double d_hs_ss[HS_MAX_BLOCKS];
+
+/* The collapse's inputs of one token, loaded by a block (HS_THREADS) into
+ * registers before they are needed: thread i takes positions q = i + j·HS_THREADS
+ * (float4 units, j < HS_Q) of every stream, and their norm weights. X read
+ * through L2 (k_hc_step's other blocks wrote it in the same launch). */
+#define HS_Q (HS_MAX_D / 4 / HS_THREADS)
+struct hc_regs {
+    float4 x[HS_Q][4], w[HS_Q];
+};
+__device__ __forceinline__ void hc_load(const float *X, int64_t d, int hc, const float *nw, hc_regs &g) {
+#pragma unroll
+    for (int j = 0; j < HS_Q; j++) {
+        int64_t q = threadIdx.x + j * HS_THREADS;
+        if (q >= d / 4) break;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (i < hc) g.x[j][i] = __ldcg((const float4 *)(X + i * d) + q);
+        g.w[j] = __ldg((const float4 *)nw + q);
+    }
+}
+
+/* The end of an HC step for one token by one block, from the mixer outputs
+ * over rms (m, shared) and hc_load's registers: pre as hc_coeffs_warp
+ * computes it, in every thread; with coef, all coefficients (Sinkhorn) on
+ * warp 0 into coef (c: shared scratch); h = Σ pre_a·X_a and
+ * nrm = rmsnorm(h)·nw with k_rmsnorm's arithmetic. */
+__device__ __forceinline__ void hc_finish(const hc_regs &g, int64_t d, int hc, const float *m, const float *scale,
+                                          const float *base, int iters, float hc_eps, float rms_eps, float *coef,
+                                          float *nrm, float *c, double *shd) {
+    int lane = threadIdx.x & 31;
+    float pre[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) pre[i] = i < hc ? sigmoidf_d(m[i] * scale[0] + base[i]) + hc_eps : 0.0f;
+    if (coef && threadIdx.x < 32) {
+        hc_coeffs_warp(m, scale, base, hc, iters, hc_eps, c, c + hc, c + 2 * hc);
+        __syncwarp();
+        for (int i = lane; i < (2 + hc) * hc; i += 32) coef[i] = c[i];
+    }
+    float4 h[HS_Q];
+    double hs = 0;
+#pragma unroll
+    for (int j = 0; j < HS_Q; j++) {
+        if (threadIdx.x + j * HS_THREADS >= d / 4) break;
+        float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (i >= hc) break;
+            float4 v = g.x[j][i];
+            acc.x += pre[i] * v.x; acc.y += pre[i] * v.y; acc.z += pre[i] * v.z; acc.w += pre[i] * v.w;
+        }
+        h[j] = acc;
+        hs += (double)acc.x * acc.x + (double)acc.y * acc.y + (double)acc.z * acc.z + (double)acc.w * acc.w;
+    }
+    hs = block_sum_d(hs, shd);
+    float r = (float)(1.0 / sqrt(hs / (double)d + rms_eps));
+#pragma unroll
+    for (int j = 0; j < HS_Q; j++) {
+        int64_t q = threadIdx.x + j * HS_THREADS;
+        if (q >= d / 4) break;
+        float4 v = h[j], w = g.w[j];
+        ((float4 *)nrm)[q] = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+    }
+}
+
+/* One decode token's whole hyper-connection step in one launch, instead of
+ * up to five (the moe sum, k_hc_post, the mixer's k_matvec_wide, k_hc_pre,
+ * k_rmsnorm), each of which left most of the GPU idle for a few µs:
+ *  1. post (pm != NULL): this block's slice of X ← post_c·y + Σ_a comb[a][c]·X_a
+ *     with the previous sublayer's output y (+ Σ_slot eout, slot order: the
+ *     FFN's moe sum), k_hc_post's arithmetic, and its coefficients, derived
+ *     from its mixer outputs pm (with its pscale, pbase) by hc_coeffs_early
+ *     before pdl_wait;
+ *  2. split-K mixer: the mw mixer rows (F16 or F32) dotted with the block's
+ *     slice of the flattened state, and its Σx², as per-block partials;
+ *  3. the block that arrives last loads the collapse's inputs (hc_load),
+ *     sums the partials in block order — a fixed order whichever block that
+ *     is (the counter only elects it), so runs are bit-identical — writes
+ *     the mixer outputs over rms to mout (not for the head: mw = hc) for the
+ *     next post, and ends the step (hc_finish: collapse, norm into nrm).
+ * Grid: d / KB blocks of HS_THREADS, KB = 256 / hc: block b owns positions
+ * k ∈ [b·KB, b·KB + KB) of every stream, i.e. 256 values of X; lane l of
+ * each warp the 8 values of stream l / (KB/8) at b·KB + 8·(l % (KB/8)), warp
+ * w the mixer rows w, w + 8, w + 16 (hc ≤ 4: mw ≤ 24); d ≤ HS_MAX_D. The
+ * partials and the counter are device globals: one launch at a time uses
+ * them (one stream; each launch starts after its predecessor completed,
+ * pdl_wait), and the last block resets the counter. */
+__global__ void __launch_bounds__(HS_THREADS)
+k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, const float *pbase, const float *y,
+          const float *eout, int used, int wtype, const uint8_t *__restrict__ W, uint64_t rb, int mw,
+          const float *scale, const float *base, int iters, float hc_eps, float rms_eps, const float *nw, float *mout,
+          float *nrm) {
+    __shared__ __align__(16) float xs[HS_THREADS];
+    __shared__ float m[HS_ROWS * 8], mp[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
+    __shared__ double shd[32];
+    __shared__ bool last;
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nb = gridDim.x;
+    int kb = HS_THREADS / hc, per = kb / 8, a = lane / per;
+    int64_t k0 = (int64_t)blockIdx.x * kb, col = a * d + k0 + 8 * (lane % per);
+    /* The mixer weights do not depend on the previous kernel: their loads
+     * are issued before pdl_wait and overlap its tail (the one exception to
+     * waiting first: nothing is written, and nobody returns, before it). */
+    float4 wa[HS_ROWS], wb[HS_ROWS];
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++)
+        if (wid + 8 * j < mw) ld8w(wtype, W + (uint64_t)(wid + 8 * j) * rb, col / 8, &wa[j], &wb[j]);
+    if (pm) hc_coeffs_early(pm, pscale, pbase, hc, iters, hc_eps, mp, c);
+    pdl_wait();
+    __syncthreads();
+    {   /* 1: thread i owns X_c[k], c = i / kb, k = k0 + i % kb */
+        int ci = tid / kb;
+        int64_t k = k0 + tid % kb;
+        float v;
+        if (pm) {
+            float yk = y[k];
+            if (eout) {
+                float a = 0;
+                for (int i = 0; i < used; i++) a += eout[i * d + k];
+                yk = a + yk;
+            }
+            const float *post = c + hc, *C = c + 2 * hc;
+            float old[4];   /* hc ≤ 4; unrolled with guards so it stays in registers */
+#pragma unroll
+            for (int a = 0; a < 4; a++) old[a] = a < hc ? X[a * d + k] : 0.0f;
+            v = post[ci] * yk;
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+                if (a < hc) v += C[a * hc + ci] * old[a];
+        } else v = X[ci * d + k];
+        xs[tid] = v;
+        __syncthreads();   /* every old X read before any is overwritten */
+        if (pm) X[ci * d + k] = v;
+    }
+    /* 2: this lane's 8 values (columns col …) of the flattened state */
+    const float4 *xp = (const float4 *)(xs + a * kb + 8 * (lane % per));
+    float4 x0 = xp[0], x1 = xp[1];
+    if (wid == 0) {
+        double q = (double)x0.x * x0.x + (double)x0.y * x0.y + (double)x0.z * x0.z + (double)x0.w * x0.w +
+                   (double)x1.x * x1.x + (double)x1.y * x1.y + (double)x1.z * x1.z + (double)x1.w * x1.w;
+        q = warp_sum_d(q);
+        if (!lane) d_hs_ss[blockIdx.x] = q;
+    }
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++) {
+        int r = wid + 8 * j;
+        if (r >= mw) continue;
+        float s = wa[j].x * x0.x;
+        s = fmaf(wa[j].y, x0.y, s); s = fmaf(wa[j].z, x0.z, s); s = fmaf(wa[j].w, x0.w, s);
+        s = fmaf(wb[j].x, x1.x, s); s = fmaf(wb[j].y, x1.y, s); s = fmaf(wb[j].z, x1.z, s); s = fmaf(wb[j].w, x1.w, s);
+        s = warp_sum(s);
+        if (!lane) d_hs_part[r * nb + blockIdx.x] = s;
+    }
+    /* 3: the X slice and partials visible device-wide, then count arrivals */
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(&d_hs_count, 1u) == (unsigned)nb - 1;
+        if (last) d_hs_count = 0;   /* every block has arrived: ready for the next launch */
+    }
+    __syncthreads();
+    if (!last) return;
+    hc_regs g;   /* in flight during the partial sums */
+    hc_load(X, d, hc, nw, g);
+    int64_t zw = (int64_t)hc * d;
+    double ss = 0;
+    if (wid == 0) {
+        for (int b = lane; b < nb; b += 32) ss += __ldcg(d_hs_ss + b);
+        ss = warp_sum_d(ss);
+    }
+    float mr[HS_ROWS];
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++) {
+        int r = wid + 8 * j;
+        float s = 0;
+        if (r < mw)
+            for (int b = lane; b < nb; b += 32) s += __ldcg(d_hs_part + r * nb + b);
+        mr[j] = warp_sum(s);
+    }
+    if (wid == 0 && !lane) shd[0] = ss;
+    __syncthreads();
+    float rms = (float)sqrt(shd[0] / (double)zw + rms_eps);
+#pragma unroll
+    for (int j = 0; j < HS_ROWS; j++)
+        if (wid + 8 * j < mw && !lane) m[wid + 8 * j] = mr[j] / rms;
+    __syncthreads();
+    if (mout && tid < mw) mout[tid] = m[tid];   /* the next post derives its coefficients from these */
+    hc_finish(g, d, hc, m, scale, base, iters, hc_eps, rms_eps, NULL, nrm, c, shd);
+}
+
+/* A chunk's HC collapse, one block (HS_THREADS) per token: the mixer
+ * outputs (mix: the chunk product, mw a token) over rms (k_rms_rows), then
+ * hc_finish: one Sinkhorn a token (k_hc_pre's blocks each redid it) and the
+ * norm fused (no k_rmsnorm pass). Head: mw = hc, coef NULL. */
+__global__ void __launch_bounds__(HS_THREADS)
+k_hc_rows(const float *X, int64_t d, int hc, const float *mix, int mw, const float *rms, const float *scale,
+          const float *base, int iters, float hc_eps, float rms_eps, const float *nw, float *coef, float *nrm) {
+    pdl_wait();
+    __shared__ float m[HS_ROWS * 8], c[(2 + MAX_HC) * MAX_HC];
+    __shared__ double shd[32];
+    int64_t t = blockIdx.x;
+    hc_regs g;
+    hc_load(X + t * hc * d, d, hc, nw, g);
+    if (threadIdx.x < mw) m[threadIdx.x] = mix[t * mw + threadIdx.x] / rms[t];
+    __syncthreads();
+    hc_finish(g, d, hc, m, scale, base, iters, hc_eps, rms_eps, coef ? coef + t * (2 + hc) * hc : NULL, nrm + t * d,
+              c, shd);
+}
+
 /* rms of each row of n (one block per row), as k_hc_pre computes it. */
 __global__ void k_rms_rows(const float *x, int64_t n, float eps, float *rms) {
     pdl_wait();
@@ -568,19 +813,33 @@ __global__ void k_rms_rows(const float *x, int64_t n, float eps, float *rms) {
     if (threadIdx.x == 0) rms[blockIdx.x] = (float)sqrt(ss / (double)n + eps);
 }
 
-/* X'_c = post_c·y + Σ_a comb[a][c]·X_a. */
-__global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y) {
+/* X'_c = post_c·y + Σ_a comb[a][c]·X_a; with eout (the FFN), y + Σ_slot
+ * eout first, slot order (the moe sum, fused: one launch and one pass less).
+ * Coefficients from coef (a token's (2+hc)·hc each), or for one decode
+ * token from the mixer outputs pm of k_hc_step (hc_coeffs_early). */
+__global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const float *y, const float *eout, int used,
+                          const float *pm, const float *pscale, const float *pbase, int iters, float hc_eps) {
+    __shared__ float mp[HS_ROWS * 8], cs[(2 + MAX_HC) * MAX_HC];
+    if (pm) hc_coeffs_early(pm, pscale, pbase, hc, iters, hc_eps, mp, cs);
     pdl_wait();
+    __syncthreads();
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (k >= d) return;
     X += t * hc * d;
-    coef += t * (2 + hc) * hc;
+    coef = pm ? cs : coef + t * (2 + hc) * hc;
     y += t * d;
+    float yk = y[k];
+    if (eout) {
+        eout += t * used * d;
+        float a = 0;
+        for (int i = 0; i < used; i++) a += eout[i * d + k];
+        yk = a + yk;
+    }
     const float *post = coef + hc, *C = coef + 2 * hc;
     float old[MAX_HC];
     for (int a = 0; a < hc; a++) old[a] = X[a * d + k];
     for (int c = 0; c < hc; c++) {
-        float v = post[c] * y[k];
+        float v = post[c] * yk;
         for (int a = 0; a < hc; a++) v += C[a * hc + c] * old[a];
         X[c * d + k] = v;
     }
@@ -588,15 +847,19 @@ __global__ void k_hc_post(float *X, int64_t d, int hc, const float *coef, const 
 
 /* ---- norms, Q/KV paths (spec §4.4) ----------------------------------------- */
 
+/* o = v / sqrt(mean(v²) + eps) ⊙ w (w may be NULL) for one vector by one
+ * block (n % 4 == 0, v 16-byte aligned), in place or not. */
+__device__ void rmsnorm_vec(const float *v, const float *w, int n, float eps, float *o, double *shd) {
+    double ss = block_sum_d(sumsq_part(v, n), shd);
+    float r = (float)(1.0 / sqrt(ss / (double)n + eps));
+    for (int k = threadIdx.x; k < n; k += blockDim.x) o[k] = w ? v[k] * r * w[k] : v[k] * r;
+}
+
 /* One vector of n per block (blockIdx.x·stride), in place or to out. */
 __global__ void k_rmsnorm(const float *x, const float *w, int n, float eps, float *out, int64_t stride) {
     pdl_wait();
     __shared__ double shd[32];
-    const float *v = x + blockIdx.x * stride;
-    float *o = out + blockIdx.x * stride;
-    double ss = block_sum_d(sumsq_part(v, n), shd);
-    float r = (float)(1.0 / sqrt(ss / (double)n + eps));
-    for (int k = threadIdx.x; k < n; k += blockDim.x) o[k] = w ? v[k] * r * w[k] : v[k] * r;
+    rmsnorm_vec(x + blockIdx.x * stride, w, n, eps, out + blockIdx.x * stride, shd);
 }
 
 /* Query heads: unweighted RMSNorm, RoPE on the tail. A warp per head,
@@ -629,17 +892,12 @@ __global__ void k_q_heads(float *q, int H, int hd, int rd, const double *freq, c
     }
 }
 
-/* K=V rows of the chunk (block per token, in place): weighted RMSNorm,
- * RoPE, FP8 on the non-RoPE part, f16 rounding; also written into the
- * raw-ring slot when ring is given (the caller knows whether the chunk is
- * short enough that no slot it overwrites is still read by its tokens). */
-__global__ void k_kv_row(float *kv, const float *w, int hd, int rd, const double *freq, const dstep *st,
-                         float eps, float *ring, uint32_t keep) {
-    pdl_wait();
-    extern __shared__ float sv[];
-    int64_t pos = st[blockIdx.x].pos;
-    kv += (int64_t)blockIdx.x * hd;
-    __shared__ double shd[32];
+/* A K=V row at pos by one block (in place): weighted RMSNorm, RoPE, FP8 on
+ * the non-RoPE part, f16 rounding; also written into the raw-ring slot when
+ * ring is given (the caller knows whether the chunk is short enough that no
+ * slot it overwrites is still read by its tokens). sv: hd floats, shared. */
+__device__ void kv_row_block(float *kv, const float *w, int hd, int rd, const double *freq, int64_t pos, float eps,
+                             float *ring, uint32_t keep, float *sv, double *shd) {
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
     __syncthreads();
     blk_rmsnorm(sv, hd, w, eps, shd);
@@ -651,6 +909,25 @@ __global__ void k_kv_row(float *kv, const float *w, int hd, int rd, const double
         kv[k] = v;
         if (out) out[k] = v;
     }
+}
+
+/* The attention's two single-vector norms of the chunk in one launch (grid
+ * 2n; a block a multiple of 32 threads, ≥ hd/4 for blk_fp8): block t < n
+ * the q_a row of token t (k_rmsnorm's arithmetic, in place), block n + t
+ * its K=V row (kv_row_block). Each was a launch of one block a token: a few
+ * µs of one SM in decode. Dynamic shared memory: hd floats. */
+__global__ void k_qa_kv(float *qa, const float *qw, int ql, float *kv, const float *kw, int hd, int rd,
+                        const double *freq, const dstep *st, float eps, float *ring, uint32_t keep, int n) {
+    pdl_wait();
+    extern __shared__ float sv[];
+    __shared__ double shd[32];
+    int64_t t = blockIdx.x;
+    if (t < n) {
+        rmsnorm_vec(qa + t * ql, qw, ql, eps, qa + t * ql, shd);
+        return;
+    }
+    t -= n;
+    kv_row_block(kv + t * hd, kw, hd, rd, freq, st[t].pos, eps, ring, keep, sv, shd);
 }
 
 /* Raw-ring store of the chunk's last min(T, keep) rows after its attention
@@ -961,52 +1238,41 @@ __device__ __forceinline__ float swiglu(float g, float u, float clamp) {
     return g * sigmoidf_d(g) * u;
 }
 
-/* Router: scores, expert choice (hash row of tid2eid for the token, else
- * biased top-`used` with lowest index on ties: `used` rounds of a block
- * argmax), normalised scaled weights. One block per token; dynamic shared
- * memory E floats + E bytes. */
-__global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
-                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
-    pdl_wait();
-    logit += (int64_t)blockIdx.x * E;
-    eid += (int64_t)blockIdx.x * used;
-    ew += (int64_t)blockIdx.x * used;
-    const int32_t *tok = &st[blockIdx.x].tok;
+/* Router of one token by one block: scores, expert choice (hash row of
+ * tid2eid for the token, else biased top-`used` with lowest index on ties:
+ * `used` rounds of a warp argmax on warp 0 — no block barriers between
+ * rounds), normalised scaled weights. Logits read through L2 (__ldcg:
+ * k_router_mv's last block reads what other blocks of its launch wrote).
+ * Dynamic shared memory: E floats (scores) + E floats (biased) + E bytes. */
+__device__ void router_block(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
+                             const int32_t *tok, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
     extern __shared__ float ssc[];
-    __shared__ float bv[32];
-    __shared__ int bi[32];
     __shared__ int32_t ids[64];
-    uint8_t *taken = (uint8_t *)(ssc + E);
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) { ssc[e] = router_score(logit[e]); taken[e] = 0; }
+    float *sb = ssc + E;
+    uint8_t *taken = (uint8_t *)(sb + E);
+    int lane = threadIdx.x & 31;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        ssc[e] = router_score(__ldcg(logit + e));
+        sb[e] = ssc[e] + (bias ? bias[e] : 0.0f);
+        taken[e] = 0;
+    }
     __syncthreads();
     if (tid2eid) {
         if (threadIdx.x < used) ids[threadIdx.x] = ((const int32_t *)(tid2eid + (uint64_t)tok[0] * t2e_rb))[threadIdx.x];
-    } else {
+    } else if (threadIdx.x < 32) {
         for (int i = 0; i < used; i++) {
             float v = -INFINITY;
             int best = 0x7fffffff;
-            for (int e = threadIdx.x; e < E; e += blockDim.x) {
-                float x = ssc[e] + (bias ? bias[e] : 0.0f);
-                if (!taken[e] && (best == 0x7fffffff || x > v)) { v = x; best = e; }
-            }
+            for (int e = lane; e < E; e += 32)
+                if (!taken[e] && (best == 0x7fffffff || sb[e] > v)) { v = sb[e]; best = e; }
             /* (value, index) max with the lower index winning ties */
             for (int o = 16; o; o >>= 1) {
                 float v2 = __shfl_xor_sync(0xffffffffu, v, o);
                 int b2 = __shfl_xor_sync(0xffffffffu, best, o);
                 if (b2 != 0x7fffffff && (best == 0x7fffffff || v2 > v || (v2 == v && b2 < best))) { v = v2; best = b2; }
             }
-            if (!lane) { bv[wid] = v; bi[wid] = best; }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                for (int w = 1; w < nw; w++)
-                    if (bi[w] != 0x7fffffff && (bi[0] == 0x7fffffff || bv[w] > bv[0] || (bv[w] == bv[0] && bi[w] < bi[0]))) {
-                        bv[0] = bv[w]; bi[0] = bi[w];
-                    }
-                ids[i] = bi[0];
-                taken[bi[0]] = 1;
-            }
-            __syncthreads();
+            if (!lane) { ids[i] = best; taken[best] = 1; }
+            __syncwarp();
         }
     }
     __syncthreads();
@@ -1019,24 +1285,73 @@ __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid
         ew[i] = (norm ? ssc[ids[i]] / sum : ssc[ids[i]]) * wscale;
     }
 }
+#define ROUTER_SMEM(E) ((E) * (2 * sizeof(float) + 1))
+
+/* Router of the chunk's tokens from their logits (one block per token). */
+__global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
+                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
+    pdl_wait();
+    int64_t t = blockIdx.x;
+    router_block(logit + t * E, E, used, tid2eid, t2e_rb, &st[t].tok, bias, norm, wscale, eid + t * used, ew + t * used);
+}
+
+/* Decode's router in one launch: the logits W·x (E rows of F16/F32, RT_ROWS
+ * rows a block, RT_THREADS / RT_ROWS threads a row summed in warp order;
+ * n_in ≤ RT_MAX_IN, the weights in registers, loaded before pdl_wait as in
+ * k_hc_step), then the block that arrives last (counter as in k_hc_step)
+ * routes. */
+#define RT_THREADS 256
+#define RT_ROWS 2
+#define RT_C 4                 /* 8-weight chunks a thread */
+#define RT_MAX_IN (8 * RT_C * RT_THREADS / RT_ROWS)
+__device__ unsigned d_rt_count;
+__global__ void __launch_bounds__(RT_THREADS)
+k_router_mv(int wtype, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in, const float *x, float *logit, int E,
+            int used, const uint8_t *tid2eid, uint64_t t2e_rb, const dstep *st, const float *bias, bool norm,
+            float wscale, int32_t *eid, float *ew) {
+    __shared__ float part[RT_THREADS / 32];
+    __shared__ bool last;
+    const int tpr = RT_THREADS / RT_ROWS, wpr = tpr / 32;
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    int64_t r = (int64_t)blockIdx.x * RT_ROWS + tid / tpr;
+    const uint8_t *w = W + (uint64_t)r * rb;
+    float4 wa[RT_C], wb[RT_C];
+#pragma unroll
+    for (int j = 0; j < RT_C; j++)
+        if (r < E && tid % tpr + j * tpr < n_in / 8) ld8w(wtype, w, tid % tpr + j * tpr, &wa[j], &wb[j]);
+    pdl_wait();
+    float acc = 0;
+#pragma unroll
+    for (int j = 0; j < RT_C; j++) {
+        int64_t c = tid % tpr + j * tpr;
+        if (r >= E || c >= n_in / 8) break;
+        float4 a = wa[j], b = wb[j], xa = ((const float4 *)x)[2 * c], xb = ((const float4 *)x)[2 * c + 1];
+        acc = fmaf(a.x, xa.x, acc); acc = fmaf(a.y, xa.y, acc); acc = fmaf(a.z, xa.z, acc); acc = fmaf(a.w, xa.w, acc);
+        acc = fmaf(b.x, xb.x, acc); acc = fmaf(b.y, xb.y, acc); acc = fmaf(b.z, xb.z, acc); acc = fmaf(b.w, xb.w, acc);
+    }
+    acc = warp_sum(acc);
+    if (!lane) part[wid] = acc;
+    __syncthreads();
+    if (tid % tpr == 0 && r < E) {
+        float v = 0;
+        for (int i = 0; i < wpr; i++) v += part[wid + i];
+        logit[r] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(&d_rt_count, 1u) == gridDim.x - 1;
+        if (last) d_rt_count = 0;
+    }
+    __syncthreads();
+    if (last) router_block(logit, E, used, tid2eid, t2e_rb, &st[0].tok, bias, norm, wscale, eid, ew);
+}
 
 /* g = swiglu(g, u) elementwise (a chunk's shared expert: two GEMMs, then this). */
 __global__ void k_swiglu(float *g, const float *u, int64_t n, float clamp) {
     pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) g[i] = swiglu(g[i], u[i], clamp);
-}
-
-/* y = Σ_slot routed (slot order) + y (the shared expert's output). */
-__global__ void k_moe_sum(const float *eout, int used, int64_t d, float *y) {
-    pdl_wait();
-    int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= d) return;
-    eout += (int64_t)blockIdx.y * used * d;   /* token blockIdx.y of a chunk */
-    y += (int64_t)blockIdx.y * d;
-    float a = 0;
-    for (int i = 0; i < used; i++) a += eout[i * d + k];
-    y[k] = a + y[k];
 }
 
 /* ---- matvec on repacked quantised weights ------------------------------------

@@ -198,6 +198,81 @@ static void check_hc(int hc) {
     }
 }
 
+/* Decode's fused HC step (k_hc_step) against forward.c's formulas: the
+ * post of y (+ the routed slots) with the coefficients of the previous
+ * mixer outputs, the mixer outputs over rms, collapse and norm. Run twice
+ * from the same inputs: the second run must repeat the first bit for bit
+ * (the arrival counter resets itself, the partials are summed in a fixed
+ * order). */
+static void check_hc_step(int hc, int64_t d, int wtype, bool post, bool eout, bool head) {
+    char err[256], what[96];
+    int64_t zw = hc * d, mw = head ? hc : (2 + hc) * hc, nc = (2 + hc) * hc;
+    int used = eout ? 6 : 0;
+    const float he = 1e-6f, re = 1e-6f;
+    uint64_t rb = ggml_row_bytes((uint32_t)wtype, (uint64_t)zw);
+    uint8_t *w = malloc(rb * mw);
+    float *src = malloc(zw * sizeof(float)), *X = malloc(zw * sizeof(float)), *Xr = malloc(zw * sizeof(float));
+    float *Xg[2] = {malloc(zw * sizeof(float)), malloc(zw * sizeof(float))}, *nrm[2] = {malloc(d * sizeof(float)),
+          malloc(d * sizeof(float))};
+    float *y = malloc(d * sizeof(float)), *e = malloc((used + 1) * d * sizeof(float)), *nw = malloc(d * sizeof(float));
+    float *h = malloc(d * sizeof(float)), *rn = malloc(d * sizeof(float));
+    float scale[3] = {0.5f + frand() * 0.1f, 0.5f, 0.5f}, pscale[3] = {0.5f + frand() * 0.1f, 0.5f, 0.5f};
+    float base[24], pbase[24], pm[24], pc[24], m[24], ref[24], mout[2][24];
+    for (int64_t r = 0; r < mw; r++) {   /* mixer outputs / rms of order 1 */
+        for (int64_t i = 0; i < zw; i++) src[i] = frand() * 0.02f;
+        ds4_quantize_row((ggml_type)wtype, src, w + r * rb, zw, NULL);
+    }
+    for (int64_t i = 0; i < zw; i++) Xr[i] = X[i] = frand();
+    for (int64_t k = 0; k < d; k++) { y[k] = frand(); nw[k] = 1.0f + frand() * 0.1f; }
+    for (int64_t i = 0; i < used * d; i++) e[i] = frand() * 0.5f;
+    for (int i = 0; i < nc; i++) { base[i] = frand() * 0.1f; pbase[i] = frand() * 0.1f; pm[i] = frand() * 3; }
+    cpu_hc_coeffs(pm, pscale, pbase, hc, 20, he, pc, pc + hc, pc + 2 * hc);   /* the post's coefficients */
+    if (post)
+        for (int64_t k = 0; k < d; k++) {
+            float yk = y[k];
+            if (eout) {
+                float a = 0;
+                for (int i = 0; i < used; i++) a += e[i * d + k];
+                yk = a + yk;
+            }
+            for (int c = 0; c < hc; c++) {
+                float v = pc[hc + c] * yk;
+                for (int a = 0; a < hc; a++) v += pc[2 * hc + a * hc + c] * X[a * d + k];
+                Xr[c * d + k] = v;
+            }
+        }
+    double ss = 0;
+    for (int64_t i = 0; i < zw; i++) ss += (double)Xr[i] * Xr[i];
+    float rms = (float)sqrt(ss / (double)zw + re);
+    for (int64_t r = 0; r < mw; r++) m[r] = ds4_dot_row((ggml_type)wtype, w + r * rb, Xr, zw) / rms;
+    for (int a = 0; a < hc; a++) ref[a] = 1.0f / (1.0f + expf(-(m[a] * scale[0] + base[a]))) + he;   /* pre */
+    for (int64_t k = 0; k < d; k++) {
+        float a = 0;
+        for (int i = 0; i < hc; i++) a += ref[i] * Xr[i * d + k];
+        h[k] = a;
+    }
+    cpu_rmsnorm(h, nw, d, re, rn);
+    snprintf(what, sizeof what, "hc step hc=%d d=%lld %s%s%s", hc, (long long)d, wtype == GGML_F16 ? "F16" : "F32",
+             post ? (eout ? " post+moe" : " post") : "", head ? " head" : "");
+    int rc = 0;
+    for (int run = 0; run < 2 && !rc; run++) {
+        memcpy(Xg[run], X, zw * sizeof(float));
+        rc = ds4_cuda_test_hc_step(hc, d, wtype, w, scale, base, 20, he, re, nw, Xg[run], post ? pm : NULL, pscale,
+                                   pbase, y, eout ? e : NULL, used, head, mout[run], nrm[run], err, sizeof err);
+    }
+    if (rc) verdict(what, false, "%s", err);
+    else {
+        double er = fmax(rel_err(nrm[0], rn, d), rel_err(Xg[0], Xr, zw));
+        if (!head) er = fmax(er, rel_err(mout[0], m, nc));
+        bool same = !memcmp(Xg[0], Xg[1], zw * sizeof(float)) && !memcmp(nrm[0], nrm[1], d * sizeof(float)) &&
+                    (head || !memcmp(mout[0], mout[1], nc * sizeof(float)));
+        verdict(what, within(er, 1e-5) && same, "rel %.3g (bound 1e-5), second run %s", er,
+                same ? "bit-identical" : "DIFFERS");
+    }
+    free(w); free(src); free(X); free(Xr); free(Xg[0]); free(Xg[1]); free(nrm[0]); free(nrm[1]);
+    free(y); free(e); free(nw); free(h); free(rn);
+}
+
 /* ---- mm (prefill GEMM) checks --------------------------------------------------------
  * Against double-precision dot products of the dequantised rows
  * (ds4_dequant_row): the kernels round x and the weights to f16 once each,
@@ -539,6 +614,11 @@ static void kernel_checks(void) {
     check_topk(75, 16, true);
     check_topk(100000, 512, false);
     check_hc(4);
+    check_hc_step(4, 4096, GGML_F16, true, true, false);    /* the full model's attention step */
+    check_hc_step(4, 4096, GGML_F16, true, false, false);   /* its FFN step */
+    check_hc_step(4, 4096, GGML_F16, false, false, true);   /* the head */
+    check_hc_step(4, 256, GGML_F32, false, false, false);   /* tiny width, F32 mixer, layer 0 */
+    check_hc_step(2, 384, GGML_F16, true, true, false);
     mm_checks();
     check_attn(0, 0, 5, 128);
     check_attn(0, 500, 300, 192);        /* ring wrap, keep_raw > window */
