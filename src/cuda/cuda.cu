@@ -479,6 +479,28 @@ static cudaError_t zalloc(float **p, uint64_t n) {
     return e == cudaSuccess ? cudaMemset(*p, 0, (n ? n : 1) * sizeof(float)) : e;
 }
 
+/* Dynamic shared memory of k_att_split: a row tile plus the weights of its
+ * heads (33 KB at hd 512). */
+static size_t att_split_smem(int hd) {
+    int tile = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
+    return (size_t)(tile * hd + ATT_HG * tile + ATT_HG) * sizeof(float);
+}
+
+/* Shared-memory limits of the decode attention and indexer kernels for
+ * these head dims; set outside any graph capture (state creation, tests). */
+static void att_setup(int hd, int ih, int ihd) {
+    int a = (int)att_split_smem(hd);
+    cudaFuncSetAttribute(k_att_split<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<5>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<7>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_idx_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_scores_smem(ih, ihd));
+}
+
 static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     gpu_backend *be = (gpu_backend *)b;
     const ds4_hparams *hp = be->hp;
@@ -509,6 +531,7 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
         ds4_errf(err, errlen, "out of memory for session state");
         return NULL;
     }
+    att_setup((int)hp->head_dim, (int)hp->idx_n_head, (int)hp->idx_head_dim);
     st->ctx = ctx;
     st->keep_raw = keep_raw;
     st->n_layer = (int)hp->n_layer;
@@ -747,8 +770,7 @@ static void attend(cudaStream_t s, const float *q, float *o, const float *kvc, c
                    const dstep *st0, const dstep *st, uint32_t window, const float *comp, const int32_t *sel, int ratio,
                    int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq, float scale, int64_t c,
                    float *part) {
-    int tile = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
-    size_t smem = (size_t)(tile * hd + ATT_HG * tile + ATT_HG) * sizeof(float);   /* 33 KB at hd 512 */
+    size_t smem = att_split_smem(hd);
     float *ml = part + c * ATT_SPLITS * H * hd;
     dim3 grid((unsigned)((H + ATT_HG - 1) / ATT_HG), ATT_SPLITS, (unsigned)c);
     switch (hd / 128) {   /* cuda_create: hd a multiple of 128, ≤ 1024 */
@@ -757,8 +779,8 @@ static void attend(cudaStream_t s, const float *q, float *o, const float *kvc, c
     ATT_NV(1) ATT_NV(2) ATT_NV(3) ATT_NV(4) ATT_NV(5) ATT_NV(6) ATT_NV(7) ATT_NV(8)
 #undef ATT_NV
     }
-    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), hd * sizeof(float), s, part, ml, st0, st,
-           window, ratio, topk, sinks, hd, rd, freq, ATT_SPLITS, o);
+    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), (hd + 2 * ATT_SPLITS) * sizeof(float), s,
+           part, ml, st0, st, window, ratio, topk, sinks, hd, rd, freq, ATT_SPLITS, o);
 }
 
 /* Indexer of a ratio-4 layer for the chunk: its compressor, then (select)
@@ -787,7 +809,7 @@ static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_laye
             idx_scores_chunk(s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx, p0 + (uint32_t)t0, c, (int)ih,
                              (int)ihd, st->isc, st->isc_ld);
         else
-            launch(k_idx_scores, dim3((unsigned)nb, (unsigned)c), 256, IDX_TILE * (ih + 1) * sizeof(float), s,
+            launch(k_idx_scores, dim3((unsigned)nb, (unsigned)c), 256, idx_scores_smem((int)ih, (int)ihd), s,
                    be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx, be->step + t0, (int)ih, (int)ihd, st->isc,
                    st->isc_ld);
         launch(k_topk, (unsigned)c, 1024, 0, s, st->isc, be->step + t0, 0, topk, be->sel + t0 * topk, st->isc_ld);
@@ -1479,6 +1501,7 @@ extern "C" int ds4_cuda_test_attn_f32(const float *q, const float *kvc, const fl
         !(e = at_upload(&d[6], freq, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs))) {
         poison(d[7], T * H * hd * fs);
         poison(d[8], T * ATT_SPLITS * H * (hd + 2) * fs);
+        att_setup(hd, IX_H, IX_D);
         attend(0, (float *)d[0], (float *)d[7], (float *)d[1], (float *)d[2], keep_raw, (dstep *)d[9], (dstep *)d[9],
                window, (float *)d[3], (int32_t *)d[4], ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, T,
                (float *)d[8]);
@@ -1523,7 +1546,8 @@ extern "C" int ds4_cuda_test_idx_scores_f32(const float *iq, const float *iw, co
         !(e = at_upload(&d[4], hs, T * sizeof(dstep)))) {
         poison(d[3], T * ld * fs);
         int64_t nb = (ld + IDX_TILE - 1) / IDX_TILE;   /* as indexer(): a capacity of ld rows */
-        k_idx_scores<<<dim3((unsigned)(nb < 264 ? nb : 264), (unsigned)T), 256, IDX_TILE * (ih + 1) * fs>>>(
+        att_setup(128, ih, ihd);
+        k_idx_scores<<<dim3((unsigned)(nb < 264 ? nb : 264), (unsigned)T), 256, idx_scores_smem(ih, ihd)>>>(
             (float *)d[0], (float *)d[1], (float *)d[2], (dstep *)d[4], ih, ihd, (float *)d[3], ld);
         if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
             e = cudaMemcpy(score, d[3], T * ld * fs, cudaMemcpyDeviceToHost);

@@ -49,6 +49,11 @@ __device__ __forceinline__ void pdl_wait(void) {
 #endif
 }
 
+/* 16-byte global → shared copy that bypasses registers (sm_80+). */
+__device__ __forceinline__ void att_cp16(float4 *dst, const float4 *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src));
+}
+
 /* IQ2_XXS tables, copied from src/quant at backend creation. */
 __device__ uint64_t d_iq2_grid[256];
 /* 0 only under the DS4_DIAG_EXACT_KV diagnostic (cpu/cpu.h): KV rows and
@@ -748,35 +753,47 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
  * token blockIdx.y (scores at score + blockIdx.y·ld), as the CPU's idx_task:
  * each product w_h·max(0, dot) rounded once, heads summed in ascending order
  * (the chunk kernel k_idx_chunk does the same), so the top-k sees the CPU's
- * scores. Tiles of 32 rows, a row per lane; warp w takes heads 8w … 8w+7
- * (and 64 on, 128 on, … where ih > 64) with q broadcast from L1 and its
- * lane's row streamed once; the products meet in shared memory (32 × (ih+1)
- * floats, dynamic) and lanes of warp 0 sum them. Fixed grid over the
- * state's capacity (decode graphs replay at every position), blocks loop
- * over tiles. 256 threads. */
+ * scores. Tiles of 32 rows copied to shared memory (cp.async, row stride
+ * ihd + 4 floats: a quarter-warp's 16-byte reads of 8 rows hit distinct
+ * banks), a row per lane; warp w takes heads 8w … 8w+7 (and 64 on, … where
+ * ih > 64) with q broadcast from L1; the products meet in shared memory and
+ * lanes of warp 0 sum them. Fixed grid over the state's capacity (decode
+ * graphs replay at every position), blocks loop over tiles. 256 threads,
+ * idx_scores_smem(ih, ihd) bytes of dynamic shared memory. */
 #define IDX_TILE 32
 #define IDX_HPT 8
+__host__ __device__ constexpr size_t idx_scores_smem(int ih, int ihd) {
+    return (size_t)IDX_TILE * (ihd + 4) * sizeof(float) + (size_t)IDX_TILE * (ih + 1) * sizeof(float);
+}
 __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st,
                                                     int ih, int ihd, float *score, int64_t ld) {
     pdl_wait();
-    extern __shared__ float se[];   /* IDX_TILE × (ih + 1): products of row lane, head h at lane·(ih+1) + h */
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5, groups = (ih + IDX_HPT - 1) / IDX_HPT;
+    extern __shared__ float4 ixs_sm[];
+    const int KS = ihd / 4 + 1, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int groups = (ih + IDX_HPT - 1) / IDX_HPT;
+    float4 *srow = ixs_sm;                          /* IDX_TILE × KS */
+    float *se = (float *)(ixs_sm + IDX_TILE * KS);   /* IDX_TILE × (ih + 1): row lane's product of head h at lane·(ih+1) + h */
     const int64_t nrows = (st[blockIdx.y].pos + 1) / 4;
-    iq += (int64_t)blockIdx.y * ih * ihd;
+    const float4 *q4 = (const float4 *)(iq + (int64_t)blockIdx.y * ih * ihd), *r4 = (const float4 *)rows;
     iw += (int64_t)blockIdx.y * ih;
     score += (int64_t)blockIdx.y * ld;
     for (int64_t r0 = (int64_t)blockIdx.x * IDX_TILE; r0 < nrows; r0 += (int64_t)gridDim.x * IDX_TILE) {
-        const int64_t r = r0 + lane < nrows ? r0 + lane : nrows - 1;   /* past the end: a real row, result unused */
-        const float4 *k = (const float4 *)(rows + r * ihd);
+        __syncthreads();   /* the previous tile's rows and products are consumed */
+        for (int i = threadIdx.x; i < IDX_TILE * (ihd / 4); i += blockDim.x) {
+            int rr = i / (ihd / 4), c = i % (ihd / 4);
+            int64_t r = r0 + rr < nrows ? r0 + rr : nrows - 1;   /* past the end: a real row, result unused */
+            att_cp16(srow + rr * KS + c, r4 + r * (ihd / 4) + c);
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        __syncthreads();
         for (int g = wid; g < groups; g += nw) {
             float acc[IDX_HPT];
 #pragma unroll
             for (int j = 0; j < IDX_HPT; j++) acc[j] = 0;
             const int hb = g * IDX_HPT;
-            const float4 *q4 = (const float4 *)iq;
 #pragma unroll 4
             for (int c = 0; c < ihd / 4; c++) {
-                float4 x = k[c];
+                float4 x = srow[lane * KS + c];
 #pragma unroll
                 for (int j = 0; j < IDX_HPT; j++) {
                     if (hb + j >= ih) break;
@@ -795,7 +812,6 @@ __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float
             for (int h = 0; h < ih; h++) sc = __fadd_rn(sc, se[lane * (ih + 1) + h]);
             score[r0 + lane] = sc;
         }
-        __syncthreads();   /* se is rewritten by the next tile */
     }
 }
 
@@ -809,12 +825,14 @@ __device__ __forceinline__ uint32_t fkey(float f) {
 /* Top-k by radix select (4 passes of 8-bit histograms find the k-th best key
  * T and how many keys equal to T to take), then one ordered pass that keeps
  * keys above T and the lowest-indexed ties: the CPU's selection exactly,
- * output ascending. One block of 1024 threads. Histogram counts are
- * aggregated per warp (__match_any_sync: scores of a layer share their top
+ * output ascending. One block of 1024 threads; thread i owns the contiguous
+ * segment i·seg … of the keys, held in registers while seg ≤ TOPK_KPT (up
+ * to 8192 rows, a 32K context), else re-read each pass. Histogram counts are
+ * aggregated per warp (__match_any_sync: a layer's scores share their top
  * bits, and per-key shared atomics on one bin serialise); the bin holding
- * the k-th key is found by a warp scan; the output pass gives each thread a
- * contiguous segment, placed by one block scan of (above T, equal to T)
- * counts. */
+ * the k-th key is found by a warp scan; the output places each segment by
+ * one block scan of its (above T, equal to T) counts. */
+#define TOPK_KPT 8
 __global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k,
                                                int32_t *out, int64_t ld) {
     pdl_wait();
@@ -827,22 +845,31 @@ __global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *
     __shared__ uint32_t s_prefix, s_need;
     __shared__ unsigned long long s_wsum[32];
     const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = blockDim.x >> 5;
+    const int64_t seg = (n + blockDim.x - 1) / blockDim.x, a0 = tid * seg < n ? tid * seg : n,
+                  a1 = a0 + seg < n ? a0 + seg : n;
+    const bool reg = seg <= TOPK_KPT;
+    uint32_t kr[TOPK_KPT];
+#pragma unroll
+    for (int j = 0; j < TOPK_KPT; j++) kr[j] = reg && a0 + j < a1 ? fkey(score[a0 + j]) : 0;
+    /* key j0 + j of this thread's segment (in range: a0 + j0 + j < a1) */
+#define TOPK_KEY(j0, j) (reg ? kr[j] : fkey(score[a0 + (j0) + (j)]))
     if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
     uint32_t mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         const uint32_t pre = s_prefix;
-        for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {   /* the same trip count in every lane */
-            int64_t i = i0 + tid;
-            uint32_t b = 256;   /* no count */
-            if (i < n) {
-                uint32_t key = fkey(score[i]);
-                if ((key & mask) == pre) b = (key >> shift) & 255;
+        for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
+#pragma unroll
+            for (int j = 0; j < TOPK_KPT; j++) {
+                uint32_t b = 256;   /* no count */
+                if (a0 + j0 + j < a1) {
+                    uint32_t key = TOPK_KEY(j0, j);
+                    if ((key & mask) == pre) b = (key >> shift) & 255;
+                }
+                uint32_t peers = __match_any_sync(0xffffffffu, b);
+                if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
             }
-            uint32_t peers = __match_any_sync(0xffffffffu, b);
-            if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
-        }
         __syncthreads();
         if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
             const uint32_t need = s_need;
@@ -866,14 +893,15 @@ __global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *
         __syncthreads();
     }
     const uint32_t T = s_prefix, need_eq = s_need;
-    const int64_t seg = (n + blockDim.x - 1) / blockDim.x, a0 = tid * seg < n ? tid * seg : n,
-                  a1 = a0 + seg < n ? a0 + seg : n;
     uint32_t gt = 0, eq = 0;
-    for (int64_t i = a0; i < a1; i++) {
-        uint32_t key = fkey(score[i]);
-        gt += key > T;
-        eq += key == T;
-    }
+    for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
+#pragma unroll
+        for (int j = 0; j < TOPK_KPT; j++)
+            if (a0 + j0 + j < a1) {
+                uint32_t key = TOPK_KEY(j0, j);
+                gt += key > T;
+                eq += key == T;
+            }
     /* exclusive prefix of (gt, eq) over threads, both packed in one 64-bit sum (each total ≤ n < 2^32) */
     const unsigned long long v = (unsigned long long)gt << 32 | eq;
     unsigned long long inc = v;
@@ -894,14 +922,18 @@ __global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *
     __syncthreads();
     const unsigned long long before = inc - v + (wid ? s_wsum[wid - 1] : 0);
     uint32_t eqb = (uint32_t)before, pos = (uint32_t)(before >> 32) + (eqb < need_eq ? eqb : need_eq);
-    for (int64_t i = a0; i < a1; i++) {
-        uint32_t key = fkey(score[i]);
-        if (key > T) out[pos++] = (int32_t)i;
-        else if (key == T) {
-            if (eqb < need_eq) out[pos++] = (int32_t)i;
-            eqb++;
-        }
-    }
+    for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
+#pragma unroll
+        for (int j = 0; j < TOPK_KPT; j++)
+            if (a0 + j0 + j < a1) {
+                uint32_t key = TOPK_KEY(j0, j);
+                if (key > T) out[pos++] = (int32_t)(a0 + j0 + j);
+                else if (key == T) {
+                    if (eqb < need_eq) out[pos++] = (int32_t)(a0 + j0 + j);
+                    eqb++;
+                }
+            }
+#undef TOPK_KEY
 }
 
 /* ---- attention (spec §4.4) ---------------------------------------------------- */
@@ -949,10 +981,6 @@ __device__ __forceinline__ const float4 *att_row(const att_span &a, int64_t r, c
         p = comp + (size_t)(a.sel ? a.sel[r - a.nraw] : r - a.nraw) * hd;
     }
     return (const float4 *)p;
-}
-/* 16-byte global → shared copy that bypasses registers (sm_80+). */
-__device__ __forceinline__ void att_cp16(float4 *dst, const float4 *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src));
 }
 /* Slices of a span: ≥ ATT_MIN_ROWS rows each where possible, never empty. */
 __device__ __forceinline__ int att_nsplit(int64_t n, int splits) {
@@ -1060,30 +1088,46 @@ k_att_split(const float *q, const float *kvc, const float *raw, uint32_t keep_ra
     if (!lane && hw < H) { ml[(base + hw) * 2] = m; ml[(base + hw) * 2 + 1] = l; }
 }
 
-/* Grid (H, tokens), hd/4 threads, hd floats of shared memory: the slices of
- * (token, head) in ascending order with the head's sink (as cpu_attend: max
- * over scores and sink, den = e^(sink−M) + Σ l·e^(m−M)), then inverse RoPE
- * on the tail. */
+/* Grid (H, tokens), hd/4 threads, hd + 2·splits floats of shared memory:
+ * the slices of (token, head) in ascending order with the head's sink (as
+ * cpu_attend: max over scores and sink, den = e^(sink−M) + Σ l·e^(m−M)),
+ * then inverse RoPE on the tail. The slices' (m, l) are read once into
+ * shared memory, the partial outputs ATT_CB slices at a time (loads in
+ * flight together, not one latency per slice). */
+#define ATT_CB 16
 __global__ void k_att_combine(const float *part, const float *ml, const dstep *st0, const dstep *st, uint32_t window,
                               int ratio, int64_t topk, const float *sinks, int hd, int rd, const double *freq,
                               int splits, float *o) {
     pdl_wait();
     extern __shared__ float sv[];
+    float *sm = sv + hd, *sl = sm + splits;
     const int h = blockIdx.x, H = gridDim.x, c = threadIdx.x;
     const int64_t t = blockIdx.y;
     const att_span a = att_rows(st0, st, t, window, ratio, topk, NULL);
     const int ns = att_nsplit(a.n, splits);
     const int64_t base = t * splits * H + h;   /* slice s of head h: base + s·H */
+    for (int s = c; s < ns; s += blockDim.x) {
+        sm[s] = ml[(base + s * H) * 2];
+        sl[s] = ml[(base + s * H) * 2 + 1];
+    }
+    __syncthreads();
     float sink = sinks[h], M = sink;
-    for (int s = 0; s < ns; s++) M = fmaxf(M, ml[(base + s * H) * 2]);
+    for (int s = 0; s < ns; s++) M = fmaxf(M, sm[s]);
     float den = expf(sink - M);
     float4 acc = make_float4(0, 0, 0, 0);
-#pragma unroll 8
-    for (int s = 0; s < ns; s++) {
-        float f = expf(ml[(base + s * H) * 2] - M);
-        den += ml[(base + s * H) * 2 + 1] * f;
-        float4 v = ((const float4 *)(part + (base + s * H) * hd))[c];
-        acc.x = fmaf(f, v.x, acc.x); acc.y = fmaf(f, v.y, acc.y); acc.z = fmaf(f, v.z, acc.z); acc.w = fmaf(f, v.w, acc.w);
+    for (int s0 = 0; s0 < ns; s0 += ATT_CB) {
+        float4 v[ATT_CB];
+#pragma unroll
+        for (int j = 0; j < ATT_CB; j++)
+            if (s0 + j < ns) v[j] = ((const float4 *)(part + (base + (s0 + j) * H) * hd))[c];
+#pragma unroll
+        for (int j = 0; j < ATT_CB; j++)
+            if (s0 + j < ns) {
+                float f = expf(sm[s0 + j] - M);
+                den += sl[s0 + j] * f;
+                acc.x = fmaf(f, v[j].x, acc.x); acc.y = fmaf(f, v[j].y, acc.y);
+                acc.z = fmaf(f, v[j].z, acc.z); acc.w = fmaf(f, v[j].w, acc.w);
+            }
     }
     float inv = 1.0f / den;
     ((float4 *)sv)[c] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
