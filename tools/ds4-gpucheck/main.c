@@ -898,7 +898,7 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
     int32_t *ids = malloc(n_tok * sizeof(int32_t));
     for (size_t i = 0; i < n_tok; i++) ids[i] = (int32_t)(rnd() % m.hp.n_vocab);
     double t0 = now();
-    int rc = !be || !(st = ds4_backend_cuda.state_new(be, (uint32_t)n_tok + bench + 8, err, sizeof err)) ||
+    int rc = !be || !(st = ds4_backend_cuda.state_new(be, (uint32_t)n_tok + 2 * bench + 8, err, sizeof err)) ||
              ds4_backend_cuda.eval(be, st, ids, n_tok, lg, false, err, sizeof err);
     if (rc) fprintf(stderr, "ds4-gpucheck: %s\n", err);
     else printf("profile run: %zu tokens in %.3fs, argmax %d\n", n_tok, now() - t0, argmax(lg, m.hp.n_vocab));
@@ -906,15 +906,27 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
         /* A profiler started with --profile-from-start off sees the decode
          * steps only (the prompt was a prefill chunk). */
         ds4_cuda_profiler(true);
+        double t_am = 0;
         t0 = now();
         for (int i = 0; i < bench && !rc; i++) {
+            double ta = now();
             int32_t tok = argmax(lg, m.hp.n_vocab);
+            t_am += now() - ta;
             rc = ds4_backend_cuda.eval(be, st, &tok, 1, lg, false, err, sizeof err);
         }
         ds4_cuda_profiler(false);
         double dt = now() - t0;
         printf("decode: %d tokens at context %zu: %.3f ms/token, %.1f tok/s\n", bench, n_tok, 1e3 * dt / bench,
                bench / dt);
+        /* Where the host's share of a step goes: the same steps without the
+         * logits (no head graph, no copy to the host) and the host argmax. */
+        int32_t tok = argmax(lg, m.hp.n_vocab);
+        t0 = now();
+        for (int i = 0; i < bench && !rc; i++) rc = ds4_backend_cuda.eval(be, st, &tok, 1, NULL, false, err, sizeof err);
+        double dn = now() - t0;
+        if (!rc)
+            printf("decode host share: body only (no logits) %.3f ms/token; host argmax %.1f us/token\n",
+                   1e3 * dn / bench, 1e6 * t_am / bench);
     }
     if (st) ds4_backend_cuda.state_free(be, st);
     if (be) ds4_backend_cuda.destroy(be);

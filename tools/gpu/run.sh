@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device script for the CUDA backend (run on the GPU machine from the folder
 # that holds bin/, lib/ and tokenizer.json; see tools/gpu/NOTES.md).
-#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [profp] [flash20]   default: kernels tiny flash4
+#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [profp] [nsys] [flash20]   default: kernels tiny flash4
 #   (…x: the model checks under DS4_DIAG_EXACT_KV=1, the strict gate of the chunked prefill)
 # Logs go to $OUT (or ./out). Prints a short summary last.
 set -u
@@ -71,7 +71,46 @@ for k, a in sorted(agg.items(), key=lambda kv: -kv[1][1]):
 print("total kernel time %.1f us over %d launches" % (tot / 1e3, sum(a[0] for a in agg.values())))
 PY
         ;;
+    nsys)
+        # Timeline of 30 graph-replayed decode steps of the 4-layer file at a
+        # ${NSYS_TOKENS:-64}-token context, with and without programmatic
+        # dependent launch: per step the wall time (embedding kernel to
+        # embedding kernel), the union of kernel intervals (busy), the sum of
+        # kernel durations and the copies. With PDL a kernel's interval
+        # includes its wait for the predecessor, so gaps show only with it off.
+        # The image's importer needs libdw/libelf/liblzma/libbz2: carry them
+        # in nsyslib/ (copied from the build machine) or name a folder in NSYS_LIBS.
+        f4
+        nsys=$(command -v nsys || ls /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys | head -1)
+        for pdl in 1 0; do
+            DS4_CUDA_PDL=$pdl $nsys profile --capture-range=cudaProfilerApi --cuda-graph-trace=node -t cuda \
+                -o "$OUT/nsys-pdl$pdl" -f true $BIN/ds4-gpucheck --model /dev/shm/f4.gguf \
+                --tokens ${NSYS_TOKENS:-64} --bench 30 --profile > "$OUT/nsys-pdl$pdl.err" 2>&1
+            # The device image's nsys (bundled with Nsight Compute) leaves a
+            # .qdstrm; the host-side importer turns it into a report.
+            [ -f "$OUT/nsys-pdl$pdl.nsys-rep" ] || LD_LIBRARY_PATH=${NSYS_LIBS:-$PWD/nsyslib}:$LD_LIBRARY_PATH $(ls /opt/nvidia/nsight-compute/*/host/*/QdstrmImporter | head -1) \
+                -i "$OUT/nsys-pdl$pdl.qdstrm" >> "$OUT/nsys-pdl$pdl.err" 2>&1
+            $nsys stats -q -r cuda_gpu_trace -f csv -o "$OUT/nsys-pdl$pdl" "$OUT/nsys-pdl$pdl.nsys-rep" >> "$OUT/nsys-pdl$pdl.err" 2>&1
+            python3 - "$OUT/nsys-pdl${pdl}_cuda_gpu_trace.csv" $pdl <<'PY' | tee -a "$OUT/nsys.log"
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+ev = sorted((int(r["Start (ns)"]), int(r["Duration (ns)"]), r["Name"]) for r in rows)
+starts = [s for s, d, n in ev if n.startswith("k_embed")]
+steps = []
+for a, b in zip(starts[5:], starts[6:]):          # skip 5 warm-up steps
+    ks = [(s, d) for s, d, n in ev if a <= s < b and not n.startswith("[")]
+    cp = sum(d for s, d, n in ev if a <= s < b and n.startswith("["))
+    busy, end = 0, a
+    for s, d in ks:
+        if s + d > end: busy += s + d - max(s, end); end = s + d
+    steps.append((b - a, busy, sum(d for s, d in ks), cp, len(ks)))
+n = len(steps)
+m = [sum(x[i] for x in steps) / n / 1e3 for i in range(4)]
+print("nsys PDL=%s: %d steps, %.0f kernels a step: wall %.1f us, kernels busy %.1f us (idle %.1f), sum of kernel durations %.1f us, copies %.1f us"
+      % (sys.argv[2], n, steps[0][4], m[0], m[1], m[0] - m[1], m[2], m[3]))
+PY
+        done ;;
     esac
 done
 echo "== summary"
-grep -h -E "FAIL|passed|decode|prefill|create|total kernel" "$OUT"/*.log
+grep -h -E "FAIL|passed|decode|prefill|create|total kernel|^nsys" "$OUT"/*.log
