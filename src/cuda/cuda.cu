@@ -78,7 +78,7 @@ typedef struct {
     uint32_t ctx, n, keep_raw;
     int n_layer;
     gpu_layer *L;
-    float *att;                  /* att_rows × n_head × att_len attention scores */
+    float *att;                  /* att_rows × n_head × att_len attention slices (att_len = ATT_SPLITS·(hd + 2)) */
     int64_t att_len, att_rows;
     float *isc;                  /* isc_rows × isc_ld indexer scores (isc_ld = ctx/4 + 2) */
     int64_t isc_ld, isc_rows;
@@ -479,25 +479,43 @@ static cudaError_t zalloc(float **p, uint64_t n) {
     return e == cudaSuccess ? cudaMemset(*p, 0, (n ? n : 1) * sizeof(float)) : e;
 }
 
+/* Dynamic shared memory of k_att_split: a row tile plus the weights of its
+ * heads (33 KB at hd 512). */
+static size_t att_split_smem(int hd) {
+    int tile = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
+    return (size_t)(tile * hd + ATT_HG * tile + ATT_HG) * sizeof(float);
+}
+
+/* Shared-memory limits of the decode attention and indexer kernels for
+ * these head dims; set outside any graph capture (state creation, tests). */
+static void att_setup(int hd, int ih, int ihd) {
+    int a = (int)att_split_smem(hd);
+    cudaFuncSetAttribute(k_att_split<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<5>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<7>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_att_split<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
+    cudaFuncSetAttribute(k_idx_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_scores_smem(ih, ihd));
+}
+
 static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     gpu_backend *be = (gpu_backend *)b;
     const ds4_hparams *hp = be->hp;
     if (ctx < 1 || ctx > hp->ctx_max) { ds4_errf(err, errlen, "context %u out of range 1…%u", ctx, hp->ctx_max); return NULL; }
     uint32_t keep_raw = ds4_kv_keep_raw(hp);
-    uint64_t need = 0, maxvis = 0;
-    for (uint32_t l = 0; l < hp->n_layer; l++) {
-        int r = hp->compress_ratio[l];
-        need += layer_bytes(hp, r, keep_raw, ctx);
-        uint64_t v = r == 4 ? hp->idx_top_k : r > 0 ? ctx / (uint32_t)r + 1 : 0;
-        if (v > maxvis) maxvis = v;
-    }
-    /* Score scratch of a chunk's attention and indexer, in batches of rows
-     * tokens that fit ROW_BUDGET floats (a decode step uses one row). */
-    int64_t att_len = hp->window + maxvis, isc_ld = ctx / 4 + 2, per_att = (int64_t)hp->n_head * att_len;
+    uint64_t need = 0;
+    for (uint32_t l = 0; l < hp->n_layer; l++) need += layer_bytes(hp, hp->compress_ratio[l], keep_raw, ctx);
+    /* Scratch of a chunk's attention (per token and head the slices' partial
+     * outputs and (max, sum), see attend) and indexer scores, in batches of
+     * rows tokens that fit ROW_BUDGET floats (a decode step uses one row). */
+    int64_t att_len = ATT_SPLITS * ((int64_t)hp->head_dim + 2), isc_ld = ctx / 4 + 2, per_att = (int64_t)hp->n_head * att_len;
     int64_t att_rows = ROW_BUDGET / per_att, isc_rows = ROW_BUDGET / isc_ld;
     att_rows = att_rows < 1 ? 1 : att_rows > be->chunk ? be->chunk : att_rows;
     isc_rows = isc_rows < 1 ? 1 : isc_rows > be->chunk ? be->chunk : isc_rows;
-    if (be->fast_attn) att_rows = 1;   /* chunks take attn_chunk: scores of decode only */
+    if (be->fast_attn) att_rows = 1;   /* chunks take attn_chunk: slices of decode only */
     uint64_t a16 = be->fast_attn ? attn_scratch_bytes(keep_raw, ctx, be->chunk, 4) : 0;
     need += (uint64_t)(att_rows * per_att + isc_rows * isc_ld) * sizeof(float) + a16;
     size_t free_b = 0, total_b = 0;
@@ -513,6 +531,7 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
         ds4_errf(err, errlen, "out of memory for session state");
         return NULL;
     }
+    att_setup((int)hp->head_dim, (int)hp->idx_n_head, (int)hp->idx_head_dim);
     st->ctx = ctx;
     st->keep_raw = keep_raw;
     st->n_layer = (int)hp->n_layer;
@@ -593,7 +612,6 @@ static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->c
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
  * row they would leave most of the GPU idle. */
 #define WIDE_ROWS 1024
-#define ATT_WARPS 8            /* warps per attention block (one block per head) */
 
 /* Blocks of `kernel` (SX_WARPS warps, smem bytes of dynamic shared memory)
  * that are resident on the whole GPU at once. */
@@ -838,6 +856,28 @@ static void compress(gpu_backend *be, int64_t n, const ds4_tensor *tkv, const ds
         pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes, W, R, be->step, n, rkv, rg, keep);
 }
 
+/* Attention of c tokens of a chunk (st0: the chunk's first step, st: the
+ * first of these c; q, o, sel from that token) without tensor cores: f32
+ * like the CPU's cpu_attend, which decode must match closely. Slices of the
+ * rows per head group (k_att_split), merged per head (k_att_combine); part
+ * holds c × ATT_SPLITS × H × (hd + 2) floats. */
+static void attend(cudaStream_t s, const float *q, float *o, const float *kvc, const float *raw, uint32_t keep_raw,
+                   const dstep *st0, const dstep *st, uint32_t window, const float *comp, const int32_t *sel, int ratio,
+                   int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq, float scale, int64_t c,
+                   float *part) {
+    size_t smem = att_split_smem(hd);
+    float *ml = part + c * ATT_SPLITS * H * hd;
+    dim3 grid((unsigned)((H + ATT_HG - 1) / ATT_HG), ATT_SPLITS, (unsigned)c);
+    switch (hd / 128) {   /* cuda_create: hd a multiple of 128, ≤ 1024 */
+#define ATT_NV(NV) case NV: launch(k_att_split<NV>, grid, 32 * ATT_HG, smem, s, q, kvc, raw, keep_raw, st0, st, window, \
+                                   comp, sel, ratio, topk, H, scale, part, ml); break;
+    ATT_NV(1) ATT_NV(2) ATT_NV(3) ATT_NV(4) ATT_NV(5) ATT_NV(6) ATT_NV(7) ATT_NV(8)
+#undef ATT_NV
+    }
+    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), (hd + 2 * ATT_SPLITS) * sizeof(float), s,
+           part, ml, st0, st, window, ratio, topk, sinks, hd, rd, freq, ATT_SPLITS, o);
+}
+
 /* Indexer of a ratio-4 layer for the chunk: its compressor, then (select)
  * scores and top-k for every token, in sub-batches of the state's score
  * rows. A token with no more visible rows than top_k skips the selection
@@ -855,14 +895,18 @@ static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_laye
     float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
     launch(k_idx_heads, dim3((unsigned)ih, (unsigned)n), nthreads(ihd), ihd * sizeof(float), s, be->iq, be->iw,
            (int)ihd, (int)rd, freq, be->step, wscale);
+    /* k_idx_scores: a tile of rows per block up to the state's capacity, at most ~2 blocks per SM (132) */
+    int64_t nb = (st->isc_ld + IDX_TILE - 1) / IDX_TILE;
+    nb = nb < 264 ? nb : 264;
     for (int64_t t0 = 0; t0 < n; t0 += st->isc_rows) {
         int64_t c = n - t0 < st->isc_rows ? n - t0 : st->isc_rows;
         if (n > 1 && be->fast_idx)
             idx_scores_chunk(s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx, p0 + (uint32_t)t0, c, (int)ih,
                              (int)ihd, st->isc, st->isc_ld);
         else
-            launch(k_idx_scores, dim3(264, (unsigned)c), 256, 0, s, be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx,
-                   be->step + t0, (int)ih, (int)ihd, st->isc, st->isc_ld);
+            launch(k_idx_scores, dim3((unsigned)nb, (unsigned)c), 256, idx_scores_smem((int)ih, (int)ihd), s,
+                   be->iq + t0 * ih * ihd, be->iw + t0 * ih, ls->idx, be->step + t0, (int)ih, (int)ihd, st->isc,
+                   st->isc_ld);
         launch(k_topk, (unsigned)c, 1024, 0, s, st->isc, be->step + t0, 0, topk, be->sel + t0 * topk, st->isc_ld);
     }
 }
@@ -908,17 +952,15 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
     if (ls->ratio == 4) indexer(be, st, L, ls, n, p0, select, freq);
     float scale = (float)(1.0 / sqrt((double)hd));
-    size_t att_smem = (1 + ATT_WARPS) * hd * sizeof(float);
     if (n > 1 && be->fast_attn)
         attn_chunk(s, be->q, be->kvc, ls->raw, st->keep_raw, hp->window, ls->comp, be->sel, ls->ratio,
                    (int64_t)hp->idx_top_k, DF(be, &L->attn_sinks), (int)H, (int)hd, (int)rd, freq, scale, p0, n, be->o,
                    st->a16);
     else for (int64_t t0 = 0; t0 < n; t0 += st->att_rows) {
         int64_t c = n - t0 < st->att_rows ? n - t0 : st->att_rows;
-        launch(k_attend, dim3((unsigned)H, (unsigned)c), 32 * ATT_WARPS, att_smem, s,
-            be->q + t0 * H * hd, be->o + t0 * H * hd, be->kvc, ls->raw, st->keep_raw, be->step, be->step + t0,
-            hp->window, ls->comp, be->sel + t0 * hp->idx_top_k, ls->ratio, (int64_t)hp->idx_top_k,
-            DF(be, &L->attn_sinks), (int)hd, (int)rd, freq, scale, st->att, st->att_len);
+        attend(s, be->q + t0 * H * hd, be->o + t0 * H * hd, be->kvc, ls->raw, st->keep_raw, be->step, be->step + t0,
+               hp->window, ls->comp, be->sel + t0 * hp->idx_top_k, ls->ratio, (int64_t)hp->idx_top_k,
+               DF(be, &L->attn_sinks), (int)H, (int)hd, (int)rd, freq, scale, c, st->att);
     }
     if (!direct) {
         int64_t ns = n < (int64_t)st->keep_raw ? n : (int64_t)st->keep_raw;
@@ -1693,6 +1735,35 @@ extern "C" int ds4_cuda_test_attn(const float *q, const float *kvc, const float 
     return e ? ds4_errf(err, errlen, "attn: %s", cudaGetErrorString(e)) : 0;
 }
 
+extern "C" int ds4_cuda_test_attn_f32(const float *q, const float *kvc, const float *raw, uint32_t keep_raw,
+                                      uint32_t window, const float *comp, int64_t n_comp, const int32_t *sel, int ratio,
+                                      int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq,
+                                      float scale, uint32_t p0, int64_t T, float *o, char *err, size_t errlen) {
+    if (T < 1 || T > 64 || H < 1 || hd < 128 || hd > 1024 || hd % 128 || rd % 2 || rd >= hd || keep_raw < window)
+        return ds4_errf(err, errlen, "attn f32: unsupported shape T %lld H %d hd %d rd %d", (long long)T, H, hd, rd);
+    size_t fs = sizeof(float);
+    dstep hs[64];
+    for (int64_t t = 0; t < T; t++) hs[t] = {p0 + (uint32_t)t, 0};
+    void *d[10] = {0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[8], NULL, T * ATT_SPLITS * H * (hd + 2) * fs)) && !(e = at_upload(&d[9], hs, T * sizeof(dstep))) &&
+        !(e = at_upload(&d[0], q, T * H * hd * fs)) && !(e = at_upload(&d[1], kvc, T * hd * fs)) &&
+        !(e = at_upload(&d[2], raw, (size_t)keep_raw * hd * fs)) && !(e = at_upload(&d[3], comp, n_comp * hd * fs)) &&
+        !(e = at_upload(&d[4], sel, sel ? T * topk * sizeof(int32_t) : 0)) && !(e = at_upload(&d[5], sinks, H * fs)) &&
+        !(e = at_upload(&d[6], freq, rd / 2 * sizeof(double))) && !(e = at_upload(&d[7], NULL, T * H * hd * fs))) {
+        poison(d[7], T * H * hd * fs);
+        poison(d[8], T * ATT_SPLITS * H * (hd + 2) * fs);
+        att_setup(hd, IX_H, IX_D);
+        attend(0, (float *)d[0], (float *)d[7], (float *)d[1], (float *)d[2], keep_raw, (dstep *)d[9], (dstep *)d[9],
+               window, (float *)d[3], (int32_t *)d[4], ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, T,
+               (float *)d[8]);
+        if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
+            e = cudaMemcpy(o, d[7], T * H * hd * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 10; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "attn f32: %s", cudaGetErrorString(e)) : 0;
+}
+
 extern "C" int ds4_cuda_test_idx_scores(const float *iq, const float *iw, const float *rows, int64_t n_rows,
                                         uint32_t p0, int64_t T, int ih, int ihd, float *score, int64_t ld, char *err,
                                         size_t errlen) {
@@ -1710,6 +1781,31 @@ extern "C" int ds4_cuda_test_idx_scores(const float *iq, const float *iw, const 
     }
     for (int i = 0; i < 4; i++) cudaFree(d[i]);
     return e ? ds4_errf(err, errlen, "idx: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_idx_scores_f32(const float *iq, const float *iw, const float *rows, int64_t n_rows,
+                                            uint32_t p0, int64_t T, int ih, int ihd, float *score, int64_t ld,
+                                            char *err, size_t errlen) {
+    if (T < 1 || T > 64 || ih < 1 || ihd < 4 || ihd % 4 || ld < ((int64_t)p0 + T) / 4 || n_rows < ((int64_t)p0 + T) / 4)
+        return ds4_errf(err, errlen, "idx f32: unsupported shape T %lld ih %d ihd %d", (long long)T, ih, ihd);
+    size_t fs = sizeof(float);
+    dstep hs[64];
+    for (int64_t t = 0; t < T; t++) hs[t] = {p0 + (uint32_t)t, 0};
+    void *d[5] = {0};
+    cudaError_t e;
+    if (!(e = at_upload(&d[0], iq, T * ih * ihd * fs)) && !(e = at_upload(&d[1], iw, T * ih * fs)) &&
+        !(e = at_upload(&d[2], rows, n_rows * ihd * fs)) && !(e = at_upload(&d[3], NULL, T * ld * fs)) &&
+        !(e = at_upload(&d[4], hs, T * sizeof(dstep)))) {
+        poison(d[3], T * ld * fs);
+        int64_t nb = (ld + IDX_TILE - 1) / IDX_TILE;   /* as indexer(): a capacity of ld rows */
+        att_setup(128, ih, ihd);
+        k_idx_scores<<<dim3((unsigned)(nb < 264 ? nb : 264), (unsigned)T), 256, idx_scores_smem(ih, ihd)>>>(
+            (float *)d[0], (float *)d[1], (float *)d[2], (dstep *)d[4], ih, ihd, (float *)d[3], ld);
+        if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))
+            e = cudaMemcpy(score, d[3], T * ld * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 5; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "idx f32: %s", cudaGetErrorString(e)) : 0;
 }
 
 /* Uniform values in (−amp, amp) from a hash of (seed, i), optionally f16-rounded. */

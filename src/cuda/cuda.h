@@ -90,10 +90,21 @@ int ds4_cuda_test_attn(const float *q, const float *kvc, const float *raw, uint3
                        const float *comp, int64_t n_comp, const int32_t *sel, int ratio, int64_t topk,
                        const float *sinks, int H, int hd, int rd, const double *freq, float scale, uint32_t p0,
                        int64_t T, float *o, char *err, size_t errlen);
+/* The f32 attention of decode (and of chunks without attn_chunk) on host
+ * inputs, shapes as ds4_cuda_test_attn but any H, hd a multiple of 128 ≤
+ * 1024, rd < hd; T ≤ 64 tokens at positions p0 … p0+T−1. */
+int ds4_cuda_test_attn_f32(const float *q, const float *kvc, const float *raw, uint32_t keep_raw, uint32_t window,
+                           const float *comp, int64_t n_comp, const int32_t *sel, int ratio, int64_t topk,
+                           const float *sinks, int H, int hd, int rd, const double *freq, float scale, uint32_t p0,
+                           int64_t T, float *o, char *err, size_t errlen);
 /* idx_scores_chunk on host inputs: iq T×ih×ihd, iw T×ih, rows n_rows×ihd;
  * score T×ld (entries c ≥ (p0+t+1)/4 are left as NaN). ih 64, ihd 128 only. */
 int ds4_cuda_test_idx_scores(const float *iq, const float *iw, const float *rows, int64_t n_rows, uint32_t p0,
                              int64_t T, int ih, int ihd, float *score, int64_t ld, char *err, size_t errlen);
+/* The indexer scores of decode (k_idx_scores, f32, any ih and ihd), same
+ * arguments; T ≤ 64. */
+int ds4_cuda_test_idx_scores_f32(const float *iq, const float *iw, const float *rows, int64_t n_rows, uint32_t p0,
+                                 int64_t T, int ih, int ihd, float *score, int64_t ld, char *err, size_t errlen);
 /* Median ms of `reps` launches of attn_chunk (idx false; ratio 0/4/128,
  * window 128, topk 512) or idx_scores_chunk (idx true) at T tokens from p0
  * on random device data, and the flop count of one launch. */

@@ -49,6 +49,11 @@ __device__ __forceinline__ void pdl_wait(void) {
 #endif
 }
 
+/* 16-byte global → shared copy that bypasses registers (sm_80+). */
+__device__ __forceinline__ void att_cp16(float4 *dst, const float4 *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src));
+}
+
 /* IQ2_XXS tables, copied from src/quant at backend creation. */
 __device__ uint64_t d_iq2_grid[256];
 /* 0 only under the DS4_DIAG_EXACT_KV diagnostic (cpu/cpu.h): KV rows and
@@ -1032,28 +1037,69 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
     if (threadIdx.x == 0) iw[blockIdx.x] *= wscale;
 }
 
-/* score_c = Σ_h w_h · max(0, q_h · k_c) for the (pos+1)/4 visible rows, one
- * warp per row over a fixed grid (the row count changes every 4 positions);
- * token blockIdx.y's scores at score + blockIdx.y·ld. */
-__global__ void k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st, int ih, int ihd,
-                             float *score, int64_t ld) {
+/* score_c = Σ_h w_h · max(0, q_h · k_c) for the (pos+1)/4 visible rows of
+ * token blockIdx.y (scores at score + blockIdx.y·ld), as the CPU's idx_task:
+ * each product w_h·max(0, dot) rounded once, heads summed in ascending order
+ * (the chunk kernel k_idx_chunk does the same), so the top-k sees the CPU's
+ * scores. Tiles of 32 rows copied to shared memory (cp.async, row stride
+ * ihd + 4 floats: a quarter-warp's 16-byte reads of 8 rows hit distinct
+ * banks), a row per lane; warp w takes heads 8w … 8w+7 (and 64 on, … where
+ * ih > 64) with q broadcast from L1; the products meet in shared memory and
+ * lanes of warp 0 sum them. Fixed grid over the state's capacity (decode
+ * graphs replay at every position), blocks loop over tiles. 256 threads,
+ * idx_scores_smem(ih, ihd) bytes of dynamic shared memory. */
+#define IDX_TILE 32
+#define IDX_HPT 8
+__host__ __device__ constexpr size_t idx_scores_smem(int ih, int ihd) {
+    return (size_t)IDX_TILE * (ihd + 4) * sizeof(float) + (size_t)IDX_TILE * (ih + 1) * sizeof(float);
+}
+__global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st,
+                                                    int ih, int ihd, float *score, int64_t ld) {
     pdl_wait();
-    int lane = threadIdx.x & 31;
-    int64_t nrows = (st[blockIdx.y].pos + 1) / 4;
-    iq += (int64_t)blockIdx.y * ih * ihd;
+    extern __shared__ float4 ixs_sm[];
+    const int KS = ihd / 4 + 1, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int groups = (ih + IDX_HPT - 1) / IDX_HPT;
+    float4 *srow = ixs_sm;                          /* IDX_TILE × KS */
+    float *se = (float *)(ixs_sm + IDX_TILE * KS);   /* IDX_TILE × (ih + 1): row lane's product of head h at lane·(ih+1) + h */
+    const int64_t nrows = (st[blockIdx.y].pos + 1) / 4;
+    const float4 *q4 = (const float4 *)(iq + (int64_t)blockIdx.y * ih * ihd), *r4 = (const float4 *)rows;
     iw += (int64_t)blockIdx.y * ih;
     score += (int64_t)blockIdx.y * ld;
-    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < nrows;
-         r += (int64_t)gridDim.x * (blockDim.x >> 5)) {
-        const float *k = rows + r * ihd;
-        float sc = 0;
-        for (int h = 0; h < ih; h++) {
-            float d = 0;
-            for (int j = lane; j < ihd; j += 32) d = fmaf(iq[h * ihd + j], k[j], d);
-            d = warp_sum(d);
-            sc += iw[h] * fmaxf(0.0f, d);
+    for (int64_t r0 = (int64_t)blockIdx.x * IDX_TILE; r0 < nrows; r0 += (int64_t)gridDim.x * IDX_TILE) {
+        __syncthreads();   /* the previous tile's rows and products are consumed */
+        for (int i = threadIdx.x; i < IDX_TILE * (ihd / 4); i += blockDim.x) {
+            int rr = i / (ihd / 4), c = i % (ihd / 4);
+            int64_t r = r0 + rr < nrows ? r0 + rr : nrows - 1;   /* past the end: a real row, result unused */
+            att_cp16(srow + rr * KS + c, r4 + r * (ihd / 4) + c);
         }
-        if (!lane) score[r] = sc;
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        __syncthreads();
+        for (int g = wid; g < groups; g += nw) {
+            float acc[IDX_HPT];
+#pragma unroll
+            for (int j = 0; j < IDX_HPT; j++) acc[j] = 0;
+            const int hb = g * IDX_HPT;
+#pragma unroll 4
+            for (int c = 0; c < ihd / 4; c++) {
+                float4 x = srow[lane * KS + c];
+#pragma unroll
+                for (int j = 0; j < IDX_HPT; j++) {
+                    if (hb + j >= ih) break;
+                    float4 y = __ldg(q4 + (int64_t)(hb + j) * (ihd / 4) + c);   /* same address in every lane */
+                    acc[j] = fmaf(x.x, y.x, acc[j]); acc[j] = fmaf(x.y, y.y, acc[j]);
+                    acc[j] = fmaf(x.z, y.z, acc[j]); acc[j] = fmaf(x.w, y.w, acc[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < IDX_HPT; j++)
+                if (hb + j < ih) se[lane * (ih + 1) + hb + j] = __fmul_rn(__ldg(iw + hb + j), fmaxf(0.0f, acc[j]));
+        }
+        __syncthreads();
+        if (wid == 0 && r0 + lane < nrows) {
+            float sc = 0;
+            for (int h = 0; h < ih; h++) sc = __fadd_rn(sc, se[lane * (ih + 1) + h]);
+            score[r0 + lane] = sc;
+        }
     }
 }
 
@@ -1067,8 +1113,16 @@ __device__ __forceinline__ uint32_t fkey(float f) {
 /* Top-k by radix select (4 passes of 8-bit histograms find the k-th best key
  * T and how many keys equal to T to take), then one ordered pass that keeps
  * keys above T and the lowest-indexed ties: the CPU's selection exactly,
- * output ascending. One block of 1024 threads. */
-__global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k, int32_t *out, int64_t ld) {
+ * output ascending. One block of 1024 threads; thread i owns the contiguous
+ * segment i·seg … of the keys, held in registers while seg ≤ TOPK_KPT (up
+ * to 8192 rows, a 32K context), else re-read each pass. Histogram counts are
+ * aggregated per warp (__match_any_sync: a layer's scores share their top
+ * bits, and per-key shared atomics on one bin serialise); the bin holding
+ * the k-th key is found by a warp scan; the output places each segment by
+ * one block scan of its (above T, equal to T) counts. */
+#define TOPK_KPT 8
+__global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k,
+                                               int32_t *out, int64_t ld) {
     pdl_wait();
     score += blockIdx.x * ld;   /* block per token of a chunk (ld: score row stride) */
     out += blockIdx.x * k;
@@ -1077,153 +1131,297 @@ __global__ void k_topk(const float *score, const dstep *st, int64_t n_fixed, int
     if (st && n <= k) return;   /* every row is attended: no selection */
     __shared__ uint32_t hist[256];
     __shared__ uint32_t s_prefix, s_need;
-    __shared__ uint32_t wsum_gt[32], wsum_eq[32];
-    __shared__ uint32_t s_base, s_eqbase;
-    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    __shared__ unsigned long long s_wsum[32];
+    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = blockDim.x >> 5;
+    const int64_t seg = (n + blockDim.x - 1) / blockDim.x, a0 = tid * seg < n ? tid * seg : n,
+                  a1 = a0 + seg < n ? a0 + seg : n;
+    const bool reg = seg <= TOPK_KPT;
+    uint32_t kr[TOPK_KPT];
+#pragma unroll
+    for (int j = 0; j < TOPK_KPT; j++) kr[j] = reg && a0 + j < a1 ? fkey(score[a0 + j]) : 0;
+    /* key j0 + j of this thread's segment (in range: a0 + j0 + j < a1) */
+#define TOPK_KEY(j0, j) (reg ? kr[j] : fkey(score[a0 + (j0) + (j)]))
     if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
     uint32_t mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        uint32_t pre = s_prefix;
-        for (int64_t i = tid; i < n; i += blockDim.x) {
-            uint32_t key = fkey(score[i]);
-            if ((key & mask) == pre) atomicAdd(&hist[(key >> shift) & 255], 1u);
-        }
-        __syncthreads();
-        if (tid == 0) {
-            uint32_t need = s_need, cum = 0;
-            int bin = 255;
-            for (; bin > 0; bin--) {
-                if (cum + hist[bin] >= need) break;
-                cum += hist[bin];
+        const uint32_t pre = s_prefix;
+        for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
+#pragma unroll
+            for (int j = 0; j < TOPK_KPT; j++) {
+                uint32_t b = 256;   /* no count */
+                if (a0 + j0 + j < a1) {
+                    uint32_t key = TOPK_KEY(j0, j);
+                    if ((key & mask) == pre) b = (key >> shift) & 255;
+                }
+                uint32_t peers = __match_any_sync(0xffffffffu, b);
+                if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
             }
-            s_need = need - cum;
-            s_prefix = pre | (uint32_t)bin << shift;
+        __syncthreads();
+        if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
+            const uint32_t need = s_need;
+            uint32_t c[8], tot = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; tot += c[j]; }
+            uint32_t inc = tot;
+            for (int o = 1; o < 32; o <<= 1) {
+                uint32_t v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += v;
+            }
+            uint32_t cum = inc - tot;
+            if (cum < need && inc >= need) {
+                int bin = 255 - 8 * lane;
+                for (int j = 0; j < 7 && cum + c[j] < need; j++, bin--) cum += c[j];
+                s_need = need - cum;
+                s_prefix = pre | (uint32_t)bin << shift;
+            }
         }
         mask |= 255u << shift;
         __syncthreads();
     }
-    uint32_t T = s_prefix, need_eq = s_need;
-    if (tid == 0) { s_base = 0; s_eqbase = 0; }
-    __syncthreads();
-    for (int64_t t0 = 0; t0 < n; t0 += blockDim.x) {
-        int64_t i = t0 + tid;
-        uint32_t key = i < n ? fkey(score[i]) : 0;
-        bool eq = i < n && key == T;
-        uint32_t beq = __ballot_sync(0xffffffffu, eq);
-        if (!lane) wsum_eq[wid] = __popc(beq);
-        __syncthreads();
-        uint32_t eq_before = s_eqbase;
-        for (int w = 0; w < wid; w++) eq_before += wsum_eq[w];
-        eq_before += __popc(beq & ((1u << lane) - 1));
-        bool take = i < n && (key > T || (eq && eq_before < need_eq));
-        uint32_t bt = __ballot_sync(0xffffffffu, take);
-        if (!lane) wsum_gt[wid] = __popc(bt);
-        __syncthreads();
-        uint32_t pos = s_base;
-        for (int w = 0; w < wid; w++) pos += wsum_gt[w];
-        pos += __popc(bt & ((1u << lane) - 1));
-        if (take) out[pos] = (int32_t)i;
-        __syncthreads();
-        if (tid == 0) {
-            uint32_t tg = 0, te = 0;
-            for (int w = 0; w < (int)(blockDim.x >> 5); w++) { tg += wsum_gt[w]; te += wsum_eq[w]; }
-            s_base += tg;
-            s_eqbase += te;
-        }
-        __syncthreads();
+    const uint32_t T = s_prefix, need_eq = s_need;
+    uint32_t gt = 0, eq = 0;
+    for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
+#pragma unroll
+        for (int j = 0; j < TOPK_KPT; j++)
+            if (a0 + j0 + j < a1) {
+                uint32_t key = TOPK_KEY(j0, j);
+                gt += key > T;
+                eq += key == T;
+            }
+    /* exclusive prefix of (gt, eq) over threads, both packed in one 64-bit sum (each total ≤ n < 2^32) */
+    const unsigned long long v = (unsigned long long)gt << 32 | eq;
+    unsigned long long inc = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned long long u = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += u;
     }
+    if (lane == 31) s_wsum[wid] = inc;
+    __syncthreads();
+    if (wid == 0) {
+        unsigned long long w = lane < nw ? s_wsum[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned long long u = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += u;
+        }
+        s_wsum[lane] = w;
+    }
+    __syncthreads();
+    const unsigned long long before = inc - v + (wid ? s_wsum[wid - 1] : 0);
+    uint32_t eqb = (uint32_t)before, pos = (uint32_t)(before >> 32) + (eqb < need_eq ? eqb : need_eq);
+    for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
+#pragma unroll
+        for (int j = 0; j < TOPK_KPT; j++)
+            if (a0 + j0 + j < a1) {
+                uint32_t key = TOPK_KEY(j0, j);
+                if (key > T) out[pos++] = (int32_t)(a0 + j0 + j);
+                else if (key == T) {
+                    if (eqb < need_eq) out[pos++] = (int32_t)(a0 + j0 + j);
+                    eqb++;
+                }
+            }
+#undef TOPK_KEY
 }
 
 /* ---- attention (spec §4.4) ---------------------------------------------------- */
 
-#define ATT_V4 8               /* float4 per lane per row: head_dim ≤ 32·4·8 = 1024 */
+/* Split attention (flash-decoding): one K=V row serves every head (MQA), so a
+ * block takes ATT_HG heads and one of up to ATT_SPLITS consecutive slices of
+ * the visible rows, reads each row of its slice once (tiles in shared
+ * memory) and keeps per head a running max, sum and unnormalised output;
+ * k_att_combine merges the slices in ascending order (no atomics: the
+ * result does not depend on scheduling). The grid is fixed (a decode graph
+ * replays at every position); the slice count follows the row count, so a
+ * short context takes fewer, fuller slices and the surplus blocks exit. */
+#define ATT_HG 8               /* heads per block: one warp each (score and softmax), 256 threads */
+#define ATT_SPLITS 48          /* slices per (head group, token): 8 groups × 48 ≈ 3 blocks per SM at H 64 */
+#define ATT_MIN_ROWS 8         /* fewest rows worth a slice */
+#define ATT_TILE_FLOATS 8192   /* row tile: 32 KB of shared memory */
 
-/* One block per (head, token t of st): rows = raw window positions lo … pos
- * (the chunk's own rows kvc for positions ≥ p0 = st0->pos, the chunk's first,
- * older ones from the ring) then the compressed rows (the indexer's selection when it chose,
- * else all visible ones). Scores to scr, softmax with the head's sink, weighted sum, inverse
- * RoPE on the tail. Rows are read as float4 across a warp (head_dim a
- * multiple of 128): a warp per row for the scores; for the sum each warp
- * takes every nw-th row and keeps a partial output in registers, so every
- * lane has several independent row loads in flight; partials meet in shared
- * memory at the end. */
-__global__ void k_attend(const float *q, float *o, const float *kvc, const float *raw, uint32_t keep_raw,
-                         const dstep *st0, const dstep *st, uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk,
-                         const float *sinks, int hd, int rd, const double *freq, float scale, float *scr,
-                         int64_t scr_stride) {
+/* Rows token t of a chunk sees: its raw window lo … pos (rows of the chunk,
+ * positions ≥ p0, from kvc, older ones from the ring), then n_comp
+ * compressed rows (the indexer's selection when it chose, else all visible). */
+struct att_span {
+    int64_t pos, p0, lo, nraw, n;
+    const int32_t *sel;
+};
+__device__ __forceinline__ att_span att_rows(const dstep *st0, const dstep *st, int64_t t, uint32_t window, int ratio,
+                                             int64_t topk, const int32_t *selbuf) {
+    att_span a;
+    a.pos = st[t].pos;
+    a.p0 = st0->pos;
+    int64_t n_comp = ratio > 0 ? (a.pos + 1) / ratio : 0;
+    a.sel = NULL;
+    if (ratio == 4 && n_comp > topk) { n_comp = topk; a.sel = selbuf + t * topk; }
+    a.lo = a.pos >= (int64_t)window - 1 ? a.pos - (window - 1) : 0;
+    a.nraw = a.pos - a.lo + 1;
+    a.n = a.nraw + n_comp;
+    return a;
+}
+__device__ __forceinline__ const float4 *att_row(const att_span &a, int64_t r, const float *kvc, const float *raw,
+                                                 uint32_t keep_raw, const float *comp, int hd) {
+    const float *p;
+    if (r < a.nraw) {
+        int64_t ps = a.lo + r;
+        p = ps >= a.p0 ? kvc + (size_t)(ps - a.p0) * hd : raw + (size_t)(ps % keep_raw) * hd;
+    } else {
+        p = comp + (size_t)(a.sel ? a.sel[r - a.nraw] : r - a.nraw) * hd;
+    }
+    return (const float4 *)p;
+}
+/* Slices of a span: ≥ ATT_MIN_ROWS rows each where possible, never empty. */
+__device__ __forceinline__ int att_nsplit(int64_t n, int splits) {
+    int64_t s = (n + ATT_MIN_ROWS - 1) / ATT_MIN_ROWS;
+    return s < 1 ? 1 : s > splits ? splits : (int)s;
+}
+
+/* Grid (head groups, ATT_SPLITS, tokens), 32·ATT_HG threads; dynamic shared
+ * memory tile·hd + ATT_HG·tile + ATT_HG floats, tile = min(32, 8192/hd) rows;
+ * NV = hd/128 float4 per lane per row (a template parameter: registers for
+ * exactly the head_dim, so several blocks fit an SM). Warp w scores its head h0+w against the tile (q in registers, rows read
+ * as float4 across the warp: head_dim a multiple of 128) and updates that
+ * head's running max m and sum l; then every thread adds the weighted rows
+ * to its (head, 4 columns) outputs. Writes per (token, slice, head) the
+ * unnormalised output to part and (m, l) to ml. */
+template <int NV>
+__global__ void __launch_bounds__(32 * ATT_HG, 3)
+k_att_split(const float *q, const float *kvc, const float *raw, uint32_t keep_raw, const dstep *st0, const dstep *st,
+            uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk, int H, float scale,
+            float *part, float *ml) {
     pdl_wait();
-    extern __shared__ float sv[];   /* q (hd), then nw partial outputs (hd each) */
-    __shared__ float shf[32];
-    int h = blockIdx.x, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5, nv = hd / 128;
-    int64_t t = blockIdx.y, th = t * gridDim.x + h;
-    float *sq = sv, *part = sv + hd, *sc = scr + th * scr_stride;
-    int64_t p0 = st0->pos, pos = st[t].pos, n_comp = ratio > 0 ? (pos + 1) / ratio : 0;
-    const int32_t *sel = NULL;
-    if (ratio == 4 && n_comp > topk) { n_comp = topk; sel = selbuf + t * topk; }   /* the indexer's choice */
-    q += th * hd;
-    o += th * hd;
-    int64_t lo = pos >= (int64_t)window - 1 ? pos - (window - 1) : 0, nraw = pos - lo + 1, n = nraw + n_comp;
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) sq[k] = q[k];
-    __syncthreads();
-    const float4 *q4 = (const float4 *)sq;
-#define ATT_ROW(r) ((const float4 *)((r) < nraw ? (lo + (r) >= p0 ? kvc + (size_t)(lo + (r) - p0) * hd \
-                                                                  : raw + (size_t)((lo + (r)) % keep_raw) * hd) \
-                                                : comp + (size_t)(sel ? sel[(r) - nraw] : (r) - nraw) * hd))
-    float mloc = -INFINITY;
-    for (int64_t r = wid; r < n; r += nw) {
-        const float4 *row = ATT_ROW(r);
-        float d = 0;
+    extern __shared__ float4 att_sm[];
+    constexpr int hd = 128 * NV, C = 32 * NV, TILE = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
+    float4 *srow = att_sm;   /* TILE × C */
+    float *sp = (float *)(att_sm + TILE * C), *salpha = sp + ATT_HG * TILE;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h0 = blockIdx.x * ATT_HG, S = gridDim.y;
+    const int64_t t = blockIdx.z;
+    const att_span a = att_rows(st0, st, t, window, ratio, topk, selbuf);
+    const int ns = att_nsplit(a.n, S), s = blockIdx.y;
+    if (s >= ns) return;   /* k_att_combine reads slices < ns only */
+    const int64_t r0 = s * a.n / ns, r1 = (s + 1) * a.n / ns;
+    const int hw = h0 + wid;   /* this warp's head for the scores */
+    float4 qr[NV];
 #pragma unroll
-        for (int i = 0; i < ATT_V4; i++)
-            if (i < nv) {
-                float4 a = row[lane + 32 * i], b = q4[lane + 32 * i];
-                d = fmaf(a.x, b.x, d); d = fmaf(a.y, b.y, d); d = fmaf(a.z, b.z, d); d = fmaf(a.w, b.w, d);
+    for (int i = 0; i < NV; i++)
+        qr[i] = hw < H ? ((const float4 *)(q + (t * H + hw) * (int64_t)hd))[lane + 32 * i]
+                                 : make_float4(0, 0, 0, 0);
+    float m = -INFINITY, l = 0;   /* warp wid's head, the same in every lane */
+    float4 acc[NV];   /* item i: index threadIdx.x + 256·i of ATT_HG × C (exactly NV a thread) → head idx / C, column idx % C */
+#pragma unroll
+    for (int i = 0; i < NV; i++) acc[i] = make_float4(0, 0, 0, 0);
+    for (int64_t rt = r0; rt < r1; rt += TILE) {
+        const int nt = r1 - rt < TILE ? (int)(r1 - rt) : TILE;
+        __syncthreads();   /* the previous tile is consumed */
+        /* warp w copies rows w, w + 8, … (cp.async: every copy in flight at once, no registers) */
+#pragma unroll
+        for (int k = 0; k < TILE / ATT_HG; k++)
+            if (wid + k * ATT_HG < nt) {
+                const float4 *row = att_row(a, rt + wid + k * ATT_HG, kvc, raw, keep_raw, comp, hd);
+#pragma unroll
+                for (int i = 0; i < NV; i++) att_cp16(srow + (wid + k * ATT_HG) * C + lane + 32 * i, row + lane + 32 * i);
             }
-        d = warp_sum(d) * scale;
-        if (!lane) sc[r] = d;
-        mloc = fmaxf(mloc, d);
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        __syncthreads();
+        if (hw < H) {
+            float sc = -INFINITY;   /* lane rr holds row rr's score */
+            for (int r4 = 0; r4 < nt; r4 += 4) {   /* 4 rows' warp sums interleaved */
+                float d[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float4 *row = srow + (r4 + j) * C;   /* rows ≥ nt: stale, discarded */
+#pragma unroll
+                    for (int i = 0; i < NV; i++) {
+                        float4 x = row[lane + 32 * i];
+                        d[j] = fmaf(x.x, qr[i].x, d[j]); d[j] = fmaf(x.y, qr[i].y, d[j]);
+                        d[j] = fmaf(x.z, qr[i].z, d[j]); d[j] = fmaf(x.w, qr[i].w, d[j]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float e = warp_sum(d[j]) * scale;
+                    if (lane == r4 + j && lane < nt) sc = e;
+                }
+            }
+            float mn = fmaxf(m, warp_max(sc));
+            float p = lane < nt ? expf(sc - mn) : 0.0f;
+            l = l * expf(m - mn) + warp_sum(p);
+            if (!lane) salpha[wid] = expf(m - mn);   /* 0 on the first tile (m = −∞) */
+            m = mn;
+            if (lane < nt) sp[wid * TILE + lane] = p;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            int idx = threadIdx.x + i * 32 * ATT_HG, h = idx / C, c = idx % C;
+            if (h0 + h >= H) continue;
+            float al = salpha[h];
+            float4 v = acc[i];
+            v.x *= al; v.y *= al; v.z *= al; v.w *= al;
+#pragma unroll 4
+            for (int rr = 0; rr < nt; rr++) {
+                float w = sp[h * TILE + rr];
+                float4 x = srow[rr * C + c];
+                v.x = fmaf(w, x.x, v.x); v.y = fmaf(w, x.y, v.y); v.z = fmaf(w, x.z, v.z); v.w = fmaf(w, x.w, v.w);
+            }
+            acc[i] = v;
+        }
     }
-    float sink = sinks[h];
-    float m = fmaxf(block_max(mloc, shf), sink);
+    const int64_t base = (t * S + s) * H;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        int idx = threadIdx.x + i * 32 * ATT_HG, h = idx / C, c = idx % C;
+        if (h0 + h < H) ((float4 *)(part + (base + h0 + h) * hd))[c] = acc[i];
+    }
+    if (!lane && hw < H) { ml[(base + hw) * 2] = m; ml[(base + hw) * 2 + 1] = l; }
+}
+
+/* Grid (H, tokens), hd/4 threads, hd + 2·splits floats of shared memory:
+ * the slices of (token, head) in ascending order with the head's sink (as
+ * cpu_attend: max over scores and sink, den = e^(sink−M) + Σ l·e^(m−M)),
+ * then inverse RoPE on the tail. The slices' (m, l) are read once into
+ * shared memory, the partial outputs ATT_CB slices at a time (loads in
+ * flight together, not one latency per slice). */
+#define ATT_CB 16
+__global__ void k_att_combine(const float *part, const float *ml, const dstep *st0, const dstep *st, uint32_t window,
+                              int ratio, int64_t topk, const float *sinks, int hd, int rd, const double *freq,
+                              int splits, float *o) {
+    pdl_wait();
+    extern __shared__ float sv[];
+    float *sm = sv + hd, *sl = sm + splits;
+    const int h = blockIdx.x, H = gridDim.x, c = threadIdx.x;
+    const int64_t t = blockIdx.y;
+    const att_span a = att_rows(st0, st, t, window, ratio, topk, NULL);
+    const int ns = att_nsplit(a.n, splits);
+    const int64_t base = t * splits * H + h;   /* slice s of head h: base + s·H */
+    for (int s = c; s < ns; s += blockDim.x) {
+        sm[s] = ml[(base + s * H) * 2];
+        sl[s] = ml[(base + s * H) * 2 + 1];
+    }
     __syncthreads();
-    float psum = 0;
-    for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
-        float w = expf(sc[r] - m);
-        sc[r] = w;
-        psum += w;
-    }
-    float den = block_sum(psum, shf) + expf(sink - m);
-    __syncthreads();   /* weights visible to every thread */
-    float4 acc[ATT_V4];
+    float sink = sinks[h], M = sink;
+    for (int s = 0; s < ns; s++) M = fmaxf(M, sm[s]);
+    float den = expf(sink - M);
+    float4 acc = make_float4(0, 0, 0, 0);
+    for (int s0 = 0; s0 < ns; s0 += ATT_CB) {
+        float4 v[ATT_CB];
 #pragma unroll
-    for (int i = 0; i < ATT_V4; i++) acc[i] = make_float4(0, 0, 0, 0);
-    for (int64_t r = wid; r < n; r += nw) {
-        const float4 *row = ATT_ROW(r);
-        float w = sc[r];
+        for (int j = 0; j < ATT_CB; j++)
+            if (s0 + j < ns) v[j] = ((const float4 *)(part + (base + (s0 + j) * H) * hd))[c];
 #pragma unroll
-        for (int i = 0; i < ATT_V4; i++)
-            if (i < nv) {
-                float4 a = row[lane + 32 * i];
-                acc[i].x = fmaf(w, a.x, acc[i].x); acc[i].y = fmaf(w, a.y, acc[i].y);
-                acc[i].z = fmaf(w, a.z, acc[i].z); acc[i].w = fmaf(w, a.w, acc[i].w);
+        for (int j = 0; j < ATT_CB; j++)
+            if (s0 + j < ns) {
+                float f = expf(sm[s0 + j] - M);
+                den += sl[s0 + j] * f;
+                acc.x = fmaf(f, v[j].x, acc.x); acc.y = fmaf(f, v[j].y, acc.y);
+                acc.z = fmaf(f, v[j].z, acc.z); acc.w = fmaf(f, v[j].w, acc.w);
             }
     }
-#undef ATT_ROW
-#pragma unroll
-    for (int i = 0; i < ATT_V4; i++)
-        if (i < nv) ((float4 *)(part + wid * hd))[lane + 32 * i] = acc[i];
-    __syncthreads();
     float inv = 1.0f / den;
-    for (int j = threadIdx.x; j < hd; j += blockDim.x) {
-        float a = 0;
-        for (int w = 0; w < nw; w++) a += part[w * hd + j];
-        sq[j] = a * inv;   /* q is no longer needed: reuse it for the output */
-    }
+    ((float4 *)sv)[c] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
     __syncthreads();
-    blk_rope(sq + hd - rd, rd / 2, freq, pos, true);
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) o[k] = sq[k];
+    blk_rope(sv + hd - rd, rd / 2, freq, a.pos, true);
+    ((float4 *)(o + (t * H + h) * hd))[c] = ((float4 *)sv)[c];
 }
 
 /* ---- MoE (spec §3.6, §4.7) ----------------------------------------------------- */

@@ -453,17 +453,19 @@ static float *rand_fp4(int64_t n, int64_t d) {
     return x;
 }
 
-/* attn_chunk vs cpu_attend + inverse cpu_rope (attn_task's row order) on
- * random inputs with f16-exact rows; the CPU reference covers up to ~24
- * tokens (its cost), the NaN check every output. */
-static void check_attn(int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
-    char err[256], what[80];
-    const int H = AT_H, hd = AT_HD, rd = AT_RD;
+/* attn_chunk (f32 = false: H 64, hd 512; f16 products, bound 1e-3) or the
+ * f32 attention of decode (f32 = true: any H, hd; bound 1e-5) vs cpu_attend
+ * + inverse cpu_rope (attn_task's row order) on random inputs with f16-exact
+ * rows; the CPU reference covers up to ~24 tokens (its cost), the NaN check
+ * every output. */
+static void check_attn_g(bool f32, int H, int hd, int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
+    char err[256], what[96];
+    const int rd = AT_RD;
     const int64_t topk = AT_TOPK, ncomp = ratio > 0 ? ((int64_t)p0 + T) / ratio : 0;
     float *q = rand_rows(T * H * hd, 1.7f, false), *kvc = rand_rows(T * hd, 1.7f, true);
     float *raw = rand_rows((int64_t)keep_raw * hd, 1.7f, true), *comp = rand_rows(ncomp * hd, 1.7f, true);
     float *o = malloc(T * H * hd * sizeof(float)), *ref = malloc((size_t)hd * sizeof(float));
-    float *sc = malloc((AT_WIN + topk + ncomp) * sizeof(float)), sinks[AT_H];
+    float *sc = malloc((AT_WIN + topk + ncomp) * sizeof(float)), *sinks = malloc(H * sizeof(float));
     const float **rows = malloc((AT_WIN + topk + ncomp) * sizeof(*rows));
     int32_t *sel = ratio == 4 ? malloc(T * topk * sizeof(int32_t)) : NULL, *perm = malloc((ncomp + 1) * sizeof(int32_t));
     double freq[AT_RD / 2];
@@ -483,10 +485,13 @@ static void check_attn(int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
         memcpy(sel + t * topk, perm, topk * sizeof(int32_t));
     }
     const float scale = 1.0f / sqrtf((float)hd);
-    snprintf(what, sizeof what, "attn ratio %d p0 %u T %lld%s", ratio, p0, (long long)T,
-             n_sel ? " (some selected)" : "");
-    if (ds4_cuda_test_attn(q, kvc, raw, keep_raw, AT_WIN, comp, ncomp, sel, ratio, topk, sinks, H, hd, rd, freq, scale,
-                           p0, T, o, err, sizeof err)) {
+    if (f32) snprintf(what, sizeof what, "attn f32 H %d hd %d ratio %d p0 %u T %lld%s", H, hd, ratio, p0, (long long)T,
+                      n_sel ? " (sel)" : "");
+    else snprintf(what, sizeof what, "attn ratio %d p0 %u T %lld%s", ratio, p0, (long long)T, n_sel ? " (some selected)" : "");
+    if (f32 ? ds4_cuda_test_attn_f32(q, kvc, raw, keep_raw, AT_WIN, comp, ncomp, sel, ratio, topk, sinks, H, hd, rd,
+                                     freq, scale, p0, T, o, err, sizeof err)
+            : ds4_cuda_test_attn(q, kvc, raw, keep_raw, AT_WIN, comp, ncomp, sel, ratio, topk, sinks, H, hd, rd, freq,
+                                 scale, p0, T, o, err, sizeof err)) {
         verdict(what, false, "%s", err);
     } else {
         double num = 0, den = 0, amax = 0;
@@ -512,24 +517,30 @@ static void check_attn(int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
             }
             if (t == T - 1) break;
         }
-        double e = nan ? NAN : sqrt(num / den);
-        verdict(what, within(e, 1e-3), "rel %.3g, max abs %.3g (bound 1e-3), %lld NaN", e, amax, (long long)nan);
+        double e = nan ? NAN : sqrt(num / den), bound = f32 ? 1e-5 : 1e-3;
+        verdict(what, within(e, bound), "rel %.3g, max abs %.3g (bound %g), %lld NaN", e, amax, bound, (long long)nan);
     }
     free(q); free(kvc); free(raw); free(comp); free(o); free(ref); free(sc); free(rows); free(sel); free(perm);
+    free(sinks);
+}
+static void check_attn(int ratio, uint32_t p0, int64_t T, uint32_t keep_raw) {
+    check_attn_g(false, AT_H, AT_HD, ratio, p0, T, keep_raw);
 }
 
-/* idx_scores_chunk vs idx_task's formula (ds4_dot_f32, heads summed in
- * ascending order) on FP4-simulated q and rows: the scores must be the same
- * bits, so the top-512 selections are the same. */
-static void check_idx(uint32_t p0, int64_t T) {
+/* idx_scores_chunk (f32 = false: ih 64, ihd 128) or the decode kernel
+ * (f32 = true: any ih, ihd) vs idx_task's formula (ds4_dot_f32, heads summed
+ * in ascending order) on FP4-simulated q and rows: the scores must be the
+ * same bits, so the top-512 selections are the same. */
+static void check_idx_g(bool f32, int ih, int ihd, uint32_t p0, int64_t T) {
     char err[256], what[80];
-    const int ih = 64, ihd = 128;
     const int64_t nrows = ((int64_t)p0 + T) / 4, ld = nrows + 3;
     float *iq = rand_fp4(T * ih, ihd), *rows = rand_fp4(nrows, ihd), *iw = rand_rows(T * ih, 1.0f / 90.5f, false);
     float *got = malloc(T * ld * sizeof(float)), *ref = malloc((nrows ? nrows : 1) * sizeof(float));
     int32_t *sa = malloc(AT_TOPK * sizeof(int32_t)), *sb = malloc(AT_TOPK * sizeof(int32_t));
-    snprintf(what, sizeof what, "idx scores p0 %u T %lld", p0, (long long)T);
-    if (ds4_cuda_test_idx_scores(iq, iw, rows, nrows, p0, T, ih, ihd, got, ld, err, sizeof err)) {
+    if (f32) snprintf(what, sizeof what, "idx scores f32 ih %d ihd %d p0 %u T %lld", ih, ihd, p0, (long long)T);
+    else snprintf(what, sizeof what, "idx scores p0 %u T %lld", p0, (long long)T);
+    if (f32 ? ds4_cuda_test_idx_scores_f32(iq, iw, rows, nrows, p0, T, ih, ihd, got, ld, err, sizeof err)
+            : ds4_cuda_test_idx_scores(iq, iw, rows, nrows, p0, T, ih, ihd, got, ld, err, sizeof err)) {
         verdict(what, false, "%s", err);
     } else {
         int64_t diff = 0, nan = 0, seldiff = 0, ntop = 0, n = 0;
@@ -561,6 +572,7 @@ static void check_idx(uint32_t p0, int64_t T) {
     }
     free(iq); free(rows); free(iw); free(got); free(ref); free(sa); free(sb);
 }
+static void check_idx(uint32_t p0, int64_t T) { check_idx_g(false, 64, 128, p0, T); }
 
 /* --attn-bench: TFLOP/s of the chunk kernels at T = 2048 (median of 10). */
 static void attn_bench(void) {
@@ -627,9 +639,26 @@ static void kernel_checks(void) {
     check_attn(4, 3000, 1, 128);
     check_attn(128, 1000, 300, 128);
     check_attn(128, 0, 300, 160);
+    /* decode (T 1) before and past the window, ring wrap, compressed rows
+     * below and above top-k (selection); short chunks (models without
+     * attn_chunk); the tiny model's shape */
+    check_attn_g(true, AT_H, AT_HD, 0, 5, 1, 128);
+    check_attn_g(true, AT_H, AT_HD, 0, 700, 1, 192);
+    check_attn_g(true, AT_H, AT_HD, 4, 2047, 1, 128);
+    check_attn_g(true, AT_H, AT_HD, 4, 2051, 1, 128);
+    check_attn_g(true, AT_H, AT_HD, 4, 32767, 1, 128);
+    check_attn_g(true, AT_H, AT_HD, 128, 300, 1, 128);
+    check_attn_g(true, AT_H, AT_HD, 128, 40000, 1, 160);
+    check_attn_g(true, AT_H, AT_HD, 4, 2040, 20, 160);
+    check_attn_g(true, 8, 128, 4, 200, 37, 160);
+    check_attn_g(true, 8, 128, 128, 1000, 5, 128);
     check_idx(2046, 64);
     check_idx(14336, 12);
     check_idx(0, 5);
+    check_idx_g(true, 64, 128, 32767, 1);   /* decode at 32K: 8192 rows */
+    check_idx_g(true, 64, 128, 2050, 3);
+    check_idx_g(true, 4, 128, 300, 9);      /* the tiny model's shape */
+    check_idx_g(true, 72, 64, 1000, 1);     /* heads past 64: warps take two groups */
 }
 
 /* --mm-bench: the prefill GEMM at the model's shapes, T = 2048 tokens. */

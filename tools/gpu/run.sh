@@ -41,10 +41,14 @@ for s in $steps; do
         rm -f /dev/shm/f20.gguf ;;
     prof|profp)
         # Per-kernel time and DRAM bytes (ncu, clocks untouched) of the 4-layer
-        # file: prof = 3 eager decode steps after a 64-token prompt (collection
-        # from cudaProfilerStart), profp = the prefill of one 2048-token chunk.
+        # file: prof = 3 eager decode steps after a PROF_TOKENS-token prompt
+        # (default 64; collection from cudaProfilerStart), profp = the
+        # prefill of one 2048-token chunk. Logs prof.log, or prof-N.log for
+        # another PROF_TOKENS.
         f4
-        if [ $s = prof ]; then args="--tokens 64 --bench 3"; from="--profile-from-start off"; title="3 eager decode steps"
+        pt=${PROF_TOKENS:-64}
+        if [ $s = prof ]; then args="--tokens $pt --bench 3"; from="--profile-from-start off"; title="3 eager decode steps at context $pt"
+            [ $pt != 64 ] && s=prof-$pt
         else args="--tokens 2048"; from=""; title="prefill of one 2048-token chunk"; fi
         DS4_CUDA_GRAPHS=0 ncu --clock-control none $from --csv --page raw --print-units base \
             --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
