@@ -1044,7 +1044,8 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
  * scores. Tiles of 32 rows copied to shared memory (cp.async, row stride
  * ihd + 4 floats: a quarter-warp's 16-byte reads of 8 rows hit distinct
  * banks), a row per lane; warp w takes heads 8w … 8w+7 (and 64 on, … where
- * ih > 64) with q broadcast from L1; the products meet in shared memory and
+ * ih > 64) with q broadcast from L1, all 8 loads of a step issued together
+ * (no early exit between them); the products meet in shared memory and
  * lanes of warp 0 sum them. Fixed grid over the state's capacity (decode
  * graphs replay at every position), blocks loop over tiles. 256 threads,
  * idx_scores_smem(ih, ihd) bytes of dynamic shared memory. */
@@ -1076,16 +1077,19 @@ __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float
         __syncthreads();
         for (int g = wid; g < groups; g += nw) {
             float acc[IDX_HPT];
-#pragma unroll
-            for (int j = 0; j < IDX_HPT; j++) acc[j] = 0;
+            const float4 *qh[IDX_HPT];   /* heads past ih read the last one, results unused: no branch */
             const int hb = g * IDX_HPT;
-#pragma unroll 4
+#pragma unroll
+            for (int j = 0; j < IDX_HPT; j++) {
+                acc[j] = 0;
+                qh[j] = q4 + (int64_t)(hb + j < ih ? hb + j : ih - 1) * (ihd / 4);
+            }
+#pragma unroll 2
             for (int c = 0; c < ihd / 4; c++) {
                 float4 x = srow[lane * KS + c];
 #pragma unroll
                 for (int j = 0; j < IDX_HPT; j++) {
-                    if (hb + j >= ih) break;
-                    float4 y = __ldg(q4 + (int64_t)(hb + j) * (ihd / 4) + c);   /* same address in every lane */
+                    float4 y = __ldg(qh[j] + c);   /* same address in every lane */
                     acc[j] = fmaf(x.x, y.x, acc[j]); acc[j] = fmaf(x.y, y.y, acc[j]);
                     acc[j] = fmaf(x.z, y.z, acc[j]); acc[j] = fmaf(x.w, y.w, acc[j]);
                 }
@@ -1097,6 +1101,7 @@ __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float
         __syncthreads();
         if (wid == 0 && r0 + lane < nrows) {
             float sc = 0;
+#pragma unroll 8
             for (int h = 0; h < ih; h++) sc = __fadd_rn(sc, se[lane * (ih + 1) + h]);
             score[r0 + lane] = sc;
         }
