@@ -467,6 +467,301 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mm(const mm_args p) {
             }
 }
 
+/* ---- routed experts on IQ2_XXS / Q2_K: weights dequantised into registers ------------ */
+
+/* The model's expert formats take a second kernel. k_mm moves every weight
+ * through shared memory as f16 (dequant store, then ldmatrix), and ncu put
+ * its limit there (MIO throttle, shared pipe busiest). Here the quantised
+ * bytes are staged (cp.async, 4–8× fewer bytes than f16) and each warp
+ * dequantises its own 32 weight rows straight into mma A fragments: no
+ * weight is dequantised twice, and shared memory carries the token rows,
+ * the quants and two small tables.
+ *
+ * K order inside an mma. The sum over k does not care which k a fragment
+ * slot stands for, as long as A and B agree. In a K step of 128 the thread
+ * of quad index tig takes weights 32·tig … 32·tig + 31 of its rows (one
+ * IQ2_XXS group, one Q2_K sub-block pair): in mma k-step 2e (2e+1) its
+ * fragment slots k = 2tig, 2tig+1, 2tig+8, 2tig+9 hold weights 32·tig + 8e
+ * + 0…3 (4…7). So one thread decodes 8 consecutive weights of a row at a
+ * time (an IQ2_XXS grid entry, 8 Q2_K quant bytes) into the A registers of
+ * two k-steps, and reads the matching 8 token values with one 16-byte
+ * load. Block: 8 warps × 32 rows (two m16 tiles) × 64 tokens (eight n8
+ * tiles; 64 accumulators a thread); B traffic is one 16-byte load per four
+ * mma. */
+#define MX_BM 256              /* weight rows a block: 8 warps × 32 */
+#define MX_BK 128              /* K step: half a 256-weight block */
+
+/* 16-byte chunk c of token row n (16 chunks a row, 256 bytes): a k-step
+ * reads chunk 4·tig + e of rows 2p, 2p+1 in one phase of 8 lanes; the XOR
+ * puts those 8 chunks on 8 distinct 16-byte bank groups. */
+__device__ __forceinline__ int mx_swz(int n, int c) { return c ^ ((c >> 2) & 2) ^ (n & 1); }
+
+__device__ __forceinline__ void mx_cp8(void *dst, const void *src) {   /* .cg moves 16 bytes only */
+    unsigned sa = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(sa), "l"(src));
+}
+
+/* Local weight row a (0 … 255) of block bm: its payload and header rows.
+ * MM_GLU: warp w's rows 32w … 32w+15 are gate features 16w …, the next 16
+ * the up rows of the same features. Rows past M repeat the last. */
+template <int F, int MODE>
+__device__ __forceinline__ void mx_row(const mm_args &p, int64_t e, int64_t bm, int a, const uint8_t **pl,
+                                       const uint8_t **hd) {
+    const uint8_t *slab = p.w + e * p.estride;
+    int64_t r;
+    if (MODE == MM_GLU) {
+        if (a & 16) slab = p.w2 + e * p.estride;
+        r = bm * (MX_BM / 2) + (a >> 5) * 16 + (a & 15);
+    } else {
+        r = bm * MX_BM + a;
+    }
+    mm_row<F>(slab, p.K, p.M, p.rb, r < p.M ? r : p.M - 1, pl, hd);
+}
+
+/* Four mma k-step pairs' worth: o[i] = 8 weights (4 words) of row gid + 8i
+ * (i = 0, 1: m16 tile 0; 2, 3: tile 1); tokens of n8 tile j from the
+ * stage's token rows at this lane's chunk for entry e. */
+__device__ __forceinline__ void mx_round(float (*acc)[8][4], const uint32_t (*o)[4], const uint8_t *xl, int nj) {
+    const uint32_t a00[4] = {o[0][0], o[1][0], o[0][1], o[1][1]}, a10[4] = {o[2][0], o[3][0], o[2][1], o[3][1]};
+    const uint32_t a01[4] = {o[0][2], o[1][2], o[0][3], o[1][3]}, a11[4] = {o[2][2], o[3][2], o[2][3], o[3][3]};
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        if (j >= nj) break;
+        uint4 b = *(const uint4 *)(xl + j * 8 * 256);
+        const uint32_t b0[2] = {b.x, b.y}, b1[2] = {b.z, b.w};
+        mm_mma(acc[0][j], a00, b0);
+        mm_mma(acc[1][j], a10, b0);
+        mm_mma(acc[0][j], a01, b1);
+        mm_mma(acc[1][j], a11, b1);
+    }
+}
+
+template <int F, int MODE>
+__global__ void __launch_bounds__(MM_THREADS, 2) k_mmx(const mm_args p) {
+    constexpr int BN = MM_EBN;
+    constexpr int XS = BN * 256, QS = MX_BM * 32, SS = F == MF_Q2K ? MX_BM * 8 : 0, HS = MX_BM * 4;
+    constexpr int STAGE = XS + QS + SS + HS;
+    extern __shared__ __align__(16) uint8_t mm_smem[];
+    int64_t *roff = (int64_t *)(mm_smem + 2 * STAGE);      /* token row offset in x, −1: none */
+    float *rsc = (float *)(roff + BN);                      /* its scale */
+    int32_t *rasg = (int32_t *)(rsc + BN);                  /* its assignment */
+    uint32_t *codes = (uint32_t *)(rasg + BN);              /* IQ2_XXS: [256 grid entries][32 lanes] */
+    uint4 *signs = (uint4 *)(codes + 256 * 32);             /* IQ2_XXS: [128 sign patterns][8 copies] */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int64_t bm = blockIdx.x, bt = blockIdx.y;
+    if (bt >= *p.ntile) return;
+    const int4 tl = p.tile[bt];
+    const int64_t e = tl.x, j0 = tl.y;
+    const int cnt = tl.z;
+    for (int n = tid; n < BN; n += MM_THREADS) {
+        int64_t off = -1, row = 0;
+        int32_t a = 0;
+        if (n < cnt) {
+            a = p.perm[j0 + n];
+            row = MODE == MM_GLU ? a / p.used : j0 + n;
+            off = row * p.ldx;
+        }
+        roff[n] = off;
+        rsc[n] = off >= 0 ? p.xs[row] : 0.0f;
+        rasg[n] = a;
+    }
+    if (F == MF_IQ2) {
+        /* codes: grid entry i's 8 magnitudes 8 / 25 / 43 as 2-bit codes 0 / 1 / 2,
+         * weight j at bit 8(j%4) + 2(j/4), so (w >> 2h) & 0x03030303 holds the
+         * codes of weights 4h … 4h+3 one a byte; one copy per lane (bank = lane).
+         * signs: ksigns pattern i (7 bits, parity bit 7) as the sign bits of the
+         * 4 half pairs; 8 copies (a phase of a 16-byte load is 8 lanes). */
+        for (int i = tid; i < 256; i += MM_THREADS) {   /* copy l at lane (l + i) % 32: stores on distinct banks */
+            uint64_t g = d_iq2_grid[i];
+            uint32_t w = 0;
+            for (int j = 0; j < 8; j++) {
+                uint32_t m = (uint32_t)(g >> 8 * j) & 255;
+                w |= (m == 8 ? 0u : m == 25 ? 1u : 2u) << (8 * (j & 3) + 2 * (j >> 2));
+            }
+            for (int l = 0; l < 32; l++) codes[32 * i + ((l + i) & 31)] = w;
+        }
+        for (int i = tid; i < 128; i += MM_THREADS) {
+            uint32_t sg = (uint32_t)i | (__popc(i) & 1) << 7, m[4];
+            for (int q = 0; q < 4; q++) m[q] = ((sg >> 2 * q) & 1) << 15 | ((sg >> (2 * q + 1)) & 1) << 31;
+            for (int l = 0; l < 8; l++) signs[8 * i + ((l + i) & 7)] = make_uint4(m[0], m[1], m[2], m[3]);
+        }
+    }
+
+    /* This thread's loads: payload rows (tid >> 1) and 128 + (tid >> 1),
+     * 16 bytes at 16·(tid & 1) of a step's 32; scales and header of row tid. */
+    const uint8_t *qp[2], *qh[2], *sp, *hp;
+    mx_row<F, MODE>(p, e, bm, tid >> 1, &qp[0], &qh[0]);
+    mx_row<F, MODE>(p, e, bm, 128 + (tid >> 1), &qp[1], &qh[1]);
+    mx_row<F, MODE>(p, e, bm, tid, &sp, &hp);
+    const int qhalf = 16 * (tid & 1);
+    __syncthreads();   /* roff, tables */
+
+    auto load = [&](int64_t kt, int st) {
+        uint8_t *sx = mm_smem + st * STAGE, *sq = sx + XS, *ss = sq + QS;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int c = tid + MM_THREADS * i, n = c >> 4, part = c & 15;
+            int64_t off = roff[n];
+            bool ok = off >= 0;
+            mm_cp16(sx + n * 256 + 16 * mx_swz(n, part), ok ? p.x + off + kt * MX_BK + 8 * part : p.x, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int a = (tid >> 1) + 128 * i;
+            const uint8_t *src = F == MF_IQ2 ? qp[i] + 32 * kt : qp[i] + 80 * (kt >> 1) + 16 + 32 * (kt & 1);
+            mm_cp16(sq + 32 * a + qhalf, src + qhalf, true);
+        }
+        if (F == MF_Q2K) mx_cp8(ss + 8 * tid, sp + 80 * (kt >> 1) + 8 * (kt & 1));
+        asm volatile("cp.async.commit_group;\n");
+    };
+    /* Headers (2 bytes IQ2_XXS: no cp.async that small) by plain loads one step ahead. */
+    auto header = [&](int64_t kt) -> uint32_t {
+        return F == MF_IQ2 ? (uint32_t)((const unsigned short *)hp)[kt >> 1] : ((const uint32_t *)hp)[kt >> 1];
+    };
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+
+    const int64_t nk = p.K / MX_BK;
+    const int nj = (cnt + 7) >> 3;   /* n8 tiles holding tokens; the others skip their loads and mma */
+    load(0, 0);
+    ((uint32_t *)(mm_smem + XS + QS + SS))[tid] = header(0);
+    /* This lane's token chunk for entry e: row 8j + gid, chunk 4·tig + e (swizzled). */
+    const int xl0 = gid * 256 + 64 * tig, xm = (tig & 2) | (gid & 1);
+    for (int64_t kt = 0; kt < nk; kt++) {
+        const int st = (int)(kt & 1);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();   /* step kt staged; everyone is past step kt−1, whose stage refills now */
+        uint32_t hnext = 0;
+        if (kt + 1 < nk) {
+            load(kt + 1, st ^ 1);
+            hnext = header(kt + 1);
+        }
+        const uint8_t *sx = mm_smem + st * STAGE, *sq = sx + XS, *ss = sq + QS;
+        const uint32_t *sh = (const uint32_t *)(ss + SS);
+        if constexpr (F == MF_IQ2) {
+            /* Group tig of each row: 4 grid indices, 4 × 7 sign bits, scale in
+             * the top 4 bits; its weights ±{8, 25, 43}·db rounded once, as a
+             * 4-half table t01, t23. */
+            uint2 g[4];
+            uint32_t t01[4], t23[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int R = 32 * warp + 8 * i + gid;
+                g[i] = *(const uint2 *)(sq + 32 * R + 8 * tig);
+                float db = __half2float(__ushort_as_half((unsigned short)sh[R])) * (0.5f + u2f(g[i].y >> 28)) * 0.25f;
+                t01[i] = mm_u(__floats2half2_rn(8.0f * db, 25.0f * db));
+                t23[i] = mm_u(__floats2half2_rn(43.0f * db, 0.0f));
+            }
+#pragma unroll
+            for (int en = 0; en < 4; en++) {
+                uint32_t o[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    uint32_t w = codes[((g[i].x >> 8 * en) & 255) * 32 + lane];
+#ifdef MX_SIGNS_ALU
+                    uint32_t s7 = (g[i].y >> 7 * en) & 127, s8 = s7 | (__popc(s7) & 1) << 7;
+                    uint32_t vl = (s8 & 15) * 0x10204080u, vh = (s8 >> 4) * 0x10204080u;
+                    uint4 sg = make_uint4(__byte_perm(vl, 0, 0x9080) & 0x80008000u, __byte_perm(vl, 0, 0xB0A0) & 0x80008000u,
+                                          __byte_perm(vh, 0, 0x9080) & 0x80008000u, __byte_perm(vh, 0, 0xB0A0) & 0x80008000u);
+#else
+                    uint4 sg = signs[((g[i].y >> 7 * en) & 127) * 8 + (lane & 7)];
+#endif
+                    uint32_t lo = (w & 0x03030303u) * 34 + 0x10101010u, hi = ((w >> 2) & 0x03030303u) * 34 + 0x10101010u;
+                    o[i][0] = __byte_perm(t01[i], t23[i], lo) ^ sg.x;
+                    o[i][1] = __byte_perm(t01[i], t23[i], lo >> 16) ^ sg.y;
+                    o[i][2] = __byte_perm(t01[i], t23[i], hi) ^ sg.z;
+                    o[i][3] = __byte_perm(t01[i], t23[i], hi >> 16) ^ sg.w;
+                }
+                mx_round(acc, o, sx + xl0 + 16 * (en ^ xm), nj);
+            }
+        } else {
+            /* Q2_K, half h = kt & 1 of a 256-weight block: this thread's 32
+             * weights are sub-blocks 2·tig, 2·tig+1 of the half (quant shift
+             * 2·tig), 16 weights each; their dl·q − ml for q = 0…3, in f32 and
+             * rounded once, as a 4-half table; a pair's selector is q·34 +
+             * 0x10 in each byte (nibbles 2q, 2q+1). */
+            float d[4], dm[4];
+            uint32_t sc[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int R = 32 * warp + 8 * i + gid;
+                uint32_t hw = sh[R];
+                d[i] = __half2float(__ushort_as_half((unsigned short)hw));
+                dm[i] = __half2float(__ushort_as_half((unsigned short)(hw >> 16)));
+                sc[i] = *(const unsigned short *)(ss + 8 * R + 2 * tig);
+            }
+            const int sh2 = 2 * tig;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                uint32_t t01[4], t23[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    uint32_t b = sc[i] >> 8 * half;
+                    float dl = d[i] * u2f(b & 15), nml = -dm[i] * u2f((b >> 4) & 15);
+                    t01[i] = mm_u(__floats2half2_rn(nml, dl + nml));
+                    t23[i] = mm_u(__floats2half2_rn(fmaf(2.0f, dl, nml), fmaf(3.0f, dl, nml)));
+                }
+#pragma unroll
+                for (int en = 2 * half; en < 2 * half + 2; en++) {
+                    uint32_t o[4][4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        uint2 w = *(const uint2 *)(sq + 32 * (32 * warp + 8 * i + gid) + 8 * en);
+                        uint32_t lo = ((w.x >> sh2) & 0x03030303u) * 34 + 0x10101010u;
+                        uint32_t hi = ((w.y >> sh2) & 0x03030303u) * 34 + 0x10101010u;
+                        o[i][0] = __byte_perm(t01[i], t23[i], lo);
+                        o[i][1] = __byte_perm(t01[i], t23[i], lo >> 16);
+                        o[i][2] = __byte_perm(t01[i], t23[i], hi);
+                        o[i][3] = __byte_perm(t01[i], t23[i], hi >> 16);
+                    }
+                    mx_round(acc, o, sx + xl0 + 16 * (en ^ xm), nj);
+                }
+            }
+        }
+        if (kt + 1 < nk) ((uint32_t *)(mm_smem + (st ^ 1) * STAGE + XS + QS + SS))[tid] = hnext;
+    }
+
+    /* Epilogue: c of acc[i][j] is row gid + 8·(c/2) of m16 tile i, token 8j + 2·tig + c%2. */
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int n = 8 * j + 2 * tig + (c & 1), ra = gid + 8 * (c >> 1);
+            if (n >= cnt) continue;
+            if (MODE == MM_GLU) {
+                int64_t f = bm * (MX_BM / 2) + 16 * warp + ra;
+                if (f < p.M)
+                    p.y[(j0 + n) * p.ldy + f] = swiglu(acc[0][j][c] * rsc[n], acc[1][j][c] * rsc[n], p.clamp) *
+                                                (p.ew ? p.ew[rasg[n]] : 1.0f);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    int64_t r = bm * MX_BM + 32 * warp + 16 * i + ra;
+                    if (r < p.M) p.y[(int64_t)rasg[n] * p.ldy + r] = acc[i][j][c] * rsc[n];
+                }
+            }
+        }
+}
+
+template <int F, int MODE>
+static void mmx_launch_f(cudaStream_t s, dim3 g, const mm_args *a) {
+    size_t smem = (size_t)2 * (MM_EBN * 256 + MX_BM * (32 + (F == MF_Q2K ? 8 : 0) + 4)) + (size_t)MM_EBN * 16 +
+                  (F == MF_IQ2 ? 256 * 32 * 4 + 128 * 8 * 16 : 0);
+    static bool attr;   /* per instantiation: above 48 KB needs the opt-in */
+    if (!attr) {
+        cudaFuncSetAttribute(k_mmx<F, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attr = true;
+    }
+    k_mmx<F, MODE><<<g, MM_THREADS, smem, s>>>(*a);
+}
+
 /* ---- launches ------------------------------------------------------------------------ */
 
 static int mm_fmt(uint32_t type) {
@@ -648,6 +943,12 @@ static void mm_experts_glu(cudaStream_t s, const mm_w *Wg, const mm_w *Wu, const
     a.w = Wg->w; a.w2 = Wu->w; a.K = Wg->K; a.M = Wg->M; a.rb = Wg->rb; a.estride = Wg->rb * (uint64_t)Wg->M;
     a.x = xh; a.xs = xs; a.ldx = ldx; a.T = r->T; a.y = g; a.ldy = Wg->M;
     a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used; a.ew = ew; a.clamp = clamp;
+    if (Wg->type == GT_IQ2_XXS || Wg->type == GT_Q2_K) {   /* the model's formats: k_mmx */
+        dim3 gx((unsigned)((Wg->M + MX_BM / 2 - 1) / (MX_BM / 2)), (unsigned)r->ntile_max);
+        if (Wg->type == GT_IQ2_XXS) mmx_launch_f<MF_IQ2, MM_GLU>(s, gx, &a);
+        else mmx_launch_f<MF_Q2K, MM_GLU>(s, gx, &a);
+        return;
+    }
     dim3 gr((unsigned)((Wg->M + MM_EBM / 2 - 1) / (MM_EBM / 2)), (unsigned)r->ntile_max);
     mm_launch<MM_EBM, MM_EBN, 4, 128, MM_GLU>(s, Wg->type, gr, &a);
 }
@@ -661,6 +962,12 @@ static void mm_experts_down(cudaStream_t s, const mm_w *Wd, const __half *gh, co
     a.w = Wd->w; a.K = Wd->K; a.M = Wd->M; a.rb = Wd->rb; a.estride = Wd->rb * (uint64_t)Wd->M;
     a.x = gh; a.xs = gs; a.ldx = Wd->K; a.T = r->T; a.y = out; a.ldy = ldo;
     a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used;
+    if (Wd->type == GT_IQ2_XXS || Wd->type == GT_Q2_K) {
+        dim3 gx((unsigned)((Wd->M + MX_BM - 1) / MX_BM), (unsigned)r->ntile_max);
+        if (Wd->type == GT_IQ2_XXS) mmx_launch_f<MF_IQ2, MM_DOWN>(s, gx, &a);
+        else mmx_launch_f<MF_Q2K, MM_DOWN>(s, gx, &a);
+        return;
+    }
     dim3 gr((unsigned)((Wd->M + MM_EBM - 1) / MM_EBM), (unsigned)r->ntile_max);
     mm_launch<MM_EBM, MM_EBN, 4, 128, MM_DOWN>(s, Wd->type, gr, &a);
 }

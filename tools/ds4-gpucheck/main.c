@@ -290,6 +290,8 @@ static void mm_checks(void) {
     check_mm_dense(GGML_Q2_K, "Q2_K", 256, 4200, 40, 4150, 1000);
     check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 100, false);
     check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 150, true);   /* 150 > 2 tiles */
+    /* the formats swapped: both k_mmx decoders in both modes; 2–3 tiles an expert */
+    check_mm_experts(GGML_Q2_K, GGML_IQ2_XXS, "Q2_K/IQ2_XXS", 768, 512, 6, 2, 200, false);
     check_mm_experts(GGML_Q4_K, GGML_Q4_K, "Q4_K/Q4_K", 256, 512, 8, 2, 70, false);
     check_mm_experts(GGML_Q8_0, GGML_Q8_0, "Q8_0/Q8_0", 256, 256, 5, 2, 7, false);
     check_mm_experts(GGML_F16, GGML_F16, "F16/F16", 256, 256, 4, 4, 1, true);
