@@ -275,7 +275,49 @@ static void check_mm_experts(int tgu, int td, const char *name, int64_t d, int64
     free(out); free(wr); free(wr2); free(gref); free(oref);
 }
 
+/* mm_prep: every value within half an f16 ulp (relative 2^-11; subnormal f16: 2^-14·xs
+ * absolute near zero) of x = xh·xs, the row max in [2^13, 2^14); a zero
+ * row gives xs 0, a NaN anywhere in a row gives xs NaN. K from the
+ * one-float4-a-thread path to the 8-float4 one; ldx = K + 4 keeps float4
+ * rows, K + 3 takes the two-pass kernel. */
+static void check_mm_prep(int64_t K, int64_t pad) {
+    char err[256], what[80];
+    const int64_t T = 5, ldx = K + pad;
+    float *x = malloc(T * ldx * sizeof(float)), *xs = malloc(T * sizeof(float));
+    uint16_t *xh = malloc(T * K * sizeof(uint16_t));
+    for (int64_t t = 0; t < T; t++) {   /* row 3 zero, row 4 one NaN at its end */
+        float sc = t == 3 ? 0.0f : ldexpf(1.0f, (int)(rnd() % 60) - 30);
+        for (int64_t i = 0; i < ldx; i++) x[t * ldx + i] = frand() * sc;
+    }
+    x[4 * ldx + K - 1] = NAN;
+    snprintf(what, sizeof what, "mm prep K=%lld ldx=%lld", (long long)K, (long long)ldx);
+    if (ds4_cuda_test_mm_prep(x, ldx, T, K, xh, xs, err, sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        double worst = 0;
+        bool ok = xs[3] == 0.0f && isnan(xs[4]);
+        for (int64_t t = 0; t < 3; t++) {
+            double m = 0;
+            for (int64_t i = 0; i < K; i++) {
+                double v = ds4_f16_to_f32(xh[t * K + i]);
+                double e = fabs(v * xs[t] - x[t * ldx + i]) / (fabs((double)x[t * ldx + i]) + 0x1p-14 * xs[t]);
+                if (e > worst) worst = e;
+                if (fabs(v) > m) m = fabs(v);
+            }
+            ok = ok && m >= 8192.0 && m < 16384.0;
+        }
+        verdict(what, ok && worst <= 0x1p-11, "max rel %.3g (bound %.3g), zero row xs %g, NaN row xs %g", worst, 0x1p-11,
+                xs[3], xs[4]);
+    }
+    free(x); free(xs); free(xh);
+}
+
 static void mm_checks(void) {
+    check_mm_prep(100, 4);
+    check_mm_prep(5000, 4);
+    check_mm_prep(12000, 4);
+    check_mm_prep(32768, 4);
+    check_mm_prep(5000, 3);
     static const struct { int type; const char *name; } T[] = {
         {GGML_F32, "F32"}, {GGML_F16, "F16"}, {GGML_Q8_0, "Q8_0"},
         {GGML_Q2_K, "Q2_K"}, {GGML_Q4_K, "Q4_K"}, {GGML_IQ2_XXS, "IQ2_XXS"},
@@ -499,6 +541,9 @@ static int mm_bench(void) {
         {"experts down 2048->4096", GGML_Q2_K, 2048, 4096, 2},
         {"experts gate+up 4096->2048", GGML_Q4_K, 4096, 2048, 1},
         {"experts down 2048->4096", GGML_Q4_K, 2048, 4096, 2},
+        {"prep f32->f16 K=4096", GGML_F16, 4096, 1, 3},
+        {"prep f32->f16 K=16384", GGML_F16, 16384, 1, 3},
+        {"prep f32->f16 K=32768", GGML_F16, 32768, 1, 3},
     };
     const int64_t T = 2048;
     int rc = 0;
@@ -508,6 +553,11 @@ static int mm_bench(void) {
         if (ds4_cuda_mm_bench(S[i].type, S[i].K, S[i].M, T, S[i].mode, 256, 6, 20, rnd(), &ms, err, sizeof err)) {
             printf("%-28s %-8s %s\n", S[i].what, ggml_type_name((uint32_t)S[i].type), err);
             rc = 1;
+            continue;
+        }
+        if (S[i].mode == 3) {   /* f32 read, f16 written */
+            printf("%-28s %-8s T=%lld  %8.3f ms  %6.0f GB/s\n", S[i].what, "f32", (long long)T, ms, 6.0 * T * S[i].K / ms * 1e-6);
+            fflush(stdout);
             continue;
         }
         /* dense 2·T·M·K; experts 2·(T·used)·M·K per matrix, gate and up both */
