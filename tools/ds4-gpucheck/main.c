@@ -276,7 +276,7 @@ static void check_mm_experts(int tgu, int td, const char *name, int64_t d, int64
 }
 
 /* mm_prep: every value within half an f16 ulp (relative 2^-11; subnormal f16: 2^-14·xs
- * absolute near zero) of x = xh·xs, the row max in [2^13, 2^14); a zero
+ * absolute near zero) of x = xh·xs, the row max in [2^13, 2^14] (rounding); a zero
  * row gives xs 0, a NaN anywhere in a row gives xs NaN. K from the
  * one-float4-a-thread path to the 8-float4 one; ldx = K + 4 keeps float4
  * rows, K + 3 takes the two-pass kernel. */
@@ -304,7 +304,7 @@ static void check_mm_prep(int64_t K, int64_t pad) {
                 if (e > worst) worst = e;
                 if (fabs(v) > m) m = fabs(v);
             }
-            ok = ok && m >= 8192.0 && m < 16384.0;
+            ok = ok && m >= 8192.0 && m <= 16384.0;   /* the max may round up to 2^14 */
         }
         verdict(what, ok && worst <= 0x1p-11, "max rel %.3g (bound %.3g), zero row xs %g, NaN row xs %g", worst, 0x1p-11,
                 xs[3], xs[4]);
@@ -312,7 +312,32 @@ static void check_mm_prep(int64_t K, int64_t pad) {
     free(x); free(xs); free(xh);
 }
 
+/* mm_dense_groups: G groups of gl rows, group g reading columns g·K … of x. */
+static void check_mm_groups(int type, const char *name, int64_t K, int64_t G, int64_t gl, int64_t T) {
+    char err[256], what[80];
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
+    const int64_t M = G * gl, ldx = G * K;
+    uint8_t *w = mm_weights(type, K, M, true);
+    float *x = malloc(T * ldx * sizeof(float)), *y = malloc(T * M * sizeof(float)), *wr = malloc(K * sizeof(float));
+    double *ref = malloc(T * M * sizeof(double));
+    for (int64_t i = 0; i < T * ldx; i++) x[i] = frand();
+    for (int64_t r = 0; r < M; r++) {
+        ds4_dequant_row((ggml_type)type, w + r * rb, wr, K);
+        for (int64_t t = 0; t < T; t++) ref[t * M + r] = mm_dot(wr, x + t * ldx + (r / gl) * K, K);
+    }
+    snprintf(what, sizeof what, "mm groups %s K=%lld %lldx%lld rows T=%lld", name, (long long)K, (long long)G,
+             (long long)gl, (long long)T);
+    if (ds4_cuda_test_mm_groups(type, w, K, G, gl, x, T, y, err, sizeof err)) verdict(what, false, "%s", err);
+    else {
+        double e = mm_err(y, ref, T, M);
+        verdict(what, e <= 1e-3, "rel %.3g (bound 1e-3)", e);
+    }
+    free(w); free(x); free(y); free(wr); free(ref);
+}
+
 static void mm_checks(void) {
+    check_mm_groups(GGML_Q8_0, "Q8_0", 512, 4, 256, 200);   /* one launch, 128-token tiles */
+    check_mm_groups(GGML_Q8_0, "Q8_0", 256, 3, 100, 7);     /* groups not of whole tiles: one launch each */
     check_mm_prep(100, 4);
     check_mm_prep(5000, 4);
     check_mm_prep(12000, 4);
@@ -541,6 +566,7 @@ static int mm_bench(void) {
         {"experts down 2048->4096", GGML_Q2_K, 2048, 4096, 2},
         {"experts gate+up 4096->2048", GGML_Q4_K, 4096, 2048, 1},
         {"experts down 2048->4096", GGML_Q4_K, 2048, 4096, 2},
+        {"out_a 8 groups 4096->1024", GGML_Q8_0, 4096, 8192, 4},
         {"prep f32->f16 K=4096", GGML_F16, 4096, 1, 3},
         {"prep f32->f16 K=16384", GGML_F16, 16384, 1, 3},
         {"prep f32->f16 K=32768", GGML_F16, 32768, 1, 3},
@@ -560,8 +586,8 @@ static int mm_bench(void) {
             fflush(stdout);
             continue;
         }
-        /* dense 2·T·M·K; experts 2·(T·used)·M·K per matrix, gate and up both */
-        double fl = 2.0 * T * S[i].M * S[i].K * (S[i].mode ? 6.0 : 1.0) * (S[i].mode == 1 ? 2.0 : 1.0);
+        /* dense (and groups) 2·T·M·K; experts 2·(T·used)·M·K per matrix, gate and up both */
+        double fl = 2.0 * T * S[i].M * S[i].K * (S[i].mode == 1 || S[i].mode == 2 ? 6.0 : 1.0) * (S[i].mode == 1 ? 2.0 : 1.0);
         printf("%-28s %-8s T=%lld  %8.3f ms  %6.1f TFLOP/s\n", S[i].what, ggml_type_name((uint32_t)S[i].type),
                (long long)T, ms, fl / ms * 1e-9);
         fflush(stdout);
