@@ -15,7 +15,11 @@
  * a Σx term per sub-block for the K-quant minimums; rounded f16 weights cost
  * the same few instructions for every format and keep one kernel.
  *
- * Tiles: a block computes 128 weight rows × BN tokens (BN = 128 dense, 64
+ * Routed experts in IQ2_XXS / Q2_K (the model's) take k_mmx below: the
+ * quantised bytes staged in shared memory, each warp dequantising its own
+ * rows straight into mma registers (1.6–1.9× k_mm, H100).
+ *
+ * Tiles (k_mm): a block computes 128 weight rows × BN tokens (BN = 128 dense, 64
  * for experts: ~48 tokens per expert at T = 2048) in K steps of BK (64
  * dense; 128 experts: +6–12 % on Q2_K/Q4_K, −5 % on IQ2_XXS, H100). Token
  * rows arrive by cp.async; the weight units of the next step are loaded to
@@ -589,9 +593,9 @@ __device__ __forceinline__ int64_t mx_row(const mm_args &p, int64_t e, int64_t b
     return r < p.M ? r : p.M - 1;
 }
 
-/* Four mma k-step pairs' worth: o[i] = 8 weights (4 words) of row gid + 8i
- * (i = 0, 1: m16 tile 0; 2, 3: tile 1); tokens of n8 tile j from the
- * stage's token rows at this lane's chunk for entry e. */
+/* The two mma k-steps of one entry: o[i] = 8 weights (4 words) of row
+ * gid + 8i (i = 0, 1: m16 tile 0; 2, 3: tile 1); the tokens of n8 tile j
+ * from this lane's 16-byte chunk xl of the stage's token rows. */
 __device__ __forceinline__ void mx_round(float (*acc)[8][4], const uint32_t (*o)[4], const uint8_t *xl, int nj) {
     const uint32_t a00[4] = {o[0][0], o[1][0], o[0][1], o[1][1]}, a10[4] = {o[2][0], o[3][0], o[2][1], o[3][1]};
     const uint32_t a01[4] = {o[0][2], o[1][2], o[0][3], o[1][3]}, a11[4] = {o[2][2], o[3][2], o[2][3], o[3][3]};
@@ -616,13 +620,8 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mmx(const mm_args p) {
     int64_t *roff = (int64_t *)(mm_smem + 2 * STAGE);      /* token row offset in x, −1: none */
     float *rsc = (float *)(roff + BN);                      /* its scale */
     int32_t *rasg = (int32_t *)(rsc + BN);                  /* its assignment */
-#ifdef MX_CODES_U32
     uint32_t *codes = (uint32_t *)(rasg + BN);              /* IQ2_XXS: [256 grid entries][32 lanes] */
     uint4 *signs = (uint4 *)(codes + 256 * 32);             /* IQ2_XXS: [128 sign patterns][8 copies] */
-#else
-    uint4 *sels = (uint4 *)(rasg + BN);                     /* IQ2_XXS: [256 grid entries][8 copies] */
-    uint4 *signs = sels + 256 * 8;                          /* IQ2_XXS: [128 sign patterns][8 copies] */
-#endif
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
     const int64_t bm = blockIdx.x, bt = blockIdx.y;
@@ -643,7 +642,6 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mmx(const mm_args p) {
         rasg[n] = a;
     }
     if (F == MF_IQ2) {
-#ifdef MX_CODES_U32
         /* codes: grid entry i's 8 magnitudes 8 / 25 / 43 as 2-bit codes 0 / 1 / 2,
          * weight j at bit 8(j%4) + 2(j/4), so (w >> 2h) & 0x03030303 holds the
          * codes of weights 4h … 4h+3 one a byte; one copy per lane (bank = lane).
@@ -658,23 +656,6 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mmx(const mm_args p) {
             }
             for (int l = 0; l < 32; l++) codes[32 * i + ((l + i) & 31)] = w;
         }
-#else
-        /* sels: grid entry i's 8 magnitudes 8 / 25 / 43 as halves 0 / 1 / 2 of
-         * the 4-half table t01, t23; word q is the byte selector of weights 2q,
-         * 2q+1 (nibbles 2h, 2h+1 a half). signs: ksigns pattern i (7 bits,
-         * parity bit 7) as the sign bits of the 4 half pairs. 8 copies of each
-         * (a phase of a 16-byte load is 8 lanes), copy l at (l + i) % 8: the
-         * stores land on distinct banks. */
-        for (int i = tid; i < 256; i += MM_THREADS) {
-            uint64_t g = d_iq2_grid[i];
-            uint32_t w[4] = {0, 0, 0, 0};
-            for (int j = 0; j < 8; j++) {
-                uint32_t m = (uint32_t)(g >> 8 * j) & 255, h = m == 8 ? 0 : m == 25 ? 1 : 2;
-                w[j >> 1] |= (2 * h | (2 * h + 1) << 4) << 8 * (j & 1);
-            }
-            for (int l = 0; l < 8; l++) sels[8 * i + ((l + i) & 7)] = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-#endif
         for (int i = tid; i < 128; i += MM_THREADS) {
             uint32_t sg = (uint32_t)i | (__popc(i) & 1) << 7, m[4];
             for (int q = 0; q < 4; q++) m[q] = ((sg >> 2 * q) & 1) << 15 | ((sg >> (2 * q + 1)) & 1) << 31;
@@ -760,18 +741,14 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mmx(const mm_args p) {
                 uint32_t o[4][4];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    /* byte offsets of the entry's selectors (grid index · 128) and
-                     * signs (7-bit pattern · 128): 8 copies of 16 bytes each */
-                    uint32_t gi = en == 0 ? g[i].x << 7 : g[i].x >> (8 * en - 7);
+                    /* the entry's signs: byte offset 7-bit pattern · 128 (8 copies of 16 bytes) */
                     uint32_t si = en == 0 ? g[i].y << 7 : g[i].y >> (7 * en - 7);
                     uint4 sg = *(const uint4 *)((const uint8_t *)signs + (si & 0x3F80u) + 16 * (lane & 7));
-#ifdef MX_CODES_U32
+                    /* a pair's selector from its two codes c: nibbles 2c, 2c+1 each,
+                     * c·34 + 0x10 a byte (no carry: c ≤ 2) */
                     uint32_t w = codes[((g[i].x >> 8 * en) & 255) * 32 + lane];
                     uint32_t lo = (w & 0x03030303u) * 34 + 0x10101010u, hi = ((w >> 2) & 0x03030303u) * 34 + 0x10101010u;
                     uint4 se = make_uint4(lo, lo >> 16, hi, hi >> 16);
-#else
-                    uint4 se = *(const uint4 *)((const uint8_t *)sels + (gi & 0x7F80u) + 16 * (lane & 7));
-#endif
                     o[i][0] = mx_prmt(t01[i], t23[i], se.x) ^ sg.x;
                     o[i][1] = mx_prmt(t01[i], t23[i], se.y) ^ sg.y;
                     o[i][2] = mx_prmt(t01[i], t23[i], se.z) ^ sg.z;
