@@ -1015,8 +1015,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     } else {
         prep(be, 1, be->o, n, H * hd);
         mm_w w = mmw(be, &L->attn_output_a);
-        for (int64_t g = 0; g < G; g++)
-            mm_dense(s, &w, g * gl, gl, be->xh[1] + g * span, be->xs[1], H * hd, n, be->low + g * gl, G * gl);
+        mm_dense_groups(s, &w, G, gl, be->xh[1], be->xs[1], H * hd, span, n, be->low, G * gl);
     }
     prep(be, 1, be->low, n, G * gl);
     mul(be, &L->attn_output_b, 1, be->low, n, be->y, d);
@@ -1508,6 +1507,50 @@ extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w
 
 /* ---- mm tests ---- */
 
+extern "C" int ds4_cuda_test_mm_prep(const float *x, int64_t ldx, int64_t T, int64_t K, uint16_t *xh, float *xs,
+                                     char *err, size_t errlen) {
+    if (T < 1 || K < 1 || ldx < K) return ds4_errf(err, errlen, "mm_prep: bad shape");
+    float *dx = NULL, *dxs = NULL;
+    __half *dxh = NULL;
+    cudaError_t e;
+    if (!(e = cudaMalloc((void **)&dx, T * ldx * sizeof(float))) && !(e = cudaMalloc((void **)&dxs, T * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dxh, T * K * sizeof(__half))) &&
+        !(e = cudaMemcpy(dx, x, T * ldx * sizeof(float), cudaMemcpyHostToDevice))) {
+        poison(dxh, T * K * sizeof(__half));
+        poison(dxs, T * sizeof(float));
+        mm_prep(0, dx, ldx, T, K, dxh, dxs);
+        if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(xh, dxh, T * K * sizeof(__half), cudaMemcpyDeviceToHost)))
+            e = cudaMemcpy(xs, dxs, T * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+    cudaFree(dx); cudaFree(dxs); cudaFree(dxh);
+    return e ? ds4_errf(err, errlen, "mm_prep: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_mm_groups(int type, const void *w, int64_t K, int64_t G, int64_t gl, const float *x,
+                                       int64_t T, float *y, char *err, size_t errlen) {
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
+    if (!rb || mm_fmt((uint32_t)type) < 0 || K % 32 || G < 1 || gl < 1 || T < 1)
+        return ds4_errf(err, errlen, "mm_groups: bad type %d / shape", type);
+    if (iq2_tables()) return ds4_errf(err, errlen, "mm_groups: iq2 tables");
+    const int64_t M = G * gl, ldx = G * K;
+    uint8_t *dw = NULL;
+    float *dx = NULL, *dy = NULL, *dxs = NULL;
+    __half *dxh = NULL;
+    cudaError_t e;
+    if (!(e = test_upload((uint32_t)type, w, K, M, 1, &dw)) && !(e = cudaMalloc((void **)&dx, T * ldx * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dy, T * M * sizeof(float))) && !(e = cudaMalloc((void **)&dxs, T * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&dxh, T * ldx * sizeof(__half))) &&
+        !(e = cudaMemcpy(dx, x, T * ldx * sizeof(float), cudaMemcpyHostToDevice))) {
+        poison(dy, T * M * sizeof(float));
+        mm_w W = {(uint32_t)type, dw, K, M, rb};
+        mm_prep(0, dx, ldx, T, ldx, dxh, dxs);
+        mm_dense_groups(0, &W, G, gl, dxh, dxs, ldx, K, T, dy, M);
+        if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, T * M * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+    cudaFree(dw); cudaFree(dx); cudaFree(dy); cudaFree(dxs); cudaFree(dxh);
+    return e ? ds4_errf(err, errlen, "mm_groups: %s", cudaGetErrorString(e)) : 0;
+}
+
 extern "C" int ds4_cuda_test_mm_dense(int type, const void *w, int64_t K, int64_t M, int64_t r0, int64_t nr,
                                       const float *x, int64_t ldx, int64_t T, float *y, char *err, size_t errlen) {
     const int64_t lead = 32;   /* the product reads xh + lead with row stride K + lead: ldx > K, an offset start */
@@ -1616,11 +1659,14 @@ extern "C" int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int 
                                  uint64_t seed, double *ms, char *err, size_t errlen) {
     int fmt = mm_fmt((uint32_t)type);
     uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
-    if (fmt < 0 || !rb || K % 256 || M < 1 || T < 1 || iters < 1 || iters > 1000 || (mode && (E < 1 || used < 1 || used > E)))
+    if (fmt < 0 || !rb || K % 256 || M < 1 || T < 1 || iters < 1 || iters > 1000 || mode < 0 || mode > 4 ||
+        (mode == 4 && M % 8) ||
+        ((mode == 1 || mode == 2) && (E < 1 || used < 1 || used > E)))
         return ds4_errf(err, errlen, "mm_bench: bad arguments");
     if (iq2_tables()) return ds4_errf(err, errlen, "mm_bench: iq2 tables");
-    int nw = mode == 1 ? 2 : 1, ns = mode ? E : 1;
-    int64_t n = mode ? T * used : T, xrows = mode == 2 ? n : T;
+    const bool ex = mode == 1 || mode == 2;
+    int nw = mode == 1 ? 2 : 1, ns = ex ? E : 1;
+    int64_t n = ex ? T * used : T, xrows = mode == 2 ? n : T, xw = mode == 4 ? 8 * K : K;   /* mode 4: 8 groups */
     uint64_t slab = rb * (uint64_t)M, hdr = 0;
     if (repacked((uint32_t)type)) {
         int bb, ho, hl, eb;
@@ -1635,20 +1681,20 @@ extern "C" int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int 
     mm_route r;
     memset(&r, 0, sizeof r);
     cudaError_t e;
-    if ((e = cudaMalloc((void **)&w, slab * ns * nw)) || (e = cudaMalloc((void **)&x, xrows * K * sizeof(float))) ||
-        (e = cudaMalloc((void **)&xs, xrows * sizeof(float))) || (e = cudaMalloc((void **)&xh, xrows * K * sizeof(__half))) ||
+    if ((e = cudaMalloc((void **)&w, slab * ns * nw)) || (e = cudaMalloc((void **)&x, xrows * xw * sizeof(float))) ||
+        (e = cudaMalloc((void **)&xs, xrows * sizeof(float))) || (e = cudaMalloc((void **)&xh, xrows * xw * sizeof(__half))) ||
         (e = cudaMalloc((void **)&y, n * M * sizeof(float))) || (e = cudaMalloc((void **)&ew, n * sizeof(float))) ||
         (e = cudaMalloc((void **)&eid, n * sizeof(int32_t))) || (e = cudaEventCreate(&e0)) || (e = cudaEventCreate(&e1)) ||
-        (mode && (e = mm_route_alloc(&r, T, used, E))))
+        (ex && (e = mm_route_alloc(&r, T, used, E))))
         goto out;
     for (int i = 0; i < ns * nw; i++) {
         uint64_t words = slab / 4;
         k_mm_rand<<<(unsigned)((words + 255) / 256), 256>>>(w + i * slab, words, fmt, slab, hdr, seed + 77 * i);
     }
-    k_mm_randf<<<(unsigned)((xrows * K + 255) / 256), 256>>>(x, xrows * K, seed ^ 0x1234);
+    k_mm_randf<<<(unsigned)((xrows * xw + 255) / 256), 256>>>(x, xrows * xw, seed ^ 0x1234);
     k_mm_randf<<<(unsigned)((n + 255) / 256), 256>>>(ew, n, seed ^ 0x777);
-    mm_prep(0, x, K, xrows, K, xh, xs);
-    if (mode) {   /* uniform routing, `used` distinct experts per token */
+    mm_prep(0, x, xw, xrows, xw, xh, xs);
+    if (ex) {   /* uniform routing, `used` distinct experts per token */
         heid = (int32_t *)malloc(n * sizeof(int32_t));
         uint64_t s = seed | 1;
         for (int64_t tk = 0; tk < T; tk++)
@@ -1672,7 +1718,9 @@ extern "C" int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int 
             cudaEventRecord(e0, 0);
             if (mode == 0) mm_dense(0, &W, 0, M, xh, xs, K, T, y, M);
             else if (mode == 1) mm_experts_glu(0, &W, &W2, xh, xs, K, &r, ew, 10.0f, y);
-            else mm_experts_down(0, &W, xh, xs, &r, y, M);
+            else if (mode == 2) mm_experts_down(0, &W, xh, xs, &r, y, M);
+            else if (mode == 3) mm_prep(0, x, K, T, K, xh, xs);
+            else mm_dense_groups(0, &W, 8, M / 8, xh, xs, xw, K, T, y, M);
             cudaEventRecord(e1, 0);
             if (!(e = cudaEventSynchronize(e1)) && !(e = cudaGetLastError()) && it >= 0) cudaEventElapsedTime(&tm[it], e0, e1);
         }

@@ -68,6 +68,13 @@ int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w, const flo
  * start are exercised). */
 int ds4_cuda_test_mm_dense(int type, const void *w, int64_t K, int64_t M, int64_t r0, int64_t nr, const float *x,
                            int64_t ldx, int64_t T, float *y, char *err, size_t errlen);
+/* Grouped product (the attention output): W of G·gl rows × K; x T rows of
+ * G·K; y[t·G·gl + r] = Σ_k W[r][k]·x[t][(r / gl)·K + k]. */
+int ds4_cuda_test_mm_groups(int type, const void *w, int64_t K, int64_t G, int64_t gl, const float *x, int64_t T,
+                            float *y, char *err, size_t errlen);
+/* mm_prep of T rows of K at x + t·ldx: xh (T·K f16 bits), xs (T scales). */
+int ds4_cuda_test_mm_prep(const float *x, int64_t ldx, int64_t T, int64_t K, uint16_t *xh, float *xs, char *err,
+                          size_t errlen);
 /* Routed experts of a chunk: wg, wu E slabs of ff × d (type tgu), wd E slabs
  * of d × ff (type td); eid/ew T·used. Out: perm (sorted position → a), g
  * (T·used × ff, sorted rows: swiglu · ew), out (T·used × d: Wd_e · gin[j] at
@@ -79,7 +86,9 @@ int ds4_cuda_test_mm_experts(int tgu, const void *wg, const void *wu, int td, co
 /* Median time (ms, of `iters` after 3 warm-ups) of one product on random
  * weights and activations (never zeros): mode 0 mm_dense M×K, T tokens;
  * mode 1 mm_experts_glu (E experts of M×K gate and up, T tokens × used,
- * uniform routing); mode 2 mm_experts_down (E experts of M×K). */
+ * uniform routing); mode 2 mm_experts_down (E experts of M×K); mode 3
+ * mm_prep of T rows of K (M, E, used unused); mode 4 mm_dense_groups, 8
+ * groups of M/8 rows × K, x rows of 8·K. */
 int ds4_cuda_mm_bench(int type, int64_t K, int64_t M, int64_t T, int mode, int E, int used, int iters, uint64_t seed,
                       double *ms, char *err, size_t errlen);
 /* ---- attn (prefill attention, src/cuda/attn.cuh) ----

@@ -15,7 +15,11 @@
  * a Σx term per sub-block for the K-quant minimums; rounded f16 weights cost
  * the same few instructions for every format and keep one kernel.
  *
- * Tiles: a block computes 128 weight rows × BN tokens (BN = 128 dense, 64
+ * Routed experts in IQ2_XXS / Q2_K (the model's) take k_mmx below: the
+ * quantised bytes staged in shared memory, each warp dequantising its own
+ * rows straight into mma registers (1.6–1.9× k_mm, H100).
+ *
+ * Tiles (k_mm): a block computes 128 weight rows × BN tokens (BN = 128 dense, 64
  * for experts: ~48 tokens per expert at T = 2048) in K steps of BK (64
  * dense; 128 experts: +6–12 % on Q2_K/Q4_K, −5 % on IQ2_XXS, H100). Token
  * rows arrive by cp.async; the weight units of the next step are loaded to
@@ -87,8 +91,76 @@ __global__ void k_mm_prep(const float *__restrict__ x, int64_t ldx, int64_t K, _
     if (!threadIdx.x) xs[blockIdx.x] = bad ? __int_as_float(0x7fc00000) : sc > 0 ? ldexpf(1.0f, E - 14) : 0.0f;
 }
 
+/* The same with the row held in registers (NV float4 a thread): k_mm_prep
+ * reads a row twice, and rows of 64–128 KB (K = 16384, 32768 at T = 2048)
+ * come back from DRAM the second time (ncu: twice the bytes). */
+template <int NV>
+__global__ void __launch_bounds__(1024) k_mm_prep_r(const float *__restrict__ x, int64_t ldx, int64_t K,
+                                                    __half *__restrict__ xh, float *__restrict__ xs) {
+    __shared__ float sm[32];
+    __shared__ int sbad[32];
+    const float4 *row = (const float4 *)(x + blockIdx.x * ldx);
+    const int K4 = (int)(K / 4);
+    float4 v[NV];
+    float m = 0;
+    int bad = 0;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        int k = threadIdx.x + i * blockDim.x;
+        v[i] = k < K4 ? row[k] : make_float4(0, 0, 0, 0);
+        float a = fabsf(v[i].x), b = fabsf(v[i].y), c = fabsf(v[i].z), d = fabsf(v[i].w);
+        bad |= !(a <= 3.4e38f) | !(b <= 3.4e38f) | !(c <= 3.4e38f) | !(d <= 3.4e38f);   /* fmaxf drops NaN */
+        m = fmaxf(m, fmaxf(fmaxf(a, b), fmaxf(c, d)));
+    }
+    m = warp_max(m);
+    bad = __any_sync(0xffffffffu, bad);
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    if (!lane) { sm[wid] = m; sbad[wid] = bad; }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        int nw = blockDim.x >> 5;
+        m = lane < nw ? sm[lane] : 0.0f;
+        bad = lane < nw ? sbad[lane] : 0;
+        m = warp_max(m);
+        bad = __any_sync(0xffffffffu, bad);
+        if (!lane) { sm[0] = m; sbad[0] = bad; }
+    }
+    __syncthreads();
+    m = sm[0];
+    bad = sbad[0];
+    int E = 0;
+    float sc = 0;
+    if (!bad && m >= 0x1p-100f) {
+        frexpf(m, &E);
+        sc = ldexpf(1.0f, 14 - E);
+    }
+    __half2 *out = (__half2 *)(xh + blockIdx.x * K);
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        int k = threadIdx.x + i * blockDim.x;
+        if (k < K4) {
+            out[2 * k] = __floats2half2_rn(v[i].x * sc, v[i].y * sc);
+            out[2 * k + 1] = __floats2half2_rn(v[i].z * sc, v[i].w * sc);
+        }
+    }
+    if (!threadIdx.x) xs[blockIdx.x] = bad ? __int_as_float(0x7fc00000) : sc > 0 ? ldexpf(1.0f, E - 14) : 0.0f;
+}
+
 static void mm_prep(cudaStream_t s, const float *x, int64_t ldx, int64_t T, int64_t K, __half *xh, float *xs) {
-    if (T > 0) k_mm_prep<<<(unsigned)T, 256, 0, s>>>(x, ldx, K, xh, xs);
+    if (T <= 0) return;
+    /* float4 rows (K, ldx multiples of 4, x 16-byte aligned) up to 8 float4 a
+     * thread of 1024: the row stays in registers; else two passes. */
+    int64_t K4 = K / 4;
+    if (K % 4 || ldx % 4 || (uintptr_t)x % 16 || K4 > 8 * 1024) {
+        k_mm_prep<<<(unsigned)T, 256, 0, s>>>(x, ldx, K, xh, xs);
+        return;
+    }
+    int nv = K4 <= 1024 ? 1 : K4 <= 2048 ? 2 : K4 <= 4096 ? 4 : 8;
+    unsigned th = (unsigned)((K4 + nv - 1) / nv + 31) / 32 * 32;
+    if (nv == 1) k_mm_prep_r<1><<<(unsigned)T, th, 0, s>>>(x, ldx, K, xh, xs);
+    else if (nv == 2) k_mm_prep_r<2><<<(unsigned)T, th, 0, s>>>(x, ldx, K, xh, xs);
+    else if (nv == 4) k_mm_prep_r<4><<<(unsigned)T, th, 0, s>>>(x, ldx, K, xh, xs);
+    else k_mm_prep_r<8><<<(unsigned)T, th, 0, s>>>(x, ldx, K, xh, xs);
 }
 
 /* ---- weight units: 16 consecutive weights of one row ---------------------------- */
@@ -259,6 +331,7 @@ typedef struct {
     int64_t K, M;
     uint64_t rb, estride;      /* GGUF row bytes; bytes between experts */
     int64_t r0, nr;            /* MM_DENSE: rows r0 … r0+nr−1 */
+    int64_t gl, gspan;         /* MM_DENSE groups: row r reads x from column (r / gl)·gspan (gl 0: none) */
     const __half *x;
     const float *xs;
     int64_t ldx, T;
@@ -350,6 +423,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mm(const mm_args p) {
             else if (MODE == MM_GLU) { a = p.perm[j0 + n]; row = a / p.used; }
             else { a = p.perm[j0 + n]; row = j0 + n; }
             off = row * p.ldx;
+            if (MODE == MM_DENSE && p.gl) off += (p.r0 + bm * BM) / p.gl * p.gspan;   /* a tile lies in one group */
         }
         roff[n] = off;
         rsc[n] = off >= 0 ? p.xs[row] : 0.0f;
@@ -467,6 +541,302 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_mm(const mm_args p) {
             }
 }
 
+/* ---- routed experts on IQ2_XXS / Q2_K: weights dequantised into registers ------------ */
+
+/* The model's expert formats take a second kernel. k_mm moves every weight
+ * through shared memory as f16 (dequant store, then ldmatrix), and ncu put
+ * its limit there (MIO throttle, shared pipe busiest). Here the quantised
+ * bytes are staged (cp.async, 4–8× fewer bytes than f16) and each warp
+ * dequantises its own 32 weight rows straight into mma A fragments: no
+ * weight is dequantised twice, and shared memory carries the token rows,
+ * the quants and two small tables.
+ *
+ * K order inside an mma. The sum over k does not care which k a fragment
+ * slot stands for, as long as A and B agree. In a K step of 128 the thread
+ * of quad index tig takes weights 32·tig … 32·tig + 31 of its rows (one
+ * IQ2_XXS group, one Q2_K sub-block pair): in mma k-step 2e (2e+1) its
+ * fragment slots k = 2tig, 2tig+1, 2tig+8, 2tig+9 hold weights 32·tig + 8e
+ * + 0…3 (4…7). So one thread decodes 8 consecutive weights of a row at a
+ * time (an IQ2_XXS grid entry, 8 Q2_K quant bytes) into the A registers of
+ * two k-steps, and reads the matching 8 token values with one 16-byte
+ * load. Block: 8 warps × 32 rows (two m16 tiles) × 64 tokens (eight n8
+ * tiles; 64 accumulators a thread); B traffic is one 16-byte load per four
+ * mma. */
+#define MX_BM 256              /* weight rows a block: 8 warps × 32 */
+#define MX_BK 128              /* K step: half a 256-weight block */
+
+/* 16-byte chunk c of token row n (16 chunks a row, 256 bytes): a k-step
+ * reads chunk 4·tig + e of rows 2p, 2p+1 in one phase of 8 lanes; the XOR
+ * puts those 8 chunks on 8 distinct 16-byte bank groups. */
+__device__ __forceinline__ int mx_swz(int n, int c) { return c ^ ((c >> 2) & 2) ^ (n & 1); }
+
+/* prmt on the low 16 bits of s as they are (__byte_perm masks them first:
+ * one more instruction a word; our selectors never set a nibble's top bit). */
+__device__ __forceinline__ uint32_t mx_prmt(uint32_t a, uint32_t b, uint32_t s) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+    return d;
+}
+
+__device__ __forceinline__ void mx_cp8(void *dst, const void *src) {   /* .cg moves 16 bytes only */
+    unsigned sa = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(sa), "l"(src));
+}
+
+/* Local weight row a (0 … 255) of block bm: its slab and row. MM_GLU: warp
+ * w's rows 32w … 32w+15 are gate features 16w …, the next 16 the up rows of
+ * the same features. Rows past M repeat the last. */
+template <int MODE>
+__device__ __forceinline__ int64_t mx_row(const mm_args &p, int64_t e, int64_t bm, int a, const uint8_t **slab) {
+    *slab = (MODE == MM_GLU && (a & 16) ? p.w2 : p.w) + e * p.estride;
+    int64_t r = MODE == MM_GLU ? bm * (MX_BM / 2) + (a >> 5) * 16 + (a & 15) : bm * MX_BM + a;
+    return r < p.M ? r : p.M - 1;
+}
+
+/* The two mma k-steps of one entry: o[i] = 8 weights (4 words) of row
+ * gid + 8i (i = 0, 1: m16 tile 0; 2, 3: tile 1); the tokens of n8 tile j
+ * from this lane's 16-byte chunk xl of the stage's token rows. */
+__device__ __forceinline__ void mx_round(float (*acc)[8][4], const uint32_t (*o)[4], const uint8_t *xl, int nj) {
+    const uint32_t a00[4] = {o[0][0], o[1][0], o[0][1], o[1][1]}, a10[4] = {o[2][0], o[3][0], o[2][1], o[3][1]};
+    const uint32_t a01[4] = {o[0][2], o[1][2], o[0][3], o[1][3]}, a11[4] = {o[2][2], o[3][2], o[2][3], o[3][3]};
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        if (j >= nj) break;
+        uint4 b = *(const uint4 *)(xl + j * 8 * 256);
+        const uint32_t b0[2] = {b.x, b.y}, b1[2] = {b.z, b.w};
+        mm_mma(acc[0][j], a00, b0);
+        mm_mma(acc[1][j], a10, b0);
+        mm_mma(acc[0][j], a01, b1);
+        mm_mma(acc[1][j], a11, b1);
+    }
+}
+
+template <int F, int MODE>
+__global__ void __launch_bounds__(MM_THREADS, 2) k_mmx(const mm_args p) {
+    constexpr int BN = MM_EBN;
+    constexpr int XS = BN * 256, QS = MX_BM * 32, SS = F == MF_Q2K ? MX_BM * 8 : 0, HS = MX_BM * 4;
+    constexpr int STAGE = XS + QS + SS + HS;
+    extern __shared__ __align__(16) uint8_t mm_smem[];
+    int64_t *roff = (int64_t *)(mm_smem + 2 * STAGE);      /* token row offset in x, −1: none */
+    float *rsc = (float *)(roff + BN);                      /* its scale */
+    int32_t *rasg = (int32_t *)(rsc + BN);                  /* its assignment */
+    uint32_t *codes = (uint32_t *)(rasg + BN);              /* IQ2_XXS: [256 grid entries][32 lanes] */
+    uint4 *signs = (uint4 *)(codes + 256 * 32);             /* IQ2_XXS: [128 sign patterns][8 copies] */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int64_t bm = blockIdx.x, bt = blockIdx.y;
+    if (bt >= *p.ntile) return;
+    const int4 tl = p.tile[bt];
+    const int64_t e = tl.x, j0 = tl.y;
+    const int cnt = tl.z;
+    for (int n = tid; n < BN; n += MM_THREADS) {
+        int64_t off = -1, row = 0;
+        int32_t a = 0;
+        if (n < cnt) {
+            a = p.perm[j0 + n];
+            row = MODE == MM_GLU ? a / p.used : j0 + n;
+            off = row * p.ldx;
+        }
+        roff[n] = off;
+        rsc[n] = off >= 0 ? p.xs[row] : 0.0f;
+        rasg[n] = a;
+    }
+    if (F == MF_IQ2) {
+        /* codes: grid entry i's 8 magnitudes 8 / 25 / 43 as 2-bit codes 0 / 1 / 2,
+         * weight j at bit 8(j%4) + 2(j/4), so (w >> 2h) & 0x03030303 holds the
+         * codes of weights 4h … 4h+3 one a byte; one copy per lane (bank = lane).
+         * signs: ksigns pattern i (7 bits, parity bit 7) as the sign bits of the
+         * 4 half pairs; 8 copies (a phase of a 16-byte load is 8 lanes). */
+        for (int i = tid; i < 256; i += MM_THREADS) {   /* copy l at lane (l + i) % 32: stores on distinct banks */
+            uint64_t g = d_iq2_grid[i];
+            uint32_t w = 0;
+            for (int j = 0; j < 8; j++) {
+                uint32_t m = (uint32_t)(g >> 8 * j) & 255;
+                w |= (m == 8 ? 0u : m == 25 ? 1u : 2u) << (8 * (j & 3) + 2 * (j >> 2));
+            }
+            for (int l = 0; l < 32; l++) codes[32 * i + ((l + i) & 31)] = w;
+        }
+        for (int i = tid; i < 128; i += MM_THREADS) {
+            uint32_t sg = (uint32_t)i | (__popc(i) & 1) << 7, m[4];
+            for (int q = 0; q < 4; q++) m[q] = ((sg >> 2 * q) & 1) << 15 | ((sg >> (2 * q + 1)) & 1) << 31;
+            for (int l = 0; l < 8; l++) signs[8 * i + ((l + i) & 7)] = make_uint4(m[0], m[1], m[2], m[3]);
+        }
+    }
+
+    /* This thread's loads: payload rows a0 = tid >> 1 and a0 + 128 (one slab:
+     * bit 4 of the row picks it), 16 bytes at 16·(tid & 1) of a step's 32
+     * each; the scales and header of row as = one of the two. Repacked slab
+     * (kernels.cuh): payload rows of nb blocks, PAY bytes each, then headers. */
+    constexpr int PAY = F == MF_IQ2 ? 64 : 80, HL = F == MF_IQ2 ? 2 : 4;
+    const uint8_t *slab;
+    const int64_t r0 = mx_row<MODE>(p, e, bm, tid >> 1, &slab), r1 = mx_row<MODE>(p, e, bm, 128 + (tid >> 1), &slab);
+    const int qhalf = 16 * (tid & 1), as = (tid >> 1) + 128 * (tid & 1);
+    const int64_t nb = p.K / 256, rs = tid & 1 ? r1 : r0;
+    const uint8_t *hp = slab + p.M * nb * PAY + rs * nb * HL;
+    __syncthreads();   /* roff, tables */
+
+    auto load = [&](int64_t kt, int st) {
+        uint8_t *sx = mm_smem + st * STAGE, *sq = sx + XS, *ss = sq + QS;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int c = tid + MM_THREADS * i, n = c >> 4, part = c & 15;
+            int64_t off = roff[n];
+            bool ok = off >= 0;
+            mm_cp16(sx + n * 256 + 16 * mx_swz(n, part), ok ? p.x + off + kt * MX_BK + 8 * part : p.x, ok);
+        }
+        /* IQ2_XXS: groups 4kt … 4kt+3, 8 bytes each; Q2_K: quant bytes of half kt & 1 of block kt >> 1 */
+        const int64_t so = F == MF_IQ2 ? 32 * kt : 80 * (kt >> 1) + 16 + 32 * (kt & 1);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            mm_cp16(sq + 32 * ((tid >> 1) + 128 * i) + qhalf, slab + (i ? r1 : r0) * nb * PAY + so + qhalf, true);
+        if (F == MF_Q2K) mx_cp8(ss + 8 * as, slab + rs * nb * PAY + 80 * (kt >> 1) + 8 * (kt & 1));
+        asm volatile("cp.async.commit_group;\n");
+    };
+    /* Headers (2 bytes IQ2_XXS: no cp.async that small) by plain loads one step ahead. */
+    auto header = [&](int64_t kt) -> uint32_t {
+        return F == MF_IQ2 ? (uint32_t)((const unsigned short *)hp)[kt >> 1] : ((const uint32_t *)hp)[kt >> 1];
+    };
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+
+    const int64_t nk = p.K / MX_BK;
+    const int nj = (cnt + 7) >> 3;   /* n8 tiles holding tokens; the others skip their loads and mma */
+    load(0, 0);
+    ((uint32_t *)(mm_smem + XS + QS + SS))[as] = header(0);
+    /* This lane's token chunk for entry e: row 8j + gid, chunk 4·tig + e (swizzled). */
+    const int xl0 = gid * 256 + 64 * tig, xm = (tig & 2) | (gid & 1);
+    for (int64_t kt = 0; kt < nk; kt++) {
+        const int st = (int)(kt & 1);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();   /* step kt staged; everyone is past step kt−1, whose stage refills now */
+        uint32_t hnext = 0;
+        if (kt + 1 < nk) {
+            load(kt + 1, st ^ 1);
+            hnext = header(kt + 1);
+        }
+        const uint8_t *sx = mm_smem + st * STAGE, *sq = sx + XS, *ss = sq + QS;
+        const uint32_t *sh = (const uint32_t *)(ss + SS);
+        if constexpr (F == MF_IQ2) {
+            /* Group tig of each row: 4 grid indices, 4 × 7 sign bits, scale in
+             * the top 4 bits; its weights ±{8, 25, 43}·db rounded once, as a
+             * 4-half table t01, t23. */
+            uint2 g[4];
+            uint32_t t01[4], t23[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int R = 32 * warp + 8 * i + gid;
+                g[i] = *(const uint2 *)(sq + 32 * R + 8 * tig);
+                float db = __half2float(__ushort_as_half((unsigned short)sh[R])) * (0.5f + u2f(g[i].y >> 28)) * 0.25f;
+                t01[i] = mm_u(__floats2half2_rn(8.0f * db, 25.0f * db));
+                t23[i] = mm_u(__floats2half2_rn(43.0f * db, 0.0f));
+            }
+#pragma unroll
+            for (int en = 0; en < 4; en++) {
+                uint32_t o[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    /* the entry's signs: byte offset 7-bit pattern · 128 (8 copies of 16 bytes) */
+                    uint32_t si = en == 0 ? g[i].y << 7 : g[i].y >> (7 * en - 7);
+                    uint4 sg = *(const uint4 *)((const uint8_t *)signs + (si & 0x3F80u) + 16 * (lane & 7));
+                    /* a pair's selector from its two codes c: nibbles 2c, 2c+1 each,
+                     * c·34 + 0x10 a byte (no carry: c ≤ 2) */
+                    uint32_t w = codes[((g[i].x >> 8 * en) & 255) * 32 + lane];
+                    uint32_t lo = (w & 0x03030303u) * 34 + 0x10101010u, hi = ((w >> 2) & 0x03030303u) * 34 + 0x10101010u;
+                    uint4 se = make_uint4(lo, lo >> 16, hi, hi >> 16);
+                    o[i][0] = mx_prmt(t01[i], t23[i], se.x) ^ sg.x;
+                    o[i][1] = mx_prmt(t01[i], t23[i], se.y) ^ sg.y;
+                    o[i][2] = mx_prmt(t01[i], t23[i], se.z) ^ sg.z;
+                    o[i][3] = mx_prmt(t01[i], t23[i], se.w) ^ sg.w;
+                }
+                mx_round(acc, o, sx + xl0 + 16 * (en ^ xm), nj);
+            }
+        } else {
+            /* Q2_K, half h = kt & 1 of a 256-weight block: this thread's 32
+             * weights are sub-blocks 2·tig, 2·tig+1 of the half (quant shift
+             * 2·tig), 16 weights each; their dl·q − ml for q = 0…3, in f32 and
+             * rounded once, as a 4-half table; a pair's selector is q·34 +
+             * 0x10 in each byte (nibbles 2q, 2q+1). */
+            float d[4], dm[4];
+            uint32_t sc[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int R = 32 * warp + 8 * i + gid;
+                uint32_t hw = sh[R];
+                d[i] = __half2float(__ushort_as_half((unsigned short)hw));
+                dm[i] = __half2float(__ushort_as_half((unsigned short)(hw >> 16)));
+                sc[i] = *(const unsigned short *)(ss + 8 * R + 2 * tig);
+            }
+            const int sh2 = 2 * tig;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                uint32_t t01[4], t23[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    uint32_t b = sc[i] >> 8 * half;
+                    float dl = d[i] * u2f(b & 15), nml = -dm[i] * u2f((b >> 4) & 15);
+                    t01[i] = mm_u(__floats2half2_rn(nml, dl + nml));
+                    t23[i] = mm_u(__floats2half2_rn(fmaf(2.0f, dl, nml), fmaf(3.0f, dl, nml)));
+                }
+#pragma unroll
+                for (int en = 2 * half; en < 2 * half + 2; en++) {
+                    uint32_t o[4][4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        uint2 w = *(const uint2 *)(sq + 32 * (32 * warp + 8 * i + gid) + 8 * en);
+                        uint32_t lo = ((w.x >> sh2) & 0x03030303u) * 34 + 0x10101010u;
+                        uint32_t hi = ((w.y >> sh2) & 0x03030303u) * 34 + 0x10101010u;
+                        o[i][0] = mx_prmt(t01[i], t23[i], lo);
+                        o[i][1] = mx_prmt(t01[i], t23[i], lo >> 16);
+                        o[i][2] = mx_prmt(t01[i], t23[i], hi);
+                        o[i][3] = mx_prmt(t01[i], t23[i], hi >> 16);
+                    }
+                    mx_round(acc, o, sx + xl0 + 16 * (en ^ xm), nj);
+                }
+            }
+        }
+        if (kt + 1 < nk) ((uint32_t *)(mm_smem + (st ^ 1) * STAGE + XS + QS + SS))[as] = hnext;
+    }
+
+    /* Epilogue: c of acc[i][j] is row gid + 8·(c/2) of m16 tile i, token 8j + 2·tig + c%2. */
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int n = 8 * j + 2 * tig + (c & 1), ra = gid + 8 * (c >> 1);
+            if (n >= cnt) continue;
+            if (MODE == MM_GLU) {
+                int64_t f = bm * (MX_BM / 2) + 16 * warp + ra;
+                if (f < p.M)
+                    p.y[(j0 + n) * p.ldy + f] = swiglu(acc[0][j][c] * rsc[n], acc[1][j][c] * rsc[n], p.clamp) *
+                                                (p.ew ? p.ew[rasg[n]] : 1.0f);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    int64_t r = bm * MX_BM + 32 * warp + 16 * i + ra;
+                    if (r < p.M) p.y[(int64_t)rasg[n] * p.ldy + r] = acc[i][j][c] * rsc[n];
+                }
+            }
+        }
+}
+
+template <int F, int MODE>
+static void mmx_launch_f(cudaStream_t s, dim3 g, const mm_args *a) {
+    size_t smem = (size_t)2 * (MM_EBN * 256 + MX_BM * (32 + (F == MF_Q2K ? 8 : 0) + 4)) + (size_t)MM_EBN * 16 +
+                  (F == MF_IQ2 ? 256 * 32 * 4 + 128 * 8 * 16 : 0);
+    static bool attr;   /* per instantiation: above 48 KB needs the opt-in */
+    if (!attr) {
+        cudaFuncSetAttribute(k_mmx<F, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attr = true;
+    }
+    k_mmx<F, MODE><<<g, MM_THREADS, smem, s>>>(*a);
+}
+
 /* ---- launches ------------------------------------------------------------------------ */
 
 static int mm_fmt(uint32_t type) {
@@ -523,13 +893,12 @@ typedef struct {
     uint64_t rb;               /* GGUF row bytes */
 } mm_w;
 
-/* y[t·ldy + (r − r0)] = Σ_k W[r][k] · x[t][k] for r0 ≤ r < r0+nr, t < T. */
-static void mm_dense(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, const __half *xh, const float *xs,
-                     int64_t ldx, int64_t T, float *y, int64_t ldy) {
+static void mm_dense_run(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, const __half *xh, const float *xs,
+                         int64_t ldx, int64_t T, float *y, int64_t ldy, int64_t gl, int64_t gspan) {
     if (T <= 0 || nr <= 0) return;
     mm_args a;
     memset(&a, 0, sizeof a);
-    a.w = W->w; a.K = W->K; a.M = W->M; a.rb = W->rb; a.r0 = r0; a.nr = nr;
+    a.w = W->w; a.K = W->K; a.M = W->M; a.rb = W->rb; a.r0 = r0; a.nr = nr; a.gl = gl; a.gspan = gspan;
     a.x = xh; a.xs = xs; a.ldx = ldx; a.T = T; a.y = y; a.ldy = ldy;
     /* 64-token tiles only where 128 would leave half the SMs idle: measured
      * on an H100, 64 wins at 64 blocks of 128 (4096→512, T = 2048) and loses
@@ -539,6 +908,26 @@ static void mm_dense(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, cons
         mm_launch<MM_DBM, MM_DBN, 2, 64, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_DBN - 1) / MM_DBN), (unsigned)mt), &a);
     else
         mm_launch<MM_DBM, MM_EBN, 4, 64, MM_DENSE>(s, W->type, dim3((unsigned)((T + MM_EBN - 1) / MM_EBN), (unsigned)mt), &a);
+}
+
+/* y[t·ldy + (r − r0)] = Σ_k W[r][k] · x[t][k] for r0 ≤ r < r0+nr, t < T. */
+static void mm_dense(cudaStream_t s, const mm_w *W, int64_t r0, int64_t nr, const __half *xh, const float *xs,
+                     int64_t ldx, int64_t T, float *y, int64_t ldy) {
+    mm_dense_run(s, W, r0, nr, xh, xs, ldx, T, y, ldy, 0, 0);
+}
+
+/* G groups of gl rows of W (M = G·gl): y[t·ldy + r] = Σ_k W[r][k] ·
+ * x[t][(r / gl)·gspan + k] (the attention output: group g reads heads
+ * g·H/G …). One launch where every 128-row tile lies in one group (gl a
+ * multiple of 128; measured 8 × 84 µs as separate launches at 128 blocks
+ * each, H100, T = 2048), else one launch a group. */
+static void mm_dense_groups(cudaStream_t s, const mm_w *W, int64_t G, int64_t gl, const __half *xh, const float *xs,
+                            int64_t ldx, int64_t gspan, int64_t T, float *y, int64_t ldy) {
+    if (gl % MM_DBM) {
+        for (int64_t g = 0; g < G; g++) mm_dense(s, W, g * gl, gl, xh + g * gspan, xs, ldx, T, y + g * gl, ldy);
+        return;
+    }
+    mm_dense_run(s, W, 0, G * gl, xh, xs, ldx, T, y, ldy, gl, gspan);
 }
 
 /* ---- routed experts ---------------------------------------------------------------- */
@@ -648,6 +1037,12 @@ static void mm_experts_glu(cudaStream_t s, const mm_w *Wg, const mm_w *Wu, const
     a.w = Wg->w; a.w2 = Wu->w; a.K = Wg->K; a.M = Wg->M; a.rb = Wg->rb; a.estride = Wg->rb * (uint64_t)Wg->M;
     a.x = xh; a.xs = xs; a.ldx = ldx; a.T = r->T; a.y = g; a.ldy = Wg->M;
     a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used; a.ew = ew; a.clamp = clamp;
+    if (Wg->type == GT_IQ2_XXS || Wg->type == GT_Q2_K) {   /* the model's formats: k_mmx */
+        dim3 gx((unsigned)((Wg->M + MX_BM / 2 - 1) / (MX_BM / 2)), (unsigned)r->ntile_max);
+        if (Wg->type == GT_IQ2_XXS) mmx_launch_f<MF_IQ2, MM_GLU>(s, gx, &a);
+        else mmx_launch_f<MF_Q2K, MM_GLU>(s, gx, &a);
+        return;
+    }
     dim3 gr((unsigned)((Wg->M + MM_EBM / 2 - 1) / (MM_EBM / 2)), (unsigned)r->ntile_max);
     mm_launch<MM_EBM, MM_EBN, 4, 128, MM_GLU>(s, Wg->type, gr, &a);
 }
@@ -661,6 +1056,12 @@ static void mm_experts_down(cudaStream_t s, const mm_w *Wd, const __half *gh, co
     a.w = Wd->w; a.K = Wd->K; a.M = Wd->M; a.rb = Wd->rb; a.estride = Wd->rb * (uint64_t)Wd->M;
     a.x = gh; a.xs = gs; a.ldx = Wd->K; a.T = r->T; a.y = out; a.ldy = ldo;
     a.perm = r->perm; a.tile = r->tile; a.ntile = r->ntile; a.used = r->used;
+    if (Wd->type == GT_IQ2_XXS || Wd->type == GT_Q2_K) {
+        dim3 gx((unsigned)((Wd->M + MX_BM - 1) / MX_BM), (unsigned)r->ntile_max);
+        if (Wd->type == GT_IQ2_XXS) mmx_launch_f<MF_IQ2, MM_DOWN>(s, gx, &a);
+        else mmx_launch_f<MF_Q2K, MM_DOWN>(s, gx, &a);
+        return;
+    }
     dim3 gr((unsigned)((Wd->M + MM_EBM - 1) / MM_EBM), (unsigned)r->ntile_max);
     mm_launch<MM_EBM, MM_EBN, 4, 128, MM_DOWN>(s, Wd->type, gr, &a);
 }

@@ -407,7 +407,74 @@ static void check_mm_experts(int tgu, int td, const char *name, int64_t d, int64
     free(out); free(wr); free(wr2); free(gref); free(oref);
 }
 
+/* mm_prep: every value within half an f16 ulp (relative 2^-11; subnormal f16: 2^-14·xs
+ * absolute near zero) of x = xh·xs, the row max in [2^13, 2^14] (rounding); a zero
+ * row gives xs 0, a NaN anywhere in a row gives xs NaN. K from the
+ * one-float4-a-thread path to the 8-float4 one; ldx = K + 4 keeps float4
+ * rows, K + 3 takes the two-pass kernel. */
+static void check_mm_prep(int64_t K, int64_t pad) {
+    char err[256], what[80];
+    const int64_t T = 5, ldx = K + pad;
+    float *x = malloc(T * ldx * sizeof(float)), *xs = malloc(T * sizeof(float));
+    uint16_t *xh = malloc(T * K * sizeof(uint16_t));
+    for (int64_t t = 0; t < T; t++) {   /* row 3 zero, row 4 one NaN at its end */
+        float sc = t == 3 ? 0.0f : ldexpf(1.0f, (int)(rnd() % 60) - 30);
+        for (int64_t i = 0; i < ldx; i++) x[t * ldx + i] = frand() * sc;
+    }
+    x[4 * ldx + K - 1] = NAN;
+    snprintf(what, sizeof what, "mm prep K=%lld ldx=%lld", (long long)K, (long long)ldx);
+    if (ds4_cuda_test_mm_prep(x, ldx, T, K, xh, xs, err, sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        double worst = 0;
+        bool ok = xs[3] == 0.0f && isnan(xs[4]);
+        for (int64_t t = 0; t < 3; t++) {
+            double m = 0;
+            for (int64_t i = 0; i < K; i++) {
+                double v = ds4_f16_to_f32(xh[t * K + i]);
+                double e = fabs(v * xs[t] - x[t * ldx + i]) / (fabs((double)x[t * ldx + i]) + 0x1p-14 * xs[t]);
+                if (e > worst) worst = e;
+                if (fabs(v) > m) m = fabs(v);
+            }
+            ok = ok && m >= 8192.0 && m <= 16384.0;   /* the max may round up to 2^14 */
+        }
+        verdict(what, ok && worst <= 0x1p-11, "max rel %.3g (bound %.3g), zero row xs %g, NaN row xs %g", worst, 0x1p-11,
+                xs[3], xs[4]);
+    }
+    free(x); free(xs); free(xh);
+}
+
+/* mm_dense_groups: G groups of gl rows, group g reading columns g·K … of x. */
+static void check_mm_groups(int type, const char *name, int64_t K, int64_t G, int64_t gl, int64_t T) {
+    char err[256], what[80];
+    uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)K);
+    const int64_t M = G * gl, ldx = G * K;
+    uint8_t *w = mm_weights(type, K, M, true);
+    float *x = malloc(T * ldx * sizeof(float)), *y = malloc(T * M * sizeof(float)), *wr = malloc(K * sizeof(float));
+    double *ref = malloc(T * M * sizeof(double));
+    for (int64_t i = 0; i < T * ldx; i++) x[i] = frand();
+    for (int64_t r = 0; r < M; r++) {
+        ds4_dequant_row((ggml_type)type, w + r * rb, wr, K);
+        for (int64_t t = 0; t < T; t++) ref[t * M + r] = mm_dot(wr, x + t * ldx + (r / gl) * K, K);
+    }
+    snprintf(what, sizeof what, "mm groups %s K=%lld %lldx%lld rows T=%lld", name, (long long)K, (long long)G,
+             (long long)gl, (long long)T);
+    if (ds4_cuda_test_mm_groups(type, w, K, G, gl, x, T, y, err, sizeof err)) verdict(what, false, "%s", err);
+    else {
+        double e = mm_err(y, ref, T, M);
+        verdict(what, e <= 1e-3, "rel %.3g (bound 1e-3)", e);
+    }
+    free(w); free(x); free(y); free(wr); free(ref);
+}
+
 static void mm_checks(void) {
+    check_mm_groups(GGML_Q8_0, "Q8_0", 512, 4, 256, 200);   /* one launch, 128-token tiles */
+    check_mm_groups(GGML_Q8_0, "Q8_0", 256, 3, 100, 7);     /* groups not of whole tiles: one launch each */
+    check_mm_prep(100, 4);
+    check_mm_prep(5000, 4);
+    check_mm_prep(12000, 4);
+    check_mm_prep(32768, 4);
+    check_mm_prep(5000, 3);
     static const struct { int type; const char *name; } T[] = {
         {GGML_F32, "F32"}, {GGML_F16, "F16"}, {GGML_Q8_0, "Q8_0"},
         {GGML_Q2_K, "Q2_K"}, {GGML_Q4_K, "Q4_K"}, {GGML_IQ2_XXS, "IQ2_XXS"},
@@ -422,6 +489,8 @@ static void mm_checks(void) {
     check_mm_dense(GGML_Q2_K, "Q2_K", 256, 4200, 40, 4150, 1000);
     check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 100, false);
     check_mm_experts(GGML_IQ2_XXS, GGML_Q2_K, "IQ2_XXS/Q2_K", 512, 256, 16, 3, 150, true);   /* 150 > 2 tiles */
+    /* the formats swapped: both k_mmx decoders in both modes; 2–3 tiles an expert */
+    check_mm_experts(GGML_Q2_K, GGML_IQ2_XXS, "Q2_K/IQ2_XXS", 768, 512, 6, 2, 200, false);
     check_mm_experts(GGML_Q4_K, GGML_Q4_K, "Q4_K/Q4_K", 256, 512, 8, 2, 70, false);
     check_mm_experts(GGML_Q8_0, GGML_Q8_0, "Q8_0/Q8_0", 256, 256, 5, 2, 7, false);
     check_mm_experts(GGML_F16, GGML_F16, "F16/F16", 256, 256, 4, 4, 1, true);
@@ -677,6 +746,10 @@ static int mm_bench(void) {
         {"experts down 2048->4096", GGML_Q2_K, 2048, 4096, 2},
         {"experts gate+up 4096->2048", GGML_Q4_K, 4096, 2048, 1},
         {"experts down 2048->4096", GGML_Q4_K, 2048, 4096, 2},
+        {"out_a 8 groups 4096->1024", GGML_Q8_0, 4096, 8192, 4},
+        {"prep f32->f16 K=4096", GGML_F16, 4096, 1, 3},
+        {"prep f32->f16 K=16384", GGML_F16, 16384, 1, 3},
+        {"prep f32->f16 K=32768", GGML_F16, 32768, 1, 3},
     };
     const int64_t T = 2048;
     int rc = 0;
@@ -688,8 +761,13 @@ static int mm_bench(void) {
             rc = 1;
             continue;
         }
-        /* dense 2·T·M·K; experts 2·(T·used)·M·K per matrix, gate and up both */
-        double fl = 2.0 * T * S[i].M * S[i].K * (S[i].mode ? 6.0 : 1.0) * (S[i].mode == 1 ? 2.0 : 1.0);
+        if (S[i].mode == 3) {   /* f32 read, f16 written */
+            printf("%-28s %-8s T=%lld  %8.3f ms  %6.0f GB/s\n", S[i].what, "f32", (long long)T, ms, 6.0 * T * S[i].K / ms * 1e-6);
+            fflush(stdout);
+            continue;
+        }
+        /* dense (and groups) 2·T·M·K; experts 2·(T·used)·M·K per matrix, gate and up both */
+        double fl = 2.0 * T * S[i].M * S[i].K * (S[i].mode == 1 || S[i].mode == 2 ? 6.0 : 1.0) * (S[i].mode == 1 ? 2.0 : 1.0);
         printf("%-28s %-8s T=%lld  %8.3f ms  %6.1f TFLOP/s\n", S[i].what, ggml_type_name((uint32_t)S[i].type),
                (long long)T, ms, fl / ms * 1e-9);
         fflush(stdout);
