@@ -93,10 +93,6 @@ typedef struct {
     uint8_t *dbase;              /* its device copy */
     uint64_t span;
     cudaStream_t s;
-    /* Decode's side branch (branch/join): a second stream and its fork and
-     * join events; main holds be->s while a branch redirects it. */
-    cudaStream_t s2, main;
-    cudaEvent_t ev_fork, ev_join;
     double *freq_plain, *freq_yarn;   /* device, rope_dim/2 each */
     /* chunk scratch: `chunk` tokens of each (decode uses the first) */
     int64_t chunk;
@@ -211,9 +207,6 @@ static void backend_free(gpu_backend *be) {
     if (be->hstep) cudaFreeHost(be->hstep);
     if (be->head_exec) cudaGraphExecDestroy(be->head_exec);
     if (be->s) cudaStreamDestroy(be->s);
-    if (be->s2) cudaStreamDestroy(be->s2);
-    if (be->ev_fork) cudaEventDestroy(be->ev_fork);
-    if (be->ev_join) cudaEventDestroy(be->ev_join);
     free(be);
 }
 
@@ -396,9 +389,6 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     cpu_rope_freqs(hp, false, fp, NULL, NULL);
     cpu_rope_freqs(hp, true, fy, NULL, NULL);
     if (cudaStreamCreateWithFlags(&be->s, cudaStreamNonBlocking) != cudaSuccess ||
-        cudaStreamCreateWithFlags(&be->s2, cudaStreamNonBlocking) != cudaSuccess ||
-        cudaEventCreateWithFlags(&be->ev_fork, cudaEventDisableTiming) != cudaSuccess ||
-        cudaEventCreateWithFlags(&be->ev_join, cudaEventDisableTiming) != cudaSuccess ||
         cudaMalloc((void **)&be->dbase, be->span) != cudaSuccess ||
         cudaMalloc((void **)&be->X, scr - hb) != cudaSuccess ||
         cudaMalloc((void **)&be->xh[0], hb) != cudaSuccess ||
@@ -925,32 +915,6 @@ static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_laye
  * is read on the device where a decode graph must replay at any position).
  * `select`: some token of the chunk has more visible indexer rows than
  * top_k (a property of the decode graph variant, not of a layer). */
-/* A decode token's kernels are latency-bound and most leave the GPU half
- * idle, so independent chains of a sublayer run side by side: branch()
- * sends the launches that follow to the second stream, after everything
- * launched so far; unbranch() returns to the main stream while the branch
- * runs on; join() makes the main stream wait for the branch. Captured,
- * these are branches of the decode graph. A chunk's kernels fill the GPU
- * on their own: for n > 1 all three do nothing. The branch kernels must
- * not share scratch with the main stream's (each call site says which
- * buffers each side writes). */
-static void branch(gpu_backend *be, int64_t n) {
-    if (n > 1) return;
-    cudaEventRecord(be->ev_fork, be->s);
-    cudaStreamWaitEvent(be->s2, be->ev_fork, 0);
-    be->main = be->s;
-    be->s = be->s2;
-}
-static void unbranch(gpu_backend *be, int64_t n) {
-    if (n > 1) return;
-    be->s = be->main;
-}
-static void join(gpu_backend *be, int64_t n) {
-    if (n > 1) return;
-    cudaEventRecord(be->ev_join, be->s2);
-    cudaStreamWaitEvent(be->s, be->ev_join, 0);
-}
-
 static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, uint32_t p0,
                        bool select) {
     const ds4_hparams *hp = be->hp;
@@ -980,18 +944,13 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
            DF(be, &L->attn_q_a_norm), (int)ql, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
            (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
     prep(be, 1, be->qa, n, ql);
-    /* Branch: the compressor and the indexer (ck, cg, ik, ig, iq, iw, isc,
-     * sel, their rings and rows) beside the query heads (q). */
-    branch(be, n);
+    mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
+    launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float), s,
+           be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
     if (ls->ratio)
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
     if (ls->ratio == 4) indexer(be, st, L, ls, n, p0, select, freq);
-    unbranch(be, n);
-    mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
-    launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float), s,
-           be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
-    join(be, n);
     float scale = (float)(1.0 / sqrt((double)hd));
     if (n > 1 && be->fast_attn)
         attn_chunk(s, be->q, be->kvc, ls->raw, st->keep_raw, hp->window, ls->comp, be->sel, ls->ratio,
@@ -1035,20 +994,6 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
         hc_pre(be, be->X, n, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false);
     }
     prep(be, 0, be->nrm, n, d);
-    /* Branch: the shared expert (sg, su, y; chunk: f16 slot 1) beside the
-     * router and the routed experts (rl, eid, ew, ge, gh, eout). */
-    branch(be, n);
-    if (n == 1) {
-        glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
-        matvec(be, &L->down_shexp, be->sg, be->y);
-    } else {
-        mul(be, &L->gate_shexp, 0, be->nrm, n, be->sg, ffs);
-        mul(be, &L->up_shexp, 0, be->nrm, n, be->su, ffs);
-        launch(k_swiglu, (unsigned)((n * ffs + 255) / 256), 256, 0, s, be->sg, be->su, n * ffs, clamp);
-        prep(be, 1, be->sg, n, ffs);
-        mul(be, &L->down_shexp, 1, be->sg, n, be->y, d);
-    }
-    unbranch(be, n);
     const ds4_tensor *ri = &L->ffn_gate_inp;
     const float *bias = L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL;
     if (n == 1 && (ri->type == GGML_F16 || ri->type == GGML_F32) && d % 8 == 0 && d <= RT_MAX_IN) {
@@ -1065,6 +1010,8 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     if (n == 1) {
         glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
         matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
+        glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
+        matvec(be, &L->down_shexp, be->sg, be->y);
     } else {
         /* Routed: assignments sorted by expert, each expert's tokens one
          * product; ge rows in sorted order, eout rows by (token, slot). */
@@ -1073,8 +1020,12 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
         mm_experts_glu(s, &wg, &wu, be->xh[0], be->xs[0], d, &be->route, be->ew, clamp, be->ge);
         mm_prep(s, be->ge, ff, n * used, ff, be->gh, be->gs);
         mm_experts_down(s, &wd, be->gh, be->gs, &be->route, be->eout, d);
+        mul(be, &L->gate_shexp, 0, be->nrm, n, be->sg, ffs);
+        mul(be, &L->up_shexp, 0, be->nrm, n, be->su, ffs);
+        launch(k_swiglu, (unsigned)((n * ffs + 255) / 256), 256, 0, s, be->sg, be->su, n * ffs, clamp);
+        prep(be, 1, be->sg, n, ffs);
+        mul(be, &L->down_shexp, 1, be->sg, n, be->y, d);
     }
-    join(be, n);
     /* fused decode: the moe sum and post go into the next layer's HC step */
     if (!fused) hc_post(be, n, true, NULL, NULL);
     else if (L == be->m->layers + hp->n_layer - 1) hc_post(be, n, true, &L->hc_ffn_scale, &L->hc_ffn_base);
