@@ -616,15 +616,17 @@ static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->c
 /* Blocks of `kernel` (SX_WARPS warps, smem bytes of dynamic shared memory)
  * that are resident on the whole GPU at once. */
 template <typename K>
-static int sx_fit(K kernel, int64_t smem) {
+static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
     int dev = 0, sms = 1, per = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kernel, 32 * SX_WARPS, (size_t)smem);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kernel, threads, (size_t)smem);
     return (per > 0 ? per : 1) * sms;
 }
 
-/* Matvec on a repacked format, any shape. k_mv_sx (x in shared memory,
+/* Matvec on a repacked format, any shape. IQ2_XXS / Q2_K (the routed
+ * experts) with one x: k_mv_tc (tensor cores; 2 warps a task of 2 row tiles,
+ * nr −8 / −16 / −32 = 1 / 2 / 4 warps). Otherwise k_mv_sx (x in shared memory,
  * persistent warps) where x fits in shared memory and is not grouped, for
  * every IQ2_XXS / Q2_K matrix and the Q8_0 ones under 4096 rows (attention
  * inputs, shared-expert gate+up), as many blocks as are resident at once (no
@@ -636,12 +638,40 @@ static int sx_fit(K kernel, int64_t smem) {
  * where the grid still has ≥ 1024 warps, fewer below, 2 for GLU pairs;
  * xg_rows must stay a multiple of the rows per warp (a warp's rows share one
  * x). nr forces a kernel and its rows per warp (ds4_cuda_mv_bench: 1, 2, 4 =
- * k_mv_rp, −1, −2, −4 = k_mv_sx, GLU up to 2; 0 = the rule above). */
+ * k_mv_rp, −1, −2, −4 = k_mv_sx, GLU up to 2, −8 … −32 = k_mv_tc; 0 = the
+ * rule above). */
 #define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
+#define TC_SMEM_MAX (160 << 10)   /* k_mv_tc's shared memory at most (one block an SM; 227 KB with opt-in) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
                        int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr) {
+    if constexpr (F != RP_Q8) {
+        int64_t tsm = tc_smem(F, n_in);
+        if (!nr && !xg_rows && tsm <= TC_SMEM_MAX) nr = -16;
+        if (nr <= -8) {
+            int64_t ntask = (rows + (W2 ? 15 : 31)) / (W2 ? 16 : 32);
+#define MVTC(KS, GLU)                                                                                              \
+    do {                                                                                                           \
+        static int64_t c_sm = -1;                                                                                  \
+        static int c_fit;                                                                                          \
+        if (c_sm != tsm) {                                                                                         \
+            cudaFuncSetAttribute(k_mv_tc<F, KS, GLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);      \
+            c_fit = sx_fit(k_mv_tc<F, KS, GLU>, tsm, 32 * TC_WARPS);                                              \
+            c_sm = tsm;                                                                                            \
+        }                                                                                                          \
+        int64_t bx = c_fit / slots > 1 ? c_fit / slots : 1;                                                        \
+        launch(k_mv_tc<F, KS, GLU>, dim3((unsigned)(ntask < bx ? ntask : bx), (unsigned)slots), 32 * TC_WARPS,     \
+               (size_t)tsm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp);                  \
+    } while (0)
+            if (W2) { if (nr == -8) MVTC(1, true); else if (nr == -32) MVTC(4, true); else MVTC(2, true); }
+            else if (nr == -8) MVTC(1, false);
+            else if (nr == -32) MVTC(4, false);
+            else MVTC(2, false);
+#undef MVTC
+            return;
+        }
+    }
     int64_t sm = sx_smem(F, n_in);
     if (!nr && !xg_rows && sm <= RP_SX_MAX && (F != RP_Q8 || rows < 4096))
         nr = F == RP_Q8 ? -1 : F == RP_Q2K && !W2 ? -4 : -2;

@@ -1986,6 +1986,346 @@ k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     }
 }
 
+/* ---- routed-expert matvecs on the tensor cores ------------------------------------
+ * k_mv_sx spends ≈ 4.3 instructions a weight (decode + one FFMA each), so
+ * the routed experts stay near 1 TB/s. k_mv_tc decodes 8 weights into four
+ * f16x2 registers (the A operand of mma.m16n8k16, 16 rows × 16 k) and lets
+ * the tensor cores multiply:
+ * - Weights as subnormal f16: the bits [v, sign << 7] are ±v·2^-24, exact
+ *   for the small integers of both formats (IQ2_XXS grid bytes 8/25/43: one
+ *   PRMT per 2 weights from the grid word and a sign word of 0x80 / 0x00
+ *   bytes; Q2_K quants: their 2-bit field masked in place, q·4^s·2^-24, one
+ *   LOP per 2 weights). Tensor cores take f16 subnormals as they are.
+ * - x as two f16 columns hi + lo (22 significant bits), pre-scaled by the
+ *   power of two S that puts max|x| in [2^10, 2^11) (no overflow, run sums
+ *   of 16 included). Products of f16 are exact in the f32 accumulators; the
+ *   tensor core only rounds its sums, so a matvec stays within ~1e-7 of the
+ *   f32 reference (ds4-gpucheck bounds it at 1e-5).
+ * - The k order inside an mma is free as long as A and B agree, so lane t
+ *   of each quad owns its own weights (IQ2_XXS: groups 2t, 2t+1 of every
+ *   256-block, the 16 bytes it loads; Q2_K: the 16 quant bytes 16t… and
+ *   their 4 runs) and B column 2t / 2t+1 holds x hi / lo only at lane t's
+ *   k slots (other entries zero): C columns 2t, 2t+1 are then sums over lane
+ *   t's weights alone, in lane t's own accumulators, so the 32-weight group
+ *   scale (IQ2_XXS) or 16-weight run scale (Q2_K) is applied by that lane
+ *   to its C after the group's mmas. The Q2_K −dmin·m term is one more mma
+ *   a block: A = the 16 runs' m, B = the runs' sums of x (hi / lo).
+ * - x fragments are laid out in shared memory in mma order: (block, mma,
+ *   column) → the 4 f16 a lane needs, so a B load is one conflict-free LDS.64;
+ *   lanes whose column is zero read a zero buffer. The IQ2_XXS grid and sign
+ *   tables are replicated 16 times (copy = lane & 15) so the random 8-byte
+ *   gathers of a half-warp never share a bank.
+ * - Persistent 16-warp blocks (1 an SM), blockIdx.y = slot. A task is 2
+ *   tiles of 16 rows sharing x (GLU: 16 gate + the 16 up rows; else 32
+ *   rows), split over KS warps by 256-blocks (b ≡ kw mod KS), summed in
+ *   fixed order (quad shuffles, then the warps in turn): runs stay
+ *   bit-identical. Tasks are dealt to blocks round robin (balanced within
+ *   one task). */
+#define TC_WARPS 12
+/* Bytes of dynamic shared memory of k_mv_tc; offsets: tables (IQ2_XXS), x
+ * fragments, run-sum fragments (Q2_K), zero buffer (64 bytes past a
+ * 128-byte line: its bank never meets the 64 bytes a B load reads),
+ * split-K partials, block max. */
+__host__ __device__ constexpr int64_t tc_tab(int F) { return F == RP_IQ2 ? 256 * 16 * 8 + 128 * 16 * 8 : 0; }
+__host__ __device__ constexpr int64_t tc_zero(int F, int64_t n_in) {
+    return (tc_tab(F) + n_in * 4 + (F == RP_Q2K ? n_in / 4 : 0) + 127) / 128 * 128 + 64;
+}
+__host__ __device__ constexpr int64_t tc_smem(int F, int64_t n_in) {
+    return tc_zero(F, n_in) + 1024 + 64 + TC_WARPS * 128 * 4 + TC_WARPS * 4;
+}
+
+/* d (+)= a·b, m16n8k16, f16 operands, f32 accumulators (zero: d = a·b). */
+template <bool ZERO>
+__device__ __forceinline__ void tc_mma(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint2 b) {
+    if (ZERO)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%10,%11,%12,%13};\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y), "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y));
+}
+/* x·S (exact) as f16 hi + lo; c picks one. */
+__device__ __forceinline__ uint32_t tc_split2(float a, float b, float S, int c) {
+    __half ha = __float2half_rn(a * S), hb = __float2half_rn(b * S);
+    if (c) {
+        ha = __float2half_rn(a * S - __half2float(ha));
+        hb = __float2half_rn(b * S - __half2float(hb));
+    }
+    return (uint32_t)__half_as_ushort(ha) | (uint32_t)__half_as_ushort(hb) << 16;
+}
+
+/* One row's 256-block as lane t holds it: quant bytes, Q2_K scales, header. */
+struct tc_reg { uint4 q; uint2 sc; uint32_t hd; };
+template <int F>
+__device__ __forceinline__ void tc_load(const uint8_t *pl, const uint8_t *hd, int64_t b, int t, tc_reg &r) {
+    if constexpr (F == RP_IQ2) {
+        r.q = *(const uint4 *)(pl + b * 64 + 16 * t);            /* groups 2t, 2t+1: (indices, signs|scale) each */
+        r.hd = ((const unsigned short *)hd)[b];
+    } else {
+        const uint8_t *blk = pl + b * 80;
+        r.q = *(const uint4 *)(blk + 16 + 16 * t);               /* quant bytes 16t … 16t+15 */
+        r.sc = *(const uint2 *)(blk + 8 * (t >> 1));             /* scales 8h … 8h+7, h = t >> 1 */
+        r.hd = ((const uint32_t *)hd)[b];
+    }
+}
+
+/* acc[i][h] += lane t's part of block b of row (tile i, half h): rows g, g+8
+ * of tile i. xb: the block's x fragments (or the zero buffer), rb: its run
+ * sums (Q2_K), tg / ts: this lane's copy of the grid / sign table. */
+template <int F>
+__device__ __forceinline__ void tc_block(const tc_reg (&w)[2][2], const uint2 *xb, const uint2 *rb, const uint2 *tg,
+                                         const uint2 *ts, int t, float (&acc)[2][2]) {
+    float c[2][4];
+    if constexpr (F == RP_IQ2) {
+#pragma unroll
+        for (int Q = 0; Q < 2; Q++) {   /* group 2t + Q: mmas 8Q … 8Q+7 */
+#pragma unroll
+            for (int e = 0; e < 4; e++) {   /* grid entry e: weights 8e … 8e+7, mmas 8Q+2e, +1 */
+                uint2 G[2][2], S[2][2];
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        uint32_t A = Q ? w[i][h].q.z : w[i][h].q.x, B = Q ? w[i][h].q.w : w[i][h].q.y;
+                        G[i][h] = tg[((A >> 8 * e) & 255) << 4];
+                        S[i][h] = ts[((B >> 7 * e) & 127) << 4];
+                    }
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {   /* weights 8e + 4hf … +3 */
+                    uint2 bx = xb[(8 * Q + 2 * e + hf) * 8];
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        uint32_t g0 = hf ? G[i][0].y : G[i][0].x, s0 = hf ? S[i][0].y : S[i][0].x;
+                        uint32_t g1 = hf ? G[i][1].y : G[i][1].x, s1 = hf ? S[i][1].y : S[i][1].x;
+                        uint32_t a0 = prmt(g0, s0, 0x5140u), a1 = prmt(g1, s1, 0x5140u);
+                        uint32_t a2 = prmt(g0, s0, 0x7362u), a3 = prmt(g1, s1, 0x7362u);
+                        if (e == 0 && hf == 0) tc_mma<true>(c[i], a0, a1, a2, a3, bx);
+                        else tc_mma<false>(c[i], a0, a1, a2, a3, bx);
+                    }
+                }
+            }
+            /* group scale d·(0.5 + s)/4 = d·(2s+1)/8, times 2^24 for the subnormal weights */
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    uint32_t B = Q ? w[i][h].q.w : w[i][h].q.y;
+                    float d = __half2float(__ushort_as_half((unsigned short)w[i][h].hd)) * 0x1p21f;
+                    float f = u2f((B >> 27) | 1u) * d;
+                    acc[i][h] = fmaf(f, c[i][2 * h] + c[i][2 * h + 1], acc[i][h]);
+                }
+        }
+    } else {
+        int r = t & 1;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {   /* run s of lane t's 4: quant bits 2s, 2s+1; mmas 4s … 4s+3 */
+            const uint32_t M = 0x00030003u << 2 * s;
+#pragma unroll
+            for (int m = 0; m < 4; m++) {   /* quant word m: weights 4m … 4m+3 of the run */
+                uint2 bx = xb[(4 * s + m) * 8];
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    uint32_t u0 = m == 0 ? w[i][0].q.x : m == 1 ? w[i][0].q.y : m == 2 ? w[i][0].q.z : w[i][0].q.w;
+                    uint32_t u1 = m == 0 ? w[i][1].q.x : m == 1 ? w[i][1].q.y : m == 2 ? w[i][1].q.z : w[i][1].q.w;
+                    /* (weights 4m, 4m+2) and (4m+1, 4m+3) of rows g, g+8 */
+                    uint32_t a0 = u0 & M, a1 = u1 & M, a2 = (u0 >> 8) & M, a3 = (u1 >> 8) & M;
+                    if (m == 0) tc_mma<true>(c[i], a0, a1, a2, a3, bx);
+                    else tc_mma<false>(c[i], a0, a1, a2, a3, bx);
+                }
+            }
+            /* run scale d·sc times 2^24·4^-s (subnormal q·4^s): sc·2^-2s straight from the exponent of the magic */
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    uint32_t v = ((s < 2 ? w[i][h].sc.x : w[i][h].sc.y) >> (8 * (2 * (s & 1) + r))) & 15u;
+                    float sc = __int_as_float((0x4B000000u - ((uint32_t)(2 * s) << 23)) | v) - (8388608.0f / (float)(1 << 2 * s));
+                    float d = __half2float(__ushort_as_half((unsigned short)w[i][h].hd)) * 0x1p24f;
+                    acc[i][h] = fmaf(sc * d, c[i][2 * h] + c[i][2 * h + 1], acc[i][h]);
+                }
+        }
+        /* −dmin·Σ m_run·(Σ x of the run): A = lane t's 4 runs' m (high nibbles, ·16·2^-24), B = run sums */
+        uint2 bm = *rb;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint32_t a0 = (w[i][0].sc.x >> 8 * r) & 0x00F000F0u, a1 = (w[i][1].sc.x >> 8 * r) & 0x00F000F0u;
+            uint32_t a2 = (w[i][0].sc.y >> 8 * r) & 0x00F000F0u, a3 = (w[i][1].sc.y >> 8 * r) & 0x00F000F0u;
+            tc_mma<true>(c[i], a0, a1, a2, a3, bm);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float dmin = __half2float(__ushort_as_half((unsigned short)(w[i][h].hd >> 16))) * 0x1p20f;
+                acc[i][h] = fmaf(-dmin, c[i][2 * h] + c[i][2 * h + 1], acc[i][h]);
+            }
+        }
+    }
+}
+
+/* k_mv_sx's contract on TC_WARPS-warp blocks (IQ2_XXS, Q2_K; x not
+ * grouped, n_in a multiple of 256), KS warps a task; dynamic shared memory
+ * tc_smem(F, n_in). */
+template <int F, int KS, bool GLU>
+__global__ void __launch_bounds__(32 * TC_WARPS, 1)
+k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
+        const float *__restrict__ x, float *__restrict__ y, const int32_t *__restrict__ eid, uint64_t estride,
+        int64_t x_slot, int64_t y_slot, const float *__restrict__ ew, float clamp) {
+    typedef rp_fmt<F> fm;
+    extern __shared__ __align__(16) uint8_t tsm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t nb = n_in / 256;
+    uint2 *tg = (uint2 *)tsm, *ts = tg + 256 * 16;
+    uint2 *xf = (uint2 *)(tsm + tc_tab(F)), *rf = xf + nb * 128, *zb = (uint2 *)(tsm + tc_zero(F, n_in));
+    float *red = (float *)(tsm + tc_zero(F, n_in) + 1024 + 64), *bmax = red + TC_WARPS * 128;
+    if (F == RP_IQ2) {   /* constant tables: before the wait, beside the previous kernel's tail */
+        for (int i = tid; i < 256 * 16; i += blockDim.x) {
+            uint64_t v = d_iq2_grid[i >> 4];
+            tg[i] = make_uint2((uint32_t)v, (uint32_t)(v >> 32));
+        }
+        for (int i = tid; i < 128 * 16; i += blockDim.x) {   /* bytes 0x80 / 0x00: the 7 sign bits + parity */
+            uint32_t s = (uint32_t)i >> 4;
+            ts[i] = make_uint2((s * 0x10204080u) & 0x80808080u,
+                               (((s >> 4) * 0x00204080u) & 0x00808080u) | (uint32_t)__popc(s) << 31);
+        }
+    }
+    for (int i = tid; i < 128 + 8; i += blockDim.x) zb[i] = make_uint2(0, 0);
+    pdl_wait();
+    constexpr int NG = TC_WARPS / KS;
+    const int slot = blockIdx.y, grp = warp / KS, kw = warp % KS;
+    const uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
+    const uint8_t *Wm = W + eoff, *W2m = GLU ? W2 + eoff : NULL;
+    const int64_t tr = GLU ? 16 : 32, ntask = (rows + tr - 1) / tr;
+    /* the rows of a task as 32-bit offsets into one matrix (a slab is far below 4 GB) */
+    uint32_t po[2][2], ho[2][2];
+    auto rows_of = [&](int64_t task) {
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int64_t r = task * tr + (GLU ? 0 : 16 * i) + g + 8 * h;
+                r = r < rows ? r : rows - 1;
+                po[i][h] = (uint32_t)(r * nb * fm::PAY);
+                ho[i][h] = (uint32_t)(rows * nb * fm::PAY + r * nb * fm::HL);
+            }
+    };
+    tc_reg cur[2][2], nxt[2][2];
+    auto fetch = [&](int64_t b, tc_reg (&w)[2][2]) {
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *m = GLU && i ? W2m : Wm;
+                tc_load<F>(m + po[i][h], m + ho[i][h], b, t, w[i][h]);
+            }
+    };
+    /* the first task's first block is in flight while x is staged */
+    int64_t task = blockIdx.x + (int64_t)gridDim.x * grp;
+    if (task < ntask) {
+        rows_of(task);
+        if (kw < nb) fetch(kw, cur);
+    }
+    const float *xg = x + slot * x_slot;
+    /* S = 2^(10 − ⌊log2 max|x|⌋), clamped: max|x|·S in [2^10, 2^11) */
+    float mx = 0;
+    for (int64_t q = tid; q < n_in / 4; q += blockDim.x) {
+        float4 v = ((const float4 *)xg)[q];
+        mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (!lane) bmax[warp] = mx;
+    __syncthreads();
+    mx = bmax[0];
+    for (int i = 1; i < TC_WARPS; i++) mx = fmaxf(mx, bmax[i]);
+    int k = 10 - (int)((__float_as_uint(mx) >> 23) & 255) + 127;
+    k = k < -100 ? -100 : k > 100 ? 100 : k;
+    const float S = __uint_as_float((uint32_t)(127 + k) << 23), invS = __uint_as_float((uint32_t)(127 - k) << 23);
+    /* x fragments: entry (b, j, gg) = the 4 f16 of column gg (lane t = gg/2's weights, hi or lo) in mma j */
+    for (int64_t i = tid; i < nb * 128; i += blockDim.x) {
+        int64_t b = i >> 7;
+        int j = (int)(i >> 3) & 15, gg = (int)i & 7, tt = gg >> 1, c = gg & 1;
+        float4 v;
+        if (F == RP_IQ2) {   /* weights 64tt + 4j … +3 */
+            v = *(const float4 *)(xg + 256 * b + 64 * tt + 4 * j);
+        } else {   /* run (j >> 2) of chunk tt: weights 128(tt>>1) + 32(j>>2) + 16(tt&1) + 4(j&3) + (0, 2 | 1, 3) */
+            float4 u = *(const float4 *)(xg + 256 * b + 128 * (tt >> 1) + 32 * (j >> 2) + 16 * (tt & 1) + 4 * (j & 3));
+            v = make_float4(u.x, u.z, u.y, u.w);
+        }
+        xf[i] = make_uint2(tc_split2(v.x, v.y, S, c), tc_split2(v.z, v.w, S, c));
+    }
+    if (F == RP_Q2K)   /* run sums: entry (b, gg) = runs 8h + r + (0, 2 | 4, 6) of lane tt's chunk (h, r) */
+        for (int64_t i = tid; i < nb * 8; i += blockDim.x) {
+            int64_t b = i >> 3;
+            int gg = (int)i & 7, tt = gg >> 1, c = gg & 1;
+            float rs[4];
+#pragma unroll
+            for (int s = 0; s < 4; s++) {
+                const float4 *q = (const float4 *)(xg + 256 * b + 16 * (8 * (tt >> 1) + 2 * s + (tt & 1)));
+                float a = 0;
+#pragma unroll
+                for (int l = 0; l < 4; l++) {
+                    float4 u = q[l];
+                    a += (u.x * S + u.y * S) + (u.z * S + u.w * S);
+                }
+                rs[s] = a;
+            }
+            rf[i] = make_uint2(tc_split2(rs[0], rs[1], 1.0f, c), tc_split2(rs[2], rs[3], 1.0f, c));
+        }
+    __syncthreads();
+
+    const bool own = (g >> 1) == t;   /* this lane's B column holds x at its own k slots */
+    const uint2 *tgl = tg + (lane & 15), *tsl = ts + (lane & 15);
+    for (bool first = true; task < ntask; task += (int64_t)gridDim.x * NG, first = false) {
+        const int64_t r0 = task * tr;
+        if (!first) {
+            rows_of(task);
+            if (kw < nb) fetch(kw, cur);
+        }
+        float acc[2][2] = {{0, 0}, {0, 0}};
+        for (int64_t b = kw; b < nb; b += KS) {
+            if (b + KS < nb) fetch(b + KS, nxt);
+            tc_block<F>(cur, own ? xf + b * 128 + g : zb, own ? rf + b * 8 + g : zb, tgl, tsl, t, acc);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) cur[i][h] = nxt[i][h];
+        }
+        /* the quad's 4 lanes, then the task's KS warps in order */
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                acc[i][h] += __shfl_xor_sync(0xffffffffu, acc[i][h], 1);
+                acc[i][h] += __shfl_xor_sync(0xffffffffu, acc[i][h], 2);
+            }
+        if (KS > 1) {
+            if (kw)
+#pragma unroll
+                for (int q = 0; q < 4; q++) red[warp * 128 + q * 32 + lane] = acc[q >> 1][q & 1];
+            asm volatile("bar.sync %0, %1;" ::"r"(1 + grp), "r"(32 * KS) : "memory");
+            if (!kw)
+                for (int w2 = 1; w2 < KS; w2++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) acc[q >> 1][q & 1] += red[(warp + w2) * 128 + q * 32 + lane];
+            asm volatile("bar.sync %0, %1;" ::"r"(1 + grp), "r"(32 * KS) : "memory");
+        }
+        if (kw || t) continue;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (GLU) {
+                int64_t r = r0 + g + 8 * h;
+                if (r < rows) y[slot * y_slot + r] = swiglu(acc[0][h] * invS, acc[1][h] * invS, clamp) * (ew ? ew[slot] : 1.0f);
+            } else
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    int64_t r = r0 + 16 * i + g + 8 * h;
+                    if (r < rows) y[slot * y_slot + r] = acc[i][h] * invS;
+                }
+        }
+    }
+}
+
 /* Gate and up rows of one expert slot in one warp, swiglu · ew[slot] out:
  * the routed experts' pair in one launch (generic formats, k_matvec's loop). */
 __global__ void k_matvec_glu(int type, const uint8_t *__restrict__ Wg, const uint8_t *__restrict__ Wu, uint64_t rb,

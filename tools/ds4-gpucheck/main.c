@@ -113,8 +113,8 @@ static void rand_blocks(int type, uint8_t *w, uint64_t bytes) {
  * gate+up pair with swiglu·ew (clamp 10 is hit: |dots| reach ~15), else the
  * down projection with an x per slot. */
 static void check_matvec_slots(int type, const char *name, int64_t n_in, int64_t rows, int E, int used, bool glu,
-                               int nr) {
-    char err[256], what[64];
+                               int nr, bool wide) {
+    char err[256], what[96];
     uint64_t rb = ggml_row_bytes((uint32_t)type, (uint64_t)n_in), slab = rb * rows;
     int64_t nx = glu ? n_in : used * n_in;
     uint8_t *wg = malloc(slab * E), *wu = glu ? malloc(slab * E) : NULL;
@@ -124,7 +124,8 @@ static void check_matvec_slots(int type, const char *name, int64_t n_in, int64_t
     const float clamp = 10.0f;
     rand_blocks(type, wg, slab * E);
     if (glu) rand_blocks(type, wu, slab * E);
-    for (int64_t i = 0; i < nx; i++) x[i] = frand();
+    /* wide: magnitudes over 2^±12 around 100 (k_mv_tc's f16 hi + lo of x·2^k) */
+    for (int64_t i = 0; i < nx; i++) x[i] = frand() * (wide ? 100.0f * ldexpf(1.0f, (int)(rnd() % 25) - 12) : 1.0f);
     for (int i = 0; i < used; i++) {
         bool dup;
         do {
@@ -140,8 +141,8 @@ static void check_matvec_slots(int type, const char *name, int64_t n_in, int64_t
             float g = ds4_dot_row((ggml_type)type, wg + o, glu ? x : x + i * n_in, n_in);
             ref[i * rows + r] = glu ? cpu_swiglu(g, ds4_dot_row((ggml_type)type, wu + o, x, n_in), clamp) * ew[i] : g;
         }
-    snprintf(what, sizeof what, "matvec %s %s %d slots %lldx%lld nr %d", name, glu ? "glu" : "down", used,
-             (long long)rows, (long long)n_in, nr);
+    snprintf(what, sizeof what, "matvec %s %s %d slots %lldx%lld nr %d%s", name, glu ? "glu" : "down", used,
+             (long long)rows, (long long)n_in, nr, wide ? " wide x" : "");
     if (ds4_cuda_test_matvec_slots(type, wg, wu, n_in, rows, E, used, eid, ew, clamp, x, y, nr, err, sizeof err))
         verdict(what, false, "%s", err);
     else {
@@ -675,17 +676,23 @@ static void kernel_checks(void) {
     check_matvec(GGML_Q8_0, "Q8_0", 4096, 1024);   /* attn_q_a: one row a warp, 8 pieces a lane in flight */
     check_matvec(GGML_Q8_0, "Q8_0", 4096, 512);    /* attn_kv */
     /* the decode shapes, each kernel variant (nr: ds4_cuda_mv_bench) */
-    static const int nrs[] = {0, 1, 2, 4, -1, -2, -4};
+    static const int nrs[] = {0, 1, 2, 4, -1, -2, -4, -8, -16, -32};
     for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
-        if (nrs[i] == 4 || nrs[i] < -2) continue;
-        check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 2048, 16, 6, true, nrs[i]);   /* routed gate+up */
-        check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 256, 40, 5, 3, true, nrs[i]);       /* partial last block */
+        if (nrs[i] == 4 || nrs[i] == -4) continue;
+        check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 2048, 16, 6, true, nrs[i], false);   /* routed gate+up */
+        check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 256, 40, 5, 3, true, nrs[i], false);       /* partial last block */
     }
     for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
-        check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 4096, 16, 6, false, nrs[i]);   /* routed down */
-        check_matvec_slots(GGML_Q2_K, "Q2_K", 512, 38, 5, 3, false, nrs[i]);   /* slabs stay 16-byte multiples */
+        check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 4096, 16, 6, false, nrs[i], false);   /* routed down */
+        check_matvec_slots(GGML_Q2_K, "Q2_K", 512, 38, 5, 3, false, nrs[i], false);   /* slabs stay 16-byte multiples */
     }
-    for (int nr = -2; nr <= 2; nr++) check_matvec_slots(GGML_Q8_0, "Q8_0", 4096, 2048, 1, 1, true, nr);   /* shared expert */
+    for (int nr = -2; nr <= 2; nr++) check_matvec_slots(GGML_Q8_0, "Q8_0", 4096, 2048, 1, 1, true, nr, false);   /* shared expert */
+    /* k_mv_tc on the other pairings (the model's files could hold them) and an x of wide range */
+    check_matvec_slots(GGML_Q2_K, "Q2_K", 4096, 2048, 16, 6, true, 0, false);
+    check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 2048, 4096, 16, 6, false, 0, false);
+    check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 64, 4, 2, true, -16, true);
+    check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 256, 4, 2, false, -16, true);
+    check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 512, 4, 2, false, -16, true);
     check_qat(448, false);
     check_qat(64, false);
     check_qat(128, true);
@@ -790,7 +797,8 @@ static int mv_bench(void) {
     };
     int rc = 0;
     for (size_t i = 0; i < sizeof S / sizeof *S; i++)
-        for (int nr = S[i].glu ? -2 : -4; nr <= 4; nr = nr == -1 ? 0 : nr < 0 ? nr / 2 : nr ? 2 * nr : 1) {
+        for (int nr = S[i].type == GGML_Q8_0 ? (S[i].glu ? -2 : -4) : -32; nr <= 4;
+             nr = nr == -1 ? 0 : nr == -8 ? (S[i].glu ? -2 : -4) : nr < 0 ? nr / 2 : nr ? 2 * nr : 1) {
             char err[256];
             double us;
             double bytes = (double)ggml_row_bytes((uint32_t)S[i].type, (uint64_t)S[i].K) * S[i].M * S[i].slots * (S[i].glu ? 2 : 1);
