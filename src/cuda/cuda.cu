@@ -626,10 +626,12 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
 
 /* Matvec on a repacked format, any shape. IQ2_XXS / Q2_K (the routed
  * experts) with one x: k_mv_tc (tensor cores; 2 warps a task of 2 row tiles,
- * nr −8 / −16 / −32 = 1 / 2 / 4 warps). Otherwise k_mv_sx (x in shared memory,
- * persistent warps) where x fits in shared memory and is not grouped, for
- * every IQ2_XXS / Q2_K matrix and the Q8_0 ones under 4096 rows (attention
- * inputs, shared-expert gate+up), as many blocks as are resident at once (no
+ * nr −8 / −16 / −32 = 1 / 2 / 4 warps; H100 --mv-bench: gate+up 23.7 / 20.0
+ * / 21.4 µs, down 13.1 / 11.9 / 13.5 against k_mv_sx's 26.1 and 15.2).
+ * Otherwise k_mv_sx (x in shared memory, persistent warps) where x fits in
+ * shared memory and is not grouped: the Q8_0 matrices under 4096 rows
+ * (attention inputs, shared-expert gate+up) and IQ2_XXS / Q2_K rows too long
+ * for k_mv_tc's shared memory, as many blocks as are resident at once (no
  * waves): 2 rows a warp on IQ2_XXS gate+up (4 rows read per step), 4 on
  * Q2_K, 1 on Q8_0 (8 / 4 pieces in flight a lane) — the fastest of 1, 2, 4
  * in ds4-gpucheck --mv-bench (H100: routed gate+up 26.2 µs, routed down

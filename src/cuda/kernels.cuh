@@ -2015,12 +2015,15 @@ k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
  *   lanes whose column is zero read a zero buffer. The IQ2_XXS grid and sign
  *   tables are replicated 16 times (copy = lane & 15) so the random 8-byte
  *   gathers of a half-warp never share a bank.
- * - Persistent 16-warp blocks (1 an SM), blockIdx.y = slot. A task is 2
- *   tiles of 16 rows sharing x (GLU: 16 gate + the 16 up rows; else 32
- *   rows), split over KS warps by 256-blocks (b ≡ kw mod KS), summed in
- *   fixed order (quad shuffles, then the warps in turn): runs stay
- *   bit-identical. Tasks are dealt to blocks round robin (balanced within
- *   one task). */
+ * - Persistent 12-warp blocks (1 an SM: ~150 registers a thread, 16 warps
+ *   spilled), blockIdx.y = slot. A task is 2 tiles of 16 rows sharing x
+ *   (GLU: 16 gate + the 16 up rows; else 32 rows), split over KS warps by
+ *   256-blocks (b ≡ kw mod KS; KS 2 measured best), summed in fixed order
+ *   (quad shuffles, then the warps in turn): runs stay bit-identical. Tasks
+ *   are dealt to blocks round robin (balanced within one task); a warp
+ *   loads the next block while decoding this one, the first one while x is
+ *   staged. H100 (--mv-bench): routed gate+up 26.1 → 20.0 µs, down 15.2 →
+ *   11.9 µs (≈ 1.3–1.4 TB/s; see tools/gpu/NOTES.md "iq2" for why not 2). */
 #define TC_WARPS 12
 /* Bytes of dynamic shared memory of k_mv_tc; offsets: tables (IQ2_XXS), x
  * fragments, run-sum fragments (Q2_K), zero buffer (64 bytes past a
