@@ -28,8 +28,11 @@ for s in $steps; do
         $BIN/ds4-gpucheck --model /dev/shm/f4.gguf --tokens 2048 --bench 200 --profile 2>&1 | tee -a "$OUT/flash4.log" ;;
     tinyx|flash4x)
         # The same model checks with DS4_DIAG_EXACT_KV=1 (no QAT roundings):
-        # the strict gate of the chunked prefill (see compare_chunked).
-        [ $s = flash4x ] && { f4; m=/dev/shm/f4.gguf; n=${F4_TOKENS:-40}; } || {
+        # the strict gate of the chunked prefill (see compare_chunked). 200
+        # positions on the 4-layer file: its "2 % may flip near-ties" rule is
+        # a rate, and at 40 positions one seed of the session had two flips on
+        # the previous build too (all seeds tried pass at 200).
+        [ $s = flash4x ] && { f4; m=/dev/shm/f4.gguf; n=${F4X_TOKENS:-200}; } || {
             ./bin/ds4-synth --preset tiny -o /dev/shm/tiny.gguf --tokenizer tokenizer.json >/dev/null; m=/dev/shm/tiny.gguf; n=300; }
         DS4_DIAG_EXACT_KV=1 $BIN/ds4-gpucheck --model $m --tokens $n 2>&1 | tee "$OUT/$s.log" ;;
     flash20)
