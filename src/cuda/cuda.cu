@@ -114,6 +114,9 @@ typedef struct {
  * serialisation (see pdl_wait in kernels.cuh), also inside captured graphs.
  * DS4_CUDA_PDL=0 launches them the ordinary way (diagnostic). */
 static bool g_pdl = true;
+/* TEMPORARY A/B switch of helper small's measurement call (DS4_SMALL, mask;
+ * default 3): 1 = k_mv_q8x for q_a + kv, 2 = the router's redux top-k. */
+static int g_small = 3;
 template <typename... P, typename... A>
 static void launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
     cudaLaunchConfig_t c = {};
@@ -433,6 +436,8 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     const char *g = getenv("DS4_CUDA_GRAPHS"), *pdl = getenv("DS4_CUDA_PDL");
     be->graphs = !(g && !strcmp(g, "0"));
     g_pdl = !(pdl && !strcmp(pdl, "0"));
+    const char *sm_ab = getenv("DS4_SMALL");
+    g_small = sm_ab ? (int)strtol(sm_ab, NULL, 0) : 3;
     be->fast_attn = hp->n_head == AT_H && hp->head_dim == AT_HD && hp->rope_dim == AT_RD;
     be->fast_idx = hp->idx_n_head == IX_H && hp->idx_head_dim == IX_D;
     if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }
@@ -721,6 +726,23 @@ static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uin
         launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
 }
 
+/* Two Q8_0 matrices of one x (n_in inputs; ra and rb rows) in one launch:
+ * k_mv_q8x, decode's attn_q_a and attn_kv. Grid: a warp a row, at most the
+ * blocks resident at once (more rows walk as a ring). */
+static bool q8x_fits(const ds4_tensor *A, const ds4_tensor *B) {
+    return A->type == GGML_Q8_0 && B->type == GGML_Q8_0 && A->ne[0] == B->ne[0] && A->ne[0] % 32 == 0 &&
+           A->ne[0] * 4 <= RP_SX_MAX;   /* x in shared memory, as k_mv_sx */
+}
+static void launch_q8x(cudaStream_t s, const uint8_t *Wa, int64_t ra, float *ya, const uint8_t *Wb, int64_t rb,
+                       float *yb, int64_t n_in, const float *x) {
+    static int64_t c_sm = -1;
+    static int c_fit;
+    int64_t sm = n_in * 4, need = (ra + rb + SX_WARPS - 1) / SX_WARPS;
+    if (c_sm != sm) { c_fit = sx_fit(k_mv_q8x, sm); c_sm = sm; }
+    launch(k_mv_q8x, dim3((unsigned)(need < c_fit ? need : c_fit)), 32 * SX_WARPS, (size_t)sm, s, Wa, ra, ya, Wb, rb,
+           yb, n_in, x);
+}
+
 /* y = T·x (one token); x grouped as k_matvec (xg_rows = 0: one x). */
 static void matvec_g(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t xg_rows, int64_t xg_stride, float *y) {
     if (repacked(T->type)) {
@@ -964,14 +986,18 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
         hc_pre(be, be->X, n, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false);
     }
     prep(be, 0, be->nrm, n, d);
-    mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
-    /* K=V rows. A chunk of at most keep_raw − window + 1 tokens overwrites
-     * only ring slots of positions before every window it reads, so its rows
-     * go straight into the ring; a longer one is stored after attention.
-     * Projected before q_b so that q_a's norm and the rows' post-processing
-     * share one launch. */
+    /* q_a and the K=V rows (one token: one launch, both read nrm). A chunk
+     * of at most keep_raw − window + 1 tokens overwrites only ring slots of
+     * positions before every window it reads, so its rows go straight into
+     * the ring; a longer one is stored after attention. Projected before q_b
+     * so that q_a's norm and the rows' post-processing share one launch. */
     bool direct = n + hp->window - 1 <= st->keep_raw;
-    mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
+    if (n == 1 && (g_small & 1) && q8x_fits(&L->attn_q_a, &L->attn_kv)) {
+        launch_q8x(s, DW(be, &L->attn_q_a), ql, be->qa, DW(be, &L->attn_kv), hd, be->kvc, d, be->nrm);
+    } else {
+        mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
+        mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
+    }
     launch(k_qa_kv, (unsigned)(2 * n), nthreads(ql > hd ? ql : hd), hd * sizeof(float), s, be->qa,
            DF(be, &L->attn_q_a_norm), (int)ql, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
            (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
@@ -1033,11 +1059,12 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
         launch(k_router_mv, (unsigned)((E + RT_ROWS - 1) / RT_ROWS), RT_THREADS, ROUTER_SMEM(E), s,
                (int)ri->type, DW(be, ri), ri->row_bytes, d, (const float *)be->nrm, be->rl, (int)E, (int)used,
                DW(be, &L->tid2eid), L->tid2eid.row_bytes, (const dstep *)be->step, bias, hp->expert_weights_norm,
-               hp->expert_weights_scale, be->eid, be->ew);
+               hp->expert_weights_scale, be->eid, be->ew, (g_small & 2) != 0);
     } else {
         mul(be, ri, 0, be->nrm, n, be->rl, E);
         launch(k_router, (unsigned)n, 256, ROUTER_SMEM(E), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
-               L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
+               L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew,
+               (g_small & 2) != 0);
     }
     if (n == 1) {
         glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
@@ -1365,6 +1392,28 @@ out:
     if (rc) ds4_errf(err, errlen, "matvec: %s", cudaGetErrorString(e));
     cudaFree(dw); cudaFree(dx); cudaFree(dy);
     return rc;
+}
+
+/* Two Q8_0 matrices of one x as decode's q_a + kv launch (k_mv_q8x). */
+extern "C" int ds4_cuda_test_matvec2(const void *wa, int64_t ra, const void *wb, int64_t rb, int64_t n_in,
+                                     const float *x, float *ya, float *yb, char *err, size_t errlen) {
+    if (n_in < 32 || n_in % 32 || n_in * 4 > RP_SX_MAX || ra < 1 || rb < 1)
+        return ds4_errf(err, errlen, "matvec2: bad shape %lld, %lld + %lld rows", (long long)n_in, (long long)ra,
+                        (long long)rb);
+    uint8_t *da = NULL, *db = NULL;
+    float *dx = NULL, *dy = NULL;
+    cudaError_t e;
+    if ((e = test_upload(GGML_Q8_0, wa, n_in, ra, 1, &da)) || (e = test_upload(GGML_Q8_0, wb, n_in, rb, 1, &db)) ||
+        (e = cudaMalloc((void **)&dx, n_in * sizeof(float))) || (e = cudaMalloc((void **)&dy, (ra + rb) * sizeof(float))) ||
+        (e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice)))
+        goto out;
+    poison(dy, (ra + rb) * sizeof(float));
+    launch_q8x(0, da, ra, dy, db, rb, dy + ra, n_in, dx);
+    if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(ya, dy, ra * sizeof(float), cudaMemcpyDeviceToHost)))
+        e = cudaMemcpy(yb, dy + ra, rb * sizeof(float), cudaMemcpyDeviceToHost);
+out:
+    cudaFree(da); cudaFree(db); cudaFree(dx); cudaFree(dy);
+    return e ? ds4_errf(err, errlen, "matvec2: %s", cudaGetErrorString(e)) : 0;
 }
 
 /* Routed slots as the decode step launches them (glu() / matvec_experts()):

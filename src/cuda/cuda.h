@@ -24,6 +24,10 @@ void ds4_cuda_profiler(bool on);
 /* y[r] = dot(row r of w, x) for rows < n_rows, rows of n_in values of `type`. */
 int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, const float *x, float *y,
                          char *err, size_t errlen);
+/* Two Q8_0 matrices (GGUF rows: ra, rb rows of n_in) times one x in one
+ * launch, as decode's attn_q_a + attn_kv: ya (ra values), yb (rb values). */
+int ds4_cuda_test_matvec2(const void *wa, int64_t ra, const void *wb, int64_t rb, int64_t n_in, const float *x,
+                          float *ya, float *yb, char *err, size_t errlen);
 /* Routed slots as a decode step runs them: E slabs of rows × n_in of a
  * repacked type (Q8_0, Q2_K, IQ2_XXS), slot i < used on expert eid[i].
  * wu != NULL (GLU): y[i·rows + r] = swiglu(g, u, clamp)·ew[i] with g, u the

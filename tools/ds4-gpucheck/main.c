@@ -95,6 +95,29 @@ static void check_matvec(int type, const char *name, int64_t n_in, int64_t rows)
     free(w); free(src); free(x); free(y); free(ref);
 }
 
+/* attn_q_a and attn_kv as decode launches them: two Q8_0 matrices of one x
+ * in one launch (k_mv_q8x), each row against the CPU's dot. */
+static void check_matvec2(int64_t n_in, int64_t ra, int64_t rb) {
+    char err[256], what[64];
+    uint64_t rowb = ggml_row_bytes(GGML_Q8_0, (uint64_t)n_in);
+    uint8_t *w = malloc(rowb * (ra + rb));
+    float *src = malloc(n_in * sizeof(float)), *x = malloc(n_in * sizeof(float));
+    float *y = malloc((ra + rb) * sizeof(float)), *ref = malloc((ra + rb) * sizeof(float));
+    for (int64_t r = 0; r < ra + rb; r++) {
+        for (int64_t i = 0; i < n_in; i++) src[i] = frand();
+        ds4_quantize_row(GGML_Q8_0, src, w + r * rowb, n_in, NULL);
+    }
+    for (int64_t i = 0; i < n_in; i++) x[i] = frand();
+    for (int64_t r = 0; r < ra + rb; r++) ref[r] = ds4_dot_row(GGML_Q8_0, w + r * rowb, x, n_in);
+    snprintf(what, sizeof what, "matvec2 Q8_0 (%lld+%lld)x%lld", (long long)ra, (long long)rb, (long long)n_in);
+    if (ds4_cuda_test_matvec2(w, ra, w + ra * rowb, rb, n_in, x, y, y + ra, err, sizeof err)) verdict(what, false, "%s", err);
+    else {
+        double ea = rel_err(y, ref, ra), eb = rel_err(y + ra, ref + ra, rb);
+        verdict(what, within(ea, 1e-5) && within(eb, 1e-5), "rel %.3g / %.3g (bound 1e-5)", ea, eb);
+    }
+    free(w); free(src); free(x); free(y); free(ref);
+}
+
 /* `bytes` of GGUF blocks of Q8_0 / Q2_K / IQ2_XXS with random quant bytes
  * (every bit pattern is a valid quant, sign or grid index) and finite
  * scales (Q2_K: d and dmin) in [2^-8, 2^-7): no quantiser run, so the
@@ -675,6 +698,9 @@ static void kernel_checks(void) {
     }
     check_matvec(GGML_Q8_0, "Q8_0", 4096, 1024);   /* attn_q_a: one row a warp, 8 pieces a lane in flight */
     check_matvec(GGML_Q8_0, "Q8_0", 4096, 512);    /* attn_kv */
+    check_matvec2(4096, 1024, 512);                 /* attn_q_a + attn_kv: one launch, a lane's whole row share in flight */
+    check_matvec2(9984, 3001, 77);                  /* ring: 20 pieces a lane, partial last piece round, more rows than warps */
+    check_matvec2(64, 5, 3);                        /* fewer pieces than lanes, a partial block */
     /* the decode shapes, each kernel variant (nr: ds4_cuda_mv_bench) */
     static const int nrs[] = {0, 1, 2, 4, -1, -2, -4, -8, -16, -32};
     for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
