@@ -114,9 +114,6 @@ typedef struct {
  * serialisation (see pdl_wait in kernels.cuh), also inside captured graphs.
  * DS4_CUDA_PDL=0 launches them the ordinary way (diagnostic). */
 static bool g_pdl = true;
-/* TEMPORARY A/B switch of helper small's measurement call (DS4_SMALL, mask;
- * default 3): 1 = k_mv_q8x for q_a + kv, 2 = the router's redux top-k. */
-static int g_small = 3;
 template <typename... P, typename... A>
 static void launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
     cudaLaunchConfig_t c = {};
@@ -436,8 +433,6 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     const char *g = getenv("DS4_CUDA_GRAPHS"), *pdl = getenv("DS4_CUDA_PDL");
     be->graphs = !(g && !strcmp(g, "0"));
     g_pdl = !(pdl && !strcmp(pdl, "0"));
-    const char *sm_ab = getenv("DS4_SMALL");
-    g_small = sm_ab ? (int)strtol(sm_ab, NULL, 0) : 3;
     be->fast_attn = hp->n_head == AT_H && hp->head_dim == AT_HD && hp->rope_dim == AT_RD;
     be->fast_idx = hp->idx_n_head == IX_H && hp->idx_head_dim == IX_D;
     if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }
@@ -992,7 +987,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
      * the ring; a longer one is stored after attention. Projected before q_b
      * so that q_a's norm and the rows' post-processing share one launch. */
     bool direct = n + hp->window - 1 <= st->keep_raw;
-    if (n == 1 && (g_small & 1) && q8x_fits(&L->attn_q_a, &L->attn_kv)) {
+    if (n == 1 && q8x_fits(&L->attn_q_a, &L->attn_kv)) {
         launch_q8x(s, DW(be, &L->attn_q_a), ql, be->qa, DW(be, &L->attn_kv), hd, be->kvc, d, be->nrm);
     } else {
         mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
@@ -1059,12 +1054,11 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
         launch(k_router_mv, (unsigned)((E + RT_ROWS - 1) / RT_ROWS), RT_THREADS, ROUTER_SMEM(E), s,
                (int)ri->type, DW(be, ri), ri->row_bytes, d, (const float *)be->nrm, be->rl, (int)E, (int)used,
                DW(be, &L->tid2eid), L->tid2eid.row_bytes, (const dstep *)be->step, bias, hp->expert_weights_norm,
-               hp->expert_weights_scale, be->eid, be->ew, (g_small & 2) != 0);
+               hp->expert_weights_scale, be->eid, be->ew);
     } else {
         mul(be, ri, 0, be->nrm, n, be->rl, E);
         launch(k_router, (unsigned)n, 256, ROUTER_SMEM(E), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
-               L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew,
-               (g_small & 2) != 0);
+               L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
     }
     if (n == 1) {
         glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);

@@ -1447,28 +1447,8 @@ __device__ __forceinline__ float swiglu(float g, float u, float clamp) {
  * rounds), normalised scaled weights. Logits read through L2 (__ldcg:
  * k_router_mv's last block reads what other blocks of its launch wrote).
  * Dynamic shared memory: E floats (scores) + E floats (biased) + E bytes. */
-/* An order-preserving key of a biased score (0: no expert left): larger
- * float, larger key (scores are ≥ +0 plus a bias, never −0, so equal floats
- * have equal keys). */
-__device__ __forceinline__ unsigned rt_key(float v) {
-    unsigned u = __float_as_uint(v);
-    u = u & 0x80000000u ? ~u : u | 0x80000000u;
-    return u ? u : 1u;
-}
-/* The best untaken expert of lane's column (e ≡ lane mod 32), lowest index on ties. */
-__device__ __forceinline__ void rt_col(const float *sb, const uint8_t *taken, int E, int lane, unsigned &key,
-                                       unsigned &idx) {
-    key = 0;
-    idx = 0xffffffffu;
-    for (int e = lane; e < E; e += 32)
-        if (!taken[e]) {
-            unsigned k = rt_key(sb[e]);
-            if (k > key) { key = k; idx = (unsigned)e; }
-        }
-}
 __device__ void router_block(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
-                             const int32_t *tok, const float *bias, bool norm, float wscale, int32_t *eid, float *ew,
-                             bool redux) {
+                             const int32_t *tok, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
     extern __shared__ float ssc[];
     __shared__ int32_t ids[64];
     float *sb = ssc + E;
@@ -1482,23 +1462,6 @@ __device__ void router_block(const float *logit, int E, int used, const uint8_t 
     __syncthreads();
     if (tid2eid) {
         if (threadIdx.x < used) ids[threadIdx.x] = ((const int32_t *)(tid2eid + (uint64_t)tok[0] * t2e_rb))[threadIdx.x];
-    } else if (threadIdx.x < 32 && redux) {
-        /* A lane holds its column's best as a key; a round takes the warp's
-         * largest key, then the lowest index holding it (two redux
-         * instructions instead of a 5-step shuffle butterfly), and only the
-         * winner's lane scans its column again. used ≤ E (cuda_create), so
-         * some lane always has a key. */
-        unsigned key, idx;
-        rt_col(sb, taken, E, lane, key, idx);
-        for (int i = 0; i < used; i++) {
-            unsigned km = __reduce_max_sync(0xffffffffu, key);
-            unsigned b = __reduce_min_sync(0xffffffffu, key == km ? idx : 0xffffffffu);
-            if (!lane) ids[i] = (int)b;
-            if ((b & 31) == (unsigned)lane) {
-                taken[b] = 1;
-                rt_col(sb, taken, E, lane, key, idx);
-            }
-        }
     } else if (threadIdx.x < 32) {
         for (int i = 0; i < used; i++) {
             float v = -INFINITY;
@@ -1529,11 +1492,10 @@ __device__ void router_block(const float *logit, int E, int used, const uint8_t 
 
 /* Router of the chunk's tokens from their logits (one block per token). */
 __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb,
-                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew, bool redux) {
+                         const dstep *st, const float *bias, bool norm, float wscale, int32_t *eid, float *ew) {
     pdl_wait();
     int64_t t = blockIdx.x;
-    router_block(logit + t * E, E, used, tid2eid, t2e_rb, &st[t].tok, bias, norm, wscale, eid + t * used, ew + t * used,
-                 redux);
+    router_block(logit + t * E, E, used, tid2eid, t2e_rb, &st[t].tok, bias, norm, wscale, eid + t * used, ew + t * used);
 }
 
 /* Decode's router in one launch: the logits W·x (E rows of F16/F32, RT_ROWS
@@ -1549,7 +1511,7 @@ __device__ unsigned d_rt_count;
 __global__ void __launch_bounds__(RT_THREADS)
 k_router_mv(int wtype, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in, const float *x, float *logit, int E,
             int used, const uint8_t *tid2eid, uint64_t t2e_rb, const dstep *st, const float *bias, bool norm,
-            float wscale, int32_t *eid, float *ew, bool redux) {
+            float wscale, int32_t *eid, float *ew) {
     __shared__ float part[RT_THREADS / 32];
     __shared__ bool last;
     const int tpr = RT_THREADS / RT_ROWS, wpr = tpr / 32;
@@ -1561,22 +1523,14 @@ k_router_mv(int wtype, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in,
     for (int j = 0; j < RT_C; j++)
         if (r < E && tid % tpr + j * tpr < n_in / 8) ld8w(wtype, w, tid % tpr + j * tpr, &wa[j], &wb[j]);
     pdl_wait();
-    /* every x load issued before the first product: one L2 round trip, not RT_C */
-    float4 xa[RT_C], xb[RT_C];
-#pragma unroll
-    for (int j = 0; j < RT_C; j++) {
-        int64_t c = tid % tpr + j * tpr;
-        if (r < E && c < n_in / 8) { xa[j] = ((const float4 *)x)[2 * c]; xb[j] = ((const float4 *)x)[2 * c + 1]; }
-    }
     float acc = 0;
 #pragma unroll
     for (int j = 0; j < RT_C; j++) {
         int64_t c = tid % tpr + j * tpr;
         if (r >= E || c >= n_in / 8) break;
-        float4 a = wa[j], b = wb[j];
-        float4 u = xa[j], v = xb[j];
-        acc = fmaf(a.x, u.x, acc); acc = fmaf(a.y, u.y, acc); acc = fmaf(a.z, u.z, acc); acc = fmaf(a.w, u.w, acc);
-        acc = fmaf(b.x, v.x, acc); acc = fmaf(b.y, v.y, acc); acc = fmaf(b.z, v.z, acc); acc = fmaf(b.w, v.w, acc);
+        float4 a = wa[j], b = wb[j], xa = ((const float4 *)x)[2 * c], xb = ((const float4 *)x)[2 * c + 1];
+        acc = fmaf(a.x, xa.x, acc); acc = fmaf(a.y, xa.y, acc); acc = fmaf(a.z, xa.z, acc); acc = fmaf(a.w, xa.w, acc);
+        acc = fmaf(b.x, xb.x, acc); acc = fmaf(b.y, xb.y, acc); acc = fmaf(b.z, xb.z, acc); acc = fmaf(b.w, xb.w, acc);
     }
     acc = warp_sum(acc);
     if (!lane) part[wid] = acc;
@@ -1593,7 +1547,7 @@ k_router_mv(int wtype, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in,
         if (last) d_rt_count = 0;
     }
     __syncthreads();
-    if (last) router_block(logit, E, used, tid2eid, t2e_rb, &st[0].tok, bias, norm, wscale, eid, ew, redux);
+    if (last) router_block(logit, E, used, tid2eid, t2e_rb, &st[0].tok, bias, norm, wscale, eid, ew);
 }
 
 /* g = swiglu(g, u) elementwise (a chunk's shared expert: two GEMMs, then this). */
@@ -2036,7 +1990,8 @@ k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
  * Both read the layer's normed input and are small (1024 and 512 rows of
  * 4096: 6.7 MB together); as two k_mv_sx launches they ran at ≈ 0.47 TB/s
  * (ncu, H200: ≈ 14.5 µs a layer), each paying its DRAM latency after
- * pdl_wait. Here a warp owns one row (rows 0 … ra−1 of Wa, then rb of Wb),
+ * pdl_wait (this kernel in ncu, H100: 9.2 µs for both, 0.73 TB/s — ncu runs
+ * it alone, so its loads before the wait overlap nothing there). Here a warp owns one row (rows 0 … ra−1 of Wa, then rb of Wb),
  * and its lane's first Q8X_D pieces (16 weights each) are loaded BEFORE
  * pdl_wait: weights are constants, so under programmatic launch they travel
  * while the previous kernel (the HC step) runs. At 4096 inputs a lane's 8
