@@ -889,14 +889,32 @@ static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_t
 
 /* One compressor over the chunk: project (from slot 0 = the normed input),
  * emit the rows of every block the chunk completes, then store the inputs
- * the next chunk needs in the ring (after the emission read them). */
+ * the next chunk needs in the ring (after the emission read them). A decode
+ * token takes two launches instead of four: both products in one
+ * (k_matvec_two, where the two matrices share type and shape), emission and
+ * store in one block (k_comp_one). */
 static void compress(gpu_backend *be, int64_t n, const ds4_tensor *tkv, const ds4_tensor *tgate, const ds4_tensor *ape,
                      const ds4_tensor *norm, int R, int lanes, int D, float *pk, float *pg, float *rkv, float *rg,
                      uint32_t keep, float *rows, const double *freq, bool indexer) {
     const ds4_hparams *hp = be->hp;
     int W = lanes * D;
-    mul(be, tkv, 0, be->nrm, n, pk, W);
-    mul(be, tgate, 0, be->nrm, n, pg, W);
+    if (n == 1 && tkv->type == tgate->type && !repacked(tkv->type) && tkv->row_bytes == tgate->row_bytes &&
+        tkv->ne[0] == tgate->ne[0] && tkv->ne[1] == tgate->ne[1]) {
+        int64_t r = tkv->ne[1];
+        bool wide = r < WIDE_ROWS && tkv->ne[0] >= 2048;   /* matvec_g's choice of kernel */
+        launch(k_matvec_two, dim3((unsigned)(wide ? r : (r + MV_WARPS - 1) / MV_WARPS), 2), wide ? 256 : 32 * MV_WARPS,
+               0, be->s, (int)tkv->type, DW(be, tkv), DW(be, tgate), tkv->row_bytes, tkv->ne[0], r,
+               (const float *)be->nrm, pk, pg, wide);
+    } else {
+        mul(be, tkv, 0, be->nrm, n, pk, W);
+        mul(be, tgate, 0, be->nrm, n, pg, W);
+    }
+    if (n == 1) {
+        launch(k_comp_one, 1, nthreads(D), D * sizeof(float), be->s, (const float *)pk, (const float *)pg,
+               (int)ape->type, DW(be, ape), ape->row_bytes, rkv, rg, keep, R, lanes, D, (const dstep *)be->step,
+               DF(be, norm), freq, (int)hp->rope_dim, hp->rms_eps, indexer, rows);
+        return;
+    }
     launch(k_comp_emit, (unsigned)(n / R + 1), nthreads(D), D * sizeof(float), be->s,
         pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes, rkv, rg, keep, R, lanes, D, be->step, n, DF(be, norm), freq,
         (int)hp->rope_dim, hp->rms_eps, indexer, rows);
@@ -909,17 +927,19 @@ static void compress(gpu_backend *be, int64_t n, const ds4_tensor *tkv, const ds
  * first of these c; q, o, sel from that token) without tensor cores: f32
  * like the CPU's cpu_attend, which decode must match closely. Slices of the
  * rows per head group (k_att_split), merged per head (k_att_combine); part
- * holds c × ATT_SPLITS × H × (hd + 2) floats. */
-static void attend(cudaStream_t s, const float *q, float *o, const float *kvc, const float *raw, uint32_t keep_raw,
-                   const dstep *st0, const dstep *st, uint32_t window, const float *comp, const int32_t *sel, int ratio,
-                   int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq, float scale, int64_t c,
-                   float *part) {
+ * holds c × ATT_SPLITS × H × (hd + 2) floats. qeps ≥ 0: q holds q_b's raw
+ * heads, which k_att_split norms (eps qeps) and ropes (rd % 4 = 0); < 0: q
+ * is ready (k_q_heads). */
+static void attend(cudaStream_t s, const float *q, float qeps, float *o, const float *kvc, const float *raw,
+                   uint32_t keep_raw, const dstep *st0, const dstep *st, uint32_t window, const float *comp,
+                   const int32_t *sel, int ratio, int64_t topk, const float *sinks, int H, int hd, int rd,
+                   const double *freq, float scale, int64_t c, float *part) {
     size_t smem = att_split_smem(hd);
     float *ml = part + c * ATT_SPLITS * H * hd;
     dim3 grid((unsigned)((H + ATT_HG - 1) / ATT_HG), ATT_SPLITS, (unsigned)c);
     switch (hd / 128) {   /* cuda_create: hd a multiple of 128, ≤ 1024 */
-#define ATT_NV(NV) case NV: launch(k_att_split<NV>, grid, 32 * ATT_HG, smem, s, q, kvc, raw, keep_raw, st0, st, window, \
-                                   comp, sel, ratio, topk, H, scale, part, ml); break;
+#define ATT_NV(NV) case NV: launch(k_att_split<NV>, grid, 32 * ATT_HG, smem, s, q, qeps, kvc, raw, keep_raw, st0, st, \
+                                   window, comp, sel, ratio, topk, H, rd, freq, scale, part, ml); break;
     ATT_NV(1) ATT_NV(2) ATT_NV(3) ATT_NV(4) ATT_NV(5) ATT_NV(6) ATT_NV(7) ATT_NV(8)
 #undef ATT_NV
     }
@@ -998,20 +1018,24 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
            (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
     prep(be, 1, be->qa, n, ql);
     mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
-    launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float), s,
-           be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
+    /* Query heads: k_att_split norms and ropes its own (rd % 4 = 0), the
+     * chunk kernels (attn_chunk) read them finished. */
+    bool chunk = n > 1 && be->fast_attn, qfused = !chunk && rd % 4 == 0;
+    if (!qfused)
+        launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float),
+               s, be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
     if (ls->ratio)
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
     if (ls->ratio == 4) indexer(be, st, L, ls, n, p0, select, freq);
     float scale = (float)(1.0 / sqrt((double)hd));
-    if (n > 1 && be->fast_attn)
+    if (chunk)
         attn_chunk(s, be->q, be->kvc, ls->raw, st->keep_raw, hp->window, ls->comp, be->sel, ls->ratio,
                    (int64_t)hp->idx_top_k, DF(be, &L->attn_sinks), (int)H, (int)hd, (int)rd, freq, scale, p0, n, be->o,
                    st->a16);
     else for (int64_t t0 = 0; t0 < n; t0 += st->att_rows) {
         int64_t c = n - t0 < st->att_rows ? n - t0 : st->att_rows;
-        attend(s, be->q + t0 * H * hd, be->o + t0 * H * hd, be->kvc, ls->raw, st->keep_raw, be->step, be->step + t0,
+        attend(s, be->q + t0 * H * hd, qfused ? eps : -1.0f, be->o + t0 * H * hd, be->kvc, ls->raw, st->keep_raw, be->step, be->step + t0,
                hp->window, ls->comp, be->sel + t0 * hp->idx_top_k, ls->ratio, (int64_t)hp->idx_top_k,
                DF(be, &L->attn_sinks), (int)H, (int)hd, (int)rd, freq, scale, c, st->att);
     }
@@ -1877,7 +1901,7 @@ extern "C" int ds4_cuda_test_attn_f32(const float *q, const float *kvc, const fl
         poison(d[7], T * H * hd * fs);
         poison(d[8], T * ATT_SPLITS * H * (hd + 2) * fs);
         att_setup(hd, IX_H, IX_D);
-        attend(0, (float *)d[0], (float *)d[7], (float *)d[1], (float *)d[2], keep_raw, (dstep *)d[9], (dstep *)d[9],
+        attend(0, (float *)d[0], -1.0f, (float *)d[7], (float *)d[1], (float *)d[2], keep_raw, (dstep *)d[9], (dstep *)d[9],
                window, (float *)d[3], (int32_t *)d[4], ratio, topk, (float *)d[5], H, hd, rd, (double *)d[6], scale, T,
                (float *)d[8]);
         if (!(e = cudaGetLastError()) && !(e = cudaDeviceSynchronize()))

@@ -978,11 +978,10 @@ __device__ __forceinline__ float deq_one(int type, const uint8_t *row, int64_t j
  * chunk's projections (pk, pg + ape) when it is in the chunk, else from the
  * ring (stored with ape): the ring is updated after this kernel, so a long
  * chunk never overwrites inputs a block still needs. Blocks of ≥ D threads. */
-__global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
-                            const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
-                            int64_t T, const float *norm_w, const double *freq, int rd, float eps, bool indexer,
-                            float *out) {
-    pdl_wait();
+__device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                                const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D,
+                                const dstep *st, int64_t T, const float *norm_w, const double *freq, int rd, float eps,
+                                bool indexer, float *out) {
     extern __shared__ float sv[];
     __shared__ double shd[32];
     uint64_t p0 = st[0].pos, b = p0 / (uint64_t)R + blockIdx.x;
@@ -1018,6 +1017,62 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
     if (d_qat && indexer) blk_fp4(sv, D);
     else if (d_qat) blk_fp8(sv, D - rd);
     for (int j = threadIdx.x; j < D; j += blockDim.x) out[(size_t)b * D + j] = d_qat ? round_f16(sv[j]) : sv[j];
+}
+__global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                            const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
+                            int64_t T, const float *norm_w, const double *freq, int rd, float eps, bool indexer,
+                            float *out) {
+    pdl_wait();
+    comp_emit_block(pk, pg, ape_type, ape, ape_rb, kv, gate, keep, R, lanes, D, st, T, norm_w, freq, rd, eps, indexer,
+                    out);
+}
+
+/* One decode token's compressor step in one block (was k_comp_emit +
+ * k_comp_store, two launches of one block each): the emission of the block
+ * it completes, if any, then its ring store (k_comp_store's arithmetic).
+ * The barrier between them keeps the order of the two launches: every ring
+ * read of the emission is done before the token's slot is overwritten.
+ * nthreads(D) threads, D floats of dynamic shared memory. */
+__global__ void k_comp_one(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                           float *kv, float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
+                           const float *norm_w, const double *freq, int rd, float eps, bool indexer, float *out) {
+    pdl_wait();
+    comp_emit_block(pk, pg, ape_type, ape, ape_rb, kv, gate, keep, R, lanes, D, st, 1, norm_w, freq, rd, eps, indexer,
+                    out);
+    __syncthreads();
+    int W = lanes * D;
+    int64_t pos = st[0].pos;
+    uint32_t slot = (uint32_t)(pos % keep);
+    for (int c = threadIdx.x; c < W / 8; c += blockDim.x) {
+        float v[8];
+        deq_chunk(ape_type, ape + (uint64_t)(pos % R) * ape_rb, c, v);
+        for (int k = 0; k < 8; k++) {
+            kv[(size_t)slot * W + 8 * c + k] = pk[8 * c + k];
+            gate[(size_t)slot * W + 8 * c + k] = pg[8 * c + k] + v[k];
+        }
+    }
+}
+
+/* The compressor's two products of one decode x (comp_kv and comp_gate:
+ * same type and shape) in one launch, blockIdx.y picking the matrix: twice
+ * the blocks of one k_matvec / k_matvec_wide (whose arithmetic each half
+ * keeps: a block per row when wide, else a warp per row). */
+__global__ void k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict__ Wb, uint64_t rb,
+                             int64_t n_in, int64_t rows, const float *__restrict__ x, float *ya, float *yb, bool wide) {
+    pdl_wait();
+    const uint8_t *W = blockIdx.y ? Wb : Wa;
+    float *y = blockIdx.y ? yb : ya;
+    if (wide) {
+        __shared__ float sh[32];
+        float acc = block_sum(row_dot(type, W + (uint64_t)blockIdx.x * rb, n_in / 8, x, threadIdx.x, blockDim.x), sh);
+        if (threadIdx.x == 0) y[blockIdx.x] = acc;
+        return;
+    }
+    int lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    float acc = warp_sum(row_dot(type, W + (uint64_t)r * rb, n_in / 8, x, lane, 32));
+    if (!lane) y[r] = acc;
 }
 
 /* ---- indexer (spec §4.6) ------------------------------------------------------ */
@@ -1282,18 +1337,22 @@ __device__ __forceinline__ int att_nsplit(int64_t n, int splits) {
 }
 
 /* Grid (head groups, ATT_SPLITS, tokens), 32·ATT_HG threads; dynamic shared
- * memory tile·hd + ATT_HG·tile + ATT_HG floats, tile = min(32, 8192/hd) rows;
- * NV = hd/128 float4 per lane per row (a template parameter: registers for
- * exactly the head_dim, so several blocks fit an SM). Warp w scores its head h0+w against the tile (q in registers, rows read
- * as float4 across the warp: head_dim a multiple of 128) and updates that
- * head's running max m and sum l; then every thread adds the weighted rows
- * to its (head, 4 columns) outputs. Writes per (token, slice, head) the
- * unnormalised output to part and (m, l) to ml. */
+ * memory tile·hd + ATT_HG·tile + ATT_HG floats, tile = min(32, 8192/hd)
+ * rows; NV = hd/128 float4 per lane per row (a template parameter:
+ * registers for exactly the head_dim, so several blocks fit an SM). With
+ * qeps ≥ 0 the query heads come straight from q_b and each block finishes
+ * its heads first (k_q_heads' unweighted RMSNorm and RoPE on the tail, one
+ * launch less a layer; every slice block of a group derives the same
+ * values). Warp w scores its head h0+w against the tile (q in registers,
+ * rows read as float4 across the warp: head_dim a multiple of 128) and
+ * updates that head's running max m and sum l; then every thread adds the
+ * weighted rows to its (head, 4 columns) outputs. Writes per (token, slice,
+ * head) the unnormalised output to part and (m, l) to ml. */
 template <int NV>
 __global__ void __launch_bounds__(32 * ATT_HG, 3)
-k_att_split(const float *q, const float *kvc, const float *raw, uint32_t keep_raw, const dstep *st0, const dstep *st,
-            uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk, int H, float scale,
-            float *part, float *ml) {
+k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint32_t keep_raw, const dstep *st0,
+            const dstep *st, uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk, int H,
+            int rd, const double *freq, float scale, float *part, float *ml) {
     pdl_wait();
     extern __shared__ float4 att_sm[];
     constexpr int hd = 128 * NV, C = 32 * NV, TILE = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
@@ -1311,6 +1370,33 @@ k_att_split(const float *q, const float *kvc, const float *raw, uint32_t keep_ra
     for (int i = 0; i < NV; i++)
         qr[i] = hw < H ? ((const float4 *)(q + (t * H + hw) * (int64_t)hd))[lane + 32 * i]
                                  : make_float4(0, 0, 0, 0);
+    if (qeps >= 0 && hw < H) {   /* lane's float4 i: elements e … e+3, e = 4·(lane + 32i); rd % 4 = 0 */
+        double ss = 0;
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            ss += (double)qr[i].x * qr[i].x; ss += (double)qr[i].y * qr[i].y;
+            ss += (double)qr[i].z * qr[i].z; ss += (double)qr[i].w * qr[i].w;
+        }
+        const float r = (float)(1.0 / sqrt(warp_sum_d(ss) / (double)hd + qeps));
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            float4 v = qr[i];
+            v.x *= r; v.y *= r; v.z *= r; v.w *= r;
+            const int e = 4 * (lane + 32 * i);
+            if (e >= hd - rd) {   /* two RoPE pairs, k and k + 1 */
+                const int k = (e - (hd - rd)) / 2;
+                double ang = (double)a.pos * freq[k];
+                float c = (float)cos(ang), sn = (float)sin(ang), x0 = v.x, x1 = v.y;
+                v.x = x0 * c - x1 * sn;
+                v.y = x0 * sn + x1 * c;
+                ang = (double)a.pos * freq[k + 1];
+                c = (float)cos(ang); sn = (float)sin(ang); x0 = v.z; x1 = v.w;
+                v.z = x0 * c - x1 * sn;
+                v.w = x0 * sn + x1 * c;
+            }
+            qr[i] = v;
+        }
+    }
     float m = -INFINITY, l = 0;   /* warp wid's head, the same in every lane */
     float4 acc[NV];   /* item i: index threadIdx.x + 256·i of ATT_HG × C (exactly NV a thread) → head idx / C, column idx % C */
 #pragma unroll
