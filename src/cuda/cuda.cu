@@ -8,8 +8,9 @@
  *    (double-buffered), and a tensor's device address is its offset in that
  *    span. No full host copy, no per-tensor allocations.
  *  - One forward pass over a chunk of n tokens, layer by layer, as the CPU
- *    reference's cpu_eval: every op of spec §4 is a kernel (kernels.cuh) that
- *    takes the chunk's tokens along a grid dimension, on one stream.
+ *    reference's cpu_eval: every op of spec §4 is a kernel (kernels.cuh
+ *    and the files it names) that takes the chunk's tokens along a grid
+ *    dimension, on one stream.
  *  - Decode is the chunk of one token: matrix products are bandwidth-bound
  *    f32 matvecs on the quantised weights, the token id and position live in
  *    device memory and the routed experts are chosen on the device, so one
@@ -36,6 +37,10 @@ extern "C" {
 }
 #include "cuda/cuda.h"
 #include "cuda/kernels.cuh"
+#include "cuda/matvec.cuh"
+#include "cuda/hc.cuh"
+#include "cuda/attend.cuh"
+#include "cuda/moe.cuh"
 #include "cuda/mm.cuh"
 #include "cuda/attn.cuh"
 #include "util/errf.h"
@@ -245,7 +250,7 @@ out:
 }
 
 /* Formats read through k_mv_rp, repacked at upload: block bytes, header
- * offset and length (kernels.cuh, rp_fmt). */
+ * offset and length (matvec.cuh, rp_fmt). */
 static bool repacked(uint32_t type) { return type == GGML_Q8_0 || type == GGML_IQ2_XXS || type == GGML_Q2_K; }
 static void rp_geom(uint32_t type, int *bb, int *ho, int *hl, int *eb) {
     if (type == GGML_Q8_0) { *bb = 34; *ho = 0; *hl = 2; *eb = 32; }
@@ -277,7 +282,7 @@ static cudaError_t repack_slab(cudaStream_t s, uint32_t type, uint8_t *d, uint8_
 }
 
 /* Rewrite every uploaded Q8_0 / IQ2_XXS / Q2_K slab into k_mv_rp's layout
- * (kernels.cuh) through one scratch slab on the device: payloads first,
+ * (matvec.cuh) through one scratch slab on the device: payloads first,
  * headers after, the same bytes in the same place, so tensor offsets stay
  * as in the file. */
 static int repack_weights(gpu_backend *be, char *err, size_t errlen) {

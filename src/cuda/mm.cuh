@@ -30,7 +30,7 @@
  * 256 K-quants/IQ2_XXS, 16 F16/F32); xh 16-byte aligned and ldx a multiple
  * of 8 halves (cp.async moves 16 bytes); K past the last full step is
  * zero-filled. Weights as uploaded by the backend (Q8_0/IQ2_XXS/Q2_K
- * repacked per slab, see kernels.cuh; F16/F32/Q4_K as in the file).
+ * repacked per slab, see matvec.cuh; F16/F32/Q4_K as in the file).
  * Results are deterministic: every output element is written once by one
  * thread after a fixed-order accumulation; no atomics. */
 #ifndef DS4_CUDA_MM_CUH

@@ -1,0 +1,675 @@
+/* Per-token kernels of the attention sublayer (spec §4.4–§4.6): norms and
+ * the Q/KV rows, the compressors, the indexer and its top-k, and attention
+ * over the raw window and compressed rows (decode; generic shapes of a
+ * chunk — the real model's chunks use attn.cuh). */
+#ifndef DS4_CUDA_ATTEND_CUH
+#define DS4_CUDA_ATTEND_CUH
+#include "cuda/kernels.cuh"
+#include "cuda/matvec.cuh"   /* row_dot: the compressor products */
+
+/* ---- norms, Q/KV paths (spec §4.4) ----------------------------------------- */
+
+/* o = v / sqrt(mean(v²) + eps) ⊙ w (w may be NULL) for one vector by one
+ * block (n % 4 == 0, v 16-byte aligned), in place or not. */
+__device__ void rmsnorm_vec(const float *v, const float *w, int n, float eps, float *o, double *shd) {
+    double ss = block_sum_d(sumsq_part(v, n), shd);
+    float r = (float)(1.0 / sqrt(ss / (double)n + eps));
+    for (int k = threadIdx.x; k < n; k += blockDim.x) o[k] = w ? v[k] * r * w[k] : v[k] * r;
+}
+
+/* One vector of n per block (blockIdx.x·stride), in place or to out. */
+__global__ void k_rmsnorm(const float *x, const float *w, int n, float eps, float *out, int64_t stride) {
+    pdl_wait();
+    __shared__ double shd[32];
+    rmsnorm_vec(x + blockIdx.x * stride, w, n, eps, out + blockIdx.x * stride, shd);
+}
+
+/* Query heads: unweighted RMSNorm, RoPE on the tail. A warp per head,
+ * QH_HEADS heads of one token per block (grid: heads / QH_HEADS, tokens):
+ * the RoPE angles (double, as the CPU) are computed once per block instead
+ * of once per head — with a block per head they were most of this kernel
+ * in a prefill chunk. Dynamic shared memory: rope_dim floats. */
+#define QH_HEADS 8
+__global__ void k_q_heads(float *q, int H, int hd, int rd, const double *freq, const dstep *st, float eps) {
+    pdl_wait();
+    extern __shared__ float cs[];   /* (cos, sin) of pair k at 2k, 2k+1 */
+    int t = blockIdx.y, lane = threadIdx.x & 31, h = blockIdx.x * QH_HEADS + (threadIdx.x >> 5);
+    int64_t pos = st[t].pos;
+    for (int k = threadIdx.x; k < rd / 2; k += blockDim.x) {
+        double ang = (double)pos * freq[k];
+        cs[2 * k] = (float)cos(ang);
+        cs[2 * k + 1] = (float)sin(ang);
+    }
+    __syncthreads();
+    if (h >= H) return;
+    float *g = q + ((int64_t)t * H + h) * hd, *tail = g + hd - rd;
+    double ss = 0;
+    for (int k = lane; k < hd; k += 32) ss += (double)g[k] * g[k];
+    float r = (float)(1.0 / sqrt(warp_sum_d(ss) / (double)hd + eps));
+    for (int k = lane; k < hd - rd; k += 32) g[k] = g[k] * r;
+    for (int k = lane; k < rd / 2; k += 32) {   /* blk_rope's arithmetic on the normed pair */
+        float c = cs[2 * k], s = cs[2 * k + 1], x0 = tail[2 * k] * r, x1 = tail[2 * k + 1] * r;
+        tail[2 * k] = x0 * c - x1 * s;
+        tail[2 * k + 1] = x0 * s + x1 * c;
+    }
+}
+
+/* A K=V row at pos by one block (in place): weighted RMSNorm, RoPE, FP8 on
+ * the non-RoPE part, f16 rounding; also written into the raw-ring slot when
+ * ring is given (the caller knows whether the chunk is short enough that no
+ * slot it overwrites is still read by its tokens). sv: hd floats, shared. */
+__device__ void kv_row_block(float *kv, const float *w, int hd, int rd, const double *freq, int64_t pos, float eps,
+                             float *ring, uint32_t keep, float *sv, double *shd) {
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
+    __syncthreads();
+    blk_rmsnorm(sv, hd, w, eps, shd);
+    blk_rope(sv + hd - rd, rd / 2, freq, pos, false);
+    if (d_qat) blk_fp8(sv, hd - rd);
+    float *out = ring ? ring + (size_t)(pos % keep) * hd : NULL;
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) {
+        float v = d_qat ? round_f16(sv[k]) : sv[k];
+        kv[k] = v;
+        if (out) out[k] = v;
+    }
+}
+
+/* The attention's two single-vector norms of the chunk in one launch (grid
+ * 2n; a block a multiple of 32 threads, ≥ hd/4 for blk_fp8): block t < n
+ * the q_a row of token t (k_rmsnorm's arithmetic, in place), block n + t
+ * its K=V row (kv_row_block). Each was a launch of one block a token: a few
+ * µs of one SM in decode. Dynamic shared memory: hd floats. */
+__global__ void k_qa_kv(float *qa, const float *qw, int ql, float *kv, const float *kw, int hd, int rd,
+                        const double *freq, const dstep *st, float eps, float *ring, uint32_t keep, int n) {
+    pdl_wait();
+    extern __shared__ float sv[];
+    __shared__ double shd[32];
+    int64_t t = blockIdx.x;
+    if (t < n) {
+        rmsnorm_vec(qa + t * ql, qw, ql, eps, qa + t * ql, shd);
+        return;
+    }
+    t -= n;
+    kv_row_block(kv + t * hd, kw, hd, rd, freq, st[t].pos, eps, ring, keep, sv, shd);
+}
+
+/* Raw-ring store of the chunk's last min(T, keep) rows after its attention
+ * (chunks too long for k_kv_row's direct write). Block per row. */
+__global__ void k_raw_store(const float *kv, int hd, const dstep *st, int64_t T, float *ring, uint32_t keep) {
+    pdl_wait();
+    int64_t t = T - 1 - blockIdx.x;
+    float *out = ring + (size_t)(st[t].pos % keep) * hd;
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) out[k] = kv[t * hd + k];
+}
+
+/* ---- compressor (spec §4.5) -------------------------------------------------- */
+
+/* Store the chunk's projected kv and gate + ape[pos % R] in their ring
+ * slots, after k_comp_emit read them: only the last keep positions (earlier
+ * ones would share slots with them). blockIdx.y = t − (T − min(T, keep)). */
+__global__ void k_comp_store(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                             int W, int R, const dstep *st, int64_t T, float *rkv, float *rg, uint32_t keep) {
+    pdl_wait();
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t t = T - (int64_t)gridDim.y + blockIdx.y, pos = st[t].pos;
+    uint32_t slot = (uint32_t)(pos % keep);
+    if (c >= W / 8) return;
+    float v[8];
+    deq_chunk(ape_type, ape + (uint64_t)(pos % R) * ape_rb, c, v);
+    for (int k = 0; k < 8; k++) {
+        rkv[(size_t)slot * W + 8 * c + k] = pk[t * W + 8 * c + k];
+        rg[(size_t)slot * W + 8 * c + k] = pg[t * W + 8 * c + k] + v[k];
+    }
+}
+
+/* Element j of row `row` of a small table (ape), any layout deq_chunk reads. */
+__device__ __forceinline__ float deq_one(int type, const uint8_t *row, int64_t j) {
+    float v[8];
+    deq_chunk(type, row, j >> 3, v);
+    return v[j & 7];
+}
+
+/* Emit the compressed rows of every block the chunk completes (block i of
+ * the grid: b = p0/R + i, if (b+1)·R ≤ p0 + T): softmax-gated pooling over
+ * the block (and the previous block's lane a for two lanes), norm, RoPE at
+ * bR, QAT, f16 (comp_emit of the CPU). A position's inputs come from the
+ * chunk's projections (pk, pg + ape) when it is in the chunk, else from the
+ * ring (stored with ape): the ring is updated after this kernel, so a long
+ * chunk never overwrites inputs a block still needs. Blocks of ≥ D threads. */
+__device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                                const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D,
+                                const dstep *st, int64_t T, const float *norm_w, const double *freq, int rd, float eps,
+                                bool indexer, float *out) {
+    extern __shared__ float sv[];
+    __shared__ double shd[32];
+    uint64_t p0 = st[0].pos, b = p0 / (uint64_t)R + blockIdx.x;
+    if ((b + 1) * (uint64_t)R > p0 + (uint64_t)T) return;   /* not completed in this chunk (uniform per block) */
+    int W = lanes * D;
+    uint64_t bR = b * R;
+    bool prev = lanes == 2 && b > 0;
+    int off = lanes == 2 ? D : 0;
+#define CG(q, c) ((q) >= p0 ? pg[((q) - p0) * W + (c)] + deq_one(ape_type, ape + ((q) % R) * ape_rb, (c)) \
+                            : gate[((q) % keep) * W + (c)])
+#define CK(q, c) ((q) >= p0 ? pk[((q) - p0) * W + (c)] : kv[((q) % keep) * W + (c)])
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float m = -INFINITY;
+        if (prev) for (uint64_t t = bR - R; t < bR; t++) m = fmaxf(m, CG(t, j));
+        for (uint64_t t = bR; t < bR + R; t++) m = fmaxf(m, CG(t, off + j));
+        float den = 0, acc = 0;
+        if (prev)
+            for (uint64_t t = bR - R; t < bR; t++) {
+                float w = expf(CG(t, j) - m);
+                den += w; acc += w * CK(t, j);
+            }
+        for (uint64_t t = bR; t < bR + R; t++) {
+            float w = expf(CG(t, off + j) - m);
+            den += w; acc += w * CK(t, off + j);
+        }
+        sv[j] = acc / den;
+    }
+#undef CG
+#undef CK
+    __syncthreads();
+    blk_rmsnorm(sv, D, norm_w, eps, shd);
+    blk_rope(sv + D - rd, rd / 2, freq, (int64_t)bR, false);
+    if (d_qat && indexer) blk_fp4(sv, D);
+    else if (d_qat) blk_fp8(sv, D - rd);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) out[(size_t)b * D + j] = d_qat ? round_f16(sv[j]) : sv[j];
+}
+__global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                            const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
+                            int64_t T, const float *norm_w, const double *freq, int rd, float eps, bool indexer,
+                            float *out) {
+    pdl_wait();
+    comp_emit_block(pk, pg, ape_type, ape, ape_rb, kv, gate, keep, R, lanes, D, st, T, norm_w, freq, rd, eps, indexer,
+                    out);
+}
+
+/* One decode token's compressor step in one block (was k_comp_emit +
+ * k_comp_store, two launches of one block each): the emission of the block
+ * it completes, if any, then its ring store (k_comp_store's arithmetic).
+ * The barrier between them keeps the order of the two launches: every ring
+ * read of the emission is done before the token's slot is overwritten.
+ * nthreads(D) threads, D floats of dynamic shared memory. */
+__global__ void k_comp_one(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
+                           float *kv, float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
+                           const float *norm_w, const double *freq, int rd, float eps, bool indexer, float *out) {
+    pdl_wait();
+    comp_emit_block(pk, pg, ape_type, ape, ape_rb, kv, gate, keep, R, lanes, D, st, 1, norm_w, freq, rd, eps, indexer,
+                    out);
+    __syncthreads();
+    int W = lanes * D;
+    int64_t pos = st[0].pos;
+    uint32_t slot = (uint32_t)(pos % keep);
+    for (int c = threadIdx.x; c < W / 8; c += blockDim.x) {
+        float v[8];
+        deq_chunk(ape_type, ape + (uint64_t)(pos % R) * ape_rb, c, v);
+        for (int k = 0; k < 8; k++) {
+            kv[(size_t)slot * W + 8 * c + k] = pk[8 * c + k];
+            gate[(size_t)slot * W + 8 * c + k] = pg[8 * c + k] + v[k];
+        }
+    }
+}
+
+/* The compressor's two products of one decode x (comp_kv and comp_gate:
+ * same type and shape) in one launch, blockIdx.y picking the matrix: twice
+ * the blocks of one k_matvec / k_matvec_wide (whose arithmetic each half
+ * keeps: a block per row when wide, else a warp per row). */
+__global__ void k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict__ Wb, uint64_t rb,
+                             int64_t n_in, int64_t rows, const float *__restrict__ x, float *ya, float *yb, bool wide) {
+    pdl_wait();
+    const uint8_t *W = blockIdx.y ? Wb : Wa;
+    float *y = blockIdx.y ? yb : ya;
+    if (wide) {
+        __shared__ float sh[32];
+        float acc = block_sum(row_dot(type, W + (uint64_t)blockIdx.x * rb, n_in / 8, x, threadIdx.x, blockDim.x), sh);
+        if (threadIdx.x == 0) y[blockIdx.x] = acc;
+        return;
+    }
+    int lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    float acc = warp_sum(row_dot(type, W + (uint64_t)r * rb, n_in / 8, x, lane, 32));
+    if (!lane) y[r] = acc;
+}
+
+/* ---- indexer (spec §4.6) ------------------------------------------------------ */
+
+/* Indexer query heads: RoPE on the tail, Hadamard+FP4; weights scaled. Block per (head, token). */
+__global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double *freq, const dstep *st, float wscale) {
+    pdl_wait();
+    extern __shared__ float sv[];
+    int64_t pos = st[blockIdx.y].pos;
+    iw += (int64_t)blockIdx.y * gridDim.x;
+    float *g = iq + ((int64_t)blockIdx.y * gridDim.x + blockIdx.x) * ihd;
+    for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = g[k];
+    __syncthreads();
+    blk_rope(sv + ihd - rd, rd / 2, freq, pos, false);
+    if (d_qat) blk_fp4(sv, ihd);
+    for (int k = threadIdx.x; k < ihd; k += blockDim.x) g[k] = sv[k];
+    if (threadIdx.x == 0) iw[blockIdx.x] *= wscale;
+}
+
+/* score_c = Σ_h w_h · max(0, q_h · k_c) for the (pos+1)/4 visible rows of
+ * token blockIdx.y (scores at score + blockIdx.y·ld), as the CPU's idx_task:
+ * each product w_h·max(0, dot) rounded once, heads summed in ascending order
+ * (the chunk kernel k_idx_chunk does the same), so the top-k sees the CPU's
+ * scores. Tiles of 32 rows copied to shared memory (cp.async, row stride
+ * ihd + 4 floats: a quarter-warp's 16-byte reads of 8 rows hit distinct
+ * banks), a row per lane; warp w takes heads 8w … 8w+7 (and 64 on, … where
+ * ih > 64) with q broadcast from L1, all 8 loads of a step issued together
+ * (no early exit between them); the products meet in shared memory and
+ * lanes of warp 0 sum them. Fixed grid over the state's capacity (decode
+ * graphs replay at every position), blocks loop over tiles. 256 threads,
+ * idx_scores_smem(ih, ihd) bytes of dynamic shared memory. */
+#define IDX_TILE 32
+#define IDX_HPT 8
+__host__ __device__ constexpr size_t idx_scores_smem(int ih, int ihd) {
+    return (size_t)IDX_TILE * (ihd + 4) * sizeof(float) + (size_t)IDX_TILE * (ih + 1) * sizeof(float);
+}
+__global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st,
+                                                    int ih, int ihd, float *score, int64_t ld) {
+    pdl_wait();
+    extern __shared__ float4 ixs_sm[];
+    const int KS = ihd / 4 + 1, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int groups = (ih + IDX_HPT - 1) / IDX_HPT;
+    float4 *srow = ixs_sm;                          /* IDX_TILE × KS */
+    float *se = (float *)(ixs_sm + IDX_TILE * KS);   /* IDX_TILE × (ih + 1): row lane's product of head h at lane·(ih+1) + h */
+    const int64_t nrows = (st[blockIdx.y].pos + 1) / 4;
+    const float4 *q4 = (const float4 *)(iq + (int64_t)blockIdx.y * ih * ihd), *r4 = (const float4 *)rows;
+    iw += (int64_t)blockIdx.y * ih;
+    score += (int64_t)blockIdx.y * ld;
+    for (int64_t r0 = (int64_t)blockIdx.x * IDX_TILE; r0 < nrows; r0 += (int64_t)gridDim.x * IDX_TILE) {
+        __syncthreads();   /* the previous tile's rows and products are consumed */
+        for (int i = threadIdx.x; i < IDX_TILE * (ihd / 4); i += blockDim.x) {
+            int rr = i / (ihd / 4), c = i % (ihd / 4);
+            int64_t r = r0 + rr < nrows ? r0 + rr : nrows - 1;   /* past the end: a real row, result unused */
+            att_cp16(srow + rr * KS + c, r4 + r * (ihd / 4) + c);
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        __syncthreads();
+        for (int g = wid; g < groups; g += nw) {
+            float acc[IDX_HPT];
+            const float4 *qh[IDX_HPT];   /* heads past ih read the last one, results unused: no branch */
+            const int hb = g * IDX_HPT;
+#pragma unroll
+            for (int j = 0; j < IDX_HPT; j++) {
+                acc[j] = 0;
+                qh[j] = q4 + (int64_t)(hb + j < ih ? hb + j : ih - 1) * (ihd / 4);
+            }
+#pragma unroll 2
+            for (int c = 0; c < ihd / 4; c++) {
+                float4 x = srow[lane * KS + c];
+#pragma unroll
+                for (int j = 0; j < IDX_HPT; j++) {
+                    float4 y = __ldg(qh[j] + c);   /* same address in every lane */
+                    acc[j] = fmaf(x.x, y.x, acc[j]); acc[j] = fmaf(x.y, y.y, acc[j]);
+                    acc[j] = fmaf(x.z, y.z, acc[j]); acc[j] = fmaf(x.w, y.w, acc[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < IDX_HPT; j++)
+                if (hb + j < ih) se[lane * (ih + 1) + hb + j] = __fmul_rn(__ldg(iw + hb + j), fmaxf(0.0f, acc[j]));
+        }
+        __syncthreads();
+        if (wid == 0 && r0 + lane < nrows) {
+            float sc = 0;
+#pragma unroll 8
+            for (int h = 0; h < ih; h++) sc = __fadd_rn(sc, se[lane * (ih + 1) + h]);
+            score[r0 + lane] = sc;
+        }
+    }
+}
+
+/* Float → unsigned key with the same order (−0 folded into +0, as `>` sees them). */
+__device__ __forceinline__ uint32_t fkey(float f) {
+    if (f == 0.0f) f = 0.0f;
+    uint32_t u = __float_as_uint(f);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+/* Top-k by radix select (4 passes of 8-bit histograms find the k-th best key
+ * T and how many keys equal to T to take), then one ordered pass that keeps
+ * keys above T and the lowest-indexed ties: the CPU's selection exactly,
+ * output ascending. One block of 1024 threads; thread i owns the contiguous
+ * segment i·seg … of the keys, held in registers while seg ≤ TOPK_KPT (up
+ * to 8192 rows, a 32K context), else re-read each pass. Histogram counts are
+ * aggregated per warp (__match_any_sync: a layer's scores share their top
+ * bits, and per-key shared atomics on one bin serialise); the bin holding
+ * the k-th key is found by a warp scan; the output places each segment by
+ * one block scan of its (above T, equal to T) counts. */
+#define TOPK_KPT 8
+__global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *st, int64_t n_fixed, int64_t k,
+                                               int32_t *out, int64_t ld) {
+    pdl_wait();
+    score += blockIdx.x * ld;   /* block per token of a chunk (ld: score row stride) */
+    out += blockIdx.x * k;
+    if (st) st += blockIdx.x;
+    int64_t n = st ? (int64_t)(st->pos + 1) / 4 : n_fixed;   /* indexer: the visible rows */
+    if (st && n <= k) return;   /* every row is attended: no selection */
+    __shared__ uint32_t hist[256];
+    __shared__ uint32_t s_prefix, s_need;
+    __shared__ unsigned long long s_wsum[32];
+    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = blockDim.x >> 5;
+    const int64_t seg = (n + blockDim.x - 1) / blockDim.x, a0 = tid * seg < n ? tid * seg : n,
+                  a1 = a0 + seg < n ? a0 + seg : n;
+    const bool reg = seg <= TOPK_KPT;
+    uint32_t kr[TOPK_KPT];
+#pragma unroll
+    for (int j = 0; j < TOPK_KPT; j++) kr[j] = reg && a0 + j < a1 ? fkey(score[a0 + j]) : 0;
+    /* key j0 + j of this thread's segment (in range: a0 + j0 + j < a1) */
+#define TOPK_KEY(j0, j) (reg ? kr[j] : fkey(score[a0 + (j0) + (j)]))
+    if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
+    uint32_t mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        const uint32_t pre = s_prefix;
+        for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
+#pragma unroll
+            for (int j = 0; j < TOPK_KPT; j++) {
+                uint32_t b = 256;   /* no count */
+                if (a0 + j0 + j < a1) {
+                    uint32_t key = TOPK_KEY(j0, j);
+                    if ((key & mask) == pre) b = (key >> shift) & 255;
+                }
+                uint32_t peers = __match_any_sync(0xffffffffu, b);
+                if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
+            }
+        __syncthreads();
+        if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
+            const uint32_t need = s_need;
+            uint32_t c[8], tot = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; tot += c[j]; }
+            uint32_t inc = tot;
+            for (int o = 1; o < 32; o <<= 1) {
+                uint32_t v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += v;
+            }
+            uint32_t cum = inc - tot;
+            if (cum < need && inc >= need) {
+                int bin = 255 - 8 * lane;
+                for (int j = 0; j < 7 && cum + c[j] < need; j++, bin--) cum += c[j];
+                s_need = need - cum;
+                s_prefix = pre | (uint32_t)bin << shift;
+            }
+        }
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    const uint32_t T = s_prefix, need_eq = s_need;
+    uint32_t gt = 0, eq = 0;
+    for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
+#pragma unroll
+        for (int j = 0; j < TOPK_KPT; j++)
+            if (a0 + j0 + j < a1) {
+                uint32_t key = TOPK_KEY(j0, j);
+                gt += key > T;
+                eq += key == T;
+            }
+    /* exclusive prefix of (gt, eq) over threads, both packed in one 64-bit sum (each total ≤ n < 2^32) */
+    const unsigned long long v = (unsigned long long)gt << 32 | eq;
+    unsigned long long inc = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned long long u = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += u;
+    }
+    if (lane == 31) s_wsum[wid] = inc;
+    __syncthreads();
+    if (wid == 0) {
+        unsigned long long w = lane < nw ? s_wsum[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned long long u = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += u;
+        }
+        s_wsum[lane] = w;
+    }
+    __syncthreads();
+    const unsigned long long before = inc - v + (wid ? s_wsum[wid - 1] : 0);
+    uint32_t eqb = (uint32_t)before, pos = (uint32_t)(before >> 32) + (eqb < need_eq ? eqb : need_eq);
+    for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
+#pragma unroll
+        for (int j = 0; j < TOPK_KPT; j++)
+            if (a0 + j0 + j < a1) {
+                uint32_t key = TOPK_KEY(j0, j);
+                if (key > T) out[pos++] = (int32_t)(a0 + j0 + j);
+                else if (key == T) {
+                    if (eqb < need_eq) out[pos++] = (int32_t)(a0 + j0 + j);
+                    eqb++;
+                }
+            }
+#undef TOPK_KEY
+}
+
+/* ---- attention (spec §4.4) ---------------------------------------------------- */
+
+/* Split attention (flash-decoding): one K=V row serves every head (MQA), so a
+ * block takes ATT_HG heads and one of up to ATT_SPLITS consecutive slices of
+ * the visible rows, reads each row of its slice once (tiles in shared
+ * memory) and keeps per head a running max, sum and unnormalised output;
+ * k_att_combine merges the slices in ascending order (no atomics: the
+ * result does not depend on scheduling). The grid is fixed (a decode graph
+ * replays at every position); the slice count follows the row count, so a
+ * short context takes fewer, fuller slices and the surplus blocks exit. */
+#define ATT_HG 8               /* heads per block: one warp each (score and softmax), 256 threads */
+#define ATT_SPLITS 48          /* slices per (head group, token): 8 groups × 48 ≈ 3 blocks per SM at H 64 */
+#define ATT_MIN_ROWS 8         /* fewest rows worth a slice */
+#define ATT_TILE_FLOATS 8192   /* row tile: 32 KB of shared memory */
+
+/* Rows token t of a chunk sees: its raw window lo … pos (rows of the chunk,
+ * positions ≥ p0, from kvc, older ones from the ring), then n_comp
+ * compressed rows (the indexer's selection when it chose, else all visible). */
+struct att_span {
+    int64_t pos, p0, lo, nraw, n;
+    const int32_t *sel;
+};
+__device__ __forceinline__ att_span att_rows(const dstep *st0, const dstep *st, int64_t t, uint32_t window, int ratio,
+                                             int64_t topk, const int32_t *selbuf) {
+    att_span a;
+    a.pos = st[t].pos;
+    a.p0 = st0->pos;
+    int64_t n_comp = ratio > 0 ? (a.pos + 1) / ratio : 0;
+    a.sel = NULL;
+    if (ratio == 4 && n_comp > topk) { n_comp = topk; a.sel = selbuf + t * topk; }
+    a.lo = a.pos >= (int64_t)window - 1 ? a.pos - (window - 1) : 0;
+    a.nraw = a.pos - a.lo + 1;
+    a.n = a.nraw + n_comp;
+    return a;
+}
+__device__ __forceinline__ const float4 *att_row(const att_span &a, int64_t r, const float *kvc, const float *raw,
+                                                 uint32_t keep_raw, const float *comp, int hd) {
+    const float *p;
+    if (r < a.nraw) {
+        int64_t ps = a.lo + r;
+        p = ps >= a.p0 ? kvc + (size_t)(ps - a.p0) * hd : raw + (size_t)(ps % keep_raw) * hd;
+    } else {
+        p = comp + (size_t)(a.sel ? a.sel[r - a.nraw] : r - a.nraw) * hd;
+    }
+    return (const float4 *)p;
+}
+/* Slices of a span: ≥ ATT_MIN_ROWS rows each where possible, never empty. */
+__device__ __forceinline__ int att_nsplit(int64_t n, int splits) {
+    int64_t s = (n + ATT_MIN_ROWS - 1) / ATT_MIN_ROWS;
+    return s < 1 ? 1 : s > splits ? splits : (int)s;
+}
+
+/* Grid (head groups, ATT_SPLITS, tokens), 32·ATT_HG threads; dynamic shared
+ * memory tile·hd + ATT_HG·tile + ATT_HG floats, tile = min(32, 8192/hd)
+ * rows; NV = hd/128 float4 per lane per row (a template parameter:
+ * registers for exactly the head_dim, so several blocks fit an SM). With
+ * qeps ≥ 0 the query heads come straight from q_b and each block finishes
+ * its heads first (k_q_heads' unweighted RMSNorm and RoPE on the tail, one
+ * launch less a layer; every slice block of a group derives the same
+ * values). Warp w scores its head h0+w against the tile (q in registers,
+ * rows read as float4 across the warp: head_dim a multiple of 128) and
+ * updates that head's running max m and sum l; then every thread adds the
+ * weighted rows to its (head, 4 columns) outputs. Writes per (token, slice,
+ * head) the unnormalised output to part and (m, l) to ml. */
+template <int NV>
+__global__ void __launch_bounds__(32 * ATT_HG, 3)
+k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint32_t keep_raw, const dstep *st0,
+            const dstep *st, uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk, int H,
+            int rd, const double *freq, float scale, float *part, float *ml) {
+    pdl_wait();
+    extern __shared__ float4 att_sm[];
+    constexpr int hd = 128 * NV, C = 32 * NV, TILE = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
+    float4 *srow = att_sm;   /* TILE × C */
+    float *sp = (float *)(att_sm + TILE * C), *salpha = sp + ATT_HG * TILE;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, h0 = blockIdx.x * ATT_HG, S = gridDim.y;
+    const int64_t t = blockIdx.z;
+    const att_span a = att_rows(st0, st, t, window, ratio, topk, selbuf);
+    const int ns = att_nsplit(a.n, S), s = blockIdx.y;
+    if (s >= ns) return;   /* k_att_combine reads slices < ns only */
+    const int64_t r0 = s * a.n / ns, r1 = (s + 1) * a.n / ns;
+    const int hw = h0 + wid;   /* this warp's head for the scores */
+    float4 qr[NV];
+#pragma unroll
+    for (int i = 0; i < NV; i++)
+        qr[i] = hw < H ? ((const float4 *)(q + (t * H + hw) * (int64_t)hd))[lane + 32 * i]
+                                 : make_float4(0, 0, 0, 0);
+    if (qeps >= 0 && hw < H) {   /* lane's float4 i: elements e … e+3, e = 4·(lane + 32i); rd % 4 = 0 */
+        double ss = 0;
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            ss += (double)qr[i].x * qr[i].x; ss += (double)qr[i].y * qr[i].y;
+            ss += (double)qr[i].z * qr[i].z; ss += (double)qr[i].w * qr[i].w;
+        }
+        const float r = (float)(1.0 / sqrt(warp_sum_d(ss) / (double)hd + qeps));
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            float4 v = qr[i];
+            v.x *= r; v.y *= r; v.z *= r; v.w *= r;
+            const int e = 4 * (lane + 32 * i);
+            if (e >= hd - rd) {   /* two RoPE pairs, k and k + 1 */
+                const int k = (e - (hd - rd)) / 2;
+                double ang = (double)a.pos * freq[k];
+                float c = (float)cos(ang), sn = (float)sin(ang), x0 = v.x, x1 = v.y;
+                v.x = x0 * c - x1 * sn;
+                v.y = x0 * sn + x1 * c;
+                ang = (double)a.pos * freq[k + 1];
+                c = (float)cos(ang); sn = (float)sin(ang); x0 = v.z; x1 = v.w;
+                v.z = x0 * c - x1 * sn;
+                v.w = x0 * sn + x1 * c;
+            }
+            qr[i] = v;
+        }
+    }
+    float m = -INFINITY, l = 0;   /* warp wid's head, the same in every lane */
+    float4 acc[NV];   /* item i: index threadIdx.x + 256·i of ATT_HG × C (exactly NV a thread) → head idx / C, column idx % C */
+#pragma unroll
+    for (int i = 0; i < NV; i++) acc[i] = make_float4(0, 0, 0, 0);
+    for (int64_t rt = r0; rt < r1; rt += TILE) {
+        const int nt = r1 - rt < TILE ? (int)(r1 - rt) : TILE;
+        __syncthreads();   /* the previous tile is consumed */
+        /* warp w copies rows w, w + 8, … (cp.async: every copy in flight at once, no registers) */
+#pragma unroll
+        for (int k = 0; k < TILE / ATT_HG; k++)
+            if (wid + k * ATT_HG < nt) {
+                const float4 *row = att_row(a, rt + wid + k * ATT_HG, kvc, raw, keep_raw, comp, hd);
+#pragma unroll
+                for (int i = 0; i < NV; i++) att_cp16(srow + (wid + k * ATT_HG) * C + lane + 32 * i, row + lane + 32 * i);
+            }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        __syncthreads();
+        if (hw < H) {
+            float sc = -INFINITY;   /* lane rr holds row rr's score */
+            for (int r4 = 0; r4 < nt; r4 += 4) {   /* 4 rows' warp sums interleaved */
+                float d[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float4 *row = srow + (r4 + j) * C;   /* rows ≥ nt: stale, discarded */
+#pragma unroll
+                    for (int i = 0; i < NV; i++) {
+                        float4 x = row[lane + 32 * i];
+                        d[j] = fmaf(x.x, qr[i].x, d[j]); d[j] = fmaf(x.y, qr[i].y, d[j]);
+                        d[j] = fmaf(x.z, qr[i].z, d[j]); d[j] = fmaf(x.w, qr[i].w, d[j]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float e = warp_sum(d[j]) * scale;
+                    if (lane == r4 + j && lane < nt) sc = e;
+                }
+            }
+            float mn = fmaxf(m, warp_max(sc));
+            float p = lane < nt ? expf(sc - mn) : 0.0f;
+            l = l * expf(m - mn) + warp_sum(p);
+            if (!lane) salpha[wid] = expf(m - mn);   /* 0 on the first tile (m = −∞) */
+            m = mn;
+            if (lane < nt) sp[wid * TILE + lane] = p;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            int idx = threadIdx.x + i * 32 * ATT_HG, h = idx / C, c = idx % C;
+            if (h0 + h >= H) continue;
+            float al = salpha[h];
+            float4 v = acc[i];
+            v.x *= al; v.y *= al; v.z *= al; v.w *= al;
+#pragma unroll 4
+            for (int rr = 0; rr < nt; rr++) {
+                float w = sp[h * TILE + rr];
+                float4 x = srow[rr * C + c];
+                v.x = fmaf(w, x.x, v.x); v.y = fmaf(w, x.y, v.y); v.z = fmaf(w, x.z, v.z); v.w = fmaf(w, x.w, v.w);
+            }
+            acc[i] = v;
+        }
+    }
+    const int64_t base = (t * S + s) * H;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        int idx = threadIdx.x + i * 32 * ATT_HG, h = idx / C, c = idx % C;
+        if (h0 + h < H) ((float4 *)(part + (base + h0 + h) * hd))[c] = acc[i];
+    }
+    if (!lane && hw < H) { ml[(base + hw) * 2] = m; ml[(base + hw) * 2 + 1] = l; }
+}
+
+/* Grid (H, tokens), hd/4 threads, hd + 2·splits floats of shared memory:
+ * the slices of (token, head) in ascending order with the head's sink (as
+ * cpu_attend: max over scores and sink, den = e^(sink−M) + Σ l·e^(m−M)),
+ * then inverse RoPE on the tail. The slices' (m, l) are read once into
+ * shared memory, the partial outputs ATT_CB slices at a time (loads in
+ * flight together, not one latency per slice). */
+#define ATT_CB 16
+__global__ void k_att_combine(const float *part, const float *ml, const dstep *st0, const dstep *st, uint32_t window,
+                              int ratio, int64_t topk, const float *sinks, int hd, int rd, const double *freq,
+                              int splits, float *o) {
+    pdl_wait();
+    extern __shared__ float sv[];
+    float *sm = sv + hd, *sl = sm + splits;
+    const int h = blockIdx.x, H = gridDim.x, c = threadIdx.x;
+    const int64_t t = blockIdx.y;
+    const att_span a = att_rows(st0, st, t, window, ratio, topk, NULL);
+    const int ns = att_nsplit(a.n, splits);
+    const int64_t base = t * splits * H + h;   /* slice s of head h: base + s·H */
+    for (int s = c; s < ns; s += blockDim.x) {
+        sm[s] = ml[(base + s * H) * 2];
+        sl[s] = ml[(base + s * H) * 2 + 1];
+    }
+    __syncthreads();
+    float sink = sinks[h], M = sink;
+    for (int s = 0; s < ns; s++) M = fmaxf(M, sm[s]);
+    float den = expf(sink - M);
+    float4 acc = make_float4(0, 0, 0, 0);
+    for (int s0 = 0; s0 < ns; s0 += ATT_CB) {
+        float4 v[ATT_CB];
+#pragma unroll
+        for (int j = 0; j < ATT_CB; j++)
+            if (s0 + j < ns) v[j] = ((const float4 *)(part + (base + (s0 + j) * H) * hd))[c];
+#pragma unroll
+        for (int j = 0; j < ATT_CB; j++)
+            if (s0 + j < ns) {
+                float f = expf(sm[s0 + j] - M);
+                den += sl[s0 + j] * f;
+                acc.x = fmaf(f, v[j].x, acc.x); acc.y = fmaf(f, v[j].y, acc.y);
+                acc.z = fmaf(f, v[j].z, acc.z); acc.w = fmaf(f, v[j].w, acc.w);
+            }
+    }
+    float inv = 1.0f / den;
+    ((float4 *)sv)[c] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+    __syncthreads();
+    blk_rope(sv + hd - rd, rd / 2, freq, a.pos, true);
+    ((float4 *)(o + (t * H + h) * hd))[c] = ((float4 *)sv)[c];
+}
+
+#endif
