@@ -110,6 +110,7 @@ typedef struct {
     /* The real model's shapes have tensor-core chunk kernels (attn.cuh);
      * other shapes (tiny test models) take the generic per-head kernels. */
     bool fast_attn, fast_idx;
+    bool hc_fused;               /* decode's fused HC step fits the shape (hc_fusable) */
     dstep *step, *hstep;         /* device step inputs of a chunk; pinned host copy */
     bool graphs;                 /* capture decode as CUDA graphs (DS4_CUDA_GRAPHS=0: eager) */
     cudaGraphExec_t head_exec;
@@ -304,6 +305,27 @@ static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
     return e ? ds4_errf(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
 }
 
+/* Decode takes the fused HC step (k_hc_step: the previous sublayer's post,
+ * mixer, coefficients, collapse and norm in one launch) where its shape
+ * allows: hc ≤ 4 and a power of two (a warp's Sinkhorn, 3 mixer rows a
+ * warp), F16/F32 mixers, n_embd ≤ HS_MAX_D and a multiple of a block's
+ * positions. The post of a sublayer is then left to the next sublayer's
+ * step (the last layer's FFN launches its own: the head is a separate
+ * graph, and a chunk's head does not follow a decode body). */
+static bool hc_fusable(const gpu_backend *be) {
+    const ds4_hparams *hp = be->hp;
+    int64_t hc = hp->hc_count, kb = hc ? HS_THREADS / hc : 0;
+    if ((hc != 1 && hc != 2 && hc != 4) || hp->n_embd % kb || hp->n_embd > HS_MAX_D) return false;
+    const ds4_model *m = be->m;
+    bool ok = m->out_hc_fn.type == GGML_F16 || m->out_hc_fn.type == GGML_F32;
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        const ds4_layer *L = &m->layers[l];
+        ok = ok && (L->hc_attn_fn.type == GGML_F16 || L->hc_attn_fn.type == GGML_F32) &&
+             (L->hc_ffn_fn.type == GGML_F16 || L->hc_ffn_fn.type == GGML_F32);
+    }
+    return ok;
+}
+
 static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t errlen) {
     const ds4_hparams *hp = &m->hp;
     /* Shape facts the kernels rely on (all true of the real model and tiny). */
@@ -440,6 +462,7 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     g_pdl = !(pdl && !strcmp(pdl, "0"));
     be->fast_attn = hp->n_head == AT_H && hp->head_dim == AT_HD && hp->rope_dim == AT_RD;
     be->fast_idx = hp->idx_n_head == IX_H && hp->idx_head_dim == IX_D;
+    be->hc_fused = hc_fusable(be);
     if (upload_span(be, err, errlen) || repack_weights(be, err, errlen)) { backend_free(be); return NULL; }
     return be;
 }
@@ -812,27 +835,6 @@ static void mul(gpu_backend *be, const ds4_tensor *T, int slot, const float *x, 
 static unsigned nthreads(int64_t n) { return n >= 1024 ? 1024 : (unsigned)((n + 31) / 32 * 32); }
 static dim3 per_tok(int64_t len, int64_t n) { return dim3((unsigned)((len + 255) / 256), (unsigned)n); }
 
-/* Decode takes the fused HC step (k_hc_step: the previous sublayer's post,
- * mixer, coefficients, collapse and norm in one launch) where its shape
- * allows: hc ≤ 4 and a power of two (a warp's Sinkhorn, 3 mixer rows a
- * warp), F16/F32 mixers, n_embd ≤ HS_MAX_D and a multiple of a block's
- * positions. The post of a sublayer is then left to the next sublayer's
- * step (the last layer's FFN launches its own: the head is a separate
- * graph, and a chunk's head does not follow a decode body). */
-static bool hc_fused(const gpu_backend *be) {
-    const ds4_hparams *hp = be->hp;
-    int64_t hc = hp->hc_count, kb = hc ? HS_THREADS / hc : 0;
-    if ((hc != 1 && hc != 2 && hc != 4) || hp->n_embd % kb || hp->n_embd > HS_MAX_D) return false;
-    const ds4_model *m = be->m;
-    bool ok = m->out_hc_fn.type == GGML_F16 || m->out_hc_fn.type == GGML_F32;
-    for (uint32_t l = 0; l < hp->n_layer; l++) {
-        const ds4_layer *L = &m->layers[l];
-        ok = ok && (L->hc_attn_fn.type == GGML_F16 || L->hc_attn_fn.type == GGML_F32) &&
-             (L->hc_ffn_fn.type == GGML_F16 || L->hc_ffn_fn.type == GGML_F32);
-    }
-    return ok;
-}
-
 /* HC collapse of the n states at X, normed by `norm`, into be->nrm
  * (coefficients into be->coef unless head). A chunk computes each token's
  * rms once (k_rms_rows) and its mixer outputs as one product; k_hc_rows
@@ -848,7 +850,7 @@ static void hc_pre(gpu_backend *be, const float *X, int64_t n, const ds4_tensor 
         rms = be->rms;
     }
     mul(be, fn, 0, X, n, be->mix, fn->ne[1]);
-    if (n > 1 && hc_fused(be)) {
+    if (n > 1 && be->hc_fused) {
         launch(k_hc_rows, (unsigned)n, HS_THREADS, 0, be->s, X, d, (int)hp->hc_count,
                (const float *)be->mix, (int)fn->ne[1], rms, DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
                hp->hc_eps, hp->rms_eps, DF(be, norm), head ? NULL : be->coef, be->nrm);
@@ -997,7 +999,7 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     float eps = hp->rms_eps;
     cudaStream_t s = be->s;
 
-    bool fused = n == 1 && hc_fused(be);
+    bool fused = n == 1 && be->hc_fused;
     if (fused) {   /* the previous layer's FFN post (and moe sum) is pending, except before layer 0 */
         const ds4_layer *P = L == be->m->layers ? NULL : L - 1;
         hc_step(be, be->X, &L->hc_attn_fn, &L->hc_attn_scale, &L->hc_attn_base, &L->attn_norm, false,
@@ -1068,7 +1070,7 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     int64_t d = hp->n_embd, E = hp->n_expert, used = hp->n_expert_used, ff = hp->expert_ff;
     int64_t ffs = L->gate_shexp.ne[1];
     cudaStream_t s = be->s;
-    bool fused = n == 1 && hc_fused(be);
+    bool fused = n == 1 && be->hc_fused;
     if (fused) {   /* with the attention's post */
         hc_step(be, be->X, &L->hc_ffn_fn, &L->hc_ffn_scale, &L->hc_ffn_base, &L->ffn_norm, false, &L->hc_attn_scale,
                 &L->hc_attn_base, false);
@@ -1117,7 +1119,7 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
 static void head(gpu_backend *be, const float *X, int64_t n) {
     const ds4_model *m = be->m;
     const ds4_hparams *hp = be->hp;
-    if (n == 1 && hc_fused(be)) {
+    if (n == 1 && be->hc_fused) {
         hc_step(be, (float *)X, &m->out_hc_fn, &m->out_hc_scale, &m->out_hc_base, &m->out_norm, true, NULL, NULL,
                 false);
     } else {
