@@ -265,6 +265,24 @@ __device__ __forceinline__ void rp_x(const float *xx, int64_t p, float4 *xv, flo
     }
 }
 
+/* A warp's NR rows of one row group from their sums (GLU: gate sums, then
+ * up sums; written as swiglu(g, u) · ew[slot] when ew), rows past the end
+ * not written: the store of k_mv_rp and k_mv_sx. */
+template <int NR, bool GLU>
+__device__ __forceinline__ void mv_store(const float *acc, int64_t r0, int64_t rows, float *y, int slot,
+                                         int64_t y_slot, const float *ew, float clamp) {
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        if (r0 + i >= rows) break;
+        float v = acc[i];
+        if (GLU) {
+            v = swiglu(acc[i], acc[NR + i], clamp);
+            if (ew) v *= ew[slot];
+        }
+        y[slot * y_slot + r0 + i] = v;
+    }
+}
+
 /* y[slot·y_slot + r] for NR consecutive rows per warp, which share each x
  * load. GLU: W2 is the up matrix of the same shape; the warp computes gate
  * and up rows together and writes swiglu(g, u) · (ew ? ew[slot] : 1), so the
@@ -316,16 +334,7 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
     if (lane) return;
-#pragma unroll
-    for (int i = 0; i < NR; i++) {
-        if (r0 + i >= rows) break;
-        float v = acc[i];
-        if (GLU) {
-            v = swiglu(acc[i], acc[NR + i], clamp);
-            if (ew) v *= ew[slot];
-        }
-        y[slot * y_slot + r0 + i] = v;
-    }
+    mv_store<NR, GLU>(acc, r0, rows, y, slot, y_slot, ew, clamp);
 }
 
 /* ---- matvec with x in shared memory, persistent warps ----------------------------
@@ -523,18 +532,7 @@ k_mv_sx(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
             /* the row group is complete */
 #pragma unroll
             for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
-            if (!lane) {
-#pragma unroll
-                for (int i = 0; i < NR; i++) {
-                    if (r0 + i >= rows) break;
-                    float v = acc[i];
-                    if (GLU) {
-                        v = swiglu(acc[i], acc[NR + i], clamp);
-                        if (ew) v *= ew[slot];
-                    }
-                    y[slot * y_slot + r0 + i] = v;
-                }
-            }
+            if (!lane) mv_store<NR, GLU>(acc, r0, rows, y, slot, y_slot, ew, clamp);
 #pragma unroll
             for (int i = 0; i < M; i++) acc[i] = 0;
             j = 0;
