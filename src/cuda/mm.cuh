@@ -49,21 +49,11 @@ enum { MM_DENSE, MM_GLU, MM_DOWN };
 
 /* ---- activations ---------------------------------------------------------------- */
 
-/* One block per row: max |x|, then x · 2^(14−E) in f16 where max = f·2^E,
- * f ∈ [0.5, 1). Rows below 2^-100 count as zero (their scale would leave
- * f32); a non-finite value makes xs NaN, so the products show it. */
-__global__ void k_mm_prep(const float *__restrict__ x, int64_t ldx, int64_t K, __half *__restrict__ xh,
-                          float *__restrict__ xs) {
-    __shared__ float sm[32];
-    __shared__ int sbad[32];
-    const float *row = x + blockIdx.x * ldx;
-    float m = 0;
-    int bad = 0;
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        float a = fabsf(row[k]);
-        bad |= !(a <= 3.4e38f);
-        m = fmaxf(m, a);
-    }
+/* A row's scale from each thread's partial max |x| and non-finite flag:
+ * the block's max and flag (through sm, sbad: 32 each), then
+ * sc = 2^(14−E) with max = f·2^E, f ∈ [0.5, 1), or 0 when the row is below
+ * 2^-100 or bad; E and the block's flag come back for xs. */
+__device__ __forceinline__ float prep_scale(float m, int bad, float *sm, int *sbad, int *Ep, int *badp) {
     m = warp_max(m);
     bad = __any_sync(0xffffffffu, bad);
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -86,6 +76,28 @@ __global__ void k_mm_prep(const float *__restrict__ x, int64_t ldx, int64_t K, _
         frexpf(m, &E);
         sc = ldexpf(1.0f, 14 - E);
     }
+    *badp = bad;
+    *Ep = E;
+    return sc;
+}
+
+/* One block per row: max |x|, then x · 2^(14−E) in f16 where max = f·2^E,
+ * f ∈ [0.5, 1). Rows below 2^-100 count as zero (their scale would leave
+ * f32); a non-finite value makes xs NaN, so the products show it. */
+__global__ void k_mm_prep(const float *__restrict__ x, int64_t ldx, int64_t K, __half *__restrict__ xh,
+                          float *__restrict__ xs) {
+    __shared__ float sm[32];
+    __shared__ int sbad[32];
+    const float *row = x + blockIdx.x * ldx;
+    float m = 0;
+    int bad = 0;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        float a = fabsf(row[k]);
+        bad |= !(a <= 3.4e38f);
+        m = fmaxf(m, a);
+    }
+    int E;
+    float sc = prep_scale(m, bad, sm, sbad, &E, &bad);
     __half *out = xh + blockIdx.x * K;
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) out[k] = __float2half_rn(row[k] * sc);
     if (!threadIdx.x) xs[blockIdx.x] = bad ? __int_as_float(0x7fc00000) : sc > 0 ? ldexpf(1.0f, E - 14) : 0.0f;
@@ -112,28 +124,8 @@ __global__ void __launch_bounds__(1024) k_mm_prep_r(const float *__restrict__ x,
         bad |= !(a <= 3.4e38f) | !(b <= 3.4e38f) | !(c <= 3.4e38f) | !(d <= 3.4e38f);   /* fmaxf drops NaN */
         m = fmaxf(m, fmaxf(fmaxf(a, b), fmaxf(c, d)));
     }
-    m = warp_max(m);
-    bad = __any_sync(0xffffffffu, bad);
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    if (!lane) { sm[wid] = m; sbad[wid] = bad; }
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        int nw = blockDim.x >> 5;
-        m = lane < nw ? sm[lane] : 0.0f;
-        bad = lane < nw ? sbad[lane] : 0;
-        m = warp_max(m);
-        bad = __any_sync(0xffffffffu, bad);
-        if (!lane) { sm[0] = m; sbad[0] = bad; }
-    }
-    __syncthreads();
-    m = sm[0];
-    bad = sbad[0];
-    int E = 0;
-    float sc = 0;
-    if (!bad && m >= 0x1p-100f) {
-        frexpf(m, &E);
-        sc = ldexpf(1.0f, 14 - E);
-    }
+    int E;
+    float sc = prep_scale(m, bad, sm, sbad, &E, &bad);
     __half2 *out = (__half2 *)(xh + blockIdx.x * K);
 #pragma unroll
     for (int i = 0; i < NV; i++) {
