@@ -111,6 +111,16 @@ n = len(steps)
 m = [sum(x[i] for x in steps) / n / 1e3 for i in range(4)]
 print("nsys PDL=%s: %d steps, %.0f kernels a step: wall %.1f us, kernels busy %.1f us (idle %.1f), sum of kernel durations %.1f us, copies %.1f us"
       % (sys.argv[2], n, steps[0][4], m[0], m[1], m[0] - m[1], m[2], m[3]))
+# Per kernel name, a step's share (PDL off: a duration is the kernel's own run).
+if sys.argv[2] == "0":
+    per = {}
+    for s, d, nm in ev:
+        if starts[5] <= s < starts[-1] and not nm.startswith("["):
+            k = nm.split("(")[0].split("<")[0]
+            c, t = per.get(k, (0, 0)); per[k] = (c + 1, t + d)
+    tot = sum(t for c, t in per.values())
+    for k, (c, t) in sorted(per.items(), key=lambda x: -x[1][1]):
+        print("  %-28s %6.1f a step %8.1f us a step %6.2f us each %5.1f %%" % (k, c / n, t / n / 1e3, t / c / 1e3, 100.0 * t / tot))
 PY
         done ;;
     esac
