@@ -14,6 +14,43 @@ static double urand(void) {
     return (double)(rs >> 11) * 0x1.0p-53;
 }
 
+/* Greedy over vocabularies wider than the argmax's 8 lanes: ties across
+ * lanes and the tail, NaN anywhere, every value −inf or NaN; against the
+ * plain definition (lowest id of the largest non-NaN value). */
+static int32_t ref_argmax(const float *l, uint32_t n) {
+    int32_t best = -1;
+    for (uint32_t i = 0; i < n; i++)
+        if (!isnan(l[i]) && (best < 0 || l[i] > l[best])) best = (int32_t)i;
+    return best < 0 ? 0 : best;
+}
+
+static void test_greedy_wide(void) {
+    enum { N = 1003 };   /* 125 lanes-wide steps and a tail of 3 */
+    static float l[N];
+    ds4_sampling sp = {.temperature = 0, .top_p = 1, .seed = 1};
+    ds4_sampler *s = ds4_sampler_new(&sp, N);
+    REQUIRE(s, "sampler");
+    uint32_t x = 12345;
+    int bad = 0;
+    for (int trial = 0; trial < 200; trial++) {
+        for (int i = 0; i < N; i++) {
+            x = x * 1664525u + 1013904223u;
+            l[i] = (float)(x >> 24) / 16.0f;   /* 256 levels: many ties */
+            if ((x & 0xff) < 3) l[i] = NAN;
+            if (trial % 7 == 0 && (x & 0x3ff) < 2) l[i] = INFINITY;
+        }
+        if (trial % 5 == 1) l[N - 1] = 1000.0f;   /* the max in the tail */
+        if (ds4_sample(s, l, true) != ref_argmax(l, N)) bad++;
+    }
+    CHECK(bad == 0, "wide argmax == reference (%d of 200 differ)", bad);
+    for (int i = 0; i < N; i++) l[i] = NAN;
+    CHECK(ds4_sample(s, l, true) == 0, "all NaN: id 0");
+    l[700] = -INFINITY;
+    l[900] = -INFINITY;
+    CHECK(ds4_sample(s, l, true) == 700, "NaN and -inf: the first -inf");
+    ds4_sampler_free(s);
+}
+
 static void test_greedy_ties_and_nan(void) {
     float l[] = {1, 3, 3, 2};
     ds4_sampling sp = {.temperature = 0, .top_p = 1, .seed = 1};
@@ -204,6 +241,7 @@ static void test_top_logprobs(void) {
 
 int main(void) {
     RUN(test_greedy_ties_and_nan);
+    RUN(test_greedy_wide);
     RUN(test_defaults);
     RUN(test_seeded_determinism);
     RUN(test_distributions);
