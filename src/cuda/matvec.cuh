@@ -283,31 +283,65 @@ __device__ __forceinline__ void mv_store(const float *acc, int64_t r0, int64_t r
     }
 }
 
+/* Bulk prefetch of bytes [p, p + n) into L2 (sm_90: one instruction a
+ * range, no registers held; p and n multiples of 16). */
+__device__ __forceinline__ void l2_prefetch(const uint8_t *p, uint64_t n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (n) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"((uint32_t)n) : "memory");
+#endif
+}
+
 /* y[slot·y_slot + r] for NR consecutive rows per warp, which share each x
  * load. GLU: W2 is the up matrix of the same shape; the warp computes gate
  * and up rows together and writes swiglu(g, u) · (ew ? ew[slot] : 1), so the
  * pair takes one launch and no separate swiglu pass. eid/estride/x_slot and
  * x grouping (xg_rows, a multiple of NR) as k_matvec. Rows past the end
- * repeat the last row (loads stay in bounds) and are not written. */
-template <int F, int NR, bool GLU>
+ * repeat the last row (loads stay in bounds) and are not written.
+ * KS warps share a row group (split-K: warp kw takes pieces lane + 32·(kw +
+ * KS·j)), their sums added in warp order through shared memory (fixed
+ * order: deterministic): KS× the blocks, each with KS× fewer bytes.
+ * pf (ignored with eid): before pdl_wait each row group's weights (payload
+ * and headers, contiguous for NR consecutive rows) are prefetched into L2 —
+ * they are constants, so under programmatic launch the resident blocks
+ * stream them while the previous kernel still runs (q_b behind k_qa_kv's two
+ * blocks), and each block has its whole share in flight at once instead of
+ * UNR pieces a lane. The launcher asks for it only where a wave's share
+ * stays in L2 until read (launch_rpf). */
+template <int F, int NR, bool GLU, int KS>
 __global__ void __launch_bounds__(32 * MV_WARPS)
 k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
         const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
         const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot,
-        const float *__restrict__ ew, float clamp) {
-    pdl_wait();
+        const float *__restrict__ ew, float clamp, bool pf) {
+    static_assert(KS == 1 || (MV_WARPS % KS == 0 && MV_WARPS / KS <= 2), "split-K row groups a block: named barriers 1, 2");
     typedef rp_fmt<F> fm;
     constexpr int M = GLU ? 2 * NR : NR;
+    const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, grp = warp / KS, kw = warp % KS;
+    const int64_t r0 = ((int64_t)blockIdx.x * (MV_WARPS / KS) + grp) * NR;
+    const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
+    if (pf && !eid && !kw && !lane && r0 < rows) {
+        const int64_t n = rows - r0 < NR ? rows - r0 : NR;
+        /* headers: rounded out to 16 bytes, inside the matrix's header area */
+        const uint64_t h0 = (uint64_t)(rows * nb * fm::PAY + r0 * nb * fm::HL) & ~(uint64_t)15;
+        const uint64_t hend = (uint64_t)(rows * nb * (fm::PAY + fm::HL)) & ~(uint64_t)15;
+        uint64_t h1 = ((uint64_t)(rows * nb * fm::PAY + (r0 + n) * nb * fm::HL) + 15) & ~(uint64_t)15;
+        h1 = h1 < hend ? h1 : hend;
+#pragma unroll
+        for (int m = 0; m < (GLU ? 2 : 1); m++) {
+            const uint8_t *mat = m ? W2 : W;
+            l2_prefetch(mat + r0 * nb * fm::PAY, (uint64_t)(n * nb * fm::PAY));
+            if (h1 > h0) l2_prefetch(mat + h0, h1 - h0);
+        }
+    }
+    pdl_wait();
     __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
+    __shared__ float red[KS > 1 ? MV_WARPS * M : 1];
     if (F == RP_IQ2) {   /* the 2 KB grid in shared memory: random 8-byte gathers */
         for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
         __syncthreads();
     }
-    int slot = blockIdx.y, lane = threadIdx.x & 31;
-    int64_t r0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NR;
-    if (r0 >= rows) return;
+    if (r0 >= rows) return;   /* the whole row group: its KS warps leave together */
     uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
-    const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
     const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
     const uint8_t *pl[M], *hd[M];
 #pragma unroll
@@ -324,7 +358,7 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
      * warp, as on the 512–1024-row attention inputs: those warps are few). */
     constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
 #pragma unroll UNR
-    for (int64_t p = lane; p < np; p += 32) {
+    for (int64_t p = lane + 32 * kw; p < np; p += 32 * KS) {
         float4 xv[fm::EP / 4];
         float sx[4];
         rp_x<F>(xx, p, xv, sx);
@@ -333,6 +367,19 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     }
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
+    if (KS > 1) {   /* the group's warps in order, on its own named barrier (1 + grp: another group may have left) */
+        if (!lane)
+#pragma unroll
+            for (int i = 0; i < M; i++) red[warp * M + i] = acc[i];
+        if (grp) asm volatile("bar.sync 2, %0;" ::"n"(32 * KS) : "memory");
+        else asm volatile("bar.sync 1, %0;" ::"n"(32 * KS) : "memory");
+        if (kw) return;
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            acc[i] = red[warp * M + i];
+            for (int w = 1; w < KS; w++) acc[i] += red[(warp + w) * M + i];
+        }
+    }
     if (lane) return;
     mv_store<NR, GLU>(acc, r0, rows, y, slot, y_slot, ew, clamp);
 }
