@@ -696,10 +696,11 @@ __global__ void k_att_combine(const float *part, const float *ml, const dstep *s
     float den = expf(sink - M);
     float4 acc = make_float4(0, 0, 0, 0);
     for (int s0 = 0; s0 < ns; s0 += ATT_CB) {
-        if (s0)
+        if (s0) {   /* the first ATT_CB came with (m, l) */
 #pragma unroll
             for (int j = 0; j < ATT_CB; j++)
                 if (s0 + j < ns) v[j] = ((const float4 *)(part + (base + (s0 + j) * H) * hd))[c];
+        }
 #pragma unroll
         for (int j = 0; j < ATT_CB; j++)
             if (s0 + j < ns) {

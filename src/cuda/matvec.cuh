@@ -193,19 +193,22 @@ __device__ __forceinline__ float dot8_iq2(uint64_t g, uint32_t s7, float4 a, flo
     return fmaf(__int_as_float(prmt(hi, sh, 0x7BB3u)), b.w, s);
 }
 
+/* A Q8_0 piece (16 quants w, the f16 bits h of their block's scale) · xv[0 … 3]. */
+__device__ __forceinline__ float q8_piece(uint4 w, unsigned short h, const float4 *xv) {
+    float s = dot4_i8(w.x, xv[0], 0.0f);
+    s = dot4_i8(w.y, xv[1], s);
+    s = dot4_i8(w.z, xv[2], s);
+    s = dot4_i8(w.w, xv[3], s);
+    return __half2float(__ushort_as_half(h)) * s;
+}
+
 /* Piece p of one row · its x piece xv (EP/4 float4). pl, hd: the row's
  * payload and headers. sx (Q2_K): Σ of each 16-weight run of xv. */
 template <int F>
 __device__ __forceinline__ float rp_piece(const uint8_t *pl, const uint8_t *hd, int64_t p, const float4 *xv,
                                           const float *sx, const uint64_t *grid) {
     if constexpr (F == RP_Q8) {
-        uint4 w = ((const uint4 *)pl)[p];
-        float d = __half2float(((const __half *)hd)[p >> 1]);
-        float s = dot4_i8(w.x, xv[0], 0.0f);
-        s = dot4_i8(w.y, xv[1], s);
-        s = dot4_i8(w.z, xv[2], s);
-        s = dot4_i8(w.w, xv[3], s);
-        return d * s;
+        return q8_piece(((const uint4 *)pl)[p], ((const unsigned short *)hd)[p >> 1], xv);
     } else if constexpr (F == RP_IQ2) {
         uint4 w = ((const uint4 *)pl)[p];   /* groups 2(p&3), 2(p&3)+1: (indices, signs|scale) each */
         float d = __half2float(((const __half *)hd)[p >> 2]), acc = 0;
@@ -333,16 +336,8 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
             if (h1 > h0) l2_prefetch(mat + h0, h1 - h0);
         }
     }
-    pdl_wait();
-    __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
-    __shared__ float red[KS > 1 ? MV_WARPS * M : 1];
-    if (F == RP_IQ2) {   /* the 2 KB grid in shared memory: random 8-byte gathers */
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
-        __syncthreads();
-    }
-    if (r0 >= rows) return;   /* the whole row group: its KS warps leave together */
-    uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
-    const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
+    if (eid) pdl_wait();   /* the expert ids are the router's output */
+    const uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
     const uint8_t *pl[M], *hd[M];
 #pragma unroll
     for (int i = 0; i < M; i++) {
@@ -351,14 +346,59 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         pl[i] = mat + r * nb * fm::PAY;
         hd[i] = mat + rows * nb * fm::PAY + r * nb * fm::HL;
     }
+    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
+     * warp, as on the 512–1024-row attention inputs: those warps are few).
+     * Without pf the first UNR pieces of each row are loaded into registers
+     * here, before the wait when there are no expert ids: a one-wave grid
+     * (attn_output_a behind the attention combine) then has a quarter of its
+     * bytes on the way while the previous kernel runs, and nothing more is
+     * held than the unrolled loop holds anyway. */
+    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
+    const bool pre = F == RP_Q8 && !pf && r0 < rows;
+    uint4 wq[F == RP_Q8 ? UNR : 1][M];
+    unsigned short wh[F == RP_Q8 ? UNR : 1][M];
+    if constexpr (F == RP_Q8) {
+        if (pre) {
+#pragma unroll
+            for (int u = 0; u < UNR; u++) {
+                const int64_t p = lane + 32 * (kw + KS * u);
+                if (p < np)
+#pragma unroll
+                    for (int i = 0; i < M; i++) {
+                        wq[u][i] = ((const uint4 *)pl[i])[p];
+                        wh[u][i] = ((const unsigned short *)hd[i])[p >> 1];
+                    }
+            }
+        }
+    }
+    if (!eid) pdl_wait();
+    __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
+    __shared__ float red[KS > 1 ? MV_WARPS * M : 1];
+    if (F == RP_IQ2) {   /* the 2 KB grid in shared memory: random 8-byte gathers */
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
+        __syncthreads();
+    }
+    if (r0 >= rows) return;   /* the whole row group: its KS warps leave together */
+    const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0;
-    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
-     * warp, as on the 512–1024-row attention inputs: those warps are few). */
-    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
+    int64_t p = lane + 32 * kw;
+    if constexpr (F == RP_Q8) {
+        if (pre) {   /* the preloaded pieces first: the loop's order */
+#pragma unroll
+            for (int u = 0; u < UNR; u++, p += 32 * KS)
+                if (p < np) {
+                    float4 xv[4];
+                    float sx[4];
+                    rp_x<F>(xx, p, xv, sx);
+#pragma unroll
+                    for (int i = 0; i < M; i++) acc[i] += q8_piece(wq[u][i], wh[u][i], xv);
+                }
+        }
+    }
 #pragma unroll UNR
-    for (int64_t p = lane + 32 * kw; p < np; p += 32 * KS) {
+    for (; p < np; p += 32 * KS) {
         float4 xv[fm::EP / 4];
         float sx[4];
         rp_x<F>(xx, p, xv, sx);
