@@ -54,42 +54,51 @@ __global__ void k_q_heads(float *q, int H, int hd, int rd, const double *freq, c
     }
 }
 
-/* A K=V row at pos by one block (in place): weighted RMSNorm, RoPE, FP8 on
- * the non-RoPE part, f16 rounding; also written into the raw-ring slot when
- * ring is given (the caller knows whether the chunk is short enough that no
- * slot it overwrites is still read by its tokens). sv: hd floats, shared. */
-__device__ void kv_row_block(float *kv, const float *w, int hd, int rd, const double *freq, int64_t pos, float eps,
-                             float *ring, uint32_t keep, float *sv, double *shd) {
+/* The attention's two single-vector norms of the chunk in one launch (grid
+ * 2n; a block a multiple of 32 threads, ≥ hd/4 for blk_fp8 and ≥ rd/2):
+ * block t < n the q_a row of token t (k_rmsnorm's arithmetic, in place),
+ * block n + t its K=V row, in place: weighted RMSNorm, RoPE (blk_rope's
+ * arithmetic; thread k rotates pair k with its angle computed before
+ * pdl_wait — positions are step inputs, not the previous kernel's output),
+ * FP8 on the non-RoPE part, f16 rounding; also written into the raw-ring
+ * slot when ring is given (the caller knows whether the chunk is short
+ * enough that no slot it overwrites is still read by its tokens). Each was a
+ * launch of one block a token: a few µs of one SM in decode. Dynamic shared
+ * memory: hd floats. */
+__global__ void k_qa_kv(float *qa, const float *qw, int ql, float *kv, const float *kw, int hd, int rd,
+                        const double *freq, const dstep *st, float eps, float *ring, uint32_t keep, int n) {
+    extern __shared__ float sv[];
+    __shared__ double shd[32];
+    int64_t t = (int64_t)blockIdx.x - n;   /* ≥ 0: a K=V row */
+    float c = 1, sn = 0;
+    if (t >= 0 && (int)threadIdx.x < rd / 2) {
+        double ang = (double)st[t].pos * freq[threadIdx.x];
+        c = (float)cos(ang);
+        sn = (float)sin(ang);
+    }
+    pdl_wait();
+    if (t < 0) {
+        t = blockIdx.x;
+        rmsnorm_vec(qa + t * ql, qw, ql, eps, qa + t * ql, shd);
+        return;
+    }
+    kv += t * hd;
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
     __syncthreads();
-    blk_rmsnorm(sv, hd, w, eps, shd);
-    blk_rope(sv + hd - rd, rd / 2, freq, pos, false);
+    blk_rmsnorm(sv, hd, kw, eps, shd);
+    if ((int)threadIdx.x < rd / 2) {
+        float *x = sv + hd - rd + 2 * threadIdx.x, x0 = x[0], x1 = x[1];
+        x[0] = x0 * c - x1 * sn;
+        x[1] = x0 * sn + x1 * c;
+    }
+    __syncthreads();
     if (d_qat) blk_fp8(sv, hd - rd);
-    float *out = ring ? ring + (size_t)(pos % keep) * hd : NULL;
+    float *out = ring ? ring + (size_t)(st[t].pos % keep) * hd : NULL;
     for (int k = threadIdx.x; k < hd; k += blockDim.x) {
         float v = d_qat ? round_f16(sv[k]) : sv[k];
         kv[k] = v;
         if (out) out[k] = v;
     }
-}
-
-/* The attention's two single-vector norms of the chunk in one launch (grid
- * 2n; a block a multiple of 32 threads, ≥ hd/4 for blk_fp8): block t < n
- * the q_a row of token t (k_rmsnorm's arithmetic, in place), block n + t
- * its K=V row (kv_row_block). Each was a launch of one block a token: a few
- * µs of one SM in decode. Dynamic shared memory: hd floats. */
-__global__ void k_qa_kv(float *qa, const float *qw, int ql, float *kv, const float *kw, int hd, int rd,
-                        const double *freq, const dstep *st, float eps, float *ring, uint32_t keep, int n) {
-    pdl_wait();
-    extern __shared__ float sv[];
-    __shared__ double shd[32];
-    int64_t t = blockIdx.x;
-    if (t < n) {
-        rmsnorm_vec(qa + t * ql, qw, ql, eps, qa + t * ql, shd);
-        return;
-    }
-    t -= n;
-    kv_row_block(kv + t * hd, kw, hd, rd, freq, st[t].pos, eps, ring, keep, sv, shd);
 }
 
 /* Raw-ring store of the chunk's last min(T, keep) rows after its attention
@@ -504,14 +513,21 @@ __device__ __forceinline__ int att_nsplit(int64_t n, int splits) {
  * rows read as float4 across the warp: head_dim a multiple of 128) and
  * updates that head's running max m and sum l; then every thread adds the
  * weighted rows to its (head, 4 columns) outputs. Writes per (token, slice,
- * head) the unnormalised output to part and (m, l) to ml. */
+ * head) the unnormalised output to part and (m, l) to ml.
+ * Before pdl_wait (under programmatic launch: while q_b still runs) a block
+ * derives its span and the query RoPE angles (step inputs) and starts the
+ * copy of its first tile when that tile is raw-window rows only: those were
+ * written by k_qa_kv (or earlier chunks), ≥ 2 launches back, and a kernel
+ * starts only after its predecessor passed its own wait, i.e. after the
+ * launch before that completed. Compressed rows and the indexer's
+ * selection come from the immediate predecessor: after the wait. */
 template <int NV>
 __global__ void __launch_bounds__(32 * ATT_HG, 3)
 k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint32_t keep_raw, const dstep *st0,
             const dstep *st, uint32_t window, const float *comp, const int32_t *selbuf, int ratio, int64_t topk, int H,
             int rd, const double *freq, float scale, float *part, float *ml) {
-    pdl_wait();
     extern __shared__ float4 att_sm[];
+    __shared__ float2 qcs[64 * NV];   /* (cos, sin) of the query's RoPE pair k (rd/2 ≤ hd/2 pairs) */
     constexpr int hd = 128 * NV, C = 32 * NV, TILE = ATT_TILE_FLOATS / hd < 32 ? ATT_TILE_FLOATS / hd : 32;
     float4 *srow = att_sm;   /* TILE × C */
     float *sp = (float *)(att_sm + TILE * C), *salpha = sp + ATT_HG * TILE;
@@ -519,8 +535,28 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
     const int64_t t = blockIdx.z;
     const att_span a = att_rows(st0, st, t, window, ratio, topk, selbuf);
     const int ns = att_nsplit(a.n, S), s = blockIdx.y;
-    if (s >= ns) return;   /* k_att_combine reads slices < ns only */
     const int64_t r0 = s * a.n / ns, r1 = (s + 1) * a.n / ns;
+    /* warp w copies rows w, w + 8, … of a tile (cp.async: every copy in flight at once, no registers) */
+    auto copy_tile = [&](int64_t rt, int nt) {
+#pragma unroll
+        for (int k = 0; k < TILE / ATT_HG; k++)
+            if (wid + k * ATT_HG < nt) {
+                const float4 *row = att_row(a, rt + wid + k * ATT_HG, kvc, raw, keep_raw, comp, hd);
+#pragma unroll
+                for (int i = 0; i < NV; i++) att_cp16(srow + (wid + k * ATT_HG) * C + lane + 32 * i, row + lane + 32 * i);
+            }
+    };
+    const int nt0 = r1 - r0 < TILE ? (int)(r1 - r0) : TILE;
+    const bool early = s < ns && r0 + nt0 <= a.nraw;
+    if (early) copy_tile(r0, nt0);
+    if (qeps >= 0 && s < ns)
+        for (int k = threadIdx.x; k < rd / 2; k += blockDim.x) {
+            double ang = (double)a.pos * freq[k];
+            qcs[k] = make_float2((float)cos(ang), (float)sin(ang));
+        }
+    pdl_wait();
+    if (s >= ns) return;   /* k_att_combine reads slices < ns only */
+    __syncthreads();       /* qcs */
     const int hw = h0 + wid;   /* this warp's head for the scores */
     float4 qr[NV];
 #pragma unroll
@@ -542,14 +578,14 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
             const int e = 4 * (lane + 32 * i);
             if (e >= hd - rd) {   /* two RoPE pairs, k and k + 1 */
                 const int k = (e - (hd - rd)) / 2;
-                double ang = (double)a.pos * freq[k];
-                float c = (float)cos(ang), sn = (float)sin(ang), x0 = v.x, x1 = v.y;
-                v.x = x0 * c - x1 * sn;
-                v.y = x0 * sn + x1 * c;
-                ang = (double)a.pos * freq[k + 1];
-                c = (float)cos(ang); sn = (float)sin(ang); x0 = v.z; x1 = v.w;
-                v.z = x0 * c - x1 * sn;
-                v.w = x0 * sn + x1 * c;
+                float2 cs = qcs[k];
+                float x0 = v.x, x1 = v.y;
+                v.x = x0 * cs.x - x1 * cs.y;
+                v.y = x0 * cs.y + x1 * cs.x;
+                cs = qcs[k + 1];
+                x0 = v.z; x1 = v.w;
+                v.z = x0 * cs.x - x1 * cs.y;
+                v.w = x0 * cs.y + x1 * cs.x;
             }
             qr[i] = v;
         }
@@ -561,14 +597,7 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
     for (int64_t rt = r0; rt < r1; rt += TILE) {
         const int nt = r1 - rt < TILE ? (int)(r1 - rt) : TILE;
         __syncthreads();   /* the previous tile is consumed */
-        /* warp w copies rows w, w + 8, … (cp.async: every copy in flight at once, no registers) */
-#pragma unroll
-        for (int k = 0; k < TILE / ATT_HG; k++)
-            if (wid + k * ATT_HG < nt) {
-                const float4 *row = att_row(a, rt + wid + k * ATT_HG, kvc, raw, keep_raw, comp, hd);
-#pragma unroll
-                for (int i = 0; i < NV; i++) att_cp16(srow + (wid + k * ATT_HG) * C + lane + 32 * i, row + lane + 32 * i);
-            }
+        if (!early || rt != r0) copy_tile(rt, nt);
         asm volatile("cp.async.wait_all;\n" ::: "memory");
         __syncthreads();
         if (hw < H) {
@@ -624,38 +653,54 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
     if (!lane && hw < H) { ml[(base + hw) * 2] = m; ml[(base + hw) * 2 + 1] = l; }
 }
 
-/* Grid (H, tokens), hd/4 threads, hd + 2·splits floats of shared memory:
- * the slices of (token, head) in ascending order with the head's sink (as
+/* Grid (H, tokens), hd/4 threads, 2·splits floats of shared memory: the
+ * slices of (token, head) in ascending order with the head's sink (as
  * cpu_attend: max over scores and sink, den = e^(sink−M) + Σ l·e^(m−M)),
- * then inverse RoPE on the tail. The slices' (m, l) are read once into
- * shared memory, the partial outputs ATT_CB slices at a time (loads in
- * flight together, not one latency per slice). */
+ * then inverse RoPE on the tail (blk_rope's arithmetic: rd % 4 = 0, so
+ * thread c's float4 holds whole pairs). The span, the sink and the RoPE
+ * angles come before pdl_wait (step inputs and weights); after it the first
+ * ATT_CB slices' partial outputs are loaded together with the slices'
+ * (m, l), one round trip instead of two. */
 #define ATT_CB 16
 __global__ void k_att_combine(const float *part, const float *ml, const dstep *st0, const dstep *st, uint32_t window,
                               int ratio, int64_t topk, const float *sinks, int hd, int rd, const double *freq,
                               int splits, float *o) {
-    pdl_wait();
     extern __shared__ float sv[];
-    float *sm = sv + hd, *sl = sm + splits;
+    float *sm = sv, *sl = sm + splits;
     const int h = blockIdx.x, H = gridDim.x, c = threadIdx.x;
     const int64_t t = blockIdx.y;
     const att_span a = att_rows(st0, st, t, window, ratio, topk, NULL);
     const int ns = att_nsplit(a.n, splits);
     const int64_t base = t * splits * H + h;   /* slice s of head h: base + s·H */
+    const float sink = sinks[h];
+    const int e = 4 * c - (hd - rd);   /* ≥ 0: pairs e/2, e/2 + 1 of the tail */
+    float c0 = 1, sn0 = 0, c1 = 1, sn1 = 0;
+    if (e >= 0) {
+        double ang = -((double)a.pos * freq[e / 2]);
+        c0 = (float)cos(ang); sn0 = (float)sin(ang);
+        ang = -((double)a.pos * freq[e / 2 + 1]);
+        c1 = (float)cos(ang); sn1 = (float)sin(ang);
+    }
+    pdl_wait();
+    float4 v[ATT_CB];
+#pragma unroll
+    for (int j = 0; j < ATT_CB; j++)
+        if (j < ns) v[j] = ((const float4 *)(part + (base + j * H) * hd))[c];
     for (int s = c; s < ns; s += blockDim.x) {
         sm[s] = ml[(base + s * H) * 2];
         sl[s] = ml[(base + s * H) * 2 + 1];
     }
     __syncthreads();
-    float sink = sinks[h], M = sink;
+    float M = sink;
     for (int s = 0; s < ns; s++) M = fmaxf(M, sm[s]);
     float den = expf(sink - M);
     float4 acc = make_float4(0, 0, 0, 0);
     for (int s0 = 0; s0 < ns; s0 += ATT_CB) {
-        float4 v[ATT_CB];
+        if (s0) {   /* the first ATT_CB came with (m, l) */
 #pragma unroll
-        for (int j = 0; j < ATT_CB; j++)
-            if (s0 + j < ns) v[j] = ((const float4 *)(part + (base + (s0 + j) * H) * hd))[c];
+            for (int j = 0; j < ATT_CB; j++)
+                if (s0 + j < ns) v[j] = ((const float4 *)(part + (base + (s0 + j) * H) * hd))[c];
+        }
 #pragma unroll
         for (int j = 0; j < ATT_CB; j++)
             if (s0 + j < ns) {
@@ -666,10 +711,16 @@ __global__ void k_att_combine(const float *part, const float *ml, const dstep *s
             }
     }
     float inv = 1.0f / den;
-    ((float4 *)sv)[c] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-    __syncthreads();
-    blk_rope(sv + hd - rd, rd / 2, freq, a.pos, true);
-    ((float4 *)(o + (t * H + h) * hd))[c] = ((float4 *)sv)[c];
+    float4 r = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+    if (e >= 0) {
+        float x0 = r.x, x1 = r.y;
+        r.x = x0 * c0 - x1 * sn0;
+        r.y = x0 * sn0 + x1 * c0;
+        x0 = r.z; x1 = r.w;
+        r.z = x0 * c1 - x1 * sn1;
+        r.w = x0 * sn1 + x1 * c1;
+    }
+    ((float4 *)(o + (t * H + h) * hd))[c] = r;
 }
 
 #endif

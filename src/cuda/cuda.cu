@@ -667,10 +667,21 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
  * Otherwise k_mv_rp (the large Q8_0 matrices, grouped x): rows per warp 4
  * where the grid still has ≥ 1024 warps, fewer below, 2 for GLU pairs;
  * xg_rows must stay a multiple of the rows per warp (a warp's rows share one
- * x). nr forces a kernel and its rows per warp (ds4_cuda_mv_bench: 1, 2, 4 =
- * k_mv_rp, −1, −2, −4 = k_mv_sx, GLU up to 2, −8 … −32 = k_mv_tc; 0 = the
- * rule above). */
+ * x). Split-K (KS 4 warps a row group) on dense Q8_0 grids of ≥ 4096 row
+ * groups (the LM head: 187 against 200 µs in --mv-bench, H100). Not on the
+ * one-wave grids (attn_output_a/b, shared down): --mv-bench had out_b 16.4
+ * µs with KS 2 against 20.0, but the decode body got slower with it (the
+ * next kernel, k_hc_step, needs half an SM's registers and finds them only
+ * beside ~2 blocks of k_mv_rp, so its pre-wait work starts later). L2
+ * prefetch before pdl_wait where the grid has more than one wave and one
+ * wave's bytes stay ≤ RP_PF_MAX (q_b: 15.5 against 17.2 µs; the LM head with
+ * KS 4); one-wave grids prefetching everything (35.6 MB at once) or big
+ * waves were slower (out_b 25.7, LM head with KS 1 240 µs). nr forces a
+ * kernel and its rows per warp (ds4_cuda_mv_bench: 1, 2, 4 = k_mv_rp, + 10·KS
+ * its split, + 100 no prefetch; −1, −2, −4 = k_mv_sx, GLU up to 2, −8 … −32 =
+ * k_mv_tc; 0 = the rules above). */
 #define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
+#define RP_PF_MAX (16 << 20)   /* bytes one wave of k_mv_rp may prefetch into L2 (50 MB, two partitions) */
 #define TC_SMEM_MAX (160 << 10)   /* k_mv_tc's shared memory at most (one block an SM; 227 KB with opt-in) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
@@ -723,19 +734,33 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
 #undef MVSX
         return;
     }
+    /* k_mv_rp: nr = NR + 10·KS (+ 100: no L2 prefetch) forces a variant */
+    bool pf = nr < 100;
+    int ks = nr % 100 / 10;
+    nr %= 10;
     if (!nr) {
         nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;
         int cap = W2 || F == RP_Q2K ? 2 : 4;
         if (nr > cap) nr = cap;
     }
     while (xg_rows && xg_rows % nr) nr /= 2;
-    dim3 grid((unsigned)((rows + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
-#define MVRP(NR, GLU) launch(k_mv_rp<F, NR, GLU>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, \
-                             xg_stride, y, eid, estride, x_slot, y_slot, ew, clamp)
-    if (W2) { if (nr == 4) MVRP(4, true); else if (nr == 2) MVRP(2, true); else MVRP(1, true); }
-    else if (nr == 4) MVRP(4, false);
-    else if (nr == 2) MVRP(2, false);
-    else MVRP(1, false);
+    if (F != RP_Q8 || W2) ks = 1;
+    else if (!ks) ks = (rows + nr * MV_WARPS - 1) / (nr * MV_WARPS) * slots >= 4096 ? 4 : 1;
+    dim3 grid((unsigned)((rows * ks + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
+    const int64_t nblk = (int64_t)grid.x * slots;
+    const int64_t bb = (int64_t)(MV_WARPS / ks) * nr * (n_in / rp_fmt<F>::EB) * (rp_fmt<F>::PAY + rp_fmt<F>::HL) * (W2 ? 2 : 1);
+#define MVRP(NR, GLU, KS)                                                                                          \
+    do {                                                                                                           \
+        static int fit;                                                                                            \
+        if (!fit) fit = sx_fit(k_mv_rp<F, NR, GLU, KS>, 0, 32 * MV_WARPS);                                         \
+        launch(k_mv_rp<F, NR, GLU, KS>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, \
+               estride, x_slot, y_slot, ew, clamp, pf && nblk > fit && fit * bb <= RP_PF_MAX);                     \
+    } while (0)
+#define MVRPK(KS) do { if (nr == 4) MVRP(4, false, KS); else if (nr == 2) MVRP(2, false, KS); else MVRP(1, false, KS); } while (0)
+    if (W2) { if (nr == 4) MVRP(4, true, 1); else if (nr == 2) MVRP(2, true, 1); else MVRP(1, true, 1); }
+    else if constexpr (F == RP_Q8) { if (ks == 4) MVRPK(4); else if (ks == 2) MVRPK(2); else MVRPK(1); }
+    else MVRPK(1);
+#undef MVRPK
 #undef MVRP
 }
 static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows,
@@ -950,7 +975,7 @@ static void attend(cudaStream_t s, const float *q, float qeps, float *o, const f
     ATT_NV(1) ATT_NV(2) ATT_NV(3) ATT_NV(4) ATT_NV(5) ATT_NV(6) ATT_NV(7) ATT_NV(8)
 #undef ATT_NV
     }
-    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), (hd + 2 * ATT_SPLITS) * sizeof(float), s,
+    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), 2 * ATT_SPLITS * sizeof(float), s,
            part, ml, st0, st, window, ratio, topk, sinks, hd, rd, freq, ATT_SPLITS, o);
 }
 
@@ -1441,6 +1466,27 @@ out:
     return e ? ds4_errf(err, errlen, "matvec2: %s", cudaGetErrorString(e)) : 0;
 }
 
+/* One repacked matrix times grouped x through launch_rp, as matvec_g. */
+extern "C" int ds4_cuda_test_matvec_g(int type, const void *w, int64_t n_in, int64_t rows, int groups, const float *x,
+                                      float *y, int nr, char *err, size_t errlen) {
+    if (!repacked((uint32_t)type) || !ggml_row_bytes((uint32_t)type, (uint64_t)n_in) || groups < 1 || rows % groups)
+        return ds4_errf(err, errlen, "matvec_g: bad type %d / shape", type);
+    uint8_t *dw = NULL;
+    float *dx = NULL, *dy = NULL;
+    cudaError_t e;
+    if ((e = test_upload((uint32_t)type, w, n_in, rows, 1, &dw)) ||
+        (e = cudaMalloc((void **)&dx, groups * n_in * sizeof(float))) || (e = cudaMalloc((void **)&dy, rows * sizeof(float))) ||
+        (e = cudaMemcpy(dx, x, groups * n_in * sizeof(float), cudaMemcpyHostToDevice)))
+        goto out;
+    poison(dy, rows * sizeof(float));
+    launch_rp((uint32_t)type, 0, dw, NULL, n_in, rows, dx, groups > 1 ? rows / groups : 0, n_in, dy, NULL, 0, 0, 0, 1,
+              NULL, 0, nr);
+    if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, rows * sizeof(float), cudaMemcpyDeviceToHost);
+out:
+    cudaFree(dw); cudaFree(dx); cudaFree(dy);
+    return e ? ds4_errf(err, errlen, "matvec_g: %s", cudaGetErrorString(e)) : 0;
+}
+
 /* Routed slots as the decode step launches them (glu() / matvec_experts()):
  * E slabs of rows × n_in, slot i multiplies expert eid[i]. */
 extern "C" int ds4_cuda_test_matvec_slots(int type, const void *wg, const void *wu, int64_t n_in, int64_t rows, int E,
@@ -1801,10 +1847,11 @@ out:
  * nr rows a warp (0: the backend's choice). Each timed run walks ≥ 256 MB
  * of distinct weight sets back to back, so every launch reads from DRAM
  * (not the 50 MB L2), as in a decode step; median of `iters` runs. */
-extern "C" int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, bool glu, int nr, int iters,
-                                 uint64_t seed, double *us, char *err, size_t errlen) {
+extern "C" int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, int groups, bool glu, int nr,
+                                 int iters, uint64_t seed, double *us, char *err, size_t errlen) {
     uint64_t slab = ggml_row_bytes((uint32_t)type, (uint64_t)n_in) * (uint64_t)rows;
-    if (!repacked((uint32_t)type) || !slab || n_in % 256 || slots < 1 || iters < 1 || iters > 1000)
+    if (!repacked((uint32_t)type) || !slab || n_in % 256 || slots < 1 || iters < 1 || iters > 1000 || groups < 1 ||
+        rows % groups || (groups > 1 && (slots > 1 || glu)))
         return ds4_errf(err, errlen, "mv_bench: bad arguments");
     if (iq2_tables()) return ds4_errf(err, errlen, "mv_bench: iq2 tables");
     int bb, ho, hl, eb;
@@ -1818,14 +1865,14 @@ extern "C" int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots
     cudaEvent_t e0 = NULL, e1 = NULL;
     cudaError_t e;
     if ((e = cudaMalloc((void **)&w, slab * E * (glu ? 2 : 1))) ||
-        (e = cudaMalloc((void **)&x, slots * n_in * sizeof(float))) || (e = cudaMalloc((void **)&y, slots * rows * sizeof(float))) ||
+        (e = cudaMalloc((void **)&x, slots * groups * n_in * sizeof(float))) || (e = cudaMalloc((void **)&y, slots * rows * sizeof(float))) ||
         (e = cudaMalloc((void **)&ew, slots * sizeof(float))) || (e = cudaMalloc((void **)&eid, E * sizeof(int32_t))) ||
         (e = cudaEventCreate(&e0)) || (e = cudaEventCreate(&e1)))
         goto out;
     for (int i = 0; i < E * (glu ? 2 : 1); i++)
         k_mm_rand<<<(unsigned)((slab / 4 + 255) / 256), 256>>>(w + i * slab, slab / 4, mm_fmt((uint32_t)type), slab, hdr,
                                                              seed + 77 * i);
-    k_mm_randf<<<(unsigned)((slots * n_in + 255) / 256), 256>>>(x, slots * n_in, seed ^ 0x1234);
+    k_mm_randf<<<(unsigned)((slots * groups * n_in + 255) / 256), 256>>>(x, slots * groups * n_in, seed ^ 0x1234);
     k_mm_randf<<<1, 256>>>(ew, slots, seed ^ 0x777);
     for (int i = 0; i < E; i++) heid[i] = i;
     if ((e = cudaMemcpy(eid, heid, E * sizeof(int32_t), cudaMemcpyHostToDevice))) goto out;
@@ -1833,7 +1880,8 @@ extern "C" int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots
         cudaEventRecord(e0, 0);
         for (int j = 0; j < sets; j++) {
             if (slots == 1 && !glu)   /* a dense matrix, as matvec() */
-                launch_rp((uint32_t)type, 0, w + j * slab, NULL, n_in, rows, x, 0, 0, y, NULL, 0, 0, 0, 1, NULL, 0, nr);
+                launch_rp((uint32_t)type, 0, w + j * slab, NULL, n_in, rows, x, groups > 1 ? rows / groups : 0, n_in, y,
+                          NULL, 0, 0, 0, 1, NULL, 0, nr);
             else
                 launch_rp((uint32_t)type, 0, w, glu ? w + slab * E : NULL, n_in, rows, x, 0, 0, y, eid + j * slots, slab,
                           glu ? 0 : n_in, rows, slots, glu ? ew : NULL, 10.0f, nr);
@@ -1893,7 +1941,7 @@ extern "C" int ds4_cuda_test_attn_f32(const float *q, const float *kvc, const fl
                                       uint32_t window, const float *comp, int64_t n_comp, const int32_t *sel, int ratio,
                                       int64_t topk, const float *sinks, int H, int hd, int rd, const double *freq,
                                       float scale, uint32_t p0, int64_t T, float *o, char *err, size_t errlen) {
-    if (T < 1 || T > 64 || H < 1 || hd < 128 || hd > 1024 || hd % 128 || rd % 2 || rd >= hd || keep_raw < window)
+    if (T < 1 || T > 64 || H < 1 || hd < 128 || hd > 1024 || hd % 128 || rd % 4 || rd >= hd || keep_raw < window)
         return ds4_errf(err, errlen, "attn f32: unsupported shape T %lld H %d hd %d rd %d", (long long)T, H, hd, rd);
     size_t fs = sizeof(float);
     dstep hs[64];

@@ -37,13 +37,21 @@ int ds4_cuda_test_matvec2(const void *wa, int64_t ra, const void *wb, int64_t rb
 int ds4_cuda_test_matvec_slots(int type, const void *wg, const void *wu, int64_t n_in, int64_t rows, int E, int used,
                                const int32_t *eid, const float *ew, float clamp, const float *x, float *y, int nr,
                                char *err, size_t errlen);
+/* One dense matrix of a repacked type (GGUF rows: rows × n_in) times
+ * grouped x as decode's matvec_g (attn_output_a): row r reads
+ * x + (r / (rows / groups))·n_in (groups 1: one x); nr as for
+ * ds4_cuda_mv_bench (0: the backend's choice). */
+int ds4_cuda_test_matvec_g(int type, const void *w, int64_t n_in, int64_t rows, int groups, const float *x, float *y,
+                           int nr, char *err, size_t errlen);
 /* Mean µs of one decode matvec launch on random weights read from DRAM:
  * slots × (rows × n_in) of a repacked type (slots 1, !glu: one dense
- * matrix), glu = gate and up pairs; nr rows a warp: 1, 2, 4 = k_mv_rp,
- * −1, −2, −4 = k_mv_sx (IQ2_XXS, Q2_K; GLU up to 2), 0 = the backend's
- * choice; median of iters runs. */
-int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, bool glu, int nr, int iters, uint64_t seed,
-                      double *us, char *err, size_t errlen);
+ * matrix; groups > 1: x grouped as ds4_cuda_test_matvec_g), glu = gate and
+ * up pairs; nr rows a warp: 1, 2, 4 = k_mv_rp (+ 10·KS: KS warps a row
+ * group, + 100: no L2 prefetch), −1, −2, −4 = k_mv_sx (IQ2_XXS, Q2_K; GLU
+ * up to 2), −8 … −32 = k_mv_tc, 0 = the backend's choice; median of iters
+ * runs. */
+int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, int groups, bool glu, int nr, int iters,
+                      uint64_t seed, double *us, char *err, size_t errlen);
 /* x (n values, n ≤ 1024, multiple of 64 / power of two) through the FP8
  * (fp4 = false) or Hadamard+FP4 (fp4 = true) simulation, in place. */
 int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen);

@@ -193,19 +193,22 @@ __device__ __forceinline__ float dot8_iq2(uint64_t g, uint32_t s7, float4 a, flo
     return fmaf(__int_as_float(prmt(hi, sh, 0x7BB3u)), b.w, s);
 }
 
+/* A Q8_0 piece (16 quants w, the f16 bits h of their block's scale) · xv[0 … 3]. */
+__device__ __forceinline__ float q8_piece(uint4 w, unsigned short h, const float4 *xv) {
+    float s = dot4_i8(w.x, xv[0], 0.0f);
+    s = dot4_i8(w.y, xv[1], s);
+    s = dot4_i8(w.z, xv[2], s);
+    s = dot4_i8(w.w, xv[3], s);
+    return __half2float(__ushort_as_half(h)) * s;
+}
+
 /* Piece p of one row · its x piece xv (EP/4 float4). pl, hd: the row's
  * payload and headers. sx (Q2_K): Σ of each 16-weight run of xv. */
 template <int F>
 __device__ __forceinline__ float rp_piece(const uint8_t *pl, const uint8_t *hd, int64_t p, const float4 *xv,
                                           const float *sx, const uint64_t *grid) {
     if constexpr (F == RP_Q8) {
-        uint4 w = ((const uint4 *)pl)[p];
-        float d = __half2float(((const __half *)hd)[p >> 1]);
-        float s = dot4_i8(w.x, xv[0], 0.0f);
-        s = dot4_i8(w.y, xv[1], s);
-        s = dot4_i8(w.z, xv[2], s);
-        s = dot4_i8(w.w, xv[3], s);
-        return d * s;
+        return q8_piece(((const uint4 *)pl)[p], ((const unsigned short *)hd)[p >> 1], xv);
     } else if constexpr (F == RP_IQ2) {
         uint4 w = ((const uint4 *)pl)[p];   /* groups 2(p&3), 2(p&3)+1: (indices, signs|scale) each */
         float d = __half2float(((const __half *)hd)[p >> 2]), acc = 0;
@@ -283,32 +286,58 @@ __device__ __forceinline__ void mv_store(const float *acc, int64_t r0, int64_t r
     }
 }
 
+/* Bulk prefetch of bytes [p, p + n) into L2 (sm_90: one instruction a
+ * range, no registers held; p and n multiples of 16). */
+__device__ __forceinline__ void l2_prefetch(const uint8_t *p, uint64_t n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (n) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"((uint32_t)n) : "memory");
+#endif
+}
+
 /* y[slot·y_slot + r] for NR consecutive rows per warp, which share each x
  * load. GLU: W2 is the up matrix of the same shape; the warp computes gate
  * and up rows together and writes swiglu(g, u) · (ew ? ew[slot] : 1), so the
  * pair takes one launch and no separate swiglu pass. eid/estride/x_slot and
  * x grouping (xg_rows, a multiple of NR) as k_matvec. Rows past the end
- * repeat the last row (loads stay in bounds) and are not written. */
-template <int F, int NR, bool GLU>
+ * repeat the last row (loads stay in bounds) and are not written.
+ * KS warps share a row group (split-K: warp kw takes pieces lane + 32·(kw +
+ * KS·j)), their sums added in warp order through shared memory (fixed
+ * order: deterministic): KS× the blocks, each with KS× fewer bytes.
+ * pf (ignored with eid): before pdl_wait each row group's weights (payload
+ * and headers, contiguous for NR consecutive rows) are prefetched into L2 —
+ * they are constants, so under programmatic launch the resident blocks
+ * stream them while the previous kernel still runs (q_b behind k_qa_kv's two
+ * blocks), and each block has its whole share in flight at once instead of
+ * UNR pieces a lane. The launcher asks for it only where a wave's share
+ * stays in L2 until read (launch_rpf). */
+template <int F, int NR, bool GLU, int KS>
 __global__ void __launch_bounds__(32 * MV_WARPS)
 k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
         const float *__restrict__ x, int64_t xg_rows, int64_t xg_stride, float *__restrict__ y,
         const int32_t *__restrict__ eid, uint64_t estride, int64_t x_slot, int64_t y_slot,
-        const float *__restrict__ ew, float clamp) {
-    pdl_wait();
+        const float *__restrict__ ew, float clamp, bool pf) {
+    static_assert(KS == 1 || (MV_WARPS % KS == 0 && MV_WARPS / KS <= 2), "split-K row groups a block: named barriers 1, 2");
     typedef rp_fmt<F> fm;
     constexpr int M = GLU ? 2 * NR : NR;
-    __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
-    if (F == RP_IQ2) {   /* the 2 KB grid in shared memory: random 8-byte gathers */
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
-        __syncthreads();
-    }
-    int slot = blockIdx.y, lane = threadIdx.x & 31;
-    int64_t r0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NR;
-    if (r0 >= rows) return;
-    uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
+    const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, grp = warp / KS, kw = warp % KS;
+    const int64_t r0 = ((int64_t)blockIdx.x * (MV_WARPS / KS) + grp) * NR;
     const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
-    const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
+    if (pf && !eid && !kw && !lane && r0 < rows) {
+        const int64_t n = rows - r0 < NR ? rows - r0 : NR;
+        /* headers: rounded out to 16 bytes, inside the matrix's header area */
+        const uint64_t h0 = (uint64_t)(rows * nb * fm::PAY + r0 * nb * fm::HL) & ~(uint64_t)15;
+        const uint64_t hend = (uint64_t)(rows * nb * (fm::PAY + fm::HL)) & ~(uint64_t)15;
+        uint64_t h1 = ((uint64_t)(rows * nb * fm::PAY + (r0 + n) * nb * fm::HL) + 15) & ~(uint64_t)15;
+        h1 = h1 < hend ? h1 : hend;
+#pragma unroll
+        for (int m = 0; m < (GLU ? 2 : 1); m++) {
+            const uint8_t *mat = m ? W2 : W;
+            l2_prefetch(mat + r0 * nb * fm::PAY, (uint64_t)(n * nb * fm::PAY));
+            if (h1 > h0) l2_prefetch(mat + h0, h1 - h0);
+        }
+    }
+    if (eid) pdl_wait();   /* the expert ids are the router's output */
+    const uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
     const uint8_t *pl[M], *hd[M];
 #pragma unroll
     for (int i = 0; i < M; i++) {
@@ -317,14 +346,59 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         pl[i] = mat + r * nb * fm::PAY;
         hd[i] = mat + rows * nb * fm::PAY + r * nb * fm::HL;
     }
+    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
+     * warp, as on the 512–1024-row attention inputs: those warps are few).
+     * Without pf the first UNR pieces of each row are loaded into registers
+     * here, before the wait when there are no expert ids: a one-wave grid
+     * (attn_output_a behind the attention combine) then has a quarter of its
+     * bytes on the way while the previous kernel runs, and nothing more is
+     * held than the unrolled loop holds anyway. */
+    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
+    const bool pre = F == RP_Q8 && !pf && r0 < rows;
+    uint4 wq[F == RP_Q8 ? UNR : 1][M];
+    unsigned short wh[F == RP_Q8 ? UNR : 1][M];
+    if constexpr (F == RP_Q8) {
+        if (pre) {
+#pragma unroll
+            for (int u = 0; u < UNR; u++) {
+                const int64_t p = lane + 32 * (kw + KS * u);
+                if (p < np)
+#pragma unroll
+                    for (int i = 0; i < M; i++) {
+                        wq[u][i] = ((const uint4 *)pl[i])[p];
+                        wh[u][i] = ((const unsigned short *)hd[i])[p >> 1];
+                    }
+            }
+        }
+    }
+    if (!eid) pdl_wait();
+    __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
+    __shared__ float red[KS > 1 ? MV_WARPS * M : 1];
+    if (F == RP_IQ2) {   /* the 2 KB grid in shared memory: random 8-byte gathers */
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid[i] = d_iq2_grid[i];
+        __syncthreads();
+    }
+    if (r0 >= rows) return;   /* the whole row group: its KS warps leave together */
+    const float *xx = x + slot * x_slot + (xg_rows ? (r0 / xg_rows) * xg_stride : 0);
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0;
-    /* Q8_0 pieces are small: several in flight per lane (4 with one row a
-     * warp, as on the 512–1024-row attention inputs: those warps are few). */
-    constexpr int UNR = F == RP_Q8 ? (NR == 1 ? 4 : 2) : 1;
+    int64_t p = lane + 32 * kw;
+    if constexpr (F == RP_Q8) {
+        if (pre) {   /* the preloaded pieces first: the loop's order */
+#pragma unroll
+            for (int u = 0; u < UNR; u++, p += 32 * KS)
+                if (p < np) {
+                    float4 xv[4];
+                    float sx[4];
+                    rp_x<F>(xx, p, xv, sx);
+#pragma unroll
+                    for (int i = 0; i < M; i++) acc[i] += q8_piece(wq[u][i], wh[u][i], xv);
+                }
+        }
+    }
 #pragma unroll UNR
-    for (int64_t p = lane; p < np; p += 32) {
+    for (; p < np; p += 32 * KS) {
         float4 xv[fm::EP / 4];
         float sx[4];
         rp_x<F>(xx, p, xv, sx);
@@ -333,6 +407,19 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     }
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = warp_sum(acc[i]);
+    if (KS > 1) {   /* the group's warps in order, on its own named barrier (1 + grp: another group may have left) */
+        if (!lane)
+#pragma unroll
+            for (int i = 0; i < M; i++) red[warp * M + i] = acc[i];
+        if (grp) asm volatile("bar.sync 2, %0;" ::"n"(32 * KS) : "memory");
+        else asm volatile("bar.sync 1, %0;" ::"n"(32 * KS) : "memory");
+        if (kw) return;
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            acc[i] = red[warp * M + i];
+            for (int w = 1; w < KS; w++) acc[i] += red[(warp + w) * M + i];
+        }
+    }
     if (lane) return;
     mv_store<NR, GLU>(acc, r0, rows, y, slot, y_slot, ew, clamp);
 }

@@ -2,7 +2,7 @@
  *
  *   ds4-gpucheck --kernels                 kernel checks on fresh random inputs
  *   ds4-gpucheck --mm-bench                prefill GEMM TFLOP/s at the model's shapes
- *   ds4-gpucheck --mv-bench                decode matvec GB/s at the model's shapes
+ *   ds4-gpucheck --mv-bench [--mv-only S]  decode matvec GB/s at the model's shapes (names containing S)
  *   ds4-gpucheck --attn-bench              TFLOP/s of the prefill attention / indexer kernels
  *   ds4-gpucheck --model FILE [--tokens N] [--ctx C] [--bench T]
  *                                          whole-model comparison (+ decode timing)
@@ -130,6 +130,35 @@ static void rand_blocks(int type, uint8_t *w, uint64_t bytes) {
             uint16_t h = ds4_f32_to_f16((1.0f + (float)(rnd() & 1023) / 1024.0f) * 0x1p-8f);
             memcpy(w + b * bb + ho + 2 * k, &h, 2);
         }
+}
+
+/* One Q8_0 matrix times grouped x as decode launches it (matvec_g:
+ * attn_output_a's 8 groups, attn_output_b, the LM head) with the k_mv_rp
+ * variant nr (NR + 10·KS, + 100 without the L2 prefetch; 0: the backend's
+ * choice), each row against the CPU's dot; run twice, the second run must
+ * equal the first bit for bit (split-K sums in a fixed order). */
+static void check_matvec_g(int64_t n_in, int64_t rows, int groups, const int *nrs, int n_nr) {
+    char err[256], what[80];
+    uint64_t rb = ggml_row_bytes(GGML_Q8_0, (uint64_t)n_in);
+    uint8_t *w = malloc(rb * rows);
+    float *x = malloc(groups * n_in * sizeof(float)), *ref = malloc(rows * sizeof(float));
+    float *y = malloc(rows * sizeof(float)), *y2 = malloc(rows * sizeof(float));
+    rand_blocks(GGML_Q8_0, w, rb * rows);
+    for (int64_t i = 0; i < groups * n_in; i++) x[i] = frand();
+    for (int64_t r = 0; r < rows; r++) ref[r] = ds4_dot_row(GGML_Q8_0, w + r * rb, x + r / (rows / groups) * n_in, n_in);
+    for (int k = 0; k < n_nr; k++) {
+        snprintf(what, sizeof what, "matvec_g Q8_0 %lldx%lld, %d groups, nr %d", (long long)rows, (long long)n_in, groups,
+                 nrs[k]);
+        if (ds4_cuda_test_matvec_g(GGML_Q8_0, w, n_in, rows, groups, x, y, nrs[k], err, sizeof err) ||
+            ds4_cuda_test_matvec_g(GGML_Q8_0, w, n_in, rows, groups, x, y2, nrs[k], err, sizeof err)) {
+            verdict(what, false, "%s", err);
+            continue;
+        }
+        double e = rel_err(y, ref, rows);
+        bool same = !memcmp(y, y2, rows * sizeof(float));
+        verdict(what, within(e, 1e-5) && same, "rel %.3g (bound 1e-5), runs %s", e, same ? "identical" : "DIFFER");
+    }
+    free(w); free(x); free(ref); free(y); free(y2);
 }
 
 /* Routed slots as the decode step runs them (6 of E experts): glu = the
@@ -713,6 +742,14 @@ static void kernel_checks(void) {
         check_matvec_slots(GGML_Q2_K, "Q2_K", 512, 38, 5, 3, false, nrs[i], false);   /* slabs stay 16-byte multiples */
     }
     for (int nr = -2; nr <= 2; nr++) check_matvec_slots(GGML_Q8_0, "Q8_0", 4096, 2048, 1, 1, true, nr, false);   /* shared expert */
+    /* dense Q8_0 through k_mv_rp: every rows-a-warp / split-K / prefetch variant at out_a, out_b and shared down,
+     * then odd shapes (partial row groups and blocks, 3 groups) */
+    static const int rps[] = {0, 1, 2, 4, 14, 24, 44, 12, 42, 104, 144};
+    check_matvec_g(4096, 8192, 8, rps, (int)(sizeof rps / sizeof *rps));   /* attn_output_a */
+    check_matvec_g(8192, 4096, 1, rps, (int)(sizeof rps / sizeof *rps));   /* attn_output_b */
+    check_matvec_g(2048, 4096, 1, rps, 1);                                  /* shared down */
+    check_matvec_g(768, 3 * 36, 3, rps, (int)(sizeof rps / sizeof *rps));
+    check_matvec_g(256, 37, 1, rps, (int)(sizeof rps / sizeof *rps));
     /* k_mv_tc on the other pairings (the model's files could hold them) and an x of wide range */
     check_matvec_slots(GGML_Q2_K, "Q2_K", 4096, 2048, 16, 6, true, 0, false);
     check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 2048, 4096, 16, 6, false, 0, false);
@@ -811,24 +848,35 @@ static int mm_bench(void) {
 /* --mv-bench: the decode matvecs at the model's shapes, each rows-a-warp
  * choice (nr 0 = the backend's own), weights read from DRAM. GB/s = weight
  * bytes / time. */
-static int mv_bench(void) {
-    static const struct { const char *what; int type; int64_t K, M; int slots; bool glu; } S[] = {
-        {"routed gate+up 4096->2048", GGML_IQ2_XXS, 4096, 2048, 6, true},
-        {"routed down 2048->4096", GGML_Q2_K, 2048, 4096, 6, false},
-        {"q_a 4096->1024", GGML_Q8_0, 4096, 1024, 1, false},
-        {"kv 4096->512", GGML_Q8_0, 4096, 512, 1, false},
-        {"shared gate+up 4096->2048", GGML_Q8_0, 4096, 2048, 1, true},
-        {"shared down 2048->4096", GGML_Q8_0, 2048, 4096, 1, false},
-        {"q_b 1024->32768", GGML_Q8_0, 1024, 32768, 1, false},
+static int mv_bench(const char *only) {
+    static const struct { const char *what; int type; int64_t K, M; int slots, groups; bool glu; } S[] = {
+        {"routed gate+up 4096->2048", GGML_IQ2_XXS, 4096, 2048, 6, 1, true},
+        {"routed down 2048->4096", GGML_Q2_K, 2048, 4096, 6, 1, false},
+        {"q_a 4096->1024", GGML_Q8_0, 4096, 1024, 1, 1, false},
+        {"kv 4096->512", GGML_Q8_0, 4096, 512, 1, 1, false},
+        {"shared gate+up 4096->2048", GGML_Q8_0, 4096, 2048, 1, 1, true},
+        {"shared down 2048->4096", GGML_Q8_0, 2048, 4096, 1, 1, false},
+        {"q_b 1024->32768", GGML_Q8_0, 1024, 32768, 1, 1, false},
+        {"out_a 8 x (4096->1024)", GGML_Q8_0, 4096, 8192, 1, 8, false},
+        {"out_b 8192->4096", GGML_Q8_0, 8192, 4096, 1, 1, false},
+        {"lm head 4096->129280", GGML_Q8_0, 4096, 129280, 1, 1, false},
     };
+    /* the dense Q8_0 shapes on k_mv_rp: NR 4 with KS 1, 2, 4, each with and without the L2 prefetch */
+    static const int rp[] = {0, 14, 24, 44, 114, 124, 144};
     int rc = 0;
-    for (size_t i = 0; i < sizeof S / sizeof *S; i++)
-        for (int nr = S[i].type == GGML_Q8_0 ? (S[i].glu ? -2 : -4) : -32; nr <= 4;
-             nr = nr == -1 ? 0 : nr == -8 ? (S[i].glu ? -2 : -4) : nr < 0 ? nr / 2 : nr ? 2 * nr : 1) {
+    for (size_t i = 0; i < sizeof S / sizeof *S; i++) {
+        if (only && !strstr(S[i].what, only)) continue;
+        bool dense = S[i].type == GGML_Q8_0 && S[i].M >= 4096 && !S[i].glu;
+        int k = 0;
+        for (int nr = dense ? rp[0] : S[i].type == GGML_Q8_0 ? (S[i].glu ? -2 : -4) : -32;
+             dense ? k < (int)(sizeof rp / sizeof *rp) : nr <= 4;
+             nr = dense ? (++k < (int)(sizeof rp / sizeof *rp) ? rp[k] : 0)
+                        : nr == -1 ? 0 : nr == -8 ? (S[i].glu ? -2 : -4) : nr < 0 ? nr / 2 : nr ? 2 * nr : 1) {
             char err[256];
             double us;
             double bytes = (double)ggml_row_bytes((uint32_t)S[i].type, (uint64_t)S[i].K) * S[i].M * S[i].slots * (S[i].glu ? 2 : 1);
-            if (ds4_cuda_mv_bench(S[i].type, S[i].K, S[i].M, S[i].slots, S[i].glu, nr, 20, rnd(), &us, err, sizeof err)) {
+            if (ds4_cuda_mv_bench(S[i].type, S[i].K, S[i].M, S[i].slots, S[i].groups, S[i].glu, nr, 20, rnd(), &us, err,
+                                  sizeof err)) {
                 printf("%-28s %-8s %s\n", S[i].what, ggml_type_name((uint32_t)S[i].type), err);
                 rc = 1;
                 continue;
@@ -837,6 +885,7 @@ static int mv_bench(void) {
                    bytes / us * 1e-3);
             fflush(stdout);
         }
+    }
     return rc;
 }
 
@@ -1232,7 +1281,7 @@ static int profile_run(const char *path, size_t n_tok, int bench) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--mv-bench] [--attn-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
+    fprintf(f, "usage: ds4-gpucheck [--kernels] [--mm-bench] [--mv-bench [--mv-only S]] [--attn-bench] [--model FILE [--tokens N] [--ctx C] [--bench T] [--profile]] [--seed S]\n"
                "  --profile  evaluate N tokens on the GPU only, no checks (run under ncu)\n");
 }
 
@@ -1243,12 +1292,14 @@ int main(int argc, char **argv) {
     uint32_t ctx = 0;
     int bench = 0;
     bool profile = false, mmb = false, mvb = false;
+    const char *mv_only = NULL;
     rs = (uint64_t)time(NULL) * 2654435761u | 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--kernels")) kernels = true;
         else if (!strcmp(a, "--mm-bench")) mmb = true;
         else if (!strcmp(a, "--mv-bench")) mvb = true;
+        else if (!strcmp(a, "--mv-only") && v) { mv_only = v; i++; }
         else if (!strcmp(a, "--attn-bench")) abench = true;
         else if (!strcmp(a, "--profile")) profile = true;
         else if (!strcmp(a, "--model") && v) { model = v; i++; }
@@ -1266,7 +1317,7 @@ int main(int argc, char **argv) {
     }
     if (profile) return model ? profile_run(model, n_tok, bench) : 2;
     if (mmb) return mm_bench();
-    if (mvb) return mv_bench();
+    if (mvb) return mv_bench(mv_only);
     printf("seed %llu\n", (unsigned long long)rs);
     if (kernels) kernel_checks();
     if (abench) attn_bench();
