@@ -455,7 +455,8 @@ __device__ __forceinline__ uint32_t fkey(float f) {
 }
 
 /* Top-k by radix select (4 passes of 8-bit histograms find the k-th best key
- * T and how many keys equal to T to take), then one ordered pass that keeps
+ * T and how many keys equal to T to take; with a key a thread, a bitwise
+ * search by block-wide counts instead), then one ordered pass that keeps
  * keys above T and the lowest-indexed ties: the CPU's selection exactly,
  * output ascending. One block of 1024 threads; thread i owns the contiguous
  * segment i·seg … of the keys, held in registers while seg ≤ TOPK_KPT (up
@@ -485,47 +486,63 @@ __global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *
     for (int j = 0; j < TOPK_KPT; j++) kr[j] = reg && a0 + j < a1 ? fkey(score[a0 + j]) : 0;
     /* key j0 + j of this thread's segment (in range: a0 + j0 + j < a1) */
 #define TOPK_KEY(j0, j) (reg ? kr[j] : fkey(score[a0 + (j0) + (j)]))
-    if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
-    uint32_t mask = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        const uint32_t pre = s_prefix;
-        for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
-#pragma unroll
-            for (int j = 0; j < TOPK_KPT; j++) {
-                if (j0 + j >= seg) break;   /* seg is the block's: every lane leaves together (a 2K context: seg 1) */
-                uint32_t b = 256;   /* no count */
-                if (a0 + j0 + j < a1) {
-                    uint32_t key = TOPK_KEY(j0, j);
-                    if ((key & mask) == pre) b = (key >> shift) & 255;
-                }
-                uint32_t peers = __match_any_sync(0xffffffffu, b);
-                if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
-            }
-        __syncthreads();
-        if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
-            const uint32_t need = s_need;
-            uint32_t c[8], tot = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; tot += c[j]; }
-            uint32_t inc = tot;
-            for (int o = 1; o < 32; o <<= 1) {
-                uint32_t v = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o) inc += v;
-            }
-            uint32_t cum = inc - tot;
-            if (cum < need && inc >= need) {
-                int bin = 255 - 8 * lane;
-                for (int j = 0; j < 7 && cum + c[j] < need; j++, bin--) cum += c[j];
-                s_need = need - cum;
-                s_prefix = pre | (uint32_t)bin << shift;
-            }
+    uint32_t T, need_eq;
+    if (seg <= 1) {
+        /* A key a thread (n ≤ 1024: contexts up to 4K): T, the k-th best key,
+         * by a bitwise search from the top bit, one block-wide count a bit
+         * (__syncthreads_count) instead of four histogram passes. */
+        const bool has = a0 < a1;
+        uint32_t t = 0;
+        for (int bit = 31; bit >= 0; bit--) {
+            uint32_t c = t | 1u << bit;
+            if ((int64_t)__syncthreads_count(has && kr[0] >= c) >= k) t = c;
         }
-        mask |= 255u << shift;
-        __syncthreads();
+        T = t;
+        need_eq = (uint32_t)k - (uint32_t)__syncthreads_count(has && kr[0] > t);
+    } else {
+        if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
+        uint32_t mask = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+            __syncthreads();
+            const uint32_t pre = s_prefix;
+            for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
+#pragma unroll
+                for (int j = 0; j < TOPK_KPT; j++) {
+                    if (j0 + j >= seg) break;   /* seg is the block's: every lane leaves together (seg < TOPK_KPT) */
+                    uint32_t b = 256;   /* no count */
+                    if (a0 + j0 + j < a1) {
+                        uint32_t key = TOPK_KEY(j0, j);
+                        if ((key & mask) == pre) b = (key >> shift) & 255;
+                    }
+                    uint32_t peers = __match_any_sync(0xffffffffu, b);
+                    if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
+                }
+            __syncthreads();
+            if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
+                const uint32_t need = s_need;
+                uint32_t c[8], tot = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; tot += c[j]; }
+                uint32_t inc = tot;
+                for (int o = 1; o < 32; o <<= 1) {
+                    uint32_t v = __shfl_up_sync(0xffffffffu, inc, o);
+                    if (lane >= o) inc += v;
+                }
+                uint32_t cum = inc - tot;
+                if (cum < need && inc >= need) {
+                    int bin = 255 - 8 * lane;
+                    for (int j = 0; j < 7 && cum + c[j] < need; j++, bin--) cum += c[j];
+                    s_need = need - cum;
+                    s_prefix = pre | (uint32_t)bin << shift;
+                }
+            }
+            mask |= 255u << shift;
+            __syncthreads();
+        }
+        T = s_prefix;
+        need_eq = s_need;
     }
-    const uint32_t T = s_prefix, need_eq = s_need;
     uint32_t gt = 0, eq = 0;
     for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
 #pragma unroll
