@@ -136,6 +136,7 @@ __device__ __forceinline__ float deq_one(int type, const uint8_t *row, int64_t j
  * ring (stored with ape): the ring is updated after this kernel, so a long
  * chunk never overwrites inputs a block still needs. bi: the block's index
  * among the chunk's emissions (blockIdx.x of k_comp_emit). */
+#define COMP_B 8   /* positions whose inputs an emission loads together */
 __device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
                                 const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D,
                                 const dstep *st, int64_t T, const float *norm_w, const double *freq, int rd, float eps,
@@ -148,27 +149,44 @@ __device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, 
     uint64_t bR = b * R;
     bool prev = lanes == 2 && b > 0;
     int off = lanes == 2 ? D : 0;
-#define CG(q, c) ((q) >= p0 ? pg[((q) - p0) * W + (c)] + deq_one(ape_type, ape + ((q) % R) * ape_rb, (c)) \
-                            : gate[((q) % keep) * W + (c)])
-#define CK(q, c) ((q) >= p0 ? pk[((q) - p0) * W + (c)] : kv[((q) % keep) * W + (c)])
+    /* The block's positions in ascending order (lane a of the previous
+     * block, then this block's lane b), COMP_B at a time: their inputs are
+     * loaded together (pointers first, then the loads, then ape where the
+     * position is in the chunk), so a column costs a few memory round trips,
+     * not one per position (an R = 4 emission took ≈ 19 µs of dependent L2
+     * misses). The arithmetic and its order are the per-position loop's. */
+    const uint64_t q0 = prev ? bR - R : bR, nq = bR + R - q0;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float m = -INFINITY;
-        if (prev) for (uint64_t t = bR - R; t < bR; t++) m = fmaxf(m, CG(t, j));
-        for (uint64_t t = bR; t < bR + R; t++) m = fmaxf(m, CG(t, off + j));
-        float den = 0, acc = 0;
-        if (prev)
-            for (uint64_t t = bR - R; t < bR; t++) {
-                float w = expf(CG(t, j) - m);
-                den += w; acc += w * CK(t, j);
+        float m = -INFINITY, den = 0, acc = 0;
+        for (int pass = 0; pass < 2; pass++)
+            for (uint64_t i0 = 0; i0 < nq; i0 += COMP_B) {
+                const float *gp[COMP_B], *kp[COMP_B];
+                float g[COMP_B], k[COMP_B];
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
+                    int c = q < bR ? j : off + j;
+                    bool in = q >= p0;
+                    gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
+                    kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
+                }
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass) k[i] = *kp[i]; }
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + i0 + i;
+                    if (i0 + i < nq && q >= p0) g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
+                }
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) {
+                    if (i0 + i >= nq) break;
+                    if (!pass) { m = fmaxf(m, g[i]); continue; }
+                    float w = expf(g[i] - m);
+                    den += w; acc += w * k[i];
+                }
             }
-        for (uint64_t t = bR; t < bR + R; t++) {
-            float w = expf(CG(t, off + j) - m);
-            den += w; acc += w * CK(t, off + j);
-        }
         sv[j] = acc / den;
     }
-#undef CG
-#undef CK
     __syncthreads();
     blk_rmsnorm(sv, D, norm_w, eps, shd);
     blk_rope(sv + D - rd, rd / 2, freq, (int64_t)bR, false);
@@ -191,30 +209,34 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
  * compressor's kv and gate (normed input n), on ratio-4 layers also the
  * indexer compressor's kv and gate, indexer.proj (n) and indexer.attn_q_b
  * (the normed q_a), 38 MB on a ratio-4 layer of the real model. They are
- * independent, so k_mv_f16x takes them all in one launch: a warp a row
- * (rows of every matrix in one sequence), a lane's pieces (8 halves, the
- * chunks lane, lane+32, …) summed in order with fmaf and then warp_sum —
- * k_matvec's arithmetic, so its rows have k_matvec's bits. As k_mv_q8x,
- * the first F16X_D pieces of a lane are loaded BEFORE pdl_wait (weights are
- * constants: they travel while the previous kernel runs), then the stream
- * walks as a ring (the piece F16X_D later goes into the stage just used);
- * both inputs in shared memory. The grid is at most the blocks resident at
- * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). */
+ * independent, so k_mv_f16x takes them all in one launch: a warp a row,
+ * a lane's pieces (8 halves: the chunks lane, lane+32, …) summed in order
+ * with fmaf and then warp_sum — k_matvec's arithmetic, so its rows have
+ * k_matvec's bits. The rows of every matrix form one sequence (tasks: a
+ * row's pieces a lane), cut into contiguous runs of about equal task counts,
+ * a run a warp: a warp streams contiguous memory, and a set with fewer
+ * rows than warps spreads over every SM. As k_mv_q8x, the first F16X_D
+ * pieces of a lane (a whole 4096-wide row) are loaded BEFORE pdl_wait
+ * (weights are constants: they travel while the previous kernel runs), then
+ * the stream walks as a ring (the piece F16X_D later goes into the stage
+ * just used). x is read through L1 (every warp of an SM reads the same). */
 #define F16X_SEGS 6
-#define F16X_D 8
+#define F16X_D 16
+#define F16X_WARPS 4
 struct f16x_set {
     const uint8_t *w[F16X_SEGS];   /* F16 rows of n[xi[s]] values, 2·n bytes each */
     float *y[F16X_SEGS];
     int32_t end[F16X_SEGS];        /* rows of segments 0 … s together */
     int32_t xi[F16X_SEGS];         /* the segment's input: 0 or 1 */
     int32_t nseg;                  /* 1 … F16X_SEGS */
-    const float *x[2];
+    const float *x[2];             /* 16-byte aligned */
     int32_t n[2];                  /* inputs of x[0], x[1]: multiples of 8 (n[1] = 0: no second input) */
 };
 struct f16x_row {
-    const uint4 *w;   /* the row's pieces */
-    float *y;         /* its output */
-    int xo, nch, ppl; /* its input's offset in shared memory, pieces, pieces a lane */
+    const uint4 *w;    /* the row's pieces */
+    const float4 *x;   /* its input */
+    float *y;          /* its output */
+    int nch, ppl;      /* pieces, pieces a lane */
 };
 /* Row r (< the set's rows) of the sequence: segment by the ends (ascending),
  * fields picked by constant indices (no local copy of the parameters). */
@@ -229,61 +251,77 @@ __device__ __forceinline__ f16x_row f16x_at(const f16x_set &a, int64_t r) {
     f16x_row o;
     int n = xi ? a.n[1] : a.n[0];
     o.w = (const uint4 *)(w + (uint64_t)(r - r0) * (uint64_t)n * 2);
+    o.x = (const float4 *)(xi ? a.x[1] : a.x[0]);
     o.y = y + (r - r0);
-    o.xo = xi ? a.n[0] : 0;
     o.nch = n / 8;
     o.ppl = (o.nch + 31) / 32;
     return o;
 }
-__global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
-    extern __shared__ float4 fxs[];
-    const int lane = threadIdx.x & 31;
-    int64_t rows = a.end[0];
+/* The first row whose first task is at or after task T (T = the total:
+ * the row count). */
+__device__ __forceinline__ int64_t f16x_first(const f16x_set &a, int64_t T) {
+    int64_t r0 = 0, t0 = 0, res = -1;
 #pragma unroll
-    for (int i = 1; i < F16X_SEGS; i++)
-        if (i < a.nseg) rows = a.end[i];
-    const int64_t gstride = (int64_t)gridDim.x * SX_WARPS, rbase = (int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5);
+    for (int i = 0; i < F16X_SEGS; i++)
+        if (i < a.nseg && res < 0) {
+            int64_t ppl = ((a.xi[i] ? a.n[1] : a.n[0]) / 8 + 31) / 32, t = (a.end[i] - r0) * ppl;
+            if (T <= t0 + t) res = r0 + (T - t0 + ppl - 1) / ppl;
+            r0 = a.end[i];
+            t0 += t;
+        }
+    return res < 0 ? r0 : res;
+}
+__device__ __forceinline__ int64_t f16x_tasks(const f16x_set &a) {
+    int64_t r0 = 0, t0 = 0;
+#pragma unroll
+    for (int i = 0; i < F16X_SEGS; i++)
+        if (i < a.nseg) {
+            t0 += (a.end[i] - r0) * (((a.xi[i] ? a.n[1] : a.n[0]) / 8 + 31) / 32);
+            r0 = a.end[i];
+        }
+    return t0;
+}
+__global__ void __launch_bounds__(32 * F16X_WARPS, 4) k_mv_f16x(f16x_set a) {
+    const int lane = threadIdx.x & 31;
+    const int64_t G = (int64_t)gridDim.x * F16X_WARPS, gw = (int64_t)blockIdx.x * F16X_WARPS + (threadIdx.x >> 5);
+    const int64_t P = f16x_tasks(a), re = f16x_first(a, (gw + 1) * P / G);
     /* the load stream: row rl, piece jl (F16X_D tasks ahead of the compute) */
-    int64_t rl = rbase;
+    int64_t rl = f16x_first(a, gw * P / G);
+    const int64_t rb = rl;
     int jl = 0;
-    f16x_row L = f16x_at(a, rl < rows ? rl : 0);
+    f16x_row L = f16x_at(a, rl < re ? rl : 0);
     const f16x_row C0 = L;
     uint4 w[F16X_D];
 #pragma unroll
     for (int d = 0; d < F16X_D; d++) {
-        if (rl >= rows) break;
+        if (rl >= re) break;
         int p = lane + 32 * jl;
         if (p < L.nch) w[d] = __ldg(L.w + p);
-        if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
+        if (++jl == L.ppl) { jl = 0; if (++rl < re) L = f16x_at(a, rl); }
     }
     pdl_wait();   /* the inputs are earlier kernels' outputs */
-    float *xs = (float *)fxs;
-    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) fxs[q] = ((const float4 *)a.x[0])[q];
-    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) fxs[a.n[0] / 4 + q] = ((const float4 *)a.x[1])[q];
-    __syncthreads();
     /* the compute stream: row r, piece j */
-    int64_t r = rbase;
+    int64_t r = rb;
     int j = 0;
     f16x_row C = C0;
     float acc = 0;
-    while (r < rows) {
+    while (r < re) {
 #pragma unroll
         for (int d = 0; d < F16X_D; d++) {
-            if (r >= rows) break;
+            if (r >= re) break;
             int p = lane + 32 * j;
             if (p < C.nch) {   /* chunk_fma's order: elements 8p … 8p+7 */
-                const float4 *xp = (const float4 *)(xs + C.xo) + 2 * p;
-                float4 x0 = xp[0], x1 = xp[1];
+                float4 x0 = __ldg(C.x + 2 * p), x1 = __ldg(C.x + 2 * p + 1);
                 float2 f0 = __half22float2(*(const __half2 *)&w[d].x), f1 = __half22float2(*(const __half2 *)&w[d].y);
                 float2 f2 = __half22float2(*(const __half2 *)&w[d].z), f3 = __half22float2(*(const __half2 *)&w[d].w);
                 acc = fmaf(f0.x, x0.x, acc); acc = fmaf(f0.y, x0.y, acc); acc = fmaf(f1.x, x0.z, acc); acc = fmaf(f1.y, x0.w, acc);
                 acc = fmaf(f2.x, x1.x, acc); acc = fmaf(f2.y, x1.y, acc); acc = fmaf(f3.x, x1.z, acc); acc = fmaf(f3.y, x1.w, acc);
             }
             /* stage d is free: the task F16X_D later goes there */
-            if (rl < rows) {
+            if (rl < re) {
                 int pl = lane + 32 * jl;
                 if (pl < L.nch) w[d] = __ldg(L.w + pl);
-                if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
+                if (++jl == L.ppl) { jl = 0; if (++rl < re) L = f16x_at(a, rl); }
             }
             if (++j < C.ppl) continue;
             /* the row is complete */
@@ -291,8 +329,7 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
             if (!lane) *C.y = acc;
             acc = 0;
             j = 0;
-            r += gstride;
-            if (r < rows) C = f16x_at(a, r);
+            if (++r < re) C = f16x_at(a, r);
         }
     }
 }
@@ -343,6 +380,27 @@ __device__ void idx_head(float *g, float *w, int ihd, int rd, const double *freq
     if (threadIdx.x == 0) *w *= wscale;
 }
 
+/* a or b field by field: one copy of the step's code, and no local-memory
+ * copy of a parameter struct (as `blockIdx.x ? b : a` made). */
+__device__ __forceinline__ comp_job comp_pick(const comp_job &a, const comp_job &b, bool second) {
+    comp_job c;
+    c.pk = second ? b.pk : a.pk;
+    c.pg = second ? b.pg : a.pg;
+    c.ape = second ? b.ape : a.ape;
+    c.ape_rb = second ? b.ape_rb : a.ape_rb;
+    c.ape_type = second ? b.ape_type : a.ape_type;
+    c.R = second ? b.R : a.R;
+    c.lanes = second ? b.lanes : a.lanes;
+    c.D = second ? b.D : a.D;
+    c.kv = second ? b.kv : a.kv;
+    c.gate = second ? b.gate : a.gate;
+    c.keep = second ? b.keep : a.keep;
+    c.norm_w = second ? b.norm_w : a.norm_w;
+    c.out = second ? b.out : a.out;
+    c.indexer = second ? b.indexer : a.indexer;
+    return c;
+}
+
 /* What follows k_mv_f16x for a decode token, one launch: block 0 the
  * attention compressor's step, block 1 the indexer compressor's (ncomp 2),
  * blocks ncomp … ncomp+ih−1 the indexer's query heads (ih 0: no selection
@@ -352,8 +410,7 @@ __device__ void idx_head(float *g, float *w, int ihd, int rd, const double *freq
 __global__ void k_comp_idx(comp_job a, comp_job b, int ncomp, float *iq, float *iw, int ihd, int rd,
                            const double *freq, const dstep *st, float eps, float wscale) {
     pdl_wait();
-    if (blockIdx.x == 0) comp_one_block(a, st, freq, rd, eps);
-    else if ((int)blockIdx.x < ncomp) comp_one_block(b, st, freq, rd, eps);
+    if ((int)blockIdx.x < ncomp) comp_one_block(comp_pick(a, b, blockIdx.x == 1), st, freq, rd, eps);
     else {
         int h = (int)blockIdx.x - ncomp;
         idx_head(iq + (int64_t)h * ihd, iw + h, ihd, rd, freq, st[0].pos, wscale);

@@ -992,15 +992,13 @@ static bool f16x_add(const gpu_backend *be, f16x_set *a, const ds4_tensor *T, in
     a->nseg++;
     return true;
 }
-/* k_mv_f16x over the set: a warp a row, at most the blocks resident at
- * once (their count cached per shared-memory size: two sizes a model). */
+/* k_mv_f16x over the set: up to a warp a row, at most the blocks resident
+ * at once. */
 static void launch_f16x(cudaStream_t s, const f16x_set *a) {
-    static int64_t c_sm[2] = {-1, -1};
-    static int c_fit[2];
-    int64_t sm = (int64_t)(a->n[0] + a->n[1]) * 4, need = (a->end[a->nseg - 1] + SX_WARPS - 1) / SX_WARPS;
-    int i = c_sm[0] == sm ? 0 : 1;
-    if (c_sm[i] != sm) { c_fit[i] = sx_fit(k_mv_f16x, sm); c_sm[i] = sm; }
-    launch(k_mv_f16x, dim3((unsigned)(need < c_fit[i] ? need : c_fit[i])), 32 * SX_WARPS, (size_t)sm, s, *a);
+    static int fit;
+    if (!fit) fit = sx_fit(k_mv_f16x, 0, 32 * F16X_WARPS);
+    int64_t need = (a->end[a->nseg - 1] + F16X_WARPS - 1) / F16X_WARPS;
+    launch(k_mv_f16x, dim3((unsigned)(need < fit ? need : fit)), 32 * F16X_WARPS, 0, s, *a);
 }
 static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const ds4_tensor *norm, int R, int lanes,
                             int D, float *pk, float *pg, float *rkv, float *rg, uint32_t keep, float *rows, bool indexer) {
@@ -1028,7 +1026,6 @@ static bool comp_decode(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_
     if (idx && (!f16x_add(be, &a, &L->idx_comp_kv, 0, be->ik) || !f16x_add(be, &a, &L->idx_comp_gate, 0, be->ig)))
         return false;
     if (sel && (!f16x_add(be, &a, &L->idx_proj, 0, be->iw) || !f16x_add(be, &a, &L->idx_q_b, 1, be->iq))) return false;
-    if ((int64_t)(a.n[0] + a.n[1]) * 4 > RP_SX_MAX) return false;
     launch_f16x(be->s, &a);
     comp_job c = comp_job_of(be, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck, be->cg, ls->ckv,
                              ls->cgate, ls->keep_c, ls->comp, false);
@@ -2027,7 +2024,7 @@ extern "C" int ds4_cuda_test_idx_scores_f32(const float *iq, const float *iw, co
 extern "C" int ds4_cuda_test_matvec_f16x(int nseg, const uint16_t *const *w, const int64_t *rows, const int *xi,
                                          const float *x0, int64_t n0, const float *x1, int64_t n1, float *y, char *err,
                                          size_t errlen) {
-    if (nseg < 1 || nseg > F16X_SEGS || n0 < 8 || n0 % 8 || n1 < 0 || n1 % 8 || (n0 + n1) * 4 > RP_SX_MAX)
+    if (nseg < 1 || nseg > F16X_SEGS || n0 < 8 || n0 % 8 || n1 < 0 || n1 % 8)
         return ds4_errf(err, errlen, "matvec f16x: bad shape");
     f16x_set a = {};
     a.n[0] = (int32_t)n0;
