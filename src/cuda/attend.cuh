@@ -209,34 +209,30 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
  * compressor's kv and gate (normed input n), on ratio-4 layers also the
  * indexer compressor's kv and gate, indexer.proj (n) and indexer.attn_q_b
  * (the normed q_a), 38 MB on a ratio-4 layer of the real model. They are
- * independent, so k_mv_f16x takes them all in one launch: a warp a row,
- * a lane's pieces (8 halves: the chunks lane, lane+32, …) summed in order
- * with fmaf and then warp_sum — k_matvec's arithmetic, so its rows have
- * k_matvec's bits. The rows of every matrix form one sequence (tasks: a
- * row's pieces a lane), cut into contiguous runs of about equal task counts,
- * a run a warp: a warp streams contiguous memory, and a set with fewer
- * rows than warps spreads over every SM. As k_mv_q8x, the first F16X_D
- * pieces of a lane (a whole 4096-wide row) are loaded BEFORE pdl_wait
- * (weights are constants: they travel while the previous kernel runs), then
- * the stream walks as a ring (the piece F16X_D later goes into the stage
- * just used). x is read through L1 (every warp of an SM reads the same). */
+ * independent, so k_mv_f16x takes them all in one launch: a warp a row
+ * (rows of every matrix in one sequence), a lane's pieces (8 halves, the
+ * chunks lane, lane+32, …) summed in order with fmaf and then warp_sum —
+ * k_matvec's arithmetic, so its rows have k_matvec's bits. As k_mv_q8x,
+ * the first F16X_D pieces of a lane are loaded BEFORE pdl_wait (weights are
+ * constants: they travel while the previous kernel runs), then the stream
+ * walks as a ring (the piece F16X_D later goes into the stage just used);
+ * both inputs in shared memory. The grid is at most the blocks resident at
+ * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). */
 #define F16X_SEGS 6
-#define F16X_D 16
-#define F16X_WARPS 4
+#define F16X_D 8
 struct f16x_set {
     const uint8_t *w[F16X_SEGS];   /* F16 rows of n[xi[s]] values, 2·n bytes each */
     float *y[F16X_SEGS];
     int32_t end[F16X_SEGS];        /* rows of segments 0 … s together */
     int32_t xi[F16X_SEGS];         /* the segment's input: 0 or 1 */
     int32_t nseg;                  /* 1 … F16X_SEGS */
-    const float *x[2];             /* 16-byte aligned */
+    const float *x[2];
     int32_t n[2];                  /* inputs of x[0], x[1]: multiples of 8 (n[1] = 0: no second input) */
 };
 struct f16x_row {
-    const uint4 *w;    /* the row's pieces */
-    const float4 *x;   /* its input */
-    float *y;          /* its output */
-    int nch, ppl;      /* pieces, pieces a lane */
+    const uint4 *w;   /* the row's pieces */
+    float *y;         /* its output */
+    int xo, nch, ppl; /* its input's offset in shared memory, pieces, pieces a lane */
 };
 /* Row r (< the set's rows) of the sequence: segment by the ends (ascending),
  * fields picked by constant indices (no local copy of the parameters). */
@@ -251,77 +247,61 @@ __device__ __forceinline__ f16x_row f16x_at(const f16x_set &a, int64_t r) {
     f16x_row o;
     int n = xi ? a.n[1] : a.n[0];
     o.w = (const uint4 *)(w + (uint64_t)(r - r0) * (uint64_t)n * 2);
-    o.x = (const float4 *)(xi ? a.x[1] : a.x[0]);
     o.y = y + (r - r0);
+    o.xo = xi ? a.n[0] : 0;
     o.nch = n / 8;
     o.ppl = (o.nch + 31) / 32;
     return o;
 }
-/* The first row whose first task is at or after task T (T = the total:
- * the row count). */
-__device__ __forceinline__ int64_t f16x_first(const f16x_set &a, int64_t T) {
-    int64_t r0 = 0, t0 = 0, res = -1;
-#pragma unroll
-    for (int i = 0; i < F16X_SEGS; i++)
-        if (i < a.nseg && res < 0) {
-            int64_t ppl = ((a.xi[i] ? a.n[1] : a.n[0]) / 8 + 31) / 32, t = (a.end[i] - r0) * ppl;
-            if (T <= t0 + t) res = r0 + (T - t0 + ppl - 1) / ppl;
-            r0 = a.end[i];
-            t0 += t;
-        }
-    return res < 0 ? r0 : res;
-}
-__device__ __forceinline__ int64_t f16x_tasks(const f16x_set &a) {
-    int64_t r0 = 0, t0 = 0;
-#pragma unroll
-    for (int i = 0; i < F16X_SEGS; i++)
-        if (i < a.nseg) {
-            t0 += (a.end[i] - r0) * (((a.xi[i] ? a.n[1] : a.n[0]) / 8 + 31) / 32);
-            r0 = a.end[i];
-        }
-    return t0;
-}
-__global__ void __launch_bounds__(32 * F16X_WARPS, 4) k_mv_f16x(f16x_set a) {
+__global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
+    extern __shared__ float4 fxs[];
     const int lane = threadIdx.x & 31;
-    const int64_t G = (int64_t)gridDim.x * F16X_WARPS, gw = (int64_t)blockIdx.x * F16X_WARPS + (threadIdx.x >> 5);
-    const int64_t P = f16x_tasks(a), re = f16x_first(a, (gw + 1) * P / G);
+    int64_t rows = a.end[0];
+#pragma unroll
+    for (int i = 1; i < F16X_SEGS; i++)
+        if (i < a.nseg) rows = a.end[i];
+    const int64_t gstride = (int64_t)gridDim.x * SX_WARPS, rbase = (int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5);
     /* the load stream: row rl, piece jl (F16X_D tasks ahead of the compute) */
-    int64_t rl = f16x_first(a, gw * P / G);
-    const int64_t rb = rl;
+    int64_t rl = rbase;
     int jl = 0;
-    f16x_row L = f16x_at(a, rl < re ? rl : 0);
+    f16x_row L = f16x_at(a, rl < rows ? rl : 0);
     const f16x_row C0 = L;
     uint4 w[F16X_D];
 #pragma unroll
     for (int d = 0; d < F16X_D; d++) {
-        if (rl >= re) break;
+        if (rl >= rows) break;
         int p = lane + 32 * jl;
         if (p < L.nch) w[d] = __ldg(L.w + p);
-        if (++jl == L.ppl) { jl = 0; if (++rl < re) L = f16x_at(a, rl); }
+        if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
     }
     pdl_wait();   /* the inputs are earlier kernels' outputs */
+    float *xs = (float *)fxs;
+    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) fxs[q] = ((const float4 *)a.x[0])[q];
+    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) fxs[a.n[0] / 4 + q] = ((const float4 *)a.x[1])[q];
+    __syncthreads();
     /* the compute stream: row r, piece j */
-    int64_t r = rb;
+    int64_t r = rbase;
     int j = 0;
     f16x_row C = C0;
     float acc = 0;
-    while (r < re) {
+    while (r < rows) {
 #pragma unroll
         for (int d = 0; d < F16X_D; d++) {
-            if (r >= re) break;
+            if (r >= rows) break;
             int p = lane + 32 * j;
             if (p < C.nch) {   /* chunk_fma's order: elements 8p … 8p+7 */
-                float4 x0 = __ldg(C.x + 2 * p), x1 = __ldg(C.x + 2 * p + 1);
+                const float4 *xp = (const float4 *)(xs + C.xo) + 2 * p;
+                float4 x0 = xp[0], x1 = xp[1];
                 float2 f0 = __half22float2(*(const __half2 *)&w[d].x), f1 = __half22float2(*(const __half2 *)&w[d].y);
                 float2 f2 = __half22float2(*(const __half2 *)&w[d].z), f3 = __half22float2(*(const __half2 *)&w[d].w);
                 acc = fmaf(f0.x, x0.x, acc); acc = fmaf(f0.y, x0.y, acc); acc = fmaf(f1.x, x0.z, acc); acc = fmaf(f1.y, x0.w, acc);
                 acc = fmaf(f2.x, x1.x, acc); acc = fmaf(f2.y, x1.y, acc); acc = fmaf(f3.x, x1.z, acc); acc = fmaf(f3.y, x1.w, acc);
             }
             /* stage d is free: the task F16X_D later goes there */
-            if (rl < re) {
+            if (rl < rows) {
                 int pl = lane + 32 * jl;
                 if (pl < L.nch) w[d] = __ldg(L.w + pl);
-                if (++jl == L.ppl) { jl = 0; if (++rl < re) L = f16x_at(a, rl); }
+                if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
             }
             if (++j < C.ppl) continue;
             /* the row is complete */
@@ -329,9 +309,34 @@ __global__ void __launch_bounds__(32 * F16X_WARPS, 4) k_mv_f16x(f16x_set a) {
             if (!lane) *C.y = acc;
             acc = 0;
             j = 0;
-            if (++r < re) C = f16x_at(a, r);
+            r += gstride;
+            if (r < rows) C = f16x_at(a, r);
         }
     }
+}
+
+/* The compressor's two products of one decode x (comp_kv and comp_gate:
+ * same type and shape) in one launch, blockIdx.y picking the matrix: twice
+ * the blocks of one k_matvec / k_matvec_wide (whose arithmetic each half
+ * keeps: a block per row when wide, else a warp per row). Decode's ratio-128
+ * layers: their 2 × 512 rows take 5.9 µs here against 10.5 in k_mv_f16x
+ * (H100, nsys, PDL off; 128 blocks of k_mv_f16x for 1024 rows). */
+__global__ void k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict__ Wb, uint64_t rb,
+                             int64_t n_in, int64_t rows, const float *__restrict__ x, float *ya, float *yb, bool wide) {
+    pdl_wait();
+    const uint8_t *W = blockIdx.y ? Wb : Wa;
+    float *y = blockIdx.y ? yb : ya;
+    if (wide) {
+        __shared__ float sh[32];
+        float acc = block_sum(row_dot(type, W + (uint64_t)blockIdx.x * rb, n_in / 8, x, threadIdx.x, blockDim.x), sh);
+        if (threadIdx.x == 0) y[blockIdx.x] = acc;
+        return;
+    }
+    int lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    float acc = warp_sum(row_dot(type, W + (uint64_t)r * rb, n_in / 8, x, lane, 32));
+    if (!lane) y[r] = acc;
 }
 
 /* One decode token's compressor step (spec §4.5) in one block: the

@@ -992,13 +992,15 @@ static bool f16x_add(const gpu_backend *be, f16x_set *a, const ds4_tensor *T, in
     a->nseg++;
     return true;
 }
-/* k_mv_f16x over the set: up to a warp a row, at most the blocks resident
- * at once. */
+/* k_mv_f16x over the set: a warp a row, at most the blocks resident at
+ * once (their count cached per shared-memory size: two sizes a model). */
 static void launch_f16x(cudaStream_t s, const f16x_set *a) {
-    static int fit;
-    if (!fit) fit = sx_fit(k_mv_f16x, 0, 32 * F16X_WARPS);
-    int64_t need = (a->end[a->nseg - 1] + F16X_WARPS - 1) / F16X_WARPS;
-    launch(k_mv_f16x, dim3((unsigned)(need < fit ? need : fit)), 32 * F16X_WARPS, 0, s, *a);
+    static int64_t c_sm[2] = {-1, -1};
+    static int c_fit[2];
+    int64_t sm = (int64_t)(a->n[0] + a->n[1]) * 4, need = (a->end[a->nseg - 1] + SX_WARPS - 1) / SX_WARPS;
+    int i = c_sm[0] == sm ? 0 : 1;
+    if (c_sm[i] != sm) { c_fit[i] = sx_fit(k_mv_f16x, sm); c_sm[i] = sm; }
+    launch(k_mv_f16x, dim3((unsigned)(need < c_fit[i] ? need : c_fit[i])), 32 * SX_WARPS, (size_t)sm, s, *a);
 }
 static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const ds4_tensor *norm, int R, int lanes,
                             int D, float *pk, float *pg, float *rkv, float *rg, uint32_t keep, float *rows, bool indexer) {
@@ -1007,26 +1009,41 @@ static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const 
     return c;
 }
 
-/* A decode token's compressors and, on ratio-4 layers, its indexer: every
- * F16 product of both (after q_a's norm) in one k_mv_f16x, both compressor
- * steps and the query heads in one k_comp_idx, then (select) scores and
- * top-k — 2 + 2 launches where compress() + indexer() take 9. False,
- * before any launch, where the shapes do not fit (the chunk path runs). */
+/* A decode token's compressors and, on ratio-4 layers, its indexer: the
+ * products in one launch (ratio 4: every F16 product of both, after q_a's
+ * norm, in k_mv_f16x; ratio 128: k_matvec_two, faster on its 1024 rows),
+ * both compressor steps and the query heads in one k_comp_idx, then
+ * (select) scores and top-k — 2 + 2 launches where compress() + indexer()
+ * take 9. False, before any launch, where the shapes do not fit (the chunk
+ * path runs). */
 static bool comp_decode(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, uint32_t p0, bool select,
                         const double *freq) {
     const ds4_hparams *hp = be->hp;
     int64_t hd = hp->head_dim, ih = hp->idx_n_head, ihd = hp->idx_head_dim;
     bool idx = ls->ratio == 4, sel = idx && select;
-    f16x_set a = {};
-    a.x[0] = be->nrm;
-    a.n[0] = (int32_t)hp->n_embd;
-    if (sel) { a.x[1] = be->qa; a.n[1] = (int32_t)hp->q_lora; }
-    /* rows of n_embd inputs first, then idx_q_b's of q_lora */
-    if (!f16x_add(be, &a, &L->comp_kv, 0, be->ck) || !f16x_add(be, &a, &L->comp_gate, 0, be->cg)) return false;
-    if (idx && (!f16x_add(be, &a, &L->idx_comp_kv, 0, be->ik) || !f16x_add(be, &a, &L->idx_comp_gate, 0, be->ig)))
-        return false;
-    if (sel && (!f16x_add(be, &a, &L->idx_proj, 0, be->iw) || !f16x_add(be, &a, &L->idx_q_b, 1, be->iq))) return false;
-    launch_f16x(be->s, &a);
+    const ds4_tensor *tkv = &L->comp_kv, *tg = &L->comp_gate;
+    if (idx) {
+        f16x_set a = {};
+        a.x[0] = be->nrm;
+        a.n[0] = (int32_t)hp->n_embd;
+        if (sel) { a.x[1] = be->qa; a.n[1] = (int32_t)hp->q_lora; }
+        /* rows of n_embd inputs first, then idx_q_b's of q_lora */
+        if (!f16x_add(be, &a, tkv, 0, be->ck) || !f16x_add(be, &a, tg, 0, be->cg) ||
+            !f16x_add(be, &a, &L->idx_comp_kv, 0, be->ik) || !f16x_add(be, &a, &L->idx_comp_gate, 0, be->ig))
+            return false;
+        if (sel && (!f16x_add(be, &a, &L->idx_proj, 0, be->iw) || !f16x_add(be, &a, &L->idx_q_b, 1, be->iq))) return false;
+        if ((int64_t)(a.n[0] + a.n[1]) * 4 > RP_SX_MAX) return false;
+        launch_f16x(be->s, &a);
+    } else {
+        if (tkv->type != tg->type || repacked(tkv->type) || tkv->row_bytes != tg->row_bytes || tkv->ne[0] != tg->ne[0] ||
+            tkv->ne[1] != tg->ne[1])
+            return false;
+        int64_t r = tkv->ne[1];
+        bool wide = r < WIDE_ROWS && tkv->ne[0] >= 2048;   /* matvec_g's choice of kernel */
+        launch(k_matvec_two, dim3((unsigned)(wide ? r : (r + MV_WARPS - 1) / MV_WARPS), 2), wide ? 256 : 32 * MV_WARPS,
+               0, be->s, (int)tkv->type, DW(be, tkv), DW(be, tg), tkv->row_bytes, tkv->ne[0], r,
+               (const float *)be->nrm, be->ck, be->cg, wide);
+    }
     comp_job c = comp_job_of(be, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck, be->cg, ls->ckv,
                              ls->cgate, ls->keep_c, ls->comp, false);
     comp_job ci = {};
@@ -2024,7 +2041,7 @@ extern "C" int ds4_cuda_test_idx_scores_f32(const float *iq, const float *iw, co
 extern "C" int ds4_cuda_test_matvec_f16x(int nseg, const uint16_t *const *w, const int64_t *rows, const int *xi,
                                          const float *x0, int64_t n0, const float *x1, int64_t n1, float *y, char *err,
                                          size_t errlen) {
-    if (nseg < 1 || nseg > F16X_SEGS || n0 < 8 || n0 % 8 || n1 < 0 || n1 % 8)
+    if (nseg < 1 || nseg > F16X_SEGS || n0 < 8 || n0 % 8 || n1 < 0 || n1 % 8 || (n0 + n1) * 4 > RP_SX_MAX)
         return ds4_errf(err, errlen, "matvec f16x: bad shape");
     f16x_set a = {};
     a.n[0] = (int32_t)n0;
