@@ -143,40 +143,60 @@ __device__ __forceinline__ float deq_one(int type, const uint8_t *row, int64_t j
  * bR, QAT, f16 (comp_emit of the CPU). A position's inputs come from the
  * chunk's projections (pk, pg + ape) when it is in the chunk, else from the
  * ring (stored with ape): the ring is updated after this kernel, so a long
- * chunk never overwrites inputs a block still needs. Blocks of ≥ D threads. */
+ * chunk never overwrites inputs a block still needs. bi: the block's index
+ * among the chunk's emissions (blockIdx.x of k_comp_emit). */
+#define COMP_B 8   /* positions whose inputs an emission loads together */
 __device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
                                 const float *kv, const float *gate, uint32_t keep, int R, int lanes, int D,
                                 const dstep *st, int64_t T, const float *norm_w, const double *freq, int rd, float eps,
-                                bool indexer, float *out) {
+                                bool indexer, float *out, int64_t bi) {
     extern __shared__ float sv[];
     __shared__ double shd[32];
-    uint64_t p0 = st[0].pos, b = p0 / (uint64_t)R + blockIdx.x;
+    uint64_t p0 = st[0].pos, b = p0 / (uint64_t)R + (uint64_t)bi;
     if ((b + 1) * (uint64_t)R > p0 + (uint64_t)T) return;   /* not completed in this chunk (uniform per block) */
     int W = lanes * D;
     uint64_t bR = b * R;
     bool prev = lanes == 2 && b > 0;
     int off = lanes == 2 ? D : 0;
-#define CG(q, c) ((q) >= p0 ? pg[((q) - p0) * W + (c)] + deq_one(ape_type, ape + ((q) % R) * ape_rb, (c)) \
-                            : gate[((q) % keep) * W + (c)])
-#define CK(q, c) ((q) >= p0 ? pk[((q) - p0) * W + (c)] : kv[((q) % keep) * W + (c)])
+    /* The block's positions in ascending order (lane a of the previous
+     * block, then this block's lane b), COMP_B at a time: their inputs are
+     * loaded together (pointers first, then the loads, then ape where the
+     * position is in the chunk), so a column costs a few memory round trips,
+     * not one per position (decode's R = 4 emission step: 24 → 17 µs, a
+     * step without emission 5). The arithmetic and its order are the
+     * per-position loop's. */
+    const uint64_t q0 = prev ? bR - R : bR, nq = bR + R - q0;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float m = -INFINITY;
-        if (prev) for (uint64_t t = bR - R; t < bR; t++) m = fmaxf(m, CG(t, j));
-        for (uint64_t t = bR; t < bR + R; t++) m = fmaxf(m, CG(t, off + j));
-        float den = 0, acc = 0;
-        if (prev)
-            for (uint64_t t = bR - R; t < bR; t++) {
-                float w = expf(CG(t, j) - m);
-                den += w; acc += w * CK(t, j);
+        float m = -INFINITY, den = 0, acc = 0;
+        for (int pass = 0; pass < 2; pass++)
+            for (uint64_t i0 = 0; i0 < nq; i0 += COMP_B) {
+                const float *gp[COMP_B], *kp[COMP_B];
+                float g[COMP_B], k[COMP_B];
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
+                    int c = q < bR ? j : off + j;
+                    bool in = q >= p0;
+                    gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
+                    kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
+                }
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass) k[i] = *kp[i]; }
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + i0 + i;
+                    if (i0 + i < nq && q >= p0) g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
+                }
+#pragma unroll
+                for (int i = 0; i < COMP_B; i++) {
+                    if (i0 + i >= nq) break;
+                    if (!pass) { m = fmaxf(m, g[i]); continue; }
+                    float w = expf(g[i] - m);
+                    den += w; acc += w * k[i];
+                }
             }
-        for (uint64_t t = bR; t < bR + R; t++) {
-            float w = expf(CG(t, off + j) - m);
-            den += w; acc += w * CK(t, off + j);
-        }
         sv[j] = acc / den;
     }
-#undef CG
-#undef CK
     __syncthreads();
     blk_rmsnorm(sv, D, norm_w, eps, shd);
     blk_rope(sv + D - rd, rd / 2, freq, (int64_t)bR, false);
@@ -190,31 +210,117 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
                             float *out) {
     pdl_wait();
     comp_emit_block(pk, pg, ape_type, ape, ape_rb, kv, gate, keep, R, lanes, D, st, T, norm_w, freq, rd, eps, indexer,
-                    out);
+                    out, blockIdx.x);
 }
 
-/* One decode token's compressor step in one block (was k_comp_emit +
- * k_comp_store, two launches of one block each): the emission of the block
- * it completes, if any, then its ring store (k_comp_store's arithmetic).
- * The barrier between them keeps the order of the two launches: every ring
- * read of the emission is done before the token's slot is overwritten.
- * nthreads(D) threads, D floats of dynamic shared memory. */
-__global__ void k_comp_one(const float *pk, const float *pg, int ape_type, const uint8_t *ape, uint64_t ape_rb,
-                           float *kv, float *gate, uint32_t keep, int R, int lanes, int D, const dstep *st,
-                           const float *norm_w, const double *freq, int rd, float eps, bool indexer, float *out) {
-    pdl_wait();
-    comp_emit_block(pk, pg, ape_type, ape, ape_rb, kv, gate, keep, R, lanes, D, st, 1, norm_w, freq, rd, eps, indexer,
-                    out);
+/* ---- decode: the compressors' and the indexer's products and row steps ------
+ * One decode token of a layer with a compressor runs, besides attention,
+ * up to six F16 products of two inputs (spec §4.5, §4.6): the attention
+ * compressor's kv and gate (normed input n), on ratio-4 layers also the
+ * indexer compressor's kv and gate, indexer.proj (n) and indexer.attn_q_b
+ * (the normed q_a), 38 MB on a ratio-4 layer of the real model. They are
+ * independent, so k_mv_f16x takes them all in one launch: a warp a row
+ * (rows of every matrix in one sequence), a lane's pieces (8 halves, the
+ * chunks lane, lane+32, …) summed in order with fmaf and then warp_sum —
+ * k_matvec's arithmetic, so its rows have k_matvec's bits. As k_mv_q8x,
+ * the first F16X_D pieces of a lane are loaded BEFORE pdl_wait (weights are
+ * constants: they travel while the previous kernel runs), then the stream
+ * walks as a ring (the piece F16X_D later goes into the stage just used);
+ * both inputs in shared memory. The grid is at most the blocks resident at
+ * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). */
+#define F16X_SEGS 6
+#define F16X_D 8
+struct f16x_set {
+    const uint8_t *w[F16X_SEGS];   /* F16 rows of n[xi[s]] values, 2·n bytes each */
+    float *y[F16X_SEGS];
+    int32_t end[F16X_SEGS];        /* rows of segments 0 … s together */
+    int32_t xi[F16X_SEGS];         /* the segment's input: 0 or 1 */
+    int32_t nseg;                  /* 1 … F16X_SEGS */
+    const float *x[2];
+    int32_t n[2];                  /* inputs of x[0], x[1]: multiples of 8 (n[1] = 0: no second input) */
+};
+struct f16x_row {
+    const uint4 *w;   /* the row's pieces */
+    float *y;         /* its output */
+    int xo, nch, ppl; /* its input's offset in shared memory, pieces, pieces a lane */
+};
+/* Row r (< the set's rows) of the sequence: segment by the ends (ascending),
+ * fields picked by constant indices (no local copy of the parameters). */
+__device__ __forceinline__ f16x_row f16x_at(const f16x_set &a, int64_t r) {
+    const uint8_t *w = a.w[0];
+    float *y = a.y[0];
+    int64_t r0 = 0;
+    int xi = a.xi[0];
+#pragma unroll
+    for (int i = 1; i < F16X_SEGS; i++)
+        if (i < a.nseg && r >= a.end[i - 1]) { w = a.w[i]; y = a.y[i]; r0 = a.end[i - 1]; xi = a.xi[i]; }
+    f16x_row o;
+    int n = xi ? a.n[1] : a.n[0];
+    o.w = (const uint4 *)(w + (uint64_t)(r - r0) * (uint64_t)n * 2);
+    o.y = y + (r - r0);
+    o.xo = xi ? a.n[0] : 0;
+    o.nch = n / 8;
+    o.ppl = (o.nch + 31) / 32;
+    return o;
+}
+__global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
+    extern __shared__ float4 fxs[];
+    const int lane = threadIdx.x & 31;
+    int64_t rows = a.end[0];
+#pragma unroll
+    for (int i = 1; i < F16X_SEGS; i++)
+        if (i < a.nseg) rows = a.end[i];
+    const int64_t gstride = (int64_t)gridDim.x * SX_WARPS, rbase = (int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5);
+    /* the load stream: row rl, piece jl (F16X_D tasks ahead of the compute) */
+    int64_t rl = rbase;
+    int jl = 0;
+    f16x_row L = f16x_at(a, rl < rows ? rl : 0);
+    const f16x_row C0 = L;
+    uint4 w[F16X_D];
+#pragma unroll
+    for (int d = 0; d < F16X_D; d++) {
+        if (rl >= rows) break;
+        int p = lane + 32 * jl;
+        if (p < L.nch) w[d] = __ldg(L.w + p);
+        if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
+    }
+    pdl_wait();   /* the inputs are earlier kernels' outputs */
+    float *xs = (float *)fxs;
+    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) fxs[q] = ((const float4 *)a.x[0])[q];
+    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) fxs[a.n[0] / 4 + q] = ((const float4 *)a.x[1])[q];
     __syncthreads();
-    int W = lanes * D;
-    int64_t pos = st[0].pos;
-    uint32_t slot = (uint32_t)(pos % keep);
-    for (int c = threadIdx.x; c < W / 8; c += blockDim.x) {
-        float v[8];
-        deq_chunk(ape_type, ape + (uint64_t)(pos % R) * ape_rb, c, v);
-        for (int k = 0; k < 8; k++) {
-            kv[(size_t)slot * W + 8 * c + k] = pk[8 * c + k];
-            gate[(size_t)slot * W + 8 * c + k] = pg[8 * c + k] + v[k];
+    /* the compute stream: row r, piece j */
+    int64_t r = rbase;
+    int j = 0;
+    f16x_row C = C0;
+    float acc = 0;
+    while (r < rows) {
+#pragma unroll
+        for (int d = 0; d < F16X_D; d++) {
+            if (r >= rows) break;
+            int p = lane + 32 * j;
+            if (p < C.nch) {   /* chunk_fma's order: elements 8p … 8p+7 */
+                const float4 *xp = (const float4 *)(xs + C.xo) + 2 * p;
+                float4 x0 = xp[0], x1 = xp[1];
+                float2 f0 = __half22float2(*(const __half2 *)&w[d].x), f1 = __half22float2(*(const __half2 *)&w[d].y);
+                float2 f2 = __half22float2(*(const __half2 *)&w[d].z), f3 = __half22float2(*(const __half2 *)&w[d].w);
+                acc = fmaf(f0.x, x0.x, acc); acc = fmaf(f0.y, x0.y, acc); acc = fmaf(f1.x, x0.z, acc); acc = fmaf(f1.y, x0.w, acc);
+                acc = fmaf(f2.x, x1.x, acc); acc = fmaf(f2.y, x1.y, acc); acc = fmaf(f3.x, x1.z, acc); acc = fmaf(f3.y, x1.w, acc);
+            }
+            /* stage d is free: the task F16X_D later goes there */
+            if (rl < rows) {
+                int pl = lane + 32 * jl;
+                if (pl < L.nch) w[d] = __ldg(L.w + pl);
+                if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
+            }
+            if (++j < C.ppl) continue;
+            /* the row is complete */
+            acc = warp_sum(acc);
+            if (!lane) *C.y = acc;
+            acc = 0;
+            j = 0;
+            r += gstride;
+            if (r < rows) C = f16x_at(a, r);
         }
     }
 }
@@ -222,7 +328,9 @@ __global__ void k_comp_one(const float *pk, const float *pg, int ape_type, const
 /* The compressor's two products of one decode x (comp_kv and comp_gate:
  * same type and shape) in one launch, blockIdx.y picking the matrix: twice
  * the blocks of one k_matvec / k_matvec_wide (whose arithmetic each half
- * keeps: a block per row when wide, else a warp per row). */
+ * keeps: a block per row when wide, else a warp per row). Decode's ratio-128
+ * layers: their 2 × 512 rows take 5.9 µs here against 10.5 in k_mv_f16x
+ * (H100, nsys, PDL off; 128 blocks of k_mv_f16x for 1024 rows). */
 __global__ void k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict__ Wb, uint64_t rb,
                              int64_t n_in, int64_t rows, const float *__restrict__ x, float *ya, float *yb, bool wide) {
     pdl_wait();
@@ -241,21 +349,96 @@ __global__ void k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uin
     if (!lane) y[r] = acc;
 }
 
-/* ---- indexer (spec §4.6) ------------------------------------------------------ */
+/* One decode token's compressor step (spec §4.5) in one block: the
+ * emission of the block it completes, if any (comp_emit_block), then its
+ * kv and gate + ape[pos % R] into their ring slot (k_comp_store's
+ * arithmetic). The barrier keeps the order of the chunk's two launches:
+ * every ring read of the emission is done before the slot is overwritten. */
+struct comp_job {
+    const float *pk, *pg;          /* the token's kv and gate products (W = lanes·D each) */
+    const uint8_t *ape;
+    uint64_t ape_rb;
+    int ape_type, R, lanes, D;
+    float *kv, *gate;              /* ring of the last keep positions */
+    uint32_t keep;
+    const float *norm_w;
+    float *out;                    /* compressed rows */
+    bool indexer;
+};
+__device__ void comp_one_block(const comp_job &c, const dstep *st, const double *freq, int rd, float eps) {
+    comp_emit_block(c.pk, c.pg, c.ape_type, c.ape, c.ape_rb, c.kv, c.gate, c.keep, c.R, c.lanes, c.D, st, 1, c.norm_w,
+                    freq, rd, eps, c.indexer, c.out, 0);
+    __syncthreads();
+    int W = c.lanes * c.D;
+    int64_t pos = st[0].pos;
+    uint32_t slot = (uint32_t)(pos % c.keep);
+    for (int k8 = threadIdx.x; k8 < W / 8; k8 += blockDim.x) {
+        float v[8];
+        deq_chunk(c.ape_type, c.ape + (uint64_t)(pos % c.R) * c.ape_rb, k8, v);
+        for (int k = 0; k < 8; k++) {
+            c.kv[(size_t)slot * W + 8 * k8 + k] = c.pk[8 * k8 + k];
+            c.gate[(size_t)slot * W + 8 * k8 + k] = c.pg[8 * k8 + k] + v[k];
+        }
+    }
+}
 
-/* Indexer query heads: RoPE on the tail, Hadamard+FP4; weights scaled. Block per (head, token). */
-__global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double *freq, const dstep *st, float wscale) {
-    pdl_wait();
+/* Indexer query head g (ihd values) of the token at pos: RoPE on the tail,
+ * Hadamard + FP4 (spec §4.6); its weight *w scaled. One block, ihd floats
+ * of dynamic shared memory. */
+__device__ void idx_head(float *g, float *w, int ihd, int rd, const double *freq, int64_t pos, float wscale) {
     extern __shared__ float sv[];
-    int64_t pos = st[blockIdx.y].pos;
-    iw += (int64_t)blockIdx.y * gridDim.x;
-    float *g = iq + ((int64_t)blockIdx.y * gridDim.x + blockIdx.x) * ihd;
     for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = g[k];
     __syncthreads();
     blk_rope(sv + ihd - rd, rd / 2, freq, pos, false);
     if (d_qat) blk_fp4(sv, ihd);
     for (int k = threadIdx.x; k < ihd; k += blockDim.x) g[k] = sv[k];
-    if (threadIdx.x == 0) iw[blockIdx.x] *= wscale;
+    if (threadIdx.x == 0) *w *= wscale;
+}
+
+/* a or b field by field: one copy of the step's code, and no local-memory
+ * copy of a parameter struct (as `blockIdx.x ? b : a` made). */
+__device__ __forceinline__ comp_job comp_pick(const comp_job &a, const comp_job &b, bool second) {
+    comp_job c;
+    c.pk = second ? b.pk : a.pk;
+    c.pg = second ? b.pg : a.pg;
+    c.ape = second ? b.ape : a.ape;
+    c.ape_rb = second ? b.ape_rb : a.ape_rb;
+    c.ape_type = second ? b.ape_type : a.ape_type;
+    c.R = second ? b.R : a.R;
+    c.lanes = second ? b.lanes : a.lanes;
+    c.D = second ? b.D : a.D;
+    c.kv = second ? b.kv : a.kv;
+    c.gate = second ? b.gate : a.gate;
+    c.keep = second ? b.keep : a.keep;
+    c.norm_w = second ? b.norm_w : a.norm_w;
+    c.out = second ? b.out : a.out;
+    c.indexer = second ? b.indexer : a.indexer;
+    return c;
+}
+
+/* What follows k_mv_f16x for a decode token, one launch: block 0 the
+ * attention compressor's step, block 1 the indexer compressor's (ncomp 2),
+ * blocks ncomp … ncomp+ih−1 the indexer's query heads (ih 0: no selection
+ * this step). Independent blocks (each writes only its own rows), so three
+ * launches become one. Blocks of ≥ 32 threads, max(D, ihd) floats of
+ * dynamic shared memory. */
+__global__ void k_comp_idx(comp_job a, comp_job b, int ncomp, float *iq, float *iw, int ihd, int rd,
+                           const double *freq, const dstep *st, float eps, float wscale) {
+    pdl_wait();
+    if ((int)blockIdx.x < ncomp) comp_one_block(comp_pick(a, b, blockIdx.x == 1), st, freq, rd, eps);
+    else {
+        int h = (int)blockIdx.x - ncomp;
+        idx_head(iq + (int64_t)h * ihd, iw + h, ihd, rd, freq, st[0].pos, wscale);
+    }
+}
+
+/* ---- indexer (spec §4.6) ------------------------------------------------------ */
+
+/* Indexer query heads of a chunk: block per (head, token), idx_head's step. */
+__global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double *freq, const dstep *st, float wscale) {
+    pdl_wait();
+    int64_t i = (int64_t)blockIdx.y * gridDim.x + blockIdx.x;
+    idx_head(iq + i * ihd, iw + i, ihd, rd, freq, st[blockIdx.y].pos, wscale);
 }
 
 /* score_c = Σ_h w_h · max(0, q_h · k_c) for the (pos+1)/4 visible rows of
@@ -265,15 +448,19 @@ __global__ void k_idx_heads(float *iq, float *iw, int ihd, int rd, const double 
  * scores. Tiles of 32 rows copied to shared memory (cp.async, row stride
  * ihd + 4 floats: a quarter-warp's 16-byte reads of 8 rows hit distinct
  * banks), a row per lane; warp w takes heads 8w … 8w+7 (and 64 on, … where
- * ih > 64) with q broadcast from L1, all 8 loads of a step issued together
- * (no early exit between them); the products meet in shared memory and
- * lanes of warp 0 sum them. Fixed grid over the state's capacity (decode
- * graphs replay at every position), blocks loop over tiles. 256 threads,
- * idx_scores_smem(ih, ihd) bytes of dynamic shared memory. */
+ * ih > 64) with q broadcast from shared memory (the token's ih·ihd q values
+ * copied with the first tile: read from L1/L2 a head at a time, each step's
+ * 8 loads were a round trip, 13.5 µs at 2K), all 8 loads of a step issued
+ * together (no early exit between them); the products meet in shared memory
+ * and lanes of warp 0 sum them. Fixed grid over the state's capacity
+ * (decode graphs replay at every position), blocks loop over tiles. 256
+ * threads, idx_scores_smem(ih, ihd) bytes of dynamic shared memory (57 KB at
+ * ih 64, ihd 128). */
 #define IDX_TILE 32
 #define IDX_HPT 8
 __host__ __device__ constexpr size_t idx_scores_smem(int ih, int ihd) {
-    return (size_t)IDX_TILE * (ihd + 4) * sizeof(float) + (size_t)IDX_TILE * (ih + 1) * sizeof(float);
+    return (size_t)IDX_TILE * (ihd + 4) * sizeof(float) + (size_t)ih * ihd * sizeof(float) +
+           (size_t)IDX_TILE * (ih + 1) * sizeof(float);
 }
 __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float *iw, const float *rows, const dstep *st,
                                                     int ih, int ihd, float *score, int64_t ld) {
@@ -282,11 +469,14 @@ __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float
     const int KS = ihd / 4 + 1, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int groups = (ih + IDX_HPT - 1) / IDX_HPT;
     float4 *srow = ixs_sm;                          /* IDX_TILE × KS */
-    float *se = (float *)(ixs_sm + IDX_TILE * KS);   /* IDX_TILE × (ih + 1): row lane's product of head h at lane·(ih+1) + h */
+    float4 *qs = ixs_sm + IDX_TILE * KS;            /* ih × ihd/4: the token's q */
+    float *se = (float *)(qs + ih * (ihd / 4));      /* IDX_TILE × (ih + 1): row lane's product of head h at lane·(ih+1) + h */
     const int64_t nrows = (st[blockIdx.y].pos + 1) / 4;
     const float4 *q4 = (const float4 *)(iq + (int64_t)blockIdx.y * ih * ihd), *r4 = (const float4 *)rows;
     iw += (int64_t)blockIdx.y * ih;
     score += (int64_t)blockIdx.y * ld;
+    if ((int64_t)blockIdx.x * IDX_TILE < nrows)   /* q with the first tile's rows (cp.async.wait_all below) */
+        for (int i = threadIdx.x; i < ih * (ihd / 4); i += blockDim.x) att_cp16(qs + i, q4 + i);
     for (int64_t r0 = (int64_t)blockIdx.x * IDX_TILE; r0 < nrows; r0 += (int64_t)gridDim.x * IDX_TILE) {
         __syncthreads();   /* the previous tile's rows and products are consumed */
         for (int i = threadIdx.x; i < IDX_TILE * (ihd / 4); i += blockDim.x) {
@@ -298,19 +488,19 @@ __global__ void __launch_bounds__(256) k_idx_scores(const float *iq, const float
         __syncthreads();
         for (int g = wid; g < groups; g += nw) {
             float acc[IDX_HPT];
-            const float4 *qh[IDX_HPT];   /* heads past ih read the last one, results unused: no branch */
+            int qh[IDX_HPT];   /* heads past ih read the last one, results unused: no branch */
             const int hb = g * IDX_HPT;
 #pragma unroll
             for (int j = 0; j < IDX_HPT; j++) {
                 acc[j] = 0;
-                qh[j] = q4 + (int64_t)(hb + j < ih ? hb + j : ih - 1) * (ihd / 4);
+                qh[j] = (hb + j < ih ? hb + j : ih - 1) * (ihd / 4);
             }
 #pragma unroll 2
             for (int c = 0; c < ihd / 4; c++) {
                 float4 x = srow[lane * KS + c];
 #pragma unroll
                 for (int j = 0; j < IDX_HPT; j++) {
-                    float4 y = __ldg(qh[j] + c);   /* same address in every lane */
+                    float4 y = qs[qh[j] + c];   /* same address in every lane: a broadcast */
                     acc[j] = fmaf(x.x, y.x, acc[j]); acc[j] = fmaf(x.y, y.y, acc[j]);
                     acc[j] = fmaf(x.z, y.z, acc[j]); acc[j] = fmaf(x.w, y.w, acc[j]);
                 }
@@ -337,7 +527,8 @@ __device__ __forceinline__ uint32_t fkey(float f) {
 }
 
 /* Top-k by radix select (4 passes of 8-bit histograms find the k-th best key
- * T and how many keys equal to T to take), then one ordered pass that keeps
+ * T and how many keys equal to T to take; with a key a thread, a bitwise
+ * search by block-wide counts instead), then one ordered pass that keeps
  * keys above T and the lowest-indexed ties: the CPU's selection exactly,
  * output ascending. One block of 1024 threads; thread i owns the contiguous
  * segment i·seg … of the keys, held in registers while seg ≤ TOPK_KPT (up
@@ -367,46 +558,63 @@ __global__ void __launch_bounds__(1024) k_topk(const float *score, const dstep *
     for (int j = 0; j < TOPK_KPT; j++) kr[j] = reg && a0 + j < a1 ? fkey(score[a0 + j]) : 0;
     /* key j0 + j of this thread's segment (in range: a0 + j0 + j < a1) */
 #define TOPK_KEY(j0, j) (reg ? kr[j] : fkey(score[a0 + (j0) + (j)]))
-    if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
-    uint32_t mask = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        const uint32_t pre = s_prefix;
-        for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
-#pragma unroll
-            for (int j = 0; j < TOPK_KPT; j++) {
-                uint32_t b = 256;   /* no count */
-                if (a0 + j0 + j < a1) {
-                    uint32_t key = TOPK_KEY(j0, j);
-                    if ((key & mask) == pre) b = (key >> shift) & 255;
-                }
-                uint32_t peers = __match_any_sync(0xffffffffu, b);
-                if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
-            }
-        __syncthreads();
-        if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
-            const uint32_t need = s_need;
-            uint32_t c[8], tot = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; tot += c[j]; }
-            uint32_t inc = tot;
-            for (int o = 1; o < 32; o <<= 1) {
-                uint32_t v = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o) inc += v;
-            }
-            uint32_t cum = inc - tot;
-            if (cum < need && inc >= need) {
-                int bin = 255 - 8 * lane;
-                for (int j = 0; j < 7 && cum + c[j] < need; j++, bin--) cum += c[j];
-                s_need = need - cum;
-                s_prefix = pre | (uint32_t)bin << shift;
-            }
+    uint32_t T, need_eq;
+    if (seg <= 1) {
+        /* A key a thread (n ≤ 1024: contexts up to 4K): T, the k-th best key,
+         * by a bitwise search from the top bit, one block-wide count a bit
+         * (__syncthreads_count) instead of four histogram passes. */
+        const bool has = a0 < a1;
+        uint32_t t = 0;
+        for (int bit = 31; bit >= 0; bit--) {
+            uint32_t c = t | 1u << bit;
+            if ((int64_t)__syncthreads_count(has && kr[0] >= c) >= k) t = c;
         }
-        mask |= 255u << shift;
-        __syncthreads();
+        T = t;
+        need_eq = (uint32_t)k - (uint32_t)__syncthreads_count(has && kr[0] > t);
+    } else {
+        if (tid == 0) { s_prefix = 0; s_need = (uint32_t)k; }
+        uint32_t mask = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+            __syncthreads();
+            const uint32_t pre = s_prefix;
+            for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)   /* the same trip counts in every lane */
+#pragma unroll
+                for (int j = 0; j < TOPK_KPT; j++) {
+                    if (j0 + j >= seg) break;   /* seg is the block's: every lane leaves together (seg < TOPK_KPT) */
+                    uint32_t b = 256;   /* no count */
+                    if (a0 + j0 + j < a1) {
+                        uint32_t key = TOPK_KEY(j0, j);
+                        if ((key & mask) == pre) b = (key >> shift) & 255;
+                    }
+                    uint32_t peers = __match_any_sync(0xffffffffu, b);
+                    if (b < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[b], (uint32_t)__popc(peers));
+                }
+            __syncthreads();
+            if (wid == 0) {   /* lane l owns bins 255−8l … 248−8l; the bin where the count from the top reaches need */
+                const uint32_t need = s_need;
+                uint32_t c[8], tot = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; tot += c[j]; }
+                uint32_t inc = tot;
+                for (int o = 1; o < 32; o <<= 1) {
+                    uint32_t v = __shfl_up_sync(0xffffffffu, inc, o);
+                    if (lane >= o) inc += v;
+                }
+                uint32_t cum = inc - tot;
+                if (cum < need && inc >= need) {
+                    int bin = 255 - 8 * lane;
+                    for (int j = 0; j < 7 && cum + c[j] < need; j++, bin--) cum += c[j];
+                    s_need = need - cum;
+                    s_prefix = pre | (uint32_t)bin << shift;
+                }
+            }
+            mask |= 255u << shift;
+            __syncthreads();
+        }
+        T = s_prefix;
+        need_eq = s_need;
     }
-    const uint32_t T = s_prefix, need_eq = s_need;
     uint32_t gt = 0, eq = 0;
     for (int64_t j0 = 0; j0 < seg; j0 += TOPK_KPT)
 #pragma unroll

@@ -921,32 +921,15 @@ static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_t
 
 /* One compressor over the chunk: project (from slot 0 = the normed input),
  * emit the rows of every block the chunk completes, then store the inputs
- * the next chunk needs in the ring (after the emission read them). A decode
- * token takes two launches instead of four: both products in one
- * (k_matvec_two, where the two matrices share type and shape), emission and
- * store in one block (k_comp_one). */
+ * the next chunk needs in the ring (after the emission read them). Decode
+ * takes comp_decode instead where the shapes fit. */
 static void compress(gpu_backend *be, int64_t n, const ds4_tensor *tkv, const ds4_tensor *tgate, const ds4_tensor *ape,
                      const ds4_tensor *norm, int R, int lanes, int D, float *pk, float *pg, float *rkv, float *rg,
                      uint32_t keep, float *rows, const double *freq, bool indexer) {
     const ds4_hparams *hp = be->hp;
     int W = lanes * D;
-    if (n == 1 && tkv->type == tgate->type && !repacked(tkv->type) && tkv->row_bytes == tgate->row_bytes &&
-        tkv->ne[0] == tgate->ne[0] && tkv->ne[1] == tgate->ne[1]) {
-        int64_t r = tkv->ne[1];
-        bool wide = r < WIDE_ROWS && tkv->ne[0] >= 2048;   /* matvec_g's choice of kernel */
-        launch(k_matvec_two, dim3((unsigned)(wide ? r : (r + MV_WARPS - 1) / MV_WARPS), 2), wide ? 256 : 32 * MV_WARPS,
-               0, be->s, (int)tkv->type, DW(be, tkv), DW(be, tgate), tkv->row_bytes, tkv->ne[0], r,
-               (const float *)be->nrm, pk, pg, wide);
-    } else {
-        mul(be, tkv, 0, be->nrm, n, pk, W);
-        mul(be, tgate, 0, be->nrm, n, pg, W);
-    }
-    if (n == 1) {
-        launch(k_comp_one, 1, nthreads(D), D * sizeof(float), be->s, (const float *)pk, (const float *)pg,
-               (int)ape->type, DW(be, ape), ape->row_bytes, rkv, rg, keep, R, lanes, D, (const dstep *)be->step,
-               DF(be, norm), freq, (int)hp->rope_dim, hp->rms_eps, indexer, rows);
-        return;
-    }
+    mul(be, tkv, 0, be->nrm, n, pk, W);
+    mul(be, tgate, 0, be->nrm, n, pg, W);
     launch(k_comp_emit, (unsigned)(n / R + 1), nthreads(D), D * sizeof(float), be->s,
         pk, pg, (int)ape->type, DW(be, ape), ape->row_bytes, rkv, rg, keep, R, lanes, D, be->step, n, DF(be, norm), freq,
         (int)hp->rope_dim, hp->rms_eps, indexer, rows);
@@ -979,23 +962,14 @@ static void attend(cudaStream_t s, const float *q, float qeps, float *o, const f
            part, ml, st0, st, window, ratio, topk, sinks, hd, rd, freq, ATT_SPLITS, o);
 }
 
-/* Indexer of a ratio-4 layer for the chunk: its compressor, then (select)
- * scores and top-k for every token, in sub-batches of the state's score
- * rows. A token with no more visible rows than top_k skips the selection
- * (k_topk leaves, attention takes every row). */
-static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, uint32_t p0,
-                    bool select, const double *freq) {
+/* Scores and top-k of the chunk's n tokens (queries in be->iq, weights in
+ * be->iw, ready), in sub-batches of the state's score rows. A token with no
+ * more visible rows than top_k skips the selection (k_topk leaves,
+ * attention takes every row). */
+static void idx_select(gpu_backend *be, gpu_state *st, gpu_layer *ls, int64_t n, uint32_t p0) {
     const ds4_hparams *hp = be->hp;
-    int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, topk = hp->idx_top_k, rd = hp->rope_dim;
+    int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, topk = hp->idx_top_k;
     cudaStream_t s = be->s;
-    compress(be, n, &L->idx_comp_kv, &L->idx_comp_gate, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik,
-             be->ig, ls->ikv, ls->igate, ls->keep_i, ls->idx, freq, true);
-    if (!select) return;
-    mul(be, &L->idx_q_b, 1, be->qa, n, be->iq, ih * ihd);
-    mul(be, &L->idx_proj, 0, be->nrm, n, be->iw, ih);
-    float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
-    launch(k_idx_heads, dim3((unsigned)ih, (unsigned)n), nthreads(ihd), ihd * sizeof(float), s, be->iq, be->iw,
-           (int)ihd, (int)rd, freq, be->step, wscale);
     /* k_idx_scores: a tile of rows per block up to the state's capacity, at most ~2 blocks per SM (132) */
     int64_t nb = (st->isc_ld + IDX_TILE - 1) / IDX_TILE;
     nb = nb < 264 ? nb : 264;
@@ -1010,6 +984,104 @@ static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_laye
                    st->isc_ld);
         launch(k_topk, (unsigned)c, 1024, 0, s, st->isc, be->step + t0, 0, topk, be->sel + t0 * topk, st->isc_ld);
     }
+}
+
+/* Indexer of a ratio-4 layer for the chunk: its compressor, then (select)
+ * the queries, their weights, scores and top-k for every token. */
+static void indexer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, int64_t n, uint32_t p0,
+                    bool select, const double *freq) {
+    const ds4_hparams *hp = be->hp;
+    int64_t ih = hp->idx_n_head, ihd = hp->idx_head_dim, rd = hp->rope_dim;
+    compress(be, n, &L->idx_comp_kv, &L->idx_comp_gate, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik,
+             be->ig, ls->ikv, ls->igate, ls->keep_i, ls->idx, freq, true);
+    if (!select) return;
+    mul(be, &L->idx_q_b, 1, be->qa, n, be->iq, ih * ihd);
+    mul(be, &L->idx_proj, 0, be->nrm, n, be->iw, ih);
+    float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
+    launch(k_idx_heads, dim3((unsigned)ih, (unsigned)n), nthreads(ihd), ihd * sizeof(float), be->s, be->iq, be->iw,
+           (int)ihd, (int)rd, freq, be->step, wscale);
+    idx_select(be, st, ls, n, p0);
+}
+
+/* Appends matrix T (F16, x[xi]'s width) with output y to the set of one
+ * k_mv_f16x launch; false where it does not fit that kernel. */
+static bool f16x_add(const gpu_backend *be, f16x_set *a, const ds4_tensor *T, int xi, float *y) {
+    if (a->nseg == F16X_SEGS || T->type != GGML_F16 || T->ne[0] != a->n[xi] || a->n[xi] % 8 ||
+        T->row_bytes != 2 * (uint64_t)T->ne[0] || !DW(be, T))
+        return false;
+    int32_t r0 = a->nseg ? a->end[a->nseg - 1] : 0;
+    a->w[a->nseg] = DW(be, T);
+    a->y[a->nseg] = y;
+    a->end[a->nseg] = r0 + (int32_t)T->ne[1];
+    a->xi[a->nseg] = xi;
+    a->nseg++;
+    return true;
+}
+/* k_mv_f16x over the set: a warp a row, at most the blocks resident at
+ * once (their count cached per shared-memory size: two sizes a model). */
+static void launch_f16x(cudaStream_t s, const f16x_set *a) {
+    static int64_t c_sm[2] = {-1, -1};
+    static int c_fit[2];
+    int64_t sm = (int64_t)(a->n[0] + a->n[1]) * 4, need = (a->end[a->nseg - 1] + SX_WARPS - 1) / SX_WARPS;
+    int i = c_sm[0] == sm ? 0 : 1;
+    if (c_sm[i] != sm) { c_fit[i] = sx_fit(k_mv_f16x, sm); c_sm[i] = sm; }
+    launch(k_mv_f16x, dim3((unsigned)(need < c_fit[i] ? need : c_fit[i])), 32 * SX_WARPS, (size_t)sm, s, *a);
+}
+static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const ds4_tensor *norm, int R, int lanes,
+                            int D, float *pk, float *pg, float *rkv, float *rg, uint32_t keep, float *rows, bool indexer) {
+    comp_job c = {pk, pg, DW(be, ape), ape->row_bytes, (int)ape->type, R, lanes, D, rkv, rg, keep, DF(be, norm), rows,
+                  indexer};
+    return c;
+}
+
+/* A decode token's compressors and, on ratio-4 layers, its indexer: the
+ * products in one launch (ratio 4: every F16 product of both, after q_a's
+ * norm, in k_mv_f16x; ratio 128: k_matvec_two, faster on its 1024 rows),
+ * both compressor steps and the query heads in one k_comp_idx, then
+ * (select) scores and top-k — 2 + 2 launches where compress() + indexer()
+ * take 9. False, before any launch, where the shapes do not fit (the chunk
+ * path runs). */
+static bool comp_decode(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, uint32_t p0, bool select,
+                        const double *freq) {
+    const ds4_hparams *hp = be->hp;
+    int64_t hd = hp->head_dim, ih = hp->idx_n_head, ihd = hp->idx_head_dim;
+    bool idx = ls->ratio == 4, sel = idx && select;
+    const ds4_tensor *tkv = &L->comp_kv, *tg = &L->comp_gate;
+    if (idx) {
+        f16x_set a = {};
+        a.x[0] = be->nrm;
+        a.n[0] = (int32_t)hp->n_embd;
+        if (sel) { a.x[1] = be->qa; a.n[1] = (int32_t)hp->q_lora; }
+        /* rows of n_embd inputs first, then idx_q_b's of q_lora */
+        if (!f16x_add(be, &a, tkv, 0, be->ck) || !f16x_add(be, &a, tg, 0, be->cg) ||
+            !f16x_add(be, &a, &L->idx_comp_kv, 0, be->ik) || !f16x_add(be, &a, &L->idx_comp_gate, 0, be->ig))
+            return false;
+        if (sel && (!f16x_add(be, &a, &L->idx_proj, 0, be->iw) || !f16x_add(be, &a, &L->idx_q_b, 1, be->iq))) return false;
+        if ((int64_t)(a.n[0] + a.n[1]) * 4 > RP_SX_MAX) return false;
+        launch_f16x(be->s, &a);
+    } else {
+        if (tkv->type != tg->type || repacked(tkv->type) || tkv->row_bytes != tg->row_bytes || tkv->ne[0] != tg->ne[0] ||
+            tkv->ne[1] != tg->ne[1])
+            return false;
+        int64_t r = tkv->ne[1];
+        bool wide = r < WIDE_ROWS && tkv->ne[0] >= 2048;   /* matvec_g's choice of kernel */
+        launch(k_matvec_two, dim3((unsigned)(wide ? r : (r + MV_WARPS - 1) / MV_WARPS), 2), wide ? 256 : 32 * MV_WARPS,
+               0, be->s, (int)tkv->type, DW(be, tkv), DW(be, tg), tkv->row_bytes, tkv->ne[0], r,
+               (const float *)be->nrm, be->ck, be->cg, wide);
+    }
+    comp_job c = comp_job_of(be, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck, be->cg, ls->ckv,
+                             ls->cgate, ls->keep_c, ls->comp, false);
+    comp_job ci = {};
+    if (idx)
+        ci = comp_job_of(be, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik, be->ig, ls->ikv, ls->igate,
+                         ls->keep_i, ls->idx, true);
+    int ncomp = idx ? 2 : 1;
+    int64_t dmax = hd > ihd ? hd : ihd;
+    float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
+    launch(k_comp_idx, (unsigned)(ncomp + (sel ? ih : 0)), nthreads(dmax), dmax * sizeof(float), be->s, c, ci, ncomp,
+           be->iq, be->iw, (int)ihd, (int)hp->rope_dim, freq, (const dstep *)be->step, hp->rms_eps, wscale);
+    if (sel) idx_select(be, st, ls, 1, p0);
+    return true;
 }
 
 /* Attention sublayer of the chunk at be->step (positions p0 … p0+n−1; p0
@@ -1056,10 +1128,11 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
     if (!qfused)
         launch(k_q_heads, dim3((unsigned)((H + QH_HEADS - 1) / QH_HEADS), (unsigned)n), 32 * QH_HEADS, rd * sizeof(float),
                s, be->q, (int)H, (int)hd, (int)rd, freq, be->step, eps);
-    if (ls->ratio)
+    if (ls->ratio && !(n == 1 && comp_decode(be, st, L, ls, p0, select, freq))) {
         compress(be, n, &L->comp_kv, &L->comp_gate, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck,
                  be->cg, ls->ckv, ls->cgate, ls->keep_c, ls->comp, freq, false);
-    if (ls->ratio == 4) indexer(be, st, L, ls, n, p0, select, freq);
+        if (ls->ratio == 4) indexer(be, st, L, ls, n, p0, select, freq);
+    }
     float scale = (float)(1.0 / sqrt((double)hd));
     if (chunk)
         attn_chunk(s, be->q, be->kvc, ls->raw, st->keep_raw, hp->window, ls->comp, be->sel, ls->ratio,
@@ -2008,6 +2081,104 @@ extern "C" int ds4_cuda_test_idx_scores_f32(const float *iq, const float *iw, co
     }
     for (int i = 0; i < 5; i++) cudaFree(d[i]);
     return e ? ds4_errf(err, errlen, "idx f32: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* The F16 products of a decode layer as comp_decode launches them
+ * (k_mv_f16x): nseg matrices of rows[i] × n[xi[i]] (host F16 bits), y the
+ * outputs concatenated. */
+extern "C" int ds4_cuda_test_matvec_f16x(int nseg, const uint16_t *const *w, const int64_t *rows, const int *xi,
+                                         const float *x0, int64_t n0, const float *x1, int64_t n1, float *y, char *err,
+                                         size_t errlen) {
+    if (nseg < 1 || nseg > F16X_SEGS || n0 < 8 || n0 % 8 || n1 < 0 || n1 % 8 || (n0 + n1) * 4 > RP_SX_MAX)
+        return ds4_errf(err, errlen, "matvec f16x: bad shape");
+    f16x_set a = {};
+    a.n[0] = (int32_t)n0;
+    a.n[1] = (int32_t)n1;
+    uint8_t *dw[F16X_SEGS] = {0};
+    float *dx = NULL, *dy = NULL;
+    int64_t tot = 0;
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < nseg; i++) {
+        if (rows[i] < 1 || (xi[i] != 0 && xi[i] != 1) || (xi[i] && !n1))
+            return ds4_errf(err, errlen, "matvec f16x: bad segment %d", i);
+        tot += rows[i];
+    }
+    if ((e = cudaMalloc((void **)&dx, (n0 + n1) * sizeof(float))) || (e = cudaMalloc((void **)&dy, tot * sizeof(float))) ||
+        (e = cudaMemcpy(dx, x0, n0 * sizeof(float), cudaMemcpyHostToDevice)) ||
+        (n1 && (e = cudaMemcpy(dx + n0, x1, n1 * sizeof(float), cudaMemcpyHostToDevice))))
+        goto out;
+    a.x[0] = dx;
+    a.x[1] = n1 ? dx + n0 : NULL;
+    for (int i = 0; i < nseg && !e; i++) {
+        size_t bytes = (size_t)rows[i] * (xi[i] ? n1 : n0) * 2;
+        if (!(e = cudaMalloc((void **)&dw[i], bytes))) e = cudaMemcpy(dw[i], w[i], bytes, cudaMemcpyHostToDevice);
+        a.w[i] = dw[i];
+        a.y[i] = dy + (a.nseg ? a.end[a.nseg - 1] : 0);
+        a.end[i] = (int32_t)((a.nseg ? a.end[a.nseg - 1] : 0) + rows[i]);
+        a.xi[i] = xi[i];
+        a.nseg++;
+    }
+    if (e) goto out;
+    poison(dy, tot * sizeof(float));
+    launch_f16x(0, &a);
+    if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, tot * sizeof(float), cudaMemcpyDeviceToHost);
+out:
+    for (int i = 0; i < F16X_SEGS; i++) cudaFree(dw[i]);
+    cudaFree(dx); cudaFree(dy);
+    return e ? ds4_errf(err, errlen, "matvec f16x: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* k_comp_idx as comp_decode launches it for the token at pos: compressor
+ * steps a and (b != NULL) b, then ih query heads (ih 0: none); rings, rows
+ * and heads updated in place. */
+extern "C" int ds4_cuda_test_comp_idx(ds4_cuda_comp_case *a, ds4_cuda_comp_case *b, uint32_t pos, int rd,
+                                      const double *freq, float eps, int ih, int ihd, float *iq, float *iw,
+                                      float wscale, char *err, size_t errlen) {
+    ds4_cuda_comp_case *cs[2] = {a, b};
+    comp_job job[2] = {};
+    void *d[18] = {0};   /* 7 a case, freq, step, heads */
+    int nd = 0, D = 0;
+    size_t fs = sizeof(float);
+    dstep hs = {pos, 0};
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < 2 && cs[i] && !e; i++) {
+        ds4_cuda_comp_case *c = cs[i];
+        int64_t W = (int64_t)c->lanes * c->D, nrow = ((int64_t)pos + 1) / c->R + 1;
+        if (c->D % 8 || c->D > 1024 || rd > c->D || !c->keep || (c->lanes != 1 && c->lanes != 2) || c->R < 1)
+            return ds4_errf(err, errlen, "comp idx: bad case %d", i);
+        if ((e = at_upload(&d[nd], c->pk, W * fs)) || (e = at_upload(&d[nd + 1], c->pg, W * fs)) ||
+            (e = at_upload(&d[nd + 2], c->ape, (size_t)c->R * W * 2)) || (e = at_upload(&d[nd + 3], c->norm_w, c->D * fs)) ||
+            (e = at_upload(&d[nd + 4], c->rkv, c->keep * W * fs)) || (e = at_upload(&d[nd + 5], c->rg, c->keep * W * fs)) ||
+            (e = at_upload(&d[nd + 6], NULL, nrow * c->D * fs)))
+            break;
+        poison(d[nd + 6], nrow * c->D * fs);
+        job[i] = {(float *)d[nd], (float *)d[nd + 1], (uint8_t *)d[nd + 2], (uint64_t)W * 2, GT_F16, c->R, c->lanes,
+                  c->D, (float *)d[nd + 4], (float *)d[nd + 5], c->keep, (float *)d[nd + 3], (float *)d[nd + 6],
+                  c->indexer};
+        nd += 7;
+        D = c->D > D ? c->D : D;
+    }
+    if (!e && !(e = at_upload(&d[14], freq, (rd / 2) * sizeof(double))) && !(e = at_upload(&d[15], &hs, sizeof hs)) &&
+        (!ih || (!(e = at_upload(&d[16], iq, (size_t)ih * ihd * fs)) && !(e = at_upload(&d[17], iw, ih * fs))))) {
+        int ncomp = b ? 2 : 1;
+        D = ihd > D ? ihd : D;
+        k_comp_idx<<<(unsigned)(ncomp + ih), nthreads(D), D * fs>>>(job[0], job[1], ncomp, (float *)d[16],
+                                                                   (float *)d[17], ihd, rd, (const double *)d[14],
+                                                                   (const dstep *)d[15], eps, wscale);
+        e = cudaGetLastError();
+        for (int i = 0; i < ncomp && !e; i++) {
+            ds4_cuda_comp_case *c = cs[i];
+            size_t Wb = (size_t)c->lanes * c->D * fs;
+            int64_t nrow = ((int64_t)pos + 1) / c->R + 1;
+            if (!(e = cudaMemcpy(c->rkv, job[i].kv, c->keep * Wb, cudaMemcpyDeviceToHost)) &&
+                !(e = cudaMemcpy(c->rg, job[i].gate, c->keep * Wb, cudaMemcpyDeviceToHost)))
+                e = cudaMemcpy(c->rows, job[i].out, nrow * c->D * fs, cudaMemcpyDeviceToHost);
+        }
+        if (!e && ih && !(e = cudaMemcpy(iq, d[16], (size_t)ih * ihd * fs, cudaMemcpyDeviceToHost)))
+            e = cudaMemcpy(iw, d[17], ih * fs, cudaMemcpyDeviceToHost);
+    }
+    for (int i = 0; i < 18; i++) cudaFree(d[i]);
+    return e ? ds4_errf(err, errlen, "comp idx: %s", cudaGetErrorString(e)) : 0;
 }
 
 /* Uniform values in (−amp, amp) from a hash of (seed, i), optionally f16-rounded. */

@@ -52,6 +52,27 @@ int ds4_cuda_test_matvec_g(int type, const void *w, int64_t n_in, int64_t rows, 
  * runs. */
 int ds4_cuda_mv_bench(int type, int64_t n_in, int64_t rows, int slots, int groups, bool glu, int nr, int iters,
                       uint64_t seed, double *us, char *err, size_t errlen);
+/* Decode's F16 products (k_mv_f16x): nseg ≤ 6 matrices, matrix i rows[i] ×
+ * (xi[i] ? n1 : n0) F16 values against x1 or x0; y the outputs in order. */
+int ds4_cuda_test_matvec_f16x(int nseg, const uint16_t *const *w, const int64_t *rows, const int *xi,
+                              const float *x0, int64_t n0, const float *x1, int64_t n1, float *y, char *err,
+                              size_t errlen);
+/* One compressor's decode step (spec §4.5) for ds4_cuda_test_comp_idx. */
+typedef struct {
+    int D, R, lanes;
+    uint32_t keep;              /* ring slots */
+    bool indexer;               /* Hadamard + FP4, else FP8 on 0 … D−rd */
+    const float *pk, *pg;       /* the token's kv and gate products, lanes·D each */
+    const uint16_t *ape;        /* R rows of lanes·D F16 */
+    const float *norm_w;        /* D */
+    float *rkv, *rg;            /* in/out: keep × lanes·D */
+    float *rows;                /* out: ((pos+1)/R + 1) × D, poisoned but the emitted row */
+} ds4_cuda_comp_case;
+/* Decode's k_comp_idx at pos: steps a and b (b may be NULL), then ih
+ * indexer query heads of ihd (RoPE on the last rd, Hadamard + FP4) and
+ * their weights × wscale, in place (ih 0: none). */
+int ds4_cuda_test_comp_idx(ds4_cuda_comp_case *a, ds4_cuda_comp_case *b, uint32_t pos, int rd, const double *freq,
+                           float eps, int ih, int ihd, float *iq, float *iw, float wscale, char *err, size_t errlen);
 /* x (n values, n ≤ 1024, multiple of 64 / power of two) through the FP8
  * (fp4 = false) or Hadamard+FP4 (fp4 = true) simulation, in place. */
 int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen);

@@ -118,6 +118,41 @@ static void check_matvec2(int64_t n_in, int64_t ra, int64_t rb) {
     free(w); free(src); free(x); free(y); free(ref);
 }
 
+/* Decode's F16 products of one layer (k_mv_f16x): nseg matrices of two
+ * inputs in one launch, each row against the CPU's dot. */
+static void check_matvec_f16x(int nseg, const int64_t *rows, const int *xi, int64_t n0, int64_t n1) {
+    char err[256], what[96];
+    uint16_t *w[6];
+    int64_t tot = 0, nn[2] = {n0, n1};
+    float *x[2] = {malloc(n0 * sizeof(float)), malloc((n1 ? n1 : 1) * sizeof(float))};
+    for (int i = 0; i < 2; i++)
+        for (int64_t k = 0; k < nn[i]; k++) x[i][k] = frand();
+    for (int i = 0; i < nseg; i++) {
+        int64_t n = nn[xi[i]];
+        w[i] = malloc(rows[i] * n * 2);
+        for (int64_t k = 0; k < rows[i] * n; k++) w[i][k] = ds4_f32_to_f16(frand());
+        tot += rows[i];
+    }
+    float *y = malloc(tot * sizeof(float)), *ref = malloc(tot * sizeof(float));
+    for (int i = 0, o = 0; i < nseg; o += (int)rows[i], i++)
+        for (int64_t r = 0; r < rows[i]; r++)
+            ref[o + r] = ds4_dot_row(GGML_F16, w[i] + r * nn[xi[i]], x[xi[i]], nn[xi[i]]);
+    snprintf(what, sizeof what, "matvec f16x %d matrices, %lld rows of %lld / %lld", nseg, (long long)tot,
+             (long long)n0, (long long)n1);
+    if (ds4_cuda_test_matvec_f16x(nseg, (const uint16_t *const *)w, rows, xi, x[0], n0, x[1], n1, y, err, sizeof err))
+        verdict(what, false, "%s", err);
+    else {
+        double e = 0;
+        for (int i = 0, o = 0; i < nseg; o += (int)rows[i], i++) {
+            double ei = rel_err(y + o, ref + o, rows[i]);
+            e = isnan(ei) || ei > e ? ei : e;
+        }
+        verdict(what, within(e, 1e-5), "worst matrix rel %.3g (bound 1e-5)", e);
+    }
+    for (int i = 0; i < nseg; i++) free(w[i]);
+    free(x[0]); free(x[1]); free(y); free(ref);
+}
+
 /* `bytes` of GGUF blocks of Q8_0 / Q2_K / IQ2_XXS with random quant bytes
  * (every bit pattern is a valid quant, sign or grid index) and finite
  * scales (Q2_K: d and dmin) in [2^-8, 2^-7): no quantiser run, so the
@@ -575,6 +610,137 @@ static float *rand_fp4(int64_t n, int64_t d) {
     return x;
 }
 
+/* One compressor case for check_comp_idx: random products, ring and ape. */
+typedef struct {
+    ds4_cuda_comp_case c;
+    float *pk, *pg, *norm, *rkv, *rg, *rows, *rkv0, *rg0;
+    uint16_t *ape;
+} comp_data;
+static void comp_data_new(comp_data *d, int D, int R, int lanes, uint32_t keep, bool indexer, uint32_t pos) {
+    int64_t W = (int64_t)lanes * D, nrow = ((int64_t)pos + 1) / R + 1;
+    d->pk = rand_rows(W, 1.5f, false);
+    d->pg = rand_rows(W, 2.0f, false);
+    d->norm = rand_rows(D, 1.0f, false);
+    d->rkv = rand_rows(keep * W, 1.5f, false);
+    d->rg = rand_rows(keep * W, 2.0f, false);
+    d->rkv0 = malloc(keep * W * sizeof(float));
+    d->rg0 = malloc(keep * W * sizeof(float));
+    memcpy(d->rkv0, d->rkv, keep * W * sizeof(float));
+    memcpy(d->rg0, d->rg, keep * W * sizeof(float));
+    d->rows = malloc(nrow * D * sizeof(float));
+    d->ape = malloc((size_t)R * W * 2);
+    for (int64_t i = 0; i < R * W; i++) d->ape[i] = ds4_f32_to_f16(frand() * 0.5f);
+    ds4_cuda_comp_case c = {D, R, lanes, keep, indexer, d->pk, d->pg, d->ape, d->norm, d->rkv, d->rg, d->rows};
+    d->c = c;
+}
+static void comp_data_free(comp_data *d) {
+    free(d->pk); free(d->pg); free(d->norm); free(d->rkv); free(d->rg); free(d->rows); free(d->rkv0); free(d->rg0);
+    free(d->ape);
+}
+/* Spec §4.5 for the token at pos on the ring before it (d->rkv0, d->rg0):
+ * the emitted row (if pos completes a block) into out, softmax pooling in
+ * double; then this token's slot of the ring. Returns whether it emits. */
+static bool comp_ref(const comp_data *d, uint32_t pos, int rd, const double *freq, float eps, float *out, float *rkv,
+                     float *rg) {
+    const ds4_cuda_comp_case *c = &d->c;
+    int W = c->lanes * c->D, D = c->D, R = c->R;
+    uint32_t slot = pos % c->keep;
+    bool emit = (pos + 1) % (uint32_t)R == 0;
+    memcpy(rkv, d->rkv0, (size_t)c->keep * W * sizeof(float));
+    memcpy(rg, d->rg0, (size_t)c->keep * W * sizeof(float));
+    for (int j = 0; j < W; j++) {
+        rkv[(size_t)slot * W + j] = d->pk[j];
+        rg[(size_t)slot * W + j] = d->pg[j] + ds4_f16_to_f32(d->ape[(size_t)(pos % R) * W + j]);
+    }
+    if (!emit) return false;
+    int64_t b = ((int64_t)pos + 1) / R - 1, bR = b * R, off = c->lanes == 2 ? D : 0;
+    float *pool = malloc(D * sizeof(float));
+    for (int j = 0; j < D; j++) {   /* the ring after the store holds every input of the block */
+        double m = -INFINITY, den = 0, acc = 0;
+        for (int pass = 0; pass < 2; pass++)
+            for (int64_t t = c->lanes == 2 && b > 0 ? bR - R : bR; t < bR + R; t++) {
+                int col = t < bR ? j : (int)off + j;
+                double g = rg[(size_t)(t % c->keep) * W + col], k = rkv[(size_t)(t % c->keep) * W + col];
+                if (!pass) m = g > m ? g : m;
+                else { double e = exp(g - m); den += e; acc += e * k; }
+            }
+        pool[j] = (float)(acc / den);
+    }
+    cpu_rmsnorm(pool, d->norm, D, eps, out);
+    cpu_rope(out + D - rd, rd / 2, freq, bR, false);
+    if (c->indexer) cpu_fp4_sim(out, D);
+    else cpu_fp8_sim(out, D - rd);
+    for (int j = 0; j < D; j++) out[j] = ds4_round_f16(out[j]);
+    free(pool);
+    return true;
+}
+/* k_comp_idx (decode: the compressor steps of a layer and the indexer's
+ * query heads in one launch) vs spec §4.5 / §4.6 on the CPU: ring slots
+ * exactly; the emitted row (f16) within 2e-3 of the reference, at most 1 %
+ * of its values further (an FP8/FP4 step: the GPU's expf and f32 pooling
+ * move values across rounding boundaries); heads (cpu_rope + cpu_fp4_sim)
+ * at most 0.2 % of values off (a contracted rope product can cross an FP4
+ * boundary), weights exactly. The second case is the indexer's (D 128,
+ * R 4) when the first is R 4: both ring layouts in one launch. */
+static void check_comp_idx(int D, int R, uint32_t pos, int ih) {
+    char err[256], what[96];
+    const int rd = AT_RD, ihd = 128, lanes = R == 4 ? 2 : 1;
+    const uint32_t keep = R == 4 ? 8 : (uint32_t)R;
+    const float eps = 1e-6f, wscale = 1.0f / 90.5f;
+    double freq[AT_RD / 2];
+    for (int k = 0; k < rd / 2; k++) freq[k] = pow(10000.0, -2.0 * k / rd);
+    comp_data d[2];
+    int nc = R == 4 ? 2 : 1;
+    comp_data_new(&d[0], D, R, lanes, keep, false, pos);
+    if (nc == 2) comp_data_new(&d[1], ihd, 4, 2, 8, true, pos);
+    float *iq = rand_rows((int64_t)ih * ihd, 2.0f, false), *iw = rand_rows(ih ? ih : 1, 1.0f, false);
+    float *qref = malloc((size_t)(ih ? ih : 1) * ihd * sizeof(float)), *wref = malloc((ih ? ih : 1) * sizeof(float));
+    memcpy(qref, iq, (size_t)ih * ihd * sizeof(float));
+    for (int h = 0; h < ih; h++) {
+        cpu_rope(qref + (size_t)h * ihd + ihd - rd, rd / 2, freq, pos, false);
+        cpu_fp4_sim(qref + (size_t)h * ihd, ihd);
+        wref[h] = iw[h] * wscale;
+    }
+    snprintf(what, sizeof what, "comp+idx heads D %d R %d pos %u heads %d", D, R, pos, ih);
+    if (ds4_cuda_test_comp_idx(&d[0].c, nc == 2 ? &d[1].c : NULL, pos, rd, freq, eps, ih, ihd, iq, iw, wscale, err,
+                               sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        int64_t ring_diff = 0, far = 0, qdiff = 0, wdiff = 0, nrow = 0, nan = 0;
+        double worst = 0;
+        for (int i = 0; i < nc; i++) {
+            const ds4_cuda_comp_case *c = &d[i].c;
+            int64_t W = (int64_t)c->lanes * c->D;
+            float *row = malloc(c->D * sizeof(float)), *rkv = malloc(c->keep * W * sizeof(float));
+            float *rg = malloc(c->keep * W * sizeof(float));
+            bool emit = comp_ref(&d[i], pos, rd, freq, eps, row, rkv, rg);
+            for (int64_t k = 0; k < c->keep * W; k++) ring_diff += !(c->rkv[k] == rkv[k]) + !(c->rg[k] == rg[k]);
+            if (emit) {
+                const float *got = c->rows + (((int64_t)pos + 1) / c->R - 1) * c->D;
+                double amax = 0;
+                for (int j = 0; j < c->D; j++) amax = fabs(row[j]) > amax ? fabs(row[j]) : amax;
+                for (int j = 0; j < c->D; j++) {
+                    double e = fabs((double)got[j] - row[j]) / amax;
+                    nan += isnan(got[j]);
+                    if (e > 2e-3) far++;
+                    else if (e > worst) worst = e;
+                }
+                nrow += c->D;
+            }
+            free(row); free(rkv); free(rg);
+        }
+        for (int64_t k = 0; k < (int64_t)ih * ihd; k++) qdiff += !(iq[k] == qref[k]);
+        for (int h = 0; h < ih; h++) wdiff += !(iw[h] == wref[h]);
+        bool ok = ring_diff == 0 && nan == 0 && far * 100 <= nrow && qdiff * 500 <= (int64_t)ih * ihd && wdiff == 0;
+        verdict(what, ok, "ring %lld differ (bound 0); row values %lld, %lld NaN, %lld beyond 2e-3 of max (bound 1 %%), "
+                "others within %.2g; heads %lld of %lld differ (bound 0.2 %%), weights %lld", (long long)ring_diff,
+                (long long)nrow, (long long)nan, (long long)far, worst, (long long)qdiff, (long long)ih * ihd,
+                (long long)wdiff);
+    }
+    for (int i = 0; i < nc; i++) comp_data_free(&d[i]);
+    free(iq); free(iw); free(qref); free(wref);
+}
+
 /* attn_chunk (f32 = false: H 64, hd 512; f16 products, bound 1e-3) or the
  * f32 attention of decode (f32 = true: any H, hd; bound 1e-5) vs cpu_attend
  * + inverse cpu_rope (attn_task's row order) on random inputs with f16-exact
@@ -730,6 +896,16 @@ static void kernel_checks(void) {
     check_matvec2(4096, 1024, 512);                 /* attn_q_a + attn_kv: one launch, a lane's whole row share in flight */
     check_matvec2(9984, 3001, 77);                  /* ring: 20 pieces a lane, partial last piece round, more rows than warps */
     check_matvec2(64, 5, 3);                        /* fewer pieces than lanes, a partial block */
+    {   /* decode's F16 products: a ratio-4 layer (compressor kv, gate; indexer compressor kv, gate; indexer
+         * proj; indexer q_b of q_a), a ratio-128 layer, the tiny model's, odd widths with partial pieces */
+        static const int64_t r4[] = {1024, 1024, 256, 256, 64, 8192}, r128[] = {512, 512}, rt[] = {256, 256, 128, 128, 4, 512};
+        static const int64_t ro[] = {3, 70, 1, 5};
+        static const int x4[] = {0, 0, 0, 0, 0, 1}, x0[] = {0, 0, 0, 0}, xo[] = {0, 1, 0, 1};
+        check_matvec_f16x(6, r4, x4, 4096, 1024);
+        check_matvec_f16x(2, r128, x0, 4096, 0);
+        check_matvec_f16x(6, rt, x4, 256, 128);
+        check_matvec_f16x(4, ro, xo, 264, 72);
+    }
     /* the decode shapes, each kernel variant (nr: ds4_cuda_mv_bench) */
     static const int nrs[] = {0, 1, 2, 4, -1, -2, -4, -8, -16, -32};
     for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
@@ -764,6 +940,9 @@ static void kernel_checks(void) {
     check_topk(5000, 512, true);
     check_topk(75, 16, true);
     check_topk(100000, 512, false);
+    check_topk(520, 512, false);   /* decode just past 2K: a key a thread */
+    check_topk(520, 512, true);
+    check_topk(2600, 512, true);
     check_hc(4);
     check_hc_step(4, 4096, GGML_F16, true, true, false);    /* the full model's attention step */
     check_hc_step(4, 4096, GGML_F16, true, false, false);   /* its FFN step */
@@ -791,6 +970,13 @@ static void kernel_checks(void) {
     check_attn_g(true, AT_H, AT_HD, 4, 2040, 20, 160);
     check_attn_g(true, 8, 128, 4, 200, 37, 160);
     check_attn_g(true, 8, 128, 128, 1000, 5, 128);
+    /* decode's compressor steps + indexer heads (k_comp_idx): emitting and not, first block, ring wrap */
+    check_comp_idx(512, 4, 151, 64);
+    check_comp_idx(512, 4, 3, 64);
+    check_comp_idx(512, 4, 2050, 0);
+    check_comp_idx(512, 128, 1023, 0);
+    check_comp_idx(512, 128, 1000, 0);
+    check_comp_idx(128, 4, 299, 4);   /* the tiny model's shape */
     check_idx(2046, 64);
     check_idx(14336, 12);
     check_idx(0, 5);
