@@ -324,7 +324,7 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
     int64_t k0 = (int64_t)blockIdx.x * kb, col = a * d + k0 + 8 * (lane % per);
     int ci = tid / kb;   /* thread i < HS_THREADS owns X_ci[k] */
     int64_t k = k0 + tid % kb;
-    unsigned tag = __ldcg(&d_hs_epoch) + 1;
+    unsigned tag = *(volatile unsigned *)&d_hs_epoch + 1;   /* volatile: read once, here (see hs_put) */
     /* Before pdl_wait, what does not depend on the previous kernel: the
      * mixer weights, the step end's norm weight, scale and base (threads
      * i < KB end it at position k0 + i) and, with a post, the old X (above).
