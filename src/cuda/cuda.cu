@@ -305,8 +305,8 @@ static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
     return e ? ds4_errf(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
 }
 
-/* k_hc_step's blocks wait for each other's partials: only while all nb of
- * them are resident at once (see hs_put in hc.cuh). */
+/* k_hc_step's grid barrier holds only while all nb of its blocks are
+ * resident at once (see hc_grid_barrier). */
 static bool hs_coresident(int64_t nb) {
     int dev, sms, per;
     return cudaGetDevice(&dev) == cudaSuccess &&
@@ -894,10 +894,7 @@ static void hc_post(gpu_backend *be, int64_t n, bool eout, const ds4_tensor *psc
  * output (be->y; eout: + the routed slots) with that sublayer's
  * coefficients (from its mixer outputs in be->mix and its pscale, pbase);
  * then be->nrm = the normed collapse for the next sublayer, whose mixer
- * outputs over rms replace be->mix (not for the head: pre only). With a
- * post, the step reads X and be->mix before waiting for the previous
- * kernel: only HC kernels may write them, and never the launch just before
- * a step with a post. */
+ * outputs over rms replace be->mix (not for the head: pre only). */
 static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_tensor *scale, const ds4_tensor *base,
                     const ds4_tensor *norm, bool head, const ds4_tensor *pscale, const ds4_tensor *pbase, bool eout) {
     const ds4_hparams *hp = be->hp;

@@ -179,10 +179,10 @@ __global__ void k_hc_pre(const float *X, int64_t d, int hc, const float *mix, in
 #define HS_MAX_D 4096          /* the collapse in registers: HS_Q float4 positions a thread */
 #define HS_MAX_BLOCKS 64       /* HS_MAX_D / the narrowest slice (hc = 4: 64 positions) */
 #define HS_PAIRS 10            /* Gram entries of hc ≤ 4 streams: hc·(hc+1)/2 */
-#define HS_SUMS 4              /* sums a warp after the exchange: ⌈(24 + 10) / 9⌉ */
-#define HS_SLOTS (HS_ROWS * 8 + 2 * HS_PAIRS)   /* a block's words: mixer rows, Gram halves */
-__device__ unsigned d_hs_epoch;
-__device__ unsigned long long d_hs_word[HS_MAX_BLOCKS * HS_SLOTS];
+#define HS_SUMS 4              /* partial sums a warp after the barrier: ⌈(24 + 10) / 9⌉ */
+__device__ unsigned d_hs_count, d_hs_gen;
+__device__ float d_hs_part[HS_MAX_BLOCKS * HS_ROWS * 8];
+__device__ double d_hs_gram[HS_MAX_BLOCKS * HS_PAIRS];
 
 /* The collapse's inputs of one token, loaded by a block (HS_THREADS) into
  * registers before they are needed: thread i takes positions q = i + j·HS_THREADS
@@ -253,30 +253,28 @@ __device__ __forceinline__ void hc_pair(int j, int hc, int &c1, int &c2) {
     c2 = c1 + j;
 }
 
-/* k_hc_step's blocks exchange their partials as NCCL's low-latency
- * protocol does: each 32-bit value goes out in one 8-byte store together
- * with the launch's tag (an aligned 8-byte access is never torn), and a
- * reader polls the words themselves until each carries the tag: no fence,
- * counter or flag round trips (the atomic-counter barrier this replaces
- * cost ≈ 4 L2 round trips). The tag is d_hs_epoch + 1, read at the start;
- * block 0 stores it back at its end, once it has read every block's words
- * (so every block has read the old epoch by then). Deadlock-free only while
- * all nb blocks are resident together: hc_fusable checks that they fit the
- * GPU at once (occupancy at create), and under programmatic dependent
- * launch nothing can take their place first — the successor launches only
- * once every block of this grid has passed pdl_wait (i.e. is resident), and
- * the predecessor's blocks finish without waiting on ours. One launch at a
- * time uses the words (one stream; the epoch is read ≥ 2 launches after
- * the previous step, see hc_coeffs_early). */
-__device__ __forceinline__ void hs_put(int slot, int nb, unsigned tag, unsigned v) {
-    *(volatile unsigned long long *)&d_hs_word[slot * nb + blockIdx.x] = (unsigned long long)tag << 32 | v;
-}
-__device__ __forceinline__ unsigned long long hs_get(int slot, int nb, int b) {
-    return *(const volatile unsigned long long *)&d_hs_word[slot * nb + b];
-}
-__device__ __forceinline__ unsigned hs_wait(unsigned long long w, int slot, int nb, int b, unsigned tag) {
-    while ((unsigned)(w >> 32) != tag) w = hs_get(slot, nb, b);
-    return (unsigned)w;
+/* Every block of k_hc_step waits here until all nb have arrived (their
+ * partials visible). Deadlock-free only while all nb blocks are resident
+ * together: hc_fusable checks that they fit the GPU at once (occupancy at
+ * create), and under programmatic dependent launch nothing can take their
+ * place first — the successor launches only once every block of this grid
+ * has passed pdl_wait (i.e. is resident), and the predecessor's blocks
+ * finish without waiting on ours. The generation is read before arriving
+ * (it can only move once every block has arrived); the last block resets
+ * the counter for the next launch (one launch at a time: one stream, and a
+ * step's barrier lies after its pdl_wait). Thread 0 only; the caller syncs
+ * the block before and after. */
+__device__ __forceinline__ void hc_grid_barrier(unsigned nb) {
+    unsigned gen = *(volatile unsigned *)&d_hs_gen;
+    __threadfence();
+    if (atomicAdd(&d_hs_count, 1u) == nb - 1) {
+        d_hs_count = 0;
+        __threadfence();
+        *(volatile unsigned *)&d_hs_gen = gen + 1;
+    } else {
+        while (*(volatile unsigned *)&d_hs_gen == gen) {}
+    }
+    __threadfence();
 }
 
 /* One decode token's whole hyper-connection step in one launch, instead of
@@ -286,30 +284,31 @@ __device__ __forceinline__ unsigned hs_wait(unsigned long long w, int slot, int 
  *     with the previous sublayer's output y (+ Σ_slot eout, slot order: the
  *     FFN's moe sum), k_hc_post's arithmetic, and its coefficients, derived
  *     from its mixer outputs pm (with its pscale, pbase) by hc_coeffs_early
- *     on the block's last warp before pdl_wait. The old X is loaded before
- *     pdl_wait too: with a post, X was last written by the previous HC step
- *     (no other kernel writes X), at least two launches back, so it is
- *     complete (hc_coeffs_early's argument); only y and eout wait;
+ *     on the block's last warp before pdl_wait, while the other warps load
+ *     the post's inputs (without PDL both overlap instead of adding up);
  *  2. split-K mixer: the mw mixer rows (F16 or F32) dotted with the block's
  *     slice of the flattened state, and the slice's Gram matrix of the
- *     streams G_cc' = Σ_k X_c[k]·X_c'[k] (double), as per-block partials,
- *     exchanged between all blocks (hs_put / hs_wait);
- *  3. EVERY block sums the partials in block order — the same fixed order in
- *     every block and every run, so all blocks hold bit-identical sums and
- *     runs repeat bit for bit — and finishes its own slice: rms from the
- *     trace of G, pre from the mixer sums, h = Σ pre_c·X_c, and its norm
- *     from Σh² = Σ_cc' pre_c·pre_c'·G_cc' (no second exchange for the norm:
- *     the exact Σh², where the CPU sums the squares of the f32-rounded h —
- *     rounding apart); block 0 writes the mixer outputs over rms to mout
- *     (not for the head: mw = hc) for the next post. (The first version let
- *     the last block to arrive finish alone: 80 KiB of X through one SM and
- *     a block-wide norm.)
+ *     streams G_cc' = Σ_k X_c[k]·X_c'[k] (double), as per-block partials;
+ *  3. a grid barrier (hc_grid_barrier), then EVERY block sums the partials
+ *     in block order — the same fixed order in every block and every run, so
+ *     all blocks hold bit-identical sums and runs repeat bit for bit — and
+ *     finishes its own slice: rms from the trace of G, pre from the mixer
+ *     sums, h = Σ pre_c·X_c, and its norm from Σh² = Σ_cc' pre_c·pre_c'·G_cc'
+ *     (no second barrier for the norm: the exact Σh², where the CPU sums the
+ *     squares of the f32-rounded h — rounding apart); block 0 writes the
+ *     mixer outputs over rms to mout (not for the head: mw = hc) for the
+ *     next post. (The previous version let the last block finish alone:
+ *     80 KiB of X through one SM and a block-wide norm; layer 0's step,
+ *     no post, went 10.3 → 9.2 µs without PDL on the H100. Exchanging the
+ *     partials as tagged 8-byte words polled by every thread, NCCL-LL
+ *     style, instead of this barrier measured 2–3.5 µs slower a step.)
  * Grid: d / KB blocks of HS_BLOCK, KB = 256 / hc: block b owns positions
  * k ∈ [b·KB, b·KB + KB) of every stream, i.e. 256 values of X, thread i < 256
  * value X_{i/KB}[b·KB + i % KB]; for the mixer, lane l of warp w < 8 the 8
  * values of stream l / (KB/8) at b·KB + 8·(l % (KB/8)) and the rows w, w + 8,
  * w + 16 (hc ≤ 4: mw ≤ 24); for the Gram matrix, thread i position i % KB
- * and the entries j ≡ i / KB (mod hc); d ≤ HS_MAX_D. */
+ * and the entries j ≡ i / KB (mod hc); d ≤ HS_MAX_D. The partials and the
+ * barrier are device globals: one launch at a time uses them. */
 __global__ void __launch_bounds__(HS_BLOCK)
 k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, const float *pbase, const float *y,
           const float *eout, int used, int wtype, const uint8_t *__restrict__ W, uint64_t rb, int mw,
@@ -322,36 +321,21 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
     bool slice = tid < HS_THREADS;   /* warps 0–7; warp 8 derives the post's coefficients */
     int kb = HS_THREADS / hc, per = kb / 8, a = lane / per, np = hc * (hc + 1) / 2;
     int64_t k0 = (int64_t)blockIdx.x * kb, col = a * d + k0 + 8 * (lane % per);
-    int ci = tid / kb;   /* thread i < HS_THREADS owns X_ci[k] */
-    int64_t k = k0 + tid % kb;
-    unsigned tag = *(volatile unsigned *)&d_hs_epoch + 1;   /* volatile: read once, here (see hs_put) */
-    /* Before pdl_wait, what does not depend on the previous kernel: the
-     * mixer weights, the step end's norm weight, scale and base (threads
-     * i < KB end it at position k0 + i) and, with a post, the old X (above).
-     * Nothing is written, and nobody returns, before it. */
+    /* The mixer weights do not depend on the previous kernel: their loads
+     * are issued before pdl_wait and overlap its tail (the one exception to
+     * waiting first: nothing is written, and nobody returns, before it). */
     float4 wa[HS_ROWS], wb[HS_ROWS];
-    float old[4] = {0, 0, 0, 0}, nwk = 0, sc0 = 0, bs[4] = {0, 0, 0, 0};
-    if (slice) {
 #pragma unroll
-        for (int j = 0; j < HS_ROWS; j++)
-            if (wid + 8 * j < mw) ld8w(wtype, W + (uint64_t)(wid + 8 * j) * rb, col / 8, &wa[j], &wb[j]);
-        if (pm)
-#pragma unroll
-            for (int i = 0; i < 4; i++)   /* hc ≤ 4; guards keep it in registers */
-                if (i < hc) old[i] = __ldcg(X + i * d + k);
-        if (tid < kb) {
-            nwk = __ldg(nw + k);
-            sc0 = __ldg(scale);
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-                if (i < hc) bs[i] = __ldg(base + i);
-        }
-    } else if (pm) {
-        hc_coeffs_early(pm, pscale, pbase, hc, iters, hc_eps, mp, c);
-    }
+    for (int j = 0; j < HS_ROWS; j++)
+        if (slice && wid + 8 * j < mw) ld8w(wtype, W + (uint64_t)(wid + 8 * j) * rb, col / 8, &wa[j], &wb[j]);
+    if (pm && !slice) hc_coeffs_early(pm, pscale, pbase, hc, iters, hc_eps, mp, c);
     pdl_wait();
-    /* 1: the post's inputs from the previous kernels */
-    float yk = 0;
+    /* 1: the inputs of this thread's X_ci[k] in registers (and what the
+     * step's end needs, so no load waits behind the barrier: threads i < KB
+     * end it at position k0 + i, with pre's scale and base) */
+    int ci = tid / kb;
+    int64_t k = k0 + tid % kb;
+    float yk = 0, old[4] = {0, 0, 0, 0}, nwk = 0, sc0 = 0, bs[4] = {0, 0, 0, 0};
     if (slice) {
         if (pm) {
             yk = y[k];
@@ -367,8 +351,18 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
                 }
                 yk = acc + yk;
             }
+#pragma unroll
+            for (int i = 0; i < 4; i++)   /* hc ≤ 4; guards keep it in registers */
+                if (i < hc) old[i] = X[i * d + k];
         } else {
             old[0] = X[ci * d + k];
+        }
+        if (tid < kb) {
+            nwk = __ldg(nw + k);
+            sc0 = __ldg(scale);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                if (i < hc) bs[i] = __ldg(base + i);
         }
     }
     __syncthreads();   /* c ready; every old X read before any is overwritten */
@@ -385,7 +379,7 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
         xs[tid] = v;
     }
     __syncthreads();
-    /* 2: per-block partials of the mixer dots (out at once) and of the Gram matrix */
+    /* 2: per-block partials of the mixer dots and of the Gram matrix */
     if (slice) {
         const float4 *xp = (const float4 *)(xs + a * kb + 8 * (lane % per));
         float4 x0 = xp[0], x1 = xp[1];
@@ -397,7 +391,7 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
             s = fmaf(wa[j].y, x0.y, s); s = fmaf(wa[j].z, x0.z, s); s = fmaf(wa[j].w, x0.w, s);
             s = fmaf(wb[j].x, x1.x, s); s = fmaf(wb[j].y, x1.y, s); s = fmaf(wb[j].z, x1.z, s); s = fmaf(wb[j].w, x1.w, s);
             s = warp_sum(s);
-            if (!lane) hs_put(r, nb, tag, __float_as_uint(s));
+            if (!lane) d_hs_part[r * nb + blockIdx.x] = s;
         }
         /* a group of KB/32 warps per j mod hc: ≤ ⌈(hc+1)/2⌉ ≤ HS_ROWS entries a warp */
         int g = tid / kb, p = tid % kb;
@@ -411,59 +405,48 @@ k_hc_step(float *X, int64_t d, int hc, const float *pm, const float *pscale, con
         }
     }
     __syncthreads();
-    if (tid < np) {   /* the group's warps in order; the double as two halves */
+    if (tid < np) {   /* the group's warps in order */
         int g = tid % hc, i = tid / hc, wg = kb / 32;
         double s = 0;
         for (int w = g * wg; w < (g + 1) * wg; w++) s += gw[w][i];
-        hs_put(HS_ROWS * 8 + 2 * tid, nb, tag, (unsigned)__double2hiint(s));
-        hs_put(HS_ROWS * 8 + 2 * tid + 1, nb, tag, (unsigned)__double2loint(s));
+        d_hs_gram[tid * nb + blockIdx.x] = s;
     }
+    __syncthreads();
+    if (tid == 0) hc_grid_barrier((unsigned)nb);
+    __syncthreads();
     /* 3: the sums every block needs (block 0 also the other mixer rows for
      * mout): value v = mixer row v (v < nv) or Gram entry v − nv, warp
      * v % 9; each lane adds blocks lane and lane + 32, then the warp's tree.
-     * All words requested first (one L2 round trip), then each polled until
-     * it carries the tag. */
+     * All loads first (one L2 round trip), through L2: other SMs wrote them. */
     bool wm = mout && blockIdx.x == 0;
     int nv = wm ? mw : hc;
-    unsigned long long wv[HS_SUMS][2][2];
+    float pf[HS_SUMS][2];
+    double pd[HS_SUMS][2];
 #pragma unroll
     for (int i = 0; i < HS_SUMS; i++) {
         int v = wid + (HS_BLOCK / 32) * i;
-        int s0 = v < nv ? v : HS_ROWS * 8 + 2 * (v - nv);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int b = lane + 32 * h;
-            wv[i][h][0] = wv[i][h][1] = 0;
-            if (v >= nv + np || b >= nb) continue;
-            wv[i][h][0] = hs_get(s0, nb, b);
-            if (v >= nv) wv[i][h][1] = hs_get(s0 + 1, nb, b);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < HS_SUMS; i++) {
-        int v = wid + (HS_BLOCK / 32) * i;
-        if (v >= nv + np) continue;
-        int s0 = v < nv ? v : HS_ROWS * 8 + 2 * (v - nv);
-        float f[2] = {0.0f, 0.0f};
-        double q[2] = {0.0, 0.0};
+        pf[i][0] = pf[i][1] = 0.0f;
+        pd[i][0] = pd[i][1] = 0.0;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int b = lane + 32 * h;
             if (b >= nb) continue;
-            unsigned lo = hs_wait(wv[i][h][0], s0, nb, b, tag);
-            if (v < nv) f[h] = __uint_as_float(lo);
-            else q[h] = __hiloint2double((int)lo, (int)hs_wait(wv[i][h][1], s0 + 1, nb, b, tag));
+            if (v < nv) pf[i][h] = __ldcg(d_hs_part + v * nb + b);
+            else if (v < nv + np) pd[i][h] = __ldcg(d_hs_gram + (v - nv) * nb + b);
         }
+    }
+#pragma unroll
+    for (int i = 0; i < HS_SUMS; i++) {
+        int v = wid + (HS_BLOCK / 32) * i;
         if (v < nv) {
-            float s = warp_sum(f[0] + f[1]);
+            float s = warp_sum(pf[i][0] + pf[i][1]);
             if (!lane) ms[v] = s;
-        } else {
-            double s = warp_sum_d(q[0] + q[1]);
+        } else if (v < nv + np) {
+            double s = warp_sum_d(pd[i][0] + pd[i][1]);
             if (!lane) gs[v - nv] = s;
         }
     }
     __syncthreads();
-    if (blockIdx.x == 0 && tid == 0) *(volatile unsigned *)&d_hs_epoch = tag;   /* every block's words are read */
     if (tid >= kb) return;
     /* 4: rms, pre, the norm's Σh² and this block's slice of nrm */
     double tr = 0;
