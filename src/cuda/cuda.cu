@@ -305,17 +305,29 @@ static int repack_weights(gpu_backend *be, char *err, size_t errlen) {
     return e ? ds4_errf(err, errlen, "cuda: weight repack failed: %s", cudaGetErrorString(e)) : 0;
 }
 
+/* k_hc_step's grid barrier holds only while all nb of its blocks are
+ * resident at once (see hc_grid_barrier). */
+static bool hs_coresident(int64_t nb) {
+    int dev, sms, per;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, k_hc_step, HS_BLOCK, 0) == cudaSuccess &&
+           (int64_t)sms * per >= nb;
+}
+
 /* Decode takes the fused HC step (k_hc_step: the previous sublayer's post,
  * mixer, coefficients, collapse and norm in one launch) where its shape
- * allows: hc ≤ 4 and a power of two (a warp's Sinkhorn, 3 mixer rows a
- * warp), F16/F32 mixers, n_embd ≤ HS_MAX_D and a multiple of a block's
- * positions. The post of a sublayer is then left to the next sublayer's
- * step (the last layer's FFN launches its own: the head is a separate
- * graph, and a chunk's head does not follow a decode body). */
+ * allows: hc ≤ 4 and a power of two (3 mixer rows a warp, a slice of whole
+ * warps per stream), F16/F32 mixers, n_embd ≤ HS_MAX_D and a multiple of a
+ * block's positions, and all its blocks resident at once. The post of a
+ * sublayer is then left to the next sublayer's step (the last layer's FFN
+ * launches its own: the head is a separate graph, and a chunk's head does
+ * not follow a decode body). */
 static bool hc_fusable(const gpu_backend *be) {
     const ds4_hparams *hp = be->hp;
     int64_t hc = hp->hc_count, kb = hc ? HS_THREADS / hc : 0;
-    if ((hc != 1 && hc != 2 && hc != 4) || hp->n_embd % kb || hp->n_embd > HS_MAX_D) return false;
+    if ((hc != 1 && hc != 2 && hc != 4) || hp->n_embd % kb || hp->n_embd > HS_MAX_D || !hs_coresident(hp->n_embd / kb))
+        return false;
     const ds4_model *m = be->m;
     bool ok = m->out_hc_fn.type == GGML_F16 || m->out_hc_fn.type == GGML_F32;
     for (uint32_t l = 0; l < hp->n_layer; l++) {
@@ -912,7 +924,7 @@ static void hc_step(gpu_backend *be, float *X, const ds4_tensor *fn, const ds4_t
                     const ds4_tensor *norm, bool head, const ds4_tensor *pscale, const ds4_tensor *pbase, bool eout) {
     const ds4_hparams *hp = be->hp;
     int64_t d = hp->n_embd, hc = hp->hc_count;
-    launch(k_hc_step, (unsigned)(d / (HS_THREADS / hc)), HS_THREADS, 0, be->s, X, d, (int)hc,
+    launch(k_hc_step, (unsigned)(d / (HS_THREADS / hc)), HS_BLOCK, 0, be->s, X, d, (int)hc,
            pscale ? (const float *)be->mix : NULL, pscale ? DF(be, pscale) : NULL, pbase ? DF(be, pbase) : NULL,
            (const float *)be->y, eout ? (const float *)be->eout : NULL, (int)hp->n_expert_used, (int)fn->type,
            DW(be, fn), fn->row_bytes, (int)fn->ne[1], DF(be, scale), DF(be, base), (int)hp->hc_sinkhorn_iters,
@@ -1651,6 +1663,7 @@ extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w
     if ((hc != 1 && hc != 2 && hc != 4) || d % (HS_THREADS / hc) || d > HS_MAX_D ||
         (wtype != GGML_F16 && wtype != GGML_F32) || used < 0 || used > 64)
         return ds4_errf(err, errlen, "hc_step: bad shape");
+    if (!hs_coresident(d / (HS_THREADS / hc))) return ds4_errf(err, errlen, "hc_step: blocks not co-resident");
     uint64_t rb = ggml_row_bytes((uint32_t)wtype, (uint64_t)zw);
     /* one allocation: W | nw d | X zw | y d | eout used·d | nrm d | scale 3 | base nc | pm nc | mout nc |
      * pscale 3 | pbase nc (the vectors read as float4 first: d is a multiple of 64, so they stay 16-byte aligned) */
@@ -1670,7 +1683,7 @@ extern "C" int ds4_cuda_test_hc_step(int hc, int64_t d, int wtype, const void *w
     if (!e) {
         poison(dc, nc * sizeof(float));
         poison(dr, d * sizeof(float));
-        k_hc_step<<<(unsigned)(d / (HS_THREADS / hc)), HS_THREADS>>>(
+        k_hc_step<<<(unsigned)(d / (HS_THREADS / hc)), HS_BLOCK>>>(
             dX, d, hc, pm ? dpm : NULL, dps, dpb, dy, eout ? de : NULL, used, wtype, dw, rb, (int)mw, ds, db, iters,
             hc_eps, rms_eps, dn, head ? NULL : dc, dr);
         if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(X, dX, zw * sizeof(float), cudaMemcpyDeviceToHost)) &&

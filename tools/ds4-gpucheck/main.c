@@ -984,6 +984,11 @@ static void kernel_checks(void) {
     check_idx_g(true, 64, 128, 2050, 3);
     check_idx_g(true, 4, 128, 300, 9);      /* the tiny model's shape */
     check_idx_g(true, 72, 64, 1000, 1);     /* heads past 64: warps take two groups */
+    /* last, so the checks above keep their random inputs */
+    check_hc(3);   /* the register Sinkhorn's guards (hc < 4) */
+    check_hc(1);
+    check_hc(8);   /* hc > 4: the one-thread generic path */
+    check_hc_step(1, 512, GGML_F32, true, true, false);   /* one stream: 2 blocks, one Gram entry */
 }
 
 /* --mm-bench: the prefill GEMM at the model's shapes, T = 2048 tokens. */
