@@ -74,11 +74,12 @@ __global__ void k_router(const float *logit, int E, int used, const uint8_t *tid
  * router alone is latency-bound (2 MB), this fills the GPU beside it, and
  * one launch of the FFN chain goes. As in k_mv_q8x, a warp owns a row pair
  * (gate r, up r) at a time and its lane's first SH_D tasks (a 16-weight
- * piece of both rows) are loaded BEFORE pdl_wait: at 4096 inputs that is a
- * lane's whole share of the pair (8 pieces of 16 bytes), so a grid of one
- * warp a pair has every byte in flight while the HC step still runs; more
- * pairs than warps walk on as a ring. x in shared memory as k_mv_sx
- * (sx_swz). A row is its lane's pieces summed in order, then warp_sum. */
+ * piece of both rows) are loaded BEFORE pdl_wait, while the HC step still
+ * runs: at 4096 inputs half of a lane's share of the pair (8 of 16 pieces
+ * of 16 bytes; 8 MB of the 17.8 in flight with one warp a pair, and 79
+ * registers leave 3 blocks an SM); the rest, and more pairs than warps,
+ * walk on as a ring. x in shared memory as k_mv_sx (sx_swz). A row is its
+ * lane's pieces summed in order, then warp_sum. */
 #define SH_D 4
 __device__ __forceinline__ void sh_pair(const q8_reg &g, const q8_reg &u, const float4 *xs, int64_t p, float &ag,
                                         float &au) {
