@@ -1529,7 +1529,7 @@ extern "C" int ds4_cuda_test_router_shared(const void *wr, int E, int used, cons
     int32_t *deid = NULL;
     dstep *dst = NULL;
     dstep st0 = {0, 0};
-    /* floats: x n_in | logits E | bias E | ew used | sg ff | y n_in */
+    /* floats: x n_in | sg ff | y n_in | logits E | bias E | ew used (x, sg, y are read as float4: 16-byte aligned) */
     int64_t nf = n_in + 2 * E + used + ff + n_in;
     cudaError_t e;
     if ((e = cudaMalloc((void **)&dr, rb * E)) || (e = cudaMemcpy(dr, wr, rb * E, cudaMemcpyHostToDevice)) ||
@@ -1539,12 +1539,12 @@ extern "C" int ds4_cuda_test_router_shared(const void *wr, int E, int used, cons
         (e = cudaMalloc((void **)&dst, sizeof st0)) || (e = cudaMemcpy(dst, &st0, sizeof st0, cudaMemcpyHostToDevice)))
         goto out;
     {
-        float *dx = df, *dl = dx + n_in, *db = dl + E, *dew = db + E, *dsg = dew + used, *dy = dsg + ff;
+        float *dx = df, *dsg = dx + n_in, *dy = dsg + ff, *dl = dy + n_in, *db = dl + E, *dew = db + E;
         if ((e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice)) ||
             (bias && (e = cudaMemcpy(db, bias, E * sizeof(float), cudaMemcpyHostToDevice))))
             goto out;
-        poison(dl, E * sizeof(float));
-        poison(dew, (used + ff + n_in) * sizeof(float));   /* ew, sg, y */
+        poison(dsg, (ff + n_in + E) * sizeof(float));   /* sg, y, logits */
+        poison(dew, used * sizeof(float));
         poison(deid, used * sizeof(int32_t));
         launch_router(0, GGML_F16, dr, rb, n_in, dx, dl, E, used, NULL, 0, dst, bias ? db : NULL, norm, wscale, deid, dew,
                       dg, du, ff, dsg, clamp);

@@ -148,9 +148,9 @@ __device__ void sh_glu(const uint8_t *__restrict__ Wg, const uint8_t *__restrict
  * rows a block, RT_THREADS / RT_ROWS threads a row summed in warp order;
  * n_in ≤ RT_MAX_IN, the weights in registers, loaded before pdl_wait as in
  * k_hc_step), then the router block that arrives last (counter as in
- * k_hc_step) routes. With Sg, the blocks past the router's ⌈E / RT_ROWS⌉
- * compute the shared expert's gate+up into sy (sh_glu; dynamic shared
- * memory: the larger of ROUTER_SMEM(E) and n_in floats). */
+ * k_hc_step) routes. With Sg, the blocks before the router's last
+ * ⌈E / RT_ROWS⌉ compute the shared expert's gate+up into sy (sh_glu;
+ * dynamic shared memory: the larger of ROUTER_SMEM(E) and n_in floats). */
 #define RT_THREADS 256
 #define RT_ROWS 2
 #define RT_C 4                 /* 8-weight chunks a thread */
@@ -163,14 +163,17 @@ k_router_mv(int wtype, const uint8_t *__restrict__ W, uint64_t rb, int64_t n_in,
             int64_t srows, float *__restrict__ sy, float clamp) {
     __shared__ float part[RT_THREADS / 32];
     __shared__ bool last;
-    const unsigned nrb = (unsigned)(E + RT_ROWS - 1) / RT_ROWS;
-    if (blockIdx.x >= nrb) {
-        sh_glu(Sg, Su, srows, n_in, x, sy, clamp, blockIdx.x - nrb, gridDim.x - nrb);
+    /* the shared expert's blocks first: blocks are dispatched in index order,
+     * and under PDL those resident before the wait are the ones whose loads
+     * overlap the HC step; the shared expert is the longer part */
+    const unsigned nrb = (unsigned)(E + RT_ROWS - 1) / RT_ROWS, nsb = gridDim.x - nrb;
+    if (blockIdx.x < nsb) {
+        sh_glu(Sg, Su, srows, n_in, x, sy, clamp, blockIdx.x, nsb);
         return;
     }
     const int tpr = RT_THREADS / RT_ROWS, wpr = tpr / 32;
     int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
-    int64_t r = (int64_t)blockIdx.x * RT_ROWS + tid / tpr;
+    int64_t r = (int64_t)(blockIdx.x - nsb) * RT_ROWS + tid / tpr;
     const uint8_t *w = W + (uint64_t)r * rb;
     float4 wa[RT_C], wb[RT_C];
 #pragma unroll
