@@ -671,7 +671,7 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
  * k_mv_rp, −1, −2, −4 = k_mv_sx, GLU up to 2, −8 … −32 = k_mv_tc; 0 = the
  * rule above). pre: k_mv_tc's early reads (eid, x: see k_mv_tc). */
 #define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
-#define TC_SMEM_MAX (224 << 10)   /* k_mv_tc's shared memory at most (one block an SM; 227 KB with opt-in) */
+#define TC_SMEM_MAX (160 << 10)   /* k_mv_tc's shared memory at most (one block an SM; 227 KB with opt-in) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,

@@ -650,18 +650,15 @@ k_mv_q8x(const uint8_t *__restrict__ Wa, int64_t ra, float *__restrict__ ya, con
  *   lanes whose column is zero read a zero buffer. The IQ2_XXS grid and sign
  *   tables are replicated 16 times (copy = lane & 15) so the random 8-byte
  *   gathers of a half-warp never share a bank.
- * - Persistent 12-warp blocks (1 an SM: ~130 registers a thread, up to
- *   ~190 KB of shared memory), blockIdx.y = slot. A task is 2 tiles of 16
- *   rows sharing x (GLU: 16 gate + the 16 up rows; else 32 rows), split
- *   over KS warps by 256-blocks (b ≡ kw mod KS; KS 2 measured best), summed
- *   in fixed order (quad shuffles, then the warps in turn): runs stay
- *   bit-identical. Tasks are dealt to blocks round robin (balanced within
- *   one task). A warp's weight blocks arrive by cp.async into its ring of
- *   TC_D stages in shared memory, TC_D blocks in flight, the first TC_D
- *   while x is staged (with a register double buffer, 20.0 / 11.9 µs on
- *   the H100's --mv-bench for gate+up / down: one block in flight a warp,
- *   ~8 blocks a warp, each a full DRAM latency; tools/gpu/NOTES.md "iq2",
- *   "moe"). */
+ * - Persistent 12-warp blocks (1 an SM: ~150 registers a thread, 16 warps
+ *   spilled), blockIdx.y = slot. A task is 2 tiles of 16 rows sharing x
+ *   (GLU: 16 gate + the 16 up rows; else 32 rows), split over KS warps by
+ *   256-blocks (b ≡ kw mod KS; KS 2 measured best), summed in fixed order
+ *   (quad shuffles, then the warps in turn): runs stay bit-identical. Tasks
+ *   are dealt to blocks round robin (balanced within one task); a warp
+ *   loads the next block while decoding this one, the first one while x is
+ *   staged. H100 (--mv-bench): routed gate+up 26.1 → 20.0 µs, down 15.2 →
+ *   11.9 µs (≈ 1.3–1.4 TB/s; see tools/gpu/NOTES.md "iq2" for why not 2). */
 #define TC_WARPS 12
 /* Bytes of dynamic shared memory of k_mv_tc; offsets: tables (IQ2_XXS), x
  * fragments, run-sum fragments (Q2_K), zero buffer (64 bytes past a
@@ -671,16 +668,9 @@ __host__ __device__ constexpr int64_t tc_tab(int F) { return F == RP_IQ2 ? 256 *
 __host__ __device__ constexpr int64_t tc_zero(int F, int64_t n_in) {
     return (tc_tab(F) + n_in * 4 + (F == RP_Q2K ? n_in / 4 : 0) + 127) / 128 * 128 + 64;
 }
-/* A warp's weight ring: TC_D stages of one 256-block of its task's 4 rows
- * a lane: quant bytes 16 a lane and row, Q2_K scales 8, headers 4 (at
- * tc_hdo): 2.5 KB (IQ2_XXS) / 3.5 KB (Q2_K) a stage. */
-#define TC_D 4
-__host__ __device__ constexpr int tc_hdo(int F) { return 2048 + (F == RP_Q2K ? 1024 : 0); }
-__host__ __device__ constexpr int tc_sb(int F) { return tc_hdo(F) + 512; }
-__host__ __device__ constexpr int64_t tc_ring(int F, int64_t n_in) {
-    return (tc_zero(F, n_in) + 1024 + 64 + TC_WARPS * 128 * 4 + TC_WARPS * 4 + 15) / 16 * 16;
+__host__ __device__ constexpr int64_t tc_smem(int F, int64_t n_in) {
+    return tc_zero(F, n_in) + 1024 + 64 + TC_WARPS * 128 * 4 + TC_WARPS * 4;
 }
-__host__ __device__ constexpr int64_t tc_smem(int F, int64_t n_in) { return tc_ring(F, n_in) + TC_WARPS * TC_D * tc_sb(F); }
 
 /* d (+)= a·b, m16n8k16, f16 operands, f32 accumulators (zero: d = a·b). */
 template <bool ZERO>
@@ -708,49 +698,17 @@ __device__ __forceinline__ uint32_t tc_split2(float a, float b, float S, int c) 
 
 /* One row's 256-block as lane t holds it: quant bytes, Q2_K scales, header. */
 struct tc_reg { uint4 q; uint2 sc; uint32_t hd; };
-/* cp.async global → shared of 16, 8 or 4 bytes (4: only n of them read, the rest zero-filled). */
-__device__ __forceinline__ void tc_cp16(void *dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
-}
-__device__ __forceinline__ void tc_cp8(void *dst, const void *src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
-}
-__device__ __forceinline__ void tc_cp4(void *dst, const void *src, uint32_t n) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src),
-                 "r"(n)
-                 : "memory");
-}
-/* Block b of one row of matrix m (payload at po, headers at ho; hend: the
- * end of the slab's headers), lane t's part, into entry e of a ring stage
- * st: the 16 quant bytes (IQ2_XXS: groups 2t, 2t+1, (indices, signs|scale)
- * each; Q2_K: quant bytes 16t …), Q2_K's 8 scale bytes 8h … (h = t >> 1),
- * and the header: Q2_K's d|dmin word; IQ2_XXS's f16 d as the aligned word
- * that holds it (cp.async copies 4 bytes at least), read as 2 bytes where
- * that word would pass the slab's last header. */
 template <int F>
-__device__ __forceinline__ void tc_issue(uint8_t *st, int e, const uint8_t *m, uint32_t po, uint32_t ho, uint32_t hend,
-                                         int64_t b, int t) {
+__device__ __forceinline__ void tc_load(const uint8_t *pl, const uint8_t *hd, int64_t b, int t, tc_reg &r) {
     if constexpr (F == RP_IQ2) {
-        tc_cp16(st + 16 * e, m + po + b * 64 + 16 * t);
-        uint32_t a = (ho + 2 * (uint32_t)b) & ~3u;
-        tc_cp4(st + tc_hdo(F) + 4 * e, m + a, a + 4 <= hend ? 4 : 2);
+        r.q = *(const uint4 *)(pl + b * 64 + 16 * t);            /* groups 2t, 2t+1: (indices, signs|scale) each */
+        r.hd = ((const unsigned short *)hd)[b];
     } else {
-        const uint8_t *blk = m + po + b * 80;
-        tc_cp16(st + 16 * e, blk + 16 + 16 * t);
-        tc_cp8(st + 2048 + 8 * e, blk + 8 * (t >> 1));
-        tc_cp4(st + tc_hdo(F) + 4 * e, m + ho + 4 * b, 4);
+        const uint8_t *blk = pl + b * 80;
+        r.q = *(const uint4 *)(blk + 16 + 16 * t);               /* quant bytes 16t … 16t+15 */
+        r.sc = *(const uint2 *)(blk + 8 * (t >> 1));             /* scales 8h … 8h+7, h = t >> 1 */
+        r.hd = ((const uint32_t *)hd)[b];
     }
-}
-/* Entry e of a stage back into registers (the lane's own copies: visible
- * to it after cp.async.wait_group, no barrier). */
-template <int F>
-__device__ __forceinline__ void tc_take(const uint8_t *st, int e, uint32_t ho, int64_t b, tc_reg &r) {
-    r.q = *(const uint4 *)(st + 16 * e);
-    if (F == RP_Q2K) r.sc = *(const uint2 *)(st + 2048 + 8 * e);
-    uint32_t w = *(const uint32_t *)(st + tc_hdo(F) + 4 * e);
-    r.hd = F == RP_IQ2 ? w >> 16 * (((ho >> 1) + (uint32_t)b) & 1) : w;   /* IQ2_XXS: its half of the word */
 }
 
 /* acc[i][h] += lane t's part of block b of row (tile i, half h): rows g, g+8
@@ -898,30 +856,22 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
                 ho[i][h] = (uint32_t)(rows * nb * fm::PAY + r * nb * fm::HL);
             }
     };
-    /* The warp's blocks b = kw, kw + KS, … go through its ring of TC_D
-     * stages, TC_D blocks in flight (a register double buffer held one: with
-     * ~8 blocks a warp, each waited a full DRAM latency). One commit group a
-     * block, empty past the warp's last, so wait_group(TC_D − 1) before
-     * block s always means block s has landed. */
-    uint8_t *ring = tsm + tc_ring(F, n_in) + warp * TC_D * tc_sb(F);
-    const uint32_t hend = (uint32_t)(rows * nb * (fm::PAY + fm::HL));
-    auto issue = [&](int64_t b, int d) {
-        if (b < nb)
+    tc_reg cur[2][2], nxt[2][2];
+    auto fetch = [&](int64_t b, tc_reg (&w)[2][2]) {
 #pragma unroll
-            for (int i = 0; i < 2; i++)
+        for (int i = 0; i < 2; i++)
 #pragma unroll
-                for (int h = 0; h < 2; h++)
-                    tc_issue<F>(ring + d * tc_sb(F), 32 * (2 * i + h) + lane, GLU && i ? W2m : Wm, po[i][h], ho[i][h],
-                                hend, b, t);
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *m = GLU && i ? W2m : Wm;
+                tc_load<F>(m + po[i][h], m + ho[i][h], b, t, w[i][h]);
+            }
     };
-    auto start = [&](int64_t task) {
-        rows_of(task);
-        for (int d = 0; d < TC_D; d++) issue(kw + (int64_t)d * KS, d);
-    };
-    /* the first task's first TC_D blocks are in flight while x is staged */
+    /* the first task's first block is in flight while x is staged */
     int64_t task = blockIdx.x + (int64_t)gridDim.x * grp;
-    if (task < ntask) start(task);
+    if (task < ntask) {
+        rows_of(task);
+        if (kw < nb) fetch(kw, cur);
+    }
     if (pre == 1) pdl_wait();   /* x is the previous kernel's output */
     const float *xg = x + slot * x_slot;
     /* S = 2^(10 − ⌊log2 max|x|⌋), clamped: max|x|·S in [2^10, 2^11) */
@@ -976,19 +926,18 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     const uint2 *tgl = tg + (lane & 15), *tsl = ts + (lane & 15);
     for (bool first = true; task < ntask; task += (int64_t)gridDim.x * NG, first = false) {
         const int64_t r0 = task * tr;
-        if (!first) start(task);   /* the previous task consumed every stage it filled */
+        if (!first) {
+            rows_of(task);
+            if (kw < nb) fetch(kw, cur);
+        }
         float acc[2][2] = {{0, 0}, {0, 0}};
-        for (int s = 0; kw + (int64_t)s * KS < nb; s++) {
-            const int64_t b = kw + (int64_t)s * KS;
-            const int d = s % TC_D;
-            asm volatile("cp.async.wait_group %0;\n" ::"n"(TC_D - 1) : "memory");
-            tc_reg cur[2][2];
+        for (int64_t b = kw; b < nb; b += KS) {
+            if (b + KS < nb) fetch(b + KS, nxt);
+            tc_block<F>(cur, own ? xf + b * 128 + g : zb, own ? rf + b * 8 + g : zb, tgl, tsl, t, acc);
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) tc_take<F>(ring + d * tc_sb(F), 32 * (2 * i + h) + lane, ho[i][h], b, cur[i][h]);
-            tc_block<F>(cur, own ? xf + b * 128 + g : zb, own ? rf + b * 8 + g : zb, tgl, tsl, t, acc);
-            issue(b + (int64_t)TC_D * KS, d);   /* stage d is free: cur holds it and tc_block used it */
+                for (int h = 0; h < 2; h++) cur[i][h] = nxt[i][h];
         }
         /* the quad's 4 lanes, then the task's KS warps in order */
 #pragma unroll
