@@ -691,14 +691,15 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
  * waves were slower (out_b 25.7, LM head with KS 1 240 µs). nr forces a
  * kernel and its rows per warp (ds4_cuda_mv_bench: 1, 2, 4 = k_mv_rp, + 10·KS
  * its split, + 100 no prefetch; −1, −2, −4 = k_mv_sx, GLU up to 2, −8 … −32 =
- * k_mv_tc; 0 = the rules above). */
+ * k_mv_tc; 0 = the rules above). pre: k_mv_tc's early reads (eid, x: see
+ * k_mv_tc). */
 #define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
 #define RP_PF_MAX (16 << 20)   /* bytes one wave of k_mv_rp may prefetch into L2 (50 MB, two partitions) */
 #define TC_SMEM_MAX (160 << 10)   /* k_mv_tc's shared memory at most (one block an SM; 227 KB with opt-in) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
-                       int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr) {
+                       int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr, int pre) {
     if constexpr (F != RP_Q8) {
         int64_t tsm = tc_smem(F, n_in);
         if (!nr && !xg_rows && tsm <= TC_SMEM_MAX) nr = -16;
@@ -715,7 +716,7 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
         }                                                                                                          \
         int64_t bx = c_fit / slots > 1 ? c_fit / slots : 1;                                                        \
         launch(k_mv_tc<F, KS, GLU>, dim3((unsigned)(ntask < bx ? ntask : bx), (unsigned)slots), 32 * TC_WARPS,     \
-               (size_t)tsm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp);                  \
+               (size_t)tsm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp, pre);             \
     } while (0)
             if (W2) { if (nr == -8) MVTC(1, true); else if (nr == -32) MVTC(4, true); else MVTC(2, true); }
             else if (nr == -8) MVTC(1, false);
@@ -777,13 +778,17 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
 }
 static void launch_rp(uint32_t type, cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows,
                       const float *x, int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
-                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr = 0) {
+                      int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr = 0,
+                      int pre = 0) {
     if (type == GGML_Q8_0)
-        launch_rpf<RP_Q8>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
+        launch_rpf<RP_Q8>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp,
+                          nr, pre);
     else if (type == GGML_IQ2_XXS)
-        launch_rpf<RP_IQ2>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
+        launch_rpf<RP_IQ2>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp,
+                           nr, pre);
     else
-        launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp, nr);
+        launch_rpf<RP_Q2K>(s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, estride, x_slot, y_slot, slots, ew, clamp,
+                           nr, pre);
 }
 
 /* Two Q8_0 matrices of one x (n_in inputs; ra and rb rows) in one launch:
@@ -803,6 +808,30 @@ static void launch_q8x(cudaStream_t s, const uint8_t *Wa, int64_t ra, float *ya,
            yb, n_in, x);
 }
 
+/* Decode's router (k_router_mv: logits + routing, one launch). With Sg, the
+ * shared expert's gate+up (Q8_0 gate and up of srows × n_in; sh_fits) into
+ * sy as extra blocks of the same launch: as many as are resident beside the
+ * router's at once, one warp a row pair where that many fit. */
+static bool sh_fits(const ds4_tensor *g, const ds4_tensor *u) {
+    return q8x_fits(g, u) && g->ne[1] == u->ne[1];
+}
+static void launch_router(cudaStream_t s, int wtype, const uint8_t *W, uint64_t rb, int64_t n_in, const float *x,
+                          float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb, const dstep *st,
+                          const float *bias, bool norm, float wscale, int32_t *eid, float *ew, const uint8_t *Sg,
+                          const uint8_t *Su, int64_t srows, float *sy, float clamp) {
+    static int64_t c_sm = -1;
+    static int c_fit;
+    int64_t nrb = (E + RT_ROWS - 1) / RT_ROWS, nsb = 0, sm = ROUTER_SMEM(E);
+    if (Sg) {
+        if (n_in * 4 > sm) sm = n_in * 4;
+        if (c_sm != sm) { c_fit = sx_fit(k_router_mv, sm, RT_THREADS); c_sm = sm; }
+        int64_t need = (srows + RT_THREADS / 32 - 1) / (RT_THREADS / 32), room = c_fit - nrb;
+        nsb = need < room ? need : room > 1 ? room : 1;
+    }
+    launch(k_router_mv, (unsigned)(nrb + nsb), RT_THREADS, (size_t)sm, s, wtype, W, rb, n_in, x, logit, E, used, tid2eid,
+           t2e_rb, st, bias, norm, wscale, eid, ew, Sg, Su, srows, sy, clamp);
+}
+
 /* y = T·x (one token); x grouped as k_matvec (xg_rows = 0: one x). */
 static void matvec_g(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t xg_rows, int64_t xg_stride, float *y) {
     if (repacked(T->type)) {
@@ -818,14 +847,15 @@ static void matvec_g(gpu_backend *be, const ds4_tensor *T, const float *x, int64
 }
 static void matvec(gpu_backend *be, const ds4_tensor *T, const float *x, float *y) { matvec_g(be, T, x, 0, 0, y); }
 
-/* Every routed slot at once: slot i multiplies expert eid[i]'s matrix. */
+/* Every routed slot at once: slot i multiplies expert eid[i]'s matrix
+ * (decode's down: the router ran at least two launches back, pre 1). */
 static void matvec_experts(gpu_backend *be, const ds4_tensor *T, const float *x, int64_t x_slot, float *y,
                            int64_t y_slot) {
     int used = (int)be->hp->n_expert_used;
     uint64_t estride = T->row_bytes * (uint64_t)T->ne[1];
     if (repacked(T->type)) {
         launch_rp(T->type, be->s, DW(be, T), NULL, T->ne[0], T->ne[1], x, 0, 0, y, be->eid, estride, x_slot, y_slot, used,
-                  NULL, 0);
+                  NULL, 0, 0, 1);
         return;
     }
     launch(k_matvec, dim3((unsigned)((T->ne[1] + MV_WARPS - 1) / MV_WARPS), used), 32 * MV_WARPS, 0, be->s,
@@ -833,7 +863,9 @@ static void matvec_experts(gpu_backend *be, const ds4_tensor *T, const float *x,
 }
 
 /* y = swiglu(Tg·x, Tu·x) · (ew ? ew[slot] : 1) in one launch: routed slots
- * (routed = true: expert eid[slot] of 3-D tensors) or the shared expert. */
+ * (routed = true: expert eid[slot] of 3-D tensors; decode runs them with
+ * the router and x's producer at least two launches back, pre 2) or the
+ * shared expert. */
 static void glu(gpu_backend *be, const ds4_tensor *Tg, const ds4_tensor *Tu, bool routed, const float *x, float *y,
                 float clamp) {
     int slots = routed ? (int)be->hp->n_expert_used : 1;
@@ -843,7 +875,7 @@ static void glu(gpu_backend *be, const ds4_tensor *Tg, const ds4_tensor *Tu, boo
     int64_t rows = Tg->ne[1];
     if (repacked(Tg->type)) {   /* the loader gives gate and up the same type */
         launch_rp(Tg->type, be->s, DW(be, Tg), DW(be, Tu), Tg->ne[0], rows, x, 0, 0, y, eid, estride, 0, rows, slots, ew,
-                  clamp);
+                  clamp, 0, routed ? 2 : 0);
         return;
     }
     launch(k_matvec_glu, dim3((unsigned)((rows + MV_WARPS - 1) / MV_WARPS), slots), 32 * MV_WARPS, 0, be->s,
@@ -1190,22 +1222,30 @@ static void ffn_layer(gpu_backend *be, const ds4_layer *L, int64_t n, float clam
     prep(be, 0, be->nrm, n, d);
     const ds4_tensor *ri = &L->ffn_gate_inp;
     const float *bias = L->exp_probs_b.data ? DF(be, &L->exp_probs_b) : NULL;
+    /* decode: the shared expert's gate+up rides in the router launch where it fits */
+    bool sh = false;
     if (n == 1 && (ri->type == GGML_F16 || ri->type == GGML_F32) && d % 8 == 0 && d <= RT_MAX_IN) {
-        /* logits + routing: one launch */
-        launch(k_router_mv, (unsigned)((E + RT_ROWS - 1) / RT_ROWS), RT_THREADS, ROUTER_SMEM(E), s,
-               (int)ri->type, DW(be, ri), ri->row_bytes, d, (const float *)be->nrm, be->rl, (int)E, (int)used,
-               DW(be, &L->tid2eid), L->tid2eid.row_bytes, (const dstep *)be->step, bias, hp->expert_weights_norm,
-               hp->expert_weights_scale, be->eid, be->ew);
+        sh = sh_fits(&L->gate_shexp, &L->up_shexp);
+        launch_router(s, (int)ri->type, DW(be, ri), ri->row_bytes, d, be->nrm, be->rl, (int)E, (int)used,
+                      DW(be, &L->tid2eid), L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm,
+                      hp->expert_weights_scale, be->eid, be->ew, sh ? DW(be, &L->gate_shexp) : NULL,
+                      sh ? DW(be, &L->up_shexp) : NULL, ffs, be->sg, clamp);
     } else {
         mul(be, ri, 0, be->nrm, n, be->rl, E);
         launch(k_router, (unsigned)n, 256, ROUTER_SMEM(E), s, be->rl, (int)E, (int)used, DW(be, &L->tid2eid),
                L->tid2eid.row_bytes, be->step, bias, hp->expert_weights_norm, hp->expert_weights_scale, be->eid, be->ew);
     }
     if (n == 1) {
+        /* The shared expert first: the routed products then find the routing
+         * and x written two launches back and start before their wait
+         * (k_mv_tc's pre). The shared down as k_mv_q8x: its weights are in
+         * flight before its wait, beside the router launch's tail. */
+        const ds4_tensor *sd = &L->down_shexp;
+        if (!sh) glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
+        if (q8x_fits(sd, sd)) launch_q8x(s, DW(be, sd), sd->ne[1], be->y, DW(be, sd), 0, NULL, sd->ne[0], be->sg);
+        else matvec(be, sd, be->sg, be->y);
         glu(be, &L->gate_exps, &L->up_exps, true, be->nrm, be->ge, clamp);
         matvec_experts(be, &L->down_exps, be->ge, ff, be->eout, d);
-        glu(be, &L->gate_shexp, &L->up_shexp, false, be->nrm, be->sg, clamp);
-        matvec(be, &L->down_shexp, be->sg, be->y);
     } else {
         /* Routed: assignments sorted by expert, each expert's tokens one
          * product; ge rows in sorted order, eout rows by (token, slot). */
@@ -1598,11 +1638,58 @@ extern "C" int ds4_cuda_test_matvec_slots(int type, const void *wg, const void *
         goto out;
     poison(dy, used * rows * sizeof(float));
     launch_rp((uint32_t)type, 0, dg, du, n_in, rows, dx, 0, 0, dy, deid, slab, wu ? 0 : n_in, rows, used, wu ? dew : NULL,
-              clamp, nr);
+              clamp, nr, wu ? 2 : 1);   /* k_mv_tc's early reads as decode runs them (glu, matvec_experts) */
     if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, used * rows * sizeof(float), cudaMemcpyDeviceToHost);
 out:
     cudaFree(dg); cudaFree(du); cudaFree(dx); cudaFree(dy); cudaFree(dew); cudaFree(deid);
     return e ? ds4_errf(err, errlen, "matvec slots: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* The router launch (+ the shared expert's gate+up) and the shared down, as
+ * ffn_layer launches them for one token. */
+extern "C" int ds4_cuda_test_router_shared(const void *wr, int E, int used, const float *bias, bool norm, float wscale,
+                                           const void *wg, const void *wu, const void *wd, int64_t ff, int64_t n_in,
+                                           const float *x, float clamp, int32_t *eid, float *ew, float *sg, float *y,
+                                           char *err, size_t errlen) {
+    if (E < 1 || used < 1 || used > E || used > 64 || n_in < 32 || n_in % 32 || n_in > RT_MAX_IN ||
+        (wg && (ff < 1 || ff % 32 || ff * 4 > RP_SX_MAX || n_in * 4 > RP_SX_MAX)))
+        return ds4_errf(err, errlen, "router: bad shape E %d used %d, %lld x %lld", E, used, (long long)ff,
+                        (long long)n_in);
+    uint64_t rb = ggml_row_bytes(GGML_F16, (uint64_t)n_in);
+    uint8_t *dr = NULL, *dg = NULL, *du = NULL, *dd = NULL;
+    float *df = NULL;
+    int32_t *deid = NULL;
+    dstep *dst = NULL;
+    dstep st0 = {0, 0};
+    /* floats: x n_in | sg ff | y n_in | logits E | bias E | ew used (x, sg, y are read as float4: 16-byte aligned) */
+    int64_t nf = n_in + 2 * E + used + ff + n_in;
+    cudaError_t e;
+    if ((e = cudaMalloc((void **)&dr, rb * E)) || (e = cudaMemcpy(dr, wr, rb * E, cudaMemcpyHostToDevice)) ||
+        (wg && ((e = test_upload(GGML_Q8_0, wg, n_in, ff, 1, &dg)) || (e = test_upload(GGML_Q8_0, wu, n_in, ff, 1, &du)) ||
+                (e = test_upload(GGML_Q8_0, wd, ff, n_in, 1, &dd)))) ||
+        (e = cudaMalloc((void **)&df, nf * sizeof(float))) || (e = cudaMalloc((void **)&deid, used * sizeof(int32_t))) ||
+        (e = cudaMalloc((void **)&dst, sizeof st0)) || (e = cudaMemcpy(dst, &st0, sizeof st0, cudaMemcpyHostToDevice)))
+        goto out;
+    {
+        float *dx = df, *dsg = dx + n_in, *dy = dsg + ff, *dl = dy + n_in, *db = dl + E, *dew = db + E;
+        if ((e = cudaMemcpy(dx, x, n_in * sizeof(float), cudaMemcpyHostToDevice)) ||
+            (bias && (e = cudaMemcpy(db, bias, E * sizeof(float), cudaMemcpyHostToDevice))))
+            goto out;
+        poison(dsg, (ff + n_in + E) * sizeof(float));   /* sg, y, logits */
+        poison(dew, used * sizeof(float));
+        poison(deid, used * sizeof(int32_t));
+        launch_router(0, GGML_F16, dr, rb, n_in, dx, dl, E, used, NULL, 0, dst, bias ? db : NULL, norm, wscale, deid, dew,
+                      dg, du, ff, dsg, clamp);
+        if (wg) launch_q8x(0, dd, n_in, dy, dd, 0, NULL, ff, dsg);
+        if ((e = cudaGetLastError()) || (e = cudaMemcpy(eid, deid, used * sizeof(int32_t), cudaMemcpyDeviceToHost)) ||
+            (e = cudaMemcpy(ew, dew, used * sizeof(float), cudaMemcpyDeviceToHost)))
+            goto out;
+        if (wg && !(e = cudaMemcpy(sg, dsg, ff * sizeof(float), cudaMemcpyDeviceToHost)))
+            e = cudaMemcpy(y, dy, n_in * sizeof(float), cudaMemcpyDeviceToHost);
+    }
+out:
+    cudaFree(dr); cudaFree(dg); cudaFree(du); cudaFree(dd); cudaFree(df); cudaFree(deid); cudaFree(dst);
+    return e ? ds4_errf(err, errlen, "router: %s", cudaGetErrorString(e)) : 0;
 }
 
 extern "C" int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen) {

@@ -43,6 +43,16 @@ int ds4_cuda_test_matvec_slots(int type, const void *wg, const void *wu, int64_t
  * ds4_cuda_mv_bench (0: the backend's choice). */
 int ds4_cuda_test_matvec_g(int type, const void *w, int64_t n_in, int64_t rows, int groups, const float *x, float *y,
                            int nr, char *err, size_t errlen);
+/* Decode's router launch and the shared expert as ffn_layer runs them: F16
+ * router rows wr (E × n_in) times x, biased top-`used` routing (bias: E
+ * values or NULL, no hash rows) into eid / ew (norm, wscale as the model's
+ * expert_weights_*); with wg, wu, wd (Q8_0 GGUF rows: gate and up ff ×
+ * n_in, down n_in × ff) also sg = swiglu(gate·x, up·x) (ff values, clamp;
+ * in the router's launch) and y = down·sg (n_in values, the next launch). */
+int ds4_cuda_test_router_shared(const void *wr, int E, int used, const float *bias, bool norm, float wscale,
+                                const void *wg, const void *wu, const void *wd, int64_t ff, int64_t n_in,
+                                const float *x, float clamp, int32_t *eid, float *ew, float *sg, float *y, char *err,
+                                size_t errlen);
 /* Mean µs of one decode matvec launch on random weights read from DRAM:
  * slots × (rows × n_in) of a repacked type (slots 1, !glu: one dense
  * matrix; groups > 1: x grouped as ds4_cuda_test_matvec_g), glu = gate and

@@ -891,12 +891,20 @@ __device__ __forceinline__ void tc_block(const tc_reg (&w)[2][2], const uint2 *x
 
 /* k_mv_sx's contract on TC_WARPS-warp blocks (IQ2_XXS, Q2_K; x not
  * grouped, n_in a multiple of 256), KS warps a task; dynamic shared memory
- * tc_smem(F, n_in). */
+ * tc_smem(F, n_in). pre: what was written before the previous kernel (by a
+ * launch at least two back in the stream, complete once the previous one
+ * has passed its own pdl_wait, i.e. before this grid is scheduled) and so
+ * may be read before pdl_wait: 0 nothing, 1 eid (the first weight blocks
+ * are then in flight while the previous kernel ends), 2 eid and x (x is
+ * staged too). Decode's routed gate+up runs with 2, its down with 1 (the
+ * shared expert's launches stand between the router and them); those reads
+ * go through L2 (__ldcg), the point where the earlier grid's writes are
+ * known to be visible. */
 template <int F, int KS, bool GLU>
 __global__ void __launch_bounds__(32 * TC_WARPS, 1)
 k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
         const float *__restrict__ x, float *__restrict__ y, const int32_t *__restrict__ eid, uint64_t estride,
-        int64_t x_slot, int64_t y_slot, const float *__restrict__ ew, float clamp) {
+        int64_t x_slot, int64_t y_slot, const float *__restrict__ ew, float clamp, int pre) {
     typedef rp_fmt<F> fm;
     extern __shared__ __align__(16) uint8_t tsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -916,10 +924,10 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         }
     }
     for (int i = tid; i < 128 + 8; i += blockDim.x) zb[i] = make_uint2(0, 0);
-    pdl_wait();
+    if (!pre) pdl_wait();
     constexpr int NG = TC_WARPS / KS;
     const int slot = blockIdx.y, grp = warp / KS, kw = warp % KS;
-    const uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
+    const uint64_t eoff = eid ? (uint64_t)__ldcg(eid + slot) * estride : 0;
     const uint8_t *Wm = W + eoff, *W2m = GLU ? W2 + eoff : NULL;
     const int64_t tr = GLU ? 16 : 32, ntask = (rows + tr - 1) / tr;
     /* the rows of a task as 32-bit offsets into one matrix (a slab is far below 4 GB) */
@@ -951,11 +959,12 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         rows_of(task);
         if (kw < nb) fetch(kw, cur);
     }
+    if (pre == 1) pdl_wait();   /* x is the previous kernel's output */
     const float *xg = x + slot * x_slot;
     /* S = 2^(10 − ⌊log2 max|x|⌋), clamped: max|x|·S in [2^10, 2^11) */
     float mx = 0;
     for (int64_t q = tid; q < n_in / 4; q += blockDim.x) {
-        float4 v = ((const float4 *)xg)[q];
+        float4 v = __ldcg((const float4 *)xg + q);
         mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
     }
     for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -972,9 +981,9 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         int j = (int)(i >> 3) & 15, gg = (int)i & 7, tt = gg >> 1, c = gg & 1;
         float4 v;
         if (F == RP_IQ2) {   /* weights 64tt + 4j … +3 */
-            v = *(const float4 *)(xg + 256 * b + 64 * tt + 4 * j);
+            v = __ldcg((const float4 *)(xg + 256 * b + 64 * tt + 4 * j));
         } else {   /* run (j >> 2) of chunk tt: weights 128(tt>>1) + 32(j>>2) + 16(tt&1) + 4(j&3) + (0, 2 | 1, 3) */
-            float4 u = *(const float4 *)(xg + 256 * b + 128 * (tt >> 1) + 32 * (j >> 2) + 16 * (tt & 1) + 4 * (j & 3));
+            float4 u = __ldcg((const float4 *)(xg + 256 * b + 128 * (tt >> 1) + 32 * (j >> 2) + 16 * (tt & 1) + 4 * (j & 3)));
             v = make_float4(u.x, u.z, u.y, u.w);
         }
         xf[i] = make_uint2(tc_split2(v.x, v.y, S, c), tc_split2(v.z, v.w, S, c));
@@ -990,7 +999,7 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
                 float a = 0;
 #pragma unroll
                 for (int l = 0; l < 4; l++) {
-                    float4 u = q[l];
+                    float4 u = __ldcg(q + l);
                     a += (u.x * S + u.y * S) + (u.z * S + u.w * S);
                 }
                 rs[s] = a;
@@ -998,6 +1007,7 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
             rf[i] = make_uint2(tc_split2(rs[0], rs[1], 1.0f, c), tc_split2(rs[2], rs[3], 1.0f, c));
         }
     __syncthreads();
+    if (pre == 2) pdl_wait();   /* before the first store: y may still be read by the previous kernel */
 
     const bool own = (g >> 1) == t;   /* this lane's B column holds x at its own k slots */
     const uint2 *tgl = tg + (lane & 15), *tsl = ts + (lane & 15);

@@ -239,6 +239,65 @@ static void check_matvec_slots(int type, const char *name, int64_t n_in, int64_t
     free(wg); free(wu); free(x); free(y); free(ref);
 }
 
+/* Decode's router launch with the shared expert's gate+up as extra blocks
+ * (sh), and the shared down after it, against the CPU: routing as
+ * ffn_sublayer (biased top-`used`, ids in choice order, normalised scaled
+ * weights), sg = swiglu of the CPU dots, y = the CPU's down rows times the
+ * GPU's sg (so y's bound sees only the down launch). Random F16 router rows
+ * and bias, Q8_0 blocks as rand_blocks; x in [-1, 1]. */
+static void check_router(int E, int used, int64_t n_in, int64_t ff, bool sh) {
+    char err[256], what[96];
+    uint64_t rr = ggml_row_bytes(GGML_F16, (uint64_t)n_in), rg = ggml_row_bytes(GGML_Q8_0, (uint64_t)n_in);
+    uint64_t rd = ggml_row_bytes(GGML_Q8_0, (uint64_t)ff);
+    uint16_t *wr = malloc(rr * E);
+    uint8_t *wg = malloc(rg * ff), *wu = malloc(rg * ff), *wd = malloc(rd * n_in);
+    float *x = malloc(n_in * sizeof(float)), *bias = malloc(E * sizeof(float)), *sc = malloc(E * sizeof(float));
+    float *sg = malloc(ff * sizeof(float)), *sref = malloc(ff * sizeof(float));
+    float *y = malloc(n_in * sizeof(float)), *yref = malloc(n_in * sizeof(float)), ew[64], eref[64];
+    int32_t eid[64], iref[64];
+    const float clamp = 10.0f, wscale = 1.5f;
+    for (int64_t i = 0; i < (int64_t)(rr / 2) * E; i++) wr[i] = ds4_f32_to_f16(frand() * 0.05f);
+    for (int e = 0; e < E; e++) bias[e] = 0.1f * frand();
+    for (int64_t i = 0; i < n_in; i++) x[i] = frand();
+    rand_blocks(GGML_Q8_0, wg, rg * ff);
+    rand_blocks(GGML_Q8_0, wu, rg * ff);
+    rand_blocks(GGML_Q8_0, wd, rd * n_in);
+    for (int e = 0; e < E; e++) sc[e] = cpu_router_score(ds4_dot_row(GGML_F16, (const uint8_t *)wr + e * rr, x, n_in));
+    float sum = 0;
+    for (int i = 0; i < used; i++) {
+        int32_t best = -1;
+        float bv = 0;
+        for (int e = 0; e < E; e++) {
+            bool taken = false;
+            for (int k = 0; k < i; k++) taken |= iref[k] == e;
+            if (!taken && (best < 0 || sc[e] + bias[e] > bv)) { best = e; bv = sc[e] + bias[e]; }
+        }
+        iref[i] = best;
+        sum += sc[best];
+    }
+    for (int i = 0; i < used; i++) eref[i] = sc[iref[i]] / fmaxf(sum, 0x1p-14f) * wscale;
+    for (int64_t r = 0; r < ff; r++)
+        sref[r] = cpu_swiglu(ds4_dot_row(GGML_Q8_0, wg + r * rg, x, n_in), ds4_dot_row(GGML_Q8_0, wu + r * rg, x, n_in), clamp);
+    snprintf(what, sizeof what, "router %d of %d x %lld%s", used, E, (long long)n_in, sh ? "" : " (no shared expert)");
+    if (sh) snprintf(what + strlen(what), sizeof what - strlen(what), " + shared Q8_0 %lldx%lld", (long long)ff, (long long)n_in);
+    if (ds4_cuda_test_router_shared(wr, E, used, bias, true, wscale, sh ? wg : NULL, wu, wd, ff, n_in, x, clamp, eid, ew,
+                                    sg, y, err, sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        int bad = 0;
+        for (int i = 0; i < used; i++) bad += eid[i] != iref[i];
+        double ee = bad ? NAN : rel_err(ew, eref, used), es = 0, ey = 0;
+        if (sh) {
+            for (int64_t r = 0; r < n_in; r++) yref[r] = ds4_dot_row(GGML_Q8_0, wd + r * rd, sg, ff);
+            es = rel_err(sg, sref, ff);
+            ey = rel_err(y, yref, n_in);
+        }
+        verdict(what, within(ee, 1e-5) && within(es, 1e-5) && within(ey, 1e-5),
+                "%d ids differ, ew rel %.3g, sg rel %.3g, y rel %.3g (bound 1e-5)", bad, ee, es, ey);
+    }
+    free(wr); free(wg); free(wu); free(wd); free(x); free(bias); free(sc); free(sg); free(sref); free(y); free(yref);
+}
+
 static void check_qat(int n, bool fp4) {
     char err[256], what[64];
     float *x = malloc(n * sizeof(float)), *ref = malloc(n * sizeof(float));
@@ -932,6 +991,10 @@ static void kernel_checks(void) {
     check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 64, 4, 2, true, -16, true);
     check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 256, 4, 2, false, -16, true);
     check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 512, 4, 2, false, -16, true);
+    check_router(256, 6, 4096, 2048, true);    /* the model's shape: one warp a row pair, or a ring */
+    check_router(256, 6, 4096, 6144, true);    /* more row pairs than warps: the ring */
+    check_router(64, 4, 256, 96, true);        /* few pairs, short rows (fewer pieces than lanes) */
+    check_router(256, 6, 4096, 2048, false);   /* the router alone */
     check_qat(448, false);
     check_qat(64, false);
     check_qat(128, true);
