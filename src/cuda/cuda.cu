@@ -667,9 +667,7 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
 /* Matvec on a repacked format, any shape. IQ2_XXS / Q2_K (the routed
  * experts) with one x: k_mv_tc (tensor cores; 2 warps a task of 2 row tiles,
  * nr −8 / −16 / −32 = 1 / 2 / 4 warps; H100 --mv-bench: gate+up 23.7 / 20.0
- * / 21.4 µs, down 13.1 / 11.9 / 13.5 against k_mv_sx's 26.1 and 15.2), by
- * default with the weights by bulk copies (nr −64, 2 warps) where tc_bk
- * allows it and its shared memory fits (tools/gpu/NOTES.md "tc").
+ * / 21.4 µs, down 13.1 / 11.9 / 13.5 against k_mv_sx's 26.1 and 15.2).
  * Otherwise k_mv_sx (x in shared memory, persistent warps) where x fits in
  * shared memory and is not grouped: the Q8_0 matrices under 4096 rows
  * (attention inputs, shared-expert gate+up) and IQ2_XXS / Q2_K rows too long
@@ -693,45 +691,37 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
  * waves were slower (out_b 25.7, LM head with KS 1 240 µs). nr forces a
  * kernel and its rows per warp (ds4_cuda_mv_bench: 1, 2, 4 = k_mv_rp, + 10·KS
  * its split, + 100 no prefetch; −1, −2, −4 = k_mv_sx, GLU up to 2, −8 … −32 =
- * k_mv_tc, −64 = k_mv_tc's bulk ring (else −16); 0 = the rules above). pre: k_mv_tc's early reads (eid, x: see
+ * k_mv_tc; 0 = the rules above). pre: k_mv_tc's early reads (eid, x: see
  * k_mv_tc). */
 #define RP_SX_MAX 40000   /* bytes of x (+ run sums) k_mv_sx keeps in shared memory at most (48 KB without opt-in) */
 #define RP_PF_MAX (16 << 20)   /* bytes one wave of k_mv_rp may prefetch into L2 (50 MB, two partitions) */
 #define TC_SMEM_MAX (160 << 10)   /* k_mv_tc's shared memory at most (one block an SM; 227 KB with opt-in) */
-#define TC_SMEM_BK (226 << 10)    /* … with the bulk ring (IQ2_XXS 4096 wide: 213.4 KB) */
 template <int F>
 static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int64_t n_in, int64_t rows, const float *x,
                        int64_t xg_rows, int64_t xg_stride, float *y, const int32_t *eid, uint64_t estride,
                        int64_t x_slot, int64_t y_slot, int slots, const float *ew, float clamp, int nr, int pre) {
     if constexpr (F != RP_Q8) {
-        const bool bk = tc_bk(F, n_in) && tc_smem(F, n_in, true) <= TC_SMEM_BK;
-        if (!nr && !xg_rows) nr = bk ? -64 : tc_smem(F, n_in, false) <= TC_SMEM_MAX ? -16 : 0;
-        if (nr == -64 && !bk) nr = -16;
+        int64_t tsm = tc_smem(F, n_in);
+        if (!nr && !xg_rows && tsm <= TC_SMEM_MAX) nr = -16;
         if (nr <= -8) {
             int64_t ntask = (rows + (W2 ? 15 : 31)) / (W2 ? 16 : 32);
-#define MVTC(KS, GLU, BK)                                                                                          \
+#define MVTC(KS, GLU)                                                                                              \
     do {                                                                                                           \
         static int64_t c_sm = -1;                                                                                  \
         static int c_fit;                                                                                          \
-        int64_t tsm = tc_smem(F, n_in, BK);                                                                        \
         if (c_sm != tsm) {                                                                                         \
-            cudaFuncSetAttribute(k_mv_tc<F, KS, GLU, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);  \
-            c_fit = sx_fit(k_mv_tc<F, KS, GLU, BK>, tsm, 32 * TC_WARPS);                                          \
+            cudaFuncSetAttribute(k_mv_tc<F, KS, GLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);      \
+            c_fit = sx_fit(k_mv_tc<F, KS, GLU>, tsm, 32 * TC_WARPS);                                              \
             c_sm = tsm;                                                                                            \
         }                                                                                                          \
         int64_t bx = c_fit / slots > 1 ? c_fit / slots : 1;                                                        \
-        launch(k_mv_tc<F, KS, GLU, BK>, dim3((unsigned)(ntask < bx ? ntask : bx), (unsigned)slots), 32 * TC_WARPS, \
+        launch(k_mv_tc<F, KS, GLU>, dim3((unsigned)(ntask < bx ? ntask : bx), (unsigned)slots), 32 * TC_WARPS,     \
                (size_t)tsm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp, pre);             \
     } while (0)
-            if (W2) {
-                if (nr == -8) MVTC(1, true, false);
-                else if (nr == -32) MVTC(4, true, false);
-                else if (nr == -64) MVTC(2, true, true);
-                else MVTC(2, true, false);
-            } else if (nr == -8) MVTC(1, false, false);
-            else if (nr == -32) MVTC(4, false, false);
-            else if (nr == -64) MVTC(2, false, true);
-            else MVTC(2, false, false);
+            if (W2) { if (nr == -8) MVTC(1, true); else if (nr == -32) MVTC(4, true); else MVTC(2, true); }
+            else if (nr == -8) MVTC(1, false);
+            else if (nr == -32) MVTC(4, false);
+            else MVTC(2, false);
 #undef MVTC
             return;
         }

@@ -745,18 +745,12 @@ k_mv_q8x(const uint8_t *__restrict__ Wa, int64_t ra, float *__restrict__ ya, con
  *   are dealt to blocks round robin (balanced within one task); a warp
  *   loads the next block while decoding this one, the first one while x is
  *   staged. H100 (--mv-bench): routed gate+up 26.1 → 20.0 µs, down 15.2 →
- *   11.9 µs (≈ 1.3–1.4 TB/s; see tools/gpu/NOTES.md "iq2" for why not 2).
- * - BK (the bulk ring, KS 2): a warp pair's task arrives by cp.async.bulk,
- *   one copy a row of TC_SB blocks (256 / 320 contiguous bytes a row a stage
- *   instead of 64–80 bytes a row a load), two stages in flight a pair (~120
- *   KB an SM instead of ~24 KB); the same tc_block on the same blocks in the
- *   same order: the sums equal KS 2's bit for bit. */
+ *   11.9 µs (≈ 1.3–1.4 TB/s; see tools/gpu/NOTES.md "iq2" for why not 2). */
 #define TC_WARPS 12
 /* Bytes of dynamic shared memory of k_mv_tc; offsets: tables (IQ2_XXS), x
  * fragments, run-sum fragments (Q2_K), zero buffer (64 bytes past a
  * 128-byte line: its bank never meets the 64 bytes a B load reads),
- * split-K partials, block max, x as f32 (staged once: the fragments and run
- * sums are built from it). */
+ * split-K partials, block max, Q2_K: x as f32 (staged once, see k_mv_tc). */
 __host__ __device__ constexpr int64_t tc_tab(int F) { return F == RP_IQ2 ? 256 * 16 * 8 + 128 * 16 * 8 : 0; }
 __host__ __device__ constexpr int64_t tc_zero(int F, int64_t n_in) {
     return (tc_tab(F) + n_in * 4 + (F == RP_Q2K ? n_in / 4 : 0) + 127) / 128 * 128 + 64;
@@ -764,47 +758,8 @@ __host__ __device__ constexpr int64_t tc_zero(int F, int64_t n_in) {
 __host__ __device__ constexpr int64_t tc_xs(int F, int64_t n_in) {
     return (tc_zero(F, n_in) + 1024 + 64 + TC_WARPS * 128 * 4 + TC_WARPS * 4 + 15) / 16 * 16;
 }
-/* BK (bulk ring): a task group's weights come by cp.async.bulk into shared
- * memory, a copy a row: stages of TC_SB 256-blocks of the task's 32 rows
- * (row slot l at l·TC_RS: 256 or 320 bytes, padded to 320 so the rows a
- * quarter-warp reads, 320 ≡ 64 mod 128 bytes apart, never share a bank),
- * two stages a group, then the 32 rows' headers of the whole task (one copy
- * a row at the task's first stage). Offsets: two mbarriers a group, then the
- * groups' areas of tc_gb bytes. Needs nb % TC_SB == 0 and nb·HL % 16 == 0
- * (copies are 16-byte multiples): tc_bk. */
-#define TC_SB 4
-#define TC_RS 320
-__host__ __device__ constexpr int tc_hl(int F) { return F == RP_IQ2 ? 2 : 4; }
-__host__ __device__ constexpr int64_t tc_ring(int F, int64_t n_in) { return (tc_xs(F, n_in) + n_in * 4 + 127) / 128 * 128; }
-__host__ __device__ constexpr int64_t tc_gb(int F, int64_t n_in) { return 2 * 32 * TC_RS + 32 * (n_in / 256) * tc_hl(F); }
-__host__ __device__ constexpr bool tc_bk(int F, int64_t n_in) {
-    return n_in % (256 * TC_SB) == 0 && (n_in / 256) * tc_hl(F) % 16 == 0;
-}
-__host__ __device__ constexpr int64_t tc_smem(int F, int64_t n_in, bool bk) {
-    return bk ? tc_ring(F, n_in) + 128 + TC_WARPS / 2 * tc_gb(F, n_in) : tc_xs(F, n_in) + n_in * 4;
-}
-/* The ring's primitives (sm_90): an mbarrier of one arrival, its arrival
- * with the bytes the stage's copies will complete, a bulk copy global →
- * shared completing on it, the wait for a phase (parity) to complete. */
-__device__ __forceinline__ uint32_t sm_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mb_init(uint64_t *b) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sm_addr(b)) : "memory");
-}
-__device__ __forceinline__ void mb_expect(uint64_t *b, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm_addr(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void *dst, const void *src, uint32_t bytes, uint64_t *b) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(sm_addr(dst)), "l"(src), "r"(bytes), "r"(sm_addr(b)) : "memory");
-}
-__device__ __forceinline__ void mb_wait(uint64_t *b, uint32_t parity) {
-    uint32_t ok;
-    do {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(ok) : "r"(sm_addr(b)), "r"(parity) : "memory");
-    } while (!ok);
-}
-/* float4s of x a thread loads at once when staging it (n_in ≤ 4·TC_XR·32·TC_WARPS = 6144 in one round) */
+__host__ __device__ constexpr int64_t tc_smem(int F, int64_t n_in) { return tc_xs(F, n_in) + (F == RP_Q2K ? n_in * 4 : 0); }
+/* float4s of x a thread loads at once when Q2_K stages it (n_in ≤ 4·TC_XR·32·TC_WARPS = 6144 in one round) */
 #define TC_XR 4
 
 /* d (+)= a·b, m16n8k16, f16 operands, f32 accumulators (zero: d = a·b). */
@@ -948,7 +903,7 @@ __device__ __forceinline__ void tc_block(const tc_reg (&w)[2][2], const uint2 *x
  * shared expert's launches stand between the router and them); those reads
  * go through L2 (__ldcg), the point where the earlier grid's writes are
  * known to be visible. */
-template <int F, int KS, bool GLU, bool BK>
+template <int F, int KS, bool GLU>
 __global__ void __launch_bounds__(32 * TC_WARPS, 1)
 k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n_in, int64_t rows,
         const float *__restrict__ x, float *__restrict__ y, const int32_t *__restrict__ eid, uint64_t estride,
@@ -974,19 +929,7 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     for (int i = tid; i < 128 + 8; i += blockDim.x) zb[i] = make_uint2(0, 0);
     if (!pre) pdl_wait();
     constexpr int NG = TC_WARPS / KS;
-    static_assert(!BK || KS == 2, "the bulk ring is shared by a warp pair");
     const int slot = blockIdx.y, grp = warp / KS, kw = warp % KS;
-    /* BK: this group's mbarriers (one a stage buffer), stage buffers, headers */
-    uint64_t *mb = (uint64_t *)(tsm + tc_ring(F, n_in)) + 2 * grp;
-    uint8_t *rg = tsm + tc_ring(F, n_in) + 128 + grp * tc_gb(F, n_in), *rh = rg + 2 * 32 * TC_RS;
-    const int nst = (int)(nb / TC_SB);
-    uint32_t ph = 0;   /* BK: the parity to wait for, a bit a buffer */
-    if (BK && !kw && !lane) {
-        mb_init(mb);
-        mb_init(mb + 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncwarp();
     const uint64_t eoff = eid ? (uint64_t)__ldcg(eid + slot) * estride : 0;
     const uint8_t *Wm = W + eoff, *W2m = GLU ? W2 + eoff : NULL;
     const int64_t tr = GLU ? 16 : 32, ntask = (rows + tr - 1) / tr;
@@ -1013,62 +956,46 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
                 tc_load<F>(m + po[i][h], m + ho[i][h], b, t, w[i][h]);
             }
     };
-    /* BK: stage st of a task into buffer st & 1 by warp kw 0, a copy a lane
-     * (row slot = lane: GLU lanes 0–15 the gate rows, 16–31 the up rows;
-     * else 32 rows), with the rows' headers at stage 0. The buffer was last
-     * read by generic loads (both warps passed a group barrier since): the
-     * proxy fence orders those reads before the async writes. */
-    auto issue = [&](int64_t task, int st) {
-        uint64_t *b = mb + (st & 1);
-        const uint32_t hb = (uint32_t)(nb * fm::HL), pay = TC_SB * fm::PAY;
-        if (!lane) mb_expect(b, 32 * pay + (st ? 0 : 32 * hb));
-        __syncwarp();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        int64_t r = task * tr + (GLU ? (lane & 15) : lane);
-        r = r < rows ? r : rows - 1;
-        const uint8_t *m = GLU && lane >= 16 ? W2m : Wm;
-        bulk_copy(rg + (st & 1) * 32 * TC_RS + lane * TC_RS, m + (uint64_t)r * nb * fm::PAY + (uint64_t)st * pay, pay, b);
-        if (!st) bulk_copy(rh + lane * hb, m + (uint64_t)rows * nb * fm::PAY + (uint64_t)r * hb, hb, b);
-    };
-    auto start = [&](int64_t task) {
-        if (BK) {
-            if (!kw) {
-                issue(task, 0);
-                if (nst > 1) issue(task, 1);
-            }
-        } else {
-            rows_of(task);
-            if (kw < nb) fetch(kw, cur);
-        }
-    };
-    /* the first task's first block (BK: two stages) is in flight while x is staged */
+    /* the first task's first block is in flight while x is staged */
     int64_t task = blockIdx.x + (int64_t)gridDim.x * grp;
-    if (task < ntask) start(task);
+    if (task < ntask) {
+        rows_of(task);
+        if (kw < nb) fetch(kw, cur);
+    }
     if (pre == 1) pdl_wait();   /* x is the previous kernel's output */
     const float *xg = x + slot * x_slot;
-    /* x into shared memory, TC_XR loads a thread in flight at once (a loop
-     * of one L2 load an iteration, as before, waited ~8 round trips in turn
-     * before the first mma: 3 for the max, 5 for the fragments), max|x| on
-     * the way. S = 2^(10 − ⌊log2 max|x|⌋), clamped: max|x|·S in [2^10, 2^11) */
+    /* S = 2^(10 − ⌊log2 max|x|⌋), clamped: max|x|·S in [2^10, 2^11). Q2_K
+     * (the routed down) stages x in shared memory first, TC_XR loads a
+     * thread in flight at once, and builds fragments and run sums from it:
+     * the plain loops below wait one L2 round trip an iteration, ~6 in turn
+     * before the first mma (H100 nsys: down 12.45 → 12.15 µs). IQ2_XXS keeps
+     * the plain loops: staged the same way its gate+up measured slower
+     * (23.7 → 24.9 µs; registers 146 → 136, cause not isolated). */
     float4 *xs = (float4 *)(tsm + tc_xs(F, n_in));
     float mx = 0;
-    for (int64_t q0 = tid; q0 < n_in / 4; q0 += TC_XR * (int64_t)blockDim.x) {
-        float4 v[TC_XR];
+    if constexpr (F == RP_Q2K)
+        for (int64_t q0 = tid; q0 < n_in / 4; q0 += TC_XR * (int64_t)blockDim.x) {
+            float4 v[TC_XR];
 #pragma unroll
-        for (int u = 0; u < TC_XR; u++) {
-            int64_t q = q0 + u * (int64_t)blockDim.x;
-            v[u] = q < n_in / 4 ? __ldcg((const float4 *)xg + q) : make_float4(0, 0, 0, 0);
-        }
+            for (int u = 0; u < TC_XR; u++) {
+                int64_t q = q0 + u * (int64_t)blockDim.x;
+                v[u] = q < n_in / 4 ? __ldcg((const float4 *)xg + q) : make_float4(0, 0, 0, 0);
+            }
 #pragma unroll
-        for (int u = 0; u < TC_XR; u++) {
-            int64_t q = q0 + u * (int64_t)blockDim.x;
-            if (q < n_in / 4) xs[q] = v[u];
-            mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w))));
+            for (int u = 0; u < TC_XR; u++) {
+                int64_t q = q0 + u * (int64_t)blockDim.x;
+                if (q < n_in / 4) xs[q] = v[u];
+                mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w))));
+            }
         }
-    }
+    else
+        for (int64_t q = tid; q < n_in / 4; q += blockDim.x) {
+            float4 v = __ldcg((const float4 *)xg + q);
+            mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        }
     for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     if (!lane) bmax[warp] = mx;
-    __syncthreads();   /* bmax and xs complete */
+    __syncthreads();   /* bmax (and xs) complete */
     mx = bmax[0];
     for (int i = 1; i < TC_WARPS; i++) mx = fmaxf(mx, bmax[i]);
     int k = 10 - (int)((__float_as_uint(mx) >> 23) & 255) + 127;
@@ -1080,7 +1007,7 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
         int j = (int)(i >> 3) & 15, gg = (int)i & 7, tt = gg >> 1, c = gg & 1;
         float4 v;
         if (F == RP_IQ2) {   /* weights 64tt + 4j … +3 */
-            v = xs[64 * b + 16 * tt + j];
+            v = __ldcg((const float4 *)(xg + 256 * b + 64 * tt + 4 * j));
         } else {   /* run (j >> 2) of chunk tt: weights 128(tt>>1) + 32(j>>2) + 16(tt&1) + 4(j&3) + (0, 2 | 1, 3) */
             float4 u = xs[64 * b + 32 * (tt >> 1) + 8 * (j >> 2) + 4 * (tt & 1) + (j & 3)];
             v = make_float4(u.x, u.z, u.y, u.w);
@@ -1112,49 +1039,19 @@ k_mv_tc(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     const uint2 *tgl = tg + (lane & 15), *tsl = ts + (lane & 15);
     for (bool first = true; task < ntask; task += (int64_t)gridDim.x * NG, first = false) {
         const int64_t r0 = task * tr;
-        if (!first) start(task);   /* BK: the previous task's reads all passed its group barriers */
+        if (!first) {
+            rows_of(task);
+            if (kw < nb) fetch(kw, cur);
+        }
         float acc[2][2] = {{0, 0}, {0, 0}};
-        if constexpr (BK) {
-            /* blocks kw, kw + 2, … in turn: KS 2's order, the same sums bit for bit */
-            for (int st = 0; st < nst; st++) {
-                mb_wait(mb + (st & 1), (ph >> (st & 1)) & 1);
-                ph ^= 1u << (st & 1);
-                const uint8_t *sb = rg + (st & 1) * 32 * TC_RS;
+        for (int64_t b = kw; b < nb; b += KS) {
+            if (b + KS < nb) fetch(b + KS, nxt);
+            tc_block<F>(cur, own ? xf + b * 128 + g : zb, own ? rf + b * 8 + g : zb, tgl, tsl, t, acc);
 #pragma unroll
-                for (int k2 = 0; k2 < TC_SB / KS; k2++) {
-                    const int k = KS * k2 + kw;   /* the stage's block k */
-                    const int64_t b = (int64_t)st * TC_SB + k;
+            for (int i = 0; i < 2; i++)
 #pragma unroll
-                    for (int i = 0; i < 2; i++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int l = 16 * i + g + 8 * h;   /* row slot of rows g, g + 8 of tile i */
-                            const uint8_t *p = sb + l * TC_RS + k * fm::PAY;
-                            if constexpr (F == RP_IQ2) {
-                                cur[i][h].q = *(const uint4 *)(p + 16 * t);
-                                cur[i][h].hd = ((const unsigned short *)(rh + l * nb * fm::HL))[b];
-                            } else {
-                                cur[i][h].q = *(const uint4 *)(p + 16 + 16 * t);
-                                cur[i][h].sc = *(const uint2 *)(p + 8 * (t >> 1));
-                                cur[i][h].hd = ((const uint32_t *)(rh + l * nb * fm::HL))[b];
-                            }
-                        }
-                    tc_block<F>(cur, own ? xf + b * 128 + g : zb, own ? rf + b * 8 + g : zb, tgl, tsl, t, acc);
-                }
-                if (st + 2 < nst) {   /* both warps are done with this buffer: refill it */
-                    asm volatile("bar.sync %0, %1;" ::"r"(1 + grp), "r"(32 * KS) : "memory");
-                    if (!kw) issue(task, st + 2);
-                }
-            }
-        } else
-            for (int64_t b = kw; b < nb; b += KS) {
-                if (b + KS < nb) fetch(b + KS, nxt);
-                tc_block<F>(cur, own ? xf + b * 128 + g : zb, own ? rf + b * 8 + g : zb, tgl, tsl, t, acc);
-#pragma unroll
-                for (int i = 0; i < 2; i++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) cur[i][h] = nxt[i][h];
-            }
+                for (int h = 0; h < 2; h++) cur[i][h] = nxt[i][h];
+        }
         /* the quad's 4 lanes, then the task's KS warps in order */
 #pragma unroll
         for (int i = 0; i < 2; i++)

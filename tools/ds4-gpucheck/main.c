@@ -966,7 +966,7 @@ static void kernel_checks(void) {
         check_matvec_f16x(4, ro, xo, 264, 72);
     }
     /* the decode shapes, each kernel variant (nr: ds4_cuda_mv_bench) */
-    static const int nrs[] = {0, 1, 2, 4, -1, -2, -4, -8, -16, -32, -64};
+    static const int nrs[] = {0, 1, 2, 4, -1, -2, -4, -8, -16, -32};
     for (size_t i = 0; i < sizeof nrs / sizeof *nrs; i++) {
         if (nrs[i] == 4 || nrs[i] == -4) continue;
         check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 2048, 16, 6, true, nrs[i], false);   /* routed gate+up */
@@ -991,15 +991,6 @@ static void kernel_checks(void) {
     check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 64, 4, 2, true, -16, true);
     check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 256, 4, 2, false, -16, true);
     check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 512, 4, 2, false, -16, true);
-    /* k_mv_tc's bulk ring (nr -64): partial last tiles (clamped rows), one stage a task (Q2_K 1024 wide),
-     * more tasks than warp pairs (813 tasks of 32 rows on one slot: a second task for some pairs), wide-range x */
-    check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 2048, 40, 5, 3, true, -64, false);
-    check_matvec_slots(GGML_Q2_K, "Q2_K", 1024, 38, 5, 3, false, -64, false);
-    check_matvec_slots(GGML_Q2_K, "Q2_K", 4096, 2048, 16, 6, true, -64, false);
-    check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 2048, 4096, 16, 6, false, -64, false);
-    check_matvec_slots(GGML_Q2_K, "Q2_K", 1024, 26000, 2, 1, false, -64, false);
-    check_matvec_slots(GGML_IQ2_XXS, "IQ2_XXS", 4096, 256, 4, 2, true, -64, true);
-    check_matvec_slots(GGML_Q2_K, "Q2_K", 2048, 512, 4, 2, false, -64, true);
     check_router(256, 6, 4096, 2048, true);    /* the model's shape: one warp a row pair, or a ring */
     check_router(256, 6, 4096, 6144, true);    /* more row pairs than warps: the ring */
     check_router(64, 4, 256, 96, true);        /* few pairs, short rows (fewer pieces than lanes) */
@@ -1131,7 +1122,7 @@ static int mv_bench(const char *only) {
         if (only && !strstr(S[i].what, only)) continue;
         bool dense = S[i].type == GGML_Q8_0 && S[i].M >= 4096 && !S[i].glu;
         int k = 0;
-        for (int nr = dense ? rp[0] : S[i].type == GGML_Q8_0 ? (S[i].glu ? -2 : -4) : -64;
+        for (int nr = dense ? rp[0] : S[i].type == GGML_Q8_0 ? (S[i].glu ? -2 : -4) : -32;
              dense ? k < (int)(sizeof rp / sizeof *rp) : nr <= 4;
              nr = dense ? (++k < (int)(sizeof rp / sizeof *rp) ? rp[k] : 0)
                         : nr == -1 ? 0 : nr == -8 ? (S[i].glu ? -2 : -4) : nr < 0 ? nr / 2 : nr ? 2 * nr : 1) {
@@ -1315,7 +1306,13 @@ static bool one_step_checks(const char *what, bk *cpu, bk *gpu, uint32_t ctx, co
     }
     bool pass = ok;
     if (!ok) verdict(what, false, "%s", err);
-    else pass = compare_logits(what, b, a, np, V, 1e-3);
+    /* With the QAT roundings on, one sampled position may still cross an
+     * FP8 boundary: the two backends' K=V rows differ by f32 rounding, and a
+     * value that lands on the other side moves by a whole FP8 step, which
+     * moves that position's logits by ≈ 1e-3 (2 of ≈ 10 random seeds in
+     * session 5: 1.1e-3 and 1.6e-3, medians ≈ 3e-6). One such position is
+     * allowed; under DS4_DIAG_EXACT_KV=1 none is. */
+    else pass = compare_logits_flips(what, b, a, np, V, 1e-3, g_qat ? 1 : 0);
     if (sc) cpu->ops->state_free(cpu->be, sc);
     if (sg) gpu->ops->state_free(gpu->be, sg);
     free(a); free(b);
