@@ -420,13 +420,6 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 3) k_mv_f16x(f16x_set a, comp_t
     int jl = 0;
     f16x_row L = f16x_at(a, rl < rows ? rl : 0);
     const f16x_row C0 = L;
-    /* both inputs into shared memory (cp.async: through L2, no registers) */
-    auto copy_x = [&]() {
-        for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) att_cp16(fxs + q, (const float4 *)a.x[0] + q);
-        for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x)
-            att_cp16(fxs + a.n[0] / 4 + q, (const float4 *)a.x[1] + q);
-    };
-    if (a.pre) copy_x();   /* ahead of the weight stream: x is complete (see f16x_set.pre) */
     uint4 w[F16X_D];
 #pragma unroll
     for (int d = 0; d < F16X_D; d++) {
@@ -435,10 +428,10 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 3) k_mv_f16x(f16x_set a, comp_t
         if (p < L.nch) w[d] = __ldg(L.w + p);
         if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
     }
-    if (!a.pre) {
-        pdl_wait();   /* the inputs are the previous kernel's outputs */
-        copy_x();
-    }
+    if (!a.pre) pdl_wait();   /* the inputs are the previous kernel's outputs (pre: complete, see f16x_set) */
+    /* both inputs into shared memory (cp.async: through L2, no registers) */
+    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) att_cp16(fxs + q, (const float4 *)a.x[0] + q);
+    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) att_cp16(fxs + a.n[0] / 4 + q, (const float4 *)a.x[1] + q);
     float *xs = (float *)fxs;
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     __syncthreads();
