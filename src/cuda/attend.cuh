@@ -163,35 +163,29 @@ __device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, 
      * loaded together (pointers first, then the loads, then ape where the
      * position is in the chunk), so a column costs a few memory round trips,
      * not one per position (decode's R = 4 emission step: 24 → 17 µs, a
-     * step without emission 5). Where the block's positions fit one batch
-     * (R = 4: 8), the max pass loads kv too and the sum pass reuses both:
-     * one round trip a column, not two. The arithmetic and its order are
-     * the per-position loop's. */
+     * step without emission 5). The arithmetic and its order are the
+     * per-position loop's. */
     const uint64_t q0 = prev ? bR - R : bR, nq = bR + R - q0;
-    const bool one = nq <= COMP_B;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float m = -INFINITY, den = 0, acc = 0;
-        float g[COMP_B], k[COMP_B];
         for (int pass = 0; pass < 2; pass++)
             for (uint64_t i0 = 0; i0 < nq; i0 += COMP_B) {
-                if (!(pass && one)) {
-                    const float *gp[COMP_B], *kp[COMP_B];
+                const float *gp[COMP_B], *kp[COMP_B];
+                float g[COMP_B], k[COMP_B];
 #pragma unroll
-                    for (int i = 0; i < COMP_B; i++) {
-                        uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
-                        int c = q < bR ? j : off + j;
-                        bool in = q >= p0;
-                        gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
-                        kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
-                    }
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
+                    int c = q < bR ? j : off + j;
+                    bool in = q >= p0;
+                    gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
+                    kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
+                }
 #pragma unroll
-                    for (int i = 0; i < COMP_B; i++) { g[i] = __ldcg(gp[i]); if (pass || one) k[i] = __ldcg(kp[i]); }
+                for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass) k[i] = *kp[i]; }
 #pragma unroll
-                    for (int i = 0; i < COMP_B; i++) {
-                        uint64_t q = q0 + i0 + i;
-                        if (i0 + i < nq && q >= p0)
-                            g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
-                    }
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + i0 + i;
+                    if (i0 + i < nq && q >= p0) g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
                 }
 #pragma unroll
                 for (int i = 0; i < COMP_B; i++) {
@@ -219,130 +213,6 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
                     out, blockIdx.x);
 }
 
-/* One decode token's compressor step (spec §4.5) in one block: the
- * emission of the block it completes, if any (comp_emit_block), then its
- * kv and gate + ape[pos % R] into their ring slot (k_comp_store's
- * arithmetic). The barrier keeps the order of the chunk's two launches:
- * every ring read of the emission is done before the slot is overwritten. */
-struct comp_job {
-    const float *pk, *pg;          /* the token's kv and gate products (W = lanes·D each) */
-    const uint8_t *ape;
-    uint64_t ape_rb;
-    int ape_type, R, lanes, D;
-    float *kv, *gate;              /* ring of the last keep positions */
-    uint32_t keep;
-    const float *norm_w;
-    float *out;                    /* compressed rows */
-    bool indexer;
-};
-__device__ void comp_one_block(const comp_job &c, const dstep *st, const double *freq, int rd, float eps) {
-    comp_emit_block(c.pk, c.pg, c.ape_type, c.ape, c.ape_rb, c.kv, c.gate, c.keep, c.R, c.lanes, c.D, st, 1, c.norm_w,
-                    freq, rd, eps, c.indexer, c.out, 0);
-    __syncthreads();
-    int W = c.lanes * c.D;
-    int64_t pos = st[0].pos;
-    uint32_t slot = (uint32_t)(pos % c.keep);
-    for (int k8 = threadIdx.x; k8 < W / 8; k8 += blockDim.x) {
-        float v[8];
-        deq_chunk(c.ape_type, c.ape + (uint64_t)(pos % c.R) * c.ape_rb, k8, v);
-        for (int k = 0; k < 8; k++) {
-            c.kv[(size_t)slot * W + 8 * k8 + k] = __ldcg(c.pk + 8 * k8 + k);
-            c.gate[(size_t)slot * W + 8 * k8 + k] = __ldcg(c.pg + 8 * k8 + k) + v[k];
-        }
-    }
-}
-
-/* Indexer query head g (ihd values) of the token at pos: RoPE on the tail,
- * Hadamard + FP4 (spec §4.6); its weight *w scaled. One block, ihd floats
- * of dynamic shared memory. Inputs read through L2 (__ldcg), as the
- * compressor step's: in a product kernel's tail other SMs wrote them
- * during the same launch. */
-__device__ void idx_head(float *g, float *w, int ihd, int rd, const double *freq, int64_t pos, float wscale) {
-    extern __shared__ float sv[];
-    for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = __ldcg(g + k);
-    __syncthreads();
-    blk_rope(sv + ihd - rd, rd / 2, freq, pos, false);
-    if (d_qat) blk_fp4(sv, ihd);
-    for (int k = threadIdx.x; k < ihd; k += blockDim.x) g[k] = sv[k];
-    if (threadIdx.x == 0) *w = __ldcg(w) * wscale;
-}
-
-/* a or b field by field: one copy of the step's code, and no local-memory
- * copy of a parameter struct (as `blockIdx.x ? b : a` made). */
-__device__ __forceinline__ comp_job comp_pick(const comp_job &a, const comp_job &b, bool second) {
-    comp_job c;
-    c.pk = second ? b.pk : a.pk;
-    c.pg = second ? b.pg : a.pg;
-    c.ape = second ? b.ape : a.ape;
-    c.ape_rb = second ? b.ape_rb : a.ape_rb;
-    c.ape_type = second ? b.ape_type : a.ape_type;
-    c.R = second ? b.R : a.R;
-    c.lanes = second ? b.lanes : a.lanes;
-    c.D = second ? b.D : a.D;
-    c.kv = second ? b.kv : a.kv;
-    c.gate = second ? b.gate : a.gate;
-    c.keep = second ? b.keep : a.keep;
-    c.norm_w = second ? b.norm_w : a.norm_w;
-    c.out = second ? b.out : a.out;
-    c.indexer = second ? b.indexer : a.indexer;
-    return c;
-}
-
-/* The row steps that follow a decode token's products (comp_decode): block
- * 0 the attention compressor's step, block 1 the indexer compressor's
- * (ncomp 2), blocks ncomp … ncomp+nh−1 the indexer's query heads (nh 0: no
- * selection this step). Independent blocks, each writing only its own
- * rows. They run as the end of the products' own launch (k_mv_f16x,
- * k_matvec_two: a launch and its dependency wait less a layer), or as
- * k_comp_idx where that grid is too small. Blocks of ≥ 128 threads
- * (blk_fp8 of 448 values, 4 a thread), ≥ max(D, ihd) floats of dynamic
- * shared memory. ncomp 0: no tail. */
-struct comp_tail {
-    comp_job a, b;
-    int ncomp, nh;
-    float *iq, *iw;   /* the query heads (ihd each) and their weights */
-    int ihd, rd;
-    const double *freq;
-    const dstep *st;
-    float eps, wscale;
-};
-__device__ void comp_tail_block(const comp_tail &t, int bid) {
-    if (bid < t.ncomp) comp_one_block(comp_pick(t.a, t.b, bid == 1), t.st, t.freq, t.rd, t.eps);
-    else if (bid < t.ncomp + t.nh)
-        idx_head(t.iq + (int64_t)(bid - t.ncomp) * t.ihd, t.iw + (bid - t.ncomp), t.ihd, t.rd, t.freq, t.st[0].pos,
-                 t.wscale);
-}
-__global__ void k_comp_idx(comp_tail t) {
-    pdl_wait();
-    comp_tail_block(t, blockIdx.x);
-}
-
-/* Arrival count of the product kernels that end with the tail: thread 0 of
- * each of the nb blocks calls it once the block's outputs are written (all
- * threads fenced, block synced); true for the last to arrive. With wait, it
- * returns only after every block has arrived: only the tail's ≤ ncomp + nh
- * blocks wait, the others leave, so the rest of the grid always finds room
- * to run (no co-residency needed). The generation is read before arriving
- * (it moves only once all nb have arrived); the last resets the count for
- * the next launch — one such launch at a time: one stream, and under
- * programmatic launch a successor counts only after its pdl_wait, i.e.
- * after this grid completed (the same rule as hc_grid_barrier). */
-__device__ unsigned d_tail_count, d_tail_gen;
-__device__ __forceinline__ bool tail_arrive(unsigned nb, bool wait) {
-    unsigned gen = *(volatile unsigned *)&d_tail_gen;
-    __threadfence();
-    bool last = atomicAdd(&d_tail_count, 1u) == nb - 1;
-    if (last) {
-        d_tail_count = 0;
-        __threadfence();
-        *(volatile unsigned *)&d_tail_gen = gen + 1;
-    } else if (wait) {
-        while (*(volatile unsigned *)&d_tail_gen == gen) {}
-    }
-    __threadfence();
-    return last;
-}
-
 /* ---- decode: the compressors' and the indexer's products and row steps ------
  * One decode token of a layer with a compressor runs, besides attention,
  * up to six F16 products of two inputs (spec §4.5, §4.6): the attention
@@ -356,13 +226,8 @@ __device__ __forceinline__ bool tail_arrive(unsigned nb, bool wait) {
  * the first F16X_D pieces of a lane are loaded BEFORE pdl_wait (weights are
  * constants: they travel while the previous kernel runs), then the stream
  * walks as a ring (the piece F16X_D later goes into the stage just used);
- * both inputs in shared memory. With pre (decode) the whole product runs
- * before pdl_wait, beside q_b's last wave: see f16x_set. The grid is at most the blocks resident at
- * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). With a
- * tail (t.ncomp > 0, gridDim ≥ ncomp + nh) blocks 0 … ncomp+nh−1 then run
- * the row steps (comp_tail_block) once every block's rows are written
- * (tail_arrive), the other blocks leave: k_comp_idx's launch, and its wait
- * for this grid, less a ratio-4 layer. */
+ * both inputs in shared memory. The grid is at most the blocks resident at
+ * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). */
 #define F16X_SEGS 6
 #define F16X_D 8
 struct f16x_set {
@@ -373,13 +238,6 @@ struct f16x_set {
     int32_t nseg;                  /* 1 … F16X_SEGS */
     const float *x[2];
     int32_t n[2];                  /* inputs of x[0], x[1]: multiples of 8 (n[1] = 0: no second input) */
-    /* 1: every row before pdl_wait (it overlaps the previous kernel). Only
-     * where x was written at least two launches back (complete once the
-     * previous kernel passed its own pdl_wait, i.e. before this grid is
-     * scheduled; read through L2) and nothing that may still run — the
-     * previous kernel — reads or writes the outputs: decode's comp_decode,
-     * behind q_b (nrm from the HC step, qa from k_qa_kv). */
-    int32_t pre;
 };
 struct f16x_row {
     const uint4 *w;   /* the row's pieces */
@@ -405,9 +263,7 @@ __device__ __forceinline__ f16x_row f16x_at(const f16x_set &a, int64_t r) {
     o.ppl = (o.nch + 31) / 32;
     return o;
 }
-/* 3 blocks an SM (≤ 85 registers): the rows' loop needs 69, the tail
- * (k_comp_idx: 112) must not take a block of loads in flight an SM away */
-__global__ void __launch_bounds__(32 * SX_WARPS, 3) k_mv_f16x(f16x_set a, comp_tail t) {
+__global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
     extern __shared__ float4 fxs[];
     const int lane = threadIdx.x & 31;
     int64_t rows = a.end[0];
@@ -428,12 +284,10 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 3) k_mv_f16x(f16x_set a, comp_t
         if (p < L.nch) w[d] = __ldg(L.w + p);
         if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
     }
-    if (!a.pre) pdl_wait();   /* the inputs are the previous kernel's outputs (pre: complete, see f16x_set) */
-    /* both inputs into shared memory (cp.async: through L2, no registers) */
-    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) att_cp16(fxs + q, (const float4 *)a.x[0] + q);
-    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) att_cp16(fxs + a.n[0] / 4 + q, (const float4 *)a.x[1] + q);
+    pdl_wait();   /* the inputs are earlier kernels' outputs */
     float *xs = (float *)fxs;
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) fxs[q] = ((const float4 *)a.x[0])[q];
+    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) fxs[a.n[0] / 4 + q] = ((const float4 *)a.x[1])[q];
     __syncthreads();
     /* the compute stream: row r, piece j */
     int64_t r = rbase;
@@ -469,15 +323,6 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 3) k_mv_f16x(f16x_set a, comp_t
             if (r < rows) C = f16x_at(a, r);
         }
     }
-    if (a.pre) pdl_wait();   /* the rows are written; the tail and the successor need the predecessor done */
-    if (!t.ncomp) return;
-    const bool tail = (int)blockIdx.x < t.ncomp + t.nh;
-    __threadfence();   /* this block's outputs, before thread 0 counts it */
-    __syncthreads();   /* also: no warp still reads x in shared memory */
-    if (threadIdx.x == 0) tail_arrive(gridDim.x, tail);
-    if (!tail) return;
-    __syncthreads();
-    comp_tail_block(t, blockIdx.x);
 }
 
 /* The compressor's two products of one decode x (comp_kv and comp_gate:
@@ -485,14 +330,9 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 3) k_mv_f16x(f16x_set a, comp_t
  * the blocks of one k_matvec / k_matvec_wide (whose arithmetic each half
  * keeps: a block per row when wide, else a warp per row). Decode's ratio-128
  * layers: their 2 × 512 rows take 5.9 µs here against 10.5 in k_mv_f16x
- * (H100, nsys, PDL off; 128 blocks of k_mv_f16x for 1024 rows). With a
- * tail (t.ncomp 1: the compressor's step, t.nh 0) the last block to finish
- * runs it (tail_arrive; ≥ 128 threads, D floats of dynamic shared memory):
- * the ratio-128 layer's k_comp_idx launch less. 4 blocks an SM as without
- * the tail (≤ 64 registers; the rare emission may spill). */
-__global__ void __launch_bounds__(256, 4)
-k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict__ Wb, uint64_t rb, int64_t n_in,
-             int64_t rows, const float *__restrict__ x, float *ya, float *yb, bool wide, comp_tail t) {
+ * (H100, nsys, PDL off; 128 blocks of k_mv_f16x for 1024 rows). */
+__global__ void k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict__ Wb, uint64_t rb,
+                             int64_t n_in, int64_t rows, const float *__restrict__ x, float *ya, float *yb, bool wide) {
     pdl_wait();
     const uint8_t *W = blockIdx.y ? Wb : Wa;
     float *y = blockIdx.y ? yb : ya;
@@ -500,21 +340,96 @@ k_matvec_two(int type, const uint8_t *__restrict__ Wa, const uint8_t *__restrict
         __shared__ float sh[32];
         float acc = block_sum(row_dot(type, W + (uint64_t)blockIdx.x * rb, n_in / 8, x, threadIdx.x, blockDim.x), sh);
         if (threadIdx.x == 0) y[blockIdx.x] = acc;
-    } else {
-        int lane = threadIdx.x & 31;
-        int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
-        if (r < rows) {
-            float acc = warp_sum(row_dot(type, W + (uint64_t)r * rb, n_in / 8, x, lane, 32));
-            if (!lane) y[r] = acc;
+        return;
+    }
+    int lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    float acc = warp_sum(row_dot(type, W + (uint64_t)r * rb, n_in / 8, x, lane, 32));
+    if (!lane) y[r] = acc;
+}
+
+/* One decode token's compressor step (spec §4.5) in one block: the
+ * emission of the block it completes, if any (comp_emit_block), then its
+ * kv and gate + ape[pos % R] into their ring slot (k_comp_store's
+ * arithmetic). The barrier keeps the order of the chunk's two launches:
+ * every ring read of the emission is done before the slot is overwritten. */
+struct comp_job {
+    const float *pk, *pg;          /* the token's kv and gate products (W = lanes·D each) */
+    const uint8_t *ape;
+    uint64_t ape_rb;
+    int ape_type, R, lanes, D;
+    float *kv, *gate;              /* ring of the last keep positions */
+    uint32_t keep;
+    const float *norm_w;
+    float *out;                    /* compressed rows */
+    bool indexer;
+};
+__device__ void comp_one_block(const comp_job &c, const dstep *st, const double *freq, int rd, float eps) {
+    comp_emit_block(c.pk, c.pg, c.ape_type, c.ape, c.ape_rb, c.kv, c.gate, c.keep, c.R, c.lanes, c.D, st, 1, c.norm_w,
+                    freq, rd, eps, c.indexer, c.out, 0);
+    __syncthreads();
+    int W = c.lanes * c.D;
+    int64_t pos = st[0].pos;
+    uint32_t slot = (uint32_t)(pos % c.keep);
+    for (int k8 = threadIdx.x; k8 < W / 8; k8 += blockDim.x) {
+        float v[8];
+        deq_chunk(c.ape_type, c.ape + (uint64_t)(pos % c.R) * c.ape_rb, k8, v);
+        for (int k = 0; k < 8; k++) {
+            c.kv[(size_t)slot * W + 8 * k8 + k] = c.pk[8 * k8 + k];
+            c.gate[(size_t)slot * W + 8 * k8 + k] = c.pg[8 * k8 + k] + v[k];
         }
     }
-    if (!t.ncomp) return;
-    __shared__ bool s_last;
-    __threadfence();   /* this block's outputs, before thread 0 counts it */
+}
+
+/* Indexer query head g (ihd values) of the token at pos: RoPE on the tail,
+ * Hadamard + FP4 (spec §4.6); its weight *w scaled. One block, ihd floats
+ * of dynamic shared memory. */
+__device__ void idx_head(float *g, float *w, int ihd, int rd, const double *freq, int64_t pos, float wscale) {
+    extern __shared__ float sv[];
+    for (int k = threadIdx.x; k < ihd; k += blockDim.x) sv[k] = g[k];
     __syncthreads();
-    if (threadIdx.x == 0) s_last = tail_arrive(gridDim.x * gridDim.y, false);
-    __syncthreads();
-    if (s_last) comp_tail_block(t, 0);
+    blk_rope(sv + ihd - rd, rd / 2, freq, pos, false);
+    if (d_qat) blk_fp4(sv, ihd);
+    for (int k = threadIdx.x; k < ihd; k += blockDim.x) g[k] = sv[k];
+    if (threadIdx.x == 0) *w *= wscale;
+}
+
+/* a or b field by field: one copy of the step's code, and no local-memory
+ * copy of a parameter struct (as `blockIdx.x ? b : a` made). */
+__device__ __forceinline__ comp_job comp_pick(const comp_job &a, const comp_job &b, bool second) {
+    comp_job c;
+    c.pk = second ? b.pk : a.pk;
+    c.pg = second ? b.pg : a.pg;
+    c.ape = second ? b.ape : a.ape;
+    c.ape_rb = second ? b.ape_rb : a.ape_rb;
+    c.ape_type = second ? b.ape_type : a.ape_type;
+    c.R = second ? b.R : a.R;
+    c.lanes = second ? b.lanes : a.lanes;
+    c.D = second ? b.D : a.D;
+    c.kv = second ? b.kv : a.kv;
+    c.gate = second ? b.gate : a.gate;
+    c.keep = second ? b.keep : a.keep;
+    c.norm_w = second ? b.norm_w : a.norm_w;
+    c.out = second ? b.out : a.out;
+    c.indexer = second ? b.indexer : a.indexer;
+    return c;
+}
+
+/* What follows k_mv_f16x for a decode token, one launch: block 0 the
+ * attention compressor's step, block 1 the indexer compressor's (ncomp 2),
+ * blocks ncomp … ncomp+ih−1 the indexer's query heads (ih 0: no selection
+ * this step). Independent blocks (each writes only its own rows), so three
+ * launches become one. Blocks of ≥ 32 threads, max(D, ihd) floats of
+ * dynamic shared memory. */
+__global__ void k_comp_idx(comp_job a, comp_job b, int ncomp, float *iq, float *iw, int ihd, int rd,
+                           const double *freq, const dstep *st, float eps, float wscale) {
+    pdl_wait();
+    if ((int)blockIdx.x < ncomp) comp_one_block(comp_pick(a, b, blockIdx.x == 1), st, freq, rd, eps);
+    else {
+        int h = (int)blockIdx.x - ncomp;
+        idx_head(iq + (int64_t)h * ihd, iw + h, ihd, rd, freq, st[0].pos, wscale);
+    }
 }
 
 /* ---- indexer (spec §4.6) ------------------------------------------------------ */

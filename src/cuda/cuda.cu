@@ -1062,37 +1062,15 @@ static bool f16x_add(const gpu_backend *be, f16x_set *a, const ds4_tensor *T, in
     a->nseg++;
     return true;
 }
-/* Blocks of ≥ max(D, ihd) floats a tail's steps need: k_comp_idx's
- * dynamic shared memory (and threads); a product kernel of `threads`
- * threads takes the tail where dmax ≤ 2·threads (blk_fp4: n ≤ 2·blockDim;
- * blk_fp8 holds 4 values a thread). */
-static int64_t tail_dmax(const comp_tail *t) {
-    int64_t d = t->a.D;
-    if (t->ncomp == 2 && t->b.D > d) d = t->b.D;
-    if (t->nh && t->ihd > d) d = t->ihd;
-    return d;
-}
-static void launch_comp_idx(cudaStream_t s, const comp_tail *t) {
-    int64_t dmax = tail_dmax(t);
-    launch(k_comp_idx, (unsigned)(t->ncomp + t->nh), nthreads(dmax), dmax * sizeof(float), s, *t);
-}
 /* k_mv_f16x over the set: a warp a row, at most the blocks resident at
- * once (their count cached per shared-memory size: two sizes a model);
- * the tail t (may be NULL) at its end where the grid has its blocks, else
- * in k_comp_idx after it. */
-static void launch_f16x(cudaStream_t s, const f16x_set *a, const comp_tail *t) {
+ * once (their count cached per shared-memory size: two sizes a model). */
+static void launch_f16x(cudaStream_t s, const f16x_set *a) {
     static int64_t c_sm[2] = {-1, -1};
     static int c_fit[2];
     int64_t sm = (int64_t)(a->n[0] + a->n[1]) * 4, need = (a->end[a->nseg - 1] + SX_WARPS - 1) / SX_WARPS;
-    int64_t tsm = t ? tail_dmax(t) * 4 : 0;
-    if (tsm > sm) sm = tsm;
     int i = c_sm[0] == sm ? 0 : 1;
     if (c_sm[i] != sm) { c_fit[i] = sx_fit(k_mv_f16x, sm); c_sm[i] = sm; }
-    int64_t g = need < c_fit[i] ? need : c_fit[i];
-    bool fuse = t && g >= t->ncomp + t->nh && tail_dmax(t) <= 2 * 32 * SX_WARPS;
-    comp_tail none = {};
-    launch(k_mv_f16x, dim3((unsigned)g), 32 * SX_WARPS, (size_t)sm, s, *a, fuse ? *t : none);
-    if (t && !fuse) launch_comp_idx(s, t);
+    launch(k_mv_f16x, dim3((unsigned)(need < c_fit[i] ? need : c_fit[i])), 32 * SX_WARPS, (size_t)sm, s, *a);
 }
 static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const ds4_tensor *norm, int R, int lanes,
                             int D, float *pk, float *pg, float *rkv, float *rg, uint32_t keep, float *rows, bool indexer) {
@@ -1103,60 +1081,50 @@ static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const 
 
 /* A decode token's compressors and, on ratio-4 layers, its indexer: the
  * products in one launch (ratio 4: every F16 product of both, after q_a's
- * norm, in k_mv_f16x; ratio 128: k_matvec_two, faster on its 1024 rows)
- * that ends with both compressor steps and the query heads (comp_tail),
- * then (select) scores and top-k — 1 + 2 launches where compress() +
- * indexer() take 9. False, before any launch, where the shapes do not fit
- * (the chunk path runs). */
+ * norm, in k_mv_f16x; ratio 128: k_matvec_two, faster on its 1024 rows),
+ * both compressor steps and the query heads in one k_comp_idx, then
+ * (select) scores and top-k — 2 + 2 launches where compress() + indexer()
+ * take 9. False, before any launch, where the shapes do not fit (the chunk
+ * path runs). */
 static bool comp_decode(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_layer *ls, uint32_t p0, bool select,
                         const double *freq) {
     const ds4_hparams *hp = be->hp;
     int64_t hd = hp->head_dim, ih = hp->idx_n_head, ihd = hp->idx_head_dim;
     bool idx = ls->ratio == 4, sel = idx && select;
     const ds4_tensor *tkv = &L->comp_kv, *tg = &L->comp_gate;
-    comp_tail t = {};
-    t.a = comp_job_of(be, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck, be->cg, ls->ckv,
-                      ls->cgate, ls->keep_c, ls->comp, false);
-    if (idx)
-        t.b = comp_job_of(be, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik, be->ig, ls->ikv, ls->igate,
-                          ls->keep_i, ls->idx, true);
-    t.ncomp = idx ? 2 : 1;
-    t.nh = sel ? (int)ih : 0;
-    t.iq = be->iq;
-    t.iw = be->iw;
-    t.ihd = (int)ihd;
-    t.rd = (int)hp->rope_dim;
-    t.freq = freq;
-    t.st = (const dstep *)be->step;
-    t.eps = hp->rms_eps;
-    t.wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
     if (idx) {
         f16x_set a = {};
         a.x[0] = be->nrm;
         a.n[0] = (int32_t)hp->n_embd;
         if (sel) { a.x[1] = be->qa; a.n[1] = (int32_t)hp->q_lora; }
-        a.pre = 1;   /* behind q_b: nrm and qa are ≥ 2 launches back, the outputs unused by q_b */
         /* rows of n_embd inputs first, then idx_q_b's of q_lora */
         if (!f16x_add(be, &a, tkv, 0, be->ck) || !f16x_add(be, &a, tg, 0, be->cg) ||
             !f16x_add(be, &a, &L->idx_comp_kv, 0, be->ik) || !f16x_add(be, &a, &L->idx_comp_gate, 0, be->ig))
             return false;
         if (sel && (!f16x_add(be, &a, &L->idx_proj, 0, be->iw) || !f16x_add(be, &a, &L->idx_q_b, 1, be->iq))) return false;
         if ((int64_t)(a.n[0] + a.n[1]) * 4 > RP_SX_MAX) return false;
-        launch_f16x(be->s, &a, &t);
+        launch_f16x(be->s, &a);
     } else {
         if (tkv->type != tg->type || repacked(tkv->type) || tkv->row_bytes != tg->row_bytes || tkv->ne[0] != tg->ne[0] ||
             tkv->ne[1] != tg->ne[1])
             return false;
         int64_t r = tkv->ne[1];
         bool wide = r < WIDE_ROWS && tkv->ne[0] >= 2048;   /* matvec_g's choice of kernel */
-        unsigned thr = wide ? 256 : 32 * MV_WARPS;
-        bool fuse = tail_dmax(&t) <= 2 * (int64_t)thr;
-        comp_tail none = {};
-        launch(k_matvec_two, dim3((unsigned)(wide ? r : (r + MV_WARPS - 1) / MV_WARPS), 2), thr,
-               fuse ? (size_t)tail_dmax(&t) * sizeof(float) : 0, be->s, (int)tkv->type, DW(be, tkv), DW(be, tg),
-               tkv->row_bytes, tkv->ne[0], r, (const float *)be->nrm, be->ck, be->cg, wide, fuse ? t : none);
-        if (!fuse) launch_comp_idx(be->s, &t);
+        launch(k_matvec_two, dim3((unsigned)(wide ? r : (r + MV_WARPS - 1) / MV_WARPS), 2), wide ? 256 : 32 * MV_WARPS,
+               0, be->s, (int)tkv->type, DW(be, tkv), DW(be, tg), tkv->row_bytes, tkv->ne[0], r,
+               (const float *)be->nrm, be->ck, be->cg, wide);
     }
+    comp_job c = comp_job_of(be, &L->comp_ape, &L->comp_norm, ls->ratio, ls->lanes, (int)hd, be->ck, be->cg, ls->ckv,
+                             ls->cgate, ls->keep_c, ls->comp, false);
+    comp_job ci = {};
+    if (idx)
+        ci = comp_job_of(be, &L->idx_comp_ape, &L->idx_comp_norm, 4, 2, (int)ihd, be->ik, be->ig, ls->ikv, ls->igate,
+                         ls->keep_i, ls->idx, true);
+    int ncomp = idx ? 2 : 1;
+    int64_t dmax = hd > ihd ? hd : ihd;
+    float wscale = (float)(1.0 / sqrt((double)ihd * (double)ih));
+    launch(k_comp_idx, (unsigned)(ncomp + (sel ? ih : 0)), nthreads(dmax), dmax * sizeof(float), be->s, c, ci, ncomp,
+           be->iq, be->iw, (int)ihd, (int)hp->rope_dim, freq, (const dstep *)be->step, hp->rms_eps, wscale);
     if (sel) idx_select(be, st, ls, 1, p0);
     return true;
 }
@@ -2253,7 +2221,7 @@ extern "C" int ds4_cuda_test_matvec_f16x(int nseg, const uint16_t *const *w, con
     }
     if (e) goto out;
     poison(dy, tot * sizeof(float));
-    launch_f16x(0, &a, NULL);
+    launch_f16x(0, &a);
     if (!(e = cudaGetLastError())) e = cudaMemcpy(y, dy, tot * sizeof(float), cudaMemcpyDeviceToHost);
 out:
     for (int i = 0; i < F16X_SEGS; i++) cudaFree(dw[i]);
@@ -2261,19 +2229,16 @@ out:
     return e ? ds4_errf(err, errlen, "matvec f16x: %s", cudaGetErrorString(e)) : 0;
 }
 
-/* The decode tail as comp_decode launches it for the token at pos (how: 0
- * k_comp_idx, 1 behind k_mv_f16x, 2 behind k_matvec_two): compressor
+/* k_comp_idx as comp_decode launches it for the token at pos: compressor
  * steps a and (b != NULL) b, then ih query heads (ih 0: none); rings, rows
- * and heads updated in place. The products ahead of the tail are zero
- * matrices of 64 columns (outputs unused), enough rows that the grid has
- * the tail's blocks. */
+ * and heads updated in place. */
 extern "C" int ds4_cuda_test_comp_idx(ds4_cuda_comp_case *a, ds4_cuda_comp_case *b, uint32_t pos, int rd,
                                       const double *freq, float eps, int ih, int ihd, float *iq, float *iw,
-                                      float wscale, int how, char *err, size_t errlen) {
+                                      float wscale, char *err, size_t errlen) {
     ds4_cuda_comp_case *cs[2] = {a, b};
     comp_job job[2] = {};
-    void *d[20] = {0};   /* 7 a case, freq, step, heads, zero products' weights and x/y */
-    int nd = 0;
+    void *d[18] = {0};   /* 7 a case, freq, step, heads */
+    int nd = 0, D = 0;
     size_t fs = sizeof(float);
     dstep hs = {pos, 0};
     cudaError_t e = cudaSuccess;
@@ -2292,40 +2257,16 @@ extern "C" int ds4_cuda_test_comp_idx(ds4_cuda_comp_case *a, ds4_cuda_comp_case 
                   c->D, (float *)d[nd + 4], (float *)d[nd + 5], c->keep, (float *)d[nd + 3], (float *)d[nd + 6],
                   c->indexer};
         nd += 7;
+        D = c->D > D ? c->D : D;
     }
     if (!e && !(e = at_upload(&d[14], freq, (rd / 2) * sizeof(double))) && !(e = at_upload(&d[15], &hs, sizeof hs)) &&
         (!ih || (!(e = at_upload(&d[16], iq, (size_t)ih * ihd * fs)) && !(e = at_upload(&d[17], iw, ih * fs))))) {
         int ncomp = b ? 2 : 1;
-        comp_tail t = {job[0], job[1], ncomp, ih, (float *)d[16], (float *)d[17], ihd, rd, (const double *)d[14],
-                       (const dstep *)d[15], eps, wscale};
-        int64_t zr = 8 * (ncomp + ih + 1), zn = 64;   /* zero products: rows (a warp each), columns */
-        if (how == 0) {
-            k_comp_idx<<<(unsigned)(ncomp + ih), nthreads(tail_dmax(&t)), tail_dmax(&t) * fs>>>(t);
-        } else if (how == 1 && tail_dmax(&t) <= 2 * 32 * SX_WARPS) {
-            if (!(e = at_upload(&d[18], NULL, zr * zn * 2)) && !(e = at_upload(&d[19], NULL, (zn + zr) * fs)) &&
-                !(e = cudaMemset(d[18], 0, zr * zn * 2)) && !(e = cudaMemset(d[19], 0, (zn + zr) * fs))) {
-                f16x_set z = {};
-                z.w[0] = (const uint8_t *)d[18];
-                z.y[0] = (float *)d[19] + zn;
-                z.end[0] = (int32_t)zr;
-                z.nseg = 1;
-                z.x[0] = (const float *)d[19];
-                z.n[0] = (int32_t)zn;
-                z.pre = 1;   /* as decode: the rows before pdl_wait, the tail after it */
-                launch_f16x(0, &z, &t);
-            }
-        } else if (how == 2 && ncomp == 1 && !ih && tail_dmax(&t) <= 2 * 256) {
-            /* the wide form as decode's ratio-128 layers (a 256-thread block a row): zr rows of each
-             * matrix, the last of the 2·zr blocks runs the step */
-            if (!(e = at_upload(&d[18], NULL, zr * zn * 2)) && !(e = at_upload(&d[19], NULL, (zn + 2 * zr) * fs)) &&
-                !(e = cudaMemset(d[18], 0, zr * zn * 2)) && !(e = cudaMemset(d[19], 0, (zn + 2 * zr) * fs)))
-                k_matvec_two<<<dim3((unsigned)zr, 2), 256, tail_dmax(&t) * fs>>>(
-                    GT_F16, (const uint8_t *)d[18], (const uint8_t *)d[18], (uint64_t)zn * 2, zn, zr,
-                    (const float *)d[19], (float *)d[19] + zn, (float *)d[19] + zn + zr, true, t);
-        } else {
-            e = cudaErrorInvalidValue;
-        }
-        if (!e) e = cudaGetLastError();
+        D = ihd > D ? ihd : D;
+        k_comp_idx<<<(unsigned)(ncomp + ih), nthreads(D), D * fs>>>(job[0], job[1], ncomp, (float *)d[16],
+                                                                   (float *)d[17], ihd, rd, (const double *)d[14],
+                                                                   (const dstep *)d[15], eps, wscale);
+        e = cudaGetLastError();
         for (int i = 0; i < ncomp && !e; i++) {
             ds4_cuda_comp_case *c = cs[i];
             size_t Wb = (size_t)c->lanes * c->D * fs;
@@ -2337,7 +2278,7 @@ extern "C" int ds4_cuda_test_comp_idx(ds4_cuda_comp_case *a, ds4_cuda_comp_case 
         if (!e && ih && !(e = cudaMemcpy(iq, d[16], (size_t)ih * ihd * fs, cudaMemcpyDeviceToHost)))
             e = cudaMemcpy(iw, d[17], ih * fs, cudaMemcpyDeviceToHost);
     }
-    for (int i = 0; i < 20; i++) cudaFree(d[i]);
+    for (int i = 0; i < 18; i++) cudaFree(d[i]);
     return e ? ds4_errf(err, errlen, "comp idx: %s", cudaGetErrorString(e)) : 0;
 }
 

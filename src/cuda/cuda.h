@@ -78,16 +78,11 @@ typedef struct {
     float *rkv, *rg;            /* in/out: keep × lanes·D */
     float *rows;                /* out: ((pos+1)/R + 1) × D, poisoned but the emitted row */
 } ds4_cuda_comp_case;
-/* Decode's compressor steps at pos: steps a and b (b may be NULL), then ih
+/* Decode's k_comp_idx at pos: steps a and b (b may be NULL), then ih
  * indexer query heads of ihd (RoPE on the last rd, Hadamard + FP4) and
- * their weights × wscale, in place (ih 0: none). how: 0 k_comp_idx; 1 the
- * tail of a k_mv_f16x launch; 2 the tail of a k_matvec_two launch (b NULL,
- * ih 0) — small products of zeros ahead of them, so the arrival count
- * runs over a real grid; an error where that launch would not take the
- * tail. */
+ * their weights × wscale, in place (ih 0: none). */
 int ds4_cuda_test_comp_idx(ds4_cuda_comp_case *a, ds4_cuda_comp_case *b, uint32_t pos, int rd, const double *freq,
-                           float eps, int ih, int ihd, float *iq, float *iw, float wscale, int how, char *err,
-                           size_t errlen);
+                           float eps, int ih, int ihd, float *iq, float *iw, float wscale, char *err, size_t errlen);
 /* x (n values, n ≤ 1024, multiple of 64 / power of two) through the FP8
  * (fp4 = false) or Hadamard+FP4 (fp4 = true) simulation, in place. */
 int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t errlen);
