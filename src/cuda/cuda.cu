@@ -539,6 +539,7 @@ static void att_setup(int hd, int ih, int ihd) {
     cudaFuncSetAttribute(k_att_split<7>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
     cudaFuncSetAttribute(k_att_split<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, a);
     cudaFuncSetAttribute(k_idx_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_scores_smem(ih, ihd));
+    cudaFuncSetAttribute(k_att_combine, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)att_combine_smem(hd));
 }
 
 static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
@@ -1002,7 +1003,7 @@ static void attend(cudaStream_t s, const float *q, float qeps, float *o, const f
     ATT_NV(1) ATT_NV(2) ATT_NV(3) ATT_NV(4) ATT_NV(5) ATT_NV(6) ATT_NV(7) ATT_NV(8)
 #undef ATT_NV
     }
-    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), 2 * ATT_SPLITS * sizeof(float), s,
+    launch(k_att_combine, dim3((unsigned)H, (unsigned)c), (unsigned)(hd / 4), att_combine_smem(hd), s,
            part, ml, st0, st, window, ratio, topk, sinks, hd, rd, freq, ATT_SPLITS, o);
 }
 
