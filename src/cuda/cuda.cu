@@ -681,11 +681,13 @@ static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
  * where the grid still has ≥ 1024 warps, fewer below, 2 for GLU pairs;
  * xg_rows must stay a multiple of the rows per warp (a warp's rows share one
  * x). Split-K (KS 4 warps a row group) on dense Q8_0 grids of ≥ 4096 row
- * groups (the LM head: 187 against 200 µs in --mv-bench, H100). Not on the
- * one-wave grids (attn_output_a/b, shared down): --mv-bench had out_b 16.4
- * µs with KS 2 against 20.0, but the decode body got slower with it (the
- * next kernel, k_hc_step, needs half an SM's registers and finds them only
- * beside ~2 blocks of k_mv_rp, so its pre-wait work starts later). L2
+ * groups (the LM head: 187 against 200 µs in --mv-bench, H100), KS 2 on
+ * ungrouped ones under 1024 row groups (attn_output_b: 16.4 against 20.0 µs
+ * in --mv-bench; decode body 0.620 / 0.625 → 0.604 / 0.606 ms on the 4-layer
+ * file at 2K, H100). That split made the body slower while k_hc_step needed
+ * half an SM's registers (it found them only beside ~2 blocks of k_mv_rp);
+ * since its 66-register rewrite it wins. The grouped attn_output_a stays at
+ * KS 1 (KS 2 there: within the noise). L2
  * prefetch before pdl_wait where the grid has more than one wave and one
  * wave's bytes stay ≤ RP_PF_MAX (q_b: 15.5 against 17.2 µs; the LM head with
  * KS 4); one-wave grids prefetching everything (35.6 MB at once) or big
@@ -759,7 +761,10 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
     }
     while (xg_rows && xg_rows % nr) nr /= 2;
     if (F != RP_Q8 || W2) ks = 1;
-    else if (!ks) ks = (rows + nr * MV_WARPS - 1) / (nr * MV_WARPS) * slots >= 4096 ? 4 : 1;
+    else if (!ks) {
+        int64_t ng = (rows + nr * MV_WARPS - 1) / (nr * MV_WARPS) * slots;
+        ks = ng >= 4096 ? 4 : !xg_rows && ng < 1024 ? 2 : 1;
+    }
     dim3 grid((unsigned)((rows * ks + nr * MV_WARPS - 1) / (nr * MV_WARPS)), (unsigned)slots);
     const int64_t nblk = (int64_t)grid.x * slots;
     const int64_t bb = (int64_t)(MV_WARPS / ks) * nr * (n_in / rp_fmt<F>::EB) * (rp_fmt<F>::PAY + rp_fmt<F>::HL) * (W2 ? 2 : 1);
