@@ -223,11 +223,19 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
  * (rows of every matrix in one sequence), a lane's pieces (8 halves, the
  * chunks lane, lane+32, …) summed in order with fmaf and then warp_sum —
  * k_matvec's arithmetic, so its rows have k_matvec's bits. As k_mv_q8x,
- * the first F16X_D pieces of a lane are loaded BEFORE pdl_wait (weights are
- * constants: they travel while the previous kernel runs), then the stream
- * walks as a ring (the piece F16X_D later goes into the stage just used);
- * both inputs in shared memory. The grid is at most the blocks resident at
- * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). */
+ * its loads start at once, then the stream walks as a ring (the piece
+ * F16X_D later goes into the stage just used); both inputs in shared
+ * memory. The whole product runs BEFORE pdl_wait, beside the previous
+ * kernel's last wave (q_b): comp_decode's inputs nrm (the HC step) and qa
+ * (k_qa_kv) are written at least two launches back, so complete once the
+ * previous kernel has passed its own pdl_wait, i.e. before this grid is
+ * scheduled (read through L2 by cp.async: no stale L1 line), and no kernel
+ * that may still run reads or writes the outputs (q_b writes only q). The
+ * successor is let in at the start (it runs after this grid's completion
+ * anyway, and the launch then overlaps the rows); the wait stays at the
+ * end, so completion remains transitive down the stream (att_split reads
+ * q_b's output). The grid is at most the blocks resident at once; more
+ * rows walk on (a warp's rows gridDim·SX_WARPS apart). */
 #define F16X_SEGS 6
 #define F16X_D 8
 struct f16x_set {
@@ -271,6 +279,13 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
     for (int i = 1; i < F16X_SEGS; i++)
         if (i < a.nseg) rows = a.end[i];
     const int64_t gstride = (int64_t)gridDim.x * SX_WARPS, rbase = (int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+    /* both inputs into shared memory (cp.async: through L2, no registers),
+     * landing while the first weights are in flight */
+    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) att_cp16(fxs + q, (const float4 *)a.x[0] + q);
+    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) att_cp16(fxs + a.n[0] / 4 + q, (const float4 *)a.x[1] + q);
     /* the load stream: row rl, piece jl (F16X_D tasks ahead of the compute) */
     int64_t rl = rbase;
     int jl = 0;
@@ -284,10 +299,8 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
         if (p < L.nch) w[d] = __ldg(L.w + p);
         if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
     }
-    pdl_wait();   /* the inputs are earlier kernels' outputs */
     float *xs = (float *)fxs;
-    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) fxs[q] = ((const float4 *)a.x[0])[q];
-    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) fxs[a.n[0] / 4 + q] = ((const float4 *)a.x[1])[q];
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
     __syncthreads();
     /* the compute stream: row r, piece j */
     int64_t r = rbase;
@@ -323,6 +336,7 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
             if (r < rows) C = f16x_at(a, r);
         }
     }
+    pdl_wait();   /* the successor may rely on the previous kernel's completion (see above) */
 }
 
 /* The compressor's two products of one decode x (comp_kv and comp_gate:
