@@ -163,29 +163,35 @@ __device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, 
      * loaded together (pointers first, then the loads, then ape where the
      * position is in the chunk), so a column costs a few memory round trips,
      * not one per position (decode's R = 4 emission step: 24 → 17 µs, a
-     * step without emission 5). The arithmetic and its order are the
-     * per-position loop's. */
+     * step without emission 5). Where the block's positions fit one batch
+     * (R = 4: 8), the max pass loads kv with the gate and the sum pass
+     * reuses both (g with its ape): one round trip a column, not two. The
+     * arithmetic and its order are the per-position loop's. */
     const uint64_t q0 = prev ? bR - R : bR, nq = bR + R - q0;
+    const bool one = nq <= COMP_B;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float m = -INFINITY, den = 0, acc = 0;
+        float g[COMP_B], k[COMP_B];
         for (int pass = 0; pass < 2; pass++)
             for (uint64_t i0 = 0; i0 < nq; i0 += COMP_B) {
-                const float *gp[COMP_B], *kp[COMP_B];
-                float g[COMP_B], k[COMP_B];
+                if (!(pass && one)) {
+                    const float *gp[COMP_B], *kp[COMP_B];
 #pragma unroll
-                for (int i = 0; i < COMP_B; i++) {
-                    uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
-                    int c = q < bR ? j : off + j;
-                    bool in = q >= p0;
-                    gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
-                    kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
-                }
+                    for (int i = 0; i < COMP_B; i++) {
+                        uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
+                        int c = q < bR ? j : off + j;
+                        bool in = q >= p0;
+                        gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
+                        kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
+                    }
 #pragma unroll
-                for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass) k[i] = *kp[i]; }
+                    for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass || one) k[i] = *kp[i]; }
 #pragma unroll
-                for (int i = 0; i < COMP_B; i++) {
-                    uint64_t q = q0 + i0 + i;
-                    if (i0 + i < nq && q >= p0) g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
+                    for (int i = 0; i < COMP_B; i++) {
+                        uint64_t q = q0 + i0 + i;
+                        if (i0 + i < nq && q >= p0)
+                            g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
+                    }
                 }
 #pragma unroll
                 for (int i = 0; i < COMP_B; i++) {
