@@ -163,35 +163,29 @@ __device__ void comp_emit_block(const float *pk, const float *pg, int ape_type, 
      * loaded together (pointers first, then the loads, then ape where the
      * position is in the chunk), so a column costs a few memory round trips,
      * not one per position (decode's R = 4 emission step: 24 → 17 µs, a
-     * step without emission 5). Where the block's positions fit one batch
-     * (R = 4: 8), the max pass loads kv with the gate and the sum pass
-     * reuses both (g with its ape): one round trip a column, not two. The
-     * arithmetic and its order are the per-position loop's. */
+     * step without emission 5). The arithmetic and its order are the
+     * per-position loop's. */
     const uint64_t q0 = prev ? bR - R : bR, nq = bR + R - q0;
-    const bool one = nq <= COMP_B;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float m = -INFINITY, den = 0, acc = 0;
-        float g[COMP_B], k[COMP_B];
         for (int pass = 0; pass < 2; pass++)
             for (uint64_t i0 = 0; i0 < nq; i0 += COMP_B) {
-                if (!(pass && one)) {
-                    const float *gp[COMP_B], *kp[COMP_B];
+                const float *gp[COMP_B], *kp[COMP_B];
+                float g[COMP_B], k[COMP_B];
 #pragma unroll
-                    for (int i = 0; i < COMP_B; i++) {
-                        uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
-                        int c = q < bR ? j : off + j;
-                        bool in = q >= p0;
-                        gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
-                        kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
-                    }
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + (i0 + i < nq ? i0 + i : nq - 1);   /* past the end: a real input, unused */
+                    int c = q < bR ? j : off + j;
+                    bool in = q >= p0;
+                    gp[i] = in ? pg + (q - p0) * W + c : gate + (q % keep) * W + c;
+                    kp[i] = in ? pk + (q - p0) * W + c : kv + (q % keep) * W + c;
+                }
 #pragma unroll
-                    for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass || one) k[i] = *kp[i]; }
+                for (int i = 0; i < COMP_B; i++) { g[i] = *gp[i]; if (pass) k[i] = *kp[i]; }
 #pragma unroll
-                    for (int i = 0; i < COMP_B; i++) {
-                        uint64_t q = q0 + i0 + i;
-                        if (i0 + i < nq && q >= p0)
-                            g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
-                    }
+                for (int i = 0; i < COMP_B; i++) {
+                    uint64_t q = q0 + i0 + i;
+                    if (i0 + i < nq && q >= p0) g[i] += deq_one(ape_type, ape + (q % R) * ape_rb, q < bR ? j : off + j);
                 }
 #pragma unroll
                 for (int i = 0; i < COMP_B; i++) {
@@ -229,19 +223,11 @@ __global__ void k_comp_emit(const float *pk, const float *pg, int ape_type, cons
  * (rows of every matrix in one sequence), a lane's pieces (8 halves, the
  * chunks lane, lane+32, …) summed in order with fmaf and then warp_sum —
  * k_matvec's arithmetic, so its rows have k_matvec's bits. As k_mv_q8x,
- * its loads start at once, then the stream walks as a ring (the piece
- * F16X_D later goes into the stage just used); both inputs in shared
- * memory. The whole product runs BEFORE pdl_wait, beside the previous
- * kernel's last wave (q_b): comp_decode's inputs nrm (the HC step) and qa
- * (k_qa_kv) are written at least two launches back, so complete once the
- * previous kernel has passed its own pdl_wait, i.e. before this grid is
- * scheduled (read through L2 by cp.async: no stale L1 line), and no kernel
- * that may still run reads or writes the outputs (q_b writes only q). The
- * successor is let in at the start (it runs after this grid's completion
- * anyway, and the launch then overlaps the rows); the wait stays at the
- * end, so completion remains transitive down the stream (att_split reads
- * q_b's output). The grid is at most the blocks resident at once; more
- * rows walk on (a warp's rows gridDim·SX_WARPS apart). */
+ * the first F16X_D pieces of a lane are loaded BEFORE pdl_wait (weights are
+ * constants: they travel while the previous kernel runs), then the stream
+ * walks as a ring (the piece F16X_D later goes into the stage just used);
+ * both inputs in shared memory. The grid is at most the blocks resident at
+ * once; more rows walk on (a warp's rows gridDim·SX_WARPS apart). */
 #define F16X_SEGS 6
 #define F16X_D 8
 struct f16x_set {
@@ -285,13 +271,6 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
     for (int i = 1; i < F16X_SEGS; i++)
         if (i < a.nseg) rows = a.end[i];
     const int64_t gstride = (int64_t)gridDim.x * SX_WARPS, rbase = (int64_t)blockIdx.x * SX_WARPS + (threadIdx.x >> 5);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-    /* both inputs into shared memory (cp.async: through L2, no registers),
-     * landing while the first weights are in flight */
-    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) att_cp16(fxs + q, (const float4 *)a.x[0] + q);
-    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) att_cp16(fxs + a.n[0] / 4 + q, (const float4 *)a.x[1] + q);
     /* the load stream: row rl, piece jl (F16X_D tasks ahead of the compute) */
     int64_t rl = rbase;
     int jl = 0;
@@ -305,8 +284,10 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
         if (p < L.nch) w[d] = __ldg(L.w + p);
         if (++jl == L.ppl) { jl = 0; rl += gstride; if (rl < rows) L = f16x_at(a, rl); }
     }
+    pdl_wait();   /* the inputs are earlier kernels' outputs */
     float *xs = (float *)fxs;
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    for (int q = threadIdx.x; q < a.n[0] / 4; q += blockDim.x) fxs[q] = ((const float4 *)a.x[0])[q];
+    for (int q = threadIdx.x; q < a.n[1] / 4; q += blockDim.x) fxs[a.n[0] / 4 + q] = ((const float4 *)a.x[1])[q];
     __syncthreads();
     /* the compute stream: row r, piece j */
     int64_t r = rbase;
@@ -342,7 +323,6 @@ __global__ void __launch_bounds__(32 * SX_WARPS, 2) k_mv_f16x(f16x_set a) {
             if (r < rows) C = f16x_at(a, r);
         }
     }
-    pdl_wait();   /* the successor may rely on the previous kernel's completion (see above) */
 }
 
 /* The compressor's two products of one decode x (comp_kv and comp_gate:

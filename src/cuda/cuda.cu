@@ -1103,8 +1103,6 @@ static bool comp_decode(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_
             return false;
         if (sel && (!f16x_add(be, &a, &L->idx_proj, 0, be->iw) || !f16x_add(be, &a, &L->idx_q_b, 1, be->iq))) return false;
         if ((int64_t)(a.n[0] + a.n[1]) * 4 > RP_SX_MAX) return false;
-        /* runs before its pdl_wait: nrm and qa are ≥ 2 launches back (q_b, and
-         * k_q_heads where it runs, stand between), the outputs unused by them */
         launch_f16x(be->s, &a);
     } else {
         if (tkv->type != tg->type || repacked(tkv->type) || tkv->row_bytes != tg->row_bytes || tkv->ne[0] != tg->ne[0] ||
