@@ -9,7 +9,7 @@ export F4X_TOKENS=200
 ./run.sh kernels tiny flash4 flash4x > $OUT/gates.txt 2>&1
 grep -E "FAIL|passed|body only" $OUT/gates.txt
 FULL_CTX_MAX=32768 FULL_TIMEOUT=330 ./perf.sh copy full 2>&1 | grep -E "d2d|synth|^[0-9]|^ctx" | tail -20
-for b in old bin; do
+for b in ${AB:-old bin}; do
   timeout 150 ./$b/ds4-bench --cuda -m /dev/shm/flash.gguf --ctx-start 2048 --ctx-max 32768 --step-incr 30720 --gen-tokens 64 -o $OUT/ab-$b.csv >/dev/null 2>&1
   echo "A/B $b:"; tail -2 $OUT/ab-$b.csv
 done
