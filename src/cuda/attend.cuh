@@ -54,6 +54,27 @@ __global__ void k_q_heads(float *q, int H, int hd, int rd, const double *freq, c
     }
 }
 
+/* The K=V row after its RMSNorm (sv: hd floats of shared memory, normed):
+ * RoPE on the last rd values (thread k < rd/2 rotates pair k with its
+ * angle's (c, sn); blk_rope's arithmetic), FP8 on the rest (blk_fp8: at
+ * most 4 values a thread), f16 rounding, stored to kv and, when out is
+ * given, the raw-ring slot. k_qa_kv's and k_qb's side block: one code, so
+ * one rounding of every expression. */
+__device__ __forceinline__ void kv_tail(float *sv, int hd, int rd, float c, float sn, float *kv, float *out) {
+    if ((int)threadIdx.x < rd / 2) {
+        float *x = sv + hd - rd + 2 * threadIdx.x, x0 = x[0], x1 = x[1];
+        x[0] = x0 * c - x1 * sn;
+        x[1] = x0 * sn + x1 * c;
+    }
+    __syncthreads();
+    if (d_qat) blk_fp8(sv, hd - rd);
+    for (int k = threadIdx.x; k < hd; k += blockDim.x) {
+        float v = d_qat ? round_f16(sv[k]) : sv[k];
+        kv[k] = v;
+        if (out) out[k] = v;
+    }
+}
+
 /* The attention's two single-vector norms of the chunk in one launch (grid
  * 2n; a block a multiple of 32 threads, ≥ hd/4 for blk_fp8 and ≥ rd/2):
  * block t < n the q_a row of token t (k_rmsnorm's arithmetic, in place),
@@ -86,19 +107,152 @@ __global__ void k_qa_kv(float *qa, const float *qw, int ql, float *kv, const flo
     for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
     __syncthreads();
     blk_rmsnorm(sv, hd, kw, eps, shd);
-    if ((int)threadIdx.x < rd / 2) {
-        float *x = sv + hd - rd + 2 * threadIdx.x, x0 = x[0], x1 = x[1];
-        x[0] = x0 * c - x1 * sn;
-        x[1] = x0 * sn + x1 * c;
+    kv_tail(sv, hd, rd, c, sn, kv, ring ? ring + (size_t)(st[t].pos % keep) * hd : NULL);
+}
+
+/* Decode's q_b product with k_qa_kv's work for its one token done inside
+ * the same launch, in parallel, instead of a launch before it (k_qa_kv:
+ * ~5 µs of two blocks on the chain q_a → q_b). qr: the raw q_a (k_mv_q8x's
+ * output). Every block norms qr itself as it loads it: rmsnorm_vec's
+ * arithmetic with the sums of squares in the order of k_qa_kv's block of
+ * ≥ ql/4 threads (each 32 consecutive float4 by a warp tree, then those
+ * sums by a warp tree; absent terms are exact zeros in both), so the values
+ * are k_qa_kv's bit for bit. Matvec blocks 1 … put them into shared memory
+ * (sx_swz layout as k_mv_sx: a warp's 16-byte reads hit the 8 bank groups)
+ * and are k_mv_rp<RP_Q8, NR, false, 1> on them: the same pieces in the same
+ * order, so q_b's sums equal k_mv_rp's (and k_mv_sx's) bits; their weights
+ * go into L2 (pf) or their first pieces into registers before pdl_wait,
+ * and with k_mv_q8x as the predecessor that starts earlier than behind
+ * k_qa_kv. Block 0 writes the normed q_a to qa (the indexer's idx_q_b reads
+ * it) and finishes the K=V row as k_qa_kv's second block (RMSNorm in the
+ * same tree order, kv_tail) into kv and the ring slot; it is the first
+ * block dispatched, so its serial work overlaps the matvec. The K=V row is
+ * thus written by the attention's immediate predecessor in window-only
+ * layers: k_att_split copies a chunk's own rows after its wait. Shapes:
+ * qb_fits (cuda.cu). Dynamic shared memory max(ql, hd) floats. */
+#define QB_GW 2   /* 32-float4 groups of q_a a warp (registers): ql ≤ 128·MV_WARPS·QB_GW */
+template <int NR>
+__global__ void __launch_bounds__(32 * MV_WARPS)
+k_qb(const uint8_t *__restrict__ W, int64_t rows, const float *qr, const float *qw, int ql, float *qa,
+     float *__restrict__ y, float *kv, const float *kw, int hd, int rd, const double *freq, const dstep *st, float eps,
+     float *ring, uint32_t keep, bool pf) {
+    typedef rp_fmt<RP_Q8> fm;
+    extern __shared__ float4 qbs[];
+    __shared__ double shd[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nq = ql / 4, ng = (nq + 31) / 32;
+    const bool side = blockIdx.x == 0;
+    const int64_t r0 = (((int64_t)blockIdx.x - 1) * MV_WARPS + warp) * NR;   /* k_mv_rp's row group, block − 1 */
+    const int64_t nb = ql / fm::EB, np = nb * fm::PB;
+    const bool mv = !side && r0 < rows, pre = mv && !pf;
+    if (mv && pf && !lane) {   /* k_mv_rp's prefetch of the row group's payload and headers */
+        const int64_t n = rows - r0 < NR ? rows - r0 : NR;
+        const uint64_t h0 = (uint64_t)(rows * nb * fm::PAY + r0 * nb * fm::HL) & ~(uint64_t)15;
+        const uint64_t hend = (uint64_t)(rows * nb * (fm::PAY + fm::HL)) & ~(uint64_t)15;
+        uint64_t h1 = ((uint64_t)(rows * nb * fm::PAY + (r0 + n) * nb * fm::HL) + 15) & ~(uint64_t)15;
+        h1 = h1 < hend ? h1 : hend;
+        l2_prefetch(W + r0 * nb * fm::PAY, (uint64_t)(n * nb * fm::PAY));
+        if (h1 > h0) l2_prefetch(W + h0, h1 - h0);
+    }
+    const uint8_t *pl[NR], *hp[NR];
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        int64_t r = r0 + i < rows ? r0 + i : rows - 1;
+        r = r < 0 ? 0 : r;   /* block 0 */
+        pl[i] = W + r * nb * fm::PAY;
+        hp[i] = W + rows * nb * fm::PAY + r * nb * fm::HL;
+    }
+    constexpr int UNR = NR == 1 ? 4 : 2;   /* k_mv_rp's pieces in flight a lane */
+    uint4 wq[UNR][NR];
+    unsigned short wh[UNR][NR];
+    if (pre)
+#pragma unroll
+        for (int u = 0; u < UNR; u++)
+            if (lane + 32 * u < np)
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    wq[u][i] = ((const uint4 *)pl[i])[lane + 32 * u];
+                    wh[u][i] = ((const unsigned short *)hp[i])[(lane + 32 * u) >> 1];
+                }
+    float c = 1, sn = 0;   /* block 0: the row's RoPE angle of pair threadIdx.x (a step input) */
+    if (side && (int)threadIdx.x < rd / 2) {
+        double ang = (double)st[0].pos * freq[threadIdx.x];
+        c = (float)cos(ang);
+        sn = (float)sin(ang);
+    }
+    float4 wv[QB_GW], v[QB_GW];
+#pragma unroll
+    for (int g = 0; g < QB_GW; g++) {
+        const int f = 32 * (warp + MV_WARPS * g) + lane;
+        wv[g] = f < nq ? ((const float4 *)qw)[f] : make_float4(0, 0, 0, 0);
+    }
+    pdl_wait();
+#pragma unroll
+    for (int g = 0; g < QB_GW; g++) {   /* sumsq_part's terms of float4 f, summed over its group of 32 */
+        const int f = 32 * (warp + MV_WARPS * g) + lane;
+        v[g] = f < nq ? ((const float4 *)qr)[f] : make_float4(0, 0, 0, 0);
+        double a = 0, b = 0;
+        a += (double)v[g].x * v[g].x + (double)v[g].y * v[g].y;
+        b += (double)v[g].z * v[g].z + (double)v[g].w * v[g].w;
+        const double s = warp_sum_d(a + b);
+        if (!lane && warp + MV_WARPS * g < ng) shd[warp + MV_WARPS * g] = s;
     }
     __syncthreads();
-    if (d_qat) blk_fp8(sv, hd - rd);
-    float *out = ring ? ring + (size_t)(st[t].pos % keep) * hd : NULL;
-    for (int k = threadIdx.x; k < hd; k += blockDim.x) {
-        float v = d_qat ? round_f16(sv[k]) : sv[k];
-        kv[k] = v;
-        if (out) out[k] = v;
+    const float r = (float)(1.0 / sqrt(warp_sum_d(lane < ng ? shd[lane] : 0.0) / (double)ql + eps));
+#pragma unroll
+    for (int g = 0; g < QB_GW; g++) {
+        const int f = 32 * (warp + MV_WARPS * g) + lane;
+        if (f >= nq) continue;
+        const float4 o = make_float4(v[g].x * r * wv[g].x, v[g].y * r * wv[g].y, v[g].z * r * wv[g].z,
+                                     v[g].w * r * wv[g].w);
+        if (side) ((float4 *)qa)[f] = o;
+        else qbs[sx_swz<RP_Q8>(f)] = o;
     }
+    __syncthreads();   /* qbs complete; shd read by every warp */
+    if (side) {   /* the K=V row: blk_rmsnorm's terms, k_qa_kv's order (a thread an element there) */
+        float *sv = (float *)qbs;
+        const int gk = (hd + 31) / 32;
+        for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = kv[k];
+        __syncthreads();
+        for (int g = warp; g < gk; g += MV_WARPS) {
+            const int k = 32 * g + lane;
+            const double s = warp_sum_d(k < hd ? (double)sv[k] * sv[k] : 0.0);
+            if (!lane) shd[g] = s;
+        }
+        __syncthreads();
+        const float rk = (float)(1.0 / sqrt(warp_sum_d(lane < gk ? shd[lane] : 0.0) / (double)hd + eps));
+        for (int k = threadIdx.x; k < hd; k += blockDim.x) sv[k] = sv[k] * rk * kw[k];
+        __syncthreads();
+        kv_tail(sv, hd, rd, c, sn, kv, ring ? ring + (size_t)(st[0].pos % keep) * hd : NULL);
+        return;
+    }
+    if (r0 >= rows) return;
+    float acc[NR];
+#pragma unroll
+    for (int i = 0; i < NR; i++) acc[i] = 0;
+    int64_t p = lane;
+    if (pre)   /* the preloaded pieces first: the loop's order */
+#pragma unroll
+        for (int u = 0; u < UNR; u++, p += 32)
+            if (p < np) {
+                float4 xv[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) xv[i] = qbs[sx_swz<RP_Q8>(4 * (int)p + i)];
+#pragma unroll
+                for (int i = 0; i < NR; i++) acc[i] += q8_piece(wq[u][i], wh[u][i], xv);
+            }
+#pragma unroll UNR
+    for (; p < np; p += 32) {
+        float4 xv[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) xv[i] = qbs[sx_swz<RP_Q8>(4 * (int)p + i)];
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+            acc[i] += q8_piece(((const uint4 *)pl[i])[p], ((const unsigned short *)hp[i])[p >> 1], xv);
+    }
+#pragma unroll
+    for (int i = 0; i < NR; i++) acc[i] = warp_sum(acc[i]);
+    if (lane) return;
+    mv_store<NR, false>(acc, r0, rows, y, 0, 0, NULL, 0);
 }
 
 /* Raw-ring store of the chunk's last min(T, keep) rows after its attention
@@ -724,11 +878,12 @@ __device__ __forceinline__ int att_nsplit(int64_t n, int splits) {
  * head) the unnormalised output to part and (m, l) to ml.
  * Before pdl_wait (under programmatic launch: while q_b still runs) a block
  * derives its span and the query RoPE angles (step inputs) and starts the
- * copy of its first tile when that tile is raw-window rows only: those were
- * written by k_qa_kv (or earlier chunks), ≥ 2 launches back, and a kernel
- * starts only after its predecessor passed its own wait, i.e. after the
- * launch before that completed. Compressed rows and the indexer's
- * selection come from the immediate predecessor: after the wait. */
+ * copy of its first tile when that tile is raw-window rows only, except the
+ * chunk's own rows (positions ≥ p0): ring rows of earlier steps were written
+ * ≥ 2 launches back, and a kernel starts only after its predecessor passed
+ * its own wait, i.e. after the launch before that completed. The chunk's
+ * rows (decode: k_qb, the predecessor in window-only layers), compressed
+ * rows and the indexer's selection: after the wait. */
 template <int NV>
 __global__ void __launch_bounds__(32 * ATT_HG, 3)
 k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint32_t keep_raw, const dstep *st0,
@@ -744,11 +899,12 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
     const att_span a = att_rows(st0, st, t, window, ratio, topk, selbuf);
     const int ns = att_nsplit(a.n, S), s = blockIdx.y;
     const int64_t r0 = s * a.n / ns, r1 = (s + 1) * a.n / ns;
-    /* warp w copies rows w, w + 8, … of a tile (cp.async: every copy in flight at once, no registers) */
-    auto copy_tile = [&](int64_t rt, int nt) {
+    /* warp w copies rows w, w + 8, … of a tile (cp.async: every copy in flight at once, no registers),
+     * those of index in [ra, rb) */
+    auto copy_tile = [&](int64_t rt, int nt, int64_t ra, int64_t rb) {
 #pragma unroll
         for (int k = 0; k < TILE / ATT_HG; k++)
-            if (wid + k * ATT_HG < nt) {
+            if (wid + k * ATT_HG < nt && rt + wid + k * ATT_HG >= ra && rt + wid + k * ATT_HG < rb) {
                 const float4 *row = att_row(a, rt + wid + k * ATT_HG, kvc, raw, keep_raw, comp, hd);
 #pragma unroll
                 for (int i = 0; i < NV; i++) att_cp16(srow + (wid + k * ATT_HG) * C + lane + 32 * i, row + lane + 32 * i);
@@ -756,7 +912,8 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
     };
     const int nt0 = r1 - r0 < TILE ? (int)(r1 - r0) : TILE;
     const bool early = s < ns && r0 + nt0 <= a.nraw;
-    if (early) copy_tile(r0, nt0);
+    /* rows below a.p0 − a.lo (≤ 0 when the chunk covers the window) are ring rows of earlier steps: those go early */
+    if (early) copy_tile(r0, nt0, r0, a.p0 - a.lo);
     if (qeps >= 0 && s < ns)
         for (int k = threadIdx.x; k < rd / 2; k += blockDim.x) {
             double ang = (double)a.pos * freq[k];
@@ -805,7 +962,8 @@ k_att_split(const float *q, float qeps, const float *kvc, const float *raw, uint
     for (int64_t rt = r0; rt < r1; rt += TILE) {
         const int nt = r1 - rt < TILE ? (int)(r1 - rt) : TILE;
         __syncthreads();   /* the previous tile is consumed */
-        if (!early || rt != r0) copy_tile(rt, nt);
+        if (!early || rt != r0) copy_tile(rt, nt, rt, rt + nt);
+        else copy_tile(rt, nt, a.p0 - a.lo, rt + nt);   /* the chunk's own rows of the early tile */
         asm volatile("cp.async.wait_all;\n" ::: "memory");
         __syncthreads();
         if (hw < H) {

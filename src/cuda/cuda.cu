@@ -814,6 +814,38 @@ static void launch_q8x(cudaStream_t s, const uint8_t *Wa, int64_t ra, float *ya,
            yb, n_in, x);
 }
 
+/* Decode's q_b with k_qa_kv's work (k_qb): a Q8_0 q_b of ql inputs (q_a in
+ * QB_GW float4 a lane), one row group a warp as launch_rpf's k_mv_rp with
+ * KS 1 (its choice below 4096 row groups; below 4096 rows it takes k_mv_sx,
+ * whose sums are k_mv_rp's), the K=V row's sum tree ≤ 32 warps of one
+ * element, its RoPE pairs a thread each and its FP8 part ≤ 4 values a thread
+ * (blk_fp8) in a block of 32·MV_WARPS. */
+static bool qb_fits(const ds4_tensor *T, int64_t ql, int64_t hd, int64_t rd) {
+    const int64_t bt = 32 * MV_WARPS;
+    return T->type == GGML_Q8_0 && T->ne[0] == ql && ql % 32 == 0 && ql <= 4 * bt * QB_GW &&
+           (T->ne[1] + 4 * MV_WARPS - 1) / (4 * MV_WARPS) < 4096 && hd <= 1024 && rd % 2 == 0 && rd <= hd &&
+           rd / 2 <= bt && hd - rd <= 4 * bt;
+}
+static void launch_qb(cudaStream_t s, const uint8_t *W, int64_t rows, const float *qr, const float *qw, int64_t ql,
+                      float *qa, float *y, float *kv, const float *kw, int64_t hd, int64_t rd, const double *freq,
+                      const dstep *st, float eps, float *ring, uint32_t keep) {
+    const int nr = rows >= 4096 ? 4 : rows >= 2048 ? 2 : 1;   /* launch_rpf's rows a warp */
+    const int64_t sm = (ql > hd ? ql : hd) * (int64_t)sizeof(float), groups = (rows + nr * MV_WARPS - 1) / (nr * MV_WARPS);
+    const int64_t bb = (int64_t)MV_WARPS * nr * (ql / 32) * 34;   /* a block's weight bytes */
+#define QB(NR)                                                                                                  \
+    do {                                                                                                        \
+        static int64_t c_sm = -1;                                                                               \
+        static int c_fit;                                                                                       \
+        if (c_sm != sm) { c_fit = sx_fit(k_qb<NR>, sm, 32 * MV_WARPS); c_sm = sm; }                             \
+        launch(k_qb<NR>, dim3((unsigned)(1 + groups)), 32 * MV_WARPS, (size_t)sm, s, W, rows, qr, qw, (int)ql, qa, y, \
+               kv, kw, (int)hd, (int)rd, freq, st, eps, ring, keep, groups > c_fit && c_fit * bb <= RP_PF_MAX);   \
+    } while (0)
+    if (nr == 4) QB(4);
+    else if (nr == 2) QB(2);
+    else QB(1);
+#undef QB
+}
+
 /* Decode's router (k_router_mv: logits + routing, one launch). With Sg, the
  * shared expert's gate+up (Q8_0 gate and up of srows × n_in; sh_fits) into
  * sy as extra blocks of the same launch: as many as are resident beside the
@@ -1159,19 +1191,29 @@ static void attn_layer(gpu_backend *be, gpu_state *st, const ds4_layer *L, gpu_l
      * of at most keep_raw − window + 1 tokens overwrites only ring slots of
      * positions before every window it reads, so its rows go straight into
      * the ring; a longer one is stored after attention. Projected before q_b
-     * so that q_a's norm and the rows' post-processing share one launch. */
-    bool direct = n + hp->window - 1 <= st->keep_raw;
+     * so that q_a's norm and the rows' post-processing share one launch: a
+     * chunk's k_qa_kv, or decode's q_b launch (k_qb) itself, which then reads
+     * the raw q_a from row 1 of the chunk scratch (a decode step uses row 0;
+     * the scratch holds ≥ MIN_CHUNK rows) and writes the normed one to row 0. */
+    bool direct = n + hp->window - 1 <= st->keep_raw, qb = n == 1 && qb_fits(&L->attn_q_b, ql, hd, rd);
+    float *qraw = qb ? be->qa + ql : be->qa;
     if (n == 1 && q8x_fits(&L->attn_q_a, &L->attn_kv)) {
-        launch_q8x(s, DW(be, &L->attn_q_a), ql, be->qa, DW(be, &L->attn_kv), hd, be->kvc, d, be->nrm);
+        launch_q8x(s, DW(be, &L->attn_q_a), ql, qraw, DW(be, &L->attn_kv), hd, be->kvc, d, be->nrm);
     } else {
-        mul(be, &L->attn_q_a, 0, be->nrm, n, be->qa, ql);
+        mul(be, &L->attn_q_a, 0, be->nrm, n, qraw, ql);
         mul(be, &L->attn_kv, 0, be->nrm, n, be->kvc, hd);
     }
-    launch(k_qa_kv, (unsigned)(2 * n), nthreads(ql > hd ? ql : hd), hd * sizeof(float), s, be->qa,
-           DF(be, &L->attn_q_a_norm), (int)ql, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
-           (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
-    prep(be, 1, be->qa, n, ql);
-    mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
+    if (qb) {
+        launch_qb(s, DW(be, &L->attn_q_b), L->attn_q_b.ne[1], qraw, DF(be, &L->attn_q_a_norm), ql, be->qa, be->q, be->kvc,
+                  DF(be, &L->attn_kv_a_norm), hd, rd, freq, (const dstep *)be->step, eps, direct ? ls->raw : NULL,
+                  st->keep_raw);
+    } else {
+        launch(k_qa_kv, (unsigned)(2 * n), nthreads(ql > hd ? ql : hd), hd * sizeof(float), s, be->qa,
+               DF(be, &L->attn_q_a_norm), (int)ql, be->kvc, DF(be, &L->attn_kv_a_norm), (int)hd, (int)rd, freq,
+               (const dstep *)be->step, eps, direct ? ls->raw : NULL, st->keep_raw, (int)n);
+        prep(be, 1, be->qa, n, ql);
+        mul(be, &L->attn_q_b, 1, be->qa, n, be->q, H * hd);
+    }
     /* Query heads: k_att_split norms and ropes its own (rd % 4 = 0), the
      * chunk kernels (attn_chunk) read them finished. */
     bool chunk = n > 1 && be->fast_attn, qfused = !chunk && rd % 4 == 0;
@@ -1521,6 +1563,13 @@ extern "C" void ds4_cuda_profiler(bool on) {
 
 static void poison(void *d, size_t bytes) { cudaMemset(d, 0xff, bytes); }   /* 0xffffffff is a NaN */
 
+/* cudaMalloc + upload of `bytes` (at least one element so a NULL-free pointer exists). */
+static cudaError_t at_upload(void **d, const void *h, size_t bytes) {
+    cudaError_t e = cudaMalloc(d, bytes ? bytes : 16);
+    if (!e && h && bytes) e = cudaMemcpy(*d, h, bytes, cudaMemcpyHostToDevice);
+    return e;
+}
+
 static bool tables_loaded;
 
 static int iq2_tables(void) {
@@ -1595,6 +1644,60 @@ extern "C" int ds4_cuda_test_matvec2(const void *wa, int64_t ra, const void *wb,
 out:
     cudaFree(da); cudaFree(db); cudaFree(dx); cudaFree(dy);
     return e ? ds4_errf(err, errlen, "matvec2: %s", cudaGetErrorString(e)) : 0;
+}
+
+/* Decode's q_b launch with k_qa_kv's work (k_qb) against the launches it
+ * replaces (k_qa_kv for one token, then q_b through launch_rp), on the same
+ * inputs, every output poisoned before each path. *_ref: the old path. */
+extern "C" int ds4_cuda_test_qb(const void *w, int64_t rows, int64_t ql, int64_t hd, int rd, const float *qraw,
+                                const float *kvraw, const float *qw, const float *kw, const double *freq, uint32_t pos,
+                                float eps, uint32_t keep, float *y_ref, float *qa_ref, float *kv_ref, float *ring_ref,
+                                float *y, float *qa, float *kv, float *ring, char *err, size_t errlen) {
+    ds4_tensor T = {};
+    T.type = GGML_Q8_0;
+    T.ne[0] = ql;
+    T.ne[1] = rows;
+    if (rows < 1 || keep < 1 || !qb_fits(&T, ql, hd, rd))
+        return ds4_errf(err, errlen, "qb: bad shape %lld x %lld, hd %lld, rd %d", (long long)rows, (long long)ql,
+                        (long long)hd, rd);
+    uint8_t *dw = NULL;
+    float *dq = NULL, *dqa = NULL, *dkv = NULL, *dy = NULL, *dr = NULL, *dn[2] = {NULL, NULL};
+    void *df = NULL, *ds = NULL;
+    dstep hs = {pos, 0};
+    size_t rbytes = (size_t)keep * hd * sizeof(float), fs = sizeof(float);
+    float *outs[2][4] = {{y_ref, qa_ref, kv_ref, ring_ref}, {y, qa, kv, ring}};
+    cudaError_t e;
+    if ((e = test_upload(GGML_Q8_0, w, ql, rows, 1, &dw)) || (e = at_upload((void **)&dq, qraw, ql * fs)) ||
+        (e = at_upload((void **)&dqa, NULL, ql * fs)) || (e = at_upload((void **)&dkv, NULL, hd * fs)) ||
+        (e = at_upload((void **)&dy, NULL, rows * fs)) || (e = at_upload((void **)&dr, NULL, rbytes)) ||
+        (e = at_upload((void **)&dn[0], qw, ql * fs)) || (e = at_upload((void **)&dn[1], kw, hd * fs)) ||
+        (e = at_upload(&df, freq, (rd / 2) * sizeof(double))) || (e = at_upload(&ds, &hs, sizeof hs)))
+        goto out;
+    for (int path = 0; path < 2 && !e; path++) {
+        poison(dqa, ql * fs);
+        poison(dy, rows * fs);
+        poison(dr, rbytes);
+        if ((e = cudaMemcpy(dkv, kvraw, hd * fs, cudaMemcpyHostToDevice))) break;
+        if (path == 0) {   /* attn_layer's path before k_qb: q_a normed into its own buffer, then q_b */
+            if ((e = cudaMemcpy(dqa, dq, ql * fs, cudaMemcpyDeviceToDevice))) break;
+            launch(k_qa_kv, 2u, nthreads(ql > hd ? ql : hd), hd * fs, 0, dqa, (const float *)dn[0], (int)ql, dkv,
+                   (const float *)dn[1], (int)hd, rd, (const double *)df, (const dstep *)ds, eps, dr, keep, 1);
+            launch_rp(GGML_Q8_0, 0, dw, NULL, ql, rows, dqa, 0, 0, dy, NULL, 0, 0, 0, 1, NULL, 0);
+        } else {
+            launch_qb(0, dw, rows, dq, dn[0], ql, dqa, dy, dkv, dn[1], hd, rd, (const double *)df, (const dstep *)ds, eps,
+                      dr, keep);
+        }
+        float **o = outs[path];
+        if ((e = cudaGetLastError()) || (e = cudaMemcpy(o[0], dy, rows * fs, cudaMemcpyDeviceToHost)) ||
+            (e = cudaMemcpy(o[1], dqa, ql * fs, cudaMemcpyDeviceToHost)) ||
+            (e = cudaMemcpy(o[2], dkv, hd * fs, cudaMemcpyDeviceToHost)))
+            break;
+        e = cudaMemcpy(o[3], dr, rbytes, cudaMemcpyDeviceToHost);
+    }
+out:
+    cudaFree(dw); cudaFree(dq); cudaFree(dqa); cudaFree(dkv); cudaFree(dy); cudaFree(dr);
+    cudaFree(dn[0]); cudaFree(dn[1]); cudaFree(df); cudaFree(ds);
+    return e ? ds4_errf(err, errlen, "qb: %s", cudaGetErrorString(e)) : 0;
 }
 
 /* One repacked matrix times grouped x through launch_rp, as matvec_g. */
@@ -2084,13 +2187,6 @@ out:
 }
 
 /* ---- attn tests ---- */
-
-/* cudaMalloc + upload of `bytes` (at least one element so a NULL-free pointer exists). */
-static cudaError_t at_upload(void **d, const void *h, size_t bytes) {
-    cudaError_t e = cudaMalloc(d, bytes ? bytes : 16);
-    if (!e && h && bytes) e = cudaMemcpy(*d, h, bytes, cudaMemcpyHostToDevice);
-    return e;
-}
 
 extern "C" int ds4_cuda_test_attn(const float *q, const float *kvc, const float *raw, uint32_t keep_raw,
                                   uint32_t window, const float *comp, int64_t n_comp, const int32_t *sel, int ratio,

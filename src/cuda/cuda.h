@@ -28,6 +28,18 @@ int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, 
  * launch, as decode's attn_q_a + attn_kv: ya (ra values), yb (rb values). */
 int ds4_cuda_test_matvec2(const void *wa, int64_t ra, const void *wb, int64_t rb, int64_t n_in, const float *x,
                           float *ya, float *yb, char *err, size_t errlen);
+/* Decode's q_b launch with k_qa_kv's work for one token in it (k_qb)
+ * against the two launches it replaces (k_qa_kv, then q_b by launch_rp), on
+ * the same inputs with every output poisoned (NaN) before each: w the Q8_0
+ * q_b (GGUF rows: rows × ql), qraw the raw q_a (ql), kvraw the raw K=V row
+ * (hd), qw / kw their norm weights, RoPE of the row's last rd values at
+ * position pos (freq: rd/2 values), ring of keep rows of hd (slot pos %
+ * keep written). Outputs y (rows), qa (normed q_a), kv, ring: *_ref the old
+ * launches, the others k_qb. */
+int ds4_cuda_test_qb(const void *w, int64_t rows, int64_t ql, int64_t hd, int rd, const float *qraw, const float *kvraw,
+                     const float *qw, const float *kw, const double *freq, uint32_t pos, float eps, uint32_t keep,
+                     float *y_ref, float *qa_ref, float *kv_ref, float *ring_ref, float *y, float *qa, float *kv,
+                     float *ring, char *err, size_t errlen);
 /* Routed slots as a decode step runs them: E slabs of rows × n_in of a
  * repacked type (Q8_0, Q2_K, IQ2_XXS), slot i < used on expert eid[i].
  * wu != NULL (GLU): y[i·rows + r] = swiglu(g, u, clamp)·ew[i] with g, u the

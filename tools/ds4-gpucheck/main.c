@@ -118,6 +118,49 @@ static void check_matvec2(int64_t n_in, int64_t ra, int64_t rb) {
     free(w); free(src); free(x); free(y); free(ref);
 }
 
+/* Decode's q_b launch with k_qa_kv's work (k_qb) against the old launches
+ * (k_qa_kv, then q_b) on the same inputs: every output bit-identical (q_b's
+ * rows, the normed q_a, the K=V row, the whole ring: its other slots stay
+ * poisoned), and the old path's q_b rows near the CPU's dots of its normed
+ * q_a (a check that both did not fail alike). */
+static void check_qb(int64_t rows, int64_t ql, int64_t hd, int rd, uint32_t pos, uint32_t keep) {
+    char err[256], what[80];
+    uint64_t rowb = ggml_row_bytes(GGML_Q8_0, (uint64_t)ql);
+    size_t rn = (size_t)keep * hd;
+    uint8_t *w = malloc(rowb * rows);
+    float *src = malloc(ql * sizeof(float)), *in = malloc((2 * ql + 2 * hd) * sizeof(float));
+    float *o = malloc((2 * (rows + ql + hd + rn) + rows) * sizeof(float));
+    double *freq = malloc((rd / 2) * sizeof(double));
+    float *qr = in, *kr = in + ql, *qw = kr + hd, *kw = qw + ql;
+    float *yr = o, *qar = yr + rows, *kvr = qar + ql, *ringr = kvr + hd;
+    float *y = ringr + rn, *qa = y + rows, *kv = qa + ql, *ring = kv + hd, *cpu = ring + rn;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < ql; i++) src[i] = frand();
+        ds4_quantize_row(GGML_Q8_0, src, w + r * rowb, ql, NULL);
+    }
+    for (int64_t i = 0; i < ql; i++) { qr[i] = 3.0f * frand(); qw[i] = 1.0f + 0.5f * frand(); }
+    for (int64_t i = 0; i < hd; i++) { kr[i] = 2.0f * frand(); kw[i] = 1.0f + 0.5f * frand(); }
+    for (int k = 0; k < rd / 2; k++) freq[k] = pow(10000.0, -2.0 * k / rd);
+    snprintf(what, sizeof what, "qb %lldx%lld hd %lld rd %d pos %u keep %u", (long long)rows, (long long)ql,
+             (long long)hd, rd, pos, keep);
+    if (ds4_cuda_test_qb(w, rows, ql, hd, rd, qr, kr, qw, kw, freq, pos, 1e-6f, keep, yr, qar, kvr, ringr, y, qa, kv,
+                         ring, err, sizeof err)) {
+        verdict(what, false, "%s", err);
+    } else {
+        bool ey = !memcmp(y, yr, rows * sizeof(float)), eq = !memcmp(qa, qar, ql * sizeof(float));
+        bool ek = !memcmp(kv, kvr, hd * sizeof(float)), er = !memcmp(ring, ringr, rn * sizeof(float));
+        bool slot = !memcmp(ring + (size_t)(pos % keep) * hd, kv, hd * sizeof(float)), nan = true;
+        for (size_t i = 0; i < rn; i++) nan = nan && (i / hd == pos % keep ? !isnan(ring[i]) : isnan(ring[i]));
+        for (int64_t r = 0; r < rows; r++) cpu[r] = ds4_dot_row(GGML_Q8_0, w + r * rowb, qar, ql);
+        double e0 = rel_err(yr, cpu, rows);
+        verdict(what, ey && eq && ek && er && slot && nan && within(e0, 1e-5),
+                "q_b %s, q_a %s, kv %s, ring %s (slot %s, others %s); old q_b vs cpu %.3g (1e-5)", ey ? "same" : "DIFFERS",
+                eq ? "same" : "DIFFERS", ek ? "same" : "DIFFERS", er ? "same" : "DIFFERS", slot ? "= kv" : "WRONG",
+                nan ? "NaN" : "WRITTEN", e0);
+    }
+    free(w); free(src); free(in); free(o); free(freq);
+}
+
 /* Decode's F16 products of one layer (k_mv_f16x): nseg matrices of two
  * inputs in one launch, each row against the CPU's dot. */
 static void check_matvec_f16x(int nseg, const int64_t *rows, const int *xi, int64_t n0, int64_t n1) {
@@ -955,6 +998,11 @@ static void kernel_checks(void) {
     check_matvec2(4096, 1024, 512);                 /* attn_q_a + attn_kv: one launch, a lane's whole row share in flight */
     check_matvec2(9984, 3001, 77);                  /* ring: 20 pieces a lane, partial last piece round, more rows than warps */
     check_matvec2(64, 5, 3);                        /* fewer pieces than lanes, a partial block */
+    check_qb(32768, 1024, 512, 64, 2047, 128);      /* decode's q_b + k_qa_kv: the model's shapes (NR 4, prefetch) */
+    check_qb(32768, 1024, 512, 64, 77, 1);          /* one ring slot */
+    check_qb(2052, 512, 256, 32, 5000, 7);          /* NR 2, a partial row group, a ring walk */
+    check_qb(1024, 128, 128, 64, 3, 300);           /* the tiny model's (NR 1; the old q_b is k_mv_sx) */
+    check_qb(100, 352, 160, 32, 9, 16);             /* q_a of 2¾ float4 groups, a K=V row of two FP8 blocks */
     {   /* decode's F16 products: a ratio-4 layer (compressor kv, gate; indexer compressor kv, gate; indexer
          * proj; indexer q_b of q_a), a ratio-128 layer, the tiny model's, odd widths with partial pieces */
         static const int64_t r4[] = {1024, 1024, 256, 256, 64, 8192}, r128[] = {512, 512}, rt[] = {256, 256, 128, 128, 4, 512};
