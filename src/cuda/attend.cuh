@@ -144,7 +144,15 @@ k_qb(const uint8_t *__restrict__ W, int64_t rows, const float *qr, const float *
     const int64_t r0 = (((int64_t)blockIdx.x - 1) * MV_WARPS + warp) * NR;   /* k_mv_rp's row group, block − 1 */
     const int64_t nb = ql / fm::EB, np = nb * fm::PB;
     const bool mv = !side && r0 < rows, pre = mv && !pf;
-    if (mv && pf && !lane) rp_prefetch<RP_Q8, NR>(W, rows, r0, nb);   /* as k_mv_rp */
+    if (mv && pf && !lane) {   /* k_mv_rp's prefetch of the row group's payload and headers */
+        const int64_t n = rows - r0 < NR ? rows - r0 : NR;
+        const uint64_t h0 = (uint64_t)(rows * nb * fm::PAY + r0 * nb * fm::HL) & ~(uint64_t)15;
+        const uint64_t hend = (uint64_t)(rows * nb * (fm::PAY + fm::HL)) & ~(uint64_t)15;
+        uint64_t h1 = ((uint64_t)(rows * nb * fm::PAY + (r0 + n) * nb * fm::HL) + 15) & ~(uint64_t)15;
+        h1 = h1 < hend ? h1 : hend;
+        l2_prefetch(W + r0 * nb * fm::PAY, (uint64_t)(n * nb * fm::PAY));
+        if (h1 > h0) l2_prefetch(W + h0, h1 - h0);
+    }
     const uint8_t *pl[NR], *hp[NR];
 #pragma unroll
     for (int i = 0; i < NR; i++) {
@@ -156,7 +164,15 @@ k_qb(const uint8_t *__restrict__ W, int64_t rows, const float *qr, const float *
     constexpr int UNR = NR == 1 ? 4 : 2;   /* k_mv_rp's pieces in flight a lane */
     uint4 wq[UNR][NR];
     unsigned short wh[UNR][NR];
-    if (pre) q8_preload<UNR, NR>(pl, hp, lane, 32, np, wq, wh);
+    if (pre)
+#pragma unroll
+        for (int u = 0; u < UNR; u++)
+            if (lane + 32 * u < np)
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    wq[u][i] = ((const uint4 *)pl[i])[lane + 32 * u];
+                    wh[u][i] = ((const unsigned short *)hp[i])[(lane + 32 * u) >> 1];
+                }
     float c = 1, sn = 0;   /* block 0: the row's RoPE angle of pair threadIdx.x (a step input) */
     if (side && (int)threadIdx.x < rd / 2) {
         double ang = (double)st[0].pos * freq[threadIdx.x];

@@ -294,40 +294,6 @@ __device__ __forceinline__ void l2_prefetch(const uint8_t *p, uint64_t n) {
 #endif
 }
 
-/* The L2 prefetch of one row group (rows r0 … r0+NR−1 of a repacked
- * matrix of `rows` rows, nb blocks a row) before pdl_wait: its payload, and
- * its headers rounded out to 16 bytes inside the matrix's header area
- * (k_mv_rp, k_qb). */
-template <int F, int NR>
-__device__ __forceinline__ void rp_prefetch(const uint8_t *mat, int64_t rows, int64_t r0, int64_t nb) {
-    typedef rp_fmt<F> fm;
-    const int64_t n = rows - r0 < NR ? rows - r0 : NR;
-    const uint64_t h0 = (uint64_t)(rows * nb * fm::PAY + r0 * nb * fm::HL) & ~(uint64_t)15;
-    const uint64_t hend = (uint64_t)(rows * nb * (fm::PAY + fm::HL)) & ~(uint64_t)15;
-    uint64_t h1 = ((uint64_t)(rows * nb * fm::PAY + (r0 + n) * nb * fm::HL) + 15) & ~(uint64_t)15;
-    h1 = h1 < hend ? h1 : hend;
-    l2_prefetch(mat + r0 * nb * fm::PAY, (uint64_t)(n * nb * fm::PAY));
-    if (h1 > h0) l2_prefetch(mat + h0, h1 - h0);
-}
-
-/* The first UNR Q8_0 pieces (p = p0, p0 + step, …; below np) of M rows
- * (payload pl[i], headers hd[i]) into registers, before pdl_wait (k_mv_rp,
- * k_qb): weights do not depend on the previous kernel. */
-template <int UNR, int M>
-__device__ __forceinline__ void q8_preload(const uint8_t *const *pl, const uint8_t *const *hd, int64_t p0, int64_t step,
-                                           int64_t np, uint4 (&wq)[UNR][M], unsigned short (&wh)[UNR][M]) {
-#pragma unroll
-    for (int u = 0; u < UNR; u++) {
-        const int64_t p = p0 + step * u;
-        if (p < np)
-#pragma unroll
-            for (int i = 0; i < M; i++) {
-                wq[u][i] = ((const uint4 *)pl[i])[p];
-                wh[u][i] = ((const unsigned short *)hd[i])[p >> 1];
-            }
-    }
-}
-
 /* y[slot·y_slot + r] for NR consecutive rows per warp, which share each x
  * load. GLU: W2 is the up matrix of the same shape; the warp computes gate
  * and up rows together and writes swiglu(g, u) · (ew ? ew[slot] : 1), so the
@@ -357,8 +323,18 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     const int64_t r0 = ((int64_t)blockIdx.x * (MV_WARPS / KS) + grp) * NR;
     const int64_t nb = n_in / fm::EB, np = nb * fm::PB;
     if (pf && !eid && !kw && !lane && r0 < rows) {
-        rp_prefetch<F, NR>(W, rows, r0, nb);
-        if (GLU) rp_prefetch<F, NR>(W2, rows, r0, nb);
+        const int64_t n = rows - r0 < NR ? rows - r0 : NR;
+        /* headers: rounded out to 16 bytes, inside the matrix's header area */
+        const uint64_t h0 = (uint64_t)(rows * nb * fm::PAY + r0 * nb * fm::HL) & ~(uint64_t)15;
+        const uint64_t hend = (uint64_t)(rows * nb * (fm::PAY + fm::HL)) & ~(uint64_t)15;
+        uint64_t h1 = ((uint64_t)(rows * nb * fm::PAY + (r0 + n) * nb * fm::HL) + 15) & ~(uint64_t)15;
+        h1 = h1 < hend ? h1 : hend;
+#pragma unroll
+        for (int m = 0; m < (GLU ? 2 : 1); m++) {
+            const uint8_t *mat = m ? W2 : W;
+            l2_prefetch(mat + r0 * nb * fm::PAY, (uint64_t)(n * nb * fm::PAY));
+            if (h1 > h0) l2_prefetch(mat + h0, h1 - h0);
+        }
     }
     if (eid) pdl_wait();   /* the expert ids are the router's output */
     const uint64_t eoff = eid ? (uint64_t)eid[slot] * estride : 0;
@@ -381,8 +357,20 @@ k_mv_rp(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, int64_t n
     const bool pre = F == RP_Q8 && !pf && r0 < rows;
     uint4 wq[F == RP_Q8 ? UNR : 1][M];
     unsigned short wh[F == RP_Q8 ? UNR : 1][M];
-    if constexpr (F == RP_Q8)
-        if (pre) q8_preload<UNR, M>(pl, hd, lane + 32 * kw, 32 * KS, np, wq, wh);
+    if constexpr (F == RP_Q8) {
+        if (pre) {
+#pragma unroll
+            for (int u = 0; u < UNR; u++) {
+                const int64_t p = lane + 32 * (kw + KS * u);
+                if (p < np)
+#pragma unroll
+                    for (int i = 0; i < M; i++) {
+                        wq[u][i] = ((const uint4 *)pl[i])[p];
+                        wh[u][i] = ((const unsigned short *)hd[i])[p >> 1];
+                    }
+            }
+        }
+    }
     if (!eid) pdl_wait();
     __shared__ uint64_t grid[F == RP_IQ2 ? 256 : 1];
     __shared__ float red[KS > 1 ? MV_WARPS * M : 1];
