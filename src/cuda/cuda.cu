@@ -654,15 +654,32 @@ static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->c
  * row they would leave most of the GPU idle. */
 #define WIDE_ROWS 1024
 
-/* Blocks of `kernel` (SX_WARPS warps, smem bytes of dynamic shared memory)
- * that are resident on the whole GPU at once. */
+/* Blocks of `kernel` (threads a block, smem bytes of dynamic shared memory)
+ * that are resident on the whole GPU at once. The persistent and one-wave
+ * launches size their grids by it at every launch, so the answers are kept
+ * by (device, kernel, smem, threads): the occupancy query costs
+ * microseconds, and one kernel may be launched with several sizes (k_mv_q8x:
+ * q_a + kv and the shared down). */
 template <typename K>
 static int sx_fit(K kernel, int64_t smem, int threads = 32 * SX_WARPS) {
+    static struct { int dev, threads, fit; const void *k; int64_t smem; } memo[64];
+    static int n_memo;
     int dev = 0, sms = 1, per = 0;
     cudaGetDevice(&dev);
+    for (int i = 0; i < n_memo; i++)
+        if (memo[i].k == (const void *)kernel && memo[i].dev == dev && memo[i].smem == smem && memo[i].threads == threads)
+            return memo[i].fit;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, kernel, threads, (size_t)smem);
-    return (per > 0 ? per : 1) * sms;
+    int fit = (per > 0 ? per : 1) * sms;
+    if (n_memo < 64) {
+        memo[n_memo].dev = dev;
+        memo[n_memo].threads = threads;
+        memo[n_memo].fit = fit;
+        memo[n_memo].k = (const void *)kernel;
+        memo[n_memo++].smem = smem;
+    }
+    return fit;
 }
 
 /* Matvec on a repacked format, any shape. IQ2_XXS / Q2_K (the routed
@@ -710,14 +727,10 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
             int64_t ntask = (rows + (W2 ? 15 : 31)) / (W2 ? 16 : 32);
 #define MVTC(KS, GLU)                                                                                              \
     do {                                                                                                           \
-        static int64_t c_sm = -1;                                                                                  \
-        static int c_fit;                                                                                          \
-        if (c_sm != tsm) {                                                                                         \
-            cudaFuncSetAttribute(k_mv_tc<F, KS, GLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);      \
-            c_fit = sx_fit(k_mv_tc<F, KS, GLU>, tsm, 32 * TC_WARPS);                                              \
-            c_sm = tsm;                                                                                            \
-        }                                                                                                          \
-        int64_t bx = c_fit / slots > 1 ? c_fit / slots : 1;                                                        \
+        /* above 48 KB: opted into before the query and the launch */                                           \
+        cudaFuncSetAttribute(k_mv_tc<F, KS, GLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);          \
+        int fit = sx_fit(k_mv_tc<F, KS, GLU>, tsm, 32 * TC_WARPS);                                                 \
+        int64_t bx = fit / slots > 1 ? fit / slots : 1;                                                            \
         launch(k_mv_tc<F, KS, GLU>, dim3((unsigned)(ntask < bx ? ntask : bx), (unsigned)slots), 32 * TC_WARPS,     \
                (size_t)tsm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp, pre);             \
     } while (0)
@@ -736,10 +749,8 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
         int64_t groups = (rows - nr * SX_WARPS - 1) / (-nr * SX_WARPS);
 #define MVSX(NR, GLU)                                                                                        \
     do {                                                                                                     \
-        static int64_t c_sm = -1;                                                                            \
-        static int c_fit;                                                                                    \
-        if (c_sm != sm) { c_fit = sx_fit(k_mv_sx<F, NR, GLU>, sm); c_sm = sm; }                             \
-        int64_t bx = c_fit / slots > 1 ? c_fit / slots : 1;                                                  \
+        int fit = sx_fit(k_mv_sx<F, NR, GLU>, sm);                                                           \
+        int64_t bx = fit / slots > 1 ? fit / slots : 1;                                                      \
         launch(k_mv_sx<F, NR, GLU>, dim3((unsigned)(groups < bx ? groups : bx), (unsigned)slots), 32 * SX_WARPS, \
                (size_t)sm, s, W, W2, n_in, rows, x, y, eid, estride, x_slot, y_slot, ew, clamp);             \
     } while (0)
@@ -770,8 +781,7 @@ static void launch_rpf(cudaStream_t s, const uint8_t *W, const uint8_t *W2, int6
     const int64_t bb = (int64_t)(MV_WARPS / ks) * nr * (n_in / rp_fmt<F>::EB) * (rp_fmt<F>::PAY + rp_fmt<F>::HL) * (W2 ? 2 : 1);
 #define MVRP(NR, GLU, KS)                                                                                          \
     do {                                                                                                           \
-        static int fit;                                                                                            \
-        if (!fit) fit = sx_fit(k_mv_rp<F, NR, GLU, KS>, 0, 32 * MV_WARPS);                                         \
+        int fit = sx_fit(k_mv_rp<F, NR, GLU, KS>, 0, 32 * MV_WARPS);                                               \
         launch(k_mv_rp<F, NR, GLU, KS>, grid, 32 * MV_WARPS, 0, s, W, W2, n_in, rows, x, xg_rows, xg_stride, y, eid, \
                estride, x_slot, y_slot, ew, clamp, pf && nblk > fit && fit * bb <= RP_PF_MAX);                     \
     } while (0)
@@ -806,11 +816,9 @@ static bool q8x_fits(const ds4_tensor *A, const ds4_tensor *B) {
 }
 static void launch_q8x(cudaStream_t s, const uint8_t *Wa, int64_t ra, float *ya, const uint8_t *Wb, int64_t rb,
                        float *yb, int64_t n_in, const float *x) {
-    static int64_t c_sm = -1;
-    static int c_fit;
     int64_t sm = n_in * 4, need = (ra + rb + SX_WARPS - 1) / SX_WARPS;
-    if (c_sm != sm) { c_fit = sx_fit(k_mv_q8x, sm); c_sm = sm; }
-    launch(k_mv_q8x, dim3((unsigned)(need < c_fit ? need : c_fit)), 32 * SX_WARPS, (size_t)sm, s, Wa, ra, ya, Wb, rb,
+    int fit = sx_fit(k_mv_q8x, sm);
+    launch(k_mv_q8x, dim3((unsigned)(need < fit ? need : fit)), 32 * SX_WARPS, (size_t)sm, s, Wa, ra, ya, Wb, rb,
            yb, n_in, x);
 }
 
@@ -834,11 +842,9 @@ static void launch_qb(cudaStream_t s, const uint8_t *W, int64_t rows, const floa
     const int64_t bb = (int64_t)MV_WARPS * nr * (ql / 32) * 34;   /* a block's weight bytes */
 #define QB(NR)                                                                                                  \
     do {                                                                                                        \
-        static int64_t c_sm = -1;                                                                               \
-        static int c_fit;                                                                                       \
-        if (c_sm != sm) { c_fit = sx_fit(k_qb<NR>, sm, 32 * MV_WARPS); c_sm = sm; }                             \
+        int fit = sx_fit(k_qb<NR>, sm, 32 * MV_WARPS);                                                          \
         launch(k_qb<NR>, dim3((unsigned)(1 + groups)), 32 * MV_WARPS, (size_t)sm, s, W, rows, qr, qw, (int)ql, qa, y, \
-               kv, kw, (int)hd, (int)rd, freq, st, eps, ring, keep, groups > c_fit && c_fit * bb <= RP_PF_MAX);   \
+               kv, kw, (int)hd, (int)rd, freq, st, eps, ring, keep, groups > fit && fit * bb <= RP_PF_MAX);       \
     } while (0)
     if (nr == 4) QB(4);
     else if (nr == 2) QB(2);
@@ -857,13 +863,10 @@ static void launch_router(cudaStream_t s, int wtype, const uint8_t *W, uint64_t 
                           float *logit, int E, int used, const uint8_t *tid2eid, uint64_t t2e_rb, const dstep *st,
                           const float *bias, bool norm, float wscale, int32_t *eid, float *ew, const uint8_t *Sg,
                           const uint8_t *Su, int64_t srows, float *sy, float clamp) {
-    static int64_t c_sm = -1;
-    static int c_fit;
     int64_t nrb = (E + RT_ROWS - 1) / RT_ROWS, nsb = 0, sm = ROUTER_SMEM(E);
     if (Sg) {
         if (n_in * 4 > sm) sm = n_in * 4;
-        if (c_sm != sm) { c_fit = sx_fit(k_router_mv, sm, RT_THREADS); c_sm = sm; }
-        int64_t need = (srows + RT_THREADS / 32 - 1) / (RT_THREADS / 32), room = c_fit - nrb;
+        int64_t need = (srows + RT_THREADS / 32 - 1) / (RT_THREADS / 32), room = sx_fit(k_router_mv, sm, RT_THREADS) - nrb;
         nsb = need < room ? need : room > 1 ? room : 1;
     }
     launch(k_router_mv, (unsigned)(nrb + nsb), RT_THREADS, (size_t)sm, s, wtype, W, rb, n_in, x, logit, E, used, tid2eid,
@@ -1099,15 +1102,11 @@ static bool f16x_add(const gpu_backend *be, f16x_set *a, const ds4_tensor *T, in
     a->nseg++;
     return true;
 }
-/* k_mv_f16x over the set: a warp a row, at most the blocks resident at
- * once (their count cached per shared-memory size: two sizes a model). */
+/* k_mv_f16x over the set: a warp a row, at most the blocks resident at once. */
 static void launch_f16x(cudaStream_t s, const f16x_set *a) {
-    static int64_t c_sm[2] = {-1, -1};
-    static int c_fit[2];
     int64_t sm = (int64_t)(a->n[0] + a->n[1]) * 4, need = (a->end[a->nseg - 1] + SX_WARPS - 1) / SX_WARPS;
-    int i = c_sm[0] == sm ? 0 : 1;
-    if (c_sm[i] != sm) { c_fit[i] = sx_fit(k_mv_f16x, sm); c_sm[i] = sm; }
-    launch(k_mv_f16x, dim3((unsigned)(need < c_fit[i] ? need : c_fit[i])), 32 * SX_WARPS, (size_t)sm, s, *a);
+    int fit = sx_fit(k_mv_f16x, sm);
+    launch(k_mv_f16x, dim3((unsigned)(need < fit ? need : fit)), 32 * SX_WARPS, (size_t)sm, s, *a);
 }
 static comp_job comp_job_of(const gpu_backend *be, const ds4_tensor *ape, const ds4_tensor *norm, int R, int lanes,
                             int D, float *pk, float *pg, float *rkv, float *rg, uint32_t keep, float *rows, bool indexer) {
