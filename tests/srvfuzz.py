@@ -39,6 +39,7 @@ JOBS = int(os.environ.get('SRVFUZZ_JOBS', '2'))
 ONLY = os.environ.get('SRVFUZZ_ONLY')
 MIN_REQUESTS = int(os.environ.get('SRVFUZZ_MIN', '100'))
 MAX_BODY = 262144
+sys.setrecursionlimit(20000)   # nesting mutations stack up past 128 levels
 
 # ---- JSON trees that keep duplicate keys and verbatim spellings ----------
 
@@ -311,13 +312,15 @@ def mutate(g, root, donors):
 
 
 def make_request(i):
-    """Request i: (method, path, headers, body bytes)."""
+    """Request i: (method, path, headers, body bytes, stream): stream is
+    whether cJSON reads "stream": true (the first of duplicate keys), None
+    when the bytes were damaged."""
     r = random.Random(SEED * 1000003 + i)
     g = Gen(r)
     k = r.random()
     if k < 0.02:
         return 'GET', r.choice(['/v1/models', '/models', '/v1/models/deepseek-chat', '/v1/models/' + r.choice(WORDS),
-                                '/v1/nothing', '/health', '/v1/chat/completions']), {}, None
+                                '/v1/nothing', '/health', '/v1/chat/completions']), {}, None, False
     path = r.choice(list(TEMPLATES))
     # The short templates twice as often: a tools prompt costs seconds of
     # prefill under ASan when its prefix is not cached.
@@ -329,7 +332,10 @@ def make_request(i):
     if r.random() < 0.05:
         path = r.choice(list(TEMPLATES))          # a request of another protocol
     body = dump(root)
+    stream = first(root, 'stream') is True and path != '/v1/messages/count_tokens'
     k = r.random()
+    if k < 0.07:
+        stream = None
     if k < 0.03 and body:                          # bytes cut or hit: malformed JSON
         body = body[:r.randrange(len(body))]
     elif k < 0.06 and body:
@@ -340,7 +346,7 @@ def make_request(i):
     script = r.choice(['hi', 'hi', 'think', 'tool', 'patch', 'broken'] + (['nope'] if r.random() < 0.03 else []))
     headers = {'Content-Type': 'application/json', 'X-DS4-Test-Script': script}
     method = 'POST' if r.random() > 0.01 else r.choice(['PUT', 'DELETE', 'PATCH'])
-    return method, path, headers, body
+    return method, path, headers, body, stream
 
 
 # ---- the oracle -----------------------------------------------------------
@@ -423,7 +429,7 @@ def check_stream(path, text):
 
 def judge(req, status, ctype, raw):
     """A complaint about one answer, or None."""
-    method, path, headers, body = req
+    method, path, headers, body, stream = req
     if status not in OK_STATUS:
         return 'status %d' % status
     try:
@@ -432,14 +438,9 @@ def judge(req, status, ctype, raw):
         return 'the body is not UTF-8 (%s)' % e
     if method != 'POST' or path not in TEMPLATES:
         return None
-    try:   # as cJSON reads it: the first of duplicate keys counts
-        root = json.loads(body.decode('utf-8', 'replace'), object_pairs_hook=lambda p: Obj([list(x) for x in p]))
-    except Exception:
-        root = None
-    stream = first(root, 'stream') is True and path != '/v1/messages/count_tokens'
     try:
         if status == 200 and ctype.startswith('text/event-stream'):
-            if not stream:
+            if stream is False:
                 return 'a stream for a request without "stream": true'
             return check_stream(path, text)
         data = json.loads(text)
@@ -455,7 +456,7 @@ def judge(req, status, ctype, raw):
 # ---- running it ------------------------------------------------------------
 
 def send(port, req):
-    method, path, headers, body = req
+    method, path, headers, body = req[:4]
     c = http.client.HTTPConnection('127.0.0.1', port, timeout=LIMIT)
     try:
         c.request(method, path, body=body, headers=headers)
@@ -467,7 +468,7 @@ def send(port, req):
 
 def health(port):
     try:
-        st, _, raw = send(port, ('GET', '/health', {}, None))
+        st, _, raw = send(port, ('GET', '/health', {}, None, False))
         return st == 200 and raw == b'{"status":"ok"}'
     except Exception:
         return False

@@ -165,6 +165,19 @@ check "NUL in a string -> 400, not silently cut" [ "$(code "$URL/v1/chat/complet
 check "NUL error names the cause" grep -q 'NUL' "$TMP/body"
 printf '%s' '{"max_tokens":1,"messages":[{"role":"user","content":"a\\u0000b"}]}' > "$TMP/bsl"
 check "an escaped backslash before u0000 is plain text -> 200" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/bsl")" = 200 ]
+# Found by tests/srvfuzz.sh: each was answered 200 (or with a non-UTF-8 body).
+printf '{"max_tokens":1,"messages":[{"role":"user","content":"a\0b"}]}' > "$TMP/rawnul"
+check "a raw NUL byte -> 400, not silently cut" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/rawnul")" = 400 ]
+printf '{"max_tokens":1,"model":"caf\303","messages":[{"role":"user","content":"x"}]}' > "$TMP/badutf8"
+check "invalid UTF-8 -> 400 (the model name is echoed)" [ "$(code "$URL/v1/chat/completions" --data-binary @"$TMP/badutf8")" = 400 ]
+check "invalid UTF-8: says so" grep -q 'not valid UTF-8' "$TMP/body"
+check "text after the JSON object -> 400" [ "$(code "$URL/v1/messages" -d '{"max_tokens":1,"messages":[{"role":"user","content":"x"}]} {"x"')" = 400 ]
+check "trailing whitespace is fine -> 200" [ "$(code -H "$H" "$URL/v1/chat/completions" -d $'{"max_tokens":1,"messages":[{"role":"user","content":"x"}]} \n')" = 200 ]
+python3 -c 'print("{\"messages\":[{\"role\":\"" + "\uff5c" * 30 + "\",\"content\":\"x\"}]}")' > "$TMP/cutrole"
+check "an error quoting cut text stays UTF-8" python3 -c "
+import json, subprocess
+b = subprocess.run(['curl', '-s', '$URL/v1/chat/completions', '--data-binary', '@$TMP/cutrole'], capture_output=True).stdout
+assert json.loads(b.decode('utf-8'))['error']['message'].startswith('unknown role')"
 check "wrong method -> 405" [ "$(code -X PUT "$URL/v1/chat/completions" -d '{}')" = 405 ]
 check "bad field -> 400" [ "$(code "$URL/v1/chat/completions" -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}')" = 400 ]
 python3 -c 'print("x" * 100000)' > "$TMP/hdr"

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <utf8proc.h>
 
 /* ---- SSE channel ---------------------------------------------------- */
 
@@ -175,8 +176,30 @@ enum MHD_Result send_json(struct MHD_Connection *conn, unsigned status, cJSON *b
     return send_text(conn, status, "application/json", js);
 }
 
+/* msg as valid UTF-8 in out (cap >= 4): each invalid byte becomes U+FFFD.
+ * Messages quote client text cut to a length ("%.40s"), which can split a
+ * character, and header values, which are not checked; cJSON prints bytes
+ * as they are, and a client's JSON parser would refuse the whole body. */
+static const char *utf8_clean(const char *msg, char *out, size_t cap) {
+    size_t o = 0, n = strlen(msg);
+    for (size_t i = 0; i < n;) {
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)msg + i, (utf8proc_ssize_t)(n - i), &cp);
+        const char *src = k > 0 ? msg + i : "\xEF\xBF\xBD";
+        size_t len = k > 0 ? (size_t)k : 3;
+        if (o + len >= cap) break;
+        memcpy(out + o, src, len);
+        o += len;
+        i += k > 0 ? (size_t)k : 1;
+    }
+    out[o] = 0;
+    return out;
+}
+
 enum MHD_Result send_error(struct MHD_Connection *conn, proto_kind pk, unsigned status,
                            const char *type, const char *code, const char *msg) {
+    char clean[1024];
+    msg = utf8_clean(msg, clean, sizeof clean);
     cJSON *root = cJSON_CreateObject(), *e = cJSON_CreateObject();
     if (pk == PROTO_ANTHROPIC) {
         cJSON_AddStringToObject(root, "type", "error");
@@ -214,6 +237,23 @@ static bool json_has_nul_escape(const char *s, size_t n) {
         if (k % 2 == 0) return true;   /* s[i] itself starts the escape */
     }
     return false;
+}
+
+/* The offset of the first byte where the body stops being UTF-8 text (an
+ * invalid or overlong sequence, a surrogate, or a NUL byte, which would cut
+ * a cJSON string short like the escape above), or n. Everything the server
+ * echoes (model names, error messages) comes from the body and must stay
+ * valid UTF-8 in the reply. */
+static size_t utf8_bad_at(const char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        unsigned char b = (unsigned char)s[i];
+        if (b && b < 0x80) { i++; continue; }  /* ASCII, the common case */
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &cp);
+        if (k <= 0 || cp == 0) return i;
+        i += (size_t)k;
+    }
+    return n;
 }
 
 static bool json_too_deep(const char *s, size_t n) {
@@ -282,10 +322,22 @@ static enum MHD_Result route(srv *S, struct MHD_Connection *conn, const char *me
     if (json_has_nul_escape(rc->body ? rc->body : "", rc->len))
         return send_error(conn, pk, MHD_HTTP_BAD_REQUEST, "invalid_request_error", "invalid_json",
                           "strings containing NUL (\\u0000) are not supported");
-    cJSON *root = cJSON_ParseWithLength(rc->body ? rc->body : "", rc->len);
-    if (!root || !cJSON_IsObject(root)) {
+    const char *body = rc->body ? rc->body : "";
+    size_t bad = utf8_bad_at(body, rc->len);
+    if (bad < rc->len) {
+        char msg[96];
+        snprintf(msg, sizeof msg, body[bad] ? "request body is not valid UTF-8 (byte %zu)" : "request body contains a NUL byte (byte %zu)", bad);
+        return send_error(conn, pk, MHD_HTTP_BAD_REQUEST, "invalid_request_error", "invalid_json", msg);
+    }
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(body, rc->len, &end, false);
+    /* cJSON stops after the first value: whatever follows it but
+     * whitespace makes the body malformed, not something to ignore. */
+    while (root && end < body + rc->len && *end && strchr(" \t\r\n", *end)) end++;
+    if (!root || !cJSON_IsObject(root) || end != body + rc->len) {
         cJSON_Delete(root);
-        return send_error(conn, pk, MHD_HTTP_BAD_REQUEST, "invalid_request_error", "invalid_json", "request body is not a JSON object");
+        return send_error(conn, pk, MHD_HTTP_BAD_REQUEST, "invalid_request_error", "invalid_json",
+                          root && end != body + rc->len ? "request body: more text after the JSON object" : "request body is not a JSON object");
     }
     enum MHD_Result ret = handler(S, conn, root);
     cJSON_Delete(root);
