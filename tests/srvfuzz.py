@@ -432,6 +432,8 @@ def judge(req, status, ctype, raw):
     method, path, headers, body, stream = req
     if status not in OK_STATUS:
         return 'status %d' % status
+    if ctype == 'closed':
+        return None                                # over --max-body: closed before the 413 could be read
     try:
         text = raw.decode('utf-8')
     except UnicodeDecodeError as e:
@@ -459,8 +461,19 @@ def send(port, req):
     method, path, headers, body = req[:4]
     c = http.client.HTTPConnection('127.0.0.1', port, timeout=LIMIT)
     try:
-        c.request(method, path, body=body, headers=headers)
-        resp = c.getresponse()
+        try:
+            c.request(method, path, body=body, headers=headers)
+        except (BrokenPipeError, ConnectionResetError):
+            # A declared length over --max-body is answered 413 from the
+            # headers, and the connection closed while the body is sent.
+            if len(body or b'') <= MAX_BODY:
+                raise
+        try:
+            resp = c.getresponse()
+        except (ConnectionError, http.client.HTTPException):
+            if len(body or b'') <= MAX_BODY:
+                raise
+            return 413, 'closed', b''
         raw = resp.read()
         return resp.status, resp.getheader('Content-Type') or '', raw
     finally:
