@@ -178,6 +178,31 @@ check "an error quoting cut text stays UTF-8" python3 -c "
 import json, subprocess
 b = subprocess.run(['curl', '-s', '$URL/v1/chat/completions', '--data-binary', '@$TMP/cutrole'], capture_output=True).stdout
 assert json.loads(b.decode('utf-8'))['error']['message'].startswith('unknown role')"
+# Fields of the wrong JSON type were read as absent (an answer to an empty
+# message, tools dropped, tool_choice taken as auto): 400 naming the field.
+bad400() { # name endpoint body expected-message-part
+  check "$1 -> 400" [ "$(code -H "$H" "$URL$2" -d "$3")" = 400 ]
+  check "$1: names it" grep -qF "$4" "$TMP/body"
+}
+M='"max_tokens":1,"messages":[{"role":"user","content":"x"}]'
+bad400 "chat: content a number" /v1/chat/completions '{"max_tokens":1,"messages":[{"role":"user","content":5}]}' 'messages[].content'
+bad400 "chat: content parts not objects" /v1/chat/completions '{"max_tokens":1,"messages":[{"role":"user","content":[1,2]}]}' 'messages[].content'
+bad400 "chat: tool_calls an object" /v1/chat/completions '{"max_tokens":1,"messages":[{"role":"assistant","content":"a","tool_calls":{"id":"x"}},{"role":"user","content":"x"}]}' 'messages[].tool_calls'
+bad400 "chat: tools an object" /v1/chat/completions "{$M,\"tools\":{\"type\":\"function\"}}" '"tools must be an array'
+bad400 "chat: tool_choice unknown" /v1/chat/completions "{$M,\"tool_choice\":\"sometimes\"}" 'tool_choice must be'
+bad400 "chat: tool_choice a number" /v1/chat/completions "{$M,\"tool_choice\":1}" 'tool_choice must be'
+bad400 "chat: tool_choice function without a name" /v1/chat/completions "{$M,\"tool_choice\":{\"type\":\"function\"}}" 'function.name is required'
+bad400 "anthropic: system a number" /v1/messages "{$M,\"system\":7}" 'system must be'
+bad400 "anthropic: tool_result content an object" /v1/messages '{"max_tokens":1,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":{"a":1}}]}]}' 'tool_result content'
+bad400 "anthropic: tool_choice type unknown" /v1/messages "{$M,\"tool_choice\":{\"type\":\"sometimes\"}}" 'tool_choice.type must be'
+bad400 "anthropic: tool_choice a string" /v1/messages "{$M,\"tool_choice\":\"auto\"}" 'tool_choice.type must be'
+bad400 "anthropic: tool_choice tool without a name" /v1/messages "{$M,\"tool_choice\":{\"type\":\"tool\"}}" 'a name is required'
+bad400 "responses: content a bool" /v1/responses '{"max_output_tokens":1,"input":[{"role":"user","content":true}]}' 'input[].content'
+bad400 "responses: output a number" /v1/responses '{"max_output_tokens":1,"input":[{"type":"function_call_output","call_id":"c","output":3}]}' 'input[].output'
+bad400 "responses: tools a string" /v1/responses '{"max_output_tokens":1,"input":"x","tools":"get_weather"}' '"tools must be an array'
+bad400 "responses: tool_choice function without a name" /v1/responses '{"max_output_tokens":1,"input":"x","tool_choice":{"type":"function"}}' 'a name is required'
+check "null tools and tool_choice are absent -> 200" [ "$(code -H "$H" "$URL/v1/chat/completions" -d "{$M,\"tools\":null,\"tool_choice\":null}")" = 200 ]
+check "anthropic tool_choice none with tools -> 200" [ "$(code -H "$H" "$URL/v1/messages" -d "{$M,\"tool_choice\":{\"type\":\"none\"},\"tools\":[]}")" = 200 ]
 check "wrong method -> 405" [ "$(code -X PUT "$URL/v1/chat/completions" -d '{}')" = 405 ]
 check "bad field -> 400" [ "$(code "$URL/v1/chat/completions" -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}')" = 400 ]
 python3 -c 'print("x" * 100000)' > "$TMP/hdr"

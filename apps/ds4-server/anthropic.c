@@ -213,7 +213,9 @@ static void append(arena *a, const char **dst, const char *s) {
 }
 
 static int parse_messages(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
-    char *sys = system_text(&c->ar, cJSON_GetObjectItemCaseSensitive(root, "system"));
+    const cJSON *system = cJSON_GetObjectItemCaseSensitive(root, "system");
+    if (check_content(system, "system", msg, msglen) != 0) return -1;
+    char *sys = system_text(&c->ar, system);
     if (sys && *sys) chat_add_msg(c, DS4_ROLE_SYSTEM)->content = sys;
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
     if (!cJSON_IsArray(msgs) || !cJSON_GetArraySize(msgs)) { snprintf(msg, msglen, "messages: a non-empty array is required"); return -1; }
@@ -239,7 +241,9 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *root, char *msg, siz
                 ds4_chat_msg *t = chat_add_msg(c, DS4_ROLE_TOOL);
                 if (!t) return -1;
                 t->tool_call_id = ar_strdup(&c->ar, json_str(b, "tool_use_id"));
-                const char *tx = json_text(&c->ar, cJSON_GetObjectItemCaseSensitive(b, "content"));
+                const cJSON *res = cJSON_GetObjectItemCaseSensitive(b, "content");
+                if (check_content(res, "tool_result content", msg, msglen) != 0) return -1;
+                const char *tx = json_text(&c->ar, res);
                 t->content = tx ? tx : "";
                 m = NULL;   /* text after a result starts a new user message */
                 continue;
@@ -263,11 +267,20 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *root, char *msg, siz
  * stay in the prompt). */
 static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    if (check_list(tools, "tools", msg, msglen) != 0) return -1;
     const char *ct = json_str(choice, "type");
+    bool tool = ct && strcmp(ct, "tool") == 0;
+    if ((choice && !cJSON_IsNull(choice) && !ct) ||
+        (ct && !tool && strcmp(ct, "auto") != 0 && strcmp(ct, "any") != 0 && strcmp(ct, "none") != 0)) {
+        snprintf(msg, msglen, "tool_choice.type must be \"auto\", \"any\", \"tool\" or \"none\"");
+        return -1;
+    }
     if (ct && strcmp(ct, "none") == 0) return 0;
-    const char *only = ct && strcmp(ct, "tool") == 0 ? json_str(choice, "name") : NULL;
+    const char *only = tool ? json_str(choice, "name") : NULL;
+    if (tool && !only) { snprintf(msg, msglen, "tool_choice: a name is required with type \"tool\""); return -1; }
     const cJSON *t;
-    cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(root, "tools")) {
+    cJSON_ArrayForEach(t, tools) {
         const char *name = json_str(t, "name");
         /* Server-side tools (web search…) have no input_schema: not ours to run. */
         if (!name || !cJSON_GetObjectItemCaseSensitive(t, "input_schema")) continue;

@@ -236,14 +236,16 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *msgs, char *msg, siz
         else if (strcmp(role, "tool") == 0 || strcmp(role, "function") == 0) m = chat_add_msg(c, DS4_ROLE_TOOL);
         else { snprintf(msg, msglen, "unknown role \"%.40s\"", role); return -1; }
         if (!m) { snprintf(msg, msglen, "out of memory"); return -1; }
+        if (check_content(content, "messages[].content", msg, msglen) != 0) return -1;
         m->content = json_text(&c->ar, content);
         if (m->role == DS4_ROLE_TOOL) m->tool_call_id = ar_strdup(&c->ar, json_str(it, "tool_call_id"));
         if (m->role != DS4_ROLE_ASSISTANT) continue;
         const char *rc = json_str(it, "reasoning_content");
         if (!rc) rc = json_str(it, "reasoning");
         m->reasoning = ar_strdup(&c->ar, rc);
-        const cJSON *tc;
-        cJSON_ArrayForEach(tc, cJSON_GetObjectItemCaseSensitive(it, "tool_calls")) {
+        const cJSON *tc, *tcs = cJSON_GetObjectItemCaseSensitive(it, "tool_calls");
+        if (check_list(tcs, "messages[].tool_calls", msg, msglen) != 0) return -1;
+        cJSON_ArrayForEach(tc, tcs) {
             const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tc, "function");
             if (!json_str(fn, "name")) { snprintf(msg, msglen, "tool_calls[].function.name is required"); return -1; }
             chat_add_call(c, m, S, json_str(tc, "id"), json_str(fn, "name"), cJSON_GetObjectItemCaseSensitive(fn, "arguments"));
@@ -258,9 +260,20 @@ static int parse_messages(srv *S, chat_req *c, const cJSON *msgs, char *msg, siz
 static int parse_tools(srv *S, chat_req *c, const cJSON *root, char *msg, size_t msglen) {
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
-    if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return 0;
+    if (check_list(tools, "tools", msg, msglen) != 0) return -1;
+    const char *cs = cJSON_IsString(choice) ? choice->valuestring : NULL;
+    if ((cs && strcmp(cs, "none") != 0 && strcmp(cs, "auto") != 0 && strcmp(cs, "required") != 0) ||
+        (choice && !cs && !cJSON_IsObject(choice) && !cJSON_IsNull(choice))) {
+        snprintf(msg, msglen, "tool_choice must be \"none\", \"auto\", \"required\" or an object");
+        return -1;
+    }
+    if (cs && strcmp(cs, "none") == 0) return 0;
     const char *only = NULL;
-    if (cJSON_IsObject(choice)) only = json_str(cJSON_GetObjectItemCaseSensitive(choice, "function"), "name");
+    if (cJSON_IsObject(choice)) {
+        const char *type = json_str(choice, "type");
+        only = json_str(cJSON_GetObjectItemCaseSensitive(choice, "function"), "name");
+        if (!only && type && strcmp(type, "function") == 0) { snprintf(msg, msglen, "tool_choice: function.name is required"); return -1; }
+    }
     const cJSON *t;
     cJSON_ArrayForEach(t, tools) {
         cJSON *fn = cJSON_GetObjectItemCaseSensitive(t, "function");

@@ -111,6 +111,20 @@ char *json_text(arena *a, const cJSON *v) {
     return out;
 }
 
+int check_content(const cJSON *v, const char *what, char *msg, size_t msglen) {
+    const cJSON *it = NULL;
+    if (cJSON_IsArray(v)) cJSON_ArrayForEach(it, v) if (!cJSON_IsString(it) && !cJSON_IsObject(it)) break;
+    if (!v || cJSON_IsNull(v) || cJSON_IsString(v) || (cJSON_IsArray(v) && !it)) return 0;
+    snprintf(msg, msglen, "%s must be a string or an array of content parts", what);
+    return -1;
+}
+
+int check_list(const cJSON *v, const char *what, char *msg, size_t msglen) {
+    if (!v || cJSON_IsNull(v) || cJSON_IsArray(v)) return 0;
+    snprintf(msg, msglen, "%s must be an array", what);
+    return -1;
+}
+
 /* ---- shared fields -------------------------------------------------- */
 
 /* Thinking effort names (§5.1): "none" turns thinking off, "max" asks for

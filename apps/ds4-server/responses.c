@@ -366,7 +366,9 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
                        : strcmp(role, "developer") == 0 ? DS4_ROLE_DEVELOPER : DS4_ROLE_USER;
             ds4_chat_msg *m = chat_add_msg(c, r);
             if (!m) return -1;
-            m->content = content_text(&c->ar, cJSON_GetObjectItemCaseSensitive(it, "content"));
+            const cJSON *content = cJSON_GetObjectItemCaseSensitive(it, "content");
+            if (check_content(content, "input[].content", msg, msglen) != 0) return -1;
+            m->content = content_text(&c->ar, content);
             if (r == DS4_ROLE_ASSISTANT) { m->reasoning = reasoning; reasoning = NULL; asst = m; }
             else asst = NULL;
         } else if (strcmp(type, "reasoning") == 0) {
@@ -395,7 +397,9 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
             ds4_chat_msg *t = chat_add_msg(c, DS4_ROLE_TOOL);
             if (!t) return -1;
             t->tool_call_id = ar_strdup(&c->ar, json_str(it, "call_id"));
-            const char *out = content_text(&c->ar, cJSON_GetObjectItemCaseSensitive(it, "output"));
+            const cJSON *output = cJSON_GetObjectItemCaseSensitive(it, "output");
+            if (check_content(output, "input[].output", msg, msglen) != 0) return -1;
+            const char *out = content_text(&c->ar, output);
             t->content = out ? out : "";
             asst = NULL;
         } else {
@@ -414,10 +418,23 @@ static int parse_input(srv *S, chat_req *c, const cJSON *root, char *msg, size_t
  * in Chat Completions. */
 static int parse_tools(srv *S, chat_req *c, const cJSON *root, cJSON *custom, char *msg, size_t msglen) {
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
-    if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return 0;
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    if (check_list(tools, "tools", msg, msglen) != 0) return -1;
+    const char *cs = cJSON_IsString(choice) ? choice->valuestring : NULL;
+    if ((cs && strcmp(cs, "none") != 0 && strcmp(cs, "auto") != 0 && strcmp(cs, "required") != 0) ||
+        (choice && !cs && !cJSON_IsObject(choice) && !cJSON_IsNull(choice))) {
+        snprintf(msg, msglen, "tool_choice must be \"none\", \"auto\", \"required\" or an object");
+        return -1;
+    }
+    if (cs && strcmp(cs, "none") == 0) return 0;
     const char *only = cJSON_IsObject(choice) ? json_str(choice, "name") : NULL;
+    const char *ct = json_str(choice, "type");
+    if (!only && ct && (strcmp(ct, "function") == 0 || strcmp(ct, "custom") == 0)) {
+        snprintf(msg, msglen, "tool_choice: a name is required with type \"%s\"", ct);
+        return -1;
+    }
     const cJSON *t;
-    cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(root, "tools")) {
+    cJSON_ArrayForEach(t, tools) {
         const char *type = json_str(t, "type"), *name = json_str(t, "name");
         if (!name || !type || (strcmp(type, "function") != 0 && strcmp(type, "custom") != 0)) continue;
         cJSON *fn = cJSON_CreateObject();

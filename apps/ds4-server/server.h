@@ -176,6 +176,12 @@ ds4_tool_call *chat_add_call(chat_req *c, ds4_chat_msg *m, srv *S, const char *i
  * fields are concatenated with no separator. NULL when absent. */
 char *json_text(arena *a, const cJSON *v);
 const char *json_str(const cJSON *o, const char *key);
+/* Type checks of request fields, -1 with msg naming the field (what):
+ * content is absent, null, a string or an array of strings and part
+ * objects; a list is absent, null or an array. A value of another type is
+ * refused, not read as no content or no tools. */
+int check_content(const cJSON *v, const char *what, char *msg, size_t msglen);
+int check_list(const cJSON *v, const char *what, char *msg, size_t msglen);
 
 /* The shared request fields (model, stream, thinking, sampling, stop,
  * max tokens). effort: this protocol's effort field (may be NULL).
