@@ -35,9 +35,11 @@ SERVER, MODEL, WORK = sys.argv[1:4]
 SEED = int(os.environ.get('SRVFUZZ_SEED') or random.SystemRandom().randrange(1 << 32))
 SECONDS = float(os.environ.get('SRVFUZZ_TIME', '45'))
 LIMIT = float(os.environ.get('SRVFUZZ_LIMIT', '20'))
-JOBS = int(os.environ.get('SRVFUZZ_JOBS', '2'))
+JOBS = int(os.environ.get('SRVFUZZ_JOBS', '3'))
 ONLY = os.environ.get('SRVFUZZ_ONLY')
-MIN_REQUESTS = int(os.environ.get('SRVFUZZ_MIN', '100'))
+# About 2.5 requests a second here (a tools prompt is ~450 tokens, ~3 s of
+# prefill under ASan); one a second is the floor of a run that did its job.
+MIN_REQUESTS = int(os.environ.get('SRVFUZZ_MIN') or max(20, int(SECONDS)))
 MAX_BODY = 262144
 sys.setrecursionlimit(20000)   # nesting mutations stack up past 128 levels
 
@@ -96,44 +98,44 @@ RS_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather"
 
 TEMPLATES = {
     '/v1/chat/completions': [
-        {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
-        {"model": "deepseek-chat", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 8,
+        {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64},
+        {"model": "deepseek-chat", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 64,
          "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": 7, "stop": ["zz", "\n\n"],
          "messages": [{"role": "system", "content": "Be brief."},
                       {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
-        {"model": "deepseek-reasoner", "max_completion_tokens": 8, "reasoning_effort": "high", "tools": OA_TOOLS, "tool_choice": "auto",
+        {"model": "deepseek-reasoner", "max_completion_tokens": 64, "reasoning_effort": "high", "tools": OA_TOOLS, "tool_choice": "auto",
          "messages": [{"role": "developer", "content": "Use tools."}, {"role": "user", "content": "Weather?"},
                       {"role": "assistant", "content": None, "reasoning_content": "Look it up.",
                        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris\"}"}}]},
                       {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
                       {"role": "user", "content": "Thanks"}]},
-        {"messages": [{"role": "user", "content": "w"}], "tools": OA_TOOLS, "max_tokens": 8, "stream": True,
+        {"messages": [{"role": "user", "content": "w"}], "tools": OA_TOOLS, "max_tokens": 64, "stream": True,
          "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "thinking": {"type": "disabled"}},
-        {"messages": [{"role": "user", "content": "w"}], "tools": OA_TOOLS, "tool_choice": "required", "think": True, "max_tokens": 8},
+        {"messages": [{"role": "user", "content": "w"}], "tools": OA_TOOLS, "tool_choice": "required", "think": True, "max_tokens": 64},
     ],
     '/v1/completions': [
-        {"model": "deepseek-v4-flash", "prompt": "Once upon", "max_tokens": 8, "stop": "\n"},
-        {"prompt": ["Once"], "max_tokens": 8, "stream": True, "temperature": 0, "reasoning_effort": "none"},
+        {"model": "deepseek-v4-flash", "prompt": "Once upon", "max_tokens": 64, "stop": "\n"},
+        {"prompt": ["Once"], "max_tokens": 64, "stream": True, "temperature": 0, "reasoning_effort": "none"},
     ],
     '/v1/messages': [
-        {"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]},
-        {"model": "claude", "max_tokens": 8, "stream": True, "system": [{"type": "text", "text": "x-anthropic-billing"}, {"type": "text", "text": "Be brief."}],
+        {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]},
+        {"model": "claude", "max_tokens": 64, "stream": True, "system": [{"type": "text", "text": "x-anthropic-billing"}, {"type": "text", "text": "Be brief."}],
          "thinking": {"type": "enabled", "budget_tokens": 1024}, "stop_sequences": ["zz"], "tools": AN_TOOLS, "tool_choice": {"type": "auto"},
          "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather?"}, {"type": "image", "source": {"type": "base64", "data": ""}}]},
                       {"role": "assistant", "content": [{"type": "thinking", "thinking": "Look.", "signature": "s"},
                                                         {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"location": "Paris"}}]},
                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]},
                                                    {"type": "text", "text": "Thanks"}]}]},
-        {"max_tokens": 8, "system": "Be brief.", "output_config": {"effort": "max"}, "tools": AN_TOOLS,
+        {"max_tokens": 64, "system": "Be brief.", "output_config": {"effort": "max"}, "tools": AN_TOOLS,
          "tool_choice": {"type": "tool", "name": "get_weather"}, "messages": [{"role": "user", "content": "w"}]},
-        {"max_tokens": 8, "tools": AN_TOOLS, "tool_choice": {"type": "any"}, "stream": True, "messages": [{"role": "user", "content": "w"}]},
+        {"max_tokens": 64, "tools": AN_TOOLS, "tool_choice": {"type": "any"}, "stream": True, "messages": [{"role": "user", "content": "w"}]},
     ],
     '/v1/messages/count_tokens': [
         {"model": "claude", "system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}], "tools": AN_TOOLS},
     ],
     '/v1/responses': [
-        {"model": "deepseek-v4-flash", "input": "Hi", "max_output_tokens": 8},
-        {"instructions": "Be brief.", "stream": True, "max_output_tokens": 8, "reasoning": {"effort": "low"}, "tools": RS_TOOLS,
+        {"model": "deepseek-v4-flash", "input": "Hi", "max_output_tokens": 64},
+        {"instructions": "Be brief.", "stream": True, "max_output_tokens": 64, "reasoning": {"effort": "low"}, "tools": RS_TOOLS,
          "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
                    {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Look."}], "content": [{"type": "reasoning_text", "text": "Look."}]},
                    {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"location\":\"Paris\"}"},
@@ -145,8 +147,8 @@ TEMPLATES = {
                    {"role": "developer", "content": "More."},
                    {"type": "message", "role": "user", "content": "Thanks"}]},
         {"input": [{"role": "user", "content": "w"}], "tools": RS_TOOLS, "tool_choice": {"type": "function", "name": "get_weather"},
-         "max_output_tokens": 8},
-        {"input": "w", "tools": RS_TOOLS, "tool_choice": "required", "stream": True, "max_output_tokens": 8, "thinking": False},
+         "max_output_tokens": 64},
+        {"input": "w", "tools": RS_TOOLS, "tool_choice": "required", "stream": True, "max_output_tokens": 64, "thinking": False},
     ],
 }
 ANTHROPIC = ('/v1/messages', '/v1/messages/count_tokens')
@@ -171,6 +173,15 @@ Go.</think>
 <｜DSML｜tool_calls>
 <｜DSML｜invoke name="apply_patch">
 <｜DSML｜parameter name="input" string="true">*** Begin</｜DSML｜parameter>
+</｜DSML｜invoke>
+</｜DSML｜tool_calls><｜end▁of▁sentence｜>
+=== args
+<｜DSML｜parameter name="location" string="true">Paris</｜DSML｜parameter>
+</｜DSML｜invoke>
+</｜DSML｜tool_calls><｜end▁of▁sentence｜>
+=== named_args
+get_weather">
+<｜DSML｜parameter name="location" string="true">Paris</｜DSML｜parameter>
 </｜DSML｜invoke>
 </｜DSML｜tool_calls><｜end▁of▁sentence｜>
 === broken
@@ -325,7 +336,8 @@ def make_request(i):
     # The short templates twice as often: a tools prompt costs seconds of
     # prefill under ASan when its prefix is not cached.
     ts = TEMPLATES[path]
-    root = tree(r.choice(ts + [t for t in ts if 'tools' not in t]))
+    t = r.choice(ts + [t for t in ts if 'tools' not in t])
+    root = tree(t)
     donors = [n[2] for t in TEMPLATES.values() for x in t for n in nodes(tree(x), [])]
     for _ in range(r.choice([0, 1, 1, 2, 2, 3, 4, 6])):
         mutate(g, root, donors)
@@ -344,9 +356,65 @@ def make_request(i):
     elif k < 0.07:
         body = r.choice([b'', b'null', b'[]', b'1', b'"x"', b'{}', b'{"a":1}{', b'\xef\xbb\xbf{}'])
     script = r.choice(['hi', 'hi', 'think', 'tool', 'patch', 'broken'] + (['nope'] if r.random() < 0.03 else []))
+    if 'tools' in t and r.random() < 0.6:
+        # A script that completes the call the template's tool_choice forces
+        # (after the name, or after 'name="'), or a whole call: answers
+        # with tool calls, which follow_up sends back.
+        choice = json.dumps(t.get('tool_choice'))
+        script = ('args' if 'get_weather' in choice else 'named_args' if 'required' in choice or 'any' in choice
+                  else r.choice(['tool', 'patch']))
     headers = {'Content-Type': 'application/json', 'X-DS4-Test-Script': script}
     method = 'POST' if r.random() > 0.01 else r.choice(['PUT', 'DELETE', 'PATCH'])
     return method, path, headers, body, stream
+
+
+def set_first(o, key, v):
+    for pair in o.pairs:
+        if pair[0] == key:
+            pair[1] = v
+            return
+    o.pairs.append([key, v])
+
+def follow_up(i, req, raw):
+    """The next turn of a conversation whose answer called tools: the
+    answer's calls sent back as the protocol shows them, with results
+    (replayed exactly through the server's tool-call map), then mutated a
+    little. None when the answer called no tool."""
+    method, path, headers, body, stream = req
+    r = random.Random((SEED * 1000003 + i) ^ (1 << 40))
+    try:
+        data = json.loads(raw)
+        root = json.loads(body, object_pairs_hook=lambda p: Obj([list(x) for x in p]))
+        if path == '/v1/chat/completions':
+            msg = data['choices'][0]['message']
+            calls = msg.get('tool_calls') or []
+            msgs = first(root, 'messages')
+            turn = [msg] + [{"role": "tool", "tool_call_id": c['id'], "content": "sunny"} for c in calls]
+        elif path == '/v1/messages':
+            uses = [b for b in data['content'] if b['type'] == 'tool_use']
+            calls, msgs = uses, first(root, 'messages')
+            turn = [{"role": "assistant", "content": data['content']},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": u['id'], "content": "sunny"} for u in uses]}]
+        elif path == '/v1/responses':
+            calls = [o for o in data['output'] if o['type'] in ('function_call', 'custom_tool_call')]
+            msgs = first(root, 'input')
+            if isinstance(msgs, str):
+                msgs = [{"role": "user", "content": msgs}]
+            turn = data['output'] + [{"type": c['type'] + '_output', "call_id": c['call_id'], "output": "ok"} for c in calls]
+        else:
+            return None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not calls or not isinstance(msgs, list) or not isinstance(root, Obj):
+        return None
+    msgs = msgs + [tree(t) for t in turn]
+    set_first(root, 'input' if path == '/v1/responses' else 'messages', msgs)
+    g = Gen(r)
+    donors = [n[2] for t in TEMPLATES.values() for x in t for n in nodes(tree(x), [])]
+    for _ in range(r.choice([0, 0, 1, 2])):
+        mutate(g, root, donors)
+    headers = dict(headers, **{'X-DS4-Test-Script': r.choice(['hi', 'tool', 'think'])})
+    return method, path, headers, dump(root), first(root, 'stream') is True
 
 
 # ---- the oracle -----------------------------------------------------------
@@ -508,7 +576,7 @@ def main():
         time.sleep(0.05)
 
     lock = threading.Lock()
-    stats = {'sent': 0, 'dropped': 0, 'bad_status': 0, 'bad_body': 0, 'dead': 0}
+    stats = {'follow_ups': 0, 'sent': 0, 'dropped': 0, 'bad_status': 0, 'bad_body': 0, 'dead': 0}
     seen = {}                                      # (path, status) -> count
     fails = []
     deadline = time.time() + SECONDS
@@ -531,6 +599,26 @@ def main():
         print('FAIL request %d (%s): %s %s [script %s]: %s\n  body: %s\n  saved: %s\n  reproduce: SRVFUZZ_SEED=%d SRVFUZZ_ONLY=%d'
               % (i, kind, req[0], req[1], req[2].get('X-DS4-Test-Script'), why, shown, name, SEED, i), flush=True)
 
+    def exchange(i, req):
+        """Send and judge one request: its answer, or None when it failed."""
+        try:
+            status, ctype, raw = send(port, req)
+        except Exception as e:
+            alive = srv.poll() is None and health(port)
+            record(i, req, 'dropped' if alive else 'dead', '%s: %s' % (type(e).__name__, e))
+            if not alive:
+                with lock:
+                    stats['dead'] += 1
+            return None
+        with lock:
+            stats['sent'] += 1
+            seen[(req[1], status)] = seen.get((req[1], status), 0) + 1
+        why = judge(req, status, ctype, raw)
+        if why:
+            record(i, req, 'bad_status' if why.startswith('status') else 'bad_body', why + ' -- answer: ' + raw[:300].decode('utf-8', 'replace'))
+            return None
+        return status, ctype, raw
+
     def client():
         while time.time() < deadline or ONLY is not None:
             with lock:
@@ -540,23 +628,14 @@ def main():
             if i is None:
                 return
             req = make_request(i)
-            try:
-                status, ctype, raw = send(port, req)
-            except Exception as e:
-                alive = srv.poll() is None and health(port)
-                record(i, req, 'dropped' if alive else 'dead', '%s: %s' % (type(e).__name__, e))
-                if not alive:
+            ans = exchange(i, req)
+            if ans and ans[0] == 200 and ans[1].startswith('application/json'):
+                nxt = follow_up(i, req, ans[2])
+                if nxt:
                     with lock:
-                        stats['dead'] += 1
-                    return
-                continue
-            with lock:
-                stats['sent'] += 1
-                seen[(req[1], status)] = seen.get((req[1], status), 0) + 1
-            why = judge(req, status, ctype, raw)
-            if why:
-                record(i, req, 'bad_status' if why.startswith('status') else 'bad_body', why + ' -- answer: ' + raw[:300].decode('utf-8', 'replace'))
-            if i % 50 == 0 and not health(port):
+                        stats['follow_ups'] += 1
+                    exchange(i, nxt)
+            if i % 50 == 0 and not stats['dead'] and not health(port):
                 record(i, req, 'dead', '/health stopped answering after this request')
                 with lock:
                     stats['dead'] += 1
@@ -580,7 +659,7 @@ def main():
     log.close()
     report = open(os.path.join(WORK, 'server.log'), errors='replace').read()
 
-    print('srvfuzz: %d requests in %.1fs; statuses:' % (stats['sent'], elapsed))
+    print('srvfuzz: %d requests (%d follow-ups sending tool calls back) in %.1fs; statuses:' % (stats['sent'], stats['follow_ups'], elapsed))
     for p in TEMPLATES:
         print('  %-28s %s' % (p, ' '.join('%d:%d' % (s, n) for (q, s), n in sorted(seen.items()) if q == p)))
     endpoints_ok = all(seen.get((p, 200)) and seen.get((p, 400)) for p in TEMPLATES)
