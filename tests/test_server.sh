@@ -201,6 +201,9 @@ bad400 "responses: content a bool" /v1/responses '{"max_output_tokens":1,"input"
 bad400 "responses: output a number" /v1/responses '{"max_output_tokens":1,"input":[{"type":"function_call_output","call_id":"c","output":3}]}' 'input[].output'
 bad400 "responses: tools a string" /v1/responses '{"max_output_tokens":1,"input":"x","tools":"get_weather"}' '"tools must be an array'
 bad400 "responses: tool_choice function without a name" /v1/responses '{"max_output_tokens":1,"input":"x","tool_choice":{"type":"function"}}' 'a name is required'
+bad400 "stream a string" /v1/chat/completions "{$M,\"stream\":\"true\"}" 'stream must be a boolean'
+bad400 "model a number" /v1/messages "{$M,\"model\":5}" 'model must be a string'
+bad400 "seed a string" /v1/responses '{"max_output_tokens":1,"input":"x","seed":"7"}' 'seed must be'
 check "null tools and tool_choice are absent -> 200" [ "$(code -H "$H" "$URL/v1/chat/completions" -d "{$M,\"tools\":null,\"tool_choice\":null}")" = 200 ]
 check "anthropic tool_choice none with tools -> 200" [ "$(code -H "$H" "$URL/v1/messages" -d "{$M,\"tool_choice\":{\"type\":\"none\"},\"tools\":[]}")" = 200 ]
 check "wrong method -> 405" [ "$(code -X PUT "$URL/v1/chat/completions" -d '{}')" = 405 ]

@@ -166,9 +166,14 @@ cJSON *json_strn(const char *s, size_t n) {
 
 int parse_common(srv *S, chat_req *c, const cJSON *root, bool default_thinking, const char *const *max_keys,
                  const cJSON *effort, const char *stop_key, char *msg, size_t msglen) {
+    /* A value of the wrong type is an error, not the default: "stream":
+     * "true" answered as one JSON body would break the client that asked. */
+    const cJSON *mv = cJSON_GetObjectItemCaseSensitive(root, "model"), *sv = cJSON_GetObjectItemCaseSensitive(root, "stream");
+    if (mv && !cJSON_IsNull(mv) && !cJSON_IsString(mv)) { snprintf(msg, msglen, "model must be a string"); return -1; }
+    if (sv && !cJSON_IsNull(sv) && !cJSON_IsBool(sv)) { snprintf(msg, msglen, "stream must be a boolean"); return -1; }
     const char *model = json_str(root, "model");
     c->model = ar_strdup(&c->ar, model ? model : S->cfg.model_name);
-    c->stream = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "stream"));
+    c->stream = cJSON_IsTrue(sv);
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
     c->include_usage = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage"));
 
@@ -205,6 +210,9 @@ int parse_common(srv *S, chat_req *c, const cJSON *root, bool default_thinking, 
     if (cJSON_IsNumber(seed)) {
         if (seed->valuedouble < 0 || seed->valuedouble >= 1.8e19) { snprintf(msg, msglen, "seed must be a non-negative integer"); return -1; }
         c->sampling.seed = (uint64_t)seed->valuedouble;
+    } else if (seed && !cJSON_IsNull(seed)) {
+        snprintf(msg, msglen, "seed must be a non-negative integer");
+        return -1;
     } else if (getrandom(&c->sampling.seed, sizeof c->sampling.seed, 0) != sizeof c->sampling.seed)
         c->sampling.seed = (uint64_t)time(NULL);
     if (c->sampling.temperature < 0 || c->sampling.top_p <= 0 || c->sampling.top_p > 1 || c->sampling.min_p < 0 || c->sampling.min_p > 1) {
