@@ -332,7 +332,7 @@ def make_request(i):
     k = r.random()
     if k < 0.02:
         return 'GET', r.choice(['/v1/models', '/models', '/v1/models/deepseek-chat', '/v1/models/' + r.choice(WORDS),
-                                '/v1/nothing', '/health', '/v1/chat/completions']), {}, None, False
+                                '/v1/nothing', '/health', '/v1/chat/completions']), {}, None, False, None
     path = r.choice(list(TEMPLATES))
     # The short templates twice as often: a tools prompt costs seconds of
     # prefill under ASan when its prefix is not cached.
@@ -366,7 +366,7 @@ def make_request(i):
                   else r.choice(['tool', 'patch']))
     headers = {'Content-Type': 'application/json', 'X-DS4-Test-Script': script}
     method = 'POST' if r.random() > 0.01 else r.choice(['PUT', 'DELETE', 'PATCH'])
-    return method, path, headers, body, stream
+    return method, path, headers, body, stream, root
 
 
 def set_first(o, key, v):
@@ -381,7 +381,7 @@ def follow_up(i, req, raw):
     answer's calls sent back as the protocol shows them, with results
     (replayed exactly through the server's tool-call map), then mutated a
     little. None when the answer called no tool."""
-    method, path, headers, body, stream = req
+    method, path, headers, body, stream, _ = req
     r = random.Random((SEED * 1000003 + i) ^ (1 << 40))
     try:
         data = json.loads(raw)
@@ -415,7 +415,7 @@ def follow_up(i, req, raw):
     for _ in range(r.choice([0, 0, 1, 2])):
         mutate(g, root, donors)
     headers = dict(headers, **{'X-DS4-Test-Script': r.choice(['hi', 'tool', 'think'])})
-    return method, path, headers, dump(root), first(root, 'stream') is True
+    return method, path, headers, dump(root), first(root, 'stream') is True, root
 
 
 # ---- the oracle -----------------------------------------------------------
@@ -496,9 +496,76 @@ def check_stream(path, text):
             return 'sequence numbers out of order'
     return None
 
+def kind(v):
+    if isinstance(v, Raw):
+        return 'raw'                               # its type is cJSON's to decide
+    if v is None:
+        return 'null'
+    if isinstance(v, bool):
+        return 'bool'
+    if isinstance(v, (int, float)):
+        return 'number'
+    return {str: 'string', list: 'array', Obj: 'object'}[type(v)]
+
+def has(o, key):
+    return isinstance(o, Obj) and any(k == key for k, _ in o.pairs)
+
+def must_refuse(path, root):
+    """Why the server must refuse this request (a field it checks holds a
+    value of the wrong type or range), or None when it may accept it."""
+    if not isinstance(root, Obj):
+        return 'not an object'
+    wrong = lambda key, *ok: kind(first(root, key)) not in ok + ('null', 'raw')
+    for key, ok in (('model', 'string'), ('stream', 'bool'), ('seed', 'number'), ('temperature', 'number'),
+                    ('top_p', 'number'), ('top_k', 'number'), ('min_p', 'number')):
+        if wrong(key, ok):
+            return '%s of type %s' % (key, kind(first(root, key)))
+    th = first(root, 'thinking') if has(root, 'thinking') else first(root, 'think')
+    if kind(th) not in ('bool', 'object', 'null', 'raw'):
+        return 'thinking of type %s' % kind(th)
+    maxk = {'/v1/chat/completions': ['max_completion_tokens', 'max_tokens'], '/v1/responses': ['max_output_tokens']}.get(path, ['max_tokens'])
+    for key in maxk:
+        v = first(root, key)
+        if kind(v) in ('null', 'raw'):
+            if kind(v) == 'raw':
+                break
+            continue
+        if kind(v) != 'number' or v < 1:
+            return '%s = %r' % (key, v)
+        break
+    stop = {'/v1/chat/completions': 'stop', '/v1/completions': 'stop', '/v1/messages': 'stop_sequences',
+            '/v1/messages/count_tokens': 'stop_sequences'}.get(path)
+    st = first(root, stop) if stop else None
+    if kind(st) not in ('null', 'raw', 'string') and (kind(st) != 'array' or len(st) > 16 or
+                                                      any(kind(x) not in ('string', 'raw') for x in st)):
+        return '%s of type %s' % (stop, kind(st))
+    if any(kind(x) == 'string' and len(x.encode()) > 256 for x in (st if kind(st) == 'array' else [st])):
+        return '%s: an entry over 256 bytes' % stop
+    if path == '/v1/completions':
+        p = first(root, 'prompt')
+        if isinstance(p, list) and len(p) == 1:
+            p = p[0]
+        return None if kind(p) in ('string', 'raw') else 'prompt of type %s' % kind(p)
+    if wrong('tools', 'array'):
+        return 'tools of type %s' % kind(first(root, 'tools'))
+    if path == '/v1/responses':
+        return None if kind(first(root, 'input')) in ('string', 'array', 'raw') else 'input of type %s' % kind(first(root, 'input'))
+    msgs = first(root, 'messages')
+    if kind(msgs) == 'raw':
+        return None
+    if kind(msgs) != 'array' or not msgs:
+        return 'messages of type %s' % kind(msgs)
+    for m in msgs:
+        c = first(m, 'content')
+        if path == '/v1/chat/completions' and kind(c) in ('number', 'bool', 'object'):
+            return 'a message content of type %s' % kind(c)
+        if path == '/v1/chat/completions' and kind(c) == 'array' and any(kind(x) in ('number', 'bool', 'null', 'array') for x in c):
+            return 'a content part that is not a string or an object'
+    return None
+
 def judge(req, status, ctype, raw):
     """A complaint about one answer, or None."""
-    method, path, headers, body, stream = req
+    method, path, headers, body, stream, root = req
     if status not in OK_STATUS:
         return 'status %d' % status
     if ctype == 'closed':
@@ -510,6 +577,8 @@ def judge(req, status, ctype, raw):
     if method != 'POST' or path not in TEMPLATES:
         return None
     try:
+        if status == 200 and stream is not None and must_refuse(path, root):
+            return 'status 200 for a request the server must refuse: %s' % must_refuse(path, root)
         if status == 200 and ctype.startswith('text/event-stream'):
             if stream is False:
                 return 'a stream for a request without "stream": true'
@@ -550,7 +619,7 @@ def send(port, req):
 
 def health(port):
     try:
-        st, _, raw = send(port, ('GET', '/health', {}, None, False))
+        st, _, raw = send(port, ('GET', '/health', {}, None, False, None))
         return st == 200 and raw == b'{"status":"ok"}'
     except Exception:
         return False
