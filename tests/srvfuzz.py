@@ -646,7 +646,7 @@ def main():
         time.sleep(0.05)
 
     lock = threading.Lock()
-    stats = {'follow_ups': 0, 'sent': 0, 'dropped': 0, 'bad_status': 0, 'bad_body': 0, 'dead': 0}
+    stats = {'fast': 0, 'follow_ups': 0, 'sent': 0, 'dropped': 0, 'bad_status': 0, 'bad_body': 0, 'dead': 0}
     seen = {}                                      # (path, status) -> count
     fails = []
     deadline = time.time() + SECONDS
@@ -689,7 +689,12 @@ def main():
             return None
         return status, ctype, raw
 
-    def client():
+    def client(fast):
+        """fast: the lane that never waits for a generation. Requests that
+        reach the model take seconds (prefill under ASan) and all clients
+        end up queued behind them; this one sends only requests that are
+        refused before (a wrong type, damaged bytes) or need no generation
+        (count_tokens), the rest of its numbers going unsent."""
         while time.time() < deadline or ONLY is not None:
             with lock:
                 if stats['dead']:
@@ -698,6 +703,12 @@ def main():
             if i is None:
                 return
             req = make_request(i)
+            if fast and req[0] == 'POST' and req[4] is not None and req[1] != '/v1/messages/count_tokens' and not must_refuse(req[1], req[5]):
+                continue
+            if fast:
+                with lock:
+                    stats['fast'] += 1
+                time.sleep(0.01)    # leaves the CPU to the generations of the other lanes
             ans = exchange(i, req)
             if ans and ans[0] == 200 and ans[1].startswith('application/json'):
                 nxt = follow_up(i, req, ans[2])
@@ -711,7 +722,7 @@ def main():
                     stats['dead'] += 1
                 return
 
-    ts = [threading.Thread(target=client) for _ in range(JOBS if ONLY is None else 1)]
+    ts = [threading.Thread(target=client, args=(k == 0 and JOBS > 1 and ONLY is None,)) for k in range(JOBS if ONLY is None else 1)]
     t0 = time.time()
     for t in ts:
         t.start()
@@ -729,7 +740,8 @@ def main():
     log.close()
     report = open(os.path.join(WORK, 'server.log'), errors='replace').read()
 
-    print('srvfuzz: %d requests (%d follow-ups sending tool calls back) in %.1fs; statuses:' % (stats['sent'], stats['follow_ups'], elapsed))
+    print('srvfuzz: %d requests (%d on the fast lane, %d follow-ups sending tool calls back) in %.1fs; statuses:'
+          % (stats['sent'], stats['fast'], stats['follow_ups'], elapsed))
     for p in TEMPLATES:
         print('  %-28s %s' % (p, ' '.join('%d:%d' % (s, n) for (q, s), n in sorted(seen.items()) if q == p)))
     endpoints_ok = all(seen.get((p, 200)) and seen.get((p, 400)) for p in TEMPLATES)
