@@ -112,9 +112,10 @@ char *json_text(arena *a, const cJSON *v) {
 }
 
 int check_content(const cJSON *v, const char *what, char *msg, size_t msglen) {
-    const cJSON *it = NULL;
-    if (cJSON_IsArray(v)) cJSON_ArrayForEach(it, v) if (!cJSON_IsString(it) && !cJSON_IsObject(it)) break;
-    if (!v || cJSON_IsNull(v) || cJSON_IsString(v) || (cJSON_IsArray(v) && !it)) return 0;
+    bool ok = !v || cJSON_IsNull(v) || cJSON_IsString(v) || cJSON_IsArray(v);
+    const cJSON *it;
+    if (cJSON_IsArray(v)) cJSON_ArrayForEach(it, v) ok &= cJSON_IsString(it) || cJSON_IsObject(it);
+    if (ok) return 0;
     snprintf(msg, msglen, "%s must be a string or an array of content parts", what);
     return -1;
 }
@@ -122,6 +123,15 @@ int check_content(const cJSON *v, const char *what, char *msg, size_t msglen) {
 int check_list(const cJSON *v, const char *what, char *msg, size_t msglen) {
     if (!v || cJSON_IsNull(v) || cJSON_IsArray(v)) return 0;
     snprintf(msg, msglen, "%s must be an array", what);
+    return -1;
+}
+
+int check_openai_choice(const cJSON *choice, char *msg, size_t msglen) {
+    const char *s = cJSON_IsString(choice) ? choice->valuestring : NULL;
+    if (!choice || cJSON_IsNull(choice) || cJSON_IsObject(choice) ||
+        (s && (strcmp(s, "none") == 0 || strcmp(s, "auto") == 0 || strcmp(s, "required") == 0)))
+        return 0;
+    snprintf(msg, msglen, "tool_choice must be \"none\", \"auto\", \"required\" or an object");
     return -1;
 }
 

@@ -420,13 +420,8 @@ static int parse_tools(srv *S, chat_req *c, const cJSON *root, cJSON *custom, ch
     const cJSON *choice = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
     if (check_list(tools, "tools", msg, msglen) != 0) return -1;
-    const char *cs = cJSON_IsString(choice) ? choice->valuestring : NULL;
-    if ((cs && strcmp(cs, "none") != 0 && strcmp(cs, "auto") != 0 && strcmp(cs, "required") != 0) ||
-        (choice && !cs && !cJSON_IsObject(choice) && !cJSON_IsNull(choice))) {
-        snprintf(msg, msglen, "tool_choice must be \"none\", \"auto\", \"required\" or an object");
-        return -1;
-    }
-    if (cs && strcmp(cs, "none") == 0) return 0;
+    if (check_openai_choice(choice, msg, msglen) != 0) return -1;
+    if (cJSON_IsString(choice) && strcmp(choice->valuestring, "none") == 0) return 0;
     const char *only = cJSON_IsObject(choice) ? json_str(choice, "name") : NULL;
     const char *ct = json_str(choice, "type");
     if (!only && ct && (strcmp(ct, "function") == 0 || strcmp(ct, "custom") == 0)) {

@@ -182,6 +182,9 @@ const char *json_str(const cJSON *o, const char *key);
  * refused, not read as no content or no tools. */
 int check_content(const cJSON *v, const char *what, char *msg, size_t msglen);
 int check_list(const cJSON *v, const char *what, char *msg, size_t msglen);
+/* tool_choice of Chat Completions and Responses: absent, null, "none",
+ * "auto", "required" or an object. */
+int check_openai_choice(const cJSON *choice, char *msg, size_t msglen);
 
 /* The shared request fields (model, stream, thinking, sampling, stop,
  * max tokens). effort: this protocol's effort field (may be NULL).
