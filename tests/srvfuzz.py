@@ -7,13 +7,19 @@ SRVFUZZ_TIME seconds, then SIGTERMs it. Each request starts from a valid
 template of its endpoint and gets a few structural mutations (a value of
 another JSON type, a deleted/duplicated key, wrapping, deep nesting, a subtree
 spliced from another protocol, odd strings and numbers, raw invalid UTF-8,
-lone surrogates, NUL escapes). The oracle, per request: an answer within
-SRVFUZZ_LIMIT seconds, a status the server may give, a body of the protocol's
-shape (an error body for 4xx; a well-formed event stream ending as the
-protocol ends it for stream=true; valid UTF-8 JSON otherwise), and /health
-answering throughout. At the end the server must exit 0 on SIGTERM: ASan
-reports (leaks included) make it exit 23.
+lone surrogates, NUL escapes), sometimes damaged bytes or a chunked body. An
+answer that called tools gets a follow-up turn sending the calls back.
 
+The oracle, per request: an answer within SRVFUZZ_LIMIT seconds, a status the
+server may give, a body of the protocol's shape (an error body for 4xx; a
+well-formed event stream ending as the protocol ends it for stream=true;
+valid UTF-8 JSON otherwise), no 200 for a request whose checked fields have
+the wrong type (must_refuse), and /health answering throughout. At the end
+the server must exit 0 on SIGTERM: ASan reports (leaks included) make it
+exit 23.
+
+SRVFUZZ_JOBS clients (3): one is a fast lane that sends only requests that
+never wait for a generation; the others wait seconds for each prefill.
 Request i is built from its own generator seeded with (SRVFUZZ_SEED, i), so a
 failure is reproduced with SRVFUZZ_SEED=S SRVFUZZ_ONLY=i whatever ran
 concurrently. Failing requests are saved as WORKDIR/fail-<i>.http.
@@ -365,6 +371,8 @@ def make_request(i):
         script = ('args' if 'get_weather' in choice else 'named_args' if 'required' in choice or 'any' in choice
                   else r.choice(['tool', 'patch']))
     headers = {'Content-Type': 'application/json', 'X-DS4-Test-Script': script}
+    if body and r.random() < 0.05:
+        headers['Transfer-Encoding'] = 'chunked'   # no declared length: the limit is found while reading
     method = 'POST' if r.random() > 0.01 else r.choice(['PUT', 'DELETE', 'PATCH'])
     return method, path, headers, body, stream, root
 
@@ -600,7 +608,12 @@ def send(port, req):
     c = http.client.HTTPConnection('127.0.0.1', port, timeout=LIMIT)
     try:
         try:
-            c.request(method, path, body=body, headers=headers)
+            if 'Transfer-Encoding' in headers:
+                n = max(1, len(body) // 3)
+                c.request(method, path, body=(body[k:k + n] for k in range(0, len(body), n)),
+                          headers={k: v for k, v in headers.items() if k != 'Transfer-Encoding'}, encode_chunked=True)
+            else:
+                c.request(method, path, body=body, headers=headers)
         except (BrokenPipeError, ConnectionResetError):
             # A declared length over --max-body is answered 413 from the
             # headers, and the connection closed while the body is sent.
