@@ -40,7 +40,10 @@ import time
 SERVER, MODEL, WORK = sys.argv[1:4]
 SEED = int(os.environ.get('SRVFUZZ_SEED') or random.SystemRandom().randrange(1 << 32))
 SECONDS = float(os.environ.get('SRVFUZZ_TIME', '45'))
-LIMIT = float(os.environ.get('SRVFUZZ_LIMIT', '20'))
+# A generation waits for the one before it: two prefills of a prompt near
+# the context (768 tokens, ~6 s each under ASan, twice that on a loaded
+# machine) stay well within the limit.
+LIMIT = float(os.environ.get('SRVFUZZ_LIMIT', '30'))
 JOBS = int(os.environ.get('SRVFUZZ_JOBS', '3'))
 ONLY = os.environ.get('SRVFUZZ_ONLY')
 # 1.5 to 2.5 requests a second here (a tools prompt is ~450 tokens, ~3 s of
@@ -48,6 +51,7 @@ ONLY = os.environ.get('SRVFUZZ_ONLY')
 # its job on a loaded machine.
 MIN_REQUESTS = int(os.environ.get('SRVFUZZ_MIN') or max(20, int(SECONDS / 2)))
 MAX_BODY = 262144
+CTX = 768                         # the longest template turn with its follow-up is ~600 tokens
 sys.setrecursionlimit(20000)   # nesting mutations stack up past 128 levels
 
 # ---- JSON trees that keep duplicate keys and verbatim spellings ----------
@@ -330,9 +334,15 @@ def mutate(g, root, donors):
 
 
 def make_request(i):
-    """Request i: (method, path, headers, body bytes, stream): stream is
-    whether cJSON reads "stream": true (the first of duplicate keys), None
-    when the bytes were damaged."""
+    """Request i: (method, path, headers, body bytes, stream, tree): stream
+    is whether cJSON reads "stream": true (the first of duplicate keys), None
+    when the bytes were damaged. The first ones are each endpoint's first
+    template as is: every endpoint answers 200 at least once, however slow
+    the machine."""
+    if i < len(TEMPLATES):
+        path = list(TEMPLATES)[i]
+        root = tree(TEMPLATES[path][0])
+        return 'POST', path, {'Content-Type': 'application/json', 'X-DS4-Test-Script': 'hi'}, dump(root), False, root
     r = random.Random(SEED * 1000003 + i)
     g = Gen(r)
     k = r.random()
@@ -444,7 +454,26 @@ def check_error(path, data):
         return 'error without message/type'
     return None
 
+def bad_counts(v):
+    """A token count (a key ending in _tokens) that is not a whole number in
+    [0, ctx]: an unsigned subtraction gone below zero shows as 1.8e19."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k.endswith('_tokens') and not isinstance(x, dict) and not (isinstance(x, int) and 0 <= x <= CTX):
+                return '%s = %r' % (k, x)
+            why = bad_counts(x)
+            if why:
+                return why
+    elif isinstance(v, list):
+        for x in v:
+            why = bad_counts(x)
+            if why:
+                return why
+    return None
+
 def check_ok(path, data):
+    if bad_counts(data):
+        return 'a token count out of range: ' + bad_counts(data)
     if path == '/v1/chat/completions':
         ok = data.get('object') == 'chat.completion' and data['choices'][0]['message']['role'] == 'assistant'
     elif path == '/v1/completions':
@@ -486,10 +515,15 @@ def check_stream(path, text):
             return 'no [DONE] at the end'
         for e in events[:-1]:
             d = json.loads(e['data'])
+            if bad_counts(d):
+                return 'a token count out of range: ' + bad_counts(d)
             if 'error' not in d and d.get('object') != ('chat.completion.chunk' if 'chat' in path else 'text_completion'):
                 return 'a chunk of the wrong shape'
         return None
     ds = [json.loads(e['data']) for e in events]
+    for d in ds:
+        if bad_counts(d):
+            return 'a token count out of range: ' + bad_counts(d)
     for e, d in zip(events, ds):
         if e.get('event') != d.get('type'):
             return 'event name %r, data type %r' % (e.get('event'), d.get('type'))
@@ -649,7 +683,7 @@ def main():
         f.write(SCRIPTS)
     port = free_port()
     log = open(os.path.join(WORK, 'server.log'), 'w')
-    srv = subprocess.Popen([SERVER, '-m', MODEL, '--cpu', '--threads', '1', '--ctx', '1024', '--port', str(port),
+    srv = subprocess.Popen([SERVER, '-m', MODEL, '--cpu', '--threads', '1', '--ctx', str(CTX), '--port', str(port),
                             '--sessions', '8', '--max-body', str(MAX_BODY), '--keepalive', '2',
                             '--test-script', os.path.join(WORK, 'scripts.txt')], stdout=log, stderr=log)
     print('srvfuzz: seed %d (SRVFUZZ_SEED), %gs (SRVFUZZ_TIME), %d clients, work dir %s' % (SEED, SECONDS, JOBS, WORK), flush=True)
@@ -663,7 +697,9 @@ def main():
     seen = {}                                      # (path, status) -> count
     fails = []
     deadline = time.time() + SECONDS
-    counter = iter(range(1 << 62)) if ONLY is None else iter([int(ONLY)])
+    # The fast lane numbers its requests apart: those it skips are not lost
+    # to the other lanes.
+    counters = [iter(range(1 << 40)), iter(range(1 << 40, 1 << 62))] if ONLY is None else [iter([int(ONLY)])] * 2
 
     def record(i, req, kind, why):
         with lock:
@@ -712,7 +748,7 @@ def main():
             with lock:
                 if stats['dead']:
                     return
-                i = next(counter, None)
+                i = next(counters[fast], None)
             if i is None:
                 return
             req = make_request(i)
