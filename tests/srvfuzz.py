@@ -678,6 +678,8 @@ def free_port():
     s.close()
     return p
 
+SERVERS = []
+
 def main():
     with open(os.path.join(WORK, 'scripts.txt'), 'w') as f:
         f.write(SCRIPTS)
@@ -686,6 +688,7 @@ def main():
     srv = subprocess.Popen([SERVER, '-m', MODEL, '--cpu', '--threads', '1', '--ctx', str(CTX), '--port', str(port),
                             '--sessions', '8', '--max-body', str(MAX_BODY), '--keepalive', '2',
                             '--test-script', os.path.join(WORK, 'scripts.txt')], stdout=log, stderr=log)
+    SERVERS.append(srv)
     print('srvfuzz: seed %d (SRVFUZZ_SEED), %gs (SRVFUZZ_TIME), %d clients, work dir %s' % (SEED, SECONDS, JOBS, WORK), flush=True)
     for _ in range(400):
         if health(port) or srv.poll() is not None:
@@ -771,7 +774,8 @@ def main():
                     stats['dead'] += 1
                 return
 
-    ts = [threading.Thread(target=client, args=(k == 0 and JOBS > 1 and ONLY is None,)) for k in range(JOBS if ONLY is None else 1)]
+    ts = [threading.Thread(target=client, args=(k == 0 and JOBS > 1 and ONLY is None,), daemon=True)
+          for k in range(JOBS if ONLY is None else 1)]
     t0 = time.time()
     for t in ts:
         t.start()
@@ -815,4 +819,11 @@ def main():
     return 0 if passed == len(checks) else 1
 
 if __name__ == '__main__':
-    sys.exit(main())
+    # Never leave a server behind: killed (SIGTERM) or failing, we take it down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    finally:
+        for p in SERVERS:
+            if p.poll() is None:
+                p.kill()
