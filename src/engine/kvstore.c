@@ -779,7 +779,7 @@ size_t ds4_kvstore_extras(ds4_kvstore *st, size_t max_len, void (*fn)(void *ud, 
     size_t n = es ? st->n : 0, given = 0;
     if (n) memcpy(es, st->e, n * sizeof *es);
     pthread_mutex_unlock(&st->mu);
-    qsort(es, n, sizeof *es, cmp_created);
+    if (n) qsort(es, n, sizeof *es, cmp_created);   /* es is NULL for an empty index: UB even for 0 items */
     for (size_t i = 0; i < n; i++) {
         const kv_entry *e = &es[i];
         if (!e->extra_len || e->extra_len > max_len) continue;
