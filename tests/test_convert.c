@@ -396,6 +396,10 @@ static void test_refusals(void) {
                    "\"shape\":[24.5,1024]", "layers.2.hc_attn_fn: dimension 0 is not a whole number");
     expect_refusal("offset as a string", "model-00002-of-00002.safetensors", "\"data_offsets\":[0,98304]",
                    "\"data_offsets\":[\"0\",98304]", "layers.2.hc_attn_fn: data_offsets are not [begin, end]");
+    /* Found by fuzz_safetensors: a name with a newline (JSON "\n") went
+     * into the one-line error message as it was. */
+    expect_refusal("newline in a name", "model-00002-of-00002.safetensors", "\"layers.2.hc_attn_fn\"",
+                   "\"layers.2.hc\\nattn_fn\"", "a tensor name holds a control character");
 }
 
 

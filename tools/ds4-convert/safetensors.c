@@ -74,6 +74,14 @@ static bool json_uint(const cJSON *x, uint64_t max, uint64_t *out) {
     return true;
 }
 
+/* No control characters: names and dtypes from a header go into one-line
+ * messages (and tensor names into the GGUF), so a newline has no place. */
+static bool printable(const char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) return false;
+    return true;
+}
+
 /* Append the tensors of shard sh (its bytes in place). */
 static int parse_shard(st_ckpt *c, const st_shard *sh, char *err, size_t errlen) {
     const char *path = sh->path;
@@ -95,6 +103,10 @@ static int parse_shard(st_ckpt *c, const st_shard *sh, char *err, size_t errlen)
     int rc = 0;
     for (cJSON *e = h->child; e && !rc; e = e->next) {
         if (!strcmp(e->string, "__metadata__")) continue;
+        if (!printable(e->string)) {
+            rc = ds4_errf(err, errlen, "%s: a tensor name holds a control character", path);
+            break;
+        }
         cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
         cJSON *sh_ = cJSON_GetObjectItemCaseSensitive(e, "shape");
         cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
@@ -107,7 +119,8 @@ static int parse_shard(st_ckpt *c, const st_shard *sh, char *err, size_t errlen)
         for (size_t i = 0; i < sizeof DTYPES / sizeof *DTYPES; i++)
             if (!strcmp(dt->valuestring, DTYPES[i].name)) { t.dtype = DTYPES[i].t; esize = DTYPES[i].size; }
         if (!esize) {
-            rc = ds4_errf(err, errlen, "%s: tensor %s: unsupported dtype %s", path, e->string, dt->valuestring);
+            rc = ds4_errf(err, errlen, "%s: tensor %s: unsupported dtype %s", path, e->string,
+                          printable(dt->valuestring) ? dt->valuestring : "(with a control character)");
             break;
         }
         int nd = cJSON_GetArraySize(sh_);
