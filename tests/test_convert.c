@@ -348,7 +348,8 @@ static int broken_copy(const char *dir, const char *which, const char *from, con
             free(b);
             b = nb;
             len = len - fl + tl;
-            if (strstr(files[i], ".safetensors")) {
+            size_t nl = strlen(files[i]);
+            if (nl > 12 && !strcmp(files[i] + nl - 12, ".safetensors")) {
                 uint64_t h;
                 memcpy(&h, b, 8);
                 h = h - fl + tl;
@@ -396,6 +397,9 @@ static void test_refusals(void) {
                    "\"shape\":[24.5,1024]", "layers.2.hc_attn_fn: dimension 0 is not a whole number");
     expect_refusal("offset as a string", "model-00002-of-00002.safetensors", "\"data_offsets\":[0,98304]",
                    "\"data_offsets\":[\"0\",98304]", "layers.2.hc_attn_fn: data_offsets are not [begin, end]");
+    /* A shard named "." (the directory itself) got as far as mmap. */
+    expect_refusal("shard is a directory", "model.safetensors.index.json", "model-00002-of-00002.safetensors", ".",
+                   "/.: not a regular file");
     /* Found by fuzz_safetensors: a name with a newline (JSON "\n") went
      * into the one-line error message as it was. */
     expect_refusal("newline in a name", "model-00002-of-00002.safetensors", "\"layers.2.hc_attn_fn\"",

@@ -174,10 +174,16 @@ static int parse_shard(st_ckpt *c, const st_shard *sh, char *err, size_t errlen)
 
 /* Map one shard and append its tensors. */
 static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
-    int fd = open(path, O_RDONLY);
+    /* The name comes from the index: it may be a directory ("." is a file
+     * name there) or a FIFO, whose blocking open would never return. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) return ds4_errf(err, errlen, "%s: %s", path, strerror(errno));
     struct stat sb;
-    if (fstat(fd, &sb) || sb.st_size < 8) {
+    if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return ds4_errf(err, errlen, "%s: not a regular file", path);
+    }
+    if (sb.st_size < 8) {
         close(fd);
         return ds4_errf(err, errlen, "%s: not a safetensors file (shorter than its 8-byte header length)", path);
     }
