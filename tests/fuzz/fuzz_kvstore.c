@@ -14,9 +14,9 @@
  *     the file's body (ids, text, session, extra) at the header's lengths;
  *   - a file that is fully sealed, well-formed (magic, version, header
  *     size, lengths = file size, n_ids > 0) is indexed and loads;
- *   - the extra blob handed over is the file's tail; a map blob that
- *     decodes re-encodes to the same bytes. The map decoder also gets the
- *     raw input itself. */
+ *   - the extra blob handed over (always, for such a file) is the file's
+ *     tail; a map blob that decodes re-encodes to the same bytes. The map
+ *     decoder also gets the raw input itself. */
 #include "ds4.h"
 #include "engine/kvstore.h"
 
@@ -155,7 +155,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         size_t probe = ds4_kvstore_probe(st, text, tl, ids, ni, SIZE_MAX);
         extra_want xw = {f + n - xl, xl, 0};
         size_t given = ds4_kvstore_extras(st, SIZE_MAX, got_extra, &xw);
-        if (given != xw.calls || given > count) abort();
+        if (given != xw.calls || given > count || (sealed && well_formed && xl && given != 1)) abort();
         ds4_kv_checkpoint cp;
         int found = ds4_kvstore_lookup(st, text, tl, ids, ni, &cp);
         if (found) {

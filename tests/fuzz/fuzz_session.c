@@ -92,10 +92,12 @@ static void load_one(const uint8_t *data, size_t size) {
     /* And it goes on: one more token evaluates (the loaded rows are what the
      * next position reads; NaNs in them are values, not errors). An eval
      * takes ~0.4 s under ASan at -O1, ~1000 loads, so only inputs whose
-     * checksum (a hash of them) has 12 low zero bits get one: deterministic,
-     * 1 in 4096, which keeps the harness at thousands of inputs a second. */
+     * checksum (a hash of them) has 12 high zero bits get one: deterministic,
+     * 1 in 4096, which keeps the harness at thousands of inputs a second.
+     * High bits: a product's low bits depend only on the factors' low bits,
+     * so the low bits of this hash ignore most of the input. */
     const int32_t next = 7;
-    if (n < FUZZ_CTX && data[size - 8] == 0 && (data[size - 7] & 15) == 0 && ds4_session_eval(sess, &next, 1, NULL, NULL, NULL, err, sizeof err))
+    if (n < FUZZ_CTX && data[size - 1] == 0 && (data[size - 2] & 0xf0) == 0 && ds4_session_eval(sess, &next, 1, NULL, NULL, NULL, err, sizeof err))
         die("eval after a load", err);
     if (ds4_session_load(sess, base, base_len, err, sizeof err)) die("reloading the base state", err);
 }
