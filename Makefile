@@ -95,7 +95,9 @@ $(BUILD)/fuzz/obj/%.o: %.c
 $(FUZZ_LIB): $(FUZZ_OBJS)
 	rm -f $@ && ar rcs $@ $^
 $(FUZZ_BINS): $(BUILD)/fuzz/%: tests/fuzz/%.c $(FUZZ_LIB)
-	clang $(FUZZ_CFLAGS) -fsanitize=fuzzer,$(FUZZ_SAN) $< $(FUZZ_LIB) -o $@ $(LDLIBS)
+	clang $(FUZZ_CFLAGS) -fsanitize=fuzzer,$(FUZZ_SAN) $< $(filter %.o,$^) $(FUZZ_LIB) -o $@ $(LDLIBS)
+# A harness of a tool's own parser also links that tool's source.
+$(BUILD)/fuzz/fuzz_safetensors: $(BUILD)/fuzz/obj/tools/ds4-convert/safetensors.o
 
 clean:
 	rm -rf $(BUILD)

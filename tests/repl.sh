@@ -65,6 +65,13 @@ $T send-keys -t repl C-c
 if wait_for 'turn dropped' 60; then ok "Ctrl+C during prefill drops the turn"; else bad "Ctrl+C during prefill drops the turn"; screen | tail -5; fi
 $T send-keys -t repl "/save $TMP/s2.bin" Enter
 if wait_for "^saved $n_saved tokens .*s2.bin" 30; then ok "conversation unchanged after a dropped turn"; else bad "conversation unchanged after a dropped turn"; screen | tail -5; fi
+# The same long turn read to its end: a prefill past half a second shows
+# "reading N / M tokens" on the terminal, and the line is erased after it.
+n_before=$(count '^\[prompt')
+$T send-keys -t repl "/read $TMP/big.txt" Enter
+if wait_for 'reading [0-9]+ / [0-9]+ tokens \([0-9]+ tok/s\)' 30; then ok "progress while a long turn is read"; else bad "progress while a long turn is read"; screen | tail -5; fi
+for _ in $(seq 600); do [ "$(count '^\[prompt')" -gt "$n_before" ] && break; sleep 0.1; done
+if ! screen | grep -q 'reading [0-9]'; then ok "progress line erased"; else bad "progress line erased"; screen | tail -5; fi
 $T send-keys -t repl "/bogus" Enter
 if wait_for 'unknown command /bogus' 10; then ok "unknown command reported"; else bad "unknown command reported"; fi
 $T send-keys -t repl "/quit" Enter

@@ -322,8 +322,9 @@ static void test_imatrix(void) {
 
 /* ---- broken checkpoints ---------------------------------------------- */
 
-/* Copy the fixture to DIR, replacing the first `from` by `to` (same length)
- * in file `which` (NULL: no change). */
+/* Copy the fixture to DIR, replacing the first `from` by `to` in file
+ * `which` (NULL: no change). In a shard the replacement must lie in the
+ * JSON header, whose u64 length prefix follows a change of length. */
 static int broken_copy(const char *dir, const char *which, const char *from, const char *to) {
     static const char *files[] = {"config.json", "tokenizer.json", "model.safetensors.index.json",
                                   "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"};
@@ -337,8 +338,23 @@ static int broken_copy(const char *dir, const char *which, const char *from, con
         if (!b) return -1;
         if (which && !strcmp(which, files[i])) {
             char *p = memmem(b, len, from, strlen(from));
-            if (!p) { free(b); return -1; }
-            memcpy(p, to, strlen(to));
+            size_t fl = strlen(from), tl = strlen(to);
+            char *nb = p ? malloc(len - fl + tl) : NULL;
+            if (!nb) { free(b); return -1; }
+            size_t at = (size_t)(p - b);
+            memcpy(nb, b, at);
+            memcpy(nb + at, to, tl);
+            memcpy(nb + at + tl, p + fl, len - at - fl);
+            free(b);
+            b = nb;
+            len = len - fl + tl;
+            size_t nl = strlen(files[i]);
+            if (nl > 12 && !strcmp(files[i] + nl - 12, ".safetensors")) {
+                uint64_t h;
+                memcpy(&h, b, 8);
+                h = h - fl + tl;
+                memcpy(b, &h, 8);
+            }
         }
         FILE *f = fopen(dst, "wb");
         if (!f) { free(b); return -1; }
@@ -375,6 +391,19 @@ static void test_refusals(void) {
                    "model-00009-of-00002.safetensors", "model-00009-of-00002.safetensors");
     /* A shard whose JSON header is garbage. */
     expect_refusal("corrupt header", "model-00002-of-00002.safetensors", "{\"", "\x7f\x7f", "not a JSON object");
+    /* Seen while writing fuzz_safetensors: sizes that are no whole numbers were
+     * truncated (24.5 rows read as 24) or, as strings, read as 0. */
+    expect_refusal("fractional dimension", "model-00002-of-00002.safetensors", "\"shape\":[24,1024]",
+                   "\"shape\":[24.5,1024]", "layers.2.hc_attn_fn: dimension 0 is not a whole number");
+    expect_refusal("offset as a string", "model-00002-of-00002.safetensors", "\"data_offsets\":[0,98304]",
+                   "\"data_offsets\":[\"0\",98304]", "layers.2.hc_attn_fn: data_offsets are not [begin, end]");
+    /* A shard named "." (the directory itself) got as far as mmap. */
+    expect_refusal("shard is a directory", "model.safetensors.index.json", "model-00002-of-00002.safetensors", ".",
+                   "/.: not a regular file");
+    /* Found by fuzz_safetensors: a name with a newline (JSON "\n") went
+     * into the one-line error message as it was. */
+    expect_refusal("newline in a name", "model-00002-of-00002.safetensors", "\"layers.2.hc_attn_fn\"",
+                   "\"layers.2.hc\\nattn_fn\"", "a tensor name holds a control character");
 }
 
 

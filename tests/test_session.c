@@ -191,6 +191,10 @@ static void test_forged_snapshot(void) {
     struct { size_t off; uint32_t val; const char *what; } forge[] = {
         {off_n, 0xffffffffu, "context"}, {off_n, 41, ""}, {off_n, 39, ""},
         {off_layer0 + 4, 0x7fffffffu, "layer 0"}, {off_layer0, 5, ""}, {off_layer0 + 8, 3, ""},
+        /* Found by fuzz_session: each loaded, and a save of the result gave
+         * other bytes (the header's head_dim; lo_comp and lo_idx of layer 0,
+         * which has no compressor and no indexer). */
+        {24, 64, "dimensions"}, {off_layer0 + 12, 5, "compressor"}, {off_layer0 + 24, 7, "indexer"},
     };
     for (size_t i = 0; i < sizeof forge / sizeof *forge; i++) {
         memcpy(bad, buf, len);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -92,8 +93,40 @@ void cli_print_event(void *ud, const ds4_event *ev)
     fflush(stdout);
 }
 
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+bool cli_prefill_progress(void *ud, size_t done, size_t total)
+{
+    cli_printer *p = ud;
+    double t = mono_s();
+    /* The rate counts from the first finished batch: its start is unknown. */
+    if (!p->t0) { p->t0 = p->last = t; p->done0 = done; }
+    if (!isatty(STDERR_FILENO)) return true;
+    if (done >= total) {
+        if (p->progress_shown) fputs("\r\033[K", stderr);
+        p->progress_shown = false;
+        p->t0 = 0;
+        return true;
+    }
+    /* Short prefills stay silent; a long one redraws at most 4 times a second. */
+    if (t - p->t0 < 0.5 || (p->progress_shown && t - p->last < 0.25)) return true;
+    fprintf(stderr, "\r\033[Kreading %zu / %zu tokens (%.0f tok/s)", done, total,
+            (double)(done - p->done0) / (t - p->t0));
+    fflush(stderr);
+    p->progress_shown = true;
+    p->last = t;
+    return true;
+}
+
 void cli_print_end(cli_printer *p)
 {
+    if (p->progress_shown) fputs("\r\033[K", stderr);   /* a prefill cut short (Ctrl+C, error) */
+    p->progress_shown = false;
     if (p->in_reasoning) fputs(p->tty ? "\033[0m" : "</think>", stdout);
     p->in_reasoning = false;
     putchar('\n');
@@ -351,6 +384,7 @@ int cli_oneshot(const cli_opts *o)
     ds4_gen_params gp = {
         .engine = e, .sampling = o->sampling, .max_tokens = o->max_tokens,
         .thinking = o->think != DS4_THINK_NONE, .on_event = cli_print_event, .ud = &pr,
+        .on_prefill = cli_prefill_progress,
     };
     ds4_gen_result r = {0};
     if (ds4_generate(s, prompt.ids, prompt.n, &gp, &r, err, sizeof err)) {

@@ -40,8 +40,17 @@ int cli_chat_tokens(const ds4_tokenizer *tok, const char *system, const char *us
 
 /* Streams generation events to stdout: reasoning dimmed on a terminal (or
  * wrapped in <think>…</think> when piped), content plain, tool calls marked. */
-typedef struct { bool tty, in_reasoning, any_content; } cli_printer;
+typedef struct {
+    bool tty, in_reasoning, any_content;
+    double t0, last;            /* prefill progress: first batch done, last line drawn */
+    size_t done0;
+    bool progress_shown;
+} cli_printer;
 void cli_print_event(void *ud, const ds4_event *ev);
+/* ds4_gen_params.on_prefill with ud = the printer: on a terminal (stderr),
+ * a prefill that runs past half a second shows "reading N / M tokens" on
+ * one line, erased when it ends. Always returns true (no cancel). */
+bool cli_prefill_progress(void *ud, size_t done, size_t total);
 void cli_print_end(cli_printer *p);
 /* "prompt N tok (cached C), gen M tok, prefill X tok/s, gen Y tok/s, finish" to stderr. */
 void cli_print_stats(const ds4_gen_result *r);

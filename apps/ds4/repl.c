@@ -34,8 +34,7 @@ static bool gen_cancelled(void *ud)
 
 static bool prefill_progress(void *ud, size_t done, size_t total)
 {
-    (void)ud; (void)done; (void)total;
-    return g_interrupt == 0;
+    return cli_prefill_progress(ud, done, total) && g_interrupt == 0;
 }
 
 typedef struct {

@@ -278,7 +278,9 @@ static void scan_one(ds4_kvstore *st, const char *name) {
         logf_(st, "ignoring %s (not a checkpoint file name)", name);
         return;
     }
-    int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO under a checkpoint's name would block open()
+     * forever; this way it opens and fails the S_ISREG check. */
+    int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     struct stat sb;
     uint8_t h[KV_HEADER_BYTES];
     if (fd < 0 || fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
@@ -605,7 +607,7 @@ static bool mark_matches(ds4_kvstore *st, const char *text, const int32_t *ids, 
 static int load_entry(ds4_kvstore *st, const kv_entry *e, ds4_kv_checkpoint *out) {
     char name[72];
     entry_name(e->key, name);
-    int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC);
+    int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);   /* as in scan_one */
     if (fd < 0) {
         if (errno == ENOENT) return 0;
         logf_(st, "cannot open %s: %s", name, strerror(errno));
@@ -779,13 +781,13 @@ size_t ds4_kvstore_extras(ds4_kvstore *st, size_t max_len, void (*fn)(void *ud, 
     size_t n = es ? st->n : 0, given = 0;
     if (n) memcpy(es, st->e, n * sizeof *es);
     pthread_mutex_unlock(&st->mu);
-    qsort(es, n, sizeof *es, cmp_created);
+    if (n) qsort(es, n, sizeof *es, cmp_created);   /* es is NULL for an empty index: UB even for 0 items */
     for (size_t i = 0; i < n; i++) {
         const kv_entry *e = &es[i];
         if (!e->extra_len || e->extra_len > max_len) continue;
         char name[72];
         entry_name(e->key, name);
-        int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC);
+        int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);   /* as in scan_one */
         uint8_t *x = fd >= 0 ? malloc((size_t)e->extra_len) : NULL;
         uint8_t d[32];
         /* The blob is the file's tail; its own digest (in the verified

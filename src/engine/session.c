@@ -275,6 +275,11 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
         return ds4_errf(err, errlen,
                                "snapshot is from another model (layers %u, head_dim %u, vocab %u; this model: %u, %u, %u)",
                                dims[0], dims[1], dims[3], hp->n_layer, hp->head_dim, hp->n_vocab);
+    /* Same fingerprint, so these are this model's: anything else is damage
+     * (a save of the loaded state would not give these bytes back). */
+    if (dims[0] != hp->n_layer || dims[1] != hp->head_dim || dims[2] != hp->idx_head_dim || dims[3] != hp->n_vocab ||
+        dims[4] != hp->window)
+        return ds4_errf(err, errlen, "snapshot header inconsistent (dimensions do not match its model fingerprint)");
     if (n > s->ctx) return ds4_errf(err, errlen, "snapshot holds %u tokens, session context is %u", n, s->ctx);
     if (has_logits > 1 || (n > 0) != (has_logits == 1))
         return ds4_errf(err, errlen, "snapshot header inconsistent (logits flag)");
@@ -305,6 +310,16 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
         if (!get(&r, c, sizeof c)) { ds4_errf(err, errlen, "snapshot truncated at layer %u", l); goto out; }
         o->lo_raw = c[0]; o->n_raw = c[1]; o->n_comp = c[2]; o->lo_comp = c[3];
         o->n_cpend = c[4]; o->n_idx = c[5]; o->lo_idx = c[6]; o->n_ipend = c[7];
+        /* A layer without a compressor (ratio 0) or without an indexer (ratio
+         * other than 4) writes zeros there; anything else is not a snapshot
+         * of this model, and a backend that ignores those fields would load
+         * it and then save different bytes. */
+        int R = hp->compress_ratio[l];
+        if ((!R && (c[2] || c[3] || c[4])) || (R != 4 && (c[5] || c[6] || c[7]))) {
+            ds4_errf(err, errlen, "snapshot layer %u: %s fields set on a layer without one", l,
+                     !R && (c[2] || c[3] || c[4]) ? "compressor" : "indexer");
+            goto out;
+        }
         if (!get_rows(&r, o->n_raw, hp->head_dim, &o->raw) || !get_rows(&r, o->n_comp, hp->head_dim, &o->comp) ||
             !get_rows(&r, o->n_cpend, W, &o->ckv) || !get_rows(&r, o->n_cpend, W, &o->cgate) ||
             !get_rows(&r, o->n_idx, hp->idx_head_dim, &o->idx) || !get_rows(&r, o->n_ipend, Wi, &o->ikv) ||

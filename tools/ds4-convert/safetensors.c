@@ -27,6 +27,7 @@ typedef struct {
     char *path;
     const uint8_t *map;
     size_t size;
+    bool mapped;               /* ours to munmap (st_open_mem: the caller's) */
 } st_shard;
 
 struct st_ckpt {
@@ -63,31 +64,36 @@ static char *read_small(const char *path, size_t max, char *err, size_t errlen) 
     return buf;
 }
 
-/* Map one shard and append its tensors. */
-static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return ds4_errf(err, errlen, "%s: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) || sb.st_size < 8) {
-        close(fd);
-        return ds4_errf(err, errlen, "%s: not a safetensors file (shorter than its 8-byte header length)", path);
-    }
-    size_t size = (size_t)sb.st_size;
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) return ds4_errf(err, errlen, "%s: mmap: %s", path, strerror(errno));
-    st_shard *sh = &c->shards[c->n_shards++];
-    sh->path = strdup(path);
-    sh->map = map;
-    sh->size = size;
-    if (!sh->path) return ds4_errf(err, errlen, "out of memory");
+/* A whole JSON number in [0, max] (a dimension or a data offset): cJSON
+ * keeps numbers as doubles, and 2.5 or "7" is no size. */
+static bool json_uint(const cJSON *x, uint64_t max, uint64_t *out) {
+    if (!cJSON_IsNumber(x) || !(x->valuedouble >= 0) || x->valuedouble > (double)max ||
+        x->valuedouble != floor(x->valuedouble))
+        return false;
+    *out = (uint64_t)x->valuedouble;
+    return true;
+}
 
+/* No control characters: names and dtypes from a header go into one-line
+ * messages (and tensor names into the GGUF), so a newline has no place. */
+static bool printable(const char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) return false;
+    return true;
+}
+
+/* Append the tensors of shard sh (its bytes in place). */
+static int parse_shard(st_ckpt *c, const st_shard *sh, char *err, size_t errlen) {
+    const char *path = sh->path;
+    const uint8_t *map = sh->map;
+    size_t size = sh->size;
+    if (size < 8) return ds4_errf(err, errlen, "%s: not a safetensors file (shorter than its 8-byte header length)", path);
     uint64_t hlen;
     memcpy(&hlen, map, 8);
     if (hlen > ST_MAX_HEADER || hlen > size - 8)
         return ds4_errf(err, errlen, "%s: header length %llu exceeds the file (%zu bytes)", path,
                     (unsigned long long)hlen, size);
-    const uint8_t *data = (const uint8_t *)map + 8 + hlen;
+    const uint8_t *data = map + 8 + hlen;
     uint64_t data_size = size - 8 - hlen;
     cJSON *h = cJSON_ParseWithLength((const char *)map + 8, (size_t)hlen);
     if (!h || !cJSON_IsObject(h)) {
@@ -97,6 +103,10 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
     int rc = 0;
     for (cJSON *e = h->child; e && !rc; e = e->next) {
         if (!strcmp(e->string, "__metadata__")) continue;
+        if (!printable(e->string)) {
+            rc = ds4_errf(err, errlen, "%s: a tensor name holds a control character", path);
+            break;
+        }
         cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
         cJSON *sh_ = cJSON_GetObjectItemCaseSensitive(e, "shape");
         cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
@@ -109,7 +119,8 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
         for (size_t i = 0; i < sizeof DTYPES / sizeof *DTYPES; i++)
             if (!strcmp(dt->valuestring, DTYPES[i].name)) { t.dtype = DTYPES[i].t; esize = DTYPES[i].size; }
         if (!esize) {
-            rc = ds4_errf(err, errlen, "%s: tensor %s: unsupported dtype %s", path, e->string, dt->valuestring);
+            rc = ds4_errf(err, errlen, "%s: tensor %s: unsupported dtype %s", path, e->string,
+                          printable(dt->valuestring) ? dt->valuestring : "(with a control character)");
             break;
         }
         int nd = cJSON_GetArraySize(sh_);
@@ -122,28 +133,29 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
          * against the file size before multiplying. */
         uint64_t count = 1;
         for (int i = 0; i < nd; i++) {
-            cJSON *d = cJSON_GetArrayItem(sh_, i);
-            if (!cJSON_IsNumber(d) || d->valuedouble < 0 || d->valuedouble > (double)size) {
-                rc = ds4_errf(err, errlen, "%s: tensor %s: bad dimension", path, e->string);
+            if (!json_uint(cJSON_GetArrayItem(sh_, i), size, &t.shape[i])) {
+                rc = ds4_errf(err, errlen, "%s: tensor %s: dimension %d is not a whole number up to the file size",
+                              path, e->string, i);
                 break;
             }
-            t.shape[i] = (uint64_t)d->valuedouble;
             if (t.shape[i] && count > size / t.shape[i]) count = UINT64_MAX;
             else count *= t.shape[i];
         }
         if (rc) break;
-        double b = cJSON_GetArrayItem(off, 0)->valuedouble, en = cJSON_GetArrayItem(off, 1)->valuedouble;
-        if (!(b >= 0 && en >= b && en <= (double)data_size)) {
-            rc = ds4_errf(err, errlen, "%s: tensor %s: data_offsets outside the file", path, e->string);
+        uint64_t b, en;
+        if (!json_uint(cJSON_GetArrayItem(off, 0), data_size, &b) ||
+            !json_uint(cJSON_GetArrayItem(off, 1), data_size, &en) || en < b) {
+            rc = ds4_errf(err, errlen, "%s: tensor %s: data_offsets are not [begin, end] within the %llu data bytes",
+                          path, e->string, (unsigned long long)data_size);
             break;
         }
-        t.nbytes = (uint64_t)en - (uint64_t)b;
+        t.nbytes = en - b;
         if (count == UINT64_MAX || count * esize != t.nbytes) {
             rc = ds4_errf(err, errlen, "%s: tensor %s: %llu bytes of data for its shape and dtype %s", path, e->string,
                       (unsigned long long)t.nbytes, dt->valuestring);
             break;
         }
-        t.data = data + (uint64_t)b;
+        t.data = data + b;
         t.file = sh->path;
         t.name = strdup(e->string);
         if (!t.name) { rc = ds4_errf(err, errlen, "out of memory"); break; }
@@ -158,6 +170,61 @@ static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
     }
     cJSON_Delete(h);
     return rc;
+}
+
+/* Map one shard and append its tensors. */
+static int load_shard(st_ckpt *c, const char *path, char *err, size_t errlen) {
+    /* The name comes from the index: it may be a directory ("." is a file
+     * name there) or a FIFO, whose blocking open would never return. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return ds4_errf(err, errlen, "%s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return ds4_errf(err, errlen, "%s: not a regular file", path);
+    }
+    if (sb.st_size < 8) {
+        close(fd);
+        return ds4_errf(err, errlen, "%s: not a safetensors file (shorter than its 8-byte header length)", path);
+    }
+    size_t size = (size_t)sb.st_size;
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return ds4_errf(err, errlen, "%s: mmap: %s", path, strerror(errno));
+    st_shard *sh = &c->shards[c->n_shards++];
+    sh->path = strdup(path);
+    sh->map = map;
+    sh->size = size;
+    sh->mapped = true;
+    if (!sh->path) return ds4_errf(err, errlen, "out of memory");
+    return parse_shard(c, sh, err, errlen);
+}
+
+/* Tensors sorted by name; a name twice is an error. */
+static int index_tensors(st_ckpt *c, char *err, size_t errlen) {
+    if (c->n) qsort(c->t, c->n, sizeof *c->t, cmp_tensor);   /* c->t is NULL without tensors: UB even for 0 */
+    for (size_t i = 1; i < c->n; i++)
+        if (!strcmp(c->t[i].name, c->t[i - 1].name))
+            return ds4_errf(err, errlen, "%s: tensor %s appears twice (also in %s)", c->t[i].file, c->t[i].name,
+                            c->t[i - 1].file);
+    return 0;
+}
+
+st_ckpt *st_open_mem(const uint8_t *buf, size_t len, const char *name, char *err, size_t errlen) {
+    st_ckpt *c = calloc(1, sizeof *c);
+    if (!c || !(c->shards = calloc(1, sizeof *c->shards)) || !(c->shards[0].path = strdup(name))) {
+        ds4_errf(err, errlen, "out of memory");
+        st_close(c);
+        return NULL;
+    }
+    c->n_shards = 1;
+    c->shards[0].map = buf;
+    c->shards[0].size = len;
+    if (parse_shard(c, &c->shards[0], err, errlen) || index_tensors(c, err, errlen)) {
+        st_close(c);
+        return NULL;
+    }
+    return c;
 }
 
 st_ckpt *st_open_dir(const char *dir, char *err, size_t errlen) {
@@ -205,12 +272,7 @@ st_ckpt *st_open_dir(const char *dir, char *err, size_t errlen) {
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         if (load_shard(c, path, err, errlen)) goto bad;
     }
-    qsort(c->t, c->n, sizeof *c->t, cmp_tensor);
-    for (size_t i = 1; i < c->n; i++)
-        if (!strcmp(c->t[i].name, c->t[i - 1].name)) {
-            ds4_errf(err, errlen, "%s: tensor %s appears twice (also in %s)", c->t[i].file, c->t[i].name, c->t[i - 1].file);
-            goto bad;
-        }
+    if (index_tensors(c, err, errlen)) goto bad;
     for (size_t i = 0; i < n_files; i++) free(files[i]);
     free(files);
     return c;
@@ -225,7 +287,7 @@ void st_close(st_ckpt *c) {
     if (!c) return;
     for (size_t i = 0; i < c->n; i++) free(c->t[i].name);
     for (size_t i = 0; i < c->n_shards; i++) {
-        munmap((void *)c->shards[i].map, c->shards[i].size);
+        if (c->shards[i].mapped) munmap((void *)c->shards[i].map, c->shards[i].size);
         free(c->shards[i].path);
     }
     free(c->shards);
@@ -238,6 +300,7 @@ const st_tensor *st_at(const st_ckpt *c, size_t i) { return i < c->n ? &c->t[i] 
 
 const st_tensor *st_find(const st_ckpt *c, const char *name) {
     st_tensor key = {.name = (char *)name};
+    if (!c->n) return NULL;   /* bsearch's base must not be NULL either */
     return bsearch(&key, c->t, c->n, sizeof *c->t, cmp_tensor);
 }
 

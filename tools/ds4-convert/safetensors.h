@@ -36,6 +36,9 @@ typedef struct st_ckpt st_ckpt;
 /* Open DIR/model.safetensors.index.json and its shards, or DIR/model.safetensors.
  * NULL with err = one line naming the file and the problem. */
 st_ckpt *st_open_dir(const char *dir, char *err, size_t errlen);
+/* One shard already in memory (buf[0, len), the caller's until st_close),
+ * named `name` in messages: the parser alone, for tests and fuzzing. */
+st_ckpt *st_open_mem(const uint8_t *buf, size_t len, const char *name, char *err, size_t errlen);
 void st_close(st_ckpt *c);
 size_t st_count(const st_ckpt *c);
 const st_tensor *st_at(const st_ckpt *c, size_t i);

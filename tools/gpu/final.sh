@@ -1,7 +1,8 @@
 #!/bin/bash
 # The full-size call of a session (nvidia-h200): the correctness gates, the
 # copy ceiling, ds4-bench 2K…32K, then the previous build (old/) against this
-# one (bin/) at 2K and 32K. Run from a folder laid out as perf.sh says.
+# one (bin/) at 2K and 32K, and the host's share of a decoded token on the
+# full model (run.sh nsysbench). Run from a folder made by tools/gpu/pack.sh.
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-$PWD/out}; mkdir -p $OUT
@@ -13,3 +14,4 @@ for b in ${AB:-old bin}; do
   timeout 150 ./$b/ds4-bench --cuda -m /dev/shm/flash.gguf --ctx-start 2048 --ctx-max 32768 --step-incr 30720 --gen-tokens 64 -o $OUT/ab-$b.csv >/dev/null 2>&1
   echo "A/B $b:"; tail -2 $OUT/ab-$b.csv
 done
+NSYSBENCH_MODEL=/dev/shm/flash.gguf timeout 200 ./run.sh nsysbench 2>&1 | grep -E "^nsysbench"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device script for the CUDA backend (run on the GPU machine from the folder
 # that holds bin/, lib/ and tokenizer.json; see tools/gpu/NOTES.md).
-#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [profp] [nsys] [flash20]   default: kernels tiny flash4
+#   run.sh [kernels] [tiny] [tinyx] [flash4] [flash4x] [prof] [profp] [nsys] [nsysbench] [stalls] [flash20]   default: kernels tiny flash4
 #   (…x: the model checks under DS4_DIAG_EXACT_KV=1, the strict gate of the chunked prefill)
 # Logs go to $OUT (or ./out). Prints a short summary last.
 set -u
@@ -74,6 +74,68 @@ for k, a in sorted(agg.items(), key=lambda kv: -kv[1][1]):
 print("total kernel time %.1f us over %d launches" % (tot / 1e3, sum(a[0] for a in agg.values())))
 PY
         ;;
+    nsysbench)
+        # The engine's own decode loop (ds4-bench: sampler, host work between
+        # tokens), not gpucheck's: 64 greedy tokens at a 2K context on the
+        # 4-layer file under nsys, graphs traced whole (less tracing overhead
+        # than per node). Per token: wall (body graph launch to the next),
+        # GPU busy (graphs + copies), and the gap the host leaves between the
+        # logits copy and the next body graph: the part of a token no kernel
+        # work can remove. NSYSBENCH_MODEL names another file (final.sh: the
+        # full model, whose body graph has ~10x the nodes to launch).
+        m=${NSYSBENCH_MODEL:-/dev/shm/f4.gguf}; [ "$m" = /dev/shm/f4.gguf ] && f4
+        nsys=$(command -v nsys || ls /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys | head -1)
+        $nsys profile --cuda-graph-trace=graph -t cuda,osrt -o "$OUT/nsysbench" -f true \
+            $BIN/ds4-bench --cuda -m "$m" --ctx-start 2048 --ctx-max 2048 --step-incr 2048 \
+            --gen-tokens 64 -o "$OUT/nsysbench.csv" > "$OUT/nsysbench.err" 2>&1
+        [ -f "$OUT/nsysbench.nsys-rep" ] || LD_LIBRARY_PATH=${NSYS_LIBS:-$PWD/nsyslib}:$LD_LIBRARY_PATH $(ls /opt/nvidia/nsight-compute/*/host/*/QdstrmImporter | head -1) \
+            -i "$OUT/nsysbench.qdstrm" >> "$OUT/nsysbench.err" 2>&1
+        $nsys stats -q -r cuda_gpu_trace -f csv -o "$OUT/nsysbench" "$OUT/nsysbench.nsys-rep" >> "$OUT/nsysbench.err" 2>&1
+        python3 - "$OUT/nsysbench_cuda_gpu_trace.csv" <<'PY' | tee "$OUT/nsysbench.log"
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+ev = sorted((int(r["Start (ns)"]), int(r["Duration (ns)"]), r["Name"]) for r in rows)
+d2h = lambda n: "DtoH" in n or "Device-to-Host" in n
+h2d = lambda n: "HtoD" in n or "Host-to-Device" in n
+# In ds4-bench a decode token ends with the logits copy to the host, its
+# only device-to-host copy: the snapshot export comes before generation, the
+# restore after it copies host to device only. So the last 49 such copies
+# bound 48 generated tokens.
+ends = [s + d for s, d, n in ev if d2h(n)][-49:]
+w, busy, g_copy, g_kern = [], [], [], []
+for a, b in zip(ends, ends[1:]):
+    iv = [(s, d, n) for s, d, n in ev if a <= s < b]
+    u, end = 0, a
+    for s, d, n in iv:
+        if s + d > end: u += s + d - max(s, end); end = s + d
+    w.append(b - a); busy.append(u)
+    g_copy.append(min([s for s, d, n in iv if h2d(n)], default=b) - a)             # host: sample, enqueue the step
+    g_kern.append(min([s for s, d, n in iv if not n.startswith("[")], default=b) - a)  # + the body graph's launch
+n = len(w)
+if n:
+    f = lambda x: sum(x) / n / 1e3
+    print("nsysbench: %d tokens, wall %.1f us a token, GPU busy %.1f us; after the logits copy: step copy at +%.1f us, first kernel at +%.1f us (%.2f %% of a token)"
+          % (n, f(w), f(busy), f(g_copy), f(g_kern), 100.0 * sum(g_kern) / sum(w)))
+else:
+    print("nsysbench: no decode steps found")
+PY
+        ;;
+    stalls)
+        # Where the routed-expert matvecs (k_mv_tc) wait: ncu's warp-state
+        # and source-counter sections of one launch each of the routed
+        # gate+up and down at --mv-bench's shapes (the first k_mv_tc launch
+        # after STALL_SKIP, default 2 warm-ups, of the first rows-a-warp
+        # variant the bench runs). stalls.log: the stall reasons and the
+        # SASS lines that stall most.
+        ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+        for what in "routed gate+up" "routed down"; do
+            echo "== $what" | tee -a "$OUT/stalls.log"
+            $ncu --clock-control none -k regex:k_mv_tc -s ${STALL_SKIP:-2} -c 1 \
+                --section LaunchStats --section Occupancy --section WarpStateStats --section SourceCounters \
+                --section SchedulerStats --section MemoryWorkloadAnalysis \
+                $BIN/ds4-gpucheck --mv-bench --mv-only "$what" 2>&1 | tee -a "$OUT/stalls.log" | \
+                grep -E "Duration|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issued Warp|Eligible|Stall|stall|Memory Throughput|DRAM Throughput" | head -60
+        done ;;
     nsys)
         # Timeline of 30 graph-replayed decode steps of the 4-layer file at a
         # ${NSYS_TOKENS:-64}-token context, with and without programmatic
