@@ -315,6 +315,15 @@ static void test_imatrix(void) {
     CHECK(ta && tb && memcmp(ta->data, tb->data, ta->nbytes) == 0, "tensors without an entry changed");
     gguf_close(a);
     gguf_close(b);
+    /* An entry name with a control byte (here a newline) is refused by
+     * position, not quoted into the message. */
+    f = fopen(im, "r+b");
+    REQUIRE(f, "reopen %s", im);
+    fseek(f, 8 + 3, SEEK_SET);   /* count, name length, then "blk" */
+    fputc('\n', f);
+    fclose(f);
+    CHECK(run_convert(args, fix, out, log, sizeof log) != 0 && strstr(log, "entry 0: the name has a NUL or control byte"),
+          "%s", log);
     /* A truncated imatrix is refused. */
     if (truncate(im, 30) == 0)
         CHECK(run_convert(args, fix, out, log, sizeof log) != 0 && strstr(log, "truncated"), "%s", log);
