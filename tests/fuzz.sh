@@ -9,6 +9,10 @@
 set -u
 cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-30}
+# libFuzzer's seed: FUZZ_SEED, else taken from the checked-out commit, so
+# retries of one commit's CI mutate the same way (as tests/srvfuzz.sh);
+# 0 (outside git) lets libFuzzer pick one.
+seed=${FUZZ_SEED:-$(h=$(git rev-parse --short=8 HEAD 2>/dev/null) && echo $((16#$h % 2147483647)) || echo 0)}
 work=$(mktemp -d /tmp/ds4-fuzz.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
@@ -29,8 +33,8 @@ for src in tests/fuzz/fuzz_*.c; do
   if [ -d "tests/fuzz/corpus/$name" ]; then
     cp -r "tests/fuzz/corpus/$name/." "$work/$name/corpus/"
   fi
-  echo "== $harness: ${secs}s on $(ls "$work/$name/corpus" | wc -l) seeds"
-  "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+  echo "== $harness: ${secs}s on $(ls "$work/$name/corpus" | wc -l) seeds, -seed=$seed"
+  "$bin" -seed="$seed" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix="$work/$name/artifacts/" "$work/$name/corpus" >"$work/$name/log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then

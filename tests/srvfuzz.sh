@@ -5,8 +5,12 @@
 # the tiny model for SRVFUZZ_TIME seconds (default 45): mutated requests of
 # every endpoint, each answer judged (status, body shape, stream framing,
 # time), /health throughout, then SIGTERM and a clean exit. SRVFUZZ_SEED
-# repeats a run (the seed is printed); a failing run keeps its work dir with
-# the server log and the failing requests. Ends with "N passed, N failed".
+# repeats a run (the seed is printed); by default it is taken from the
+# checked-out commit, so a CI run is the same on every retry of one commit
+# (a failure is a real one, reproduced by running again) and new commits
+# explore new requests; outside git it is random. A failing run keeps its
+# work dir with the server log and the failing requests. Ends with "N
+# passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
 work=$(mktemp -d /tmp/ds4-srvfuzz.XXXXXX)
@@ -23,6 +27,7 @@ if [ -z "$MODEL" ] || [ ! -f "$MODEL" ]; then
 fi
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+[ -n "${SRVFUZZ_SEED:-}" ] || { h=$(git rev-parse --short=8 HEAD 2>/dev/null) && export SRVFUZZ_SEED=$((16#$h)); }
 python3 tests/srvfuzz.py "$PWD/build-asan/bin/ds4-server" "$MODEL" "$work"
 rc=$?
 if [ $rc -ne 0 ]; then keep=1; echo "srvfuzz: work dir kept: $work"; fi
