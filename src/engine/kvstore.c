@@ -258,6 +258,13 @@ static long temp_pid(const char *name) {
     return *end == '.' && pid > 0 ? pid : 0;
 }
 
+/* A checkpoint file for reading. O_NONBLOCK: a FIFO under a checkpoint's
+ * name would block open() forever; this way it opens, and the S_ISREG check
+ * of the startup scan (or the size checks after it) refuses it. */
+static int open_checkpoint(const ds4_kvstore *st, const char *name) {
+    return openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+}
+
 static void scan_one(ds4_kvstore *st, const char *name) {
     if (!strcmp(name, LOCK_NAME)) return;
     size_t n = strlen(name);
@@ -278,9 +285,7 @@ static void scan_one(ds4_kvstore *st, const char *name) {
         logf_(st, "ignoring %s (not a checkpoint file name)", name);
         return;
     }
-    /* O_NONBLOCK: a FIFO under a checkpoint's name would block open()
-     * forever; this way it opens and fails the S_ISREG check. */
-    int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    int fd = open_checkpoint(st, name);
     struct stat sb;
     uint8_t h[KV_HEADER_BYTES];
     if (fd < 0 || fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
@@ -607,7 +612,7 @@ static bool mark_matches(ds4_kvstore *st, const char *text, const int32_t *ids, 
 static int load_entry(ds4_kvstore *st, const kv_entry *e, ds4_kv_checkpoint *out) {
     char name[72];
     entry_name(e->key, name);
-    int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);   /* as in scan_one */
+    int fd = open_checkpoint(st, name);
     if (fd < 0) {
         if (errno == ENOENT) return 0;
         logf_(st, "cannot open %s: %s", name, strerror(errno));
@@ -787,7 +792,7 @@ size_t ds4_kvstore_extras(ds4_kvstore *st, size_t max_len, void (*fn)(void *ud, 
         if (!e->extra_len || e->extra_len > max_len) continue;
         char name[72];
         entry_name(e->key, name);
-        int fd = openat(st->dir_fd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);   /* as in scan_one */
+        int fd = open_checkpoint(st, name);
         uint8_t *x = fd >= 0 ? malloc((size_t)e->extra_len) : NULL;
         uint8_t d[32];
         /* The blob is the file's tail; its own digest (in the verified
