@@ -13,3 +13,10 @@ int ds4_errf(char *err, size_t errlen, const char *fmt, ...)
     }
     return -1;
 }
+
+bool ds4_one_line(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return false;
+    return true;
+}

@@ -4,10 +4,11 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
-#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "util/errf.h"
 
 typedef struct { const uint8_t *p; size_t n, off; } rd;
 
@@ -25,13 +26,6 @@ static void *fail(imatrix *m, char *err, size_t errlen, const char *fmt, ...) {
     va_end(ap);
     imatrix_free(m);
     return NULL;
-}
-
-/* No NUL or ASCII control byte in s[0, n) (bytes >= 0x80, UTF-8, pass). */
-static bool printable(const char *s, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return false;
-    return true;
 }
 
 imatrix *imatrix_load(const char *path, char *err, size_t errlen) {
@@ -73,7 +67,7 @@ imatrix *imatrix_load(const char *path, char *err, size_t errlen) {
         if (!e->name || take(&r, e->name, (size_t)len)) goto trunc;
         /* Names are tensor names, quoted in messages: a NUL would cut one
          * short (and match another tensor), a newline would break a message. */
-        if (!printable(e->name, (size_t)len)) {
+        if (!ds4_one_line(e->name, (size_t)len)) {
             free(buf);
             return fail(m, err, errlen, "%s: entry %u: the name has a NUL or control byte", path, m->n - 1);
         }
@@ -94,7 +88,7 @@ imatrix *imatrix_load(const char *path, char *err, size_t errlen) {
         if (!take(&r, &dlen, 4) && dlen > 0 && (size_t)dlen <= n - r.off && (m->dataset = calloc((size_t)dlen + 1, 1)))
             take(&r, m->dataset, (size_t)dlen);
         /* Copied into the GGUF's metadata as a string. */
-        if (m->dataset && !printable(m->dataset, (size_t)dlen)) {
+        if (m->dataset && !ds4_one_line(m->dataset, (size_t)dlen)) {
             free(buf);
             return fail(m, err, errlen, "%s: the dataset name has a NUL or control byte", path);
         }

@@ -76,11 +76,7 @@ static bool json_uint(const cJSON *x, uint64_t max, uint64_t *out) {
 
 /* No control characters: names and dtypes from a header go into one-line
  * messages (and tensor names into the GGUF), so a newline has no place. */
-static bool printable(const char *s) {
-    for (; *s; s++)
-        if ((unsigned char)*s < 0x20 || *s == 0x7f) return false;
-    return true;
-}
+static bool printable(const char *s) { return ds4_one_line(s, strlen(s)); }
 
 /* Append the tensors of shard sh (its bytes in place). */
 static int parse_shard(st_ckpt *c, const st_shard *sh, char *err, size_t errlen) {
