@@ -100,6 +100,13 @@ static double mono_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* Erase a drawn progress line (it has no newline: the next output would follow it). */
+static void progress_erase(cli_printer *p)
+{
+    if (p->progress_shown) fputs("\r\033[K", stderr);
+    p->progress_shown = false;
+}
+
 bool cli_prefill_progress(void *ud, size_t done, size_t total)
 {
     cli_printer *p = ud;
@@ -108,8 +115,7 @@ bool cli_prefill_progress(void *ud, size_t done, size_t total)
     if (!p->t0) { p->t0 = p->last = t; p->done0 = done; }
     if (!isatty(STDERR_FILENO)) return true;
     if (done >= total) {
-        if (p->progress_shown) fputs("\r\033[K", stderr);
-        p->progress_shown = false;
+        progress_erase(p);
         p->t0 = 0;
         return true;
     }
@@ -125,8 +131,7 @@ bool cli_prefill_progress(void *ud, size_t done, size_t total)
 
 void cli_print_end(cli_printer *p)
 {
-    if (p->progress_shown) fputs("\r\033[K", stderr);   /* a prefill cut short (Ctrl+C, error) */
-    p->progress_shown = false;
+    progress_erase(p);   /* a prefill cut short (Ctrl+C, error) */
     if (p->in_reasoning) fputs(p->tty ? "\033[0m" : "</think>", stdout);
     p->in_reasoning = false;
     putchar('\n');
