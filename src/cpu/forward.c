@@ -955,5 +955,5 @@ static uint32_t v_eval_step(void *be) { return CPU_CHUNK; }
 
 const ds4_backend_ops ds4_backend_cpu = {
     "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_state_bytes, v_eval, v_truncate, v_export, v_import,
-    v_mem_free, v_eval_step,
+    v_mem_free, v_eval_step, NULL, NULL,   /* host memory: malloc / free */
 };

@@ -648,6 +648,15 @@ static int cuda_mem_free(void *b, uint64_t *bytes, char *err, size_t errlen) {
 /* A prefill chunk: longer eval calls are cut into chunks anyway. */
 static uint32_t cuda_eval_step(void *b) { return (uint32_t)((gpu_backend *)b)->chunk; }
 
+/* Page-locked: a decode step's logits (n_vocab floats) come back by one DMA. */
+static void *cuda_host_alloc(void *b, size_t bytes) {
+    void *p = NULL;
+    return cudaHostAlloc(&p, bytes, cudaHostAllocDefault) == cudaSuccess ? p : NULL;
+}
+static void cuda_host_free(void *b, void *p) {
+    if (p) cudaFreeHost(p);
+}
+
 /* ---- the forward pass over a chunk of n tokens (decode: n = 1) ----------------------------- */
 
 /* Rows below this many take a block each (k_matvec_wide): with a warp per
@@ -1551,7 +1560,7 @@ extern "C" const ds4_backend_ops ds4_backend_cuda = {
     "cuda", cuda_available, cuda_create, cuda_destroy, cuda_state_new, cuda_state_free, cuda_state_bytes, cuda_eval,
     cuda_truncate,
     cuda_export, cuda_import,
-    cuda_mem_free, cuda_eval_step,
+    cuda_mem_free, cuda_eval_step, cuda_host_alloc, cuda_host_free,
 };
 
 /* ---- kernel checks for tools/ds4-gpucheck ------------------------------------------------- */

@@ -130,6 +130,12 @@ typedef struct {
      * (a longer call gains nothing), so callers that report progress or
      * check for cancellation between calls lose no speed by splitting. */
     uint32_t (*eval_step)(void *be);
+    /* Optional (NULL: malloc / free): host memory eval's logits land in
+     * fastest. CUDA: page-locked, so the copy of a decode step's logits is
+     * one DMA into it instead of a staged copy through the driver's own
+     * pinned buffer. NULL when out of memory. */
+    void *(*host_alloc)(void *be, size_t bytes);
+    void (*host_free)(void *be, void *p);
 } ds4_backend_ops;
 
 extern const ds4_backend_ops ds4_backend_cpu;

@@ -49,7 +49,8 @@ ds4_session *ds4_session_new(ds4_engine *e, uint32_t ctx, char *err, size_t errl
     s->e = e;
     s->ctx = ctx;
     s->ids = malloc((size_t)ctx * sizeof *s->ids);
-    s->logits = malloc((size_t)hp->n_vocab * sizeof *s->logits);
+    size_t lb = (size_t)hp->n_vocab * sizeof *s->logits;
+    s->logits = e->ops->host_alloc ? e->ops->host_alloc(e->be, lb) : malloc(lb);
     if (!s->ids || !s->logits) {
         ds4_errf(err, errlen, "out of memory for a %u-token session", ctx);
         ds4_session_free(s);
@@ -69,7 +70,8 @@ void ds4_session_free(ds4_session *s) {
     if (!s) return;
     if (s->st) s->e->ops->state_free(s->e->be, s->st);
     free(s->ids);
-    free(s->logits);
+    if (s->e->ops->host_free) s->e->ops->host_free(s->e->be, s->logits);
+    else free(s->logits);
     free(s);
 }
 
