@@ -78,11 +78,15 @@ PY
         # The engine's own decode loop (ds4-bench: sampler, host work between
         # tokens), not gpucheck's: 64 greedy tokens at a 2K context on the
         # 4-layer file under nsys, graphs traced whole (less tracing overhead
-        # than per node). Per token: wall (body graph launch to the next),
-        # GPU busy (graphs + copies), and the gap the host leaves between the
-        # logits copy and the next body graph: the part of a token no kernel
-        # work can remove. NSYSBENCH_MODEL names another file (final.sh: the
-        # full model, whose body graph has ~10x the nodes to launch).
+        # than per node; a whole-graph record is not in nsys's cuda_gpu_trace
+        # report, so the analysis reads the exported SQLite tables). Per
+        # token (logits copy to logits copy): wall, GPU busy (graphs, kernels,
+        # copies), how long the GPU idles after the logits copy, and on the
+        # host: the wake-up from the stream sync, the host's own work up to
+        # the next graph launch (sampler, session, step copy enqueue) and the
+        # launch calls themselves. Idle GPU time is the part of a token no
+        # kernel work can remove. NSYSBENCH_MODEL names another file
+        # (final.sh: the full model, ~10x the graph nodes of the 4-layer one).
         m=${NSYSBENCH_MODEL:-/dev/shm/f4.gguf}; [ "$m" = /dev/shm/f4.gguf ] && f4
         nsys=$(command -v nsys || ls /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys | head -1)
         $nsys profile --cuda-graph-trace=graph -t cuda,osrt -o "$OUT/nsysbench" -f true \
@@ -90,32 +94,55 @@ PY
             --gen-tokens 64 -o "$OUT/nsysbench.csv" > "$OUT/nsysbench.err" 2>&1
         [ -f "$OUT/nsysbench.nsys-rep" ] || LD_LIBRARY_PATH=${NSYS_LIBS:-$PWD/nsyslib}:$LD_LIBRARY_PATH $(ls /opt/nvidia/nsight-compute/*/host/*/QdstrmImporter | head -1) \
             -i "$OUT/nsysbench.qdstrm" >> "$OUT/nsysbench.err" 2>&1
-        $nsys stats -q -r cuda_gpu_trace -f csv -o "$OUT/nsysbench" "$OUT/nsysbench.nsys-rep" >> "$OUT/nsysbench.err" 2>&1
-        python3 - "$OUT/nsysbench_cuda_gpu_trace.csv" <<'PY' | tee "$OUT/nsysbench.log"
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-ev = sorted((int(r["Start (ns)"]), int(r["Duration (ns)"]), r["Name"]) for r in rows)
-d2h = lambda n: "DtoH" in n or "Device-to-Host" in n
-h2d = lambda n: "HtoD" in n or "Host-to-Device" in n
-# In ds4-bench a decode token ends with the logits copy to the host, its
-# only device-to-host copy: the snapshot export comes before generation, the
+        $nsys export -t sqlite -f true -o "$OUT/nsysbench.sqlite" "$OUT/nsysbench.nsys-rep" >> "$OUT/nsysbench.err" 2>&1
+        python3 - "$OUT/nsysbench.sqlite" <<'PY' | tee "$OUT/nsysbench.log"
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+tables = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
+cols = lambda t: {r[1] for r in db.execute("pragma table_info(%s)" % t)}
+# GPU work: kernels (eager launches), whole-graph records, copies. CUPTI's
+# copyKind: 1 = host to device, 2 = device to host.
+gpu, d2h = [], []
+for t in sorted(tables):
+    if t.startswith("CUPTI_ACTIVITY_KIND_") and ("KERNEL" in t or "GRAPH" in t or "MEMCPY" in t) \
+            and {"start", "end"} <= cols(t):
+        q = "select start, end, %s from %s" % ("copyKind" if "copyKind" in cols(t) else "0", t)
+        for s, e, k in db.execute(q):
+            gpu.append((s, e))
+            if "MEMCPY" in t and k == 2: d2h.append(e)
+print("nsysbench: GPU tables %s" % ", ".join(t[20:] for t in sorted(tables) if t.startswith("CUPTI_ACTIVITY_KIND_")))
+gpu.sort(); d2h.sort()
+api = []
+if "CUPTI_ACTIVITY_KIND_RUNTIME" in tables:
+    api = sorted(db.execute("select r.start, r.end, s.value from CUPTI_ACTIVITY_KIND_RUNTIME r "
+                            "join StringIds s on r.nameId = s.id"))
+# In ds4-bench a decode token ends with the logits copy to the host, its only
+# device-to-host copy: the snapshot export comes before generation, the
 # restore after it copies host to device only. So the last 49 such copies
 # bound 48 generated tokens.
-ends = [s + d for s, d, n in ev if d2h(n)][-49:]
-w, busy, g_copy, g_kern = [], [], [], []
+ends = d2h[-49:]
+acc = {k: 0.0 for k in ("wall", "busy", "idle", "wake", "host", "launch")}
+n = 0
 for a, b in zip(ends, ends[1:]):
-    iv = [(s, d, n) for s, d, n in ev if a <= s < b]
+    iv = [(s, e) for s, e in gpu if a <= s < b]
     u, end = 0, a
-    for s, d, n in iv:
-        if s + d > end: u += s + d - max(s, end); end = s + d
-    w.append(b - a); busy.append(u)
-    g_copy.append(min([s for s, d, n in iv if h2d(n)], default=b) - a)             # host: sample, enqueue the step
-    g_kern.append(min([s for s, d, n in iv if not n.startswith("[")], default=b) - a)  # + the body graph's launch
-n = len(w)
+    for s, e in iv:
+        if e > end: u += e - max(s, end); end = e
+    acc["wall"] += b - a; acc["busy"] += u
+    acc["idle"] += min([s for s, e in iv], default=b) - a
+    sync = [e for s, e, nm in api if nm.startswith("cudaStreamSynchronize") and a <= e < b]
+    launch = [(s, e) for s, e, nm in api if nm.startswith("cudaGraphLaunch") and a <= s < b]
+    if sync and launch:
+        acc["wake"] += sync[0] - a
+        acc["host"] += launch[0][0] - sync[0]
+        acc["launch"] += sum(e - s for s, e in launch)
+    n += 1
 if n:
-    f = lambda x: sum(x) / n / 1e3
-    print("nsysbench: %d tokens, wall %.1f us a token, GPU busy %.1f us; after the logits copy: step copy at +%.1f us, first kernel at +%.1f us (%.2f %% of a token)"
-          % (n, f(w), f(busy), f(g_copy), f(g_kern), 100.0 * sum(g_kern) / sum(w)))
+    f = lambda k: acc[k] / n / 1e3
+    print("nsysbench: %d tokens, wall %.1f us a token, GPU busy %.1f us, GPU idle after the logits copy %.1f us (%.2f %%)"
+          % (n, f("wall"), f("busy"), f("idle"), 100.0 * acc["idle"] / acc["wall"]))
+    print("nsysbench: host after the logits copy: sync wake-up %.1f us, own work to the next graph launch %.1f us, graph launch calls %.1f us"
+          % (f("wake"), f("host"), f("launch")))
 else:
     print("nsysbench: no decode steps found")
 PY
