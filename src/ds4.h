@@ -202,6 +202,8 @@ void ds4_sampler_free(ds4_sampler *s);
  * draw from the survivors (xoshiro256** seeded from seed: same seed, same
  * tokens). NaN logits are never picked. */
 int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy);
+/* The greedy choice: lowest id of the largest non-NaN logit (0 if all NaN). */
+int32_t ds4_argmax(const float *logits, uint32_t n);
 /* Top-k log-probabilities of a logits vector (descending), for --dump-logprobs. */
 int ds4_top_logprobs(const float *logits, uint32_t n_vocab, int k, int32_t *ids, float *logprobs);
 
@@ -255,8 +257,13 @@ const int32_t *ds4_session_tokens(const ds4_session *s);
 typedef bool (*ds4_progress_fn)(void *ud, size_t done, size_t total);
 int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_logits,
                      ds4_progress_fn progress, void *ud, char *err, size_t errlen);
-/* NULL while the session is empty. */
+/* NULL while the session is empty. Decode leaves the logits in the
+ * backend (on a GPU: in device memory); the first call after an eval copies
+ * them to the host. A greedy step needs only ds4_session_argmax. */
 const float *ds4_session_logits(const ds4_session *s);
+/* ds4_argmax of the next-token logits without copying them out (the backend
+ * computed it); -1 while the session is empty. */
+int32_t ds4_session_argmax(const ds4_session *s);
 /* Bytes of KV state the session holds now (rows in use, f32). */
 uint64_t ds4_session_kv_bytes(const ds4_session *s);
 /* Drop tokens after n when that is exact; -1 (with err) when it is not. */

@@ -137,7 +137,7 @@ int main(int argc, char **argv)
         if (gen) {
             t0 = now_s();
             for (long i = 0; i < gen; i++) {
-                int32_t tok = ds4_sample(smp, ds4_session_logits(s), true);
+                int32_t tok = ds4_session_argmax(s);
                 if (ds4_session_eval(s, &tok, 1, NULL, NULL, NULL, err, sizeof err)) {
                     fprintf(stderr, "ds4-bench: decode at %ld: %s\n", frontier + i, err);
                     status = 1;

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "cpu/cpu.h"
+#include "ds4.h"
 #include "quant/quant.h"
 #include "util/errf.h"
 
@@ -54,6 +55,7 @@ struct cpu_state {
     uint32_t ctx, n, keep_raw;
     int n_layer;
     layer_state *L;
+    float *last;                /* eval_top's logits (n_vocab), made on first use */
 };
 
 struct cpu_mtp {
@@ -641,6 +643,7 @@ void cpu_state_free(cpu_state *st) {
     if (!st) return;
     for (int l = 0; l < st->n_layer; l++) layer_state_free(&st->L[l]);
     free(st->L);
+    free(st->last);
     free(st);
 }
 
@@ -921,6 +924,22 @@ static void v_state_bytes(void *be, const void *st, uint64_t *in_use, uint64_t *
 static int v_eval(void *be, void *st, const int32_t *ids, size_t n, float *logits, bool all, char *err, size_t errlen) {
     return cpu_eval(be, st, ids, n, logits, all, NULL, err, errlen);
 }
+/* The CPU's logits are in host memory anyway: eval_top keeps them in the
+ * state so that sessions use one path on every backend. */
+static int v_eval_top(void *be, void *st, const int32_t *ids, size_t n, int32_t *top, char *err, size_t errlen) {
+    cpu_state *cs = st;
+    uint32_t V = cs->be->hp->n_vocab;
+    if (!cs->last && !(cs->last = malloc((size_t)V * sizeof(float)))) return ds4_errf(err, errlen, "out of memory for logits");
+    if (cpu_eval(be, st, ids, n, cs->last, false, NULL, err, errlen)) return -1;
+    *top = ds4_argmax(cs->last, V);
+    return 0;
+}
+static int v_last_logits(void *be, const void *st, float *out, char *err, size_t errlen) {
+    const cpu_state *cs = st;
+    if (!cs->last) return ds4_errf(err, errlen, "no logits kept (no eval_top yet)");
+    memcpy(out, cs->last, (size_t)cs->be->hp->n_vocab * sizeof(float));
+    return 0;
+}
 static int v_truncate(void *be, void *st, uint32_t n, char *err, size_t errlen) { return cpu_truncate(be, st, n, err, errlen); }
 static int v_export(void *be, const void *st, ds4_kv_host *out, char *err, size_t errlen) { return cpu_export(be, st, out, err, errlen); }
 static int v_import(void *be, void *st, const ds4_kv_host *in, char *err, size_t errlen) { return cpu_import(be, st, in, err, errlen); }
@@ -956,4 +975,5 @@ static uint32_t v_eval_step(void *be) { return CPU_CHUNK; }
 const ds4_backend_ops ds4_backend_cpu = {
     "cpu", cpu_available, v_create, v_destroy, v_state_new, v_state_free, v_state_bytes, v_eval, v_truncate, v_export, v_import,
     v_mem_free, v_eval_step, NULL, NULL,   /* host memory: malloc / free */
+    v_eval_top, v_last_logits,
 };

@@ -89,6 +89,7 @@ typedef struct {
     int64_t isc_ld, isc_rows;
     void *a16;                   /* attn_chunk's f16 row copies (attn_scratch_bytes for ctx) */
     cudaGraphExec_t body[2];     /* one token's layers: [select] = indexer picks top-k */
+    float *last;                 /* eval_top's logits (n_vocab), kept for last_logits */
 } gpu_state;
 
 typedef struct {
@@ -112,6 +113,8 @@ typedef struct {
     bool fast_attn, fast_idx;
     bool hc_fused;               /* decode's fused HC step fits the shape (hc_fusable) */
     dstep *step, *hstep;         /* device step inputs of a chunk; pinned host copy */
+    float *top_v;                /* eval_top: the blocks' best values (TOP_BLOCKS) */
+    int32_t *top_i, *htop;       /* their indices, then the argmax (TOP_BLOCKS + 1); pinned host copy */
     bool graphs;                 /* capture decode as CUDA graphs (DS4_CUDA_GRAPHS=0: eager) */
     cudaGraphExec_t head_exec;
 } gpu_backend;
@@ -211,6 +214,9 @@ static void backend_free(gpu_backend *be) {
     cudaFree(be->freq_plain);
     cudaFree(be->step);
     if (be->hstep) cudaFreeHost(be->hstep);
+    cudaFree(be->top_v);
+    cudaFree(be->top_i);
+    if (be->htop) cudaFreeHost(be->htop);
     if (be->head_exec) cudaGraphExecDestroy(be->head_exec);
     if (be->s) cudaStreamDestroy(be->s);
     free(be);
@@ -457,7 +463,10 @@ static void *cuda_create(const ds4_model *m, int n_threads, char *err, size_t er
     be->gs = be->xs[1] + T;
     be->sel = be->eid + be->chunk * hp->n_expert_used;
     if (cudaMalloc((void **)&be->step, (size_t)be->chunk * sizeof(dstep)) != cudaSuccess ||
-        cudaMallocHost((void **)&be->hstep, (size_t)be->chunk * sizeof(dstep)) != cudaSuccess) {
+        cudaMallocHost((void **)&be->hstep, (size_t)be->chunk * sizeof(dstep)) != cudaSuccess ||
+        cudaMalloc((void **)&be->top_v, TOP_BLOCKS * sizeof(float)) != cudaSuccess ||
+        cudaMalloc((void **)&be->top_i, (TOP_BLOCKS + 1) * sizeof(int32_t)) != cudaSuccess ||
+        cudaMallocHost((void **)&be->htop, sizeof(int32_t)) != cudaSuccess) {
         ds4_errf(err, errlen, "cuda backend: cannot allocate the step buffers");
         backend_free(be);
         return NULL;
@@ -498,6 +507,7 @@ static void state_free(gpu_state *st) {
     cudaFree(st->att);
     cudaFree(st->isc);
     cudaFree(st->a16);
+    cudaFree(st->last);
     free(st);
 }
 
@@ -558,7 +568,7 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     isc_rows = isc_rows < 1 ? 1 : isc_rows > be->chunk ? be->chunk : isc_rows;
     if (be->fast_attn) att_rows = 1;   /* chunks take attn_chunk: slices of decode only */
     uint64_t a16 = be->fast_attn ? attn_scratch_bytes(keep_raw, ctx, be->chunk, 4) : 0;
-    need += (uint64_t)(att_rows * per_att + isc_rows * isc_ld) * sizeof(float) + a16;
+    need += (uint64_t)(att_rows * per_att + isc_rows * isc_ld + hp->n_vocab) * sizeof(float) + a16;
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) { ds4_errf(err, errlen, "cuda: cannot query the GPU"); return NULL; }
     if (need + VRAM_MARGIN > free_b) {
@@ -582,7 +592,8 @@ static void *cuda_state_new(void *b, uint32_t ctx, char *err, size_t errlen) {
     st->isc_rows = isc_rows;
     bool ok = zalloc(&st->att, (uint64_t)(att_rows * per_att)) == cudaSuccess &&
               zalloc(&st->isc, (uint64_t)(isc_rows * isc_ld)) == cudaSuccess &&
-              (!a16 || cudaMalloc(&st->a16, a16) == cudaSuccess);
+              (!a16 || cudaMalloc(&st->a16, a16) == cudaSuccess) &&
+              zalloc(&st->last, hp->n_vocab) == cudaSuccess;
     for (int l = 0; ok && l < st->n_layer; l++) {
         gpu_layer *ls = &st->L[l];
         int r = hp->compress_ratio[l];
@@ -1384,11 +1395,11 @@ static cudaError_t run_graph(gpu_backend *be, cudaGraphExec_t *exec, gpu_state *
 }
 
 /* One token (decode: the captured graphs) or chunks of up to be->chunk
- * tokens, each layer by layer over the whole chunk (prefill). */
-static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *logits, bool all_logits, char *err,
-                     size_t errlen) {
-    gpu_backend *be = (gpu_backend *)b;
-    gpu_state *st = (gpu_state *)stp;
+ * tokens, each layer by layer over the whole chunk (prefill). The last
+ * token's logits go to the host (logits), or stay in st->last with their
+ * argmax in *top (eval_top); neither: the body alone (diagnostics). */
+static int eval_chunks(gpu_backend *be, gpu_state *st, const int32_t *ids, size_t n, float *logits, bool all_logits,
+                       int32_t *top, char *err, size_t errlen) {
     const ds4_hparams *hp = be->hp;
     if (n == 0) return 0;
     if (n > st->ctx - st->n) return ds4_errf(err, errlen, "context full: %u + %zu tokens > %u", st->n, n, st->ctx);
@@ -1413,17 +1424,43 @@ static int cuda_eval(void *b, void *stp, const int32_t *ids, size_t n, float *lo
         book(st, p0 + (uint32_t)c);
         st->n += (uint32_t)c;
         /* Logits of the last token, or of every token in HEAD_ROWS batches. */
-        bool want = logits && (all_logits || t0 + (size_t)c == n);
+        bool want = (logits || top) && (all_logits || t0 + (size_t)c == n);
         for (int64_t h0 = all_logits ? 0 : c - 1; want && h0 < c; h0 += HEAD_ROWS) {
             int64_t nh = c - h0 < HEAD_ROWS ? c - h0 : HEAD_ROWS;
             if (c == 1) CK(run_graph(be, &be->head_exec, NULL, 2));
             else head(be, be->X + h0 * zw, nh);
-            CK(cudaMemcpyAsync(logits + (all_logits ? (t0 + h0) * hp->n_vocab : 0), be->logits,
-                               nh * hp->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, be->s));
+            if (logits) {
+                CK(cudaMemcpyAsync(logits + (all_logits ? (t0 + h0) * hp->n_vocab : 0), be->logits,
+                                   nh * hp->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, be->s));
+                continue;
+            }
+            /* eval_top (never all_logits: one row): 4 bytes come back. */
+            launch(k_top_part, TOP_BLOCKS, TOP_THREADS, 0, be->s, be->logits, (int)hp->n_vocab, st->last, be->top_v,
+                   be->top_i);
+            launch(k_top_final, 1, TOP_BLOCKS, 0, be->s, be->top_v, be->top_i, be->top_i + TOP_BLOCKS);
+            CK(cudaMemcpyAsync(be->htop, be->top_i + TOP_BLOCKS, sizeof(int32_t), cudaMemcpyDeviceToHost, be->s));
         }
         CK(cudaStreamSynchronize(be->s));
+        if (want && !logits) *top = *be->htop;
     }
     CK(cudaGetLastError());
+    return 0;
+}
+
+static int cuda_eval(void *b, void *st, const int32_t *ids, size_t n, float *logits, bool all_logits, char *err,
+                     size_t errlen) {
+    return eval_chunks((gpu_backend *)b, (gpu_state *)st, ids, n, logits, all_logits, NULL, err, errlen);
+}
+
+static int cuda_eval_top(void *b, void *st, const int32_t *ids, size_t n, int32_t *top, char *err, size_t errlen) {
+    return eval_chunks((gpu_backend *)b, (gpu_state *)st, ids, n, NULL, false, top, err, errlen);
+}
+
+static int cuda_last_logits(void *b, const void *stp, float *out, char *err, size_t errlen) {
+    gpu_backend *be = (gpu_backend *)b;
+    const gpu_state *st = (const gpu_state *)stp;
+    CK(cudaMemcpyAsync(out, st->last, be->hp->n_vocab * sizeof(float), cudaMemcpyDeviceToHost, be->s));
+    CK(cudaStreamSynchronize(be->s));
     return 0;
 }
 
@@ -1560,7 +1597,7 @@ extern "C" const ds4_backend_ops ds4_backend_cuda = {
     "cuda", cuda_available, cuda_create, cuda_destroy, cuda_state_new, cuda_state_free, cuda_state_bytes, cuda_eval,
     cuda_truncate,
     cuda_export, cuda_import,
-    cuda_mem_free, cuda_eval_step, cuda_host_alloc, cuda_host_free,
+    cuda_mem_free, cuda_eval_step, cuda_host_alloc, cuda_host_free, cuda_eval_top, cuda_last_logits,
 };
 
 /* ---- kernel checks for tools/ds4-gpucheck ------------------------------------------------- */
@@ -1818,6 +1855,25 @@ extern "C" int ds4_cuda_test_qat(float *x, int n, bool fp4, char *err, size_t er
     if (!e) e = cudaMemcpy(x, d, n * sizeof(float), cudaMemcpyDeviceToHost);
     cudaFree(d);
     return e ? ds4_errf(err, errlen, "qat: %s", cudaGetErrorString(e)) : 0;
+}
+
+extern "C" int ds4_cuda_test_top(const float *x, int n, float *keep, int32_t *top, char *err, size_t errlen) {
+    float *dx = NULL, *dk = NULL, *pv = NULL;
+    int32_t *pi = NULL;
+    cudaError_t e;
+    if (!(e = cudaMalloc((void **)&dx, n * sizeof(float))) && !(e = cudaMalloc((void **)&dk, n * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&pv, TOP_BLOCKS * sizeof(float))) &&
+        !(e = cudaMalloc((void **)&pi, (TOP_BLOCKS + 1) * sizeof(int32_t))) &&
+        !(e = cudaMemcpy(dx, x, n * sizeof(float), cudaMemcpyHostToDevice))) {
+        cudaMemset(dk, 0xff, n * sizeof(float));              /* NaN: an unwritten copy is visible */
+        cudaMemset(pi + TOP_BLOCKS, 0xff, sizeof(int32_t));   /* −1: so is an unwritten result */
+        k_top_part<<<TOP_BLOCKS, TOP_THREADS>>>(dx, n, dk, pv, pi);
+        k_top_final<<<1, TOP_BLOCKS>>>(pv, pi, pi + TOP_BLOCKS);
+        if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(keep, dk, n * sizeof(float), cudaMemcpyDeviceToHost)))
+            e = cudaMemcpy(top, pi + TOP_BLOCKS, sizeof(int32_t), cudaMemcpyDeviceToHost);
+    }
+    cudaFree(dx); cudaFree(dk); cudaFree(pv); cudaFree(pi);
+    return e ? ds4_errf(err, errlen, "top: %s", cudaGetErrorString(e)) : 0;
 }
 
 extern "C" int ds4_cuda_test_topk(const float *score, int64_t n, int64_t k, int32_t *out, char *err, size_t errlen) {

@@ -21,6 +21,9 @@ extern const ds4_backend_ops ds4_backend_cuda;
 
 /* Start / stop an attached profiler's collection (ncu --profile-from-start off). */
 void ds4_cuda_profiler(bool on);
+/* eval_top's two passes over one row x of n logits: *top (ds4_argmax's rule)
+ * and keep, the row's copy. */
+int ds4_cuda_test_top(const float *x, int n, float *keep, int32_t *top, char *err, size_t errlen);
 /* y[r] = dot(row r of w, x) for rows < n_rows, rows of n_in values of `type`. */
 int ds4_cuda_test_matvec(int type, const void *w, int64_t n_in, int64_t n_rows, const float *x, float *y,
                          char *err, size_t errlen);

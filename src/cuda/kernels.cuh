@@ -18,6 +18,7 @@
 #ifndef DS4_CUDA_KERNELS_CUH
 #define DS4_CUDA_KERNELS_CUH
 #include <cuda_fp16.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -372,6 +373,66 @@ __device__ void blk_fp4(float *x, int n) {
     cnt = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = r[cnt++ & 3];
     __syncthreads();
+}
+
+/* ---- eval_top: the greedy token without the logits leaving the device ---------- */
+
+/* ds4_argmax's rule (src/sample/sampler.c): the largest non-NaN value, the
+ * lowest index on ties; NaN never wins. True when (bv, bi) beats (av, ai). */
+__device__ __forceinline__ bool top_beats(float bv, int bi, float av, int ai) {
+    return !isnan(bv) && (isnan(av) || bv > av || (bv == av && bi < ai));
+}
+
+/* The block's best (value, index) into thread 0's v, i. blockDim.x: a
+ * multiple of 32, at most 1024. */
+__device__ void top_block(float *v, int *i) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_down_sync(~0u, *v, o);
+        int oi = __shfl_down_sync(~0u, *i, o);
+        if (top_beats(ov, oi, *v, *i)) { *v = ov; *i = oi; }
+    }
+    int w = threadIdx.x / 32, nw = blockDim.x / 32;
+    if ((threadIdx.x & 31) == 0) { sv[w] = *v; si[w] = *i; }
+    __syncthreads();
+    if (w) return;
+    *v = threadIdx.x < nw ? sv[threadIdx.x] : NAN;
+    *i = threadIdx.x < nw ? si[threadIdx.x] : INT_MAX;
+    for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_down_sync(~0u, *v, o);
+        int oi = __shfl_down_sync(~0u, *i, o);
+        if (top_beats(ov, oi, *v, *i)) { *v = ov; *i = oi; }
+    }
+}
+
+/* Two passes over one row of n logits, so that the 517 KB row is read by
+ * TOP_BLOCKS SMs at once (one block alone would take ~100 µs on its own
+ * load latency). Pass 1: each block's best of a strided share, and the
+ * row's copy into keep (the state's kept logits, for last_logits). */
+#define TOP_BLOCKS 128
+#define TOP_THREADS 256
+__global__ void __launch_bounds__(TOP_THREADS) k_top_part(const float *x, int n, float *keep, float *pv, int *pi) {
+    pdl_wait();
+    float bv = NAN;
+    int bi = INT_MAX;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float v = x[i];
+        keep[i] = v;
+        if (top_beats(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    top_block(&bv, &bi);
+    if (threadIdx.x == 0) { pv[blockIdx.x] = bv; pi[blockIdx.x] = bi; }
+}
+
+/* Pass 2 (one block of TOP_BLOCKS threads): the best of the blocks' bests;
+ * 0 when every logit is NaN, as on the host. */
+__global__ void __launch_bounds__(TOP_BLOCKS) k_top_final(const float *pv, const int *pi, int32_t *top) {
+    pdl_wait();
+    float v = pv[threadIdx.x];
+    int i = pi[threadIdx.x];
+    top_block(&v, &i);
+    if (threadIdx.x == 0) *top = i == INT_MAX ? 0 : i;
 }
 
 /* ---- test-only wrapper ---------------------------------------------------------- */

@@ -136,6 +136,13 @@ typedef struct {
      * pinned buffer. NULL when out of memory. */
     void *(*host_alloc)(void *be, size_t bytes);
     void (*host_free)(void *be, void *p);
+    /* eval without copying logits out: the last token's logits stay in the
+     * state (on a GPU, in device memory) and *top gets their ds4_argmax, so
+     * a greedy decode step brings back only the token. last_logits copies
+     * those kept logits to the host; valid after eval_top, until the state's
+     * next eval or truncate. */
+    int (*eval_top)(void *be, void *st, const int32_t *ids, size_t n, int32_t *top, char *err, size_t errlen);
+    int (*last_logits)(void *be, const void *st, float *out, char *err, size_t errlen);
 } ds4_backend_ops;
 
 extern const ds4_backend_ops ds4_backend_cpu;

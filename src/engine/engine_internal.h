@@ -21,8 +21,10 @@ struct ds4_session {
     uint32_t ctx;
     int32_t *ids;               /* tokens held, ctx capacity */
     size_t n;
-    float *logits;              /* n_vocab: next-token logits */
+    float *logits;              /* n_vocab: next-token logits, once in_host */
     bool has_logits;
+    bool in_host;               /* logits copied out of the backend (eval_top keeps them there) */
+    int32_t top;                /* ds4_argmax of the logits, valid with has_logits */
 };
 
 const ds4_model *ds4_engine_model(const ds4_engine *e);

@@ -198,18 +198,25 @@ int ds4_generate(ds4_session *s, const int32_t *prompt, size_t n_prompt, const d
          * evaluated must not be shown or counted, or the session (the REPL's
          * transcript, the server's next turn) would lack what the user saw. */
         if (ds4_session_len(s) >= ctx) { fin = DS4_FINISH_LENGTH; break; }
-        const float *logits = ds4_session_logits(s);
-        if (!logits) { snprintf(err, errlen, "generate: the session has no logits"); goto done; }
-        if (r->n_gen < p->n_forced) {
-            /* Far above any real logit but finite, so softmax stays exact. */
-            float mx = -INFINITY;
-            for (uint32_t i = 0; i < n_vocab; i++) if (logits[i] > mx) mx = logits[i];
-            memcpy(biased, logits, sizeof(float) * n_vocab);
-            biased[p->forced[r->n_gen]] = mx + 1e4f;
-            logits = biased;
-        }
+        const float *logits;
         bool greedy = p->sampling.temperature <= 0 || ds4_dsml_structural(g.dsml);
-        int32_t t = ds4_sample(sampler, logits, greedy);
+        int32_t t = -1;
+        if (greedy && r->n_gen >= p->n_forced) {
+            /* The backend's argmax: the logits stay where they were
+             * computed (on a GPU, in device memory). */
+            t = ds4_session_argmax(s);
+        } else if ((logits = ds4_session_logits(s))) {
+            if (r->n_gen < p->n_forced) {
+                /* Far above any real logit but finite, so softmax stays exact. */
+                float mx = -INFINITY;
+                for (uint32_t i = 0; i < n_vocab; i++) if (logits[i] > mx) mx = logits[i];
+                memcpy(biased, logits, sizeof(float) * n_vocab);
+                biased[p->forced[r->n_gen]] = mx + 1e4f;
+                logits = biased;
+            }
+            t = ds4_sample(sampler, logits, greedy);
+        }
+        if (t < 0) { snprintf(err, errlen, "generate: the session has no logits"); goto done; }
         r->n_gen++;
         if (t == eos) { fin = DS4_FINISH_STOP; break; }
         size_t n = ds4_detok_push(&dt, tok, t, piece, sizeof piece);

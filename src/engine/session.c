@@ -78,7 +78,26 @@ void ds4_session_free(ds4_session *s) {
 uint32_t ds4_session_ctx(const ds4_session *s) { return s->ctx; }
 size_t ds4_session_len(const ds4_session *s) { return s->n; }
 const int32_t *ds4_session_tokens(const ds4_session *s) { return s->ids; }
-const float *ds4_session_logits(const ds4_session *s) { return s->has_logits ? s->logits : NULL; }
+
+/* The logits of the last eval stay in the backend until asked for: on a GPU
+ * a greedy step then brings back the token alone, not n_vocab floats. The
+ * copy fills a cache and does not change the session's value (the last eval
+ * fixed the logits), hence a const session. */
+const float *ds4_session_logits(const ds4_session *s) {
+    if (!s->has_logits) return NULL;
+    if (!s->in_host) {
+        ds4_session *m = (ds4_session *)s;
+        char err[256];
+        if (s->e->ops->last_logits(s->e->be, s->st, m->logits, err, sizeof err)) {
+            fprintf(stderr, "ds4: logits: %s\n", err);
+            return NULL;
+        }
+        m->in_host = true;
+    }
+    return s->logits;
+}
+
+int32_t ds4_session_argmax(const ds4_session *s) { return s->has_logits ? s->top : -1; }
 
 uint64_t ds4_session_kv_bytes(const ds4_session *s) {
     uint64_t used, alloc;
@@ -103,13 +122,18 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, size_t n, float *all_lo
     while (done < n) {
         /* progress and cancellation between the backend's own batches */
         size_t c = n - done < step ? n - done : step;
-        float *out = all_logits ? all_logits + done * V : s->logits;
-        if (e->ops->eval(e->be, s->st, ids + done, c, out, all_logits != NULL, err, errlen)) return -1;
+        if (all_logits ? e->ops->eval(e->be, s->st, ids + done, c, all_logits + done * V, true, err, errlen)
+                       : e->ops->eval_top(e->be, s->st, ids + done, c, &s->top, err, errlen))
+            return -1;
         memcpy(s->ids + s->n, ids + done, c * sizeof *ids);
         s->n += c;
         done += c;
-        if (all_logits) memcpy(s->logits, all_logits + (done - 1) * V, (size_t)V * sizeof(float));
         s->has_logits = true;
+        s->in_host = all_logits != NULL;
+        if (all_logits) {
+            memcpy(s->logits, all_logits + (done - 1) * V, (size_t)V * sizeof(float));
+            s->top = ds4_argmax(s->logits, V);
+        }
         if (progress && !progress(ud, done, n) && done < n) {
             ds4_errf(err, errlen, "cancelled after %zu of %zu tokens", done, n);
             return 1;
@@ -204,6 +228,8 @@ int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len) {
     const ds4_hparams *hp = &e->model.hp;
     ds4_kv_host h;
     char err[256];
+    const float *logits = ds4_session_logits(s);
+    if (s->has_logits && !logits) return -1;
     if (e->ops->export_state(e->be, s->st, &h, err, sizeof err)) return -1;
     wbuf w = {0};
     put(&w, SNAP_MAGIC, 8);
@@ -214,7 +240,7 @@ int ds4_session_save(const ds4_session *s, uint8_t **buf, size_t *len) {
     put32(&w, hp->window);
     put32(&w, (uint32_t)s->n); put32(&w, s->has_logits);
     put(&w, s->ids, s->n * sizeof *s->ids);
-    if (s->has_logits) put(&w, s->logits, (size_t)hp->n_vocab * sizeof(float));
+    if (s->has_logits) put(&w, logits, (size_t)hp->n_vocab * sizeof(float));
     for (uint32_t l = 0; l < h.n_layer; l++) {
         const ds4_kv_layer_host *o = &h.layers[l];
         size_t W = ds4_comp_lanes(hp->compress_ratio[l]) * (size_t)hp->head_dim, Wi = 2 * (size_t)hp->idx_head_dim;
@@ -335,7 +361,11 @@ int ds4_session_load(ds4_session *s, const uint8_t *buf, size_t len, char *err, 
     memcpy(s->ids, ids, (size_t)n * 4);
     s->n = n;
     s->has_logits = has_logits;
-    if (has_logits) memcpy(s->logits, logits, (size_t)hp->n_vocab * 4);
+    s->in_host = true;
+    if (has_logits) {
+        memcpy(s->logits, logits, (size_t)hp->n_vocab * 4);
+        s->top = ds4_argmax(s->logits, hp->n_vocab);
+    }
     rc = 0;
 out:
     free(ids);

@@ -120,7 +120,7 @@ static void sort_head(const float *v, int32_t *idx, size_t k) {
  * since every comparison with it is false), then the first id holding that
  * value. Decode greedy-samples 129 280 logits a token: ≈ 16 µs instead of
  * ≈ 115 µs for the scalar loop on the build machine. */
-static int32_t argmax(const float *logits, uint32_t n) {
+int32_t ds4_argmax(const float *logits, uint32_t n) {
     float m[8];
     for (int j = 0; j < 8; j++) m[j] = -INFINITY;
     uint32_t i = 0;
@@ -137,7 +137,7 @@ static int32_t argmax(const float *logits, uint32_t n) {
 int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
     const ds4_sampling *p = &s->p;
     uint32_t n = s->n;
-    if (greedy || !(p->temperature > 0)) return argmax(logits, n);
+    if (greedy || !(p->temperature > 0)) return ds4_argmax(logits, n);
 
     float mx = -INFINITY;
     for (uint32_t i = 0; i < n; i++) {
@@ -146,7 +146,7 @@ int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
         s->v[i] = x;
         if (x > mx) mx = x;
     }
-    if (!isfinite(mx)) return argmax(logits, n); /* nothing finite to weigh */
+    if (!isfinite(mx)) return ds4_argmax(logits, n); /* nothing finite to weigh */
     /* min-p as a cut on scaled logits: p_i >= min_p * p_max <=> v_i - max >= log(min_p). */
     float cutoff = p->min_p > 0 ? mx + logf(p->min_p) : -INFINITY;
     if (cutoff > mx) cutoff = mx; /* min_p > 1: the best token still survives */

@@ -27,6 +27,7 @@
 #include <time.h>
 
 #include "cpu/cpu.h"
+#include "ds4.h"
 #include "quant/quant.h"
 
 #ifndef DS4_CUDA
@@ -371,6 +372,29 @@ static void check_topk(int64_t n, int64_t k, bool ties) {
         verdict(what, diff == 0, "%lld of %lld indices differ", (long long)diff, (long long)k);
     }
     free(s); free(got); free(ref);
+}
+
+/* eval_top's argmax against the sampler's on rows made to catch the rule's
+ * edges: ties of the maximum across blocks (lowest id wins), NaN never
+ * winning, all NaN (0), only -inf. The row's kept copy must be exact. */
+static void check_top(int n, const char *kind) {
+    char err[256], what[64];
+    float *x = malloc(n * sizeof(float)), *keep = malloc(n * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        float r = frand();
+        if (!strcmp(kind, "random")) x[i] = r * 30.0f;
+        else if (!strcmp(kind, "ties")) x[i] = (float)(rnd() % 5);          /* the max 4 held by ~n/5 ids */
+        else if (!strcmp(kind, "nan")) x[i] = rnd() % 3 ? NAN : r;          /* NaN and finite, mixed */
+        else if (!strcmp(kind, "all nan")) x[i] = NAN;
+        else x[i] = i % 7 ? -INFINITY : NAN;                                /* "-inf": NaN first, then -inf */
+    }
+    if (!strcmp(kind, "ties")) x[n - 1] = 4.0f, x[n / 2 + 3] = 4.0f;
+    int32_t top = -2, ref = ds4_argmax(x, (uint32_t)n);
+    snprintf(what, sizeof what, "eval_top argmax of %d (%s)", n, kind);
+    if (ds4_cuda_test_top(x, n, keep, &top, err, sizeof err)) verdict(what, false, "%s", err);
+    else verdict(what, top == ref && !memcmp(x, keep, n * sizeof(float)), "argmax %d, sampler's %d; copy %s", top,
+                 ref, memcmp(x, keep, n * sizeof(float)) ? "differs" : "exact");
+    free(x); free(keep);
 }
 
 static void check_hc(int hc) {
@@ -1054,6 +1078,13 @@ static void kernel_checks(void) {
     check_topk(520, 512, false);   /* decode just past 2K: a key a thread */
     check_topk(520, 512, true);
     check_topk(2600, 512, true);
+    check_top(129280, "random");
+    check_top(8013, "random");
+    check_top(129280, "ties");
+    check_top(129280, "nan");
+    check_top(100, "all nan");
+    check_top(129280, "-inf");
+    check_top(31, "random");    /* fewer logits than threads of one block */
     check_hc(4);
     check_hc_step(4, 4096, GGML_F16, true, true, false);    /* the full model's attention step */
     check_hc_step(4, 4096, GGML_F16, true, false, false);   /* its FFN step */
@@ -1445,6 +1476,34 @@ static int model_checks(const char *path, size_t n_tok, uint32_t ctx, int bench)
         if (!ok) verdict("cuda decode vs chunked prefill", false, "%s", err);
         else compare_chunked("cuda decode vs chunked prefill, every position", ld, lg, n_tok, V);
         if (s2) gpu.ops->state_free(gpu.be, s2);
+        /* eval_top (greedy decode: the logits stay on the device) runs the
+         * same kernels as eval, so its argmax is the sampler's on eval's
+         * logits and its kept logits are those bit for bit: every decode
+         * step, then the whole prompt as chunks. */
+        float *kept = malloc(V * sizeof(float)), *last = malloc(V * sizeof(float));
+        size_t bad_top = 0, bad_kept = 0;
+        int32_t top = -1;
+        s2 = gpu.ops->state_new(gpu.be, ctx, err, sizeof err);
+        ok = s2 != NULL;
+        for (size_t t = 0; ok && t < n_tok; t++) {
+            ok = !gpu.ops->eval_top(gpu.be, s2, ids + t, 1, &top, err, sizeof err) &&
+                 !gpu.ops->last_logits(gpu.be, s2, kept, err, sizeof err);
+            bad_top += ok && top != ds4_argmax(ld + t * V, V);
+            bad_kept += ok && memcmp(kept, ld + t * V, V * sizeof(float)) != 0;
+        }
+        void *s3 = ok ? gpu.ops->state_new(gpu.be, ctx, err, sizeof err) : NULL;
+        ok = s3 && !gpu.ops->truncate(gpu.be, s2, 0, err, sizeof err) &&
+             !gpu.ops->eval_top(gpu.be, s2, ids, n_tok, &top, err, sizeof err) &&
+             !gpu.ops->last_logits(gpu.be, s2, kept, err, sizeof err) &&
+             !gpu.ops->eval(gpu.be, s3, ids, n_tok, last, false, err, sizeof err);
+        bool chunk_same = ok && top == ds4_argmax(last, V) && !memcmp(kept, last, V * sizeof(float));
+        if (!ok) verdict("cuda eval_top", false, "%s", err);
+        else verdict("cuda eval_top == eval: argmax and kept logits, every decode step and a prefill",
+                     bad_top == 0 && bad_kept == 0 && chunk_same, "%zu of %zu argmax differ, %zu kept rows not bit-equal; prefill %s",
+                     bad_top, n_tok, bad_kept, chunk_same ? "same" : "differs");
+        if (s2) gpu.ops->state_free(gpu.be, s2);
+        if (s3) gpu.ops->state_free(gpu.be, s3);
+        free(kept); free(last);
         /* Chunk boundaries: the prompt in uneven pieces (ring stores after and
          * during a chunk, compressor blocks spanning pieces) must give what one
          * chunk gave; reported bit for bit, judged by the same bounds. */
