@@ -2,7 +2,7 @@
 # Packs a device folder from this checkout's build, laid out as run.sh,
 # perf.sh and final.sh expect (the GPU machine has CUDA's driver but not the
 # Debian libraries ds4 links, and cannot install packages):
-#   DEST/bin/       ds4-gpucheck, ds4-bench, ds4-synth of build/bin (stripped)
+#   DEST/bin/       ds4, ds4-gpucheck, ds4-bench, ds4-synth of build/bin (stripped)
 #   DEST/old/       the previous build's ds4-gpucheck and ds4-bench, from OLD
 #                   (a folder holding them, e.g. an earlier pack's bin/), for
 #                   the before/after steps and final.sh's A/B
@@ -18,12 +18,12 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: tools/gpu/pack.sh DEST [OLD]" >&2; exit 2; }
 dest=$1 old=${2:-}
 tok=${DS4_SHARED:-../shared}/data/tokenizer/deepseek-v3-npm/tokenizer.json
-for f in build/bin/ds4-gpucheck build/bin/ds4-bench build/bin/ds4-synth "$tok"; do
+for f in build/bin/ds4 build/bin/ds4-gpucheck build/bin/ds4-bench build/bin/ds4-synth "$tok"; do
   [ -f "$f" ] || { echo "pack: $f missing (make with nvcc present; DS4_SHARED names the shared folder)" >&2; exit 1; }
 done
 git check-ignore -q "$dest" || { echo "pack: $dest is not ignored by git: it would be sent as part of the tree" >&2; exit 1; }
 rm -rf "$dest" && mkdir -p "$dest/bin" "$dest/lib" "$dest/nsyslib"
-for p in ds4-gpucheck ds4-bench ds4-synth; do strip -o "$dest/bin/$p" "build/bin/$p"; done
+for p in ds4 ds4-gpucheck ds4-bench ds4-synth; do strip -o "$dest/bin/$p" "build/bin/$p"; done
 if [ -n "$old" ]; then
   mkdir -p "$dest/old"
   for p in ds4-gpucheck ds4-bench; do cp "$old/$p" "$dest/old/$p"; done
