@@ -55,7 +55,8 @@ for i in range(n):
     print("%3d " % i + " ".join("%14.2e" % rel[tuple(p)][i] for p in pairs))
 for a, b in pairs:
     am = sum(int(L[a][i].argmax() == L[b][i].argmax()) for i in range(n))
-    print("%s vs %s: max rel %.2e, argmax same at %d of %d positions" % (a, b, max(rel[(a, b)]), am, n))
+    at = " ".join("%d:%.1e" % (i, rel[(a, b)][i]) for i in (0, 1, 2, 5, 20, 48) if i < n)
+    print("%s vs %s: max rel %.2e (at %s), argmax same at %d of %d positions" % (a, b, max(rel[(a, b)]), at, am, n))
 ref = L[pairs[0][1]]
 top2 = -np.sort(-ref, axis=1)[:, :2]
 gap = top2[:, 0] - top2[:, 1]
