@@ -47,7 +47,7 @@ static void usage(FILE *f) {
         "                   chaotic: a 1-ulp input change flips FP8 roundings of KV rows and\n"
         "                   grows to O(0.1) in the logits within a few tokens, so two correct\n"
         "                   backends cannot give the same greedy continuation. A small G makes\n"
-        "                   it ordered (tools/gpu/NOTES.md \"An ordered random model\": 1e-4\n"
+        "                   it ordered (tools/gpu/NOTES.md \"An ordered random model\": 5e-5\n"
         "                   for the 43-layer flash shapes) while the layers still move the logits.\n"
         "  --tokenizer PATH DeepSeek V3 tokenizer.json (default: " TOKENIZER_REL "\n"
         "                   relative to the current directory or to the repo of this binary,\n"

@@ -2,10 +2,10 @@
 # cudadrift diagnostic: teacher-forced logits of the full-size synthetic model,
 # CUDA vs CPU and CPU vs a 1-ulp-perturbed CPU, with and without the KV QAT
 # simulation (DS4_DIAG_EXACT_KV, DS4_DIAG_PERTURB: see src/cpu/cpu.h).
-#   SYNTH_ARGS="--gain 1e-4"  extra ds4-synth options; the file is then named
-#                             after them (/dev/shm/flash-gain1e-4.gguf), so the
+#   SYNTH_ARGS="--gain 5e-5"  extra ds4-synth options; the file is then named
+#                             after them (/dev/shm/flash-gain5e-5.gguf), so the
 #                             default /dev/shm/flash.gguf is never reused for it
-#   SWEEP="1e-4 3e-5"         instead: for each gain, synth, then CPU vs
+#   SWEEP="1e-4 2e-5"         instead: for each gain, synth, then CPU vs
 #                             perturbed CPU with QAT on only (~70 s a gain)
 # 49 teacher-forced positions (a 17-token prompt + 32 greedy tokens is what
 # fullcheck.sh compares). Results go to $OUT/drift*.txt.

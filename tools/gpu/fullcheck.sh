@@ -4,7 +4,7 @@
 # same on CUDA and on the CPU reference, run on the same machine. Runs from a
 # folder holding bin/, lib/, tokenizer.json and run.sh (tools/gpu/NOTES.md
 # says how a run is packed). Logs to $OUT; the comparison prints last.
-#   SYNTH_ARGS="--gain 1e-4"  extra ds4-synth options (an ordered random model:
+#   SYNTH_ARGS="--gain 5e-5"  extra ds4-synth options (an ordered random model:
 #                             NOTES.md "An ordered random model"); the file is
 #                             named after them, as in drift.sh, so the default
 #                             /dev/shm/flash.gguf is never reused for them
