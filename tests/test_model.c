@@ -2,12 +2,14 @@
  * §12), KV accounting (§7.2), ds4-synth round trips (tiny, MTP, full-shape
  * --no-data), and the exact error for each kind of broken file. */
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "model/model.h"
+#include "quant/quant.h"
 #include "test.h"
 
 static char dir[64];
@@ -290,6 +292,64 @@ static void test_synth_bad_args(void) {
     CHECK(access(p, F_OK) != 0, "no output on failure");
 }
 
+/* --gain G: only token_embd changes, every value exactly 1/G times the
+ * default one (G a power of two: f16 rounding commutes with the scaling
+ * except in the subnormal range);
+ * --gain 1 is the default file byte for byte; out-of-range values refused. */
+static void test_synth_gain(void) {
+    char p1[128], p2[128], args[256], err[512];
+    path_in(p1, sizeof p1, "gain1.gguf");
+    path_in(p2, sizeof p2, "gain4.gguf");
+    snprintf(args, sizeof args, "--preset tiny --layers 2 --seed 3 --threads 2 -o %s", p1);
+    REQUIRE(run_synth(args) == 0);
+    snprintf(args, sizeof args, "--preset tiny --layers 2 --seed 3 --threads 2 --gain 0.25 -o %s", p2);
+    REQUIRE(run_synth(args) == 0);
+    gguf_file *a = gguf_open(p1, err, sizeof err), *b = gguf_open(p2, err, sizeof err);
+    REQUIRE(a && b, "%s", err);
+    REQUIRE(gguf_n_tensors(a) == gguf_n_tensors(b));
+    int differ = 0;
+    for (int64_t i = 0; i < gguf_n_tensors(a); i++) {
+        const gguf_tensor *ta = gguf_tensor_at(a, i), *tb = gguf_tensor_at(b, i);
+        REQUIRE(ta->nbytes == tb->nbytes && ta->name.len == tb->name.len && !memcmp(ta->name.ptr, tb->name.ptr, ta->name.len));
+        if (!memcmp(ta->data, tb->data, ta->nbytes)) continue;
+        differ++;
+        CHECK(gguf_str_eq(ta->name, "token_embd.weight"), "tensor %lld changed", (long long)i);
+    }
+    CHECK(differ == 1, "%d tensors changed", differ);
+    const gguf_tensor *ea = gguf_find_tensor(a, "token_embd.weight"), *eb = gguf_find_tensor(b, "token_embd.weight");
+    REQUIRE(ea && eb && ea->type == GGML_F16);
+    uint64_t n = ea->nbytes / 2, bad = 0;
+    double ss = 0;
+    for (uint64_t k = 0; k < n; k++) {
+        uint16_t ha, hb;
+        memcpy(&ha, (const uint8_t *)ea->data + 2 * k, 2);
+        memcpy(&hb, (const uint8_t *)eb->data + 2 * k, 2);
+        float va = ds4_f16_to_f32(ha), vb = ds4_f16_to_f32(hb);
+        /* Exact where the default value is a normal f16; a subnormal one
+         * (|v| < 2^-14) was rounded to the 2^-24 grid, so within 2^-23·4. */
+        bad += fabsf(va) >= 0x1p-14f ? vb != 4.0f * va : fabsf(vb - 4.0f * va) > 0x1p-21f;
+        ss += (double)va * va;
+    }
+    CHECK(bad == 0, "%llu of %llu embedding values are not 4x", (unsigned long long)bad, (unsigned long long)n);
+    /* Default spread at the tiny width: 0.02·sqrt(4096/256) = 0.08. */
+    CHECK(fabs(sqrt(ss / n) - 0.08) < 0.002, "embedding rms %g", sqrt(ss / n));
+    gguf_close(a);
+    gguf_close(b);
+    snprintf(args, sizeof args, "--preset tiny --layers 2 --seed 3 --threads 1 --gain 1 -o %s", p2);
+    REQUIRE(run_synth(args) == 0);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "cmp -s %s %s", p1, p2);
+    CHECK(system(cmd) == 0, "--gain 1 differs from the default");
+    unlink(p1);
+    unlink(p2);
+    const char *bad_gain[] = {"0", "-0.5", "1.5", "9e-6", "nan", "0.1x", ""};
+    for (size_t k = 0; k < sizeof bad_gain / sizeof *bad_gain; k++) {
+        snprintf(args, sizeof args, "--preset tiny --gain '%s' -o %s", bad_gain[k], p1);
+        CHECK(WEXITSTATUS(run_synth(args)) == 2, "--gain '%s' accepted", bad_gain[k]);
+    }
+    CHECK(access(p1, F_OK) != 0, "no output on failure");
+}
+
 /* Full published shapes without writing 87 GB: header + sparse hole. */
 static void test_flash_nodata(void) {
     char p[128], mtp[128], args[256], err[512];
@@ -515,6 +575,7 @@ int main(void) {
     RUN(test_tiny_roundtrip);
     RUN(test_f32_mix);
     RUN(test_synth_bad_args);
+    RUN(test_synth_gain);
     RUN(test_flash_nodata);
     RUN(test_broken_files);
     rmdir(dir);

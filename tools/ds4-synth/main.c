@@ -38,6 +38,17 @@ static void usage(FILE *f) {
         "  --mtp            also write the MTP block to FILE-without-.gguf + \"-mtp.gguf\"\n"
         "                   (a separate file, like the published DeepSeek-V4-Flash-MTP GGUF)\n"
         "  --seed S         PRNG seed (default 1); output depends only on seed and options\n"
+        "  --gain G         1e-5 <= G <= 1 (default 1): every layer's write into the residual\n"
+        "                   stream becomes G times smaller relative to the stream. Done by\n"
+        "                   multiplying the token embedding by 1/G, which is the same model as\n"
+        "                   scaling attn_output_b and ffn_down_* by G (every sublayer and the\n"
+        "                   head read the stream through an RMS norm) without pushing their f16\n"
+        "                   block scales into underflow. Why: at G = 1 a deep random model is\n"
+        "                   chaotic: a 1-ulp input change flips FP8 roundings of KV rows and\n"
+        "                   grows to O(0.1) in the logits within a few tokens, so two correct\n"
+        "                   backends cannot give the same greedy continuation. A small G makes\n"
+        "                   it ordered (tools/gpu/NOTES.md \"An ordered random model\": 5e-5\n"
+        "                   for the 43-layer flash shapes) while the layers still move the logits.\n"
         "  --tokenizer PATH DeepSeek V3 tokenizer.json (default: " TOKENIZER_REL "\n"
         "                   relative to the current directory or to the repo of this binary,\n"
         "                   then $DS4_SHARED/data/tokenizer/deepseek-v3-npm/tokenizer.json)\n"
@@ -98,6 +109,7 @@ typedef struct {
     gguf_writer *w;
     uint64_t seed;
     double scale;              /* sqrt(4096 / n_embd): same pre-activation spread at any width */
+    double gain;               /* --gain: the token embedding is drawn 1/gain times larger */
     struct job { int t; uint64_t row0, nrows; } *jobs;
     size_t n_jobs;
     size_t buf_bytes;
@@ -182,6 +194,9 @@ static void gen(const fill_ctx *c, int t, uint64_t row0, uint64_t nrows, uint32_
     }
     default: {
         double sigma = (sp->kind == DS4_TK_HC_FN ? 0.01 : 0.02) * c->scale;
+        /* The embedding is the stream's starting size; writes into it are
+         * drawn unchanged, so 1/gain here shrinks their relative size. */
+        if (sp->layer < 0 && !strcmp(sp->name, "token_embd.weight")) sigma /= c->gain;
         fill_random(sp->type, sigma, c->scale, &r, out, n);
     }
     }
@@ -275,6 +290,7 @@ typedef struct {
     ds4_hparams hp;
     ds4_mix mix;
     uint64_t seed;
+    double gain;
     int threads;
     bool no_data;
     const synth_vocab *vocab;  /* main file only */
@@ -322,7 +338,7 @@ static int write_file(const opts *o, bool mtp, const char *path) {
         goto out;
     }
     fill_ctx c = {.hp = &o->hp, .specs = specs, .widx = widx, .w = w, .seed = o->seed,
-                  .scale = sqrt(4096.0 / o->hp.n_embd)};
+                  .scale = sqrt(4096.0 / o->hp.n_embd), .gain = o->gain};
     if (fill(&c, n, o->threads, path)) { fprintf(stderr, "ds4-synth: %s: writing tensor data failed\n", path); goto out; }
     if (gguf_writer_finish(w, err, sizeof err)) { fprintf(stderr, "ds4-synth: %s\n", err); goto out; }
     rc = 0;
@@ -369,9 +385,21 @@ static bool parse_u64(const char *s, uint64_t *out) {
     return true;
 }
 
+/* --gain: finite, at least 1e-5 so the largest embedding value (3.46σ of
+ * N(0, (0.02·4/G)²) at the tiny width) stays well inside f16 (65504). */
+static bool parse_gain(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= 1e-5 && v <= 1.0)) return false;
+    *out = v;
+    return true;
+}
+
 int main(int argc, char **argv) {
     const char *preset = NULL, *out = NULL, *tok = NULL, *mix_s = NULL;
     uint64_t layers = 0, seed = 1, threads = 0;
+    double gain = 1.0;
     bool mtp = false, no_data = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -385,6 +413,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--mix") && has) mix_s = argv[++i];
         else if (!strcmp(a, "--layers") && has && parse_u64(argv[i + 1], &layers) && layers > 0) i++;
         else if (!strcmp(a, "--seed") && has && parse_u64(argv[i + 1], &seed)) i++;
+        else if (!strcmp(a, "--gain") && has && parse_gain(argv[i + 1], &gain)) i++;
         else if (!strcmp(a, "--threads") && has && parse_u64(argv[i + 1], &threads) && threads > 0 && threads <= 256) i++;  /* 4 MiB buffer each */
         else {
             fprintf(stderr, "ds4-synth: bad argument '%s'%s\n", a, has ? "" : " (missing value?)");
@@ -394,7 +423,7 @@ int main(int argc, char **argv) {
     }
     if (!preset || !out) { usage(stderr); return 2; }
 
-    opts o = {.seed = seed, .no_data = no_data};
+    opts o = {.seed = seed, .gain = gain, .no_data = no_data};
     uint32_t cutoff;
     if (!strcmp(preset, "tiny")) { ds4_hparams_tiny(&o.hp); o.mix = DS4_MIX_Q2; cutoff = TINY_BPE_CUTOFF; }
     else if (!strcmp(preset, "flash-q2")) { ds4_hparams_flash(&o.hp); o.mix = DS4_MIX_Q2; cutoff = 0; }
@@ -435,8 +464,8 @@ int main(int argc, char **argv) {
         synth_vocab_free(&vocab);
         return 1;
     }
-    fprintf(stderr, "ds4-synth: preset %s, %u layers, vocab %u (%llu merges), seed %llu, %d threads\n", preset,
-            o.hp.n_layer, vocab.n, (unsigned long long)vocab.n_merge, (unsigned long long)seed, o.threads);
+    fprintf(stderr, "ds4-synth: preset %s, %u layers, vocab %u (%llu merges), seed %llu, gain %g, %d threads\n",
+            preset, o.hp.n_layer, vocab.n, (unsigned long long)vocab.n_merge, (unsigned long long)seed, gain, o.threads);
     int rc = write_file(&o, false, out);
     synth_vocab_free(&vocab);
     o.vocab = NULL;

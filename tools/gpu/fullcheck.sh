@@ -4,6 +4,11 @@
 # same on CUDA and on the CPU reference, run on the same machine. Runs from a
 # folder holding bin/, lib/, tokenizer.json and run.sh (tools/gpu/NOTES.md
 # says how a run is packed). Logs to $OUT; the comparison prints last.
+#   SYNTH_ARGS="--gain 5e-5"  extra ds4-synth options (an ordered random model:
+#                             NOTES.md "An ordered random model"); the file is
+#                             named after them, as in drift.sh, so the default
+#                             /dev/shm/flash.gguf is never reused for them
+#   KERNELS=0                 skip run.sh's kernel and tiny checks
 set -u
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
@@ -11,17 +16,23 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 N=${N_TOKENS:-32}
 PROMPT=${PROMPT:-"Write a short story about a lighthouse keeper who collects lost letters."}
-./run.sh kernels tiny 2>&1 | tail -4
-avail=$(df -B1G --output=avail /dev/shm | tail -1)
-[ "$avail" -lt 90 ] && mount -o remount,size=110G /dev/shm
-if [ ! -f /dev/shm/flash.gguf ]; then
-    ./bin/ds4-synth --preset flash-q2 --threads 16 -o /dev/shm/flash.gguf --tokenizer tokenizer.json 2>&1 | tail -1
+[ "${KERNELS:-1}" = 0 ] || ./run.sh kernels tiny 2>&1 | tail -4
+# The model for these synth options (same naming and room-making as drift.sh).
+tag=$(printf '%s' "${SYNTH_ARGS:-}" | sed 's/--//g; s/ //g' | tr -c 'A-Za-z0-9.+-' '_')
+M=/dev/shm/flash${tag:+-$tag}.gguf
+if [ ! -f "$M" ]; then
+    avail=$(df -B1G --output=avail /dev/shm | tail -1)
+    [ "$avail" -lt 90 ] && mount -o remount,size=110G /dev/shm
+    avail=$(df -B1G --output=avail /dev/shm | tail -1)
+    [ "$avail" -lt 90 ] && { echo "removing $(ls /dev/shm/flash*.gguf) for room"; rm -f /dev/shm/flash*.gguf; }
+    ./bin/ds4-synth --preset flash-q2 --threads 16 ${SYNTH_ARGS:-} -o "$M" --tokenizer tokenizer.json 2>&1 | tail -1
 fi
+echo "model $M"
 for be in cuda cpu; do
     t0=$(date +%s.%N)
-    timeout ${TIMEOUT:-240} ./bin/ds4 --$be --threads 16 -m /dev/shm/flash.gguf --ctx 4096 --nothink \
+    timeout ${TIMEOUT:-240} ./bin/ds4 --$be --threads 16 -m "$M" --ctx 4096 --nothink \
         -p "$PROMPT" -n "$N" --dump-logprobs "$OUT/$be.json" --logprobs-top-k 2 2>&1 | tail -2
-    echo "$be: exit $? in $(python3 -c "print('%.1f' % ($(date +%s.%N) - $t0))") s"
+    echo "$be: exit ${PIPESTATUS[0]} in $(python3 -c "print('%.1f' % ($(date +%s.%N) - $t0))") s"
 done
 python3 - "$OUT/cuda.json" "$OUT/cpu.json" <<'PY'
 import json, sys
