@@ -56,6 +56,7 @@ static void test_eval_reference(void) {
     ds4_session *s = ds4_session_new(eng, 512, err, sizeof err);
     REQUIRE(s, "%s", err);
     CHECK(ds4_session_logits(s) == NULL, "no logits before any token");
+    CHECK(ds4_session_argmax(s) == -1, "no argmax before any token");
     ref = malloc((size_t)N * V * sizeof(float));
     REQUIRE(ds4_session_eval(s, ids, N, ref, NULL, NULL, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(s) == N);
@@ -66,6 +67,9 @@ static void test_eval_reference(void) {
     uint64_t want = 4ull * (6 * 256 * 128 + 2 * (75 * 128 * 2 + 2 * 136 * 256 * 2) + 2 * (2 * 128 + 2 * 256 * 128));
     CHECK(ds4_session_kv_bytes(s) == want, "kv bytes %llu, want %llu", (unsigned long long)ds4_session_kv_bytes(s),
           (unsigned long long)want);
+    /* The argmax comes from the backend (eval_top) before the logits are
+     * copied out, and agrees with the sampler's on the reference row. */
+    CHECK(ds4_session_argmax(s) == ds4_argmax(ref + (size_t)(N - 1) * V, V), "argmax %d", ds4_session_argmax(s));
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)(N - 1) * V, V * sizeof(float)), "last logits kept");
     /* One more token by decode equals... itself in a fresh session's prefill. */
     int32_t bad = (int32_t)V;
@@ -107,6 +111,8 @@ static void test_snapshot_roundtrip(void) {
     REQUIRE(ds4_session_load(b, buf, len, err, sizeof err) == 0, "%s", err);
     CHECK(ds4_session_len(b) == 150 && !memcmp(ds4_session_tokens(b), ids, 150 * 4));
     CHECK(!memcmp(ds4_session_logits(b), ref + (size_t)149 * V, V * sizeof(float)), "logits restored");
+    CHECK(ds4_session_argmax(b) == ds4_argmax(ref + (size_t)149 * V, V) && ds4_session_argmax(b) == ds4_session_argmax(a),
+          "argmax restored with the logits");
     float *rest = malloc((size_t)(N - 150) * V * sizeof(float));
     REQUIRE(ds4_session_eval(b, ids + 150, N - 150, rest, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(rest, ref + (size_t)150 * V, (size_t)(N - 150) * V * sizeof(float)),
@@ -246,7 +252,8 @@ static void test_truncate(void) {
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)269 * V, V * sizeof(float)), "continuation = fresh run");
     CHECK(ds4_session_truncate(s, 400, err, sizeof err) == -1);
     REQUIRE(ds4_session_truncate(s, 0, err, sizeof err) == 0);
-    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL && ds4_session_kv_bytes(s) == 0);
+    CHECK(ds4_session_len(s) == 0 && ds4_session_logits(s) == NULL && ds4_session_argmax(s) == -1 &&
+          ds4_session_kv_bytes(s) == 0);
     REQUIRE(ds4_session_eval(s, ids, 3, NULL, NULL, NULL, err, sizeof err) == 0);
     CHECK(!memcmp(ds4_session_logits(s), ref + (size_t)2 * V, V * sizeof(float)));
     ds4_session_free(s);
