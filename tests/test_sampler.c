@@ -217,6 +217,49 @@ static void test_full_vocab(void) {
     free(sorted);
 }
 
+/* The min-p-only path (the server's default: T 1, min_p 0.05, no top-k or
+ * top-p) at the full vocabulary, draw for draw: the tokens of fixed seeds
+ * over peaked logits with NaN, ±inf and ties, for several temperatures and
+ * min_p values (0: every finite logit survives; above 1: only the best),
+ * hashed. The expected digest and first draws were taken from the sampler
+ * as it was before its min-p path read the logits in place (one pass for
+ * the max, survivors by a compare, commit of session 7): that change must
+ * not move a single draw. */
+static void test_min_p_draws(void) {
+    enum { V = 129280 };
+    float *l = malloc(sizeof *l * V);
+    uint64_t x = 99;
+    for (int i = 0; i < V; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        l[i] = (float)((int)(x >> 40) % 4096) / 512.0f - 4.0f;   /* 4096 levels: ties */
+        if (i % 4999 == 11) l[i] += 14.0f + (float)(i % 3);       /* a few peaks */
+        if (i % 7919 == 5) l[i] = NAN;
+        if (i % 10007 == 3) l[i] = -INFINITY;
+    }
+    static const float T[] = {1.0f, 0.7f, 1.3f, 0.05f}, MP[] = {0.05f, 0.0f, 0.3f, 1.5f};
+    uint64_t h = 0xcbf29ce484222325ull;
+    int32_t first[4];
+    for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 4; b++) {
+            ds4_sampling sp = {.temperature = T[a], .top_p = 1, .top_k = 0, .min_p = MP[b], .seed = (uint64_t)(7 + 4 * a + b)};
+            ds4_sampler *s = ds4_sampler_new(&sp, V);
+            for (int i = 0; i < 40; i++) {
+                int32_t t = ds4_sample(s, l, false);
+                if (a == 0 && i == 0) first[b] = t;
+                h = (h ^ (uint64_t)(uint32_t)t) * 0x100000001b3ull;
+            }
+            ds4_sampler_free(s);
+        }
+    l[123] = INFINITY;   /* an infinite logit: the argmax, as greedy */
+    ds4_sampling sp = {.temperature = 1, .top_p = 1, .min_p = 0.05f, .seed = 1};
+    ds4_sampler *s = ds4_sampler_new(&sp, V);
+    CHECK(ds4_sample(s, l, false) == 123, "+inf logit wins");
+    ds4_sampler_free(s);
+    CHECK(h == 0x82b54d6f321fe85bull && first[0] == 89993 && first[1] == 114988 && first[2] == 10009 && first[3] == 10009,
+          "draws moved: digest %016llx, first %d %d %d %d", (unsigned long long)h, first[0], first[1], first[2], first[3]);
+    free(l);
+}
+
 static void test_top_logprobs(void) {
     enum { V = 1000 };
     float l[V], shifted[V];
@@ -247,6 +290,7 @@ int main(void) {
     RUN(test_distributions);
     RUN(test_top_p_minimal_prefix);
     RUN(test_full_vocab);
+    RUN(test_min_p_draws);
     RUN(test_top_logprobs);
     TEST_END();
 }

@@ -25,7 +25,11 @@ struct ds4_sampler {
     float *v;          /* scaled logits */
     float *w;          /* exp(v - max), unnormalised probabilities */
     int32_t *idx;
+    float *run_max;    /* max_value of each RUN logits, from the max pass */
 };
+
+/* Logits per run_max entry: the min-p path skips runs whose max is cut. */
+#define RUN 64
 
 ds4_sampling ds4_sampling_defaults(bool thinking) {
     /* DeepSeek's hosted values; thinking mode forces them, non-thinking
@@ -68,7 +72,8 @@ ds4_sampler *ds4_sampler_new(const ds4_sampling *sp, uint32_t n_vocab) {
     s->v = malloc(sizeof *s->v * n_vocab);
     s->w = malloc(sizeof *s->w * n_vocab);
     s->idx = malloc(sizeof *s->idx * n_vocab);
-    if (!s->v || !s->w || !s->idx) { ds4_sampler_free(s); return NULL; }
+    s->run_max = malloc(sizeof *s->run_max * (n_vocab / RUN + 1));
+    if (!s->v || !s->w || !s->idx || !s->run_max) { ds4_sampler_free(s); return NULL; }
     return s;
 }
 
@@ -77,6 +82,7 @@ void ds4_sampler_free(ds4_sampler *s) {
     free(s->v);
     free(s->w);
     free(s->idx);
+    free(s->run_max);
     free(s);
 }
 
@@ -134,18 +140,64 @@ int32_t ds4_argmax(const float *logits, uint32_t n) {
     return 0; /* every logit NaN */
 }
 
+/* The largest non-NaN value (−inf when none): ds4_argmax's 8 lanes. */
+static float max_value(const float *x, uint32_t n) {
+    float m[8];
+    for (int j = 0; j < 8; j++) m[j] = -INFINITY;
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    float best = -INFINITY;
+    for (int j = 0; j < 8; j++) best = m[j] > best ? m[j] : best;
+    for (; i < n; i++) best = x[i] > best ? x[i] : best;
+    return best;
+}
+
+/* max_value of the logits, keeping each RUN's in run_max: one read of the
+ * vocabulary serves both the max and the min-p cut below. */
+static float max_by_runs(ds4_sampler *s, const float *logits) {
+    float best = -INFINITY;
+    for (uint32_t r = 0, i0 = 0; i0 < s->n; r++, i0 += RUN) {
+        float m = max_value(logits + i0, s->n - i0 < RUN ? s->n - i0 : RUN);
+        s->run_max[r] = m;
+        best = m > best ? m : best;
+    }
+    return best;
+}
+
+/* Only min-p (the defaults): the survivors v_i = logits_i / T >= cutoff in
+ * id order, weights exp(v_i − mx), without a pass that writes v for the
+ * whole vocabulary. A division by T > 0 is monotonic after rounding too, so
+ * the survivors are the logits at or above some threshold: `lo` lies a
+ * little below it (1e-5 relative, far more than a rounding), a run whose
+ * max is under lo is skipped whole (with peaked logits, nearly all), and
+ * the logits of the other runs are tested exactly as v_i >= cutoff. NaN and
+ * −inf are never >= lo. Returns the survivor count. */
+static size_t min_p_survivors(ds4_sampler *s, const float *logits, float T, float mx, float cutoff) {
+    uint32_t n = s->n;
+    size_t m = 0;
+    float c = cutoff * T, lo = isfinite(c) ? c - fabsf(c) * 1e-5f - 1e-30f : -INFINITY;
+    for (uint32_t r = 0, i0 = 0; i0 < n; r++, i0 += RUN) {
+        if (s->run_max[r] < lo) continue;
+        for (uint32_t i = i0, e = n - i0 < RUN ? n : i0 + RUN; i < e; i++) {
+            float v = logits[i] / T;
+            if (v >= cutoff) {
+                s->w[i] = expf(v - mx);
+                s->idx[m++] = (int32_t)i;
+            }
+        }
+    }
+    return m;
+}
+
 int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
     const ds4_sampling *p = &s->p;
     uint32_t n = s->n;
     if (greedy || !(p->temperature > 0)) return ds4_argmax(logits, n);
 
-    float mx = -INFINITY;
-    for (uint32_t i = 0; i < n; i++) {
-        float x = logits[i] / p->temperature;
-        if (isnan(x)) x = -INFINITY; /* NaN logits (or -inf/inf) never win */
-        s->v[i] = x;
-        if (x > mx) mx = x;
-    }
+    /* max(logits_i / T) = (max logits_i) / T: division by T > 0 rounds
+     * monotonically. NaN logits (and what overflows to ±inf) never win. */
+    float mx = max_by_runs(s, logits) / p->temperature;
     if (!isfinite(mx)) return ds4_argmax(logits, n); /* nothing finite to weigh */
     /* min-p as a cut on scaled logits: p_i >= min_p * p_max <=> v_i - max >= log(min_p). */
     float cutoff = p->min_p > 0 ? mx + logf(p->min_p) : -INFINITY;
@@ -156,11 +208,13 @@ int32_t ds4_sample(ds4_sampler *s, const float *logits, bool greedy) {
     size_t m = 0;              /* survivors: idx[0, m) */
     if (k == n && !cut_p) {
         /* Only min-p: no order needed, and no exp for what it removes. */
-        for (uint32_t i = 0; i < n; i++)
-            if (s->v[i] >= cutoff) s->idx[m++] = (int32_t)i;
-        for (size_t i = 0; i < m; i++) s->w[s->idx[i]] = expf(s->v[s->idx[i]] - mx);
+        m = min_p_survivors(s, logits, p->temperature, mx, cutoff);
     } else {
-        for (uint32_t i = 0; i < n; i++) s->idx[i] = (int32_t)i;
+        for (uint32_t i = 0; i < n; i++) {
+            float x = logits[i] / p->temperature;
+            s->v[i] = isnan(x) ? -INFINITY : x;
+            s->idx[i] = (int32_t)i;
+        }
         if (k < n) select_top(s->v, s->idx, n, k);
         for (size_t i = 0; i < k; i++) s->w[s->idx[i]] = expf(s->v[s->idx[i]] - mx);
         m = k;
