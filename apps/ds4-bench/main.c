@@ -2,8 +2,9 @@
  *
  * Loads the model once and walks one fixed pseudo-random token sequence: it
  * prefills up to --ctx-start, then at every frontier (ctx-start, +step-incr,
- * … ≤ ctx-max) it snapshots the session, times a fixed greedy generation of
- * --gen-tokens tokens, restores the snapshot (so generation never changes
+ * … ≤ ctx-max) it snapshots the session, times a fixed generation of
+ * --gen-tokens tokens (greedy, or --sampled as the server's default
+ * requests sample), restores the snapshot (so generation never changes
  * the sequence being walked) and times the prefill of the next interval.
  * One CSV row per frontier. Speed goals live here, never in timed tests. */
 #include <errno.h>
@@ -32,7 +33,10 @@ static void usage(FILE *out)
 "      --ctx-start N    first frontier (default 2048)\n"
 "      --ctx-max N      last frontier (default 32768)\n"
 "      --step-incr N    distance between frontiers (default 2048)\n"
-"      --gen-tokens N   greedy tokens generated at each frontier (default 64)\n"
+"      --gen-tokens N   tokens generated at each frontier (default 64)\n"
+"      --sampled        generate by sampling with the server's defaults (T 1.0,\n"
+"                       min-p 0.05, seed 1): every token's logits then go to the\n"
+"                       host sampler; default greedy (only the token comes back)\n"
 "      --seed S         seed of the token sequence (default 1)\n"
 "  -o, --csv FILE       write the CSV there (default stdout)\n"
 "CSV columns: ctx, prefill_tok_s (the interval that reached this frontier),\n"
@@ -58,12 +62,13 @@ int main(int argc, char **argv)
     ds4_backend_kind backend = DS4_BACKEND_AUTO;
     int threads = 0;
     long ctx_start = 2048, ctx_max = 32768, step = 2048, gen = 64, seed = 1;
+    bool sampled = false;
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'}, {"cpu", no_argument, 0, 'C'},
         {"cuda", no_argument, 0, 'G'}, {"threads", required_argument, 0, 't'},
         {"ctx-start", required_argument, 0, 's'}, {"ctx-max", required_argument, 0, 'x'},
         {"step-incr", required_argument, 0, 'i'}, {"gen-tokens", required_argument, 0, 'g'},
-        {"seed", required_argument, 0, 'S'}, {"csv", required_argument, 0, 'o'},
+        {"seed", required_argument, 0, 'S'}, {"csv", required_argument, 0, 'o'}, {"sampled", no_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0},
     };
     int c;
@@ -79,6 +84,7 @@ int main(int argc, char **argv)
         case 'g': gen = arg_long("--gen-tokens", optarg, 0, 1L << 16); break;
         case 'S': seed = arg_long("--seed", optarg, 0, 1L << 30); break;
         case 'o': csv = optarg; break;
+        case 'P': sampled = true; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -112,8 +118,9 @@ int main(int argc, char **argv)
     fprintf(out, "ctx,prefill_tok_s,gen_tok_s,kv_bytes,weight_bytes_per_token,gen_weight_GB_s\n");
     fflush(out);
 
-    ds4_sampling greedy = { .temperature = 0, .top_p = 1 };
-    ds4_sampler *smp = ds4_sampler_new(&greedy, nv);
+    ds4_sampling sp = ds4_sampling_defaults(false);
+    sp.seed = 1;
+    ds4_sampler *smp = sampled ? ds4_sampler_new(&sp, nv) : NULL;
     int status = 0;
     long done = 0;
     for (long frontier = ctx_start; frontier <= ctx_max; frontier += step) {
@@ -137,7 +144,7 @@ int main(int argc, char **argv)
         if (gen) {
             t0 = now_s();
             for (long i = 0; i < gen; i++) {
-                int32_t tok = ds4_session_argmax(s);
+                int32_t tok = smp ? ds4_sample(smp, ds4_session_logits(s), false) : ds4_session_argmax(s);
                 if (ds4_session_eval(s, &tok, 1, NULL, NULL, NULL, err, sizeof err)) {
                     fprintf(stderr, "ds4-bench: decode at %ld: %s\n", frontier + i, err);
                     status = 1;
