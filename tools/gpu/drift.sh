@@ -15,18 +15,7 @@ export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 W=/dev/shm/drift; mkdir -p $W
 T=0,59065,109529,22019,43220,42333,20065,11533,63323,58500,113194,13509,109529,65823,101885,109529,85487,42333,106644,104504,78832,3085,91247,7726,118230,40913,64002,15551,99871,27006,5372,122108,70111,38856,84419,11290,55871,102388,19034,73157,47720,126005,31442,89114,9361,60278,113860,24719,80003
-# synth_file ARGS: the model for these synth options in /dev/shm (made if
-# missing; other flash*.gguf removed first when 87 GB do not fit beside them).
-synth_file() {
-    local tag; tag=$(printf '%s' "$*" | sed 's/--//g; s/ //g' | tr -c 'A-Za-z0-9.+-' '_')
-    M=/dev/shm/flash${tag:+-$tag}.gguf
-    [ -f "$M" ] && return
-    avail=$(df -B1G --output=avail /dev/shm | tail -1)
-    [ "$avail" -lt 90 ] && mount -o remount,size=110G /dev/shm
-    avail=$(df -B1G --output=avail /dev/shm | tail -1)
-    [ "$avail" -lt 90 ] && { echo "removing $(ls /dev/shm/flash*.gguf) for room"; rm -f /dev/shm/flash*.gguf; }
-    ./bin/ds4-synth --preset flash-q2 --threads 16 "$@" -o "$M" --tokenizer tokenizer.json 2>&1 | tail -1
-}
+. ./flashfile.sh
 run() { # name backend env...
     local name=$1 be=$2; shift 2
     [ $SECONDS -gt ${BUDGET:-330} ] && { echo "skip $name (time)"; return; }
@@ -67,7 +56,7 @@ PY
 }
 if [ -n "${SWEEP:-}" ]; then
     for g in $SWEEP; do
-        synth_file ${SYNTH_ARGS:-} --gain $g
+        flash_file ${SYNTH_ARGS:-} --gain $g
         echo "gain $g: synth done at ${SECONDS}s"
         run cpu cpu X=1
         run cpu_p7 cpu DS4_DIAG_PERTURB=1e-7
@@ -77,7 +66,7 @@ if [ -n "${SWEEP:-}" ]; then
     done
     exit 0
 fi
-synth_file ${SYNTH_ARGS:-}
+flash_file ${SYNTH_ARGS:-}
 echo "model $M, synth done at ${SECONDS}s"
 run cpu_x cpu DS4_DIAG_EXACT_KV=1
 run cuda_x cuda DS4_DIAG_EXACT_KV=1

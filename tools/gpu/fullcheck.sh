@@ -17,16 +17,9 @@ mkdir -p "$OUT"
 N=${N_TOKENS:-32}
 PROMPT=${PROMPT:-"Write a short story about a lighthouse keeper who collects lost letters."}
 [ "${KERNELS:-1}" = 0 ] || ./run.sh kernels tiny 2>&1 | tail -4
-# The model for these synth options (same naming and room-making as drift.sh).
-tag=$(printf '%s' "${SYNTH_ARGS:-}" | sed 's/--//g; s/ //g' | tr -c 'A-Za-z0-9.+-' '_')
-M=/dev/shm/flash${tag:+-$tag}.gguf
-if [ ! -f "$M" ]; then
-    avail=$(df -B1G --output=avail /dev/shm | tail -1)
-    [ "$avail" -lt 90 ] && mount -o remount,size=110G /dev/shm
-    avail=$(df -B1G --output=avail /dev/shm | tail -1)
-    [ "$avail" -lt 90 ] && { echo "removing $(ls /dev/shm/flash*.gguf) for room"; rm -f /dev/shm/flash*.gguf; }
-    ./bin/ds4-synth --preset flash-q2 --threads 16 ${SYNTH_ARGS:-} -o "$M" --tokenizer tokenizer.json 2>&1 | tail -1
-fi
+# The model for these synth options (flashfile.sh: shared with drift.sh).
+. ./flashfile.sh
+flash_file ${SYNTH_ARGS:-}
 echo "model $M"
 for be in cuda cpu; do
     t0=$(date +%s.%N)

@@ -8,7 +8,7 @@
 #                   the before/after steps and final.sh's A/B
 #   DEST/lib/       the shared objects they link beyond libc and CUDA
 #   DEST/nsyslib/   what the device's nsys importer lacks (run.sh nsys)
-#   DEST/tokenizer.json, run.sh, perf.sh, final.sh, drift.sh, fullcheck.sh
+#   DEST/tokenizer.json, run.sh, perf.sh, final.sh, drift.sh, fullcheck.sh, flashfile.sh
 #   tools/gpu/pack.sh DEST [OLD]
 # DEST must be ignored by git (e.g. .dev-NAME with `.dev*` in
 # .git/info/exclude) and named in the device tool's carry; the call then runs
@@ -38,5 +38,5 @@ for l in libdw.so.1 libelf.so.1 liblzma.so.5 libbz2.so.1.0; do
   [ -f "/usr/lib/x86_64-linux-gnu/$l" ] && cp -L "/usr/lib/x86_64-linux-gnu/$l" "$dest/nsyslib/"
 done
 cp "$tok" "$dest/tokenizer.json"
-cp tools/gpu/run.sh tools/gpu/perf.sh tools/gpu/final.sh tools/gpu/drift.sh tools/gpu/fullcheck.sh "$dest/"
+cp tools/gpu/run.sh tools/gpu/perf.sh tools/gpu/final.sh tools/gpu/drift.sh tools/gpu/fullcheck.sh tools/gpu/flashfile.sh "$dest/"
 echo "packed $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes') into $dest: $(du -sh "$dest" | cut -f1)"
