@@ -1394,6 +1394,13 @@ static cudaError_t run_graph(gpu_backend *be, cudaGraphExec_t *exec, gpu_state *
     return cudaGraphLaunch(*exec, be->s);
 }
 
+/* eval_top's argmax of one row x of n logits into pi[TOP_BLOCKS], the row
+ * copied into keep on the way (pv, pi: TOP_BLOCKS partials). */
+static void launch_top(cudaStream_t s, const float *x, int n, float *keep, float *pv, int32_t *pi) {
+    launch(k_top_part, TOP_BLOCKS, TOP_THREADS, 0, s, x, n, keep, pv, pi);
+    launch(k_top_final, 1, TOP_BLOCKS, 0, s, pv, pi, pi + TOP_BLOCKS);
+}
+
 /* One token (decode: the captured graphs) or chunks of up to be->chunk
  * tokens, each layer by layer over the whole chunk (prefill). The last
  * token's logits go to the host (logits), or stay in st->last with their
@@ -1435,9 +1442,7 @@ static int eval_chunks(gpu_backend *be, gpu_state *st, const int32_t *ids, size_
                 continue;
             }
             /* eval_top (never all_logits: one row): 4 bytes come back. */
-            launch(k_top_part, TOP_BLOCKS, TOP_THREADS, 0, be->s, be->logits, (int)hp->n_vocab, st->last, be->top_v,
-                   be->top_i);
-            launch(k_top_final, 1, TOP_BLOCKS, 0, be->s, be->top_v, be->top_i, be->top_i + TOP_BLOCKS);
+            launch_top(be->s, be->logits, (int)hp->n_vocab, st->last, be->top_v, be->top_i);
             CK(cudaMemcpyAsync(be->htop, be->top_i + TOP_BLOCKS, sizeof(int32_t), cudaMemcpyDeviceToHost, be->s));
         }
         CK(cudaStreamSynchronize(be->s));
@@ -1867,8 +1872,7 @@ extern "C" int ds4_cuda_test_top(const float *x, int n, float *keep, int32_t *to
         !(e = cudaMemcpy(dx, x, n * sizeof(float), cudaMemcpyHostToDevice))) {
         cudaMemset(dk, 0xff, n * sizeof(float));              /* NaN: an unwritten copy is visible */
         cudaMemset(pi + TOP_BLOCKS, 0xff, sizeof(int32_t));   /* −1: so is an unwritten result */
-        k_top_part<<<TOP_BLOCKS, TOP_THREADS>>>(dx, n, dk, pv, pi);
-        k_top_final<<<1, TOP_BLOCKS>>>(pv, pi, pi + TOP_BLOCKS);
+        launch_top(0, dx, n, dk, pv, pi);   /* as eval_top launches it */
         if (!(e = cudaGetLastError()) && !(e = cudaMemcpy(keep, dk, n * sizeof(float), cudaMemcpyDeviceToHost)))
             e = cudaMemcpy(top, pi + TOP_BLOCKS, sizeof(int32_t), cudaMemcpyDeviceToHost);
     }
